@@ -1,0 +1,42 @@
+# dworkers: `make run` starts the local demo cluster, `make test` runs the suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTOS := $(wildcard protos/dworkers/v1/*.proto)
+GEN_STAMP := gen/.generated
+
+.PHONY: setup proto run test test-fast bench chaos zookeeper clean
+
+setup: $(STAMP) $(GEN_STAMP) zookeeper
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { scripts/ensure-packages.sh python3-venv && $(PYTHON) -m venv $(VENV); }
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+# Generated code lives in gen/ (never edited by hand, never committed).
+proto: $(GEN_STAMP)
+$(GEN_STAMP): $(PROTOS) $(STAMP)
+	@mkdir -p gen
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=gen --pyi_out=gen --grpc_python_out=gen $(PROTOS)
+	@touch $@
+
+zookeeper:
+	@scripts/ensure-zookeeper.sh
+
+run: setup
+	$(VENV)/bin/dworkers demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) -m tests.bench $(BENCH_ARGS)
+
+chaos: setup
+	DWORKERS_CHAOS_SECONDS=$${DWORKERS_CHAOS_SECONDS:-300} $(PY) -m pytest -q -s tests/chaos
+
+clean:
+	rm -rf $(VENV) gen .run *.egg-info

@@ -1,0 +1,166 @@
+"""The `dworkers` command: run a service (master, worker, frontend, demo) or
+talk to a cluster (submit, status, watch, cluster)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from services.common import logs, settings
+from services.common.settings import add
+
+log = logging.getLogger("dworkers")
+
+
+class CliError(Exception):
+    """An expected failure: printed as one line, exit code 2."""
+
+
+def run_master(args) -> None:
+    import asyncio
+
+    from services.master.node import MasterNode, MasterSettings
+
+    node = MasterNode(MasterSettings(
+        zk=args.zk, root=args.root, listen=args.listen, advertise=args.advertise,
+        metrics_port=args.metrics_port, session_timeout=args.session_timeout,
+        work_timeout=args.work_timeout, worker_timeout=args.worker_timeout, max_pending=args.max_pending,
+    ))
+    asyncio.run(node.run())
+
+
+def _proxy(args):
+    from kazoo.handlers.threading import KazooTimeoutError
+
+    from services.common import proxy
+
+    try:
+        return proxy.build(args.zk, args.root, args.masters)
+    except KazooTimeoutError:
+        raise CliError(f"cannot reach ZooKeeper at {args.zk}") from None
+
+
+def run_worker(args) -> None:
+    import signal
+    import threading
+
+    from services.common import zk
+    from services.common.metrics import serve_metrics
+    from services.worker import jobs
+    from services.worker.worker import Worker, WorkerSettings
+
+    modules = tuple(m.strip() for m in args.jobs.split(",") if m.strip())
+    try:
+        kinds = sorted(jobs.load(list(modules)))
+    except ImportError as exc:
+        raise CliError(f"cannot load jobs module: {exc}") from None
+    serve_metrics(args.metrics_port)
+    master_proxy, client = _proxy(args)
+    if client is not None:  # declare our kinds so the master accepts them
+        for kind in kinds:
+            client.ensure_path(f"{zk.Paths(args.root).kinds}/{kind}")
+    worker = Worker(master_proxy, WorkerSettings(
+        concurrency=args.concurrency, jobs=modules, register_interval=args.register_interval,
+        shutdown_grace=args.shutdown_grace))
+    log.info("worker with %d slots for kinds %s", args.concurrency, ", ".join(kinds))
+    thread = threading.Thread(target=worker.run, name="worker", daemon=True)
+    thread.start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("worker stopping: finishing current work")
+    worker.stop()
+    master_proxy.close()
+
+
+def run_frontend(args) -> None:
+    from services.common.metrics import serve_metrics
+    from services.frontend.service import FrontendSettings, serve
+
+    serve_metrics(args.metrics_port)
+    master_proxy, _client = _proxy(args)
+    master_proxy.timeout = args.call_timeout
+    serve(master_proxy, FrontendSettings(listen=args.listen, call_timeout=args.call_timeout))
+
+
+def run_demo(args) -> None:
+    from services.demo import run
+
+    run(args)
+
+
+def run_client(args) -> None:
+    from services import client
+
+    client.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dworkers", description="Distributed workers: gRPC services coordinated by ZooKeeper.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("master", help="run a backend: the active master or a standby",
+                       description="Run a backend node. The oldest live backend is the active master; the others are standbys.")
+    settings.add_common(p)
+    add(p, "--listen", "0.0.0.0:7100", help="gRPC address to listen on")
+    add(p, "--advertise", "", help="address others use to reach this backend (default: hostname:port)")
+    add(p, "--metrics-port", 9100, type=int, help="Prometheus /metrics port (0: off)")
+    add(p, "--session-timeout", 4.0, type=float, help="ZooKeeper session timeout in seconds (bounds failover after a crash)")
+    add(p, "--work-timeout", 30.0, type=float, help="default seconds a work attempt may run before it is re-queued")
+    add(p, "--worker-timeout", 15.0, type=float, help="seconds a silent worker slot is kept")
+    add(p, "--max-pending", 1_000_000, type=int, help="pending works beyond which submissions are refused")
+    p.set_defaults(func=run_master)
+
+    p = sub.add_parser("worker", help="run a worker process with N worker slots",
+                       description="Run worker slots that pull work from the active master and run jobs in child processes.")
+    settings.add_common(p)
+    add(p, "--masters", "", help="comma-separated backend addresses instead of ZooKeeper discovery")
+    add(p, "--concurrency", 2, type=int, help="worker slots (each with its own executor process)")
+    add(p, "--jobs", "", help="comma-separated Python modules that register jobs")
+    add(p, "--metrics-port", 9101, type=int, help="Prometheus /metrics port (0: off)")
+    add(p, "--register-interval", 5.0, type=float, help="seconds between registrations")
+    add(p, "--shutdown-grace", 30.0, type=float, help="seconds to finish running work on SIGTERM")
+    p.set_defaults(func=run_worker)
+
+    p = sub.add_parser("frontend", help="run the public gRPC API",
+                       description="Run a stateless frontend serving the dworkers.v1.Frontend API.")
+    settings.add_common(p)
+    add(p, "--masters", "", help="comma-separated backend addresses instead of ZooKeeper discovery")
+    add(p, "--listen", "0.0.0.0:7000", help="gRPC address to listen on")
+    add(p, "--metrics-port", 9102, type=int, help="Prometheus /metrics port (0: off)")
+    add(p, "--call-timeout", 10.0, type=float, help="seconds a call may wait for a master")
+    p.set_defaults(func=run_frontend)
+
+    p = sub.add_parser("demo", help="run a local demo cluster (ZooKeeper, 2 masters, workers, a frontend, a producer and a consumer)",
+                       description="Start a local ZooKeeper, two backends, workers and a frontend, then produce work at random intervals and log results. Ctrl-C stops everything.")
+    add(p, "--frontend-listen", "127.0.0.1:7000", help="where the demo's frontend listens")
+    add(p, "--workers", 3, type=int, help="worker slots")
+    add(p, "--interval", 1.0, type=float, help="mean seconds between produced works")
+    add(p, "--log-format", "text", help="text or json", choices=("text", "json"))
+    add(p, "--log-level", "INFO", help="logging level")
+    p.set_defaults(func=run_demo)
+
+    from services import client
+    client.add_parsers(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.setup(args.log_format, args.log_level)
+    if args.command in ("master", "worker", "frontend"):
+        log.info("dworkers %s starting: %s", args.command, settings.describe(args))
+    try:
+        args.func(args)
+    except CliError as exc:
+        print(f"dworkers: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

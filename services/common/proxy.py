@@ -1,0 +1,217 @@
+"""The proxy stub: calls the active master without knowing where it runs.
+
+It resolves the master from ZooKeeper (the lowest election znode) or from a
+list of backend addresses (following a standby's hint), and on failover
+re-resolves and retries within the caller's deadline. It remembers the
+highest master epoch seen and refuses answers from a lower one. Only
+idempotent calls go through it: submissions carry their work id.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+from kazoo.exceptions import KazooException, NoNodeError
+
+from dworkers.v1 import master_pb2_grpc, work_pb2
+from services.common import zk
+from services.common.wire import CHANNEL_OPTIONS, EPOCH_KEY, MASTER_KEY, metadata_value
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+class NoMaster(Exception):
+    """No master answered within the deadline."""
+
+
+class ZooKeeperLocator:
+    """The active master is the lowest election znode; a watch keeps the list fresh."""
+
+    def __init__(self, client, paths: zk.Paths):
+        self.client = client
+        self.path = paths.election
+        self._cond = threading.Condition()
+        self._children: list[str] = []
+        self._resolved: tuple[str, str] | None = None  # (znode, address)
+        client.ensure_path(self.path)
+        client.ChildrenWatch(self.path, self._on_children)
+
+    def _on_children(self, children) -> None:
+        with self._cond:
+            self._children = sorted(children, key=zk.election_sequence)
+            self._cond.notify_all()
+
+    def current(self, timeout: float) -> tuple[str, int]:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._cond:
+                while not self._children:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise NoMaster("no backend is registered in ZooKeeper")
+                    self._cond.wait(remaining)
+                lowest = self._children[0]
+            if self._resolved and self._resolved[0] == lowest:
+                return self._resolved[1], zk.election_sequence(lowest)
+            try:
+                data, _ = self.client.get(f"{self.path}/{lowest}")
+            except NoNodeError:
+                time.sleep(0.01)
+                continue
+            except KazooException as exc:
+                if time.monotonic() >= deadline:
+                    raise NoMaster(f"cannot read the master from ZooKeeper: {exc!r}") from None
+                time.sleep(0.1)
+                continue
+            address = zk.decode_member(data).get("address", "")
+            self._resolved = (lowest, address)
+            return address, zk.election_sequence(lowest)
+
+    def hint(self, address: str) -> None:
+        pass  # ZooKeeper is the authority
+
+    def invalidate(self, address: str) -> None:
+        pass  # the watch re-resolves once the dead master's znode is gone
+
+
+class StaticLocator:
+    """A fixed list of backend addresses (like the sample's contact points)."""
+
+    def __init__(self, addresses: list[str]):
+        if not addresses:
+            raise ValueError("no backend addresses given")
+        self.addresses = addresses
+        self._index = 0
+        self._hinted: str | None = None
+
+    def current(self, timeout: float) -> tuple[str, int]:
+        return (self._hinted or self.addresses[self._index % len(self.addresses)]), 0
+
+    def hint(self, address: str) -> None:
+        self._hinted = address
+
+    def invalidate(self, address: str) -> None:
+        if self._hinted == address:
+            self._hinted = None
+        else:
+            self._index += 1
+
+
+class MasterProxy:
+    def __init__(self, locator, timeout: float = 10.0):
+        self.locator = locator
+        self.timeout = timeout
+        self.highest_epoch = 0
+        self._stubs: dict[str, master_pb2_grpc.MasterStub] = {}
+        self._channels: dict[str, grpc.Channel] = {}
+        self._lock = threading.Lock()
+
+    def stub(self, address: str) -> master_pb2_grpc.MasterStub:
+        with self._lock:
+            stub = self._stubs.get(address)
+            if stub is None:
+                channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+                self._channels[address] = channel
+                stub = self._stubs[address] = master_pb2_grpc.MasterStub(channel)
+            return stub
+
+    def close(self) -> None:
+        with self._lock:
+            for channel in self._channels.values():
+                channel.close()
+            self._channels.clear()
+            self._stubs.clear()
+
+    def observe_epoch(self, epoch: int) -> bool:
+        """Records an epoch seen on the wire; False if it is older than one seen before."""
+        if epoch < self.highest_epoch:
+            return False
+        self.highest_epoch = epoch
+        return True
+
+    def _retry_hint(self, error: grpc.RpcError, address: str) -> bool:
+        """Whether a failed call may be retried elsewhere (and where)."""
+        if error.code() not in RETRYABLE:
+            return False
+        hint = metadata_value(error.trailing_metadata(), MASTER_KEY)
+        if error.code() == grpc.StatusCode.FAILED_PRECONDITION and hint is None:
+            return False  # a real precondition failure, not a standby
+        self.locator.invalidate(address)
+        if hint:
+            self.locator.hint(hint)
+        return True
+
+    def call(self, method: str, request, timeout: float | None = None):
+        """Calls a unary Master method on the active master, retrying through failover."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        delay, last = 0.02, "no master found"
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NoMaster(f"no master answered in time ({last})")
+            address, _ = self.locator.current(remaining)
+            try:
+                response, call = getattr(self.stub(address), method).with_call(request, timeout=remaining)
+            except grpc.RpcError as error:
+                if not self._retry_hint(error, address):
+                    raise
+                last = f"{address}: {error.code().name}: {error.details()}"
+                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, 0.5)
+                continue
+            epoch = int(metadata_value(call.trailing_metadata(), EPOCH_KEY) or 0)
+            if not self.observe_epoch(epoch):
+                last = f"{address} answered with stale epoch {epoch}"
+                self.locator.invalidate(address)
+                continue
+            return response
+
+    def watch_results(self, after: int, reconnect_timeout: float = 30.0) -> Iterator[work_pb2.WatchResultsResponse]:
+        """Streams result batches after `after`, resuming across failovers.
+        Gives up when no master serves for `reconnect_timeout` seconds."""
+        cursor = after
+        broken_since: float | None = None
+        delay = 0.02
+        while True:
+            if broken_since is not None and time.monotonic() - broken_since > reconnect_timeout:
+                raise NoMaster(f"no master served results for {reconnect_timeout:.0f} s")
+            try:
+                address, _ = self.locator.current(reconnect_timeout)
+            except NoMaster:
+                raise
+            stream = self.stub(address).WatchResults(work_pb2.WatchResultsRequest(after_sequence=cursor))
+            try:
+                for response in stream:
+                    if not self.observe_epoch(response.epoch):
+                        break  # a deposed master: look again
+                    broken_since, delay = None, 0.02
+                    fresh = [r for r in response.results if r.sequence > cursor]
+                    if fresh:
+                        cursor = fresh[-1].sequence
+                        yield work_pb2.WatchResultsResponse(results=fresh, epoch=response.epoch)
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.CANCELLED:
+                    return
+                if not self._retry_hint(error, address) and error.code() != grpc.StatusCode.UNKNOWN:
+                    raise
+            finally:
+                stream.cancel()
+            broken_since = broken_since or time.monotonic()
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
+def build(zk_hosts: str, root: str, masters: str = "", timeout: float = 10.0,
+          zk_connect_timeout: float = 10.0) -> tuple[MasterProxy, object]:
+    """A proxy from settings: a list of backend addresses, or ZooKeeper.
+    Returns the proxy and the ZooKeeper client (None with addresses)."""
+    if masters:
+        return MasterProxy(StaticLocator([a.strip() for a in masters.split(",") if a.strip()]), timeout), None
+    client = zk.connect(zk_hosts, connect_timeout=zk_connect_timeout)
+    return MasterProxy(ZooKeeperLocator(client, zk.Paths(root)), timeout), client

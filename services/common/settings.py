@@ -1,0 +1,46 @@
+"""Settings from flags and environment variables: every flag `--some-thing`
+also reads DWORKERS_SOME_THING; the flag wins. Printed at start."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+SECRET_WORDS = ("password", "secret", "token")
+
+
+def env_name(flag: str) -> str:
+    return "DWORKERS_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def add(parser: argparse.ArgumentParser, flag: str, default=None, type=str, help: str = "", **kw) -> None:
+    """Adds a flag whose default comes from its environment variable."""
+    env = env_name(flag)
+    raw = os.environ.get(env)
+    if raw is not None:
+        try:
+            default = type(raw)
+        except ValueError:
+            parser.error(f"{env}={raw!r} is not a valid {type.__name__}")
+    parser.add_argument(flag, default=default, type=type, help=f"{help} [env {env}; default {default}]", **kw)
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    add(parser, "--zk", "127.0.0.1:2181", help="ZooKeeper connect string")
+    add(parser, "--root", "/dworkers", help="ZooKeeper root of this cluster")
+    add(parser, "--log-format", "text", help="text or json", choices=("text", "json"))
+    add(parser, "--log-level", "INFO", help="logging level")
+
+
+def describe(args: argparse.Namespace) -> str:
+    items = []
+    for key, value in sorted(vars(args).items()):
+        if key in ("func", "command") or callable(value):
+            continue
+        if any(word in key for word in SECRET_WORDS):
+            value = "***"
+        items.append(f"{key}={value}")
+    return " ".join(items)

@@ -1,0 +1,123 @@
+"""A standalone ZooKeeper server run from Debian's package jar.
+
+Used by `dworkers demo` (an embedded local ZooKeeper) and by the test suite
+(a real server on a free port with a temporary data dir).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+ZOOKEEPER_JAR = "/usr/share/java/zookeeper.jar"
+SLF4J_BINDING = "/usr/share/java/slf4j-simple.jar"
+
+
+class ZooKeeperNotInstalled(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def four_letter_word(port: int, word: str, timeout: float = 1.0) -> str:
+    """Sends a ZooKeeper four-letter command; returns its answer ('' if none)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall(word.encode())
+            chunks = []
+            while True:
+                data = s.recv(4096)
+                if not data:
+                    break
+                chunks.append(data)
+            return b"".join(chunks).decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class ZooKeeperServer:
+    """One standalone server: start(), stop() (kill -9 or clean), restart on
+    the same data dir, and hosts for clients."""
+
+    def __init__(self, workdir: str | Path, port: int | None = None, tick_ms: int = 500):
+        self.workdir = Path(workdir)
+        self.port = port or free_port()
+        self.tick_ms = tick_ms
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def hosts(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _write_config(self) -> Path:
+        data = self.workdir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        cfg = self.workdir / "zoo.cfg"
+        cfg.write_text(
+            f"tickTime={self.tick_ms}\n"
+            f"dataDir={data}\n"
+            "clientPortAddress=127.0.0.1\n"
+            f"clientPort={self.port}\n"
+            # sessions from 2 ticks up to 60 s
+            f"maxSessionTimeout=60000\n"
+            "admin.enableServer=false\n"
+            "4lw.commands.whitelist=ruok,srvr,stat,mntr\n"
+            # Journal batches are kept well below the default 1 MB limit.
+            "jute.maxbuffer=1048575\n"
+        )
+        return cfg
+
+    def start(self, timeout: float = 60.0) -> "ZooKeeperServer":
+        jar = os.environ.get("DWORKERS_ZOOKEEPER_JAR", ZOOKEEPER_JAR)
+        java = shutil.which("java")
+        if not os.path.exists(jar) or not java:
+            raise ZooKeeperNotInstalled(
+                f"ZooKeeper not found ({jar}); install Debian's zookeeper package "
+                "(scripts/ensure-zookeeper.sh) or set DWORKERS_ZOOKEEPER_JAR"
+            )
+        cfg = self._write_config()
+        classpath = jar + (":" + SLF4J_BINDING if os.path.exists(SLF4J_BINDING) else "")
+        log = open(self.workdir / "zookeeper.log", "ab")
+        self.process = subprocess.Popen(
+            [java, "-Xmx512m", "-XX:+UseSerialGC", "-cp", classpath,
+             "org.apache.zookeeper.server.quorum.QuorumPeerMain", str(cfg)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"ZooKeeper exited with {self.process.returncode}; see {self.workdir / 'zookeeper.log'}"
+                )
+            if "Mode: standalone" in four_letter_word(self.port, "srvr"):
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"ZooKeeper did not start within {timeout:.0f} s")
+
+    def stop(self, kill: bool = False) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        if kill:
+            self.process.kill()
+        else:
+            self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def restart(self) -> None:
+        self.stop(kill=True)
+        self.start()

@@ -1,0 +1,112 @@
+"""The Frontend: the public, stateless gRPC API. Each call goes to the active
+master through the proxy stub, which follows failovers within the deadline."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from dworkers.v1 import frontend_pb2, frontend_pb2_grpc, work_pb2
+from services.common import validation
+from services.common.metrics import SyncMetricsInterceptor
+from services.common.proxy import MasterProxy, NoMaster
+from services.common.wire import SERVER_OPTIONS
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "dworkers.v1.Frontend"
+
+
+@dataclass(frozen=True)
+class FrontendSettings:
+    listen: str = "0.0.0.0:7000"
+    call_timeout: float = 10.0  # the longest a call waits for a master
+    threads: int = 64
+    shutdown_grace: float = 5.0
+
+
+class FrontendService(frontend_pb2_grpc.FrontendServicer):
+    def __init__(self, proxy: MasterProxy, settings: FrontendSettings):
+        self.proxy = proxy
+        self.settings = settings
+
+    def _forward(self, method: str, request, context):
+        remaining = context.time_remaining()
+        timeout = self.settings.call_timeout if remaining is None else min(remaining, self.settings.call_timeout)
+        try:
+            return self.proxy.call(method, request, timeout=timeout)
+        except grpc.RpcError as error:
+            context.abort(error.code(), error.details())
+        except NoMaster as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+
+    def _validated(self, requests, context) -> work_pb2.SubmitWorksRequest:
+        # Ids are fixed here, before any retry, so a retried call stays idempotent.
+        batch = work_pb2.SubmitWorksRequest(works=requests)
+        for request in batch.works:
+            if not request.work_id:
+                request.work_id = validation.new_work_id()
+        try:
+            validation.to_works(batch.works)
+        except validation.InvalidWork as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return batch
+
+    def SubmitWork(self, request, context):
+        batch = self._validated([request], context)
+        return self._forward("SubmitWorks", batch, context).works[0]
+
+    def SubmitWorks(self, request, context):
+        return self._forward("SubmitWorks", self._validated(request.works, context), context)
+
+    def GetWork(self, request, context):
+        return self._forward("GetWork", request, context)
+
+    def ClusterInfo(self, request, context):
+        return self._forward("ClusterInfo", request, context)
+
+    def WatchResults(self, request, context):
+        results = self.proxy.watch_results(request.after_sequence)
+        try:
+            for batch in results:
+                if not context.is_active():
+                    return
+                yield batch
+        except NoMaster as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        finally:
+            results.close()
+
+
+def serve(proxy: MasterProxy, settings: FrontendSettings, ready: threading.Event | None = None) -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.threads),
+                         interceptors=[SyncMetricsInterceptor()], options=SERVER_OPTIONS,
+                         maximum_concurrent_rpcs=settings.threads * 16)
+    frontend_pb2_grpc.add_FrontendServicer_to_server(FrontendService(proxy, settings), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (frontend_pb2.DESCRIPTOR.services_by_name["Frontend"].full_name,
+         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    server.add_insecure_port(settings.listen)
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("frontend listening on %s", settings.listen)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if ready is not None:
+        ready.set()
+    stop.wait()
+    log.info("frontend shutting down")
+    health_servicer.enter_graceful_shutdown()
+    server.stop(settings.shutdown_grace).wait()
+    proxy.close()

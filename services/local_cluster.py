@@ -1,0 +1,150 @@
+"""A whole cluster on one machine, as real processes: a ZooKeeper server,
+backends, workers and frontends. Used by `dworkers demo`, the tests and the
+benchmark."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.zkserver import ZooKeeperServer, free_port
+
+
+@dataclass
+class Service:
+    role: str
+    process: subprocess.Popen
+    address: str = ""
+    log_path: Path | None = None
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.process.pid, sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.alive():
+            self.signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.process.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+
+def wait_serving(address: str, service: str = "", timeout: float = 30.0) -> bool:
+    """Waits until the gRPC health service at `address` says SERVING."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)
+    return False
+
+
+class LocalCluster:
+    def __init__(self, workdir: str | Path | None = None, root: str = "/dworkers",
+                 session_timeout: float = 4.0, log_to_files: bool = True, extra_env: dict | None = None):
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="dworkers-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.session_timeout = session_timeout
+        self.log_to_files = log_to_files
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        self.zookeeper = ZooKeeperServer(self.workdir / "zookeeper")
+        self.services: list[Service] = []
+        self._count = 0
+
+    @property
+    def zk(self) -> str:
+        return self.zookeeper.hosts
+
+    def start_zookeeper(self) -> "LocalCluster":
+        self.zookeeper.start()
+        return self
+
+    def _spawn(self, role: str, args: list[str], address: str = "") -> Service:
+        self._count += 1
+        command = [sys.executable, "-m", "services.cli", role, "--zk", self.zk, "--root", self.root, *args]
+        log_path = self.workdir / f"{role}-{self._count}.log" if self.log_to_files else None
+        out = open(log_path, "ab") if log_path else None
+        process = subprocess.Popen(command, stdout=out or None, stderr=subprocess.STDOUT if out else None,
+                                   stdin=subprocess.DEVNULL, env=self.env, cwd=Path(__file__).resolve().parent.parent)
+        if out:
+            out.close()
+        service = Service(role, process, address, log_path, args)
+        self.services.append(service)
+        return service
+
+    def start_master(self, port: int | None = None, *args: str, wait: bool = False) -> Service:
+        port = port or free_port()
+        address = f"127.0.0.1:{port}"
+        service = self._spawn("master", ["--listen", address, "--metrics-port", "0",
+                                         "--session-timeout", str(self.session_timeout), *args], address)
+        if wait and not wait_serving(address):
+            raise RuntimeError(f"backend {address} did not start:\n{service.log()[-3000:]}")
+        return service
+
+    def start_worker(self, concurrency: int = 2, *args: str) -> Service:
+        return self._spawn("worker", ["--concurrency", str(concurrency), "--metrics-port", "0", *args])
+
+    def start_frontend(self, port: int | None = None, *args: str, wait: bool = True) -> Service:
+        address = f"127.0.0.1:{port or free_port()}"
+        service = self._spawn("frontend", ["--listen", address, "--metrics-port", "0", *args], address)
+        if wait and not wait_serving(address):
+            raise RuntimeError(f"frontend {address} did not start:\n{service.log()[-3000:]}")
+        return service
+
+    def masters(self) -> list[Service]:
+        return [s for s in self.services if s.role == "master" and s.alive()]
+
+    def active_master(self, timeout: float = 30.0) -> Service:
+        """The backend whose health says it serves dworkers.v1.Master."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for service in self.masters():
+                if wait_serving(service.address, "dworkers.v1.Master", timeout=0.2):
+                    return service
+            time.sleep(0.05)
+        raise TimeoutError("no active master")
+
+    def stop(self) -> None:
+        for service in reversed(self.services):
+            if service.alive():
+                service.signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for service in self.services:
+            try:
+                service.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                service.kill()
+        self.zookeeper.stop()

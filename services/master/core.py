@@ -1,0 +1,345 @@
+"""The active master's logic: one asyncio loop owns WorkState and the worker
+registry; every change is an event queued for the journal and applied at
+once, and every visible action (ack, hand-out, published result) waits until
+its event is durable.
+
+If a journal write fails, the master can no longer vouch for its state: it
+stops acting (`closed`) and the node steps down and recovers afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dworkers.v1 import journal_pb2, master_pb2, work_pb2
+from services.common import validation
+from services.master.journal import GroupCommitter, Journal, JournalError
+from services.master.state import WorkState
+from services.master.workers import Slot, WorkerRegistry
+
+log = logging.getLogger(__name__)
+
+RESULTS_PER_MESSAGE = 500
+CONNECTION_LOST_ERROR = "worker connection lost"
+
+
+class NotServing(Exception):
+    """This master cannot act now (stepped down, paused or overloaded)."""
+
+
+class Overloaded(Exception):
+    """Too much pending work: the client should back off."""
+
+
+class Conflict(Exception):
+    """A known work id was submitted again with a different job."""
+
+
+@dataclass(frozen=True)
+class CoreSettings:
+    work_timeout: float = 30.0  # default per attempt
+    worker_timeout: float = 15.0  # a slot silent this long is dropped
+    max_pending: int = 1_000_000
+
+
+class MasterCore:
+    def __init__(self, journal: Journal, epoch: int, settings: CoreSettings,
+                 on_failure: Callable[[Exception], None], metrics=None):
+        self.journal = journal
+        self.epoch = epoch
+        self.settings = settings
+        self.metrics = metrics
+        self.state = WorkState()
+        self.registry = WorkerRegistry()
+        self.durable_sequence = 0
+        self.node = ""  # the election znode that fences this master's writes
+        self.closed: str | None = None  # why it stopped acting
+        self._on_failure = on_failure
+        self._results_ready = asyncio.Event()
+        self.committer: GroupCommitter | None = None
+        self._ticker: asyncio.Task | None = None
+
+    # --- life --------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Replays the journal, then resets work in progress (durably)."""
+        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        count = await loop.run_in_executor(None, self._replay)
+        self.durable_sequence = self.state.last_sequence
+        self.committer = GroupCommitter(self.journal, self.epoch, self._journal_failed,
+                                        on_batch=self.metrics and self.metrics.journal_batch)
+        if self.state.in_progress:
+            await self._record([journal_pb2.Event(work_in_progress_reset=journal_pb2.WorkInProgressReset())])
+        self._ticker = asyncio.create_task(self._tick_forever())
+        log.info("recovered %d events in %.3f s: %d pending, %d results", count,
+                 time.monotonic() - started, len(self.state.pending), self.state.last_sequence,
+                 extra={"epoch": self.epoch})
+        if self.metrics:
+            self.metrics.recovered(time.monotonic() - started)
+
+    def _replay(self) -> int:
+        count = 0
+        for _position, batch in self.journal.read():
+            for event in batch.events:
+                self.state.apply(event)
+                count += 1
+        return count
+
+    def close(self, reason: str) -> None:
+        if self.closed is not None:
+            return
+        self.closed = reason
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self.committer is not None and self.committer.failed is None:
+            self.committer.failed = NotServing(reason)
+        self._wake_results()
+        for slot in list(self.registry.slots.values()):
+            slot.connection.close(reason)
+
+    def _journal_failed(self, exc: Exception) -> None:
+        log.error("journal append failed, stepping down: %s", exc, extra={"epoch": self.epoch})
+        self.close(f"journal append failed: {exc}")
+        self._on_failure(exc)
+
+    def pause(self) -> None:
+        if self.committer is not None:
+            self.committer.pause()
+
+    def resume(self) -> None:
+        if self.committer is not None:
+            self.committer.resume()
+
+    def check_serving(self) -> None:
+        if self.closed is not None:
+            raise NotServing(self.closed)
+        if self.committer is None:
+            raise NotServing("recovering")
+        if self.committer.paused:
+            raise NotServing("lost contact with ZooKeeper; waiting to learn whether it is still master")
+
+    # --- persist, then act -------------------------------------------------
+
+    def _record(self, events: list[journal_pb2.Event]) -> asyncio.Future:
+        """Queues events for the journal and applies them; the future says
+        when they are durable. Results they finish are published then."""
+        durable = self.committer.append(events)  # raises before any change when it refuses
+        last = 0
+        for event in events:
+            result = self.state.apply(event)
+            if result is not None:
+                last = result.sequence
+                if self.metrics:
+                    self.metrics.finished(result.state)
+        if last:
+            durable.add_done_callback(lambda f: f.cancelled() or f.exception() or self._publish(last))
+        return durable
+
+    async def _durable(self, future: asyncio.Future) -> None:
+        try:
+            await future
+        except JournalError as exc:
+            raise NotServing(str(exc)) from None
+
+    def _publish(self, sequence: int) -> None:
+        if sequence > self.durable_sequence:
+            self.durable_sequence = sequence
+            self._wake_results()
+
+    def _wake_results(self) -> None:
+        self._results_ready.set()
+        self._results_ready = asyncio.Event()
+
+    # --- frontend operations ----------------------------------------------
+
+    async def submit(self, works: list[work_pb2.Work]) -> list[bool]:
+        """Accepts works durably; returns, for each, whether it was a duplicate."""
+        self.check_serving()
+        duplicates, events = [], []
+        for work in works:
+            known = self.state.work(work.work_id)
+            if known is None and work.work_id in self.state.finished:
+                known = work  # finished works keep no payload: the id decides
+            if known is not None and not validation.same_work(known, work):
+                raise Conflict(f"work_id {work.work_id!r} was already accepted with a different kind or payload")
+            duplicates.append(known is not None)
+            if known is None:
+                events.append(journal_pb2.Event(work_accepted=journal_pb2.WorkAccepted(work=work)))
+        if len(self.state.pending) + len(events) > self.settings.max_pending:
+            raise Overloaded(f"{len(self.state.pending)} works are pending (limit {self.settings.max_pending}); retry later")
+        if events:
+            try:
+                durable = self._record(events)
+            except JournalError as exc:
+                raise Overloaded(str(exc)) from None
+            await self._durable(durable)
+            if self.metrics:
+                self.metrics.accepted(len(events))
+            self._announce_work()
+        else:
+            await self._durable(self.committer.barrier())  # an earlier accept may be in flight
+        return duplicates
+
+    async def status(self, work_id: str) -> work_pb2.WorkStatus | None:
+        self.check_serving()
+        await self._durable(self.committer.barrier())
+        return self.state.status(work_id)
+
+    async def results(self, after: int):
+        """Yields batches of durable results after `after`, forever."""
+        cursor = after
+        while True:
+            if self.closed is not None:
+                raise NotServing(self.closed)
+            if cursor < self.durable_sequence:
+                limit = min(self.durable_sequence - cursor, RESULTS_PER_MESSAGE)
+                batch = self.state.results_after(cursor, limit)
+                cursor = batch[-1].sequence if batch else max(cursor, self.state.forgotten_up_to)
+                if batch:
+                    yield batch
+                continue
+            await self._results_ready.wait()
+
+    # --- the worker protocol ----------------------------------------------
+
+    def register(self, connection, message: master_pb2.RegisterWorker) -> None:
+        self.registry.register(connection, message.worker_ids, message.host, time.monotonic())
+
+    def request_work(self, connection, worker_ids) -> None:
+        """Hands the head of the queue to each requesting idle slot."""
+        if self.closed is not None or self.committer is None or self.committer.paused:
+            return
+        now = time.monotonic()
+        slots: list[Slot] = []
+        for worker_id in worker_ids:
+            slot = self.registry.get(worker_id)
+            if slot is None or slot.connection is not connection:
+                continue  # not registered (yet): it registers and asks again
+            slot.last_seen = now
+            if not slot.busy:
+                slots.append(slot)
+        if not slots or not self.state.pending:
+            return
+        work_ids = list(itertools.islice(self.state.pending, len(slots)))
+        events, assignments = [], []
+        for slot, work_id in zip(slots, work_ids):
+            work = self.state.pending[work_id].work
+            timeout = work.timeout_seconds or self.settings.work_timeout
+            self.registry.start(slot, work_id, now + timeout)
+            events.append(journal_pb2.Event(work_started=journal_pb2.WorkStarted(work_id=work_id, worker_id=slot.worker_id)))
+            assignments.append((slot.worker_id, work))
+        durable = self._record(events)
+        works = master_pb2.MasterMessage(epoch=self.epoch, works=master_pb2.Works(assignments=[
+            master_pb2.Assignment(worker_id=worker_id, work=work,
+                                  attempt=self.state.in_progress[work.work_id].attempts,
+                                  timeout_seconds=work.timeout_seconds or self.settings.work_timeout)
+            for worker_id, work in assignments
+        ]))
+        if self.metrics:
+            self.metrics.started(len(events))
+        durable.add_done_callback(lambda f: f.cancelled() or f.exception() or connection.send(works))
+
+    def work_done(self, connection, completions) -> None:
+        events, acks, seen = [], [], set()
+        for c in completions:
+            slot = self.registry.get(c.worker_id)
+            if slot is not None and slot.work_id == c.work_id:
+                self.registry.finish(slot)
+            acks.append(c.work_id)
+            if c.work_id in seen or c.work_id in self.state.finished or not self.state.is_known(c.work_id):
+                continue  # done already (the ack was lost), or forgotten: ack again
+            seen.add(c.work_id)
+            events.append(journal_pb2.Event(work_completed=journal_pb2.WorkCompleted(work_id=c.work_id, result=c.result)))
+        self._ack_when_durable(connection, events, acks)
+
+    def work_failed(self, connection, failures) -> None:
+        events, acks = [], []
+        for f in failures:
+            slot = self.registry.get(f.worker_id)
+            if slot is not None and slot.work_id == f.work_id:
+                self.registry.finish(slot)
+            acks.append(f.work_id)
+            entry = self.state.in_progress.get(f.work_id)
+            if entry is not None and entry.worker_id == f.worker_id:  # not a stale attempt
+                events.append(journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(work_id=f.work_id, error=f.error)))
+        self._ack_when_durable(connection, events, acks)
+        if events:
+            self._announce_work()
+
+    def _ack_when_durable(self, connection, events, acks) -> None:
+        if self.closed is not None or self.committer is None:
+            return
+        durable = self._record(events) if events else self.committer.barrier()
+        ack = master_pb2.MasterMessage(epoch=self.epoch, ack=master_pb2.Ack(work_ids=acks))
+        durable.add_done_callback(lambda f: f.cancelled() or f.exception() or connection.send(ack))
+
+    def disconnected(self, connection) -> None:
+        """A worker process's stream ended: its running work goes back to the queue."""
+        events = []
+        for slot in self.registry.of_connection(connection):
+            self.registry.drop(slot.worker_id)
+            events += self._attempt_lost(slot, CONNECTION_LOST_ERROR)
+        if events and self.closed is None and self.committer is not None and self.committer.failed is None:
+            try:
+                self._record(events)
+            except JournalError as exc:  # the journal is backed up; the tick retries via timeouts
+                log.warning("could not re-queue work of a lost worker: %s", exc)
+                return
+            self._announce_work()
+
+    def _attempt_lost(self, slot: Slot, error: str, timed_out: bool = False) -> list[journal_pb2.Event]:
+        entry = self.state.in_progress.get(slot.work_id) if slot.work_id else None
+        if entry is None or entry.worker_id != slot.worker_id:
+            return []
+        if timed_out:
+            return [journal_pb2.Event(worker_timed_out=journal_pb2.WorkerTimedOut(work_id=slot.work_id))]
+        return [journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(work_id=slot.work_id, error=error))]
+
+    def _announce_work(self) -> None:
+        """Tells every process with an idle slot that work is ready (it pulls)."""
+        if not self.state.pending:
+            return
+        ready = master_pb2.MasterMessage(epoch=self.epoch, work_is_ready=master_pb2.WorkIsReady())
+        for connection in self.registry.idle_connections():
+            connection.send(ready)
+
+    # --- housekeeping ------------------------------------------------------
+
+    async def _tick_forever(self) -> None:
+        interval = max(0.1, min(1.0, self.settings.work_timeout / 2))
+        while self.closed is None:
+            await asyncio.sleep(interval)
+            if self.committer is not None and not self.committer.paused and self.committer.failed is None:
+                self.tick(time.monotonic())
+
+    def tick(self, now: float) -> None:
+        """Drops busy slots past their work's deadline and silent slots."""
+        events = []
+        for slot in self.registry.overdue(now):
+            log.warning("work timed out on its worker", extra={"work_id": slot.work_id, "worker_id": slot.worker_id})
+            self.registry.drop(slot.worker_id)
+            events += self._attempt_lost(slot, "", timed_out=True)
+            if self.metrics:
+                self.metrics.timed_out()
+        for slot in self.registry.silent(now, self.settings.worker_timeout):
+            self.registry.drop(slot.worker_id)
+            events += self._attempt_lost(slot, "worker went silent")
+        if events:
+            self._record(events)
+            self._announce_work()
+
+    def counts(self) -> dict:
+        return {
+            "pending": len(self.state.pending), "in_progress": len(self.state.in_progress),
+            "done": self.state.done_count, "failed": self.state.failed_count,
+            "last_sequence": self.state.last_sequence,
+            "workers_busy": self.registry.busy_count,
+            "workers_idle": len(self.registry) - self.registry.busy_count,
+        }

@@ -1,0 +1,244 @@
+"""A backend process: joins the election, serves the Master gRPC service, and
+becomes the active master (replaying the journal) when it is the oldest live
+backend. It stops acting the moment it may no longer be master."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from kazoo.protocol.states import KazooState
+
+from dworkers.v1 import master_pb2, master_pb2_grpc, work_pb2
+from services.common import validation, zk
+from services.common.metrics import AsyncMetricsInterceptor, MasterMetrics, serve_metrics
+from services.common.wire import SERVER_OPTIONS
+from services.master.core import CoreSettings, MasterCore, NotServing
+from services.master.election import Election, ElectionView
+from services.master.journal import FencedError, ZooKeeperJournal
+from services.master.service import MasterService
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "dworkers.v1.Master"
+
+
+@dataclass(frozen=True)
+class MasterSettings:
+    zk: str
+    root: str = zk.DEFAULT_ROOT
+    listen: str = "0.0.0.0:7100"
+    advertise: str = ""
+    metrics_port: int = 9100
+    session_timeout: float = 4.0
+    work_timeout: float = 30.0
+    worker_timeout: float = 15.0
+    max_pending: int = 1_000_000
+    shutdown_grace: float = 5.0
+
+
+class KindCatalog:
+    """The job kinds workers have declared under <root>/kinds (kept by a watch)."""
+
+    def __init__(self, client, paths: zk.Paths):
+        self.kinds: frozenset[str] = frozenset()
+        client.ensure_path(paths.kinds)
+        client.ChildrenWatch(paths.kinds, self._update)
+
+    def _update(self, children) -> None:
+        self.kinds = frozenset(children)
+
+    def check(self, kinds: set[str]) -> None:
+        unknown = sorted(kinds - self.kinds)
+        if unknown:
+            known = ", ".join(sorted(self.kinds)) or "none yet"
+            raise validation.InvalidWork(
+                f"unknown kind {unknown[0]!r}: no worker declares it (known kinds: {known})")
+
+
+class MasterNode:
+    def __init__(self, settings: MasterSettings):
+        self.settings = settings
+        self.paths = zk.Paths(settings.root)
+        self.core: MasterCore | None = None
+        self.view: ElectionView | None = None
+        self.metrics = MasterMetrics()
+        self.address = ""
+        self._recovering: asyncio.Task | None = None
+        self._suspend_deadline: asyncio.TimerHandle | None = None
+        self._stop = asyncio.Event()
+
+    # --- what the service asks -------------------------------------------
+
+    def is_leader(self) -> bool:
+        return self.view is not None and self.view.leader
+
+    def master_address(self) -> str:
+        return self.view.master_address if self.view else ""
+
+    def check_kinds(self, kinds: set[str]) -> None:
+        self.kinds.check(kinds)
+
+    def cluster_info(self, core: MasterCore) -> work_pb2.ClusterInfoResponse:
+        counts = core.counts()
+        members = self.view.members if self.view else ()
+        info = work_pb2.ClusterInfoResponse(
+            pending=counts["pending"], in_progress=counts["in_progress"], done=counts["done"],
+            failed=counts["failed"], last_sequence=counts["last_sequence"],
+        )
+        for i, (name, epoch, address) in enumerate(members):
+            backend = work_pb2.BackendInfo(address=address, epoch=epoch, node=name)
+            if i == 0:
+                info.master.CopyFrom(backend)
+            else:
+                info.standbys.append(backend)
+        now = time.monotonic()
+        for slot in core.registry.slots.values():
+            info.workers.add(worker_id=slot.worker_id, status="busy" if slot.busy else "idle",
+                             work_id=slot.work_id, host=slot.host,
+                             seconds_since_seen=round(now - slot.last_seen, 3))
+        return info
+
+    # --- life ------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        s = self.settings
+        serve_metrics(s.metrics_port)
+        self.client = await self.loop.run_in_executor(None, zk.connect, s.zk, s.session_timeout)
+        self.client.add_listener(lambda state: self.loop.call_soon_threadsafe(self._on_zk_state, state))
+        self.kinds = await self.loop.run_in_executor(None, KindCatalog, self.client, self.paths)
+
+        self.server = grpc.aio.server(interceptors=[AsyncMetricsInterceptor()], options=SERVER_OPTIONS)
+        master_pb2_grpc.add_MasterServicer_to_server(MasterService(self), self.server)
+        self.health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (master_pb2.DESCRIPTOR.services_by_name["Master"].full_name,
+             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        port = self.server.add_insecure_port(s.listen)
+        host = s.listen.rsplit(":", 1)[0]
+        if host in ("0.0.0.0", "[::]", ""):
+            host = socket.gethostname()
+        self.address = s.advertise or f"{host}:{port}"
+        await self.server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        member = zk.encode_member(self.address, pid=os.getpid(), host=socket.gethostname())
+        self.election = Election(self.client, self.paths, member,
+                                 lambda view: self.loop.call_soon_threadsafe(self._on_view, view))
+        await self.loop.run_in_executor(None, self.election.start)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self._stop.set)
+        log.info("backend listening on %s (advertised as %s)", s.listen, self.address)
+        metrics_task = asyncio.create_task(self._update_metrics())
+        await self._stop.wait()
+        metrics_task.cancel()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Resigns first (a standby takes over at once), then lets calls finish."""
+        log.info("shutting down: resigning leadership")
+        await self.health.enter_graceful_shutdown()
+        if self.core is not None:
+            core, self.core = self.core, None
+            await asyncio.wait_for(asyncio.shield(core.committer.barrier()), 5) if core.committer else None
+            core.close("master is shutting down")
+        await self.loop.run_in_executor(None, self.election.resign)
+        await self.server.stop(self.settings.shutdown_grace)
+        await self.loop.run_in_executor(None, self._close_client)
+
+    def _close_client(self) -> None:
+        self.client.stop()
+        self.client.close()
+
+    async def _update_metrics(self) -> None:
+        while True:
+            core = self.core
+            active = core is not None and core.closed is None and core.committer is not None
+            self.metrics.update(core.counts() if active else None, active, self.view.epoch if self.view else 0)
+            await asyncio.sleep(1.0)
+
+    # --- leadership ------------------------------------------------------
+
+    def _on_view(self, view: ElectionView) -> None:
+        self.view = view
+        core = self.core
+        if core is not None and (not view.leader or view.node != core.node):
+            self._step_down("no longer the oldest live backend")
+            core = None
+        if view.leader and core is None and self._recovering is None:
+            self._recovering = asyncio.create_task(self._become_master(view))
+        elif core is not None and view.leader and view.node == core.node:
+            core.resume()  # back in contact with our election znode intact
+
+    async def _become_master(self, view: ElectionView) -> None:
+        s = self.settings
+        journal = ZooKeeperJournal(self.client, self.paths.journal, fence_path=view.node)
+        core = MasterCore(journal, view.epoch,
+                          CoreSettings(s.work_timeout, s.worker_timeout, s.max_pending),
+                          on_failure=self._journal_failed, metrics=self.metrics)
+        core.node = view.node
+        log.info("elected master; replaying the journal", extra={"epoch": view.epoch})
+        try:
+            await core.recover()
+        except Exception as exc:
+            log.error("recovery failed: %r; retrying", exc, extra={"epoch": view.epoch})
+            core.close(f"recovery failed: {exc}")
+            self._recovering = None
+            await asyncio.sleep(0.5)
+            self.election.refresh()
+            return
+        self._recovering = None
+        if self.view is None or self.view.node != view.node or not self.view.leader:
+            core.close("lost the election while recovering")
+            return
+        self.core = core
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        log.info("active master at %s", self.address, extra={"epoch": view.epoch})
+
+    def _journal_failed(self, exc: Exception) -> None:
+        self.loop.call_soon(self._step_down, f"journal append failed: {exc}")
+        if isinstance(exc, FencedError):
+            self.election.rejoin()
+
+    def _step_down(self, reason: str) -> None:
+        core, self.core = self.core, None
+        if core is not None:
+            log.warning("stepping down: %s", reason, extra={"epoch": core.epoch})
+            core.close(reason)
+            asyncio.ensure_future(self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING))
+        self.election.refresh()  # if still the oldest, recover afresh
+
+    def _on_zk_state(self, state: str) -> None:
+        if state == KazooState.SUSPENDED:
+            # Maybe still master, maybe not: stop acting until we know, and
+            # give up before a standby could have taken over.
+            if self.core is not None:
+                self.core.pause()
+            if self._suspend_deadline is None:
+                self._suspend_deadline = self.loop.call_later(
+                    self.settings.session_timeout * 2 / 3, self._suspended_too_long)
+        else:
+            if self._suspend_deadline is not None:
+                self._suspend_deadline.cancel()
+                self._suspend_deadline = None
+            if state == KazooState.LOST:
+                self._step_down("ZooKeeper session expired")
+            else:
+                self.election.refresh()  # confirms our znode before resuming
+
+    def _suspended_too_long(self) -> None:
+        self._suspend_deadline = None
+        self._step_down("cut off from ZooKeeper for 2/3 of the session timeout")

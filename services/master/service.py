@@ -1,0 +1,153 @@
+"""The Master gRPC service: thin handlers that validate, turn the core's
+outcomes into gRPC statuses, and carry the worker protocol's stream."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+import grpc
+
+from dworkers.v1 import master_pb2, master_pb2_grpc, work_pb2
+from services.common import validation
+from services.common.wire import EPOCH_KEY, MASTER_KEY
+from services.master.core import Conflict, MasterCore, NotServing, Overloaded
+
+log = logging.getLogger(__name__)
+
+OUTBOX_LIMIT = 10_000  # messages queued for one worker process before it is dropped
+
+
+class WorkerConnection:
+    """The master's side of one worker process's stream: a bounded outbox."""
+
+    def __init__(self) -> None:
+        self._outbox: deque[master_pb2.MasterMessage] = deque()
+        self._ready = asyncio.Event()
+        self.closed: str | None = None
+
+    def send(self, message: master_pb2.MasterMessage) -> None:
+        if self.closed is not None:
+            return
+        if len(self._outbox) >= OUTBOX_LIMIT:
+            self.close("worker is not reading its stream")
+            return
+        self._outbox.append(message)
+        self._ready.set()
+
+    def close(self, reason: str) -> None:
+        if self.closed is None:
+            self.closed = reason
+            self._ready.set()
+
+    async def next(self) -> master_pb2.MasterMessage | None:
+        while not self._outbox:
+            if self.closed is not None:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        return self._outbox.popleft()
+
+
+class MasterService(master_pb2_grpc.MasterServicer):
+    def __init__(self, node) -> None:
+        self.node = node  # the MasterNode: who is master, the core, known kinds
+
+    async def _core(self, context) -> MasterCore:
+        core = self.node.core
+        if core is None or core.closed is not None:
+            address = self.node.master_address()
+            if address and not self.node.is_leader():
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"this backend is a standby; the active master is at {address}",
+                    trailing_metadata=((MASTER_KEY, address),),
+                )
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no active master here yet (electing or recovering)")
+        try:
+            core.check_serving()
+        except NotServing as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"master cannot serve now: {exc}")
+        context.set_trailing_metadata(((EPOCH_KEY, str(core.epoch)),))
+        return core
+
+    async def SubmitWorks(self, request, context):
+        core = await self._core(context)
+        try:
+            works = validation.to_works(request.works)
+            self.node.check_kinds({w.kind for w in works})
+        except validation.InvalidWork as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            duplicates = await core.submit(works)
+        except Conflict as exc:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        except Overloaded as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except NotServing as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"not accepted: {exc}")
+        return work_pb2.SubmitWorksResponse(works=[
+            work_pb2.SubmitWorkResponse(work_id=w.work_id, duplicate=d) for w, d in zip(works, duplicates)
+        ])
+
+    async def GetWork(self, request, context):
+        core = await self._core(context)
+        try:
+            validation.check_work_id(request.work_id)
+            status = await core.status(request.work_id)
+        except validation.InvalidWork as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except NotServing as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no work {request.work_id!r} (never accepted, or past the retention window)")
+        return status
+
+    async def WatchResults(self, request, context):
+        core = await self._core(context)
+        try:
+            async for batch in core.results(request.after_sequence):
+                yield work_pb2.WatchResultsResponse(results=batch, epoch=core.epoch)
+        except NotServing as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"result stream ended: {exc}")
+
+    async def ClusterInfo(self, request, context):
+        core = await self._core(context)
+        return self.node.cluster_info(core)
+
+    async def Connect(self, request_iterator, context):
+        core = await self._core(context)
+        connection = WorkerConnection()
+        reader = asyncio.create_task(self._read_worker(core, connection, request_iterator))
+        try:
+            while True:
+                message = await connection.next()
+                if message is None:
+                    break
+                yield message
+        finally:
+            reader.cancel()
+            core.disconnected(connection)
+        if connection.closed:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, connection.closed)
+
+    async def _read_worker(self, core: MasterCore, connection: WorkerConnection, request_iterator) -> None:
+        try:
+            async for message in request_iterator:
+                if core.closed is not None:
+                    break
+                kind = message.WhichOneof("message")
+                if kind == "register":
+                    core.register(connection, message.register)
+                elif kind == "request_work":
+                    core.request_work(connection, message.request_work.worker_ids)
+                elif kind == "done":
+                    core.work_done(connection, message.done.completions)
+                elif kind == "failed":
+                    core.work_failed(connection, message.failed.failures)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a broken stream or a refused append
+            log.info("worker stream ended: %r", exc)
+        connection.close("worker stream ended")

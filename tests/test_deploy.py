@@ -1,0 +1,470 @@
+"""Checks of deploy/: the Kubernetes manifests against the API schemas, and the
+ports, image, settings and metric names that the manifests, the compose file,
+the Prometheus and Grafana configs and the Dockerfile must agree on.
+
+Needs neither network, docker nor a cluster: kustomize is not available, so
+render() below applies the small part of it that deploy/k8s uses.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+KUSTOMIZATIONS = [K8S / "base", K8S / "overlays" / "dev"]
+
+# The services' contract.
+GRPC_PORTS = {"master": 7100, "frontend": 7000}
+METRICS_PORTS = {"master": 9100, "worker": 9101, "frontend": 9102}
+ROLES = set(METRICS_PORTS)
+IMAGE = "dworkers:latest"
+HEALTH_SERVICES = {"master": "dworkers.v1.Master", "frontend": "dworkers.v1.Frontend"}
+METRICS = {
+    # counters
+    "dworkers_works_accepted_total", "dworkers_works_started_total",
+    "dworkers_works_completed_total", "dworkers_works_failed_total",
+    "dworkers_works_timed_out_total", "dworkers_failovers_total",
+    "dworkers_executions_total", "dworkers_grpc_requests_total",
+    # gauges
+    "dworkers_pending_works", "dworkers_in_progress_works", "dworkers_workers",
+    "dworkers_master_active", "dworkers_master_epoch", "dworkers_recovery_seconds",
+}
+HISTOGRAMS = {
+    "dworkers_journal_append_seconds", "dworkers_journal_events_per_append",
+    "dworkers_execution_seconds", "dworkers_grpc_request_seconds",
+}
+
+# Oldest Kubernetes the manifests target, and the newest the schemas know.
+K8S_VERSIONS = ["1.30", kubernetes_validate.latest_version()]
+
+
+# --- loading ------------------------------------------------------------------
+
+def load_docs(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def kustomization(directory: Path) -> dict:
+    return yaml.safe_load((directory / "kustomization.yaml").read_text())
+
+
+# The kustomization fields render() understands; others would be ignored silently.
+KUSTOMIZE_FIELDS = {"apiVersion", "kind", "namespace", "labels", "resources",
+                    "configMapGenerator", "images", "patches", "replicas"}
+
+
+def strategic_merge(base, patch):
+    """A strategic merge patch as far as our overlays need: maps merge, lists of
+    items with a `name` (containers, env) merge by name, other lists replace."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        merged = dict(base)
+        for key, value in patch.items():
+            merged[key] = strategic_merge(base[key], value) if key in base else value
+        return merged
+    named = lambda items: all(isinstance(i, dict) and "name" in i for i in items)
+    if isinstance(base, list) and isinstance(patch, list) and named(base) and named(patch):
+        merged = list(base)
+        for item in patch:
+            names = [i["name"] for i in merged]
+            if item["name"] in names:
+                at = names.index(item["name"])
+                merged[at] = strategic_merge(merged[at], item)
+            else:
+                merged.append(item)
+        return merged
+    return patch
+
+
+def find(docs: list[dict], kind: str, name: str) -> int:
+    hits = [i for i, d in enumerate(docs) if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(hits) == 1, f"expected one {kind}/{name}, found {len(hits)}"
+    return hits[0]
+
+
+def render(directory: Path) -> list[dict]:
+    """The resources a kustomization builds (before namespace, labels, images)."""
+    spec = kustomization(directory)
+    assert set(spec) <= KUSTOMIZE_FIELDS, f"render() does not apply {set(spec) - KUSTOMIZE_FIELDS}"
+    docs = []
+    for entry in spec.get("resources", []):
+        path = directory / entry
+        docs += render(path) if path.is_dir() else load_docs(path)
+    for entry in spec.get("patches", []):
+        (patch,) = load_docs(directory / entry["path"])
+        at = find(docs, patch["kind"], patch["metadata"]["name"])
+        docs[at] = strategic_merge(docs[at], patch)
+    for entry in spec.get("replicas", []):
+        at = [i for i, d in enumerate(docs) if d["metadata"]["name"] == entry["name"]
+              and d["kind"] in ("Deployment", "StatefulSet")]
+        assert len(at) == 1, f"replicas: no single workload {entry['name']}"
+        docs[at[0]]["spec"]["replicas"] = entry["count"]
+    return docs
+
+
+def workloads(docs: list[dict]) -> list[dict]:
+    return [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+
+
+def role_of(container: dict) -> str | None:
+    """The dworkers role a container runs, None for other images."""
+    if not container["image"].split(":")[0].endswith("dworkers"):
+        return None
+    return (container.get("command") or container.get("args"))[0]
+
+
+def dworkers_containers(docs: list[dict]) -> dict[str, tuple[dict, dict]]:
+    """role -> (workload, container)."""
+    found = {}
+    for workload in workloads(docs):
+        for container in workload["spec"]["template"]["spec"]["containers"]:
+            role = role_of(container)
+            if role is not None:
+                assert role not in found, f"two workloads run {role}"
+                found[role] = (workload, container)
+    return found
+
+
+def ports(container: dict) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+
+
+def env(container: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def seconds(duration: str) -> int:
+    parts = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s)?", duration)
+    assert parts and duration, f"unparsed duration {duration!r}"
+    return int(parts[1] or 0) * 60 + int(parts[2] or 0)
+
+
+@pytest.fixture(scope="module", params=KUSTOMIZATIONS, ids=lambda p: str(p.relative_to(K8S)))
+def rendered(request) -> list[dict]:
+    return render(request.param)
+
+
+@pytest.fixture(scope="module")
+def base() -> list[dict]:
+    return render(K8S / "base")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+
+
+# --- Kubernetes ---------------------------------------------------------------
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: str(p.relative_to(K8S)))
+def test_kustomization_files_exist_and_parse(directory):
+    spec = kustomization(directory)
+    assert spec["kind"] == "Kustomization"
+    for entry in spec.get("resources", []):
+        path = directory / entry
+        if path.is_dir():
+            assert (path / "kustomization.yaml").is_file(), f"{entry}: no kustomization.yaml"
+        else:
+            docs = load_docs(path)
+            assert docs, f"{entry} is empty"
+            for doc in docs:
+                assert {"apiVersion", "kind", "metadata"} <= set(doc), f"{entry}: not a resource"
+    for entry in spec.get("patches", []):
+        # `patches` takes one document per file.
+        (patch,) = load_docs(directory / entry["path"])
+        assert patch["metadata"]["name"], entry
+    if directory.name == "base":
+        listed = {directory / r for r in spec["resources"]}
+        orphans = set(directory.glob("*.yaml")) - listed - {directory / "kustomization.yaml"}
+        assert not orphans, f"not in kustomization.yaml: {sorted(p.name for p in orphans)}"
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_manifests_match_kubernetes_schemas(rendered, version):
+    errors = []
+    for doc in rendered:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            errors.append(f"{doc['kind']}/{doc['metadata']['name']}: {e.message} at {list(e.path)}")
+    assert not errors, "\n".join(errors)
+
+
+def test_namespace_is_created(base):
+    namespace = kustomization(K8S / "base")["namespace"]
+    assert namespace == "dworkers"
+    find(base, "Namespace", namespace)
+
+
+def test_pods_are_scraped_hardened_and_bounded(rendered):
+    for workload in workloads(rendered):
+        name = workload["metadata"]["name"]
+        pod = workload["spec"]["template"]
+        notes = pod["metadata"].get("annotations", {})
+        assert notes.get("prometheus.io/scrape") == "true", name
+        assert notes.get("prometheus.io/path") == "/metrics", name
+        spec = pod["spec"]
+        assert int(notes["prometheus.io/port"]) in [
+            ports(c).get("metrics") for c in spec["containers"]], f"{name}: scrape port"
+        # Service links put DWORKERS_<SERVICE>_PORT=tcp://... into the environment.
+        assert spec.get("enableServiceLinks") is False, name
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", name
+        for container in spec["containers"]:
+            where = f"{name}/{container['name']}"
+            for bound in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(container["resources"][bound]), f"{where} {bound}"
+            security = container["securityContext"]
+            assert security["allowPrivilegeEscalation"] is False, where
+            assert security["capabilities"]["drop"] == ["ALL"], where
+
+
+def test_dworkers_workloads_follow_the_contract(rendered):
+    by_role = dworkers_containers(rendered)
+    assert set(by_role) == ROLES
+    images = {i["name"] for i in kustomization(K8S / "base")["images"]}
+    for role, (workload, container) in by_role.items():
+        assert container["image"] == IMAGE and container["image"].split(":")[0] in images
+        found = ports(container)
+        assert found.get("metrics") == METRICS_PORTS[role], role
+        assert found.get("grpc") == GRPC_PORTS.get(role), role
+        notes = workload["spec"]["template"]["metadata"]["annotations"]
+        assert notes["prometheus.io/port"] == str(METRICS_PORTS[role]), role
+        assert {"configMapRef": {"name": "dworkers-config"}} in container["envFrom"], role
+        if role in HEALTH_SERVICES:
+            ready, live = container["readinessProbe"], container["livenessProbe"]
+            assert ready["grpc"] == {"port": GRPC_PORTS[role], "service": HEALTH_SERVICES[role]}
+            assert live["grpc"]["port"] == GRPC_PORTS[role]
+            assert live["grpc"].get("service", "") == "", role
+        else:
+            for probe in ("readinessProbe", "livenessProbe"):
+                assert container[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    master = by_role["master"][1]
+    names = [e["name"] for e in master["env"]]
+    assert env(master)["DWORKERS_ADVERTISE"] == f"$(POD_IP):{GRPC_PORTS['master']}"
+    # $(POD_IP) only expands if POD_IP is defined earlier in the list.
+    assert names.index("POD_IP") < names.index("DWORKERS_ADVERTISE")
+    pod_ip = master["env"][names.index("POD_IP")]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert pod_ip == "status.podIP"
+    worker = by_role["worker"][0]["spec"]
+    assert "replicas" not in worker, "the HorizontalPodAutoscaler owns the worker count"
+    assert worker["template"]["spec"]["terminationGracePeriodSeconds"] >= 30
+
+
+def test_services_and_budgets_select_pods(rendered):
+    templates = [w["spec"]["template"]["metadata"]["labels"] for w in workloads(rendered)]
+    selects = lambda selector: any(selector.items() <= labels.items() for labels in templates)
+    for doc in rendered:
+        if doc["kind"] == "Service":
+            assert selects(doc["spec"]["selector"]), f"Service {doc['metadata']['name']}"
+        if doc["kind"] == "PodDisruptionBudget":
+            assert selects(doc["spec"]["selector"]["matchLabels"]), doc["metadata"]["name"]
+        if doc["kind"] == "HorizontalPodAutoscaler":
+            target = doc["spec"]["scaleTargetRef"]
+            find(rendered, target["kind"], target["name"])
+    by_role = dworkers_containers(rendered)
+    for role, port in GRPC_PORTS.items():
+        service = rendered[find(rendered, "Service", f"dworkers-{role}")]
+        (service_port,) = service["spec"]["ports"]
+        assert service_port["port"] == port and service_port["appProtocol"] == "grpc"
+        assert service_port["targetPort"] in ("grpc", port)
+        labels = by_role[role][0]["spec"]["template"]["metadata"]["labels"]
+        assert service["spec"]["selector"].items() <= labels.items(), role
+    for role in ROLES:
+        budgets = [d for d in rendered if d["kind"] == "PodDisruptionBudget"
+                   and d["spec"]["selector"]["matchLabels"].items()
+                   <= by_role[role][0]["spec"]["template"]["metadata"]["labels"].items()]
+        assert len(budgets) == 1, f"{role}: PodDisruptionBudget"
+
+
+def test_config_points_at_the_bundled_zookeeper(base):
+    (generator,) = [g for g in kustomization(K8S / "base")["configMapGenerator"]
+                    if g["name"] == "dworkers-config"]
+    config = dict(literal.split("=", 1) for literal in generator["literals"])
+    assert config["DWORKERS_ROOT"].startswith("/")
+    host, port = config["DWORKERS_ZK"].split(":")
+    service = base[find(base, "Service", host)]
+    assert int(port) in [p["port"] for p in service["spec"]["ports"]]
+
+
+def test_zookeeper_ensemble_lists_every_replica(rendered):
+    sts = rendered[find(rendered, "StatefulSet", "zookeeper")]
+    spec = sts["spec"]
+    (container,) = spec["template"]["spec"]["containers"]
+    assert container["image"].startswith("zookeeper:3.8")
+    servers = env(container)["ZOO_SERVERS"].split()
+    expected = [f"server.{i + 1}={sts['metadata']['name']}-{i}.{spec['serviceName']}:2888:3888;2181"
+                for i in range(spec["replicas"])]
+    assert servers == expected
+    headless = rendered[find(rendered, "Service", spec["serviceName"])]["spec"]
+    assert headless["clusterIP"] == "None" and headless["publishNotReadyAddresses"] is True
+    assert spec["podManagementPolicy"] == "Parallel"
+    assert spec["volumeClaimTemplates"][0]["metadata"]["name"] in [
+        m["name"] for m in container["volumeMounts"]]
+    assert rendered[find(rendered, "PodDisruptionBudget", "zookeeper")]["spec"]["maxUnavailable"] == 1
+
+
+# --- Docker Compose and Prometheus ----------------------------------------------
+
+def compose_roles(compose: dict) -> dict[str, str]:
+    """service name -> dworkers role."""
+    return {name: svc["command"][0] for name, svc in compose["services"].items()
+            if "build" in svc or svc.get("image", "").startswith("dworkers")}
+
+
+def test_compose_runs_every_role_from_one_image(compose):
+    roles = compose_roles(compose)
+    assert sorted(roles.values()) == ["frontend", "master", "master", "worker"]
+    for name in roles:
+        svc = compose["services"][name]
+        assert svc["image"] == IMAGE, name
+        context = (DEPLOY / svc["build"]["context"]).resolve()
+        assert context == ROOT and (context / svc["build"]["dockerfile"]).is_file(), name
+        assert svc["environment"]["DWORKERS_ZK"] == "zookeeper:2181"
+    assert compose["services"]["zookeeper"]["image"] == "zookeeper:3.8"
+    for name in (n for n, r in roles.items() if r == "master"):
+        advertise = compose["services"][name]["environment"]["DWORKERS_ADVERTISE"]
+        assert advertise == f"{name}:{GRPC_PORTS['master']}"
+    (worker,) = [compose["services"][n] for n, r in roles.items() if r == "worker"]
+    assert worker["deploy"]["replicas"] >= 2
+    assert int(worker["environment"]["DWORKERS_CONCURRENCY"]) >= 1
+
+
+def test_compose_ports_and_grace_periods_match_kubernetes(compose, base):
+    by_role = dworkers_containers(base)
+    for name, role in compose_roles(compose).items():
+        svc = compose["services"][name]
+        exposed = {int(p) for p in svc.get("expose", [])}
+        published = {int(p.split(":")[-1]) for p in svc.get("ports", [])}
+        assert exposed | published == set(ports(by_role[role][1]).values()), name
+        grace = by_role[role][0]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert seconds(svc["stop_grace_period"]) == grace, name
+    assert "7000:7000" in compose["services"]["frontend"]["ports"]
+
+
+def test_prometheus_scrapes_every_compose_service(compose):
+    mount = next(v for v in compose["services"]["prometheus"]["volumes"] if "prometheus.yml" in v)
+    config = yaml.safe_load((DEPLOY / mount.split(":")[0]).read_text())
+    targets = set()
+    for job in config["scrape_configs"]:
+        for static in job.get("static_configs", []):
+            targets |= {(h, int(p)) for h, p in (t.split(":") for t in static["targets"])}
+        for dns in job.get("dns_sd_configs", []):
+            targets |= {(name, dns["port"]) for name in dns["names"]}
+    for name, role in compose_roles(compose).items():
+        assert (name, METRICS_PORTS[role]) in targets, name
+    unknown = {host for host, _ in targets} - set(compose["services"])
+    assert not unknown, f"scrape targets with no compose service: {unknown}"
+
+
+# --- Grafana --------------------------------------------------------------------
+
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right",
+                "and", "or", "unless", "bool", "offset"}
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names in a PromQL expression: identifiers that are neither
+    functions (followed by a parenthesis) nor keywords."""
+    expr = re.sub(r'"[^"]*"', "", expr)
+    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]", "", expr)  # label matchers, ranges
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)
+    words = re.findall(r"(?<![\w.$])([A-Za-z_:][\w:]*)(?!\w)(?!\s*\()", expr)
+    return set(words) - PROMQL_WORDS
+
+
+def test_metric_names_parser():
+    expr = ('histogram_quantile(0.99, sum by (le, kind) (rate(dworkers_x_bucket{a="b"}[5m])))'
+            " / ignoring (kind) sum(up and on (instance) (dworkers_y == 1))")
+    assert metric_names(expr) == {"dworkers_x_bucket", "up", "dworkers_y"}
+
+
+def test_grafana_dashboard_uses_dworkers_metrics():
+    dashboard = json.loads((DEPLOY / "grafana" / "dworkers-dashboard.json").read_text())
+    assert dashboard["schemaVersion"] >= 36
+    assert [i["name"] for i in dashboard["__inputs"]] == ["DS_PROMETHEUS"]
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    used = set()
+    for panel in panels:
+        assert panel["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            expr = target["expr"]
+            names = metric_names(expr)
+            assert names and all(n.startswith("dworkers_") for n in names), expr
+            for name in names:
+                if name.endswith("_total"):
+                    assert re.search(rf"\b(rate|increase)\(\s*{name}\b", expr), f"raw counter: {expr}"
+            used |= names
+    histogram_series = {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
+    assert used <= METRICS | histogram_series, f"unknown metrics: {used - METRICS - histogram_series}"
+    assert METRICS <= used, f"not on the dashboard: {METRICS - used}"
+    assert {h + "_bucket" for h in HISTOGRAMS} <= used
+
+
+# --- Dockerfile -----------------------------------------------------------------
+
+def dockerfile_stages() -> tuple[dict[str, str], list[list[tuple[str, str]]]]:
+    """ARG defaults before the first FROM, and the (INSTRUCTION, rest) of each stage."""
+    text = re.sub(r"\\\n", " ", (DEPLOY / "Dockerfile").read_text())
+    args, stages = {}, []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        keyword, _, rest = line.partition(" ")
+        keyword, rest = keyword.upper(), rest.strip()
+        if keyword == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append((keyword, rest))
+        elif keyword == "ARG":
+            name, _, default = rest.partition("=")
+            args[name] = default
+    return args, stages
+
+
+def test_dockerfile_builds_a_slim_non_root_image():
+    args, stages = dockerfile_stages()
+    assert len(stages) >= 2, "multi-stage build"
+    bases = [re.sub(r"\$\{(\w+)\}", lambda m: args[m[1]], rest.split()[0])
+             for stage in stages for kw, rest in stage if kw == "FROM"]
+    assert bases[0] == bases[-1] == "python:3.11-slim"
+    build, final = stages[0], stages[-1]
+    assert any("grpc_tools.protoc" in rest and "protos/dworkers/v1/*.proto" in rest
+               for kw, rest in build if kw == "RUN")
+    final_text = " ".join(rest for _, rest in final)
+    assert "grpc" + "io-tools" not in final_text and "protoc" not in final_text
+    (entrypoint,) = [rest for kw, rest in final if kw == "ENTRYPOINT"]
+    assert json.loads(entrypoint) == ["dworkers"]
+    users = [rest.split(":")[0] for kw, rest in final if kw == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    exposed = {int(p) for kw, rest in final if kw == "EXPOSE" for p in rest.split()}
+    assert exposed == set(GRPC_PORTS.values()) | set(METRICS_PORTS.values())
+
+
+def test_dockerfile_copies_what_the_package_needs():
+    _, stages = dockerfile_stages()
+    sources = [rest.split()[:-1] for stage in stages for kw, rest in stage
+               if kw == "COPY" and not rest.startswith("--from")]
+    sources = {s.rstrip("/") for group in sources for s in group}
+    assert {"pyproject.toml", "protos", "services"} <= sources
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    # Files that the package metadata reads at build time must be copied too.
+    readme, license_ = project.get("readme"), project.get("license")
+    for needed in (readme.get("file") if isinstance(readme, dict) else readme,
+                   license_.get("file") if isinstance(license_, dict) else None):
+        assert needed is None or needed in sources, f"pyproject.toml needs {needed}; COPY it"
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+    for source in sources:
+        assert (ROOT / source).exists(), source
+        assert f"!{source}" in ignore, f"Dockerfile.dockerignore leaves out {source}"
