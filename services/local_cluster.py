@@ -73,14 +73,16 @@ def wait_serving(address: str, service: str = "", timeout: float = 30.0) -> bool
 
 class LocalCluster:
     def __init__(self, workdir: str | Path | None = None, root: str = "/dworkers",
-                 session_timeout: float = 4.0, log_to_files: bool = True, extra_env: dict | None = None):
+                 session_timeout: float = 4.0, log_to_files: bool = True, extra_env: dict | None = None,
+                 zookeeper: ZooKeeperServer | None = None):
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="dworkers-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.root = root
         self.session_timeout = session_timeout
         self.log_to_files = log_to_files
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
-        self.zookeeper = ZooKeeperServer(self.workdir / "zookeeper")
+        self.own_zookeeper = zookeeper is None
+        self.zookeeper = zookeeper or ZooKeeperServer(self.workdir / "zookeeper")
         self.services: list[Service] = []
         self._count = 0
 
@@ -147,4 +149,5 @@ class LocalCluster:
                 service.process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 service.kill()
-        self.zookeeper.stop()
+        if self.own_zookeeper:
+            self.zookeeper.stop()

@@ -74,8 +74,3 @@ def to_works(requests) -> list[work_pb2.Work]:
             raise InvalidWork(f"work_id {work.work_id!r} appears twice in one call")
         seen.add(work.work_id)
     return works
-
-
-def same_work(a: work_pb2.Work, b: work_pb2.Work) -> bool:
-    """Whether a resubmission matches the accepted work (then it is a duplicate)."""
-    return a.kind == b.kind and a.payload == b.payload

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dworkers.v1 import journal_pb2, master_pb2, work_pb2
-from services.common import validation
 from services.master.journal import GroupCommitter, Journal, JournalError
 from services.master.state import WorkState
 from services.master.workers import Slot, WorkerRegistry
@@ -164,13 +163,11 @@ class MasterCore:
         self.check_serving()
         duplicates, events = [], []
         for work in works:
-            known = self.state.work(work.work_id)
-            if known is None and work.work_id in self.state.finished:
-                known = work  # finished works keep no payload: the id decides
-            if known is not None and not validation.same_work(known, work):
+            if self.state.conflicts(work):
                 raise Conflict(f"work_id {work.work_id!r} was already accepted with a different kind or payload")
-            duplicates.append(known is not None)
-            if known is None:
+            known = self.state.is_known(work.work_id)
+            duplicates.append(known)
+            if not known:
                 events.append(journal_pb2.Event(work_accepted=journal_pb2.WorkAccepted(work=work)))
         if len(self.state.pending) + len(events) > self.settings.max_pending:
             raise Overloaded(f"{len(self.state.pending)} works are pending (limit {self.settings.max_pending}); retry later")

@@ -6,12 +6,18 @@ apply the same events through `apply` and reach the same state.
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from dworkers.v1 import journal_pb2, work_pb2
 
 TIMED_OUT_ERROR = "attempt timed out"
+
+
+def fingerprint(work: work_pb2.Work) -> bytes:
+    """Identifies a work's job (kind and payload) once its payload is dropped."""
+    return hashlib.blake2b(work.kind.encode() + b"\0" + work.payload, digest_size=16).digest()
 
 
 @dataclass(slots=True)
@@ -31,6 +37,7 @@ class WorkState:
         self.in_progress: dict[str, Entry] = {}
         self.finished: dict[str, work_pb2.WorkResult] = {}  # by work id
         self.results: OrderedDict[int, work_pb2.WorkResult] = OrderedDict()  # by sequence
+        self.fingerprints: dict[str, bytes] = {}  # of finished works, to tell a resubmission from a conflict
         self.next_sequence = 1
         self.forgotten_up_to = 0  # results up to here left the retention window
         self.done_count = 0
@@ -44,6 +51,14 @@ class WorkState:
 
     def is_known(self, work_id: str) -> bool:
         return work_id in self.pending or work_id in self.in_progress or work_id in self.finished
+
+    def conflicts(self, work: work_pb2.Work) -> bool:
+        """Whether a known id was accepted with a different kind or payload."""
+        known = self.work(work.work_id)
+        if known is not None:
+            return known.kind != work.kind or known.payload != work.payload
+        stored = self.fingerprints.get(work.work_id)
+        return stored is not None and stored != fingerprint(work)
 
     def work(self, work_id: str) -> work_pb2.Work | None:
         entry = self.pending.get(work_id) or self.in_progress.get(work_id)
@@ -127,6 +142,7 @@ class WorkState:
                 break
             del self.results[sequence]
             self.finished.pop(result.work_id, None)
+            self.fingerprints.pop(result.work_id, None)
         self.forgotten_up_to = max(self.forgotten_up_to, e.up_to_sequence)
 
     def _fail_attempt(self, work_id: str, error: str) -> work_pb2.WorkResult | None:
@@ -150,6 +166,7 @@ class WorkState:
         self.next_sequence += 1
         self.finished[finished.work_id] = finished
         self.results[finished.sequence] = finished
+        self.fingerprints[finished.work_id] = fingerprint(entry.work)
         return finished
 
     # --- snapshots ---------------------------------------------------------
@@ -166,6 +183,7 @@ class WorkState:
                     error=entry.error, worker_id=entry.worker_id, in_progress=in_progress,
                 )
         snapshot.results.extend(self.results.values())
+        snapshot.fingerprints.extend(self.fingerprints[r.work_id] for r in self.results.values())
         return snapshot
 
     @classmethod
@@ -179,7 +197,8 @@ class WorkState:
             entry = Entry(work=e.work, attempts=e.attempts, failures=e.failures,
                           error=e.error, worker_id=e.worker_id)
             (state.in_progress if e.in_progress else state.pending)[e.work.work_id] = entry
-        for result in snapshot.results:
+        for result, print_ in zip(snapshot.results, snapshot.fingerprints):
             state.results[result.sequence] = result
             state.finished[result.work_id] = result
+            state.fingerprints[result.work_id] = print_
         return state

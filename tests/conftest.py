@@ -1,0 +1,38 @@
+"""Fixtures: one real ZooKeeper server for the session (free port, temporary
+data dir); each cluster test gets its own ZooKeeper root and real processes."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from services.common.zkserver import ZooKeeperServer
+from services.local_cluster import LocalCluster
+
+
+@pytest.fixture(scope="session")
+def zookeeper(tmp_path_factory):
+    server = ZooKeeperServer(tmp_path_factory.mktemp("zookeeper")).start()
+    yield server
+    server.stop()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    setattr(item, "report_" + report.when, report)
+    return report
+
+
+@pytest.fixture
+def cluster(zookeeper, tmp_path, request):
+    c = LocalCluster(workdir=tmp_path, root=f"/test-{uuid.uuid4().hex[:8]}", session_timeout=2.0,
+                     zookeeper=zookeeper)
+    yield c
+    c.stop()
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        for service in c.services:
+            print(f"\n===== {service.role} pid {service.pid} {service.address} =====")
+            print(service.log()[-4000:])

@@ -1,0 +1,78 @@
+"""Test clients for a live cluster: submitting through a frontend and
+collecting the result stream."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import grpc
+
+from dworkers.v1 import frontend_pb2_grpc, work_pb2
+
+
+def frontend(address: str) -> frontend_pb2_grpc.FrontendStub:
+    return frontend_pb2_grpc.FrontendStub(grpc.insecure_channel(address))
+
+
+def submit_until_acked(stub, kind: str, payload: bytes, work_id: str | None = None, deadline: float = 60.0,
+                       **fields) -> work_pb2.SubmitWorkResponse:
+    """Submits like a well-behaved client: the same id again until acked."""
+    request = work_pb2.SubmitWorkRequest(work_id=work_id or str(uuid.uuid4()), kind=kind, payload=payload, **fields)
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            return stub.SubmitWork(request, timeout=10)
+        except grpc.RpcError as error:
+            if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    grpc.StatusCode.RESOURCE_EXHAUSTED) or time.monotonic() > end:
+                raise
+            time.sleep(0.1)
+
+
+class ResultCollector:
+    """Watches WatchResults from the start in a thread, reconnecting as a client would."""
+
+    def __init__(self, stub):
+        self.stub = stub
+        self.results: list[work_pb2.WorkResult] = []
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            after = self.results[-1].sequence if self.results else 0
+            stream = self.stub.WatchResults(work_pb2.WatchResultsRequest(after_sequence=after))
+            self._stream = stream
+            try:
+                for batch in stream:
+                    with self._cond:
+                        self.results.extend(batch.results)
+                        self._cond.notify_all()
+            except grpc.RpcError:
+                time.sleep(0.2)
+
+    def ids(self) -> list[str]:
+        with self._cond:
+            return [r.work_id for r in self.results]
+
+    def wait_for(self, work_ids, timeout: float) -> set[str]:
+        """Waits until every id has a result; returns the ids still missing."""
+        wanted = set(work_ids)
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                missing = wanted - {r.work_id for r in self.results}
+                remaining = end - time.monotonic()
+                if not missing or remaining <= 0:
+                    return missing
+                self._cond.wait(min(remaining, 0.5))
+
+    def stop(self) -> None:
+        self._stop.set()
+        stream = getattr(self, "_stream", None)
+        if stream is not None:
+            stream.cancel()

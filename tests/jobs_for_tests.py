@@ -1,0 +1,25 @@
+"""Jobs used by the tests, loaded into workers with --jobs tests.jobs_for_tests."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from services.worker.jobs import job
+
+
+@job("fail")
+def fail(payload: bytes) -> str:
+    """Always raises: poison work."""
+    raise RuntimeError(f"cannot handle {payload.decode(errors='replace')!r}")
+
+
+@job("hang_once")
+def hang_once(payload: bytes) -> str:
+    """Hangs the first time it runs (per marker file), then succeeds."""
+    marker = Path(payload.decode())
+    if not marker.exists():
+        marker.write_text(str(os.getpid()))
+        time.sleep(300)
+    return "finished"

@@ -1,0 +1,157 @@
+"""WorkState is pure: these tests need no ZooKeeper and no process."""
+
+from __future__ import annotations
+
+import random
+
+from dworkers.v1 import journal_pb2, work_pb2
+from services.master.state import TIMED_OUT_ERROR, WorkState
+
+
+def work(work_id: str, max_attempts: int = 3) -> work_pb2.Work:
+    return work_pb2.Work(work_id=work_id, kind="square", payload=work_id.encode(), max_attempts=max_attempts)
+
+
+def accepted(work_id: str, max_attempts: int = 3) -> journal_pb2.Event:
+    return journal_pb2.Event(work_accepted=journal_pb2.WorkAccepted(work=work(work_id, max_attempts)))
+
+
+def started(work_id: str, worker_id: str = "w1") -> journal_pb2.Event:
+    return journal_pb2.Event(work_started=journal_pb2.WorkStarted(work_id=work_id, worker_id=worker_id))
+
+
+def completed(work_id: str, result: bytes = b"ok") -> journal_pb2.Event:
+    return journal_pb2.Event(work_completed=journal_pb2.WorkCompleted(work_id=work_id, result=result))
+
+
+def failed(work_id: str, error: str = "boom") -> journal_pb2.Event:
+    return journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(work_id=work_id, error=error))
+
+
+def timed_out(work_id: str) -> journal_pb2.Event:
+    return journal_pb2.Event(worker_timed_out=journal_pb2.WorkerTimedOut(work_id=work_id))
+
+
+RESET = journal_pb2.Event(work_in_progress_reset=journal_pb2.WorkInProgressReset())
+
+
+def apply_all(events) -> WorkState:
+    state = WorkState()
+    for event in events:
+        state.apply(event)
+    return state
+
+
+def test_pending_queue_is_fifo_and_start_takes_the_head():
+    state = apply_all([accepted("a"), accepted("b"), accepted("c")])
+    assert list(state.pending) == ["a", "b", "c"]
+    state.apply(started(state.head()))
+    assert state.head() == "b"
+    assert state.status("a").state == work_pb2.IN_PROGRESS
+    assert state.status("a").attempts == 1
+
+
+def test_completion_numbers_results_in_order():
+    state = apply_all([accepted("a"), accepted("b"), started("a"), started("b"),
+                       completed("b", b"B"), completed("a", b"A")])
+    assert [(r.sequence, r.work_id, r.result) for r in state.results_after(0, 10)] == [(1, "b", b"B"), (2, "a", b"A")]
+    assert state.status("a").state == work_pb2.DONE and state.status("a").result == b"A"
+    assert not state.pending and not state.in_progress
+
+
+def test_accepting_a_known_id_changes_nothing():
+    state = apply_all([accepted("a"), started("a"), completed("a")])
+    state.apply(accepted("a"))
+    assert not state.pending and state.last_sequence == 1
+
+
+def test_failed_attempt_requeues_until_max_attempts_then_fails():
+    state = apply_all([accepted("p", max_attempts=2), started("p"), failed("p", "first")])
+    assert list(state.pending) == ["p"] and state.status("p").error == "first"
+    finished = [state.apply(e) for e in (started("p"), failed("p", "second"))][-1]
+    assert finished.state == work_pb2.FAILED and finished.error == "second" and finished.attempts == 2
+    assert state.status("p").state == work_pb2.FAILED
+
+
+def test_timeout_counts_as_a_failed_attempt():
+    state = apply_all([accepted("t", max_attempts=1), started("t"), timed_out("t")])
+    assert state.status("t").state == work_pb2.FAILED
+    assert state.status("t").error == TIMED_OUT_ERROR
+
+
+def test_reset_moves_in_progress_back_to_pending_without_counting_a_failure():
+    state = apply_all([accepted("a", max_attempts=1), accepted("b"), started("a"), RESET])
+    assert set(state.pending) == {"a", "b"} and not state.in_progress
+    state.apply(started("a"))
+    assert state.status("a").attempts == 2  # handed out twice, failed never
+
+
+def test_late_completion_after_reset_is_recorded_once():
+    state = apply_all([accepted("a"), started("a", "old-worker"), RESET])
+    assert state.apply(completed("a", b"late")).sequence == 1
+    assert state.apply(completed("a", b"again")) is None
+    assert state.last_sequence == 1 and not state.pending
+
+
+def test_stale_failure_of_a_requeued_work_is_ignored():
+    state = apply_all([accepted("a"), started("a"), timed_out("a")])
+    assert state.apply(failed("a")) is None  # it is pending, not in progress
+    assert list(state.pending) == ["a"]
+
+
+def test_forgetting_results_drops_their_ids():
+    state = apply_all([accepted("a"), accepted("b"), started("a"), completed("a"), started("b"), completed("b")])
+    state.apply(journal_pb2.Event(results_forgotten=journal_pb2.ResultsForgotten(up_to_sequence=1)))
+    assert not state.is_known("a") and state.is_known("b")
+    assert [r.work_id for r in state.results_after(0, 10)] == ["b"]
+
+
+def random_history(seed: int, count: int = 400) -> list[journal_pb2.Event]:
+    """A plausible event sequence, as a live master would produce it."""
+    rng = random.Random(seed)
+    state, events, next_id = WorkState(), [], 0
+
+    def emit(event):
+        events.append(event)
+        state.apply(event)
+
+    for _ in range(count):
+        roll = rng.random()
+        if roll < 0.3:
+            next_id += 1
+            emit(accepted(f"w{next_id}", max_attempts=rng.randint(1, 3)))
+        elif roll < 0.55 and state.pending:
+            emit(started(state.head(), f"worker{rng.randint(1, 4)}"))
+        elif roll < 0.75 and state.in_progress:
+            emit(completed(rng.choice(list(state.in_progress)), str(rng.random()).encode()))
+        elif roll < 0.85 and state.in_progress:
+            emit(failed(rng.choice(list(state.in_progress)), "error"))
+        elif roll < 0.92 and state.in_progress:
+            emit(timed_out(rng.choice(list(state.in_progress))))
+        elif roll < 0.95:
+            emit(RESET)
+        elif state.last_sequence > 5:
+            emit(journal_pb2.Event(results_forgotten=journal_pb2.ResultsForgotten(
+                up_to_sequence=state.last_sequence - 5)))
+    return events
+
+
+def test_replaying_a_recorded_history_gives_exactly_the_live_state():
+    for seed in range(20):
+        events = random_history(seed)
+        live = WorkState()
+        for event in events:
+            live.apply(event)
+        # What the journal stores is bytes: replay from serialized events.
+        replayed = apply_all(journal_pb2.Event.FromString(e.SerializeToString()) for e in events)
+        assert replayed.to_snapshot() == live.to_snapshot()
+        assert list(replayed.pending) == list(live.pending)
+
+
+def test_snapshot_round_trip_then_more_events_matches_full_replay():
+    events = random_history(7, 600)
+    middle = apply_all(events[:300])
+    restored = WorkState.from_snapshot(journal_pb2.Snapshot.FromString(middle.to_snapshot().SerializeToString()))
+    for event in events[300:]:
+        restored.apply(event)
+    assert restored.to_snapshot() == apply_all(events).to_snapshot()
