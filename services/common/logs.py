@@ -43,4 +43,5 @@ def setup(fmt: str = "text", level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    logging.getLogger("kazoo").setLevel(logging.WARNING)
+    for noisy in ("kazoo", "grpc", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

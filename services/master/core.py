@@ -179,6 +179,9 @@ class MasterCore:
             await self._durable(durable)
             if self.metrics:
                 self.metrics.accepted(len(events))
+            if log.isEnabledFor(logging.DEBUG):  # per-work lines only when asked for
+                for e in events:
+                    log.debug("accepted work", extra={"work_id": e.work_accepted.work.work_id, "epoch": self.epoch})
             self._announce_work()
         else:
             await self._durable(self.committer.barrier())  # an earlier accept may be in flight
@@ -241,7 +244,13 @@ class MasterCore:
         ]))
         if self.metrics:
             self.metrics.started(len(events))
-        durable.add_done_callback(lambda f: f.cancelled() or f.exception() or connection.send(works))
+        durable.add_done_callback(lambda f: f.cancelled() or f.exception() or self._hand_out(connection, works))
+
+    def _hand_out(self, connection, works: master_pb2.MasterMessage) -> None:
+        connection.send(works)
+        if log.isEnabledFor(logging.DEBUG):
+            for a in works.works.assignments:
+                log.debug("given to worker", extra={"work_id": a.work.work_id, "worker_id": a.worker_id})
 
     def work_done(self, connection, completions) -> None:
         events, acks, seen = [], [], set()

@@ -72,8 +72,11 @@ class Executor:
                 return Outcome(False, error=f"timed out after {timeout:g} s; executor killed",
                                seconds=time.perf_counter() - started)
             ok, value = self._connection.recv()
-        except (EOFError, OSError, BrokenPipeError):
-            code = self._process.exitcode if self._process is not None else None
+        except (EOFError, OSError, BrokenPipeError, AttributeError):
+            process = self._process
+            if process is not None:
+                process.join(timeout=1)
+            code = process.exitcode if process is not None else None
             self.close()
             return Outcome(False, error=f"executor process died (exit code {code})",
                            seconds=time.perf_counter() - started)
@@ -81,11 +84,12 @@ class Executor:
         return Outcome(True, result=value, seconds=seconds) if ok else Outcome(False, error=value, seconds=seconds)
 
     def close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
-        if self._process is not None:
-            if self._process.is_alive():
-                self._process.kill()
-            self._process.join(timeout=5)
-            self._process = None
+        """Kills the child (safe from any thread, any number of times)."""
+        connection, self._connection = self._connection, None
+        process, self._process = self._process, None
+        if connection is not None:
+            connection.close()
+        if process is not None:
+            if process.is_alive():
+                process.kill()
+            process.join(timeout=5)

@@ -58,7 +58,7 @@ class Slot:
                 return
             work = assignment.work
             timeout = assignment.timeout_seconds or self.worker.settings.default_timeout
-            log.debug("got work", extra={"work_id": work.work_id, "worker_id": self.worker_id})
+            log.info("got work", extra={"work_id": work.work_id, "worker_id": self.worker_id})
             outcome = self.executor.run(work.kind, work.payload, timeout)
             self.worker.metrics.executed(work.kind, "ok" if outcome.ok else "error", outcome.seconds)
             self.worker.finished(self, work.work_id, outcome)
