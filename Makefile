@@ -2,25 +2,31 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+TOOLS_STAMP := $(VENV)/.tools
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/dworkers/v1/*.proto)
 GEN_STAMP := gen/.generated
 
 .PHONY: setup proto run test test-fast bench chaos zookeeper clean
 
-setup: $(STAMP) $(GEN_STAMP) zookeeper
+setup: $(STAMP) zookeeper
 
-$(STAMP): pyproject.toml
+$(TOOLS_STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { scripts/ensure-packages.sh python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet 'grpcio-tools>=1.60'
 	@touch $@
 
-# Generated code lives in gen/ (never edited by hand, never committed).
+# Generated code lives in gen/ (never edited by hand, never committed). It
+# exists before the editable install, which maps gen/dworkers as a package.
 proto: $(GEN_STAMP)
-$(GEN_STAMP): $(PROTOS) $(STAMP)
+$(GEN_STAMP): $(PROTOS) $(TOOLS_STAMP)
 	@mkdir -p gen
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=gen --pyi_out=gen --grpc_python_out=gen $(PROTOS)
+	@touch $@
+
+$(STAMP): pyproject.toml $(GEN_STAMP)
+	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $@
 
 zookeeper:
