@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/dworkers/v1/*.proto)
 GEN_STAMP := gen/.generated
 
-.PHONY: setup proto run test test-fast bench chaos zookeeper clean
+.PHONY: setup proto run test bench chaos zookeeper test-tools clean
 
 setup: $(STAMP) zookeeper
 
@@ -35,7 +35,7 @@ zookeeper:
 run: setup
 	$(VENV)/bin/dworkers demo
 
-test: setup
+test: setup test-tools
 	$(PY) -m pytest -q tests
 
 bench: setup
@@ -46,3 +46,7 @@ chaos: setup
 
 clean:
 	rm -rf $(VENV) gen .run *.egg-info
+
+# Prometheus and promtool for the metrics test (Debian's package).
+test-tools:
+	@scripts/ensure-test-tools.sh

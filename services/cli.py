@@ -26,6 +26,9 @@ def run_master(args) -> None:
         zk=args.zk, root=args.root, listen=args.listen, advertise=args.advertise,
         metrics_port=args.metrics_port, session_timeout=args.session_timeout,
         work_timeout=args.work_timeout, worker_timeout=args.worker_timeout, max_pending=args.max_pending,
+        snapshot_every=args.snapshot_every, snapshot_interval=args.snapshot_interval,
+        retention_count=args.retention_count, retention_seconds=args.retention_seconds,
+        subscriber_timeout=args.subscriber_timeout,
     ))
     asyncio.run(node.run())
 
@@ -111,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     add(p, "--work-timeout", 30.0, type=float, help="default seconds a work attempt may run before it is re-queued")
     add(p, "--worker-timeout", 15.0, type=float, help="seconds a silent worker slot is kept")
     add(p, "--max-pending", 1_000_000, type=int, help="pending works beyond which submissions are refused")
+    add(p, "--snapshot-every", 50_000, type=int, help="journal events between snapshots")
+    add(p, "--snapshot-interval", 60.0, type=float, help="seconds between snapshots (when anything changed)")
+    add(p, "--retention-count", 100_000, type=int, help="finished results kept at most (their ids stay deduplicated while kept)")
+    add(p, "--subscriber-timeout", 30.0, type=float, help="a result subscriber that reads nothing this long is dropped")
+    add(p, "--retention-seconds", 3600.0, type=float, help="finished results older than this are forgotten")
     p.set_defaults(func=run_master)
 
     p = sub.add_parser("worker", help="run a worker process with N worker slots",

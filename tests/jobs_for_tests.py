@@ -23,3 +23,9 @@ def hang_once(payload: bytes) -> str:
         marker.write_text(str(os.getpid()))
         time.sleep(300)
     return "finished"
+
+
+@job("blob")
+def blob(payload: bytes) -> bytes:
+    """A result of the given number of bytes (to fill a subscriber's buffers)."""
+    return b"r" * int(payload.decode())

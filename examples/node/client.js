@@ -203,8 +203,10 @@ function watchUntilDone(grpc, client, afterSequence, pending, deadlineAt, timeou
       const reopen = (reason) => {
         if (settled || stream !== call) return;
         call = null;
+        if (attempt === 0) {
+          process.stderr.write(`warning: result stream broke (${reason}); resuming after sequence ${cursor}\n`);
+        }
         const delay = backoff(attempt++);
-        process.stderr.write(`warning: result stream broke (${reason}); resuming after sequence ${cursor}\n`);
         setTimeout(open, delay);
       };
       stream.on("error", (err) => {
@@ -212,7 +214,7 @@ function watchUntilDone(grpc, client, afterSequence, pending, deadlineAt, timeou
         const code = codeName(grpc, err);
         if (code === "CANCELLED" && stream !== call) return;
         if (RETRYABLE.has(code) || code === "UNKNOWN" || code === "INTERNAL") {
-          reopen(`${code}: ${oneLine(err.details || "")}`);
+          reopen(describe(grpc, "WatchResults", err));
         } else {
           finish(new ClientError(describe(grpc, "WatchResults", err)));
         }

@@ -19,7 +19,7 @@ from kazoo.exceptions import KazooException, NoNodeError
 
 from dworkers.v1 import master_pb2_grpc, work_pb2
 from services.common import zk
-from services.common.wire import CHANNEL_OPTIONS, EPOCH_KEY, MASTER_KEY, metadata_value
+from services.common.wire import CHANNEL_OPTIONS, EPOCH_KEY, MASTER_KEY, UNREACHABLE_KEY, metadata_value
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +39,30 @@ class ZooKeeperLocator:
         self._cond = threading.Condition()
         self._children: list[str] = []
         self._resolved: tuple[str, str] | None = None  # (znode, address)
+        self._listeners: list = []
         client.ensure_path(self.path)
         client.ChildrenWatch(self.path, self._on_children)
 
     def _on_children(self, children) -> None:
         with self._cond:
+            before = self._children[0] if self._children else None
             self._children = sorted(children, key=zk.election_sequence)
+            after = self._children[0] if self._children else None
             self._cond.notify_all()
+            listeners = list(self._listeners) if before != after else []
+        for listener in listeners:
+            listener()
+
+    def on_change(self, listener) -> None:
+        """Calls `listener()` (from ZooKeeper's thread; keep it short) whenever
+        the oldest backend changes: streams to the old one should end."""
+        with self._cond:
+            self._listeners.append(listener)
+
+    def remove_listener(self, listener) -> None:
+        with self._cond:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
 
     def current(self, timeout: float) -> tuple[str, int]:
         deadline = time.monotonic() + timeout
@@ -96,6 +113,12 @@ class StaticLocator:
     def hint(self, address: str) -> None:
         self._hinted = address
 
+    def on_change(self, listener) -> None:
+        pass  # no watch: a dead master's streams end by keepalive
+
+    def remove_listener(self, listener) -> None:
+        pass
+
     def invalidate(self, address: str) -> None:
         if self._hinted == address:
             self._hinted = None
@@ -104,9 +127,12 @@ class StaticLocator:
 
 
 class MasterProxy:
-    def __init__(self, locator, timeout: float = 10.0):
+    def __init__(self, locator, timeout: float = 10.0, attempt_timeout: float = 3.0):
         self.locator = locator
         self.timeout = timeout
+        # A paused or cut-off master must not eat the whole deadline: each
+        # attempt gets at most this long, then the call is retried (calls are idempotent).
+        self.attempt_timeout = attempt_timeout
         self.highest_epoch = 0
         self._stubs: dict[str, master_pb2_grpc.MasterStub] = {}
         self._channels: dict[str, grpc.Channel] = {}
@@ -139,6 +165,8 @@ class MasterProxy:
         """Whether a failed call may be retried elsewhere (and where)."""
         if error.code() not in RETRYABLE:
             return False
+        if metadata_value(error.trailing_metadata(), UNREACHABLE_KEY):
+            return False  # ZooKeeper is out of reach: no master can accept now
         hint = metadata_value(error.trailing_metadata(), MASTER_KEY)
         if error.code() == grpc.StatusCode.FAILED_PRECONDITION and hint is None:
             return False  # a real precondition failure, not a standby
@@ -156,10 +184,12 @@ class MasterProxy:
             if remaining <= 0:
                 raise NoMaster(f"no master answered in time ({last})")
             address, _ = self.locator.current(remaining)
+            attempt = min(remaining, self.attempt_timeout)
             try:
-                response, call = getattr(self.stub(address), method).with_call(request, timeout=remaining)
+                response, call = getattr(self.stub(address), method).with_call(request, timeout=attempt)
             except grpc.RpcError as error:
-                if not self._retry_hint(error, address):
+                timed_out = error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and attempt < remaining
+                if not timed_out and not self._retry_hint(error, address):
                     raise
                 last = f"{address}: {error.code().name}: {error.details()}"
                 time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
@@ -186,6 +216,7 @@ class MasterProxy:
             except NoMaster:
                 raise
             stream = self.stub(address).WatchResults(work_pb2.WatchResultsRequest(after_sequence=cursor))
+            self.locator.on_change(stream.cancel)  # the master moved: resume from the new one
             try:
                 for response in stream:
                     if not self.observe_epoch(response.epoch):
@@ -196,11 +227,13 @@ class MasterProxy:
                         cursor = fresh[-1].sequence
                         yield work_pb2.WatchResultsResponse(results=fresh, epoch=response.epoch)
             except grpc.RpcError as error:
-                if error.code() == grpc.StatusCode.CANCELLED:
+                moved = self.locator.current(reconnect_timeout)[0] != address
+                if error.code() == grpc.StatusCode.CANCELLED and not moved:
                     return
-                if not self._retry_hint(error, address) and error.code() != grpc.StatusCode.UNKNOWN:
+                if not moved and not self._retry_hint(error, address) and error.code() != grpc.StatusCode.UNKNOWN:
                     raise
             finally:
+                self.locator.remove_listener(stream.cancel)
                 stream.cancel()
             broken_since = broken_since or time.monotonic()
             time.sleep(delay)

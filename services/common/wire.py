@@ -2,6 +2,7 @@
 
 EPOCH_KEY = "dworkers-epoch"  # the master's epoch, on every reply
 MASTER_KEY = "dworkers-master"  # a standby's hint: the active master's address
+UNREACHABLE_KEY = "dworkers-zookeeper-unreachable"  # retrying elsewhere cannot help: fail fast
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a batch of works fits in one message
 
 SERVER_OPTIONS = [

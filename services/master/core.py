@@ -13,12 +13,12 @@ import asyncio
 import itertools
 import logging
 import time
-from collections import defaultdict
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from dworkers.v1 import journal_pb2, master_pb2, work_pb2
-from services.master.journal import GroupCommitter, Journal, JournalError
+from services.master.journal import FencedError, GroupCommitter, Journal, JournalError
 from services.master.state import WorkState
 from services.master.workers import Slot, WorkerRegistry
 
@@ -36,6 +36,10 @@ class Overloaded(Exception):
     """Too much pending work: the client should back off."""
 
 
+class Forgotten(Exception):
+    """The results asked for fell out of the retention window."""
+
+
 class Conflict(Exception):
     """A known work id was submitted again with a different job."""
 
@@ -45,6 +49,25 @@ class CoreSettings:
     work_timeout: float = 30.0  # default per attempt
     worker_timeout: float = 15.0  # a slot silent this long is dropped
     max_pending: int = 1_000_000
+    snapshot_every: int = 50_000  # events between snapshots
+    snapshot_interval: float = 60.0  # seconds between snapshots (if anything changed)
+    retention_count: int = 100_000  # finished results kept (the deduplication window)...
+    retention_seconds: float = 3600.0  # ...and for at least this long, unless over the count
+
+
+def recover_state(journal: Journal) -> tuple[WorkState, int, int]:
+    """Rebuilds WorkState from the latest snapshot and the batches after it.
+    Returns the state, the last position it covers and the events replayed."""
+    state, position, count = WorkState(), -1, 0
+    snapshot = journal.read_snapshot()
+    if snapshot is not None:
+        position, data = snapshot
+        state = WorkState.from_snapshot(journal_pb2.Snapshot.FromString(data))
+    for position, batch in journal.read(after=position):
+        for event in batch.events:
+            state.apply(event)
+            count += 1
+    return state, position, count
 
 
 class MasterCore:
@@ -63,6 +86,10 @@ class MasterCore:
         self._results_ready = asyncio.Event()
         self.committer: GroupCommitter | None = None
         self._ticker: asyncio.Task | None = None
+        self._finished_at: deque[tuple[int, float]] = deque()  # (sequence, when) for retention by age
+        self._events_since_snapshot = 0
+        self._last_snapshot = time.monotonic()
+        self._snapshotting = False
 
     # --- life --------------------------------------------------------------
 
@@ -70,10 +97,13 @@ class MasterCore:
         """Replays the journal, then resets work in progress (durably)."""
         started = time.monotonic()
         loop = asyncio.get_running_loop()
-        count = await loop.run_in_executor(None, self._replay)
+        self.state, position, count = await loop.run_in_executor(None, recover_state, self.journal)
         self.durable_sequence = self.state.last_sequence
+        now = time.monotonic()
+        self._finished_at.extend((s, now) for s in self.state.results)  # ages restart at recovery
         self.committer = GroupCommitter(self.journal, self.epoch, self._journal_failed,
                                         on_batch=self.metrics and self.metrics.journal_batch)
+        self.committer.last_position = position
         if self.state.in_progress:
             await self._record([journal_pb2.Event(work_in_progress_reset=journal_pb2.WorkInProgressReset())])
         self._ticker = asyncio.create_task(self._tick_forever())
@@ -82,14 +112,6 @@ class MasterCore:
                  extra={"epoch": self.epoch})
         if self.metrics:
             self.metrics.recovered(time.monotonic() - started)
-
-    def _replay(self) -> int:
-        count = 0
-        for _position, batch in self.journal.read():
-            for event in batch.events:
-                self.state.apply(event)
-                count += 1
-        return count
 
     def close(self, reason: str) -> None:
         if self.closed is not None:
@@ -130,11 +152,13 @@ class MasterCore:
         """Queues events for the journal and applies them; the future says
         when they are durable. Results they finish are published then."""
         durable = self.committer.append(events)  # raises before any change when it refuses
+        self._events_since_snapshot += len(events)
         last = 0
         for event in events:
             result = self.state.apply(event)
             if result is not None:
                 last = result.sequence
+                self._finished_at.append((last, time.monotonic()))
                 if self.metrics:
                     self.metrics.finished(result.state)
         if last:
@@ -198,10 +222,13 @@ class MasterCore:
         while True:
             if self.closed is not None:
                 raise NotServing(self.closed)
+            if cursor and cursor < self.state.forgotten_up_to:
+                raise Forgotten(f"results up to sequence {self.state.forgotten_up_to} left the retention "
+                                f"window; resume after it (asked for after {cursor})")
             if cursor < self.durable_sequence:
                 limit = min(self.durable_sequence - cursor, RESULTS_PER_MESSAGE)
                 batch = self.state.results_after(cursor, limit)
-                cursor = batch[-1].sequence if batch else max(cursor, self.state.forgotten_up_to)
+                cursor = batch[-1].sequence if batch else self.durable_sequence
                 if batch:
                     yield batch
                 continue
@@ -340,6 +367,51 @@ class MasterCore:
         if events:
             self._record(events)
             self._announce_work()
+        self._forget_old_results(now)
+        if not self._snapshotting and self._events_since_snapshot and (
+                self._events_since_snapshot >= self.settings.snapshot_every
+                or now - self._last_snapshot >= self.settings.snapshot_interval):
+            self._snapshotting = True
+            asyncio.create_task(self.snapshot())
+
+    def _forget_old_results(self, now: float) -> None:
+        """Keeps finished results (and so their ids' deduplication) within the
+        retention window: by count, and by age."""
+        cutoff = self.state.last_sequence - self.settings.retention_count
+        horizon = now - self.settings.retention_seconds
+        while self._finished_at and (self._finished_at[0][0] <= cutoff or self._finished_at[0][1] < horizon):
+            cutoff = max(cutoff, self._finished_at.popleft()[0])
+        cutoff = min(cutoff, self.durable_sequence)
+        if cutoff > self.state.forgotten_up_to:
+            self._record([journal_pb2.Event(results_forgotten=journal_pb2.ResultsForgotten(up_to_sequence=cutoff))])
+
+    async def snapshot(self) -> int:
+        """Writes a snapshot of the state and compacts the journal it covers.
+        Returns the position covered."""
+        self._snapshotting = True
+        try:
+            covered = self.committer.cut()
+            snapshot = self.state.to_snapshot()  # the state as of the cut: same loop step
+            self._events_since_snapshot = 0
+            self._last_snapshot = time.monotonic()
+            position = await covered
+            started = time.monotonic()
+            await asyncio.get_running_loop().run_in_executor(None, self._store_snapshot, position, snapshot)
+            log.info("snapshot at journal position %d: %d pending, %d results, %.2f s", position,
+                     len(snapshot.entries), len(snapshot.results), time.monotonic() - started,
+                     extra={"epoch": self.epoch})
+            return position
+        except JournalError as exc:
+            if isinstance(exc, FencedError):
+                self._journal_failed(exc)
+            log.warning("snapshot failed: %s", exc, extra={"epoch": self.epoch})
+            raise
+        finally:
+            self._snapshotting = False
+
+    def _store_snapshot(self, position: int, snapshot: journal_pb2.Snapshot) -> None:
+        self.journal.write_snapshot(position, snapshot.SerializeToString())
+        self.journal.compact()
 
     def counts(self) -> dict:
         return {

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 # every batch well below it.
 MAX_BATCH_BYTES = 900_000
 BATCH_PREFIX = "b-"
+SNAPSHOT_PREFIX = "s-"
+DELETES_PER_TXN = 200
 
 
 class JournalError(Exception):
@@ -43,11 +45,25 @@ class FencedError(JournalError):
 class Journal(ABC):
     @abstractmethod
     def append(self, batch: journal_pb2.JournalBatch) -> concurrent.futures.Future:
-        """Appends one batch, fenced; the future resolves once it is durable."""
+        """Appends one batch, fenced; the future resolves to its position once durable."""
 
     @abstractmethod
     def read(self, after: int = -1) -> Iterator[tuple[int, journal_pb2.JournalBatch]]:
         """Yields (position, batch) in order for positions above `after`."""
+
+    @abstractmethod
+    def write_snapshot(self, position: int, data: bytes) -> None:
+        """Stores a snapshot of the state after batch `position` (fenced); once
+        this returns, recovery starts from it."""
+
+    @abstractmethod
+    def read_snapshot(self) -> tuple[int, bytes] | None:
+        """The latest complete snapshot as (position, data), or None."""
+
+    @abstractmethod
+    def compact(self) -> int:
+        """Deletes the batches and older snapshots the latest snapshot covers
+        (fenced); returns how many znodes were deleted."""
 
 
 def position_of(name: str) -> int:
@@ -55,22 +71,46 @@ def position_of(name: str) -> int:
 
 
 class ZooKeeperJournal(Journal):
+    """Batches are sequential znodes under `path`; snapshots live under
+    `path`-snapshots/s-<position> (split into chunk znodes), and the pointer
+    znode `path`-snapshots-latest names the latest complete one. A crash
+    between any two steps leaves a state that replays: an unfinished snapshot
+    is not pointed to, and batches are deleted only after the pointer moved
+    past them."""
+
     def __init__(self, client: KazooClient, path: str, fence_path: str | None = None,
                  read_parallelism: int = 64):
         self.client = client
         self.path = path.rstrip("/")
+        self.snapshots = self.path + "-snapshots"
+        self.pointer = self.snapshots + "-latest"
         self.fence_path = fence_path
         self.read_parallelism = read_parallelism
-        client.ensure_path(self.path)
+        for node in (self.path, self.snapshots, self.pointer):
+            client.ensure_path(node)
+
+    # --- fenced writes -----------------------------------------------------
+
+    def _txn(self):
+        txn = self.client.transaction()
+        if self.fence_path is not None:
+            txn.check(self.fence_path, version=0)
+        return txn
+
+    def _commit(self, txn, what: str) -> list:
+        outcome = txn.commit()
+        if any(isinstance(r, Exception) for r in outcome):
+            if self.fence_path is not None and not isinstance(outcome[0], bool):
+                raise FencedError(f"{what}: election znode is gone: this master was deposed")
+            raise JournalError(f"{what} failed: {outcome!r}")
+        return outcome
 
     def append(self, batch: journal_pb2.JournalBatch) -> concurrent.futures.Future:
         data = batch.SerializeToString()
         if len(data) > MAX_BATCH_BYTES + 100_000:
             raise JournalError(f"journal batch of {len(data)} bytes exceeds ZooKeeper's node limit")
         future: concurrent.futures.Future = concurrent.futures.Future()
-        txn = self.client.transaction()
-        if self.fence_path is not None:
-            txn.check(self.fence_path, version=0)
+        txn = self._txn()
         txn.create(f"{self.path}/{BATCH_PREFIX}", data, sequence=True)
         try:
             result = txn.commit_async()
@@ -80,19 +120,68 @@ class ZooKeeperJournal(Journal):
         result.rawlink(lambda r: _settle(future, r, self.fence_path is not None))
         return future
 
+    def write_snapshot(self, position: int, data: bytes) -> None:
+        base = f"{self.snapshots}/{SNAPSHOT_PREFIX}{position:020d}"
+        chunks = [data[i:i + MAX_BATCH_BYTES] for i in range(0, len(data), MAX_BATCH_BYTES)] or [b""]
+        txn = self._txn()
+        txn.create(base, b"")
+        self._commit(txn, "snapshot")
+        for i, chunk in enumerate(chunks):  # one chunk per request keeps each under the limit
+            txn = self._txn()
+            txn.create(f"{base}/c-{i:06d}", chunk)
+            self._commit(txn, "snapshot chunk")
+        txn = self._txn()
+        txn.set_data(self.pointer, f"{position}:{len(chunks)}".encode())
+        self._commit(txn, "snapshot pointer")
+
+    def compact(self) -> int:
+        latest = self._pointer()
+        if latest is None:
+            return 0
+        doomed = [f"{self.path}/{n}" for n in self._batches() if position_of(n) <= latest[0]]
+        for name in self.client.get_children(self.snapshots):
+            if name.startswith(SNAPSHOT_PREFIX) and position_of(name) != latest[0]:
+                base = f"{self.snapshots}/{name}"
+                doomed += [f"{base}/{c}" for c in sorted(self.client.get_children(base))] + [base]
+        for start in range(0, len(doomed), DELETES_PER_TXN):
+            txn = self._txn()
+            for path in doomed[start:start + DELETES_PER_TXN]:
+                txn.delete(path)
+            self._commit(txn, "compaction")
+        return len(doomed)
+
+    # --- reads ---------------------------------------------------------------
+
+    def _get_all(self, paths: list[str]) -> Iterator[bytes]:
+        # One round trip per znode is the cost: fetch a window at once.
+        for start in range(0, len(paths), self.read_parallelism):
+            requests = [self.client.get_async(p) for p in paths[start:start + self.read_parallelism]]
+            for request in requests:
+                yield request.get(timeout=30)[0]
+
+    def _batches(self) -> list[str]:
+        return sorted((n for n in self.client.get_children(self.path) if n.startswith(BATCH_PREFIX)),
+                      key=position_of)
+
+    def _pointer(self) -> tuple[int, int] | None:
+        data, _ = self.client.get(self.pointer)
+        if not data:
+            return None
+        position, chunks = data.decode().split(":")
+        return int(position), int(chunks)
+
     def read(self, after: int = -1) -> Iterator[tuple[int, journal_pb2.JournalBatch]]:
-        names = sorted(
-            (n for n in self.client.get_children(self.path) if n.startswith(BATCH_PREFIX)),
-            key=position_of,
-        )
-        names = [n for n in names if position_of(n) > after]
-        # Fetch a window of znodes at once: one round trip each is the cost.
-        for start in range(0, len(names), self.read_parallelism):
-            window = names[start:start + self.read_parallelism]
-            requests = [self.client.get_async(f"{self.path}/{n}") for n in window]
-            for name, request in zip(window, requests):
-                data, _stat = request.get(timeout=30)
-                yield position_of(name), journal_pb2.JournalBatch.FromString(data)
+        names = [n for n in self._batches() if position_of(n) > after]
+        for name, data in zip(names, self._get_all([f"{self.path}/{n}" for n in names])):
+            yield position_of(name), journal_pb2.JournalBatch.FromString(data)
+
+    def read_snapshot(self) -> tuple[int, bytes] | None:
+        latest = self._pointer()
+        if latest is None:
+            return None
+        position, count = latest
+        base = f"{self.snapshots}/{SNAPSHOT_PREFIX}{position:020d}"
+        return position, b"".join(self._get_all([f"{base}/c-{i:06d}" for i in range(count)]))
 
 
 def _settle(future: concurrent.futures.Future, result, fenced: bool) -> None:
@@ -137,6 +226,7 @@ class GroupCommitter:
         self._sealed: deque[tuple[list, list]] = deque()
         self._in_flight = 0
         self._last: asyncio.Future | None = None
+        self.last_position = -1  # of the newest durable batch
         self.paused = False
         self.failed: Exception | None = None
 
@@ -171,6 +261,17 @@ class GroupCommitter:
                 done.set_exception(JournalError(str(self.failed)))
             else:
                 done.set_result(None)
+            return done
+        return asyncio.shield(self._last)
+
+    def cut(self) -> asyncio.Future:
+        """Ends the current batch here; the future resolves to the position
+        of the batch holding everything appended so far, once durable. A
+        snapshot taken now covers the journal up to that position."""
+        self._seal()
+        if self._last is None or self._last.done() and self.failed is None:
+            done = self.loop.create_future()
+            done.set_result(self.last_position)
             return done
         return asyncio.shield(self._last)
 
@@ -222,9 +323,11 @@ class GroupCommitter:
             return
         if self.on_batch is not None:
             self.on_batch(count, self.loop.time() - started)
+        position = f.result()
+        self.last_position = max(self.last_position, position)
         for waiter in waiters:
             if not waiter.done():
-                waiter.set_result(None)
+                waiter.set_result(position)
         self._pump()
 
     def _fail(self, exc: Exception, waiters: list[asyncio.Future]) -> None:

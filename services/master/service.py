@@ -11,8 +11,8 @@ import grpc
 
 from dworkers.v1 import master_pb2, master_pb2_grpc, work_pb2
 from services.common import validation
-from services.common.wire import EPOCH_KEY, MASTER_KEY
-from services.master.core import Conflict, MasterCore, NotServing, Overloaded
+from services.common.wire import EPOCH_KEY, MASTER_KEY, UNREACHABLE_KEY
+from services.master.core import Conflict, Forgotten, MasterCore, NotServing, Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,9 @@ class MasterService(master_pb2_grpc.MasterServicer):
         try:
             core.check_serving()
         except NotServing as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"master cannot serve now: {exc}")
+            paused = core.committer is not None and core.committer.paused
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"master cannot serve now: {exc}",
+                                trailing_metadata=((UNREACHABLE_KEY, "1"),) if paused else ())
         context.set_trailing_metadata(((EPOCH_KEY, str(core.epoch)),))
         return core
 
@@ -108,7 +110,18 @@ class MasterService(master_pb2_grpc.MasterServicer):
         core = await self._core(context)
         try:
             async for batch in core.results(request.after_sequence):
-                yield work_pb2.WatchResultsResponse(results=batch, epoch=core.epoch)
+                # Flow control bounds what a slow subscriber holds; one that
+                # stops reading is dropped rather than kept forever.
+                limit = self.node.settings.subscriber_timeout
+                try:
+                    await asyncio.wait_for(context.write(work_pb2.WatchResultsResponse(results=batch, epoch=core.epoch)),
+                                           limit)
+                except asyncio.TimeoutError:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                        f"result subscriber read nothing for {limit:g} s: dropped; "
+                                        f"resume with after_sequence={batch[0].sequence - 1}")
+        except Forgotten as exc:
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
         except NotServing as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"result stream ended: {exc}")
 

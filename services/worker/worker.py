@@ -150,6 +150,7 @@ class Worker:
         timer = threading.Thread(target=self._timers, args=(outbox,), daemon=True)
         stream = self.proxy.stub(address).Connect(self._outgoing(outbox))
         self._stream = stream
+        self.proxy.locator.on_change(stream.cancel)  # the master moved: reconnect at once
         timer.start()
         try:
             for message in stream:
@@ -157,6 +158,7 @@ class Worker:
                     continue  # a deposed master's late message
                 self._handle(message)
         finally:
+            self.proxy.locator.remove_listener(stream.cancel)
             self._outbox = None
             outbox.put(None)
             stream.cancel()

@@ -1,0 +1,209 @@
+"""Faults injected into real processes: every acked work finishes exactly
+once, through paused masters, killed workers and frontends, hung executors,
+slow subscribers and a ZooKeeper restart."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+import uuid
+from collections import Counter
+
+import grpc
+import pytest
+
+from dworkers.v1 import work_pb2
+from services.common import zk
+from services.local_cluster import LocalCluster, wait_serving
+from services.master.journal import ZooKeeperJournal
+from tests.helpers import ResultCollector, frontend, submit_until_acked
+
+
+class Producer:
+    """Submits works in a thread until stopped; remembers which were acked."""
+
+    def __init__(self, stub, kind: str = "square", payload: bytes = b"3", prefix: str = "p"):
+        self.stub, self.kind, self.payload, self.prefix = stub, kind, payload, prefix
+        self.acked: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            response = submit_until_acked(self.stub, self.kind, self.payload, f"{self.prefix}-{n}", deadline=90)
+            self.acked.append(response.work_id)
+            time.sleep(0.01)
+
+    def stop(self) -> list[str]:
+        self._stop.set()
+        self._thread.join(timeout=100)
+        return self.acked
+
+
+def assert_exactly_once(results: ResultCollector, acked: list[str], timeout: float = 60) -> None:
+    assert not results.wait_for(acked, timeout=timeout), "acked works never finished"
+    time.sleep(0.5)
+    counts = Counter(results.ids())
+    assert [i for i, c in counts.items() if c > 1] == [], "a work finished twice"
+    assert set(counts) == set(acked), "a result for a work that was never acked"
+
+
+def journal_epochs(cluster) -> list[int]:
+    client = zk.connect(cluster.zk)
+    try:
+        journal = ZooKeeperJournal(client, zk.Paths(cluster.root).journal)
+        return [batch.epoch for _, batch in journal.read()]
+    finally:
+        client.stop()
+        client.close()
+
+
+def test_a_paused_master_is_fenced_and_rejoins_as_standby(cluster):
+    old = cluster.start_master(wait=True)
+    new = cluster.start_master(wait=True)
+    cluster.start_worker(2)
+    stub = frontend(cluster.start_frontend().address)
+    results = ResultCollector(stub)
+    time.sleep(1.0)
+    producer = Producer(stub)
+    time.sleep(1.0)
+    assert cluster.active_master() is old
+    old.signal(signal.SIGSTOP)  # past its 2 s session: the standby takes over
+    try:
+        assert wait_serving(new.address, "dworkers.v1.Master", timeout=20)
+        time.sleep(1.0)
+    finally:
+        old.signal(signal.SIGCONT)
+    time.sleep(3.0)  # the old master wakes up believing it leads, until ZooKeeper tells it
+    acked = producer.stop()
+    assert len(acked) > 20
+    assert_exactly_once(results, acked)
+    assert old.alive(), "the deposed master should stay up as a standby"
+    assert not wait_serving(old.address, "dworkers.v1.Master", timeout=1)
+    assert cluster.active_master() is new
+    epochs = journal_epochs(cluster)
+    assert epochs == sorted(epochs), "a deposed master appended after its successor"
+    assert len(set(epochs)) >= 2
+    results.stop()
+
+
+def test_kill_9_of_a_worker_mid_job_requeues_its_work(cluster):
+    cluster.start_master(wait=True)
+    doomed = cluster.start_worker(1)
+    stub = frontend(cluster.start_frontend().address)
+    results = ResultCollector(stub)
+    time.sleep(1.5)
+    response = submit_until_acked(stub, "sleep", b"3")
+    time.sleep(1.0)  # it is running on the only worker
+    doomed.kill()
+    cluster.start_worker(1)
+    assert not results.wait_for([response.work_id], timeout=30)
+    assert results.results[0].state == work_pb2.DONE and results.results[0].attempts == 2
+    results.stop()
+
+
+def test_a_hung_executor_is_killed_and_the_work_retried(cluster, tmp_path):
+    cluster.start_master(wait=True)
+    cluster.start_worker(1, "--jobs", "tests.jobs_for_tests")
+    stub = frontend(cluster.start_frontend().address)
+    results = ResultCollector(stub)
+    time.sleep(1.5)
+    response = submit_until_acked(stub, "hang_once", str(tmp_path / "marker").encode(), timeout_seconds=1.5)
+    assert not results.wait_for([response.work_id], timeout=30)
+    result = results.results[0]
+    assert result.state == work_pb2.DONE and result.attempts == 2
+    results.stop()
+
+
+def test_a_client_retrying_through_another_frontend_gets_one_work(cluster):
+    cluster.start_master(wait=True)
+    cluster.start_worker(2)
+    first, second = cluster.start_frontend(), cluster.start_frontend()
+    stub_a, stub_b = frontend(first.address), frontend(second.address)
+    results = ResultCollector(stub_b)
+    time.sleep(1.0)
+    ids = [f"retry-{n}" for n in range(60)]
+    killer = threading.Timer(0.3, first.kill)
+    killer.start()
+    for work_id in ids:
+        request = work_pb2.SubmitWorkRequest(work_id=work_id, kind="square", payload=b"2")
+        try:
+            stub_a.SubmitWork(request, timeout=5)
+        except grpc.RpcError:
+            pass  # the frontend died: was it accepted? the client cannot know
+        # so it retries the same id through the other frontend
+        submit_until_acked(stub_b, "square", b"2", work_id)
+    killer.join()
+    assert not first.alive()
+    assert_exactly_once(results, ids)
+    results.stop()
+
+
+def test_a_subscriber_that_stops_reading_is_dropped(cluster):
+    master = cluster.start_master(None, "--subscriber-timeout", "2", wait=True)
+    cluster.start_worker(2, "--jobs", "tests.jobs_for_tests")
+    stub = frontend(cluster.start_frontend().address)
+    time.sleep(1.5)
+    from dworkers.v1 import master_pb2_grpc
+
+    channel = grpc.insecure_channel(master.address)
+    stalled = master_pb2_grpc.MasterStub(channel).WatchResults(work_pb2.WatchResultsRequest())
+    reader = ResultCollector(stub)
+    ids = [submit_until_acked(stub, "blob", b"200000").work_id for _ in range(60)]  # 12 MB of results
+    assert not reader.wait_for(ids, timeout=60)  # others are not held up by it
+    time.sleep(4.0)
+    with pytest.raises(grpc.RpcError) as error:
+        for _ in stalled:
+            pass
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "read nothing" in error.value.details()
+    reader.stop()
+    channel.close()
+
+
+def test_max_pending_sheds_load_with_resource_exhausted(cluster):
+    cluster.start_master(None, "--max-pending", "5", wait=True)
+    worker = cluster.start_worker(1)
+    stub = frontend(cluster.start_frontend().address)
+    time.sleep(1.0)
+    worker.stop()  # kinds stay declared; nothing drains the queue
+    for n in range(5):
+        submit_until_acked(stub, "square", str(n).encode(), f"q{n}")
+    with pytest.raises(grpc.RpcError) as error:
+        stub.SubmitWork(work_pb2.SubmitWorkRequest(work_id="q5", kind="square", payload=b"5"), timeout=10)
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    info = stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=10)
+    assert info.pending == 5
+
+
+def test_zookeeper_restart_while_work_flows(tmp_path):
+    cluster = LocalCluster(workdir=tmp_path, root=f"/zk-restart-{uuid.uuid4().hex[:6]}", session_timeout=4.0)
+    cluster.start_zookeeper()
+    try:
+        cluster.start_master(wait=True)
+        cluster.start_master(wait=True)
+        cluster.start_worker(2)
+        stub = frontend(cluster.start_frontend().address)
+        results = ResultCollector(stub)
+        time.sleep(1.0)
+        producer = Producer(stub, prefix="zk")
+        time.sleep(1.5)
+        cluster.zookeeper.stop(kill=True)
+        time.sleep(1.0)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as error:
+            stub.SubmitWork(work_pb2.SubmitWorkRequest(kind="square", payload=b"1"), timeout=20)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - started < 12, "submissions should fail fast while ZooKeeper is down"
+        cluster.zookeeper.start()
+        time.sleep(3.0)
+        acked = producer.stop()
+        after = [submit_until_acked(stub, "square", b"4", f"after-{n}", deadline=60).work_id for n in range(10)]
+        assert_exactly_once(results, acked + after, timeout=90)
+        results.stop()
+    finally:
+        cluster.stop()
