@@ -126,6 +126,12 @@ class LocalCluster:
             raise RuntimeError(f"frontend {address} did not start:\n{service.log()[-3000:]}")
         return service
 
+    def restart(self, service: Service) -> Service:
+        """Starts a new process in the same role, with the same arguments and address."""
+        replacement = self._spawn(service.role, service.args, service.address)
+        self.services.remove(service)
+        return replacement
+
     def masters(self) -> list[Service]:
         return [s for s in self.services if s.role == "master" and s.alive()]
 

@@ -1,0 +1,198 @@
+"""Chaos: a load of works while random masters, workers and frontends are
+killed, stopped and paused, and ZooKeeper restarts once. Then: the acked
+works are exactly the finished works in the result stream, none twice, and a
+fresh replay of the journal gives the live master's results.
+
+CI runs a bounded version; `make chaos` sets DWORKERS_CHAOS_SECONDS=300."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+import uuid
+from collections import Counter
+
+import grpc
+import pytest
+
+from dworkers.v1 import work_pb2
+from services.common import zk
+from services.local_cluster import LocalCluster, wait_serving
+from services.master.core import recover_state
+from services.master.journal import ZooKeeperJournal
+from tests.helpers import frontend
+
+CHAOS_SECONDS = float(os.environ.get("DWORKERS_CHAOS_SECONDS", "40"))
+SESSION_TIMEOUT = 2.0
+
+
+class Clients:
+    """Producers and a subscriber that move to another frontend when one dies."""
+
+    def __init__(self, cluster: LocalCluster, producers: int = 3):
+        self.cluster = cluster
+        self.acked: list[str] = []
+        self.results: list[work_pb2.WorkResult] = []
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._produce, args=(i,), daemon=True) for i in range(producers)]
+        self.threads.append(threading.Thread(target=self._subscribe, daemon=True))
+        for thread in self.threads:
+            thread.start()
+
+    def _frontends(self):
+        return [s for s in self.cluster.services if s.role == "frontend" and s.alive()]
+
+    def _produce(self, index: int) -> None:
+        n = 0
+        while not self.stopping.is_set():
+            n += 1
+            request = work_pb2.SubmitWorkRequest(work_id=f"c{index}-{n}", kind="square", payload=str(n).encode())
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:  # the same id again, through any frontend, until acked
+                candidates = self._frontends()
+                if not candidates:
+                    time.sleep(0.1)
+                    continue
+                try:
+                    frontend(random.choice(candidates).address).SubmitWork(request, timeout=5)
+                    with self.lock:
+                        self.acked.append(request.work_id)
+                    break
+                except grpc.RpcError:
+                    time.sleep(0.05)
+            time.sleep(random.uniform(0, 0.02))
+
+    def _subscribe(self) -> None:
+        while True:
+            candidates = self._frontends()
+            if not candidates:
+                time.sleep(0.1)
+                continue
+            after = self.results[-1].sequence if self.results else 0
+            stream = frontend(random.choice(candidates).address).WatchResults(
+                work_pb2.WatchResultsRequest(after_sequence=after))
+            try:
+                for batch in stream:
+                    with self.lock:
+                        self.results.extend(r for r in batch.results
+                                            if not self.results or r.sequence > self.results[-1].sequence)
+            except grpc.RpcError:
+                time.sleep(0.1)
+
+    def stop_producing(self) -> list[str]:
+        self.stopping.set()
+        for thread in self.threads[:-1]:
+            thread.join(timeout=150)
+        return list(self.acked)
+
+    def wait_results(self, ids: set[str], timeout: float) -> set[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                missing = ids - {r.work_id for r in self.results}
+            if not missing:
+                return missing
+            time.sleep(0.2)
+        return missing
+
+
+class Chaos:
+    def __init__(self, cluster: LocalCluster, seed: int):
+        self.cluster = cluster
+        self.random = random.Random(seed)
+        self.faults: Counter = Counter()
+
+    def _pick(self, role: str):
+        alive = [s for s in self.cluster.services if s.role == role and s.alive()]
+        return self.random.choice(alive) if alive else None
+
+    def _heal(self) -> None:
+        """Replaces dead processes, as a supervisor (or Kubernetes) would."""
+        for service in list(self.cluster.services):
+            if not service.alive():
+                self.cluster.restart(service)
+
+    def inject(self) -> None:
+        fault = self.random.choice(["kill_master", "term_master", "pause_master", "kill_worker", "kill_frontend"])
+        role = fault.split("_")[1]
+        victim = self.cluster.active_master(timeout=30) if role == "master" else self._pick(role)
+        if victim is None:
+            return
+        if fault.startswith("kill"):
+            victim.kill()
+        elif fault == "term_master":
+            victim.stop()
+        else:  # paused past its session: deposed while it sleeps
+            victim.signal(signal.SIGSTOP)
+            time.sleep(SESSION_TIMEOUT + 1.0)
+            victim.signal(signal.SIGCONT)
+        self.faults[fault] += 1
+
+    def restart_zookeeper(self) -> None:
+        self.cluster.zookeeper.stop(kill=True)
+        time.sleep(1.0)
+        self.cluster.zookeeper.start()
+        self.faults["restart_zookeeper"] += 1
+
+    def run(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        zookeeper_at = time.monotonic() + seconds / 2
+        while time.monotonic() < end:
+            time.sleep(self.random.uniform(1.5, 3.5))
+            if zookeeper_at and time.monotonic() >= zookeeper_at:
+                self.restart_zookeeper()
+                zookeeper_at = 0
+            else:
+                self.inject()
+            self._heal()
+
+
+@pytest.mark.timeout(CHAOS_SECONDS + 420)
+def test_chaos(tmp_path):
+    cluster = LocalCluster(workdir=tmp_path, root=f"/chaos-{uuid.uuid4().hex[:6]}", session_timeout=SESSION_TIMEOUT)
+    cluster.start_zookeeper()
+    try:
+        for _ in range(2):
+            cluster.start_master(wait=True)
+        for _ in range(2):
+            cluster.start_worker(2)
+        for _ in range(2):
+            cluster.start_frontend()
+        time.sleep(1.5)
+        clients = Clients(cluster)
+        chaos = Chaos(cluster, seed=int(os.environ.get("DWORKERS_CHAOS_SEED", time.time())))
+        chaos.run(CHAOS_SECONDS)
+        acked = clients.stop_producing()
+        missing = clients.wait_results(set(acked), timeout=120)
+        time.sleep(1.0)
+        with clients.lock:
+            streamed = list(clients.results)
+        counts = Counter(r.work_id for r in streamed)
+        duplicated = sorted(i for i, c in counts.items() if c > 1)
+        unacked = sorted(set(counts) - set(acked))
+        print(f"\nchaos: works={len(acked)} faults={sum(chaos.faults.values())} ({dict(chaos.faults)}) "
+              f"lost={len(missing)} duplicated={len(duplicated)} seconds={CHAOS_SECONDS:g}")
+        assert not missing, f"acked works lost: {sorted(missing)[:10]}"
+        assert not duplicated, f"works finished twice: {duplicated[:10]}"
+        assert not unacked, f"results for works never acked: {unacked[:10]}"
+        assert [r.sequence for r in streamed] == sorted(r.sequence for r in streamed)
+
+        # A fresh replay of the journal gives what the live master streamed.
+        master = cluster.active_master(timeout=30)
+        assert wait_serving(master.address, "dworkers.v1.Master")
+        client = zk.connect(cluster.zk)
+        try:
+            state, _, _ = recover_state(ZooKeeperJournal(client, zk.Paths(cluster.root).journal))
+        finally:
+            client.stop()
+            client.close()
+        replayed = {s: r.work_id for s, r in state.results.items()}
+        assert replayed == {r.sequence: r.work_id for r in streamed if r.sequence in replayed}
+        assert set(replayed) == {r.sequence for r in streamed}
+        assert not state.pending and not state.in_progress
+    finally:
+        cluster.stop()
