@@ -26,6 +26,7 @@ class Service:
     address: str = ""
     log_path: Path | None = None
     args: list[str] = field(default_factory=list)
+    prefix: tuple[str, ...] = ()  # e.g. ("ip", "netns", "exec", NAME) to run it in a network namespace
 
     @property
     def pid(self) -> int:
@@ -94,24 +95,25 @@ class LocalCluster:
         self.zookeeper.start()
         return self
 
-    def _spawn(self, role: str, args: list[str], address: str = "") -> Service:
+    def _spawn(self, role: str, args: list[str], address: str = "", prefix: tuple[str, ...] = ()) -> Service:
         self._count += 1
-        command = [sys.executable, "-m", "services.cli", role, "--zk", self.zk, "--root", self.root, *args]
+        command = [*prefix, sys.executable, "-m", "services.cli", role, "--zk", self.zk, "--root", self.root, *args]
         log_path = self.workdir / f"{role}-{self._count}.log" if self.log_to_files else None
         out = open(log_path, "ab") if log_path else None
         process = subprocess.Popen(command, stdout=out or None, stderr=subprocess.STDOUT if out else None,
                                    stdin=subprocess.DEVNULL, env=self.env, cwd=Path(__file__).resolve().parent.parent)
         if out:
             out.close()
-        service = Service(role, process, address, log_path, args)
+        service = Service(role, process, address, log_path, args, prefix)
         self.services.append(service)
         return service
 
-    def start_master(self, port: int | None = None, *args: str, wait: bool = False) -> Service:
+    def start_master(self, port: int | None = None, *args: str, wait: bool = False, host: str = "127.0.0.1",
+                     prefix: tuple[str, ...] = ()) -> Service:
         port = port or free_port()
-        address = f"127.0.0.1:{port}"
+        address = f"{host}:{port}"
         service = self._spawn("master", ["--listen", address, "--metrics-port", "0",
-                                         "--session-timeout", str(self.session_timeout), *args], address)
+                                         "--session-timeout", str(self.session_timeout), *args], address, prefix)
         if wait and not wait_serving(address):
             raise RuntimeError(f"backend {address} did not start:\n{service.log()[-3000:]}")
         return service
@@ -128,7 +130,7 @@ class LocalCluster:
 
     def restart(self, service: Service) -> Service:
         """Starts a new process in the same role, with the same arguments and address."""
-        replacement = self._spawn(service.role, service.args, service.address)
+        replacement = self._spawn(service.role, service.args, service.address, service.prefix)
         self.services.remove(service)
         return replacement
 

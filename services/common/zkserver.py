@@ -27,10 +27,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def four_letter_word(port: int, word: str, timeout: float = 1.0) -> str:
+def four_letter_word(port: int, word: str, timeout: float = 1.0, host: str = "127.0.0.1") -> str:
     """Sends a ZooKeeper four-letter command; returns its answer ('' if none)."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        with socket.create_connection((host, port), timeout=timeout) as s:
             s.sendall(word.encode())
             chunks = []
             while True:
@@ -47,15 +47,17 @@ class ZooKeeperServer:
     """One standalone server: start(), stop() (kill -9 or clean), restart on
     the same data dir, and hosts for clients."""
 
-    def __init__(self, workdir: str | Path, port: int | None = None, tick_ms: int = 500):
+    def __init__(self, workdir: str | Path, port: int | None = None, tick_ms: int = 500,
+                 address: str = "127.0.0.1"):
         self.workdir = Path(workdir)
+        self.address = address
         self.port = port or free_port()
         self.tick_ms = tick_ms
         self.process: subprocess.Popen | None = None
 
     @property
     def hosts(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.address}:{self.port}"
 
     def _write_config(self) -> Path:
         data = self.workdir / "data"
@@ -64,7 +66,7 @@ class ZooKeeperServer:
         cfg.write_text(
             f"tickTime={self.tick_ms}\n"
             f"dataDir={data}\n"
-            "clientPortAddress=127.0.0.1\n"
+            f"clientPortAddress={self.address}\n"
             f"clientPort={self.port}\n"
             # sessions from 2 ticks up to 60 s
             f"maxSessionTimeout=60000\n"
@@ -99,7 +101,7 @@ class ZooKeeperServer:
                 raise RuntimeError(
                     f"ZooKeeper exited with {self.process.returncode}; see {self.workdir / 'zookeeper.log'}"
                 )
-            if "Mode: standalone" in four_letter_word(self.port, "srvr"):
+            if "Mode: standalone" in four_letter_word(self.port, "srvr", host=self.address):
                 return self
             time.sleep(0.1)
         self.stop()

@@ -65,23 +65,20 @@ class Election:
     def resign(self) -> None:
         """Leaves the election: deletes this backend's znode so a standby takes over now."""
         self._stopped.set()
-        self._wake.set()
-        node, self.node = self.node, None
-        if node is not None:
-            try:
-                self.client.delete(node)
-            except KazooException:
-                pass
+        self._drop_node()
         self._thread.join(timeout=5)
 
     def rejoin(self) -> None:
         """Drops this backend's znode and joins again at the back of the line."""
+        self._drop_node()
+
+    def _drop_node(self) -> None:
         node, self.node = self.node, None
         if node is not None:
             try:
                 self.client.delete(node)
             except KazooException:
-                pass
+                pass  # gone already, or the session is: either way it is not ours
         self._wake.set()
 
     def _on_state(self, state: str) -> None:
