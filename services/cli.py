@@ -85,7 +85,8 @@ def run_frontend(args) -> None:
     serve_metrics(args.metrics_port)
     master_proxy, _client = _proxy(args)
     master_proxy.timeout = args.call_timeout
-    serve(master_proxy, FrontendSettings(listen=args.listen, call_timeout=args.call_timeout))
+    serve(master_proxy, FrontendSettings(listen=args.listen, call_timeout=args.call_timeout,
+                                         threads=args.threads, max_watchers=args.max_watchers))
 
 
 def run_demo(args) -> None:
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(p, "--listen", "0.0.0.0:7000", help="gRPC address to listen on")
     add(p, "--metrics-port", 9102, type=int, help="Prometheus /metrics port (0: off)")
     add(p, "--call-timeout", 10.0, type=float, help="seconds a call may wait for a master")
+    add(p, "--threads", 64, type=int, help="threads serving unary calls")
+    add(p, "--max-watchers", 32, type=int, help="WatchResults streams served at once (beyond: RESOURCE_EXHAUSTED)")
     p.set_defaults(func=run_frontend)
 
     p = sub.add_parser("demo", help="run a local demo cluster (ZooKeeper, 2 masters, workers, a frontend, a producer and a consumer)",

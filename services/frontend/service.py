@@ -28,7 +28,9 @@ SERVICE_NAME = "dworkers.v1.Frontend"
 class FrontendSettings:
     listen: str = "0.0.0.0:7000"
     call_timeout: float = 10.0  # the longest a call waits for a master
-    threads: int = 64
+    threads: int = 64  # for unary calls
+    max_watchers: int = 32  # result streams at once; each holds a thread
+    queued_calls: int = 256  # calls waiting for a thread before RESOURCE_EXHAUSTED
     shutdown_grace: float = 5.0
 
 
@@ -36,6 +38,8 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
     def __init__(self, proxy: MasterProxy, settings: FrontendSettings):
         self.proxy = proxy
         self.settings = settings
+        # Result streams are long-lived: bound them so unary calls keep threads.
+        self._watchers = threading.BoundedSemaphore(settings.max_watchers)
 
     def _forward(self, method: str, request, context):
         remaining = context.time_remaining()
@@ -73,6 +77,11 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         return self._forward("ClusterInfo", request, context)
 
     def WatchResults(self, request, context):
+        if not self._watchers.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"this frontend already serves {self.settings.max_watchers} result streams; "
+                          "use another frontend or retry later")
+        context.add_callback(self._watchers.release)
         results = self.proxy.watch_results(request.after_sequence)
         try:
             for batch in results:
@@ -81,14 +90,17 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
                 yield batch
         except NoMaster as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except grpc.RpcError as error:  # e.g. OUT_OF_RANGE: pass the master's answer on
+            context.abort(error.code(), error.details())
         finally:
             results.close()
 
 
 def serve(proxy: MasterProxy, settings: FrontendSettings, ready: threading.Event | None = None) -> None:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.threads),
+    threads = settings.threads + settings.max_watchers
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads),
                          interceptors=[SyncMetricsInterceptor()], options=SERVER_OPTIONS,
-                         maximum_concurrent_rpcs=settings.threads * 16)
+                         maximum_concurrent_rpcs=threads + settings.queued_calls)
     frontend_pb2_grpc.add_FrontendServicer_to_server(FrontendService(proxy, settings), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

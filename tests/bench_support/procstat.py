@@ -96,8 +96,9 @@ class CpuMeter:
     start and at stop) between start() and stop(), and by the whole machine:
     what is left is other load on the machine (noise)."""
 
-    def __init__(self, groups: dict[str, Iterable[int]]):
+    def __init__(self, groups: dict[str, Iterable[int]], exact: Iterable[str] = ()):
         self.groups = {name: list(pids) for name, pids in groups.items()}
+        self.exact = set(exact)  # groups counted without their descendants
         self._start: dict[str, dict[int, float]] = {}
         self.seconds = 0.0
         self.used: dict[str, float] = {}
@@ -107,7 +108,10 @@ class CpuMeter:
         tree = children_map()
         sample = {}
         for name, roots in self.groups.items():
-            pids = {p for root in roots for p in descendants(root, tree)}
+            if name in self.exact:
+                pids = set(roots)
+            else:
+                pids = {p for root in roots for p in descendants(root, tree)}
             sample[name] = {p: cpu_seconds(p) for p in pids}
         return sample
 

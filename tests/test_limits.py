@@ -1,0 +1,116 @@
+"""Bounded state and resources: retention, snapshots that keep ZooKeeper
+small, many concurrent streams, and contact points instead of ZooKeeper."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from dworkers.v1 import work_pb2
+from services.common import zk
+from tests.helpers import ResultCollector, frontend, submit_until_acked
+
+
+def znode_count(cluster, path: str) -> int:
+    client = zk.connect(cluster.zk)
+    try:
+        def count(p):
+            return 1 + sum(count(f"{p}/{c}") for c in client.get_children(p))
+        return count(path)
+    finally:
+        client.stop()
+        client.close()
+
+
+def test_an_endless_stream_of_work_keeps_memory_and_zookeeper_bounded(cluster):
+    cluster.start_master(None, "--retention-count", "50", "--snapshot-every", "300", "--snapshot-interval", "1",
+                         wait=True)
+    cluster.start_worker(2)
+    stub = frontend(cluster.start_frontend().address)
+    results = ResultCollector(stub)
+    time.sleep(1.0)
+    sizes = []
+    for round_ in range(4):
+        batch = work_pb2.SubmitWorksRequest(works=[
+            work_pb2.SubmitWorkRequest(work_id=f"r{round_}-{n}", kind="square", payload=b"6") for n in range(400)])
+        ids = [w.work_id for w in stub.SubmitWorks(batch, timeout=30).works]
+        assert not results.wait_for(ids, timeout=60)
+        time.sleep(2.5)  # a snapshot and a compaction
+        sizes.append(znode_count(cluster, cluster.root))
+    assert max(sizes[1:]) <= sizes[0] + 10, f"ZooKeeper grows with history: {sizes}"
+    info = stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=10)
+    assert info.last_sequence == 1600
+    # Past the retention window an id is forgotten: it may be submitted as new work.
+    with pytest.raises(grpc.RpcError) as error:
+        stub.GetWork(work_pb2.GetWorkRequest(work_id="r0-0"), timeout=10)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert not submit_until_acked(stub, "square", b"6", "r0-0").duplicate
+    assert submit_until_acked(stub, "square", b"6", "r3-399").duplicate  # still inside the window
+    # A subscriber asking for forgotten results is told so.
+    with pytest.raises(grpc.RpcError) as error:
+        next(iter(stub.WatchResults(work_pb2.WatchResultsRequest(after_sequence=5), timeout=10)))
+    assert error.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    results.stop()
+
+
+def test_a_restarted_master_recovers_from_a_snapshot(cluster):
+    first = cluster.start_master(None, "--snapshot-every", "100", "--snapshot-interval", "1", wait=True)
+    cluster.start_master(wait=True)
+    cluster.start_worker(1)
+    stub = frontend(cluster.start_frontend().address)
+    results = ResultCollector(stub)
+    time.sleep(1.0)
+    ids = [submit_until_acked(stub, "square", str(n).encode(), f"s{n}").work_id for n in range(150)]
+    assert not results.wait_for(ids, timeout=60)
+    time.sleep(2.0)
+    first.kill()
+    new = cluster.active_master(timeout=30)
+    assert "recovered" in new.log()
+    status = stub.GetWork(work_pb2.GetWorkRequest(work_id="s7"), timeout=15)
+    assert status.state == work_pb2.DONE and status.result == b"7 * 7 = 49"
+    assert submit_until_acked(stub, "square", b"7", "s7").duplicate
+    results.stop()
+
+
+def test_many_concurrent_result_streams_are_bounded(cluster):
+    cluster.start_master(wait=True)
+    cluster.start_worker(1)
+    front = cluster.start_frontend(None, "--max-watchers", "8")
+    channel = grpc.insecure_channel(front.address)
+    stub = frontend(front.address)
+    time.sleep(1.0)
+    streams = [stub.WatchResults(work_pb2.WatchResultsRequest()) for _ in range(200)]
+    refused = 0
+    submit_until_acked(stub, "square", b"2", "one")
+    for stream in streams:
+        try:
+            next(stream)
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            refused += 1
+    assert refused >= 150
+    # unary calls still have threads
+    assert stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=10).last_sequence >= 0
+    for stream in streams:
+        stream.cancel()
+    assert front.alive()
+    channel.close()
+
+
+def test_workers_and_frontends_find_the_master_from_contact_points(cluster):
+    active = cluster.start_master(wait=True)
+    standby = cluster.start_master(wait=True)
+    time.sleep(0.5)
+    contacts = f"{standby.address},{active.address}"  # the standby first: it points to the master
+    cluster.start_worker(1)  # declares kinds through ZooKeeper
+    time.sleep(1.0)
+    cluster.services[-1].stop()
+    cluster.start_worker(1, "--masters", contacts)
+    stub = frontend(cluster.start_frontend(None, "--masters", contacts).address)
+    response = submit_until_acked(stub, "square", b"11")
+    results = ResultCollector(stub)
+    assert not results.wait_for([response.work_id], timeout=30)
+    assert results.results[0].result == b"11 * 11 = 121"
+    results.stop()
