@@ -1,5 +1,6 @@
 #!/bin/sh
-# Installs the tools the metrics test needs (tests/test_metrics.py):
+# Installs the Node.js example's packages, and the tools the metrics test
+# needs (tests/test_metrics.py):
 # promtool and prometheus, from Debian's prometheus package, when promtool is
 # missing. Quick and silent when they are already there.
 #
@@ -14,6 +15,13 @@
 #   - on a machine running systemd, the prometheus unit is disabled
 #     afterwards so it does not start at the next boot either.
 set -e
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+
+# The Node.js client example's packages (tests/test_node_client.py).
+if command -v npm >/dev/null 2>&1 && [ ! -d "$ROOT/examples/node/node_modules/@grpc" ]; then
+    (cd "$ROOT/examples/node" && npm ci --no-audit --no-fund --loglevel=error) || echo "npm ci failed: the Node.js client test will install or skip" >&2
+fi
+
 if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then exit 0; fi
 echo "promtool/prometheus not found: installing Debian's prometheus package" >&2
 

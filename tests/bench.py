@@ -1,0 +1,787 @@
+"""The benchmark: `python -m tests.bench` (or `make bench BENCH_ARGS=...`).
+
+Starts local clusters (one ZooKeeper for the whole run, one cluster per
+scenario under its own ZooKeeper root, real processes) and prints a table of
+figures beside their targets on stdout (with --json, one JSON object);
+progress goes to stderr. Every wait has a deadline and every cluster is
+stopped (by the PIDs it started) whatever happens.
+
+Scenarios (--only NAME[,NAME]):
+  submit     accepted works/s: SubmitWork from 16 threads; SubmitWorks of 500 from 4 threads (no workers)
+  e2e        20,000 `square` works, 2 worker processes, a few concurrencies: first submit -> last result streamed
+  roundtrip  200 works one at a time, each awaited on an open WatchResults stream: p50 / p99
+  failover   steady submit load; kill -9 the active master, then SIGTERM the next: time until submits succeed
+  replay     100,000 pending works; SIGTERM the master: the standby's recovery time (and `memory`:
+             master RSS per pending work)
+  scale      1,000 worker slots on one master: idle master CPU, dispatch latency p99 under load
+
+The machine has 2 cores and may be shared: every scenario reports the CPU its
+processes used and the rest of the machine's load ("other") beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from kazoo.client import KazooClient
+
+from dworkers.v1 import work_pb2
+from services.common import zk as zkpaths
+from services.common.zkserver import ZooKeeperServer
+from services.local_cluster import LocalCluster, Service, wait_serving
+from tests.bench_support import clients, procstat, profiling
+from tests.bench_support.clients import Subscriber, Submitters, percentile
+
+SCENARIOS = ("submit", "e2e", "roundtrip", "failover", "replay", "scale")
+ALIASES = {"memory": "replay", "rtt": "roundtrip"}
+SESSION_TIMEOUT = 4.0  # the master's default --session-timeout
+MASTER_SERVICE = "dworkers.v1.Master"
+
+# Peers measured on this machine (/work/shared/reference/measurements.md).
+PEERS = {"dramatiq_e2e": 480, "celery_e2e": 310, "dramatiq_enqueue": 3160, "celery_enqueue": 780}
+
+
+class Skip(Exception):
+    pass
+
+
+def _fmt(value, unit: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if unit == "works/s":
+        return f"{value:,.0f} works/s"
+    if unit == "ms":
+        return f"{value:.1f} ms"
+    if unit == "s":
+        return f"{value:.2f} s"
+    if unit == "%":
+        return f"{value:.2f} %"
+    if unit == "B":
+        return f"{value:,.0f} B"
+    return f"{value} {unit}".strip()
+
+
+class HealthWatch:
+    """Polls a backend's health for dworkers.v1.Master every 10 ms in a thread;
+    remembers when it first said SERVING."""
+
+    def __init__(self, address: str, timeout: float):
+        self.address = address
+        self.serving_at: float | None = None
+        self._end = time.monotonic() + timeout
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="healthwatch")
+        self._thread.start()
+
+    def _run(self) -> None:
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while not self._stop.is_set() and time.monotonic() < self._end:
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=MASTER_SERVICE), timeout=0.5)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        self.serving_at = time.monotonic()
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.01)
+
+    def wait(self, timeout: float) -> float | None:
+        self._thread.join(timeout)
+        self._stop.set()
+        return self.serving_at
+
+
+def outage(calls, t_event: float) -> tuple[float, float, float] | None:
+    """The largest gap between consecutive acks that ends after t_event:
+    (recovered seconds after t_event, gap seconds, first ack after)."""
+    ends = sorted(t1 for _, t1, _ in calls if t1 >= t_event - 2.0)
+    before = [e for e in ends if e <= t_event]
+    prev = before[-1] if before else t_event
+    best = None
+    for e in ends:
+        if e <= prev:
+            continue
+        if e > t_event and (best is None or e - prev > best[1]):
+            best = (e - t_event, e - prev, e)
+        prev = e
+    return best
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.quick = args.quick
+        self.t_start = time.monotonic()
+        self.budget_end = self.t_start + args.budget
+        self.own_workdir = args.workdir is None
+        self.workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dworkers-bench-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.zookeeper: ZooKeeperServer | None = None
+        self.kz: KazooClient | None = None
+        self.clusters: list[LocalCluster] = []
+        self.rows: list[dict] = []
+        self.details: dict = {}
+        self.notes: list[str] = []
+        self.profiles: dict = {}
+        self.failed: dict[str, str] = {}
+
+    # --- plumbing ---------------------------------------------------------
+
+    def log(self, message: str) -> None:
+        print(f"[bench {time.monotonic() - self.t_start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    def remaining(self) -> float:
+        return self.budget_end - time.monotonic()
+
+    def row(self, key: str, label: str, value, unit: str, target: float | None = None, op: str = "",
+            note: str = "") -> None:
+        met = None
+        if target is not None and value is not None and not (isinstance(value, float) and math.isnan(value)):
+            met = {">=": value >= target, "<=": value <= target, "<": value < target}[op]
+        target_text = "" if target is None else f"{op} {_fmt(target, unit)}"
+        self.rows.append({"key": key, "label": label, "value": value, "unit": unit, "target": target,
+                          "op": op, "target_text": target_text, "met": met, "note": note})
+
+    @contextlib.contextmanager
+    def cluster(self, name: str):
+        root = f"/bench-{name}-{uuid.uuid4().hex[:6]}"
+        cluster = LocalCluster(workdir=self.workdir / name, root=root, session_timeout=SESSION_TIMEOUT,
+                               zookeeper=self.zookeeper)
+        self.clusters.append(cluster)
+        # Workers declare their kinds; scenarios without workers need `square` declared.
+        self.kz.ensure_path(f"{zkpaths.Paths(root).kinds}/square")
+        try:
+            yield cluster
+        finally:
+            self.log(f"{name}: stopping its cluster")
+            cluster.stop()
+            self.clusters.remove(cluster)
+
+    def stop_all(self) -> None:
+        for cluster in list(self.clusters):
+            with contextlib.suppress(Exception):
+                cluster.stop()
+        self.clusters.clear()
+        if self.kz is not None:
+            with contextlib.suppress(Exception):
+                self.kz.stop()
+                self.kz.close()
+            self.kz = None
+        if self.zookeeper is not None:
+            with contextlib.suppress(Exception):
+                self.zookeeper.stop()
+        if self.own_workdir and not self.args.keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def cpu_meter(self, cluster: LocalCluster) -> procstat.CpuMeter:
+        groups: dict[str, list[int]] = {}
+        for s in cluster.services:
+            if s.alive():
+                groups.setdefault(s.role, []).append(s.pid)
+        groups["zookeeper"] = [self.zookeeper.process.pid]
+        groups["bench"] = [os.getpid()]
+        return procstat.CpuMeter(groups, exact=("bench",))
+
+    def start_zookeeper(self) -> None:
+        self.log("starting ZooKeeper")
+        self.zookeeper = ZooKeeperServer(self.workdir / "zookeeper").start()
+        self.kz = KazooClient(hosts=self.zookeeper.hosts, timeout=10.0)
+        self.kz.start(timeout=30)
+        # A cold JVM is about 2x slower for its first ~20 s: warm it up with writes.
+        seconds = 2.0 if self.quick else 6.0
+        self.log(f"warming ZooKeeper up for {seconds:g} s")
+        self.kz.ensure_path("/warmup")
+        end, n, big = time.monotonic() + seconds, 0, b"x" * 200_000
+        while time.monotonic() < end:
+            pending = [self.kz.create_async("/warmup/n-", b"x" * 200, sequence=True) for _ in range(200)]
+            txn = self.kz.transaction()
+            txn.create("/warmup/b-", big, sequence=True)
+            pending.append(txn.commit_async())
+            for p in pending:
+                p.get(timeout=30)
+            n += len(pending)
+        self.details["zookeeper_warmup_writes"] = n
+
+    def frontend_stub(self, frontend: Service):
+        channel, stub = clients.stub(frontend.address)
+        return stub
+
+    def wait_workers(self, stub, count: int, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        seen = 0
+        while time.monotonic() < end:
+            try:
+                seen = len(stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=5).workers)
+                if seen >= count:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"only {seen} of {count} worker slots registered within {timeout:.0f} s")
+
+    def last_sequence(self, stub) -> int:
+        return stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=10).last_sequence
+
+    def warm_up(self, stub, count: int, timeout: float = 60.0) -> None:
+        """Runs `count` works end to end (starts executors, connections, code paths)."""
+        sub = Subscriber(stub, self.last_sequence(stub), record_ids=False)
+        try:
+            subm = Submitters(stub, clients.batches(clients.requests(count), 100), threads=1, batched=True).start()
+            subm.join(timeout)
+            if not sub.wait_count(count, timeout):
+                raise TimeoutError(f"warm-up: {sub.count} of {count} results within {timeout:.0f} s")
+        finally:
+            sub.stop()
+
+    def wait_quiet(self, pids: list[int], limit_percent: float, timeout: float) -> float:
+        """Waits until these processes (and descendants) use under limit_percent
+        of a core over 1 s; returns the last reading."""
+        end, reading = time.monotonic() + timeout, float("nan")
+        while time.monotonic() < end:
+            meter = procstat.CpuMeter({"p": pids}).start()
+            time.sleep(1.0)
+            reading = meter.stop()["p"]
+            if reading < limit_percent:
+                break
+        return reading
+
+    # --- 1. submit throughput ------------------------------------------------
+
+    def scenario_submit(self) -> None:
+        duration = 3.0 if self.quick else 5.0
+        with self.cluster("submit") as c:
+            c.start_master(None, "--max-pending", "10000000", wait=True)
+            frontend = c.start_frontend()
+            stub = self.frontend_stub(frontend)
+            self.warm_up_submit(stub)
+            # (a) one work per SubmitWork call, 16 threads
+            self.log(f"submit: SubmitWork from 16 threads for {duration:g} s (no workers: the queue fills)")
+            pool = clients.requests(40_000 if self.quick else 80_000)
+            meter = self.cpu_meter(c).start()
+            single = Submitters(stub, pool, threads=16, batched=False, duration=duration).start()
+            single.join(duration + 30)
+            cpu_a = meter.stop()
+            lat = single.latencies()
+            rate_a = single.rate()
+            self.details["submit_single"] = {
+                "works": single.works, "seconds": round(single.finished - single.started, 2),
+                "latency_ms_p50": round(1000 * percentile(lat, 50), 2), "latency_ms_p99": round(1000 * percentile(lat, 99), 2),
+                "errors": single.errors, "cpu_percent_of_core": cpu_a}
+            self.log(f"submit: single {rate_a:,.0f} works/s; cpu {cpu_a}")
+            self.row("submit.single", "submit: SubmitWork x1, 16 threads", rate_a, "works/s",
+                     note=f"no workers; ack p50 {1000 * percentile(lat, 50):.1f} ms / p99 {1000 * percentile(lat, 99):.1f} ms; "
+                          f"cpu master {cpu_a.get('master')}% frontend {cpu_a.get('frontend')}%; peers' enqueue: "
+                          f"Dramatiq ~{PEERS['dramatiq_enqueue']:,}/s, Celery ~{PEERS['celery_enqueue']}/s")
+            # (b) 500 works per SubmitWorks call, 4 threads
+            self.log(f"submit: SubmitWorks x500 from 4 threads for {duration:g} s")
+            size = 500
+            pool = clients.batches(clients.requests(150_000 if self.quick else 300_000), size)
+            meter = self.cpu_meter(c).start()
+            batched = Submitters(stub, pool, threads=4, batched=True, duration=duration).start()
+            batched.join(duration + 60)
+            cpu_b = meter.stop()
+            lat = batched.latencies()
+            rate_b = batched.rate()
+            exhausted = batched.works >= sum(len(b.works) for b in pool)
+            self.details["submit_batched"] = {
+                "works": batched.works, "seconds": round(batched.finished - batched.started, 2),
+                "call_ms_p50": round(1000 * percentile(lat, 50), 1), "call_ms_p99": round(1000 * percentile(lat, 99), 1),
+                "errors": batched.errors, "cpu_percent_of_core": cpu_b, "pool_exhausted": exhausted}
+            self.log(f"submit: batched {rate_b:,.0f} works/s; cpu {cpu_b}")
+            self.row("submit.batched", "submit: SubmitWorks x500, 4 threads", rate_b, "works/s",
+                     note=f"no workers; call p50 {1000 * percentile(lat, 50):.0f} ms / p99 {1000 * percentile(lat, 99):.0f} ms; "
+                          f"cpu master {cpu_b.get('master')}% frontend {cpu_b.get('frontend')}% zk {cpu_b.get('zookeeper')}%"
+                          + ("; request pool ran out" if exhausted else ""))
+
+    def warm_up_submit(self, stub) -> None:
+        subm = Submitters(stub, clients.batches(clients.requests(2000), 500), threads=1, batched=True).start()
+        subm.join(30)
+        subm = Submitters(stub, clients.requests(300), threads=4, batched=False).start()
+        subm.join(30)
+
+    # --- 2. end to end ---------------------------------------------------------
+
+    def e2e_run(self, cluster: LocalCluster, stub, count: int, batched: bool, profile_dir: Path | None = None) -> dict:
+        sub = Subscriber(stub, self.last_sequence(stub), record_ids=False)
+        try:
+            reqs = clients.requests(count)
+            items = clients.batches(reqs, 500) if batched else reqs
+            recordings = []
+            if profile_dir is not None:
+                seconds = 10.0
+                for s in cluster.services:
+                    if s.role in ("master", "frontend", "worker") and s.alive():
+                        out = profile_dir / f"{s.role}-{s.pid}.raw"
+                        recordings.append((s.role, s.pid, out, profiling.Recording(s.pid, out, seconds)))
+            meter = self.cpu_meter(cluster).start()
+            t0 = time.monotonic()
+            subm = Submitters(stub, items, threads=2 if batched else 16, batched=batched).start()
+            timeout = max(60.0, count / 150)
+            complete = sub.wait_count(count, timeout)
+            t1 = time.monotonic()
+            subm.join(30)
+            cpu = meter.stop()
+            submitted_at = max((c[1] for c in subm.calls), default=t1)
+            out = {"works": count, "results": sub.count, "done": sub.done, "complete": complete,
+                   "seconds": round(t1 - t0, 2), "rate": sub.count / (t1 - t0),
+                   "submit_rate": subm.works / max(1e-9, submitted_at - t0),
+                   "submit_errors": subm.errors, "cpu_percent_of_core": cpu}
+            for role, pid, path, rec in recordings:
+                rec.wait(30)
+                if rec.error:
+                    self.notes.append(f"profile of {role} {pid} failed: {rec.error}")
+                    continue
+                summary = profiling.summarise(path, 10.0)
+                self.profiles.setdefault(role, []).append({"pid": pid, "file": str(path), **summary})
+            return out
+        finally:
+            sub.stop()
+
+    def scenario_e2e(self) -> None:
+        count = self.args.e2e_works or (2_000 if self.quick else 20_000)
+        settings = [int(x) for x in self.args.concurrency.split(",")] if self.args.concurrency else \
+            ([4] if self.quick else [2, 4, 8])
+        runs = {"batched": [], "single": []}
+        for per_process in settings:
+            if self.remaining() < 60:
+                self.notes.append(f"e2e: concurrency {per_process} skipped (time budget)")
+                continue
+            with self.cluster(f"e2e-c{per_process}") as c:
+                c.start_master(None, wait=True)
+                frontend = c.start_frontend()
+                stub = self.frontend_stub(frontend)
+                workers = [c.start_worker(per_process), c.start_worker(per_process)]
+                self.wait_workers(stub, 2 * per_process, 60)
+                self.warm_up(stub, 200)
+                self.wait_quiet([w.pid for w in workers], 20, 15)
+                for mode in ("batched", "single"):
+                    self.log(f"e2e: {count:,} works, {mode}, 2 worker processes x {per_process} slots")
+                    result = self.e2e_run(c, stub, count, mode == "batched")
+                    result["slots_per_process"] = per_process
+                    runs[mode].append(result)
+                    self.log(f"e2e: {mode} c={per_process}: {result['rate']:,.0f} works/s "
+                             f"({result['results']}/{count} in {result['seconds']} s); cpu {result['cpu_percent_of_core']}")
+                if self.args.profile and per_process == settings[-1]:
+                    pass  # profiled below, at the best setting
+        self.details["e2e"] = runs
+        for mode, target, peer in (("batched", 6 * PEERS["dramatiq_e2e"], "6 x Dramatiq"),
+                                   ("single", 2 * PEERS["celery_e2e"], "2 x Celery")):
+            if not runs[mode]:
+                continue
+            best = max(runs[mode], key=lambda r: r["rate"])
+            tried = ", ".join(f"c={r['slots_per_process']}: {r['rate']:,.0f}" for r in runs[mode])
+            cpu = best["cpu_percent_of_core"]
+            note = (f"best at 2 procs x {best['slots_per_process']} slots ({tried}); "
+                    f"{'SubmitWorks x500, 2 threads' if mode == 'batched' else 'SubmitWork x1, 16 threads'}; "
+                    f"cpu master {cpu.get('master')}% frontend {cpu.get('frontend')}% workers {cpu.get('worker')}% "
+                    f"zk {cpu.get('zookeeper')}% bench {cpu.get('bench')}% other {cpu.get('other')}%; target {peer}")
+            if not best["complete"]:
+                note += f"; INCOMPLETE: {best['results']}/{best['works']} results"
+            self.row(f"e2e.{mode}", f"end to end, {count:,} works, {mode}", best["rate"], "works/s",
+                     target, ">=", note)
+        if self.args.profile and runs["batched"]:
+            best = max(runs["batched"], key=lambda r: r["rate"])["slots_per_process"]
+            profile_dir = Path(self.args.profile)
+            profile_dir.mkdir(parents=True, exist_ok=True)
+            with self.cluster("e2e-profile") as c:
+                c.start_master(None, wait=True)
+                frontend = c.start_frontend()
+                stub = self.frontend_stub(frontend)
+                workers = [c.start_worker(best), c.start_worker(best)]
+                self.wait_workers(stub, 2 * best, 60)
+                self.warm_up(stub, 200)
+                self.wait_quiet([w.pid for w in workers], 20, 15)
+                self.log(f"e2e: profiling master, frontend and workers (py-spy --gil) during a batched run, c={best}")
+                result = self.e2e_run(c, stub, count, True, profile_dir)
+                self.details["e2e_profiled_run"] = result
+                self.log(f"e2e: profiled run {result['rate']:,.0f} works/s (py-spy slows the processes)")
+
+    # --- 3. round trip ---------------------------------------------------------
+
+    def scenario_roundtrip(self) -> None:
+        count = 50 if self.quick else 200
+        with self.cluster("roundtrip") as c:
+            c.start_master(None, wait=True)
+            frontend = c.start_frontend()
+            stub = self.frontend_stub(frontend)
+            workers = [c.start_worker(2), c.start_worker(2)]
+            self.wait_workers(stub, 4, 60)
+            self.warm_up(stub, 40)
+            self.wait_quiet([w.pid for w in workers], 20, 15)
+            sub = Subscriber(stub, self.last_sequence(stub))
+            try:
+                # the stream is open once a first result came through it
+                for r in clients.requests(5):
+                    stub.SubmitWork(r, timeout=10)
+                    if sub.wait_id(r.work_id, 10) is None:
+                        raise TimeoutError("round trip: a warm-up result did not arrive within 10 s")
+                self.log(f"roundtrip: {count} works one at a time, each awaited on the open WatchResults stream")
+                meter = self.cpu_meter(c).start()
+                rtts, acks, after_ack = [], [], []
+                for r in clients.requests(count):
+                    t0 = time.monotonic()
+                    stub.SubmitWork(r, timeout=10)
+                    t1 = time.monotonic()
+                    arrived = sub.wait_id(r.work_id, 10)
+                    if arrived is None:
+                        raise TimeoutError(f"round trip: no result for {r.work_id} within 10 s")
+                    rtts.append(arrived - t0)
+                    acks.append(t1 - t0)
+                    after_ack.append(arrived - t1)
+                cpu = meter.stop()
+            finally:
+                sub.stop()
+        ms = lambda v: 1000 * v
+        p50, p99 = ms(percentile(rtts, 50)), ms(percentile(rtts, 99))
+        self.details["roundtrip"] = {
+            "works": count, "rtt_ms_p50": round(p50, 2), "rtt_ms_p99": round(p99, 2),
+            "rtt_ms_max": round(ms(max(rtts)), 2), "ack_ms_p50": round(ms(percentile(acks, 50)), 2),
+            "ack_ms_p99": round(ms(percentile(acks, 99)), 2),
+            "ack_to_result_ms_p50": round(ms(percentile(after_ack, 50)), 2),
+            "ack_to_result_ms_p99": round(ms(percentile(after_ack, 99)), 2), "cpu_percent_of_core": cpu}
+        note = (f"{count} works, 2 procs x 2 slots; submit ack p50 {ms(percentile(acks, 50)):.1f} ms, "
+                f"ack->result p50 {ms(percentile(after_ack, 50)):.1f} ms; peers p50 ~6-8 ms")
+        self.row("roundtrip.p50", "round trip submit->result p50", p50, "ms", 6.0, "<=", note)
+        self.row("roundtrip.p99", "round trip submit->result p99", p99, "ms", 20.0, "<",
+                 f"max {ms(max(rtts)):.1f} ms; ack->result p99 {ms(percentile(after_ack, 99)):.1f} ms; peers p99 ~9-16 ms")
+
+    # --- 4. failover -----------------------------------------------------------
+
+    def _standby_recovery(self, service: Service) -> str:
+        found = re.findall(r"recovered (\d+) events in ([\d.]+) s", service.log())
+        return f"{found[-1][0]} events replayed in {found[-1][1]} s" if found else "no recovery line"
+
+    def scenario_failover(self) -> None:
+        with self.cluster("failover") as c:
+            first = c.start_master(None, wait=True)
+            second = c.start_master(None, wait=True)
+            frontend = c.start_frontend()
+            stub = self.frontend_stub(frontend)
+            if c.active_master(10) is not first:
+                raise RuntimeError("failover: the first backend is not the active master")
+            self.warm_up_submit(stub)
+            items = (work_pb2.SubmitWorkRequest(work_id=i, kind="square", payload=b"3")
+                     for i in clients.counter_ids(f"fo-{uuid.uuid4().hex[:6]}"))
+            load = Submitters(stub, items, threads=4, batched=False, call_timeout=10, give_up_after=30).start()
+            out = {}
+            try:
+                time.sleep(2.0)
+                # kill -9: detected when the ZooKeeper session expires
+                self.log(f"failover: kill -9 the active master (session timeout {SESSION_TIMEOUT:g} s) under load")
+                watch = HealthWatch(second.address, 30)
+                t_kill = time.monotonic()
+                first.kill()
+                serving = watch.wait(30)
+                time.sleep(2.0)
+                gap = outage(load.calls, t_kill)
+                out["kill9"] = {"recovered_s": gap and round(gap[0], 3), "client_gap_s": gap and round(gap[1], 3),
+                                "standby_serving_s": serving and round(serving - t_kill, 3),
+                                "standby": self._standby_recovery(second)}
+                self.log(f"failover: kill -9 -> {out['kill9']}")
+                # SIGTERM: the master resigns; a new standby waits behind the new master
+                third = c.start_master(None, wait=True)
+                time.sleep(2.0)
+                if c.active_master(10) is not second:
+                    raise RuntimeError("failover: the second backend is not the active master")
+                self.log("failover: SIGTERM the active master under load")
+                watch = HealthWatch(third.address, 30)
+                t_term = time.monotonic()
+                second.signal(signal.SIGTERM)
+                serving = watch.wait(30)
+                time.sleep(2.0)
+                gap = outage(load.calls, t_term)
+                out["sigterm"] = {"recovered_s": gap and round(gap[0], 3), "client_gap_s": gap and round(gap[1], 3),
+                                  "standby_serving_s": serving and round(serving - t_term, 3),
+                                  "standby": self._standby_recovery(third)}
+                self.log(f"failover: SIGTERM -> {out['sigterm']}")
+            finally:
+                load.stop()
+                load.join(15)
+            out["load"] = {"acked": load.works, "errors": load.errors, "given_up": load.failed}
+            self.details["failover"] = out
+        k, t = out["kill9"], out["sigterm"]
+        self.row("failover.kill9", "failover after kill -9: submits succeed again", k["recovered_s"], "s",
+                 SESSION_TIMEOUT + 1.0, "<=",
+                 f"session timeout {SESSION_TIMEOUT:g} s; standby serving after {k['standby_serving_s']} s; "
+                 f"{k['standby']}; 4 submit threads")
+        self.row("failover.sigterm", "failover after SIGTERM: submits succeed again", t["recovered_s"], "s",
+                 1.0, "<", f"standby serving after {t['standby_serving_s']} s; {t['standby']}")
+
+    # --- 5. replay and 7. memory -------------------------------------------------
+
+    def scenario_replay(self) -> None:
+        count = self.args.replay_works or (20_000 if self.quick else 100_000)
+        with self.cluster("replay") as c:
+            first = c.start_master(None, wait=True)
+            second = c.start_master(None, wait=True)
+            frontend = c.start_frontend()
+            stub = self.frontend_stub(frontend)
+            if c.active_master(10) is not first:
+                raise RuntimeError("replay: the first backend is not the active master")
+            self.warm_up_submit(stub)  # 2,300 pending from here on
+            time.sleep(2.0)
+            rss0, standby_rss0 = procstat.rss_bytes(first.pid), procstat.rss_bytes(second.pid)
+            reqs = clients.requests(count)
+            payload = sum(len(r.payload) for r in reqs)
+            self.log(f"replay: filling the queue with {count:,} works (SubmitWorks x500, 4 threads, no workers)")
+            subm = Submitters(stub, clients.batches(reqs, 500), threads=4, batched=True).start()
+            if not subm.join(max(120.0, count / 500)) or subm.works < count:
+                raise RuntimeError(f"replay: only {subm.works} of {count} works acked ({subm.errors})")
+            fill_rate = subm.rate()
+            # let the ticks take a snapshot if one is due (every 50,000 events by default), then settle
+            time.sleep(3.0)
+            end = time.monotonic() + 30
+            while time.monotonic() < end and first.log().count("snapshot at journal position") < \
+                    first.log().count("snapshot") and False:
+                time.sleep(0.2)
+            rss1 = procstat.rss_bytes(first.pid)
+            snapshots = re.findall(r"snapshot at journal position (\d+): (\d+) pending, (\d+) results, ([\d.]+) s",
+                                   first.log())
+            pending = stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=10).pending
+            self.log(f"replay: {pending:,} pending; master RSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB; "
+                     f"snapshots taken: {[(int(s[1]), float(s[3])) for s in snapshots]}")
+            self.log("replay: SIGTERM the master; timing the standby's recovery")
+            watch = HealthWatch(second.address, 120)
+            t0 = time.monotonic()
+            first.signal(signal.SIGTERM)
+            serving = watch.wait(120)
+            if serving is None:
+                raise TimeoutError("replay: the standby did not serve within 120 s")
+            time.sleep(1.0)
+            standby_rss1 = procstat.rss_bytes(second.pid)
+            found = re.findall(r"recovered (\d+) events in ([\d.]+) s: (\d+) pending", second.log())
+            if not found:
+                raise RuntimeError("replay: no 'recovered N events in X s' line in the standby's log")
+            events, seconds, recovered_pending = int(found[-1][0]), float(found[-1][1]), int(found[-1][2])
+        per_work = (rss1 - rss0 - payload) / count
+        standby_per_work = (standby_rss1 - standby_rss0 - payload) / count
+        self.details["replay"] = {
+            "works_filled": count, "fill_rate": round(fill_rate), "pending_at_stop": pending,
+            "snapshots": [{"position": int(s[0]), "pending": int(s[1]), "results": int(s[2]), "seconds": float(s[3])}
+                          for s in snapshots],
+            "events_replayed": events, "recovered_s": seconds, "recovered_pending": recovered_pending,
+            "serving_after_sigterm_s": round(serving - t0, 3)}
+        self.details["memory"] = {
+            "master_rss_before": rss0, "master_rss_after": rss1, "payload_bytes": payload, "works": count,
+            "per_work_bytes": round(per_work), "standby_rss_before": standby_rss0,
+            "standby_rss_after_recovery": standby_rss1, "standby_per_work_bytes": round(standby_per_work)}
+        snap = (f"from a snapshot of {snapshots[-1][1]} pending + {events:,} journal events"
+                if snapshots else f"no snapshot: {events:,} journal events")
+        self.row("replay.recovered", f"replay of {recovered_pending:,} pending (master's log)", seconds, "s", 2.0, "<",
+                 f"{snap}; defaults (--snapshot-every 50000); fill {fill_rate:,.0f} works/s")
+        self.row("replay.serving", "replay: SIGTERM -> standby SERVING", serving - t0, "s", 2.0, "<",
+                 "health dworkers.v1.Master, polled every 10 ms")
+        self.row("memory.per_work", "master RSS per pending work (beyond payload)", per_work, "B", 1024, "<",
+                 f"VmRSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB for {count:,} works; a fresh standby "
+                 f"after recovering them: {standby_per_work:,.0f} B/work")
+
+    # --- 6. scale ----------------------------------------------------------------
+
+    def scenario_scale(self) -> None:
+        procs, slots = self.args.scale_procs, self.args.scale_slots
+        if self.quick and not self.args.scale_explicit:
+            procs, slots = 2, 50
+        total = procs * slots
+        idle_seconds = 5.0 if self.quick else 10.0
+        with self.cluster("scale") as c:
+            master = c.start_master(None, wait=True)
+            frontend = c.start_frontend()
+            stub = self.frontend_stub(frontend)
+            self.log(f"scale: starting {procs} worker processes x {slots} slots (one executor process per slot)")
+            t0 = time.monotonic()
+            workers = [c.start_worker(slots) for _ in range(procs)]
+            self.wait_workers(stub, total, max(120.0, total / 5))
+            registered = time.monotonic() - t0
+            tree = procstat.children_map()
+            executors = sum(len(procstat.descendants(w.pid, tree)) - 1 for w in workers)
+            quiet = self.wait_quiet([w.pid for w in workers], 10, 120)
+            started = time.monotonic() - t0
+            worker_rss = sum(procstat.rss_bytes(p) for w in workers for p in procstat.descendants(w.pid))
+            worker_pss = sum(procstat.pss_bytes(p) for w in workers for p in procstat.descendants(w.pid))
+            self.log(f"scale: {total} slots registered after {registered:.1f} s, quiet after {started:.1f} s "
+                     f"({executors} child processes, PSS {worker_pss / 2**30:.2f} GiB); idle master CPU for {idle_seconds:g} s")
+            before = procstat.cpu_seconds(master.pid)
+            meter = self.cpu_meter(c).start()
+            time.sleep(idle_seconds)
+            cpu_idle = meter.stop()
+            idle = 100 * (procstat.cpu_seconds(master.pid) - before) / idle_seconds
+            # dispatch latency under a moderate load
+            rate = self.args.scale_rate
+            seconds = 5.0 if self.quick else 10.0
+            self.log(f"scale: dispatch latency at {rate}/s for {seconds:g} s (SubmitWork, 4 paced threads)")
+            sub = Subscriber(stub, self.last_sequence(stub))
+            try:
+                items = (work_pb2.SubmitWorkRequest(work_id=i, kind="square", payload=b"7")
+                         for i in clients.counter_ids(f"sc-{uuid.uuid4().hex[:6]}"))
+                meter = self.cpu_meter(c).start()
+                load = Submitters(stub, items, threads=4, batched=False, duration=seconds, pace=4.0 / rate).start()
+                load.join(seconds + 30)
+                missing = sub.wait_ids(list(load.acked), 30)
+                cpu_load = meter.stop()
+                latencies = [sub.arrived[w] - t for w, t in load.acked.items() if w in sub.arrived]
+            finally:
+                sub.stop()
+        ms = lambda v: 1000 * v
+        p50, p99 = ms(percentile(latencies, 50)), ms(percentile(latencies, 99))
+        self.details["scale"] = {
+            "processes": procs, "slots_per_process": slots, "executor_processes": executors,
+            "registered_after_s": round(registered, 1), "quiet_after_s": round(started, 1),
+            "worker_rss_bytes": worker_rss, "worker_pss_bytes": worker_pss, "idle_master_cpu_percent": round(idle, 2),
+            "idle_cpu_percent_of_core": cpu_idle, "load_rate": rate, "load_works": len(load.acked),
+            "dispatch_ms_p50": round(p50, 2), "dispatch_ms_p99": round(p99, 2),
+            "dispatch_ms_max": round(ms(max(latencies)), 2) if latencies else None,
+            "missing_results": len(missing), "load_cpu_percent_of_core": cpu_load}
+        setting = f"{procs} procs x {slots} slots = {total}"
+        self.row("scale.idle_cpu", f"idle master CPU, {total:,} slots", idle, "%", 5.0, "<",
+                 f"{setting}; {idle_seconds:g} s of utime+stime; workers {cpu_idle.get('worker')}% while idle")
+        self.row("scale.dispatch_p99", f"dispatch p99 (ack->result), {total:,} slots", p99, "ms", 50.0, "<",
+                 f"{len(latencies)} works at {rate}/s; p50 {p50:.1f} ms; cpu master {cpu_load.get('master')}% "
+                 f"workers {cpu_load.get('worker')}%" + (f"; {len(missing)} results missing" if missing else ""))
+
+    # --- the run -------------------------------------------------------------------
+
+    def run(self, names: list[str]) -> None:
+        self.details["machine"] = {"cores": os.cpu_count(), "loadavg_start": procstat.loadavg(),
+                                   "python": sys.version.split()[0], "quick": self.quick}
+        self.start_zookeeper()
+        for name in names:
+            if self.remaining() < 30:
+                self.notes.append(f"{name}: skipped (time budget of {self.args.budget:.0f} s spent)")
+                self.log(f"{name}: skipped, out of time")
+                continue
+            self.log(f"=== {name} (load average {procstat.loadavg()})")
+            started = time.monotonic()
+            try:
+                getattr(self, f"scenario_{name}")()
+            except Exception as exc:  # one scenario failing does not stop the others
+                self.failed[name] = f"{type(exc).__name__}: {exc}"
+                self.log(f"{name}: FAILED: {type(exc).__name__}: {exc}")
+            self.details.setdefault("scenario_seconds", {})[name] = round(time.monotonic() - started, 1)
+        self.details["machine"]["loadavg_end"] = procstat.loadavg()
+
+    def report(self) -> dict:
+        return {
+            "figures": {r["key"]: {k: r[k] for k in ("label", "value", "unit", "target", "op", "met", "note")}
+                        for r in self.rows},
+            "missed": [r["key"] for r in self.rows if r["met"] is False],
+            "failed_scenarios": self.failed, "notes": self.notes, "details": self.details,
+            "profiles": self.profiles, "session_timeout_s": SESSION_TIMEOUT,
+            "seconds": round(time.monotonic() - self.t_start, 1),
+        }
+
+    def table(self) -> str:
+        header = ("figure", "value", "target", "met?", "setting / notes")
+        lines = [(r["label"], _fmt(r["value"], r["unit"]), r["target_text"] or "-",
+                  {True: "yes", False: "NO", None: "-"}[r["met"]], r["note"]) for r in self.rows]
+        widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(header[:4])]
+        out = []
+        fmt = lambda cols: "  ".join(c.ljust(w) for c, w in zip(cols[:4], widths)) + "  " + cols[4]
+        out.append(fmt(header))
+        out.append(fmt(tuple("-" * w for w in widths) + ("-" * 15,)))
+        out += [fmt(l) for l in lines]
+        for name, error in self.failed.items():
+            out.append(f"FAILED {name}: {error}")
+        for note in self.notes:
+            out.append(f"note: {note}")
+        m = self.details.get("machine", {})
+        out.append(f"machine: {m.get('cores')} cores, load average {m.get('loadavg_start')} at start, "
+                   f"{m.get('loadavg_end')} at end (shared machine: figures are noisy); "
+                   f"{'QUICK run (smaller counts)' if self.quick else 'full run'}; "
+                   f"{time.monotonic() - self.t_start:.0f} s")
+        return "\n".join(out)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--quick", action="store_true", help="smaller counts, for a smoke run")
+    p.add_argument("--only", default="", help="comma-separated scenarios: " + ", ".join(SCENARIOS) + " (memory = replay)")
+    p.add_argument("--profile", metavar="DIR", default="",
+                   help="also run py-spy (--gil) on master, frontend and workers during an extra batched e2e run; raw stacks go to DIR")
+    p.add_argument("--concurrency", default="", help="e2e: slots per worker process to try, e.g. 2,4,8")
+    p.add_argument("--e2e-works", type=int, default=0, help="e2e: works per run (default 20,000; quick 2,000)")
+    p.add_argument("--replay-works", type=int, default=0, help="replay: pending works (default 100,000; quick 20,000)")
+    p.add_argument("--scale-procs", type=int, default=None, help="scale: worker processes (default 4)")
+    p.add_argument("--scale-slots", type=int, default=None, help="scale: slots per worker process (default 250)")
+    p.add_argument("--scale-rate", type=int, default=200, help="scale: works/s of the dispatch-latency load")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds after which remaining scenarios are skipped (default 540; quick 300)")
+    p.add_argument("--hard-limit", type=float, default=None,
+                   help="seconds after which the bench stops its clusters and exits (default budget + 240)")
+    p.add_argument("--workdir", default=None, help="keep logs and data here (default: a temporary dir, removed)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary work dir (logs)")
+    args = p.parse_args(argv)
+    args.scale_explicit = args.scale_procs is not None or args.scale_slots is not None
+    args.scale_procs = args.scale_procs or 4
+    args.scale_slots = args.scale_slots or 250
+    if args.budget is None:
+        args.budget = 300.0 if args.quick else 540.0
+    if args.hard_limit is None:
+        args.hard_limit = args.budget + 240.0
+    names = [ALIASES.get(n.strip(), n.strip()) for n in args.only.split(",") if n.strip()] or list(SCENARIOS)
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        p.error(f"unknown scenario {unknown[0]!r}; choose from {', '.join(SCENARIOS)}")
+    args.names = [n for n in SCENARIOS if n in names]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    bench = Bench(args)
+
+    def hard_stop() -> None:
+        bench.log(f"hard limit of {args.hard_limit:.0f} s reached: stopping clusters and exiting")
+        bench.stop_all()
+        os._exit(3)
+
+    watchdog = threading.Timer(args.hard_limit, hard_stop)
+    watchdog.daemon = True
+    watchdog.start()
+
+    def on_term(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    code = 0
+    try:
+        bench.run(args.names)
+    except KeyboardInterrupt:
+        bench.log("interrupted: stopping clusters")
+        code = 130
+    finally:
+        bench.stop_all()
+        watchdog.cancel()
+    report = bench.report()
+    if args.profile and bench.profiles:
+        for role, entries in bench.profiles.items():
+            for entry in entries:
+                print(profiling.format_summary(f"{role} pid {entry['pid']}", entry), file=sys.stderr)
+    if args.json:
+        print(json.dumps(report, indent=None, default=str))
+    else:
+        print(bench.table())
+    if bench.failed and code == 0:
+        code = 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
