@@ -140,6 +140,7 @@ class Bench:
         self.notes: list[str] = []
         self.profiles: dict = {}
         self.failed: dict[str, str] = {}
+        self.channels: list[grpc.Channel] = []
 
     # --- plumbing ---------------------------------------------------------
 
@@ -170,6 +171,9 @@ class Bench:
             yield cluster
         finally:
             self.log(f"{name}: stopping its cluster")
+            for channel in self.channels:
+                channel.close()
+            self.channels.clear()
             cluster.stop()
             self.clusters.remove(cluster)
 
@@ -220,6 +224,7 @@ class Bench:
 
     def frontend_stub(self, frontend: Service):
         channel, stub = clients.stub(frontend.address)
+        self.channels.append(channel)
         return stub
 
     def wait_workers(self, stub, count: int, timeout: float) -> None:
@@ -377,8 +382,6 @@ class Bench:
                     runs[mode].append(result)
                     self.log(f"e2e: {mode} c={per_process}: {result['rate']:,.0f} works/s "
                              f"({result['results']}/{count} in {result['seconds']} s); cpu {result['cpu_percent_of_core']}")
-                if self.args.profile and per_process == settings[-1]:
-                    pass  # profiled below, at the best setting
         self.details["e2e"] = runs
         for mode, target, peer in (("batched", 6 * PEERS["dramatiq_e2e"], "6 x Dramatiq"),
                                    ("single", 2 * PEERS["celery_e2e"], "2 x Celery")):
@@ -546,10 +549,7 @@ class Bench:
             fill_rate = subm.rate()
             # let the ticks take a snapshot if one is due (every 50,000 events by default), then settle
             time.sleep(3.0)
-            end = time.monotonic() + 30
-            while time.monotonic() < end and first.log().count("snapshot at journal position") < \
-                    first.log().count("snapshot") and False:
-                time.sleep(0.2)
+            self.wait_quiet([first.pid], 10, 30)
             rss1 = procstat.rss_bytes(first.pid)
             snapshots = re.findall(r"snapshot at journal position (\d+): (\d+) pending, (\d+) results, ([\d.]+) s",
                                    first.log())
