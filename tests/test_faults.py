@@ -207,3 +207,20 @@ def test_zookeeper_restart_while_work_flows(tmp_path):
         results.stop()
     finally:
         cluster.stop()
+
+
+def test_a_stopping_worker_hands_back_unfinished_work(cluster):
+    cluster.start_master(wait=True)
+    leaving = cluster.start_worker(1, "--shutdown-grace", "1")
+    stub = frontend(cluster.start_frontend().address)
+    results = ResultCollector(stub)
+    time.sleep(1.5)
+    # One attempt allowed: handing it back must not count as a failed one.
+    response = submit_until_acked(stub, "sleep", b"4", max_attempts=1)
+    time.sleep(1.0)
+    assert leaving.stop() == 0
+    cluster.start_worker(1)
+    assert not results.wait_for([response.work_id], timeout=30)
+    result = results.results[0]
+    assert result.state == work_pb2.DONE and result.attempts == 2
+    results.stop()

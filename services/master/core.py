@@ -301,7 +301,10 @@ class MasterCore:
             acks.append(f.work_id)
             entry = self.state.in_progress.get(f.work_id)
             if entry is not None and entry.worker_id == f.worker_id:  # not a stale attempt
-                events.append(journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(work_id=f.work_id, error=f.error)))
+                if f.returned:
+                    events.append(journal_pb2.Event(work_returned=journal_pb2.WorkReturned(work_id=f.work_id)))
+                else:
+                    events.append(journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(work_id=f.work_id, error=f.error)))
         self._ack_when_durable(connection, events, acks)
         if events:
             self._announce_work()

@@ -129,6 +129,12 @@ class WorkState:
     def _on_worker_timed_out(self, e: journal_pb2.WorkerTimedOut) -> work_pb2.WorkResult | None:
         return self._fail_attempt(e.work_id, TIMED_OUT_ERROR)
 
+    def _on_work_returned(self, e: journal_pb2.WorkReturned) -> None:
+        entry = self.in_progress.pop(e.work_id, None)
+        if entry is not None:
+            entry.worker_id = ""
+            self.pending[e.work_id] = entry
+
     def _on_work_in_progress_reset(self, _e: journal_pb2.WorkInProgressReset) -> None:
         for work_id, entry in self.in_progress.items():
             entry.worker_id = ""

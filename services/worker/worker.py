@@ -230,14 +230,27 @@ class Worker:
             delay = min(delay * 2, 1.0)
 
     def stop(self) -> None:
-        """Finishes running work (bounded by the grace period), reports it, exits."""
+        """Finishes running work within the grace period, hands back what is
+        still running after it (not a failed attempt), then stops."""
         self._stopping.set()
         deadline = time.monotonic() + self.settings.shutdown_grace
+        while time.monotonic() < deadline and self._busy():
+            time.sleep(0.1)
+        with self._lock:
+            running = [(s.worker_id, s.work_id) for s in self.slots.values() if s.busy]
+            for worker_id, work_id in running:
+                message = master_pb2.WorkerMessage(failed=master_pb2.WorkFailed(failures=[master_pb2.Failure(
+                    worker_id=worker_id, work_id=work_id, error="worker shut down", returned=True)]))
+                self._unacked[work_id] = message
+        for worker_id, work_id in running:
+            log.info("handing work back", extra={"work_id": work_id, "worker_id": worker_id})
+            self._send(self._unacked[work_id])
+        deadline = time.monotonic() + 5.0  # for the acks of what we reported
         while time.monotonic() < deadline:
             with self._lock:
-                if not any(s.busy for s in self.slots.values()) and not self._unacked:
+                if not self._unacked:
                     break
-            time.sleep(0.1)
+            time.sleep(0.05)
         self._stopped.set()
         if self._stream is not None:
             self._stream.cancel()
@@ -247,6 +260,10 @@ class Worker:
             except queue.Full:
                 pass
             slot.executor.close()
+
+    def _busy(self) -> bool:
+        with self._lock:
+            return any(s.busy for s in self.slots.values())
 
 
 def _coalesce(messages: list[master_pb2.WorkerMessage]) -> list[master_pb2.WorkerMessage]:
