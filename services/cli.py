@@ -20,7 +20,9 @@ class CliError(Exception):
 def run_master(args) -> None:
     import asyncio
 
-    from services.master.node import MasterNode, MasterSettings
+    from kazoo.handlers.threading import KazooTimeoutError
+
+    from services.master.node import AddressInUse, MasterNode, MasterSettings
 
     node = MasterNode(MasterSettings(
         zk=args.zk, root=args.root, listen=args.listen, advertise=args.advertise,
@@ -30,7 +32,12 @@ def run_master(args) -> None:
         retention_count=args.retention_count, retention_seconds=args.retention_seconds,
         subscriber_timeout=args.subscriber_timeout,
     ))
-    asyncio.run(node.run())
+    try:
+        asyncio.run(node.run())
+    except KazooTimeoutError:
+        raise CliError(f"cannot reach ZooKeeper at {args.zk}") from None
+    except AddressInUse as exc:
+        raise CliError(str(exc)) from None
 
 
 def _proxy(args):
@@ -80,13 +87,16 @@ def run_worker(args) -> None:
 
 def run_frontend(args) -> None:
     from services.common.metrics import serve_metrics
-    from services.frontend.service import FrontendSettings, serve
+    from services.frontend.service import AddressInUse, FrontendSettings, serve
 
     serve_metrics(args.metrics_port)
     master_proxy, _client = _proxy(args)
     master_proxy.timeout = args.call_timeout
-    serve(master_proxy, FrontendSettings(listen=args.listen, call_timeout=args.call_timeout,
-                                         threads=args.threads, max_watchers=args.max_watchers))
+    try:
+        serve(master_proxy, FrontendSettings(listen=args.listen, call_timeout=args.call_timeout,
+                                             threads=args.threads, max_watchers=args.max_watchers))
+    except AddressInUse as exc:
+        raise CliError(str(exc)) from None
 
 
 def run_demo(args) -> None:

@@ -3,6 +3,7 @@ submit, status, watch, cluster."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -15,6 +16,19 @@ from services.common.settings import add
 from services.common.wire import CHANNEL_OPTIONS
 
 STATE_NAMES = {v: k for k, v in work_pb2.State.items()}
+
+
+def _at_least(low, kind):
+    """An argparse type: a number of `kind` no lower than `low`."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}")
+        return value
+    return parse
 
 
 def add_parsers(sub) -> None:
@@ -33,9 +47,9 @@ def add_parsers(sub) -> None:
     p.add_argument("payloads", nargs="*", help="one work per payload")
     p.add_argument("--file", help="read payloads, one per line, from this file (- for stdin)")
     p.add_argument("--id", help="the work id (a single work only; default: a new UUID)")
-    p.add_argument("--max-attempts", type=int, default=0, help="failed attempts before the work ends FAILED (default 3)")
-    p.add_argument("--work-timeout", type=float, default=0.0, help="seconds per attempt (default: the master's)")
-    p.add_argument("--batch", type=int, default=500, help="works per call")
+    p.add_argument("--max-attempts", type=_at_least(0, int), default=0, help="failed attempts before the work ends FAILED (default 3)")
+    p.add_argument("--work-timeout", type=_at_least(0, float), default=0.0, help="seconds per attempt (default: the master's)")
+    p.add_argument("--batch", type=_at_least(1, int), default=500, help="works per call")
     p.add_argument("--wait", action="store_true", help="wait for every work's result and print it")
 
     p = client_parser("status", "show one work", "Show the state, attempts and result of one work.")
@@ -66,6 +80,8 @@ def main(args) -> None:
         raise CliError(f"{error.code().name}: {error.details()}") from None
     except (ClientError, OSError) as exc:
         raise CliError(str(exc)) from None
+    except ValueError as exc:  # e.g. a number too large for its field
+        raise CliError(f"bad value: {exc}") from None
     finally:
         channel.close()
 

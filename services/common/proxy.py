@@ -126,6 +126,27 @@ class StaticLocator:
             self._index += 1
 
 
+class StreamHandle:
+    """Lets another thread end a result stream (e.g. when its client went away)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stream = None
+        self.cancelled = False
+
+    def attach(self, stream) -> None:
+        with self._lock:
+            self._stream = stream
+            if self.cancelled:
+                stream.cancel()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            if self._stream is not None:
+                self._stream.cancel()
+
+
 class MasterProxy:
     def __init__(self, locator, timeout: float = 10.0, attempt_timeout: float = 3.0):
         self.locator = locator
@@ -202,13 +223,15 @@ class MasterProxy:
                 continue
             return response
 
-    def watch_results(self, after: int, reconnect_timeout: float = 30.0) -> Iterator[work_pb2.WatchResultsResponse]:
+    def watch_results(self, after: int, reconnect_timeout: float = 30.0,
+                      handle: StreamHandle | None = None) -> Iterator[work_pb2.WatchResultsResponse]:
         """Streams result batches after `after`, resuming across failovers.
         Gives up when no master serves for `reconnect_timeout` seconds."""
         cursor = after
         broken_since: float | None = None
         delay = 0.02
-        while True:
+        handle = handle or StreamHandle()
+        while not handle.cancelled:
             if broken_since is not None and time.monotonic() - broken_since > reconnect_timeout:
                 raise NoMaster(f"no master served results for {reconnect_timeout:.0f} s")
             try:
@@ -216,6 +239,7 @@ class MasterProxy:
             except NoMaster:
                 raise
             stream = self.stub(address).WatchResults(work_pb2.WatchResultsRequest(after_sequence=cursor))
+            handle.attach(stream)
             self.locator.on_change(stream.cancel)  # the master moved: resume from the new one
             try:
                 for response in stream:
@@ -227,6 +251,8 @@ class MasterProxy:
                         cursor = fresh[-1].sequence
                         yield work_pb2.WatchResultsResponse(results=fresh, epoch=response.epoch)
             except grpc.RpcError as error:
+                if handle.cancelled:
+                    return
                 moved = self.locator.current(reconnect_timeout)[0] != address
                 if error.code() == grpc.StatusCode.CANCELLED and not moved:
                     return

@@ -43,7 +43,8 @@ def to_work(request: work_pb2.SubmitWorkRequest, index: int | None = None) -> wo
         if not request.kind:
             raise InvalidWork("kind is empty: name the job to run, e.g. 'square'")
         if not KIND_PATTERN.fullmatch(request.kind):
-            raise InvalidWork(f"malformed kind {request.kind[:64]!r}")
+            raise InvalidWork(f"malformed kind {request.kind[:64]!r}: use 1-64 characters from letters, "
+                              "digits and _ . -, starting with a letter or _")
         if len(request.payload) > MAX_PAYLOAD_BYTES:
             raise InvalidWork(
                 f"payload of {len(request.payload)} bytes exceeds the limit of {MAX_PAYLOAD_BYTES} bytes"

@@ -6,6 +6,7 @@ UNREACHABLE_KEY = "dworkers-zookeeper-unreachable"  # retrying elsewhere cannot 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a batch of works fits in one message
 
 SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),  # a second server on a busy address must fail, not share it
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 10_000),

@@ -16,12 +16,16 @@ from grpc_reflection.v1alpha import reflection
 from dworkers.v1 import frontend_pb2, frontend_pb2_grpc, work_pb2
 from services.common import validation
 from services.common.metrics import SyncMetricsInterceptor
-from services.common.proxy import MasterProxy, NoMaster
+from services.common.proxy import MasterProxy, NoMaster, StreamHandle
 from services.common.wire import SERVER_OPTIONS
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "dworkers.v1.Frontend"
+
+
+class AddressInUse(Exception):
+    pass
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,9 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
                           f"this frontend already serves {self.settings.max_watchers} result streams; "
                           "use another frontend or retry later")
         context.add_callback(self._watchers.release)
-        results = self.proxy.watch_results(request.after_sequence)
+        handle = StreamHandle()
+        context.add_callback(handle.cancel)  # the client left: stop reading the master for it
+        results = self.proxy.watch_results(request.after_sequence, handle=handle)
         try:
             for batch in results:
                 if not context.is_active():
@@ -107,7 +113,10 @@ def serve(proxy: MasterProxy, settings: FrontendSettings, ready: threading.Event
     reflection.enable_server_reflection(
         (frontend_pb2.DESCRIPTOR.services_by_name["Frontend"].full_name,
          health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    server.add_insecure_port(settings.listen)
+    try:
+        server.add_insecure_port(settings.listen)
+    except RuntimeError:
+        raise AddressInUse(f"cannot listen on {settings.listen}: the address is in use or not available") from None
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -103,7 +103,12 @@ class Election:
     def _step(self) -> None:
         if self.node is None or self.client.exists(self.node) is None:
             self.node = self._create_node()
-        children = sorted(self.client.get_children(self.path), key=election_sequence)
+        # Only the leader watches all members (for its standby list); a
+        # standby watches only its predecessor, so no herd wakes on a change.
+        leader_watch = None
+        if self._last_view is not None and self._last_view.leader:
+            leader_watch = lambda _event: self._wake.set()
+        children = sorted(self.client.get_children(self.path, watch=leader_watch), key=election_sequence)
         mine = self.node.rsplit("/", 1)[1]
         if mine not in children:
             self.node = None

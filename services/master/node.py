@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "dworkers.v1.Master"
 
 
+class AddressInUse(Exception):
+    pass
+
+
 @dataclass(frozen=True)
 class MasterSettings:
     zk: str
@@ -131,7 +135,10 @@ class MasterNode:
             (master_pb2.DESCRIPTOR.services_by_name["Master"].full_name,
              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server)
-        port = self.server.add_insecure_port(s.listen)
+        try:
+            port = self.server.add_insecure_port(s.listen)
+        except RuntimeError:
+            raise AddressInUse(f"cannot listen on {s.listen}: the address is in use or not available") from None
         host = s.listen.rsplit(":", 1)[0]
         if host in ("0.0.0.0", "[::]", ""):
             host = socket.gethostname()
