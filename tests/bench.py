@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -43,7 +44,7 @@ from kazoo.client import KazooClient
 from dworkers.v1 import work_pb2
 from services.common import zk as zkpaths
 from services.common.zkserver import ZooKeeperServer
-from services.local_cluster import LocalCluster, Service, wait_serving
+from services.local_cluster import LocalCluster, Service
 from tests.bench_support import clients, procstat, profiling
 from tests.bench_support.clients import Subscriber, Submitters, percentile
 
@@ -56,8 +57,9 @@ MASTER_SERVICE = "dworkers.v1.Master"
 PEERS = {"dramatiq_e2e": 480, "celery_e2e": 310, "dramatiq_enqueue": 3160, "celery_enqueue": 780}
 
 
-class Skip(Exception):
-    pass
+# Rough seconds each scenario needs (to skip rather than overrun the budget).
+ESTIMATE = {"submit": 25, "e2e": 200, "roundtrip": 20, "failover": 30, "replay": 40, "scale": 100}
+ESTIMATE_QUICK = {"submit": 15, "e2e": 30, "roundtrip": 15, "failover": 25, "replay": 20, "scale": 30}
 
 
 def _fmt(value, unit: str) -> str:
@@ -74,6 +76,19 @@ def _fmt(value, unit: str) -> str:
     if unit == "B":
         return f"{value:,.0f} B"
     return f"{value} {unit}".strip()
+
+
+def _commit() -> str:
+    """The checked-out commit (read only), with '+' if the tree has changes."""
+    import subprocess
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=5, cwd=Path(__file__).resolve().parent.parent).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "services", "protos"], capture_output=True,
+                               text=True, timeout=5, cwd=Path(__file__).resolve().parent.parent).stdout.strip()
+        return head + ("+" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "?"
 
 
 class HealthWatch:
@@ -141,6 +156,9 @@ class Bench:
         self.profiles: dict = {}
         self.failed: dict[str, str] = {}
         self.channels: list[grpc.Channel] = []
+        # what-if experiments: extra flags for every master / worker (e.g. --log-level WARNING)
+        self.master_args = shlex.split(args.master_args)
+        self.worker_args = shlex.split(args.worker_args)
 
     # --- plumbing ---------------------------------------------------------
 
@@ -174,13 +192,29 @@ class Bench:
             for channel in self.channels:
                 channel.close()
             self.channels.clear()
-            cluster.stop()
+            self.stop_cluster(cluster)
             self.clusters.remove(cluster)
+
+    def stop_cluster(self, cluster: LocalCluster) -> None:
+        """Frontends and workers first, while the master can still ack the
+        workers' last reports (a worker waits for its acks before it exits),
+        then the rest (LocalCluster.stop). Only this cluster's PIDs."""
+        early = [s for s in cluster.services if s.role in ("frontend", "worker") and s.alive()]
+        for s in early:
+            s.signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for s in early:
+            try:
+                s.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except Exception:
+                self.log(f"{s.role} {s.pid} did not stop within 10 s of SIGTERM: killing it")
+                s.kill()
+        cluster.stop()
 
     def stop_all(self) -> None:
         for cluster in list(self.clusters):
             with contextlib.suppress(Exception):
-                cluster.stop()
+                self.stop_cluster(cluster)
         self.clusters.clear()
         if self.kz is not None:
             with contextlib.suppress(Exception):
@@ -194,13 +228,29 @@ class Bench:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def cpu_meter(self, cluster: LocalCluster) -> procstat.CpuMeter:
+        """CPU per role; "worker" is the worker processes themselves and
+        "executors" their children (one job process per slot)."""
         groups: dict[str, list[int]] = {}
+        tree = procstat.children_map()
         for s in cluster.services:
             if s.alive():
                 groups.setdefault(s.role, []).append(s.pid)
+                if s.role == "worker":
+                    groups.setdefault("executors", []).extend(procstat.descendants(s.pid, tree)[1:])
         groups["zookeeper"] = [self.zookeeper.process.pid]
         groups["bench"] = [os.getpid()]
-        return procstat.CpuMeter(groups, exact=("bench",))
+        return procstat.CpuMeter(groups, exact=("bench", "worker", "executors"), count_switches=True)
+
+    def journal_znodes(self, cluster: LocalCluster) -> int:
+        """Batch znodes in the journal now (what a new master reads after the snapshot)."""
+        path = zkpaths.Paths(cluster.root).journal
+        return sum(1 for n in self.kz.get_children(path) if n.startswith("b-")) if self.kz.exists(path) else 0
+
+    def journal_batches(self, cluster: LocalCluster) -> int:
+        """Journal batches written so far (the newest batch znode's sequence number + 1)."""
+        path = zkpaths.Paths(cluster.root).journal
+        names = [n for n in self.kz.get_children(path) if n.startswith("b-")] if self.kz.exists(path) else []
+        return max((int(n.rsplit("-", 1)[1]) for n in names), default=-1) + 1
 
     def start_zookeeper(self) -> None:
         self.log("starting ZooKeeper")
@@ -271,13 +321,14 @@ class Bench:
     def scenario_submit(self) -> None:
         duration = 3.0 if self.quick else 5.0
         with self.cluster("submit") as c:
-            c.start_master(None, "--max-pending", "10000000", wait=True)
+            c.start_master(None, "--max-pending", "10000000", *self.master_args, wait=True)
             frontend = c.start_frontend()
             stub = self.frontend_stub(frontend)
             self.warm_up_submit(stub)
             # (a) one work per SubmitWork call, 16 threads
             self.log(f"submit: SubmitWork from 16 threads for {duration:g} s (no workers: the queue fills)")
             pool = clients.requests(40_000 if self.quick else 80_000)
+            batches0 = self.journal_batches(c)
             meter = self.cpu_meter(c).start()
             single = Submitters(stub, pool, threads=16, batched=False, duration=duration).start()
             single.join(duration + 30)
@@ -287,16 +338,20 @@ class Bench:
             self.details["submit_single"] = {
                 "works": single.works, "seconds": round(single.finished - single.started, 2),
                 "latency_ms_p50": round(1000 * percentile(lat, 50), 2), "latency_ms_p99": round(1000 * percentile(lat, 99), 2),
-                "errors": single.errors, "cpu_percent_of_core": cpu_a}
+                "errors": single.errors, "cpu_percent_of_core": cpu_a,
+                "journal_batches": self.journal_batches(c) - batches0}
             self.log(f"submit: single {rate_a:,.0f} works/s; cpu {cpu_a}")
             self.row("submit.single", "submit: SubmitWork x1, 16 threads", rate_a, "works/s",
                      note=f"no workers; ack p50 {1000 * percentile(lat, 50):.1f} ms / p99 {1000 * percentile(lat, 99):.1f} ms; "
-                          f"cpu master {cpu_a.get('master')}% frontend {cpu_a.get('frontend')}%; peers' enqueue: "
+                          f"cpu % of a core: master {cpu_a.get('master')} frontend {cpu_a.get('frontend')} "
+                          f"zk {cpu_a.get('zookeeper')} bench {cpu_a.get('bench')} other {cpu_a.get('other')}; "
+                          f"{self.details['submit_single']['journal_batches']:,} journal writes; peers' enqueue: "
                           f"Dramatiq ~{PEERS['dramatiq_enqueue']:,}/s, Celery ~{PEERS['celery_enqueue']}/s")
             # (b) 500 works per SubmitWorks call, 4 threads
             self.log(f"submit: SubmitWorks x500 from 4 threads for {duration:g} s")
             size = 500
             pool = clients.batches(clients.requests(150_000 if self.quick else 300_000), size)
+            batches0 = self.journal_batches(c)
             meter = self.cpu_meter(c).start()
             batched = Submitters(stub, pool, threads=4, batched=True, duration=duration).start()
             batched.join(duration + 60)
@@ -307,11 +362,14 @@ class Bench:
             self.details["submit_batched"] = {
                 "works": batched.works, "seconds": round(batched.finished - batched.started, 2),
                 "call_ms_p50": round(1000 * percentile(lat, 50), 1), "call_ms_p99": round(1000 * percentile(lat, 99), 1),
-                "errors": batched.errors, "cpu_percent_of_core": cpu_b, "pool_exhausted": exhausted}
+                "errors": batched.errors, "cpu_percent_of_core": cpu_b, "pool_exhausted": exhausted,
+                "journal_batches": self.journal_batches(c) - batches0}
             self.log(f"submit: batched {rate_b:,.0f} works/s; cpu {cpu_b}")
             self.row("submit.batched", "submit: SubmitWorks x500, 4 threads", rate_b, "works/s",
                      note=f"no workers; call p50 {1000 * percentile(lat, 50):.0f} ms / p99 {1000 * percentile(lat, 99):.0f} ms; "
-                          f"cpu master {cpu_b.get('master')}% frontend {cpu_b.get('frontend')}% zk {cpu_b.get('zookeeper')}%"
+                          f"cpu % of a core: master {cpu_b.get('master')} frontend {cpu_b.get('frontend')} "
+                          f"zk {cpu_b.get('zookeeper')} other {cpu_b.get('other')}; "
+                          f"{self.details['submit_batched']['journal_batches']:,} journal writes"
                           + ("; request pool ran out" if exhausted else ""))
 
     def warm_up_submit(self, stub) -> None:
@@ -333,7 +391,10 @@ class Bench:
                 for s in cluster.services:
                     if s.role in ("master", "frontend", "worker") and s.alive():
                         out = profile_dir / f"{s.role}-{s.pid}.raw"
-                        recordings.append((s.role, s.pid, out, profiling.Recording(s.pid, out, seconds)))
+                        recordings.append((s.role, s.pid, out, profiling.Recording(
+                            s.pid, out, seconds, gil=not self.args.profile_all_threads,
+                            native=self.args.profile_native)))
+            batches0 = self.journal_batches(cluster)
             meter = self.cpu_meter(cluster).start()
             t0 = time.monotonic()
             subm = Submitters(stub, items, threads=2 if batched else 16, batched=batched).start()
@@ -346,7 +407,10 @@ class Bench:
             out = {"works": count, "results": sub.count, "done": sub.done, "complete": complete,
                    "seconds": round(t1 - t0, 2), "rate": sub.count / (t1 - t0),
                    "submit_rate": subm.works / max(1e-9, submitted_at - t0),
-                   "submit_errors": subm.errors, "cpu_percent_of_core": cpu}
+                   "submit_errors": subm.errors, "cpu_percent_of_core": cpu,
+                   "journal_batches": self.journal_batches(cluster) - batches0}
+            out["cpu_ms_per_work"] = {k: round(10 * v / max(1.0, out["rate"]), 3) for k, v in cpu.items()}
+            out["context_switches_per_work"] = {k: round(v / max(1, sub.count), 1) for k, v in meter.switches.items()}
             for role, pid, path, rec in recordings:
                 rec.wait(30)
                 if rec.error:
@@ -358,59 +422,83 @@ class Bench:
         finally:
             sub.stop()
 
+    @contextlib.contextmanager
+    def e2e_cluster(self, name: str, per_process: int):
+        """Master, frontend, 2 worker processes x per_process slots, warmed up."""
+        with self.cluster(name) as c:
+            c.start_master(None, *self.master_args, wait=True)
+            frontend = c.start_frontend()
+            stub = self.frontend_stub(frontend)
+            workers = [c.start_worker(per_process, *self.worker_args), c.start_worker(per_process, *self.worker_args)]
+            self.wait_workers(stub, 2 * per_process, 60)
+            self.warm_up(stub, 200)
+            self.wait_quiet([w.pid for w in workers], 20, 15)
+            yield c, stub
+
+    def _e2e_log(self, mode: str, per_process: int, result: dict) -> None:
+        self.log(f"e2e: {mode} c={per_process}: {result['rate']:,.0f} works/s ({result['results']}/{result['works']} "
+                 f"in {result['seconds']} s, {result['journal_batches']} journal writes); "
+                 f"cpu ms/work {result['cpu_ms_per_work']}; context switches/work {result['context_switches_per_work']}")
+
     def scenario_e2e(self) -> None:
+        """Batched: every setting with the full count. Single (slower): every
+        setting with a smaller count to choose, then the full count at the best."""
         count = self.args.e2e_works or (2_000 if self.quick else 20_000)
+        sweep_single = min(count, 2_000 if self.quick else 4_000)
         settings = [int(x) for x in self.args.concurrency.split(",")] if self.args.concurrency else \
-            ([4] if self.quick else [2, 4, 8])
-        runs = {"batched": [], "single": []}
+            ([4] if self.quick else [4, 8, 16])
+        modes = self.args.e2e_modes.split(",")
+        runs = {"batched": [], "single": [], "single_sweep": []}
         for per_process in settings:
-            if self.remaining() < 60:
+            if self.remaining() < 90:
                 self.notes.append(f"e2e: concurrency {per_process} skipped (time budget)")
                 continue
-            with self.cluster(f"e2e-c{per_process}") as c:
-                c.start_master(None, wait=True)
-                frontend = c.start_frontend()
-                stub = self.frontend_stub(frontend)
-                workers = [c.start_worker(per_process), c.start_worker(per_process)]
-                self.wait_workers(stub, 2 * per_process, 60)
-                self.warm_up(stub, 200)
-                self.wait_quiet([w.pid for w in workers], 20, 15)
-                for mode in ("batched", "single"):
-                    self.log(f"e2e: {count:,} works, {mode}, 2 worker processes x {per_process} slots")
-                    result = self.e2e_run(c, stub, count, mode == "batched")
+            with self.e2e_cluster(f"e2e-c{per_process}", per_process) as (c, stub):
+                for mode in modes:
+                    n = count if mode == "batched" or len(settings) == 1 else sweep_single
+                    self.log(f"e2e: {n:,} works, {mode}, 2 worker processes x {per_process} slots")
+                    result = self.e2e_run(c, stub, n, mode == "batched")
                     result["slots_per_process"] = per_process
-                    runs[mode].append(result)
-                    self.log(f"e2e: {mode} c={per_process}: {result['rate']:,.0f} works/s "
-                             f"({result['results']}/{count} in {result['seconds']} s); cpu {result['cpu_percent_of_core']}")
+                    runs[mode if n == count else "single_sweep"].append(result)
+                    self._e2e_log(mode, per_process, result)
+        if "single" in modes and runs["single_sweep"] and self.remaining() > 30 + count / 200:
+            best = max(runs["single_sweep"], key=lambda r: r["rate"])["slots_per_process"]
+            with self.e2e_cluster(f"e2e-single-c{best}", best) as (c, stub):
+                self.log(f"e2e: {count:,} works, single, 2 worker processes x {best} slots (the sweep's best)")
+                result = self.e2e_run(c, stub, count, False)
+                result["slots_per_process"] = best
+                runs["single"].append(result)
+                self._e2e_log("single", best, result)
+        elif runs["single_sweep"] and not runs["single"]:
+            self.notes.append(f"e2e single: only the {sweep_single:,}-work sweep ran (time budget)")
+            runs["single"] = runs["single_sweep"]
         self.details["e2e"] = runs
-        for mode, target, peer in (("batched", 6 * PEERS["dramatiq_e2e"], "6 x Dramatiq"),
-                                   ("single", 2 * PEERS["celery_e2e"], "2 x Celery")):
+        for mode, target, peer in (("batched", 3000, "6 x Dramatiq's 480/s"),
+                                   ("single", 2 * PEERS["celery_e2e"], "2 x Celery's 310/s")):
             if not runs[mode]:
                 continue
             best = max(runs[mode], key=lambda r: r["rate"])
-            tried = ", ".join(f"c={r['slots_per_process']}: {r['rate']:,.0f}" for r in runs[mode])
-            cpu = best["cpu_percent_of_core"]
-            note = (f"best at 2 procs x {best['slots_per_process']} slots ({tried}); "
+            tried = runs[mode] if mode == "batched" else runs["single_sweep"] or runs["single"]
+            tried_text = ", ".join(f"c={r['slots_per_process']}: {r['rate']:,.0f}" for r in tried)
+            if mode == "single" and runs["single_sweep"]:
+                tried_text = f"sweep of {sweep_single:,} works: {tried_text}"
+            cpu, per = best["cpu_percent_of_core"], best["cpu_ms_per_work"]
+            note = (f"2 procs x {best['slots_per_process']} slots ({tried_text}); "
                     f"{'SubmitWorks x500, 2 threads' if mode == 'batched' else 'SubmitWork x1, 16 threads'}; "
-                    f"cpu master {cpu.get('master')}% frontend {cpu.get('frontend')}% workers {cpu.get('worker')}% "
-                    f"zk {cpu.get('zookeeper')}% bench {cpu.get('bench')}% other {cpu.get('other')}%; target {peer}")
+                    f"CPU ms/work: master {per.get('master')} frontend {per.get('frontend')} "
+                    f"worker {per.get('worker')} executors {per.get('executors')} zk {per.get('zookeeper')} "
+                    f"bench {per.get('bench')}; machine {cpu.get('machine')}% of a core, other load {cpu.get('other')}%; "
+                    f"{best['journal_batches']:,} journal writes; target {peer}")
             if not best["complete"]:
                 note += f"; INCOMPLETE: {best['results']}/{best['works']} results"
-            self.row(f"e2e.{mode}", f"end to end, {count:,} works, {mode}", best["rate"], "works/s",
+            self.row(f"e2e.{mode}", f"end to end, {best['works']:,} works, {mode}", best["rate"], "works/s",
                      target, ">=", note)
-        if self.args.profile and runs["batched"]:
+        if self.args.profile and runs["batched"] and self.remaining() > 60:
             best = max(runs["batched"], key=lambda r: r["rate"])["slots_per_process"]
             profile_dir = Path(self.args.profile)
             profile_dir.mkdir(parents=True, exist_ok=True)
-            with self.cluster("e2e-profile") as c:
-                c.start_master(None, wait=True)
-                frontend = c.start_frontend()
-                stub = self.frontend_stub(frontend)
-                workers = [c.start_worker(best), c.start_worker(best)]
-                self.wait_workers(stub, 2 * best, 60)
-                self.warm_up(stub, 200)
-                self.wait_quiet([w.pid for w in workers], 20, 15)
-                self.log(f"e2e: profiling master, frontend and workers (py-spy --gil) during a batched run, c={best}")
+            with self.e2e_cluster("e2e-profile", best) as (c, stub):
+                self.log(f"e2e: profiling master, frontend and workers (py-spy) during a batched run, c={best}")
                 result = self.e2e_run(c, stub, count, True, profile_dir)
                 self.details["e2e_profiled_run"] = result
                 self.log(f"e2e: profiled run {result['rate']:,.0f} works/s (py-spy slows the processes)")
@@ -420,10 +508,10 @@ class Bench:
     def scenario_roundtrip(self) -> None:
         count = 50 if self.quick else 200
         with self.cluster("roundtrip") as c:
-            c.start_master(None, wait=True)
+            c.start_master(None, *self.master_args, wait=True)
             frontend = c.start_frontend()
             stub = self.frontend_stub(frontend)
-            workers = [c.start_worker(2), c.start_worker(2)]
+            workers = [c.start_worker(2, *self.worker_args), c.start_worker(2, *self.worker_args)]
             self.wait_workers(stub, 4, 60)
             self.warm_up(stub, 40)
             self.wait_quiet([w.pid for w in workers], 20, 15)
@@ -472,8 +560,8 @@ class Bench:
 
     def scenario_failover(self) -> None:
         with self.cluster("failover") as c:
-            first = c.start_master(None, wait=True)
-            second = c.start_master(None, wait=True)
+            first = c.start_master(None, *self.master_args, wait=True)
+            second = c.start_master(None, *self.master_args, wait=True)
             frontend = c.start_frontend()
             stub = self.frontend_stub(frontend)
             if c.active_master(10) is not first:
@@ -487,6 +575,7 @@ class Bench:
                 time.sleep(2.0)
                 # kill -9: detected when the ZooKeeper session expires
                 self.log(f"failover: kill -9 the active master (session timeout {SESSION_TIMEOUT:g} s) under load")
+                znodes = self.journal_znodes(c)
                 watch = HealthWatch(second.address, 30)
                 t_kill = time.monotonic()
                 first.kill()
@@ -495,14 +584,15 @@ class Bench:
                 gap = outage(load.calls, t_kill)
                 out["kill9"] = {"recovered_s": gap and round(gap[0], 3), "client_gap_s": gap and round(gap[1], 3),
                                 "standby_serving_s": serving and round(serving - t_kill, 3),
-                                "standby": self._standby_recovery(second)}
+                                "standby": self._standby_recovery(second), "journal_znodes": znodes}
                 self.log(f"failover: kill -9 -> {out['kill9']}")
                 # SIGTERM: the master resigns; a new standby waits behind the new master
-                third = c.start_master(None, wait=True)
+                third = c.start_master(None, *self.master_args, wait=True)
                 time.sleep(2.0)
                 if c.active_master(10) is not second:
                     raise RuntimeError("failover: the second backend is not the active master")
                 self.log("failover: SIGTERM the active master under load")
+                znodes = self.journal_znodes(c)
                 watch = HealthWatch(third.address, 30)
                 t_term = time.monotonic()
                 second.signal(signal.SIGTERM)
@@ -511,7 +601,7 @@ class Bench:
                 gap = outage(load.calls, t_term)
                 out["sigterm"] = {"recovered_s": gap and round(gap[0], 3), "client_gap_s": gap and round(gap[1], 3),
                                   "standby_serving_s": serving and round(serving - t_term, 3),
-                                  "standby": self._standby_recovery(third)}
+                                  "standby": self._standby_recovery(third), "journal_znodes": znodes}
                 self.log(f"failover: SIGTERM -> {out['sigterm']}")
             finally:
                 load.stop()
@@ -522,17 +612,18 @@ class Bench:
         self.row("failover.kill9", "failover after kill -9: submits succeed again", k["recovered_s"], "s",
                  SESSION_TIMEOUT + 1.0, "<=",
                  f"session timeout {SESSION_TIMEOUT:g} s; standby serving after {k['standby_serving_s']} s; "
-                 f"{k['standby']}; 4 submit threads")
+                 f"{k['standby']} from {k['journal_znodes']:,} batch znodes; 4 submit threads (SubmitWork)")
         self.row("failover.sigterm", "failover after SIGTERM: submits succeed again", t["recovered_s"], "s",
-                 1.0, "<", f"standby serving after {t['standby_serving_s']} s; {t['standby']}")
+                 1.0, "<", f"standby serving after {t['standby_serving_s']} s; {t['standby']} "
+                           f"from {t['journal_znodes']:,} batch znodes")
 
     # --- 5. replay and 7. memory -------------------------------------------------
 
     def scenario_replay(self) -> None:
         count = self.args.replay_works or (20_000 if self.quick else 100_000)
         with self.cluster("replay") as c:
-            first = c.start_master(None, wait=True)
-            second = c.start_master(None, wait=True)
+            first = c.start_master(None, *self.master_args, wait=True)
+            second = c.start_master(None, *self.master_args, wait=True)
             frontend = c.start_frontend()
             stub = self.frontend_stub(frontend)
             if c.active_master(10) is not first:
@@ -556,7 +647,8 @@ class Bench:
             pending = stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=10).pending
             self.log(f"replay: {pending:,} pending; master RSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB; "
                      f"snapshots taken: {[(int(s[1]), float(s[3])) for s in snapshots]}")
-            self.log("replay: SIGTERM the master; timing the standby's recovery")
+            znodes = self.journal_znodes(c)
+            self.log(f"replay: SIGTERM the master; timing the standby's recovery ({znodes} batch znodes to read)")
             watch = HealthWatch(second.address, 120)
             t0 = time.monotonic()
             first.signal(signal.SIGTERM)
@@ -575,14 +667,14 @@ class Bench:
             "works_filled": count, "fill_rate": round(fill_rate), "pending_at_stop": pending,
             "snapshots": [{"position": int(s[0]), "pending": int(s[1]), "results": int(s[2]), "seconds": float(s[3])}
                           for s in snapshots],
-            "events_replayed": events, "recovered_s": seconds, "recovered_pending": recovered_pending,
+            "events_replayed": events, "journal_znodes": znodes, "recovered_s": seconds, "recovered_pending": recovered_pending,
             "serving_after_sigterm_s": round(serving - t0, 3)}
         self.details["memory"] = {
             "master_rss_before": rss0, "master_rss_after": rss1, "payload_bytes": payload, "works": count,
             "per_work_bytes": round(per_work), "standby_rss_before": standby_rss0,
             "standby_rss_after_recovery": standby_rss1, "standby_per_work_bytes": round(standby_per_work)}
-        snap = (f"from a snapshot of {snapshots[-1][1]} pending + {events:,} journal events"
-                if snapshots else f"no snapshot: {events:,} journal events")
+        snap = (f"from a snapshot of {int(snapshots[-1][1]):,} pending + {events:,} journal events in {znodes} znodes"
+                if snapshots else f"no snapshot: {events:,} journal events in {znodes} znodes")
         self.row("replay.recovered", f"replay of {recovered_pending:,} pending (master's log)", seconds, "s", 2.0, "<",
                  f"{snap}; defaults (--snapshot-every 50000); fill {fill_rate:,.0f} works/s")
         self.row("replay.serving", "replay: SIGTERM -> standby SERVING", serving - t0, "s", 2.0, "<",
@@ -597,16 +689,27 @@ class Bench:
         procs, slots = self.args.scale_procs, self.args.scale_slots
         if self.quick and not self.args.scale_explicit:
             procs, slots = 2, 50
+        # Each slot's executor is a Python process (~10 MiB PSS measured): fit what the machine has.
+        available = procstat.mem_available_bytes()
+        fit = int((available - 2 * 2**30) / (11 * 2**20) / procs)
+        if fit < slots:
+            self.notes.append(f"scale: {procs} x {slots} slots would not fit in {available / 2**30:.1f} GiB "
+                              f"available: measured with {procs} x {max(1, fit)}")
+            slots = max(1, fit)
         total = procs * slots
         idle_seconds = 5.0 if self.quick else 10.0
         with self.cluster("scale") as c:
-            master = c.start_master(None, wait=True)
+            master = c.start_master(None, *self.master_args, wait=True)
             frontend = c.start_frontend()
             stub = self.frontend_stub(frontend)
             self.log(f"scale: starting {procs} worker processes x {slots} slots (one executor process per slot)")
             t0 = time.monotonic()
-            workers = [c.start_worker(slots) for _ in range(procs)]
-            self.wait_workers(stub, total, max(120.0, total / 5))
+            workers = []
+            for i in range(procs):  # one at a time: a gentler peak for a shared machine
+                workers.append(c.start_worker(slots, *self.worker_args))
+                self.wait_workers(stub, (i + 1) * slots, max(60.0, slots / 2))
+                if i < procs - 1:
+                    self.wait_quiet([workers[-1].pid], 50, max(30.0, slots / 5))
             registered = time.monotonic() - t0
             tree = procstat.children_map()
             executors = sum(len(procstat.descendants(w.pid, tree)) - 1 for w in workers)
@@ -629,9 +732,22 @@ class Bench:
             try:
                 items = (work_pb2.SubmitWorkRequest(work_id=i, kind="square", payload=b"7")
                          for i in clients.counter_ids(f"sc-{uuid.uuid4().hex[:6]}"))
+                recording = None
+                if self.args.profile:
+                    profile_dir = Path(self.args.profile)
+                    profile_dir.mkdir(parents=True, exist_ok=True)
+                    out = profile_dir / f"scale-master-{master.pid}.raw"
+                    recording = (out, profiling.Recording(master.pid, out, seconds, native=self.args.profile_native))
                 meter = self.cpu_meter(c).start()
                 load = Submitters(stub, items, threads=4, batched=False, duration=seconds, pace=4.0 / rate).start()
                 load.join(seconds + 30)
+                if recording is not None:
+                    recording[1].wait(30)
+                    if recording[1].error:
+                        self.notes.append(f"profile of the master under scale load failed: {recording[1].error}")
+                    else:
+                        self.profiles.setdefault("master (scale load)", []).append(
+                            {"pid": master.pid, "file": str(recording[0]), **profiling.summarise(recording[0], seconds)})
                 missing = sub.wait_ids(list(load.acked), 30)
                 cpu_load = meter.stop()
                 latencies = [sub.arrived[w] - t for w, t in load.acked.items() if w in sub.arrived]
@@ -658,11 +774,14 @@ class Bench:
 
     def run(self, names: list[str]) -> None:
         self.details["machine"] = {"cores": os.cpu_count(), "loadavg_start": procstat.loadavg(),
-                                   "python": sys.version.split()[0], "quick": self.quick}
+                                   "python": sys.version.split()[0], "quick": self.quick,
+                                   "commit": _commit(), "memory_available": procstat.mem_available_bytes()}
         self.start_zookeeper()
         for name in names:
-            if self.remaining() < 30:
-                self.notes.append(f"{name}: skipped (time budget of {self.args.budget:.0f} s spent)")
+            need = (ESTIMATE_QUICK if self.quick else ESTIMATE)[name]
+            if self.remaining() < need:
+                self.notes.append(f"{name}: skipped ({self.remaining():.0f} s of the {self.args.budget:.0f} s budget "
+                                  f"left, it needs about {need} s)")
                 self.log(f"{name}: skipped, out of time")
                 continue
             self.log(f"=== {name} (load average {procstat.loadavg()})")
@@ -682,6 +801,7 @@ class Bench:
             "missed": [r["key"] for r in self.rows if r["met"] is False],
             "failed_scenarios": self.failed, "notes": self.notes, "details": self.details,
             "profiles": self.profiles, "session_timeout_s": SESSION_TIMEOUT,
+            "master_args": self.master_args, "worker_args": self.worker_args,
             "seconds": round(time.monotonic() - self.t_start, 1),
         }
 
@@ -700,9 +820,11 @@ class Bench:
         for note in self.notes:
             out.append(f"note: {note}")
         m = self.details.get("machine", {})
+        if self.master_args or self.worker_args:
+            out.append(f"NOT the defaults: masters {self.master_args} workers {self.worker_args}")
         out.append(f"machine: {m.get('cores')} cores, load average {m.get('loadavg_start')} at start, "
                    f"{m.get('loadavg_end')} at end (shared machine: figures are noisy); "
-                   f"{'QUICK run (smaller counts)' if self.quick else 'full run'}; "
+                   f"{'QUICK run (smaller counts)' if self.quick else 'full run'}; commit {m.get('commit')}; "
                    f"{time.monotonic() - self.t_start:.0f} s")
         return "\n".join(out)
 
@@ -711,20 +833,27 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--json-out", metavar="FILE", default="", help="also write the JSON object to FILE")
     p.add_argument("--quick", action="store_true", help="smaller counts, for a smoke run")
     p.add_argument("--only", default="", help="comma-separated scenarios: " + ", ".join(SCENARIOS) + " (memory = replay)")
     p.add_argument("--profile", metavar="DIR", default="",
                    help="also run py-spy (--gil) on master, frontend and workers during an extra batched e2e run; raw stacks go to DIR")
+    p.add_argument("--profile-native", action="store_true", help="with --profile: include C frames (py-spy --native)")
+    p.add_argument("--profile-all-threads", action="store_true",
+                   help="with --profile: sample every running thread, not only the one holding the GIL")
     p.add_argument("--concurrency", default="", help="e2e: slots per worker process to try, e.g. 2,4,8")
+    p.add_argument("--e2e-modes", default="batched,single", help="e2e: which submission modes to run")
     p.add_argument("--e2e-works", type=int, default=0, help="e2e: works per run (default 20,000; quick 2,000)")
     p.add_argument("--replay-works", type=int, default=0, help="replay: pending works (default 100,000; quick 20,000)")
     p.add_argument("--scale-procs", type=int, default=None, help="scale: worker processes (default 4)")
     p.add_argument("--scale-slots", type=int, default=None, help="scale: slots per worker process (default 250)")
     p.add_argument("--scale-rate", type=int, default=200, help="scale: works/s of the dispatch-latency load")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds after which remaining scenarios are skipped (default 540; quick 300)")
+                   help="seconds after which remaining scenarios are skipped (default 570; quick 300)")
     p.add_argument("--hard-limit", type=float, default=None,
                    help="seconds after which the bench stops its clusters and exits (default budget + 240)")
+    p.add_argument("--master-args", default="", help="extra flags for every master (what-if runs; not the defaults)")
+    p.add_argument("--worker-args", default="", help="extra flags for every worker, e.g. '--log-level WARNING'")
     p.add_argument("--workdir", default=None, help="keep logs and data here (default: a temporary dir, removed)")
     p.add_argument("--keep", action="store_true", help="keep the temporary work dir (logs)")
     args = p.parse_args(argv)
@@ -732,7 +861,7 @@ def parse_args(argv=None):
     args.scale_procs = args.scale_procs or 4
     args.scale_slots = args.scale_slots or 250
     if args.budget is None:
-        args.budget = 300.0 if args.quick else 540.0
+        args.budget = 300.0 if args.quick else 570.0
     if args.hard_limit is None:
         args.hard_limit = args.budget + 240.0
     names = [ALIASES.get(n.strip(), n.strip()) for n in args.only.split(",") if n.strip()] or list(SCENARIOS)
@@ -766,6 +895,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         bench.log("interrupted: stopping clusters")
         code = 130
+    except Exception as exc:  # e.g. ZooKeeper would not start
+        bench.log(f"bench failed: {type(exc).__name__}: {exc}")
+        bench.failed["bench"] = f"{type(exc).__name__}: {exc}"
+        code = 2
     finally:
         bench.stop_all()
         watchdog.cancel()
@@ -774,6 +907,8 @@ def main(argv=None) -> int:
         for role, entries in bench.profiles.items():
             for entry in entries:
                 print(profiling.format_summary(f"{role} pid {entry['pid']}", entry), file=sys.stderr)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=1, default=str))
     if args.json:
         print(json.dumps(report, indent=None, default=str))
     else:

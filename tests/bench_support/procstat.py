@@ -28,6 +28,24 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat
 
 
+def context_switches(pid: int) -> int:
+    """Voluntary + involuntary context switches of all the process's threads."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
 def children_map() -> dict[int, list[int]]:
     tree: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
@@ -59,6 +77,14 @@ def rss_bytes(pid: int) -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return 0
+
+
+def mem_available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
     return 0
 
 
@@ -96,9 +122,11 @@ class CpuMeter:
     start and at stop) between start() and stop(), and by the whole machine:
     what is left is other load on the machine (noise)."""
 
-    def __init__(self, groups: dict[str, Iterable[int]], exact: Iterable[str] = ()):
+    def __init__(self, groups: dict[str, Iterable[int]], exact: Iterable[str] = (), count_switches: bool = False):
         self.groups = {name: list(pids) for name, pids in groups.items()}
         self.exact = set(exact)  # groups counted without their descendants
+        self.count_switches = count_switches
+        self.switches: dict[str, int] = {}
         self._start: dict[str, dict[int, float]] = {}
         self.seconds = 0.0
         self.used: dict[str, float] = {}
@@ -107,22 +135,29 @@ class CpuMeter:
     def _sample(self) -> dict[str, dict[int, float]]:
         tree = children_map()
         sample = {}
+        switches = {}
         for name, roots in self.groups.items():
             if name in self.exact:
                 pids = set(roots)
             else:
                 pids = {p for root in roots for p in descendants(root, tree)}
             sample[name] = {p: cpu_seconds(p) for p in pids}
+            switches[name] = {p: context_switches(p) for p in pids} if self.count_switches else {}
+        self._switches_sample = switches
         return sample
 
     def start(self) -> "CpuMeter":
         self._start = self._sample()
+        self._switches0 = self._switches_sample
         self._t0 = time.monotonic()
         self._sys0 = system_busy_seconds()[0]
         return self
 
     def stop(self) -> dict:
         end = self._sample()
+        for name, now in self._switches_sample.items():
+            before = self._switches0.get(name, {})
+            self.switches[name] = sum(max(0, v - before.get(p, 0)) for p, v in now.items())
         self.seconds = max(1e-9, time.monotonic() - self._t0)
         self.system = system_busy_seconds()[0] - self._sys0
         for name, now in end.items():

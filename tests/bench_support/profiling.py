@@ -25,7 +25,7 @@ class Recording:
     process's Python (interpreter) time, which is what a GIL-bound service
     is limited by."""
 
-    def __init__(self, pid: int, out: Path, duration: float, gil: bool = True):
+    def __init__(self, pid: int, out: Path, duration: float, gil: bool = True, native: bool = False):
         self.pid, self.out, self.duration = pid, out, duration
         exe = py_spy()
         self.process = None
@@ -34,9 +34,13 @@ class Recording:
             self.error = "py-spy is not installed (.venv/bin/pip install py-spy)"
             return
         command = [exe, "record", "--pid", str(pid), "--duration", str(max(1, int(round(duration)))),
-                   "--rate", str(RATE), "--format", "raw", "--threads", "--nonblocking", "-o", str(out)]
+                   "--rate", str(RATE), "--format", "raw", "--threads", "-o", str(out)]
         if gil:
             command.append("--gil")
+        if native:
+            command.append("--native")  # C frames too (grpc's Cython, protobuf's upb)
+        else:
+            command.append("--nonblocking")  # do not pause the process to sample it
         self.log = open(str(out) + ".log", "wb")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
