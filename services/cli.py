@@ -29,6 +29,7 @@ def run_master(args) -> None:
         metrics_port=args.metrics_port, session_timeout=args.session_timeout,
         work_timeout=args.work_timeout, worker_timeout=args.worker_timeout, max_pending=args.max_pending,
         snapshot_every=args.snapshot_every, snapshot_interval=args.snapshot_interval,
+        snapshot_batches=args.snapshot_batches,
         retention_count=args.retention_count, retention_seconds=args.retention_seconds,
         subscriber_timeout=args.subscriber_timeout,
     ))
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(p, "--worker-timeout", 15.0, type=float, help="seconds a silent worker slot is kept")
     add(p, "--max-pending", 1_000_000, type=int, help="pending works beyond which submissions are refused")
     add(p, "--snapshot-every", 50_000, type=int, help="journal events between snapshots")
+    add(p, "--snapshot-batches", 1_000, type=int, help="journal batches between snapshots (bounds replay time)")
     add(p, "--snapshot-interval", 60.0, type=float, help="seconds between snapshots (when anything changed)")
     add(p, "--retention-count", 100_000, type=int, help="finished results kept at most (their ids stay deduplicated while kept)")
     add(p, "--subscriber-timeout", 30.0, type=float, help="a result subscriber that reads nothing this long is dropped")

@@ -196,10 +196,19 @@ class MasterProxy:
             self.locator.hint(hint)
         return True
 
+    def _pause(self, seconds: float) -> None:
+        """Waits before a retry, but no longer than until the master changes."""
+        moved = threading.Event()
+        self.locator.on_change(moved.set)
+        try:
+            moved.wait(seconds)
+        finally:
+            self.locator.remove_listener(moved.set)
+
     def call(self, method: str, request, timeout: float | None = None):
         """Calls a unary Master method on the active master, retrying through failover."""
         deadline = time.monotonic() + (timeout or self.timeout)
-        delay, last = 0.02, "no master found"
+        delay, last = 0.01, "no master found"
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -213,8 +222,8 @@ class MasterProxy:
                 if not timed_out and not self._retry_hint(error, address):
                     raise
                 last = f"{address}: {error.code().name}: {error.details()}"
-                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                delay = min(delay * 2, 0.5)
+                self._pause(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, 0.1)
                 continue
             epoch = int(metadata_value(call.trailing_metadata(), EPOCH_KEY) or 0)
             if not self.observe_epoch(epoch):

@@ -51,6 +51,7 @@ class CoreSettings:
     max_pending: int = 1_000_000
     snapshot_every: int = 50_000  # events between snapshots
     snapshot_interval: float = 60.0  # seconds between snapshots (if anything changed)
+    snapshot_batches: int = 1_000  # journal batches between snapshots: replay time grows with them
     retention_count: int = 100_000  # finished results kept (the deduplication window)...
     retention_seconds: float = 3600.0  # ...and for at least this long, unless over the count
 
@@ -88,6 +89,7 @@ class MasterCore:
         self._ticker: asyncio.Task | None = None
         self._finished_at: deque[tuple[int, float]] = deque()  # (sequence, when) for retention by age
         self._events_since_snapshot = 0
+        self._batches_at_snapshot = 0
         self._last_snapshot = time.monotonic()
         self._snapshotting = False
 
@@ -371,8 +373,10 @@ class MasterCore:
             self._record(events)
             self._announce_work()
         self._forget_old_results(now)
+        batches = self.committer.batches_written - self._batches_at_snapshot
         if not self._snapshotting and self._events_since_snapshot and (
                 self._events_since_snapshot >= self.settings.snapshot_every
+                or batches >= self.settings.snapshot_batches
                 or now - self._last_snapshot >= self.settings.snapshot_interval):
             self._snapshotting = True
             asyncio.create_task(self.snapshot())
@@ -396,6 +400,7 @@ class MasterCore:
             covered = self.committer.cut()
             snapshot = self.state.to_snapshot()  # the state as of the cut: same loop step
             self._events_since_snapshot = 0
+            self._batches_at_snapshot = self.committer.batches_written
             self._last_snapshot = time.monotonic()
             position = await covered
             started = time.monotonic()

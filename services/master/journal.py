@@ -227,6 +227,8 @@ class GroupCommitter:
         self._in_flight = 0
         self._last: asyncio.Future | None = None
         self.last_position = -1  # of the newest durable batch
+        self.batches_written = 0
+        self._pump_scheduled = False
         self.paused = False
         self.failed: Exception | None = None
 
@@ -250,8 +252,16 @@ class GroupCommitter:
             self._buffer_bytes += size
         self._buffer_waiters.append(waiter)
         self._last = waiter
-        self._pump()
+        # Write once this loop iteration is over: everything appended by the
+        # handlers that run in it goes into the same batch.
+        if not self._pump_scheduled:
+            self._pump_scheduled = True
+            self.loop.call_soon(self._scheduled_pump)
         return waiter
+
+    def _scheduled_pump(self) -> None:
+        self._pump_scheduled = False
+        self._pump()
 
     def barrier(self) -> asyncio.Future:
         """A future that resolves when everything appended so far is durable."""
@@ -325,6 +335,7 @@ class GroupCommitter:
             self.on_batch(count, self.loop.time() - started)
         position = f.result()
         self.last_position = max(self.last_position, position)
+        self.batches_written += 1
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(position)

@@ -49,6 +49,7 @@ class MasterSettings:
     max_pending: int = 1_000_000
     shutdown_grace: float = 5.0
     snapshot_every: int = 50_000
+    snapshot_batches: int = 1_000
     snapshot_interval: float = 60.0
     retention_count: int = 100_000
     retention_seconds: float = 3600.0
@@ -199,8 +200,10 @@ class MasterNode:
         s = self.settings
         journal = ZooKeeperJournal(self.client, self.paths.journal, fence_path=view.node)
         core = MasterCore(journal, view.epoch,
-                          CoreSettings(s.work_timeout, s.worker_timeout, s.max_pending, s.snapshot_every,
-                                       s.snapshot_interval, s.retention_count, s.retention_seconds),
+                          CoreSettings(work_timeout=s.work_timeout, worker_timeout=s.worker_timeout,
+                                       max_pending=s.max_pending, snapshot_every=s.snapshot_every,
+                                       snapshot_interval=s.snapshot_interval, snapshot_batches=s.snapshot_batches,
+                                       retention_count=s.retention_count, retention_seconds=s.retention_seconds),
                           on_failure=self._journal_failed, metrics=self.metrics)
         core.node = view.node
         log.info("elected master; replaying the journal", extra={"epoch": view.epoch})
