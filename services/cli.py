@@ -72,7 +72,7 @@ def run_worker(args) -> None:
         for kind in kinds:
             client.ensure_path(f"{zk.Paths(args.root).kinds}/{kind}")
     worker = Worker(master_proxy, WorkerSettings(
-        concurrency=args.concurrency, jobs=modules, register_interval=args.register_interval,
+        concurrency=args.concurrency, jobs=modules, executor=args.executor, register_interval=args.register_interval,
         shutdown_grace=args.shutdown_grace))
     log.info("worker with %d slots for kinds %s", args.concurrency, ", ".join(kinds))
     thread = threading.Thread(target=worker.run, name="worker", daemon=True)
@@ -138,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run worker slots that pull work from the active master and run jobs in child processes.")
     settings.add_common(p)
     add(p, "--masters", "", help="comma-separated backend addresses instead of ZooKeeper discovery")
-    add(p, "--concurrency", 2, type=int, help="worker slots (each with its own executor process)")
+    add(p, "--concurrency", 2, type=int, help="worker slots (each with its own executor)")
+    add(p, "--executor", "process", help="process: each slot's jobs run in a child process (killable); "
+        "thread: on a thread of this process (cheap, for many slots or trivial jobs)", choices=("process", "thread"))
     add(p, "--jobs", "", help="comma-separated Python modules that register jobs")
     add(p, "--metrics-port", 9101, type=int, help="Prometheus /metrics port (0: off)")
     add(p, "--register-interval", 5.0, type=float, help="seconds between registrations")

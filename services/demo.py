@@ -86,7 +86,7 @@ def run(args) -> None:
             raise CliError(str(exc)) from None
         log.info("local ZooKeeper at %s (data in %s)", cluster.zk, workdir)
         trace = ("--log-level", "DEBUG", "--log-format", args.log_format)
-        cluster.start_worker(args.workers, "--log-format", args.log_format)
+        cluster.start_worker(args.workers, *trace)
         for port in MASTER_PORTS:
             cluster.start_master(port, *trace, wait=True)
         front = cluster.start_frontend(int(args.frontend_listen.rsplit(":", 1)[1]), "--log-format", args.log_format)

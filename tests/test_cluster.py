@@ -154,8 +154,8 @@ class ProtocolWorker:
 
     def wait(self, kind: str, timeout: float = 10.0) -> master_pb2.MasterMessage:
         with self.cond:
-            assert self.cond.wait_for(lambda: any(m.WhichOneof("message") == kind for m in self.received), timeout)
-            message = next(m for m in self.received if m.WhichOneof("message") == kind)
+            assert self.cond.wait_for(lambda: any(m.HasField(kind) for m in self.received), timeout)
+            message = next(m for m in self.received if m.HasField(kind))
             self.received.remove(message)
             return message
 

@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -88,6 +88,7 @@ class MasterCore:
         self.committer: GroupCommitter | None = None
         self._ticker: asyncio.Task | None = None
         self._finished_at: deque[tuple[int, float]] = deque()  # (sequence, when) for retention by age
+        self._waiting: OrderedDict[str, None] = OrderedDict()  # idle slots holding a request (credit)
         self._events_since_snapshot = 0
         self._batches_at_snapshot = 0
         self._last_snapshot = time.monotonic()
@@ -202,6 +203,8 @@ class MasterCore:
                 durable = self._record(events)
             except JournalError as exc:
                 raise Overloaded(str(exc)) from None
+            # Starts go into the same journal batch; the hand-out still waits for it.
+            self._dispatch()
             await self._durable(durable)
             if self.metrics:
                 self.metrics.accepted(len(events))
@@ -242,38 +245,56 @@ class MasterCore:
         self.registry.register(connection, message.worker_ids, message.host, time.monotonic())
 
     def request_work(self, connection, worker_ids) -> None:
-        """Hands the head of the queue to each requesting idle slot."""
-        if self.closed is not None or self.committer is None or self.committer.paused:
+        """Records the credit of idle slots that ask for work, and serves them
+        from the head of the queue; a slot left without work keeps its credit."""
+        if self.closed is not None or self.committer is None:
             return
         now = time.monotonic()
-        slots: list[Slot] = []
         for worker_id in worker_ids:
             slot = self.registry.get(worker_id)
             if slot is None or slot.connection is not connection:
                 continue  # not registered (yet): it registers and asks again
             slot.last_seen = now
             if not slot.busy:
-                slots.append(slot)
-        if not slots or not self.state.pending:
+                self._waiting[worker_id] = None
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Hands pending work to waiting slots, oldest request first. The hand-out
+        waits until WorkStarted is durable."""
+        if not self._waiting or not self.state.pending or self.committer.paused or self.closed is not None:
             return
-        work_ids = list(itertools.islice(self.state.pending, len(slots)))
-        events, assignments = [], []
-        for slot, work_id in zip(slots, work_ids):
+        now = time.monotonic()
+        by_connection: dict = {}
+        events = []
+        pending = iter(list(itertools.islice(self.state.pending, len(self._waiting))))
+        while self._waiting:
+            work_id = next(pending, None)
+            if work_id is None:
+                break
+            worker_id, _ = self._waiting.popitem(last=False)
+            slot = self.registry.get(worker_id)
+            if slot is None or slot.busy:
+                pending = itertools.chain([work_id], pending)
+                continue
             work = self.state.pending[work_id].work
             timeout = work.timeout_seconds or self.settings.work_timeout
             self.registry.start(slot, work_id, now + timeout)
-            events.append(journal_pb2.Event(work_started=journal_pb2.WorkStarted(work_id=work_id, worker_id=slot.worker_id)))
-            assignments.append((slot.worker_id, work))
+            events.append(journal_pb2.Event(work_started=journal_pb2.WorkStarted(work_id=work_id, worker_id=worker_id)))
+            by_connection.setdefault(slot.connection, []).append((worker_id, work, timeout))
+        if not events:
+            return
         durable = self._record(events)
-        works = master_pb2.MasterMessage(epoch=self.epoch, works=master_pb2.Works(assignments=[
-            master_pb2.Assignment(worker_id=worker_id, work=work,
-                                  attempt=self.state.in_progress[work.work_id].attempts,
-                                  timeout_seconds=work.timeout_seconds or self.settings.work_timeout)
-            for worker_id, work in assignments
-        ]))
         if self.metrics:
             self.metrics.started(len(events))
-        durable.add_done_callback(lambda f: f.cancelled() or f.exception() or self._hand_out(connection, works))
+        for connection, assigned in by_connection.items():
+            works = master_pb2.MasterMessage(epoch=self.epoch, works=master_pb2.Works(assignments=[
+                master_pb2.Assignment(worker_id=worker_id, work=work, timeout_seconds=timeout,
+                                      attempt=self.state.in_progress[work.work_id].attempts)
+                for worker_id, work, timeout in assigned
+            ]))
+            durable.add_done_callback(
+                lambda f, c=connection, m=works: f.cancelled() or f.exception() or self._hand_out(c, m))
 
     def _hand_out(self, connection, works: master_pb2.MasterMessage) -> None:
         connection.send(works)
@@ -323,6 +344,7 @@ class MasterCore:
         events = []
         for slot in self.registry.of_connection(connection):
             self.registry.drop(slot.worker_id)
+            self._waiting.pop(slot.worker_id, None)
             events += self._attempt_lost(slot, CONNECTION_LOST_ERROR)
         if events and self.closed is None and self.committer is not None and self.committer.failed is None:
             try:
@@ -341,9 +363,11 @@ class MasterCore:
         return [journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(work_id=slot.work_id, error=error))]
 
     def _announce_work(self) -> None:
-        """Tells every process with an idle slot that work is ready (it pulls)."""
-        if not self.state.pending:
-            return
+        """Serves waiting slots; if work is still pending, tells every process
+        with an idle slot that work is ready (it pulls)."""
+        self._dispatch()
+        if not self.state.pending or len(self._waiting) >= len(self.registry) - self.registry.busy_count:
+            return  # every idle slot already holds a request
         ready = master_pb2.MasterMessage(epoch=self.epoch, work_is_ready=master_pb2.WorkIsReady())
         for connection in self.registry.idle_connections():
             connection.send(ready)
@@ -363,11 +387,13 @@ class MasterCore:
         for slot in self.registry.overdue(now):
             log.warning("work timed out on its worker", extra={"work_id": slot.work_id, "worker_id": slot.worker_id})
             self.registry.drop(slot.worker_id)
+            self._waiting.pop(slot.worker_id, None)
             events += self._attempt_lost(slot, "", timed_out=True)
             if self.metrics:
                 self.metrics.timed_out()
         for slot in self.registry.silent(now, self.settings.worker_timeout):
             self.registry.drop(slot.worker_id)
+            self._waiting.pop(slot.worker_id, None)
             events += self._attempt_lost(slot, "worker went silent")
         if events:
             self._record(events)

@@ -20,7 +20,8 @@ OUTBOX_LIMIT = 10_000  # messages queued for one worker process before it is dro
 
 
 class WorkerConnection:
-    """The master's side of one worker process's stream: a bounded outbox."""
+    """The master's side of one worker process's stream: a bounded outbox
+    whose queued messages leave merged into one."""
 
     def __init__(self) -> None:
         self._outbox: deque[master_pb2.MasterMessage] = deque()
@@ -47,7 +48,19 @@ class WorkerConnection:
                 return None
             self._ready.clear()
             await self._ready.wait()
-        return self._outbox.popleft()
+        if len(self._outbox) == 1:
+            return self._outbox.popleft()
+        merged = master_pb2.MasterMessage()
+        while self._outbox:
+            message = self._outbox.popleft()
+            merged.epoch = max(merged.epoch, message.epoch)
+            if message.HasField("ack"):
+                merged.ack.work_ids.extend(message.ack.work_ids)
+            if message.HasField("works"):
+                merged.works.assignments.extend(message.works.assignments)
+            if message.HasField("work_is_ready"):
+                merged.work_is_ready.SetInParent()
+        return merged
 
 
 class MasterService(master_pb2_grpc.MasterServicer):
@@ -150,15 +163,14 @@ class MasterService(master_pb2_grpc.MasterServicer):
             async for message in request_iterator:
                 if core.closed is not None:
                     break
-                kind = message.WhichOneof("message")
-                if kind == "register":
+                if message.HasField("register"):
                     core.register(connection, message.register)
-                elif kind == "request_work":
-                    core.request_work(connection, message.request_work.worker_ids)
-                elif kind == "done":
+                if message.HasField("done"):
                     core.work_done(connection, message.done.completions)
-                elif kind == "failed":
+                if message.HasField("failed"):
                     core.work_failed(connection, message.failed.failures)
+                if message.HasField("request_work"):
+                    core.request_work(connection, message.request_work.worker_ids)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a broken stream or a refused append

@@ -1,16 +1,24 @@
-"""Runs jobs in a child process kept apart from the worker's control loop.
+"""Runs jobs apart from the worker's control loop.
 
-An exception in the job becomes a failure with its message; a child that
-dies or runs past the attempt's timeout is killed and replaced, and its work
-reported failed.
+`ProcessExecutor` (the default) runs them in a child process: an exception
+becomes a failure with its message; a child that dies or runs past the
+attempt's timeout is killed and replaced, and its work reported failed.
+`ThreadExecutor` runs them on a thread of the worker process: far cheaper
+for many slots or trivial jobs, but a hung job cannot be stopped (its
+attempt still fails at the timeout) and a crash takes the worker down.
+
+Both are driven the same way: `submit`, then wait until `connection` is
+readable (multiprocessing.connection.wait over all slots), then `collect`.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import threading
 import time
 import traceback
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
 # spawn, not fork: the parent runs gRPC and ZooKeeper threads.
 _CONTEXT = multiprocessing.get_context("spawn")
@@ -24,6 +32,24 @@ class Outcome:
     seconds: float = 0.0
 
 
+def _describe(exc: BaseException) -> str:
+    last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+    where = f" (at {last[0].filename}:{last[0].lineno})" if last else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+def _run_job(registry, kind: str, payload: bytes) -> tuple[bool, bytes | str]:
+    from services.worker import jobs
+
+    func = registry.get(kind)
+    try:
+        if func is None:
+            raise LookupError(f"this worker has no job of kind {kind!r}")
+        return True, jobs.as_bytes(func(payload))
+    except Exception as exc:
+        return False, _describe(exc)
+
+
 def _child_main(connection, job_modules: list[str]) -> None:
     from services.worker import jobs
 
@@ -33,59 +59,63 @@ def _child_main(connection, job_modules: list[str]) -> None:
             kind, payload = connection.recv()
         except (EOFError, KeyboardInterrupt):
             return
-        func = registry.get(kind)
-        try:
-            if func is None:
-                raise LookupError(f"this worker has no job of kind {kind!r}")
-            connection.send((True, jobs.as_bytes(func(payload))))
-        except Exception as exc:
-            last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
-            where = f" (at {last[0].filename}:{last[0].lineno})" if last else ""
-            connection.send((False, f"{type(exc).__name__}: {exc}{where}"))
+        connection.send(_run_job(registry, kind, payload))
 
 
-class Executor:
+class ProcessExecutor:
     """One child process, one job at a time."""
 
     def __init__(self, job_modules: list[str]):
         self.job_modules = job_modules
         self._process = None
-        self._connection = None
+        self.connection: Connection | None = None
+        self._started = 0.0
 
-    def _ensure(self) -> None:
-        if self._process is not None and self._process.is_alive():
+    def start(self) -> None:
+        if self._process is not None:
             return
-        self.close()
         parent, child = _CONTEXT.Pipe()
         self._process = _CONTEXT.Process(target=_child_main, args=(child, self.job_modules), daemon=True)
         self._process.start()
         child.close()
-        self._connection = parent
+        self.connection = parent
 
-    def run(self, kind: str, payload: bytes, timeout: float) -> Outcome:
-        started = time.perf_counter()
+    def submit(self, kind: str, payload: bytes) -> Outcome | None:
+        """Starts a job; returns an outcome at once only if it could not start."""
+        self._started = time.perf_counter()
         try:
-            self._ensure()
-            self._connection.send((kind, payload))
-            if not self._connection.poll(timeout):
-                self.close()
-                return Outcome(False, error=f"timed out after {timeout:g} s; executor killed",
-                               seconds=time.perf_counter() - started)
-            ok, value = self._connection.recv()
-        except (EOFError, OSError, BrokenPipeError, AttributeError):
-            process = self._process
-            if process is not None:
-                process.join(timeout=1)
-            code = process.exitcode if process is not None else None
-            self.close()
-            return Outcome(False, error=f"executor process died (exit code {code})",
-                           seconds=time.perf_counter() - started)
-        seconds = time.perf_counter() - started
+            self.start()
+            self.connection.send((kind, payload))
+        except (OSError, ValueError):
+            return self._died()
+        return None
+
+    def collect(self) -> Outcome:
+        """The finished job's outcome (call when `connection` is readable)."""
+        try:
+            ok, value = self.connection.recv()
+        except (EOFError, OSError, AttributeError):
+            return self._died()
+        seconds = time.perf_counter() - self._started
         return Outcome(True, result=value, seconds=seconds) if ok else Outcome(False, error=value, seconds=seconds)
+
+    def timed_out(self, timeout: float) -> Outcome:
+        self.close()
+        return Outcome(False, error=f"timed out after {timeout:g} s; executor killed",
+                       seconds=time.perf_counter() - self._started)
+
+    def _died(self) -> Outcome:
+        process = self._process
+        if process is not None:
+            process.join(timeout=1)
+        code = process.exitcode if process is not None else None
+        self.close()
+        return Outcome(False, error=f"executor process died (exit code {code})",
+                       seconds=time.perf_counter() - self._started)
 
     def close(self) -> None:
         """Kills the child (safe from any thread, any number of times)."""
-        connection, self._connection = self._connection, None
+        connection, self.connection = self.connection, None
         process, self._process = self._process, None
         if connection is not None:
             connection.close()
@@ -93,3 +123,56 @@ class Executor:
             if process.is_alive():
                 process.kill()
             process.join(timeout=5)
+
+
+class ThreadExecutor:
+    """Runs each job on a thread of the worker process."""
+
+    def __init__(self, job_modules: list[str]):
+        from services.worker import jobs
+
+        self.registry = jobs.load(job_modules)
+        self.connection, self._sender = multiprocessing.Pipe(duplex=False)
+        self._started = 0.0
+        self._generation = 0  # a job abandoned at its timeout must not report later
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        pass
+
+    def submit(self, kind: str, payload: bytes) -> Outcome | None:
+        self._started = time.perf_counter()
+        self._generation += 1
+        generation = self._generation
+
+        def run() -> None:
+            outcome = _run_job(self.registry, kind, payload)
+            with self._lock:
+                if generation == self._generation:
+                    try:
+                        self._sender.send(outcome)
+                    except OSError:
+                        pass
+
+        threading.Thread(target=run, daemon=True, name=f"job-{kind}").start()
+        return None
+
+    def collect(self) -> Outcome:
+        ok, value = self.connection.recv()
+        seconds = time.perf_counter() - self._started
+        return Outcome(True, result=value, seconds=seconds) if ok else Outcome(False, error=value, seconds=seconds)
+
+    def timed_out(self, timeout: float) -> Outcome:
+        with self._lock:  # the thread cannot be stopped: forget it and anything it sent
+            self._generation += 1
+            while self.connection.poll():
+                self.connection.recv()
+        return Outcome(False, error=f"timed out after {timeout:g} s (the job's thread was abandoned)",
+                       seconds=time.perf_counter() - self._started)
+
+    def close(self) -> None:
+        with self._lock:
+            self._generation += 1
+
+
+EXECUTORS = {"process": ProcessExecutor, "thread": ThreadExecutor}

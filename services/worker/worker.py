@@ -1,7 +1,12 @@
 """A worker process: N worker slots, each with its own id and executor,
 sharing one stream to the master (which it finds through the proxy's
-locator). It registers periodically, pulls work when slots are idle, and
-resends every WorkIsDone/WorkFailed until the master acks it."""
+locator). It registers periodically, pulls work for idle slots, and resends
+every WorkIsDone/WorkFailed until the master acks it.
+
+Threads: the stream reader hands each assignment to its slot's executor;
+one dispatcher thread waits on every executor at once and reports outcomes;
+gRPC's sender drains the outbox, merging what is queued into one message.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from multiprocessing.connection import wait as wait_for_connections
 
 import grpc
 
@@ -19,15 +25,18 @@ from dworkers.v1 import master_pb2
 from services.common.metrics import WorkerMetrics
 from services.common.proxy import MasterProxy, NoMaster
 from services.common.wire import MASTER_KEY, metadata_value
-from services.worker.executor import Executor
+from services.worker.executor import EXECUTORS, Outcome
 
 log = logging.getLogger(__name__)
+
+OUTBOX_LIMIT = 100_000
 
 
 @dataclass(frozen=True)
 class WorkerSettings:
     concurrency: int = 2
     jobs: tuple[str, ...] = ()
+    executor: str = "process"
     register_interval: float = 5.0
     resend_interval: float = 3.0
     shutdown_grace: float = 30.0
@@ -35,33 +44,21 @@ class WorkerSettings:
 
 
 class Slot:
-    """One worker slot: a thread feeding its executor one work at a time."""
+    """One worker slot: its executor and the work it runs."""
 
-    def __init__(self, worker_id: str, worker: "Worker"):
+    def __init__(self, worker_id: str, executor):
         self.worker_id = worker_id
-        self.worker = worker
-        self.executor = Executor(list(worker.settings.jobs))
-        self.inbox: queue.Queue = queue.Queue(maxsize=1)
-        self.work_id = ""
-        self.thread = threading.Thread(target=self._run, name=f"slot-{worker_id}", daemon=True)
+        self.executor = executor
+        self.assignment: master_pb2.Assignment | None = None
+        self.deadline = 0.0
 
     @property
     def busy(self) -> bool:
-        return bool(self.work_id)
+        return self.assignment is not None
 
-    def _run(self) -> None:
-        self.executor._ensure()  # start the child now, not on the first job
-        while True:
-            assignment = self.inbox.get()
-            if assignment is None:
-                self.executor.close()
-                return
-            work = assignment.work
-            timeout = assignment.timeout_seconds or self.worker.settings.default_timeout
-            log.info("got work", extra={"work_id": work.work_id, "worker_id": self.worker_id})
-            outcome = self.executor.run(work.kind, work.payload, timeout)
-            self.worker.metrics.executed(work.kind, "ok" if outcome.ok else "error", outcome.seconds)
-            self.worker.finished(self, work.work_id, outcome)
+    @property
+    def work_id(self) -> str:
+        return self.assignment.work.work_id if self.assignment is not None else ""
 
 
 class Worker:
@@ -71,33 +68,81 @@ class Worker:
         self.metrics = metrics or WorkerMetrics()
         self.host = socket.gethostname()
         prefix = f"{self.host}-{os.getpid()}"
-        self.slots = {f"{prefix}-{i}": Slot(f"{prefix}-{i}", self) for i in range(settings.concurrency)}
+        executor = EXECUTORS[settings.executor]
+        self.slots = {f"{prefix}-{i}": Slot(f"{prefix}-{i}", executor(list(settings.jobs)))
+                      for i in range(settings.concurrency)}
         self._lock = threading.Lock()
-        self._unacked: dict[str, master_pb2.WorkerMessage] = {}  # work id -> done/failed message
+        self._unacked: dict[str, master_pb2.WorkerMessage] = {}  # work id -> its done/failed report
         self._outbox: queue.Queue | None = None  # the current stream's, None between streams
+        self._wake_reader, self._wake_writer = os.pipe()  # interrupts the dispatcher's wait
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._stream = None
 
-    # --- slots report here ----------------------------------------------
+    # --- running jobs --------------------------------------------------------
 
-    def finished(self, slot: Slot, work_id: str, outcome) -> None:
+    def _start(self, assignment: master_pb2.Assignment) -> None:
+        slot = self.slots.get(assignment.worker_id)
+        with self._lock:
+            if slot is None or slot.busy:
+                return  # not ours, or a duplicate: the master re-queues it after the deadline
+            slot.assignment = assignment
+            slot.deadline = time.monotonic() + (assignment.timeout_seconds or self.settings.default_timeout)
+        work = assignment.work
+        log.debug("got work", extra={"work_id": work.work_id, "worker_id": slot.worker_id})
+        failed_to_start = slot.executor.submit(work.kind, work.payload)
+        if failed_to_start is not None:
+            self._finished(slot, failed_to_start)
+        os.write(self._wake_writer, b"x")
+
+    def _dispatch_forever(self) -> None:
+        """Waits on every busy executor at once; reports outcomes and timeouts."""
+        wake = self._wake_reader
+        while not self._stopped.is_set():
+            with self._lock:
+                busy = [s for s in self.slots.values() if s.busy and s.executor.connection is not None]
+            by_connection = {s.executor.connection: s for s in busy}
+            nearest = min((s.deadline for s in busy), default=time.monotonic() + 1.0)
+            timeout = max(0.0, min(nearest - time.monotonic(), 1.0))
+            try:
+                ready = wait_for_connections([wake, *by_connection], timeout)
+            except (OSError, ValueError):
+                ready = []  # an executor closed under us: look again
+            for item in ready:
+                if item == wake:
+                    os.read(wake, 4096)
+                    continue
+                slot = by_connection[item]
+                self._finished(slot, slot.executor.collect())
+            now = time.monotonic()
+            for slot in busy:
+                if slot.busy and slot.deadline <= now and slot.executor.connection is not None \
+                        and slot.executor.connection not in ready:
+                    timeout_seconds = slot.assignment.timeout_seconds or self.settings.default_timeout
+                    self._finished(slot, slot.executor.timed_out(timeout_seconds))
+
+    def _finished(self, slot: Slot, outcome: Outcome) -> None:
+        with self._lock:
+            assignment, slot.assignment = slot.assignment, None
+        if assignment is None:
+            return
+        work = assignment.work
+        self.metrics.executed(work.kind, "ok" if outcome.ok else "error", outcome.seconds)
         if outcome.ok:
             message = master_pb2.WorkerMessage(done=master_pb2.WorkIsDone(completions=[
-                master_pb2.Completion(worker_id=slot.worker_id, work_id=work_id, result=outcome.result)]))
-            log.info("work complete", extra={"work_id": work_id, "worker_id": slot.worker_id})
+                master_pb2.Completion(worker_id=slot.worker_id, work_id=work.work_id, result=outcome.result)]))
+            log.debug("work complete", extra={"work_id": work.work_id, "worker_id": slot.worker_id})
         else:
             message = master_pb2.WorkerMessage(failed=master_pb2.WorkFailed(failures=[
-                master_pb2.Failure(worker_id=slot.worker_id, work_id=work_id, error=outcome.error)]))
-            log.warning("work failed: %s", outcome.error, extra={"work_id": work_id, "worker_id": slot.worker_id})
+                master_pb2.Failure(worker_id=slot.worker_id, work_id=work.work_id, error=outcome.error)]))
+            log.warning("work failed: %s", outcome.error, extra={"work_id": work.work_id, "worker_id": slot.worker_id})
+        if not self._stopping.is_set():  # the same message asks for the next work
+            message.request_work.worker_ids.append(slot.worker_id)
         with self._lock:
-            self._unacked[work_id] = message
-            slot.work_id = ""
+            self._unacked[work.work_id] = message
         self._send(message)
-        if not self._stopping.is_set():
-            self._send(self._request([slot.worker_id]))
 
-    # --- the stream -------------------------------------------------------
+    # --- the stream -----------------------------------------------------------
 
     def _send(self, message: master_pb2.WorkerMessage) -> None:
         outbox = self._outbox
@@ -105,10 +150,7 @@ class Worker:
             try:
                 outbox.put_nowait(message)
             except queue.Full:
-                pass  # the stream is stuck; unacked messages are resent on the next one
-
-    def _request(self, worker_ids) -> master_pb2.WorkerMessage:
-        return master_pb2.WorkerMessage(request_work=master_pb2.WorkerRequestsWork(worker_ids=worker_ids))
+                pass  # the stream is stuck; unacked reports are resent on the next one
 
     def _register(self) -> master_pb2.WorkerMessage:
         with self._lock:
@@ -116,12 +158,13 @@ class Worker:
         return master_pb2.WorkerMessage(register=master_pb2.RegisterWorker(
             worker_ids=list(self.slots), host=self.host, busy_work_ids=busy))
 
-    def _idle_ids(self) -> list[str]:
+    def _request_idle(self) -> master_pb2.WorkerMessage:
         with self._lock:
-            return [s.worker_id for s in self.slots.values() if not s.busy]
+            idle = [s.worker_id for s in self.slots.values() if not s.busy]
+        return master_pb2.WorkerMessage(request_work=master_pb2.WorkerRequestsWork(worker_ids=idle))
 
     def _outgoing(self, outbox: queue.Queue):
-        """The request stream: merges what is queued into as few messages as possible."""
+        """The request stream: whatever is queued leaves as one message."""
         while True:
             message = outbox.get()
             if message is None:
@@ -133,25 +176,24 @@ class Worker:
                 except queue.Empty:
                     break
                 if nxt is None:
-                    yield from _coalesce(batch)
+                    yield merge(batch)
                     return
                 batch.append(nxt)
-            yield from _coalesce(batch)
+            yield merge(batch)
 
     def _session(self, address: str) -> None:
-        outbox: queue.Queue = queue.Queue(maxsize=100_000)
+        outbox: queue.Queue = queue.Queue(maxsize=OUTBOX_LIMIT)
         outbox.put(self._register())
         with self._lock:
             for message in self._unacked.values():
                 outbox.put(message)
         if not self._stopping.is_set():
-            outbox.put(self._request(self._idle_ids()))
+            outbox.put(self._request_idle())
         self._outbox = outbox
-        timer = threading.Thread(target=self._timers, args=(outbox,), daemon=True)
         stream = self.proxy.stub(address).Connect(self._outgoing(outbox))
         self._stream = stream
         self.proxy.locator.on_change(stream.cancel)  # the master moved: reconnect at once
-        timer.start()
+        threading.Thread(target=self._timers, args=(outbox,), daemon=True).start()
         try:
             for message in stream:
                 if not self.proxy.observe_epoch(message.epoch):
@@ -160,31 +202,25 @@ class Worker:
         finally:
             self.proxy.locator.remove_listener(stream.cancel)
             self._outbox = None
-            outbox.put(None)
+            try:
+                outbox.put_nowait(None)
+            except queue.Full:
+                pass
             stream.cancel()
 
     def _handle(self, message: master_pb2.MasterMessage) -> None:
-        kind = message.WhichOneof("message")
-        if kind == "work_is_ready":
-            if not self._stopping.is_set():
-                idle = self._idle_ids()
-                if idle:
-                    self._send(self._request(idle))
-        elif kind == "works":
-            for assignment in message.works.assignments:
-                slot = self.slots.get(assignment.worker_id)
-                with self._lock:
-                    if slot is None or slot.busy:
-                        continue  # the master re-queues it after the deadline
-                    slot.work_id = assignment.work.work_id
-                slot.inbox.put(assignment)
-        elif kind == "ack":
+        if message.HasField("ack"):
             with self._lock:
                 for work_id in message.ack.work_ids:
                     self._unacked.pop(work_id, None)
+        if message.HasField("works"):
+            for assignment in message.works.assignments:
+                self._start(assignment)
+        if message.HasField("work_is_ready") and not self._stopping.is_set():
+            self._send(self._request_idle())
 
     def _timers(self, outbox: queue.Queue) -> None:
-        """Periodic re-registration and resending of unacked results."""
+        """Periodic re-registration and resending of unacked reports."""
         next_register = time.monotonic() + self.settings.register_interval
         next_resend = time.monotonic() + self.settings.resend_interval
         while self._outbox is outbox:
@@ -200,11 +236,13 @@ class Worker:
                     self._send(message)
                 next_resend = now + self.settings.resend_interval
 
-    # --- life --------------------------------------------------------------
+    # --- life -----------------------------------------------------------------
 
     def run(self) -> None:
-        for slot in self.slots.values():
-            slot.thread.start()
+        starters = [threading.Thread(target=s.executor.start, daemon=True) for s in self.slots.values()]
+        for starter in starters:  # spawn the executors together, not one after another
+            starter.start()
+        threading.Thread(target=self._dispatch_forever, name="dispatcher", daemon=True).start()
         delay = 0.05
         while not self._stopped.is_set():
             started = time.monotonic()
@@ -221,9 +259,9 @@ class Worker:
                 if time.monotonic() - started > 5:
                     delay = 0.05
                 log.info("stream to master ended: %s %s", exc.code().name, exc.details())
-                address = metadata_value(exc.trailing_metadata(), MASTER_KEY)
-                if address:
-                    self.proxy.locator.hint(address)
+                hint = metadata_value(exc.trailing_metadata(), MASTER_KEY)
+                if hint:
+                    self.proxy.locator.hint(hint)
             if self._stopped.is_set():
                 break
             time.sleep(delay)
@@ -239,9 +277,8 @@ class Worker:
         with self._lock:
             running = [(s.worker_id, s.work_id) for s in self.slots.values() if s.busy]
             for worker_id, work_id in running:
-                message = master_pb2.WorkerMessage(failed=master_pb2.WorkFailed(failures=[master_pb2.Failure(
-                    worker_id=worker_id, work_id=work_id, error="worker shut down", returned=True)]))
-                self._unacked[work_id] = message
+                self._unacked[work_id] = master_pb2.WorkerMessage(failed=master_pb2.WorkFailed(failures=[
+                    master_pb2.Failure(worker_id=worker_id, work_id=work_id, error="worker shut down", returned=True)]))
         for worker_id, work_id in running:
             log.info("handing work back", extra={"work_id": work_id, "worker_id": worker_id})
             self._send(self._unacked[work_id])
@@ -255,10 +292,6 @@ class Worker:
         if self._stream is not None:
             self._stream.cancel()
         for slot in self.slots.values():
-            try:
-                slot.inbox.put_nowait(None)
-            except queue.Full:
-                pass
             slot.executor.close()
 
     def _busy(self) -> bool:
@@ -266,27 +299,20 @@ class Worker:
             return any(s.busy for s in self.slots.values())
 
 
-def _coalesce(messages: list[master_pb2.WorkerMessage]) -> list[master_pb2.WorkerMessage]:
-    """Merges queued messages into at most one of each kind, in the order
-    register, done, failed, request: a slot's request then always follows the
-    report that freed it."""
-    register = None
-    done, failed, requested = [], [], {}
+def merge(messages: list[master_pb2.WorkerMessage]) -> master_pb2.WorkerMessage:
+    """Merges queued messages into one: the latest registration, every report,
+    and the union of requesting slots (the master reads reports before requests)."""
+    merged = master_pb2.WorkerMessage()
+    requested: dict[str, None] = {}
     for message in messages:
-        kind = message.WhichOneof("message")
-        if kind == "register":
-            register = message
-        elif kind == "done":
-            done.extend(message.done.completions)
-        elif kind == "failed":
-            failed.extend(message.failed.failures)
-        elif kind == "request_work":
+        if message.HasField("register"):
+            merged.register.CopyFrom(message.register)
+        if message.HasField("done"):
+            merged.done.completions.extend(message.done.completions)
+        if message.HasField("failed"):
+            merged.failed.failures.extend(message.failed.failures)
+        if message.HasField("request_work"):
             requested.update(dict.fromkeys(message.request_work.worker_ids))
-    merged = [register] if register is not None else []
-    if done:
-        merged.append(master_pb2.WorkerMessage(done=master_pb2.WorkIsDone(completions=done)))
-    if failed:
-        merged.append(master_pb2.WorkerMessage(failed=master_pb2.WorkFailed(failures=failed)))
     if requested:
-        merged.append(master_pb2.WorkerMessage(request_work=master_pb2.WorkerRequestsWork(worker_ids=list(requested))))
+        merged.request_work.worker_ids.extend(requested)
     return merged
