@@ -18,6 +18,7 @@ from services.common import validation
 from services.common.metrics import SyncMetricsInterceptor
 from services.common.proxy import MasterProxy, NoMaster, StreamHandle
 from services.common.wire import SERVER_OPTIONS
+from services.frontend.batcher import SubmitBatcher
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
     def __init__(self, proxy: MasterProxy, settings: FrontendSettings):
         self.proxy = proxy
         self.settings = settings
+        self.batcher = SubmitBatcher(proxy, timeout=settings.call_timeout)
         # Result streams are long-lived: bound them so unary calls keep threads.
         self._watchers = threading.BoundedSemaphore(settings.max_watchers)
 
@@ -68,8 +70,17 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         return batch
 
     def SubmitWork(self, request, context):
-        batch = self._validated([request], context)
-        return self._forward("SubmitWorks", batch, context).works[0]
+        work = self._validated([request], context).works[0]
+        remaining = context.time_remaining()
+        timeout = self.settings.call_timeout if remaining is None else min(remaining, self.settings.call_timeout)
+        try:
+            return self.batcher.submit(work, timeout=timeout + 1.0)
+        except grpc.RpcError as error:
+            context.abort(error.code(), error.details())
+        except NoMaster as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except TimeoutError:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"not accepted within {timeout:g} s")
 
     def SubmitWorks(self, request, context):
         return self._forward("SubmitWorks", self._validated(request.works, context), context)

@@ -211,7 +211,7 @@ class GroupCommitter:
 
     def __init__(self, journal: Journal, epoch: int, on_failure: Callable[[Exception], None],
                  on_batch: Callable[[int, float], None] | None = None,
-                 max_in_flight: int = 4, max_buffered_events: int = 200_000):
+                 max_in_flight: int = 2, max_buffered_events: int = 200_000):
         self.journal = journal
         self.epoch = epoch
         self.on_failure = on_failure

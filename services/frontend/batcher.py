@@ -1,0 +1,72 @@
+"""Merges concurrent SubmitWork calls into SubmitWorks calls to the master.
+
+A call is sent at once when nothing is in flight; calls that arrive while
+earlier ones are on their way leave together in the next batch. The master
+then pays its per-call cost once per batch, and the journal writes the batch
+in one append. A batch the master refuses as a whole (one bad or
+conflicting work) is retried work by work, so each caller gets its own answer.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+
+import grpc
+
+from dworkers.v1 import work_pb2
+from services.common.proxy import MasterProxy
+
+MAX_BATCH = 500
+
+
+class SubmitBatcher:
+    def __init__(self, proxy: MasterProxy, senders: int = 2, timeout: float = 10.0):
+        self.proxy = proxy
+        self.timeout = timeout
+        self._waiting: list[tuple[work_pb2.SubmitWorkRequest, Future]] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        for i in range(senders):
+            threading.Thread(target=self._send_forever, name=f"submit-batcher-{i}", daemon=True).start()
+
+    def submit(self, request: work_pb2.SubmitWorkRequest, timeout: float) -> work_pb2.SubmitWorkResponse:
+        """Sends one work within a batch; raises what the master answered for it."""
+        future: Future = Future()
+        with self._cond:
+            self._waiting.append((request, future))
+            self._cond.notify()
+        return future.result(timeout=timeout)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _send_forever(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
+            self._send(batch)
+
+    def _send(self, batch) -> None:
+        request = work_pb2.SubmitWorksRequest(works=[r for r, _ in batch])
+        try:
+            response = self.proxy.call("SubmitWorks", request, timeout=self.timeout)
+        except Exception as error:
+            if len(batch) > 1 and isinstance(error, grpc.RpcError) and error.code() in (
+                    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
+                for item in batch:  # find whose work it was
+                    self._send([item])
+                return
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        for (_, future), answer in zip(batch, response.works):
+            if not future.done():
+                future.set_result(answer)
