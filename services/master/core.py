@@ -395,6 +395,14 @@ class MasterCore:
             self.registry.drop(slot.worker_id)
             self._waiting.pop(slot.worker_id, None)
             events += self._attempt_lost(slot, "worker went silent")
+        # Work whose slot no longer holds it (its loss could not be recorded
+        # at the time, e.g. the journal was backed up) must not wait forever.
+        handled = {e.worker_timed_out.work_id or e.worker_failed.work_id for e in events}
+        for work_id, entry in self.state.in_progress.items():
+            slot = self.registry.get(entry.worker_id)
+            if (slot is None or slot.work_id != work_id) and work_id not in handled:
+                events.append(journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(
+                    work_id=work_id, error=CONNECTION_LOST_ERROR)))
         if events:
             self._record(events)
             self._announce_work()
