@@ -1,0 +1,47 @@
+"""What an operator's tools see: gRPC reflection, health, JSON logs."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+
+def listed_services(address: str) -> set[str]:
+    with grpc.insecure_channel(address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        response = next(stub.ServerReflectionInfo(iter([request]), timeout=10))
+        return {s.name for s in response.list_services_response.service}
+
+
+def health(address: str, service: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def test_reflection_and_health_on_every_grpc_service(cluster):
+    active = cluster.start_master(wait=True)
+    standby = cluster.start_master(wait=True)
+    front = cluster.start_frontend()
+    assert {"dworkers.v1.Master", "grpc.health.v1.Health"} <= listed_services(active.address)
+    assert {"dworkers.v1.Frontend", "grpc.health.v1.Health"} <= listed_services(front.address)
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    assert health(active.address, "dworkers.v1.Master") == serving
+    assert health(standby.address, "dworkers.v1.Master") == not_serving  # readiness routes to the master only
+    assert health(standby.address, "") == serving  # but it is alive
+    assert health(front.address, "dworkers.v1.Frontend") == serving
+
+
+def test_json_logs_carry_stable_keys(cluster):
+    master = cluster.start_master(None, "--log-format", "json", wait=True)
+    time.sleep(0.5)
+    master.stop()
+    entries = [json.loads(line) for line in master.log().splitlines() if line.startswith("{")]
+    assert entries and all({"ts", "level", "logger", "msg"} <= set(e) for e in entries)
+    assert any(e.get("epoch") is not None and "active master" in e["msg"] for e in entries)
+    assert any("dworkers master starting" in e["msg"] and "session_timeout=" in e["msg"] for e in entries)
