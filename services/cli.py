@@ -22,7 +22,8 @@ def run_master(args) -> None:
 
     from kazoo.handlers.threading import KazooTimeoutError
 
-    from services.master.node import AddressInUse, MasterNode, MasterSettings
+    from services.common.wire import AddressInUse
+    from services.master.node import MasterNode, MasterSettings
 
     node = MasterNode(MasterSettings(
         zk=args.zk, root=args.root, listen=args.listen, advertise=args.advertise,
@@ -88,7 +89,8 @@ def run_worker(args) -> None:
 
 def run_frontend(args) -> None:
     from services.common.metrics import serve_metrics
-    from services.frontend.service import AddressInUse, FrontendSettings, serve
+    from services.common.wire import AddressInUse
+    from services.frontend.service import FrontendSettings, serve
 
     serve_metrics(args.metrics_port)
     master_proxy, _client = _proxy(args)

@@ -26,6 +26,18 @@ CHANNEL_OPTIONS = [
 ]
 
 
+class AddressInUse(Exception):
+    """A server could not listen on its address."""
+
+
+def listen(server, address: str) -> int:
+    """Binds a gRPC server (sync or asyncio) to `address`; returns the port."""
+    try:
+        return server.add_insecure_port(address)
+    except RuntimeError:
+        raise AddressInUse(f"cannot listen on {address}: the address is in use or not available") from None
+
+
 def metadata_value(metadata, key: str) -> str | None:
     for k, v in metadata or ():
         if k == key:

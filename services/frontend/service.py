@@ -17,16 +17,12 @@ from dworkers.v1 import frontend_pb2, frontend_pb2_grpc, work_pb2
 from services.common import validation
 from services.common.metrics import SyncMetricsInterceptor
 from services.common.proxy import MasterProxy, NoMaster, StreamHandle
-from services.common.wire import SERVER_OPTIONS
+from services.common.wire import SERVER_OPTIONS, listen
 from services.frontend.batcher import SubmitBatcher
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "dworkers.v1.Frontend"
-
-
-class AddressInUse(Exception):
-    pass
 
 
 @dataclass(frozen=True)
@@ -124,10 +120,7 @@ def serve(proxy: MasterProxy, settings: FrontendSettings, ready: threading.Event
     reflection.enable_server_reflection(
         (frontend_pb2.DESCRIPTOR.services_by_name["Frontend"].full_name,
          health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    try:
-        server.add_insecure_port(settings.listen)
-    except RuntimeError:
-        raise AddressInUse(f"cannot listen on {settings.listen}: the address is in use or not available") from None
+    listen(server, settings.listen)
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

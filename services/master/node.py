@@ -21,7 +21,7 @@ from kazoo.protocol.states import KazooState
 from dworkers.v1 import master_pb2, master_pb2_grpc, work_pb2
 from services.common import validation, zk
 from services.common.metrics import AsyncMetricsInterceptor, MasterMetrics, serve_metrics
-from services.common.wire import SERVER_OPTIONS
+from services.common.wire import SERVER_OPTIONS, listen
 from services.master.core import CoreSettings, MasterCore, NotServing
 from services.master.election import Election, ElectionView
 from services.master.journal import FencedError, ZooKeeperJournal
@@ -30,10 +30,6 @@ from services.master.service import MasterService
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "dworkers.v1.Master"
-
-
-class AddressInUse(Exception):
-    pass
 
 
 @dataclass(frozen=True)
@@ -136,10 +132,7 @@ class MasterNode:
             (master_pb2.DESCRIPTOR.services_by_name["Master"].full_name,
              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server)
-        try:
-            port = self.server.add_insecure_port(s.listen)
-        except RuntimeError:
-            raise AddressInUse(f"cannot listen on {s.listen}: the address is in use or not available") from None
+        port = listen(self.server, s.listen)
         host = s.listen.rsplit(":", 1)[0]
         if host in ("0.0.0.0", "[::]", ""):
             host = socket.gethostname()
