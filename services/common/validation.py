@@ -10,6 +10,9 @@ import uuid
 from dworkers.v1 import work_pb2
 
 MAX_PAYLOAD_BYTES = 256 * 1024  # per work; documented in the README
+MAX_RESULT_BYTES = 256 * 1024  # a larger result fails its attempt
+MAX_ERROR_CHARS = 4096  # longer error messages are cut
+MERGE_BYTES = 4 * 1024 * 1024  # messages merged for one stream stay below this (gRPC allows 16 MB)
 MAX_BATCH_WORKS = 10_000
 MAX_ATTEMPTS_LIMIT = 100
 DEFAULT_MAX_ATTEMPTS = 3

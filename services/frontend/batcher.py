@@ -16,6 +16,7 @@ import grpc
 
 from dworkers.v1 import work_pb2
 from services.common.proxy import MasterProxy
+from services.common.validation import MERGE_BYTES
 
 MAX_BATCH = 500
 
@@ -50,7 +51,13 @@ class SubmitBatcher:
                     self._cond.wait()
                 if self._closed:
                     return
-                batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
+                size, count = 0, 0
+                for request, _ in self._waiting[:MAX_BATCH]:
+                    size += len(request.payload) + 64
+                    if count and size > MERGE_BYTES:
+                        break
+                    count += 1
+                batch, self._waiting = self._waiting[:count], self._waiting[count:]
             self._send(batch)
 
     def _send(self, batch) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from dworkers.v1 import journal_pb2, master_pb2, work_pb2
 from services.master.journal import FencedError, GroupCommitter, Journal, JournalError
+from services.common.validation import MAX_ERROR_CHARS, MAX_RESULT_BYTES
 from services.master.state import WorkState
 from services.master.workers import Slot, WorkerRegistry
 
@@ -123,7 +124,8 @@ class MasterCore:
         if self._ticker is not None:
             self._ticker.cancel()
         if self.committer is not None and self.committer.failed is None:
-            self.committer.failed = NotServing(reason)
+            self.committer.on_failure = lambda _exc: None  # stepping down already
+            self.committer.stop(JournalError(f"master stopped: {reason}"))
         self._wake_results()
         for slot in list(self.registry.slots.values()):
             slot.connection.close(reason)
@@ -138,8 +140,9 @@ class MasterCore:
             self.committer.pause()
 
     def resume(self) -> None:
-        if self.committer is not None:
+        if self.committer is not None and self.closed is None:
             self.committer.resume()
+            self._announce_work()  # requests that arrived while paused
 
     def check_serving(self) -> None:
         if self.closed is not None:
@@ -231,7 +234,8 @@ class MasterCore:
                 raise Forgotten(f"results up to sequence {self.state.forgotten_up_to} left the retention "
                                 f"window; resume after it (asked for after {cursor})")
             if cursor < self.durable_sequence:
-                limit = min(self.durable_sequence - cursor, RESULTS_PER_MESSAGE)
+                first = max(cursor, self.state.forgotten_up_to)
+                limit = min(self.durable_sequence - first, RESULTS_PER_MESSAGE)
                 batch = self.state.results_after(cursor, limit)
                 cursor = batch[-1].sequence if batch else self.durable_sequence
                 if batch:
@@ -242,7 +246,10 @@ class MasterCore:
     # --- the worker protocol ----------------------------------------------
 
     def register(self, connection, message: master_pb2.RegisterWorker) -> None:
+        known = len(self.registry)
         self.registry.register(connection, message.worker_ids, message.host, time.monotonic())
+        if len(self.registry) > known and self.state.pending and self.committer is not None:
+            self._announce_work()  # a new (or re-admitted) idle slot: tell it work is ready
 
     def request_work(self, connection, worker_ids) -> None:
         """Records the credit of idle slots that ask for work, and serves them
@@ -312,6 +319,12 @@ class MasterCore:
             if c.work_id in seen or c.work_id in self.state.finished or not self.state.is_known(c.work_id):
                 continue  # done already (the ack was lost), or forgotten: ack again
             seen.add(c.work_id)
+            if len(c.result) > MAX_RESULT_BYTES:  # it could not be journaled: the attempt fails
+                entry = self.state.in_progress.get(c.work_id)
+                if entry is not None and entry.worker_id == c.worker_id:
+                    events.append(journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(
+                        work_id=c.work_id, error=f"result of {len(c.result)} bytes exceeds the limit")))
+                continue
             events.append(journal_pb2.Event(work_completed=journal_pb2.WorkCompleted(work_id=c.work_id, result=c.result)))
         self._ack_when_durable(connection, events, acks)
 
@@ -327,7 +340,8 @@ class MasterCore:
                 if f.returned:
                     events.append(journal_pb2.Event(work_returned=journal_pb2.WorkReturned(work_id=f.work_id)))
                 else:
-                    events.append(journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(work_id=f.work_id, error=f.error)))
+                    events.append(journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(
+                        work_id=f.work_id, error=f.error[:MAX_ERROR_CHARS])))
         self._ack_when_durable(connection, events, acks)
         if events:
             self._announce_work()
@@ -379,7 +393,10 @@ class MasterCore:
         while self.closed is None:
             await asyncio.sleep(interval)
             if self.committer is not None and not self.committer.paused and self.committer.failed is None:
-                self.tick(time.monotonic())
+                try:
+                    self.tick(time.monotonic())
+                except JournalError as exc:  # backed up: the next tick tries again
+                    log.warning("housekeeping skipped: %s", exc, extra={"epoch": self.epoch})
 
     def tick(self, now: float) -> None:
         """Drops busy slots past their work's deadline and silent slots."""
@@ -452,8 +469,11 @@ class MasterCore:
             self._snapshotting = False
 
     def _store_snapshot(self, position: int, snapshot: journal_pb2.Snapshot) -> None:
+        if self.closed is not None:
+            return
         self.journal.write_snapshot(position, snapshot.SerializeToString())
-        self.journal.compact()
+        if self.closed is None:
+            self.journal.compact()
 
     def counts(self) -> dict:
         return {

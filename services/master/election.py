@@ -48,6 +48,9 @@ class Election:
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="election", daemon=True)
         self._last_view: ElectionView | None = None
+        # One watch function for every read: kazoo keeps watches in a set, so
+        # re-reading with the same one does not pile them up.
+        self._watch = lambda _event: self._wake.set()
         client.add_listener(self._on_state)
 
     def start(self) -> None:
@@ -107,7 +110,7 @@ class Election:
         # standby watches only its predecessor, so no herd wakes on a change.
         leader_watch = None
         if self._last_view is not None and self._last_view.leader:
-            leader_watch = lambda _event: self._wake.set()
+            leader_watch = self._watch
         children = sorted(self.client.get_children(self.path, watch=leader_watch), key=election_sequence)
         mine = self.node.rsplit("/", 1)[1]
         if mine not in children:
@@ -129,7 +132,7 @@ class Election:
         )
         if index > 0:
             predecessor = f"{self.path}/{children[index - 1]}"
-            if self.client.exists(predecessor, watch=lambda _event: self._wake.set()) is None:
+            if self.client.exists(predecessor, watch=self._watch) is None:
                 self._wake.set()  # it went away between the two reads: look again
         if view != self._last_view:
             self._last_view = view

@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 
 from kazoo.client import KazooClient
+from kazoo.exceptions import BadVersionError, NoNodeError
 
 from dworkers.v1 import journal_pb2
 
@@ -100,7 +101,7 @@ class ZooKeeperJournal(Journal):
     def _commit(self, txn, what: str) -> list:
         outcome = txn.commit()
         if any(isinstance(r, Exception) for r in outcome):
-            if self.fence_path is not None and not isinstance(outcome[0], bool):
+            if self.fence_path is not None and isinstance(outcome[0], (NoNodeError, BadVersionError)):
                 raise FencedError(f"{what}: election znode is gone: this master was deposed")
             raise JournalError(f"{what} failed: {outcome!r}")
         return outcome
@@ -193,7 +194,7 @@ def _settle(future: concurrent.futures.Future, result, fenced: bool) -> None:
     created = outcome[-1]
     if isinstance(created, str):
         future.set_result(position_of(created))
-    elif fenced and not isinstance(outcome[0], bool):
+    elif fenced and isinstance(outcome[0], (NoNodeError, BadVersionError)):
         future.set_exception(FencedError("election znode is gone: this master was deposed"))
     else:
         future.set_exception(JournalError(f"journal append failed: {outcome!r}"))
@@ -225,6 +226,7 @@ class GroupCommitter:
         # Sealed batches wait here while max_in_flight batches are being written.
         self._sealed: deque[tuple[list, list]] = deque()
         self._in_flight = 0
+        self._in_flight_waiters: list[list[asyncio.Future]] = []
         self._last: asyncio.Future | None = None
         self.last_position = -1  # of the newest durable batch
         self.batches_written = 0
@@ -285,6 +287,10 @@ class GroupCommitter:
             return done
         return asyncio.shield(self._last)
 
+    def stop(self, exc: Exception) -> None:
+        """Stops for good: every waiting caller is failed with `exc`."""
+        self._fail(exc, [])
+
     def pause(self) -> None:
         self.paused = True
 
@@ -312,6 +318,7 @@ class GroupCommitter:
         batch = journal_pb2.JournalBatch(epoch=self.epoch, events=events)
         started = self.loop.time()
         self._in_flight += 1
+        self._in_flight_waiters.append(waiters)
         try:
             cfuture = self.journal.append(batch)
         except Exception as exc:
@@ -327,7 +334,13 @@ class GroupCommitter:
     def _written(self, f: concurrent.futures.Future, count: int, started: float,
                  waiters: list[asyncio.Future]) -> None:
         self._in_flight -= 1
+        if waiters in self._in_flight_waiters:
+            self._in_flight_waiters.remove(waiters)
         exc = f.exception()
+        if exc is None and self.failed is not None:
+            # An earlier batch failed: this one may have landed after a gap,
+            # so nothing in it may be acted on. The master steps down.
+            exc = JournalError(f"an earlier journal batch failed: {self.failed}")
         if exc is not None:
             self._fail(exc, waiters)
             return
@@ -348,6 +361,9 @@ class GroupCommitter:
         pending = waiters + self._buffer_waiters
         for _events, more in self._sealed:
             pending += more
+        for more in self._in_flight_waiters:  # whatever lands after a failure is not vouched for
+            pending += more
+        self._in_flight_waiters = []
         self._buffer, self._buffer_waiters = [], []
         self._sealed.clear()
         error = exc if isinstance(exc, JournalError) else JournalError(str(exc))

@@ -159,7 +159,11 @@ class MasterNode:
         await self.health.enter_graceful_shutdown()
         if self.core is not None:
             core, self.core = self.core, None
-            await asyncio.wait_for(asyncio.shield(core.committer.barrier()), 5) if core.committer else None
+            try:  # let what is on its way become durable (and be acked)
+                if core.committer is not None:
+                    await asyncio.wait_for(asyncio.shield(core.committer.barrier()), 5)
+            except Exception as exc:
+                log.warning("journal not flushed at shutdown: %r", exc)
             core.close("master is shutting down")
         await self.loop.run_in_executor(None, self.election.resign)
         await self.server.stop(self.settings.shutdown_grace)
@@ -186,7 +190,7 @@ class MasterNode:
             core = None
         if view.leader and core is None and self._recovering is None:
             self._recovering = asyncio.create_task(self._become_master(view))
-        elif core is not None and view.leader and view.node == core.node:
+        elif core is not None and view.leader and view.node == core.node and self._in_contact():
             core.resume()  # back in contact with our election znode intact
 
     async def _become_master(self, view: ElectionView) -> None:
@@ -214,6 +218,9 @@ class MasterNode:
             core.close("lost the election while recovering")
             return
         self.core = core
+        if not self._in_contact():
+            core.pause()  # cut off while recovering: wait to know, as on SUSPENDED
+            self._on_zk_state(KazooState.SUSPENDED)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info("active master at %s", self.address, extra={"epoch": view.epoch})
 
@@ -247,6 +254,9 @@ class MasterNode:
                 self._step_down("ZooKeeper session expired")
             else:
                 self.election.refresh()  # confirms our znode before resuming
+
+    def _in_contact(self) -> bool:
+        return self.client.state == KazooState.CONNECTED and self._suspend_deadline is None
 
     def _suspended_too_long(self) -> None:
         self._suspend_deadline = None

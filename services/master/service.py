@@ -11,6 +11,7 @@ import grpc
 
 from dworkers.v1 import master_pb2, master_pb2_grpc, work_pb2
 from services.common import validation
+from services.common.validation import MERGE_BYTES
 from services.common.wire import EPOCH_KEY, MASTER_KEY, UNREACHABLE_KEY
 from services.master.core import Conflict, Forgotten, MasterCore, NotServing, Overloaded
 
@@ -50,9 +51,10 @@ class WorkerConnection:
             await self._ready.wait()
         if len(self._outbox) == 1:
             return self._outbox.popleft()
-        merged = master_pb2.MasterMessage()
-        while self._outbox:
+        merged, size = master_pb2.MasterMessage(), 0
+        while self._outbox and size < MERGE_BYTES:
             message = self._outbox.popleft()
+            size += message.ByteSize()
             merged.epoch = max(merged.epoch, message.epoch)
             if message.HasField("ack"):
                 merged.ack.work_ids.extend(message.ack.work_ids)

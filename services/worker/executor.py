@@ -70,15 +70,17 @@ class ProcessExecutor:
         self._process = None
         self.connection: Connection | None = None
         self._started = 0.0
+        self._starting = threading.Lock()  # start() runs from a starter thread and from submit()
 
     def start(self) -> None:
-        if self._process is not None:
-            return
-        parent, child = _CONTEXT.Pipe()
-        self._process = _CONTEXT.Process(target=_child_main, args=(child, self.job_modules), daemon=True)
-        self._process.start()
-        child.close()
-        self.connection = parent
+        with self._starting:
+            if self._process is not None and self.connection is not None:
+                return
+            parent, child = _CONTEXT.Pipe()
+            process = _CONTEXT.Process(target=_child_main, args=(child, self.job_modules), daemon=True)
+            process.start()
+            child.close()
+            self._process, self.connection = process, parent
 
     def submit(self, kind: str, payload: bytes) -> Outcome | None:
         """Starts a job; returns an outcome at once only if it could not start."""
@@ -86,7 +88,7 @@ class ProcessExecutor:
         try:
             self.start()
             self.connection.send((kind, payload))
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
             return self._died()
         return None
 

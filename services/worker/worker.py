@@ -24,6 +24,7 @@ import grpc
 from dworkers.v1 import master_pb2
 from services.common.metrics import WorkerMetrics
 from services.common.proxy import MasterProxy, NoMaster
+from services.common.validation import MAX_ERROR_CHARS, MAX_RESULT_BYTES, MERGE_BYTES
 from services.common.wire import MASTER_KEY, metadata_value
 from services.worker.executor import EXECUTORS, Outcome
 
@@ -127,6 +128,11 @@ class Worker:
         if assignment is None:
             return
         work = assignment.work
+        if outcome.ok and len(outcome.result) > MAX_RESULT_BYTES:
+            outcome = Outcome(False, error=f"result of {len(outcome.result)} bytes exceeds the limit of "
+                                           f"{MAX_RESULT_BYTES} bytes", seconds=outcome.seconds)
+        if len(outcome.error) > MAX_ERROR_CHARS:
+            outcome = Outcome(False, error=outcome.error[:MAX_ERROR_CHARS] + "...", seconds=outcome.seconds)
         self.metrics.executed(work.kind, "ok" if outcome.ok else "error", outcome.seconds)
         if outcome.ok:
             message = master_pb2.WorkerMessage(done=master_pb2.WorkIsDone(completions=[
@@ -169,8 +175,8 @@ class Worker:
             message = outbox.get()
             if message is None:
                 return
-            batch = [message]
-            while len(batch) < 1000:
+            batch, size = [message], message.ByteSize()
+            while len(batch) < 1000 and size < MERGE_BYTES:
                 try:
                     nxt = outbox.get_nowait()
                 except queue.Empty:
@@ -179,6 +185,7 @@ class Worker:
                     yield merge(batch)
                     return
                 batch.append(nxt)
+                size += nxt.ByteSize()
             yield merge(batch)
 
     def _session(self, address: str) -> None:
@@ -253,7 +260,12 @@ class Worker:
             except NoMaster as exc:
                 log.info("waiting for a master: %s", exc)
                 continue
-            except grpc.RpcError as exc:
+            except Exception as exc:  # never leave the process without a stream
+                if not isinstance(exc, grpc.RpcError):
+                    log.exception("worker stream failed: %r", exc)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
                 if self._stopped.is_set():
                     break
                 if time.monotonic() - started > 5:
