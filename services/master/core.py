@@ -313,7 +313,7 @@ class MasterCore:
         events, acks, seen = [], [], set()
         for c in completions:
             slot = self.registry.get(c.worker_id)
-            if slot is not None and slot.work_id == c.work_id:
+            if slot is not None and slot.work_id == c.work_id and self._current(c):
                 self.registry.finish(slot)
             acks.append(c.work_id)
             if c.work_id in seen or c.work_id in self.state.finished or not self.state.is_known(c.work_id):
@@ -332,11 +332,12 @@ class MasterCore:
         events, acks = [], []
         for f in failures:
             slot = self.registry.get(f.worker_id)
-            if slot is not None and slot.work_id == f.work_id:
+            current = self._current(f)
+            if slot is not None and slot.work_id == f.work_id and current:
                 self.registry.finish(slot)
             acks.append(f.work_id)
             entry = self.state.in_progress.get(f.work_id)
-            if entry is not None and entry.worker_id == f.worker_id:  # not a stale attempt
+            if entry is not None and entry.worker_id == f.worker_id and current:  # not a stale attempt
                 if f.returned:
                     events.append(journal_pb2.Event(work_returned=journal_pb2.WorkReturned(work_id=f.work_id)))
                 else:
@@ -345,6 +346,12 @@ class MasterCore:
         self._ack_when_durable(connection, events, acks)
         if events:
             self._announce_work()
+
+    def _current(self, report) -> bool:
+        """Whether a report is about the attempt now in progress (not a resent
+        report of an earlier attempt of the same work on the same slot)."""
+        entry = self.state.in_progress.get(report.work_id)
+        return entry is None or not report.attempt or report.attempt == entry.attempts
 
     def _ack_when_durable(self, connection, events, acks) -> None:
         if self.closed is not None or self.committer is None:

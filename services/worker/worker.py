@@ -136,11 +136,13 @@ class Worker:
         self.metrics.executed(work.kind, "ok" if outcome.ok else "error", outcome.seconds)
         if outcome.ok:
             message = master_pb2.WorkerMessage(done=master_pb2.WorkIsDone(completions=[
-                master_pb2.Completion(worker_id=slot.worker_id, work_id=work.work_id, result=outcome.result)]))
+                master_pb2.Completion(worker_id=slot.worker_id, work_id=work.work_id, result=outcome.result,
+                                      attempt=assignment.attempt)]))
             log.debug("work complete", extra={"work_id": work.work_id, "worker_id": slot.worker_id})
         else:
             message = master_pb2.WorkerMessage(failed=master_pb2.WorkFailed(failures=[
-                master_pb2.Failure(worker_id=slot.worker_id, work_id=work.work_id, error=outcome.error)]))
+                master_pb2.Failure(worker_id=slot.worker_id, work_id=work.work_id, error=outcome.error,
+                                   attempt=assignment.attempt)]))
             log.warning("work failed: %s", outcome.error, extra={"work_id": work.work_id, "worker_id": slot.worker_id})
         if not self._stopping.is_set():  # the same message asks for the next work
             message.request_work.worker_ids.append(slot.worker_id)
@@ -287,11 +289,12 @@ class Worker:
         while time.monotonic() < deadline and self._busy():
             time.sleep(0.1)
         with self._lock:
-            running = [(s.worker_id, s.work_id) for s in self.slots.values() if s.busy]
-            for worker_id, work_id in running:
+            running = [(s.worker_id, s.work_id, s.assignment.attempt) for s in self.slots.values() if s.busy]
+            for worker_id, work_id, attempt in running:
                 self._unacked[work_id] = master_pb2.WorkerMessage(failed=master_pb2.WorkFailed(failures=[
-                    master_pb2.Failure(worker_id=worker_id, work_id=work_id, error="worker shut down", returned=True)]))
-        for worker_id, work_id in running:
+                    master_pb2.Failure(worker_id=worker_id, work_id=work_id, error="worker shut down",
+                                       returned=True, attempt=attempt)]))
+        for worker_id, work_id, _attempt in running:
             log.info("handing work back", extra={"work_id": work_id, "worker_id": worker_id})
             self._send(self._unacked[work_id])
         deadline = time.monotonic() + 5.0  # for the acks of what we reported
