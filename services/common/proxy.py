@@ -229,6 +229,8 @@ class MasterProxy:
             if not self.observe_epoch(epoch):
                 last = f"{address} answered with stale epoch {epoch}"
                 self.locator.invalidate(address)
+                self._pause(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, 0.1)
                 continue
             return response
 

@@ -271,6 +271,8 @@ class MasterCore:
         waits until WorkStarted is durable."""
         if not self._waiting or not self.state.pending or self.committer.paused or self.closed is not None:
             return
+        if not self.committer.has_room(len(self._waiting)):
+            return  # the journal is backed up: hand out later (the tick announces again)
         now = time.monotonic()
         by_connection: dict = {}
         events = []
@@ -430,6 +432,8 @@ class MasterCore:
         if events:
             self._record(events)
             self._announce_work()
+        elif self._waiting and self.state.pending:
+            self._dispatch()  # e.g. held back while the journal was backed up
         self._forget_old_results(now)
         batches = self.committer.batches_written - self._batches_at_snapshot
         if not self._snapshotting and self._events_since_snapshot and (

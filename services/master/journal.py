@@ -265,6 +265,10 @@ class GroupCommitter:
         self._pump_scheduled = False
         self._pump()
 
+    def has_room(self, events: int) -> bool:
+        """Whether `events` more can be appended without JournalBusy."""
+        return self.failed is None and self.queued + events <= self.max_buffered_events
+
     def barrier(self) -> asyncio.Future:
         """A future that resolves when everything appended so far is durable."""
         if self._last is None or self._last.done():
