@@ -23,16 +23,18 @@ def run_master(args) -> None:
     from kazoo.handlers.threading import KazooTimeoutError
 
     from services.common.wire import AddressInUse
+    from services.master.core import CoreSettings
     from services.master.node import MasterNode, MasterSettings
 
     node = MasterNode(MasterSettings(
         zk=args.zk, root=args.root, listen=args.listen, advertise=args.advertise,
         metrics_port=args.metrics_port, session_timeout=args.session_timeout,
-        work_timeout=args.work_timeout, worker_timeout=args.worker_timeout, max_pending=args.max_pending,
-        snapshot_every=args.snapshot_every, snapshot_interval=args.snapshot_interval,
-        snapshot_batches=args.snapshot_batches,
-        retention_count=args.retention_count, retention_seconds=args.retention_seconds,
         subscriber_timeout=args.subscriber_timeout,
+        core=CoreSettings(
+            work_timeout=args.work_timeout, worker_timeout=args.worker_timeout, max_pending=args.max_pending,
+            snapshot_every=args.snapshot_every, snapshot_interval=args.snapshot_interval,
+            snapshot_batches=args.snapshot_batches,
+            retention_count=args.retention_count, retention_seconds=args.retention_seconds),
     ))
     try:
         asyncio.run(node.run())

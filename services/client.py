@@ -11,7 +11,7 @@ import time
 import grpc
 
 from dworkers.v1 import frontend_pb2_grpc, work_pb2
-from services.common import settings
+from services.common import settings, validation
 from services.common.settings import add
 from services.common.wire import CHANNEL_OPTIONS
 
@@ -122,8 +122,7 @@ def submit(stub, args) -> None:
         chunk = work_pb2.SubmitWorksRequest(works=requests[i:i + args.batch])
         for r in chunk.works:  # fixed before any retry, so a retry is idempotent
             if not r.work_id:
-                import uuid
-                r.work_id = str(uuid.uuid4())
+                r.work_id = validation.new_work_id()
         response = _with_backoff(lambda: stub.SubmitWorks(chunk, timeout=args.timeout))
         ids += [w.work_id for w in response.works]
         duplicates += sum(w.duplicate for w in response.works)

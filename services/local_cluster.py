@@ -147,6 +147,12 @@ class LocalCluster:
             time.sleep(0.05)
         raise TimeoutError("no active master")
 
+    def print_logs(self, tail: int = 4000) -> None:
+        """Prints the end of every service's log (after a failed test)."""
+        for service in self.services:
+            print(f"\n===== {service.role} pid {service.pid} {service.address} =====")
+            print(service.log()[-tail:])
+
     def stop(self) -> None:
         for service in reversed(self.services):
             if service.alive():

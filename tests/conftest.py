@@ -33,6 +33,4 @@ def cluster(zookeeper, tmp_path, request):
     c.stop()
     report = getattr(request.node, "report_call", None)
     if report is not None and report.failed:
-        for service in c.services:
-            print(f"\n===== {service.role} pid {service.pid} {service.address} =====")
-            print(service.log()[-4000:])
+        c.print_logs()

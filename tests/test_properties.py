@@ -234,9 +234,7 @@ def live(zookeeper, tmp_path_factory, request):
     finally:
         cluster.stop()
         if request.session.testsfailed > failed_before:
-            for service in cluster.services:
-                print(f"\n===== {service.role} pid {service.pid} {service.address} =====")
-                print(service.log()[-6000:])
+            cluster.print_logs(tail=6000)
 
 
 @pytest.mark.timeout(300)

@@ -43,11 +43,14 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         # Result streams are long-lived: bound them so unary calls keep threads.
         self._watchers = threading.BoundedSemaphore(settings.max_watchers)
 
-    def _forward(self, method: str, request, context):
+    def _timeout(self, context) -> float:
+        """The caller's deadline, capped at the frontend's call timeout."""
         remaining = context.time_remaining()
-        timeout = self.settings.call_timeout if remaining is None else min(remaining, self.settings.call_timeout)
+        return self.settings.call_timeout if remaining is None else min(remaining, self.settings.call_timeout)
+
+    def _forward(self, method: str, request, context):
         try:
-            return self.proxy.call(method, request, timeout=timeout)
+            return self.proxy.call(method, request, timeout=self._timeout(context))
         except grpc.RpcError as error:
             context.abort(error.code(), error.details())
         except NoMaster as exc:
@@ -67,8 +70,7 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
 
     def SubmitWork(self, request, context):
         work = self._validated([request], context).works[0]
-        remaining = context.time_remaining()
-        timeout = self.settings.call_timeout if remaining is None else min(remaining, self.settings.call_timeout)
+        timeout = self._timeout(context)
         try:
             return self.batcher.submit(work, timeout=timeout + 1.0)
         except grpc.RpcError as error:

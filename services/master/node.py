@@ -10,7 +10,7 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -40,16 +40,9 @@ class MasterSettings:
     advertise: str = ""
     metrics_port: int = 9100
     session_timeout: float = 4.0
-    work_timeout: float = 30.0
-    worker_timeout: float = 15.0
-    max_pending: int = 1_000_000
     shutdown_grace: float = 5.0
-    snapshot_every: int = 50_000
-    snapshot_batches: int = 1_000
-    snapshot_interval: float = 60.0
-    retention_count: int = 100_000
-    retention_seconds: float = 3600.0
     subscriber_timeout: float = 30.0
+    core: CoreSettings = field(default_factory=CoreSettings)  # timeouts, limits, snapshots, retention
 
 
 class KindCatalog:
@@ -194,14 +187,9 @@ class MasterNode:
             core.resume()  # back in contact with our election znode intact
 
     async def _become_master(self, view: ElectionView) -> None:
-        s = self.settings
         journal = ZooKeeperJournal(self.client, self.paths.journal, fence_path=view.node)
-        core = MasterCore(journal, view.epoch,
-                          CoreSettings(work_timeout=s.work_timeout, worker_timeout=s.worker_timeout,
-                                       max_pending=s.max_pending, snapshot_every=s.snapshot_every,
-                                       snapshot_interval=s.snapshot_interval, snapshot_batches=s.snapshot_batches,
-                                       retention_count=s.retention_count, retention_seconds=s.retention_seconds),
-                          on_failure=self._journal_failed, metrics=self.metrics)
+        core = MasterCore(journal, view.epoch, self.settings.core, on_failure=self._journal_failed,
+                          metrics=self.metrics)
         core.node = view.node
         log.info("elected master; replaying the journal", extra={"epoch": view.epoch})
         try:
