@@ -3,7 +3,6 @@ submit, status, watch, cluster."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -11,24 +10,11 @@ import time
 import grpc
 
 from dworkers.v1 import frontend_pb2_grpc, work_pb2
-from services.common import settings, validation
-from services.common.settings import add
+from services.common import validation
+from services.common.settings import add, in_range
 from services.common.wire import CHANNEL_OPTIONS
 
 STATE_NAMES = {v: k for k, v in work_pb2.State.items()}
-
-
-def _at_least(low, kind):
-    """An argparse type: a number of `kind` no lower than `low`."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}")
-        return value
-    return parse
 
 
 def add_parsers(sub) -> None:
@@ -47,17 +33,17 @@ def add_parsers(sub) -> None:
     p.add_argument("payloads", nargs="*", help="one work per payload")
     p.add_argument("--file", help="read payloads, one per line, from this file (- for stdin)")
     p.add_argument("--id", help="the work id (a single work only; default: a new UUID)")
-    p.add_argument("--max-attempts", type=_at_least(0, int), default=0, help="failed attempts before the work ends FAILED (default 3)")
-    p.add_argument("--work-timeout", type=_at_least(0, float), default=0.0, help="seconds per attempt (default: the master's)")
-    p.add_argument("--batch", type=_at_least(1, int), default=500, help="works per call")
+    p.add_argument("--max-attempts", type=in_range(int, low=0, high=100), default=0, help="failed attempts before the work ends FAILED (default 3)")
+    p.add_argument("--work-timeout", type=in_range(float, low=0, high=24 * 3600), default=0.0, help="seconds per attempt (default: the master's)")
+    p.add_argument("--batch", type=in_range(int, low=1, high=10_000), default=500, help="works per call")
     p.add_argument("--wait", action="store_true", help="wait for every work's result and print it")
 
     p = client_parser("status", "show one work", "Show the state, attempts and result of one work.")
     p.add_argument("work_id")
 
     p = client_parser("watch", "stream results as they finish", "Stream finished works in order; resume with --after.")
-    p.add_argument("--after", type=int, default=0, help="start after this result sequence number")
-    p.add_argument("--count", type=int, default=0, help="stop after this many results (0: never)")
+    p.add_argument("--after", type=in_range(int, low=0), default=0, help="start after this result sequence number")
+    p.add_argument("--count", type=in_range(int, low=0), default=0, help="stop after this many results (0: never)")
 
     client_parser("cluster", "show the cluster", "Show the active master, its epoch, standbys, workers and work counts.")
 
@@ -172,6 +158,7 @@ def _wait(stub, args, ids: set[str], after: int) -> None:
                 return
     finally:
         stream.cancel()
+    raise ClientError(f"the result stream ended before {len(waiting)} works finished")
 
 
 def _result_dict(r: work_pb2.WorkResult) -> dict:

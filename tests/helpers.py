@@ -9,7 +9,7 @@ import uuid
 
 import grpc
 
-from dworkers.v1 import frontend_pb2_grpc, work_pb2
+from dworkers.v1 import frontend_pb2_grpc, master_pb2, master_pb2_grpc, work_pb2
 
 
 def frontend(address: str) -> frontend_pb2_grpc.FrontendStub:
@@ -76,3 +76,63 @@ class ResultCollector:
         stream = getattr(self, "_stream", None)
         if stream is not None:
             stream.cancel()
+
+
+def wait_until(predicate, timeout: float, what: str = "condition", interval: float = 0.05):
+    """Polls `predicate` until it returns something true; fails the test with
+    `what` when `timeout` seconds pass first. Returns the predicate's value."""
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+class ProtocolWorker:
+    """Speaks the worker protocol directly to a master, as a worker process would."""
+
+    def __init__(self, address: str, worker_id: str = "probe-0"):
+        self.worker_id = worker_id
+        self.outbox: list = []
+        self.cond = threading.Condition()
+        self.channel = grpc.insecure_channel(address)
+        self.received: list[master_pb2.MasterMessage] = []
+        self.stream = master_pb2_grpc.MasterStub(self.channel).Connect(self._requests())
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _requests(self):
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.outbox)
+                message = self.outbox.pop(0)
+            if message is None:
+                return
+            yield message
+
+    def _read(self):
+        try:
+            for message in self.stream:
+                with self.cond:
+                    self.received.append(message)
+                    self.cond.notify_all()
+        except grpc.RpcError:
+            pass
+
+    def send(self, **kw):
+        with self.cond:
+            self.outbox.append(master_pb2.WorkerMessage(**kw))
+            self.cond.notify_all()
+
+    def wait(self, kind: str, timeout: float = 10.0) -> master_pb2.MasterMessage:
+        with self.cond:
+            assert self.cond.wait_for(lambda: any(m.HasField(kind) for m in self.received), timeout)
+            message = next(m for m in self.received if m.HasField(kind))
+            self.received.remove(message)
+            return message
+
+    def close(self):
+        self.stream.cancel()
+        self.channel.close()

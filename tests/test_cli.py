@@ -443,9 +443,9 @@ def test_status_of_a_malformed_id(live):
     (["submit", "square"], ["nothing to submit"]),
     (["submit", "square", "1", "2", "--id", "one-id"], ["--id", "single work"]),
     (["submit", "square", "--file", "/nonexistent/payloads"], ["/nonexistent/payloads"]),
-    (["submit", "square", "1", "--max-attempts", "500"], ["INVALID_ARGUMENT", "max_attempts"]),
+    (["submit", "square", "1", "--max-attempts", "500"], ["--max-attempts", "at most 100"]),
     (["submit", "square", "1", "--work-timeout", "-5"], ["work-timeout"]),
-    (["submit", "square", "1", "--work-timeout", "nan"], ["INVALID_ARGUMENT", "timeout_seconds"]),
+    (["submit", "square", "1", "--work-timeout", "nan"], ["--work-timeout", "must be a number"]),
     (["submit", "square", "1", "--max-attempts", "-1"], ["max-attempts"]),
 ], ids=["no-payloads", "id-with-two-payloads", "missing-file", "max-attempts-above-limit", "negative-work-timeout",
         "nan-work-timeout", "negative-max-attempts"])

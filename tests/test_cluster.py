@@ -13,7 +13,7 @@ import pytest
 
 from dworkers.v1 import master_pb2, master_pb2_grpc, work_pb2
 from services.local_cluster import wait_serving
-from tests.helpers import ResultCollector, frontend, submit_until_acked
+from tests.helpers import ProtocolWorker, ResultCollector, frontend, submit_until_acked
 
 
 def assert_exactly_once(collector: ResultCollector, acked: list[str]) -> None:
@@ -117,53 +117,6 @@ def test_submit_is_idempotent(cluster):
     results.stop()
 
 
-class ProtocolWorker:
-    """Speaks the worker protocol directly to a master, as a worker process would."""
-
-    def __init__(self, address: str, worker_id: str = "probe-0"):
-        self.worker_id = worker_id
-        self.outbox: list = []
-        self.cond = threading.Condition()
-        self.channel = grpc.insecure_channel(address)
-        self.received: list[master_pb2.MasterMessage] = []
-        self.stream = master_pb2_grpc.MasterStub(self.channel).Connect(self._requests())
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _requests(self):
-        while True:
-            with self.cond:
-                self.cond.wait_for(lambda: self.outbox)
-                message = self.outbox.pop(0)
-            if message is None:
-                return
-            yield message
-
-    def _read(self):
-        try:
-            for message in self.stream:
-                with self.cond:
-                    self.received.append(message)
-                    self.cond.notify_all()
-        except grpc.RpcError:
-            pass
-
-    def send(self, **kw):
-        with self.cond:
-            self.outbox.append(master_pb2.WorkerMessage(**kw))
-            self.cond.notify_all()
-
-    def wait(self, kind: str, timeout: float = 10.0) -> master_pb2.MasterMessage:
-        with self.cond:
-            assert self.cond.wait_for(lambda: any(m.HasField(kind) for m in self.received), timeout)
-            message = next(m for m in self.received if m.HasField(kind))
-            self.received.remove(message)
-            return message
-
-    def close(self):
-        self.stream.cancel()
-        self.channel.close()
-
-
 def test_work_is_done_twice_is_acked_twice_and_recorded_once(cluster):
     master = cluster.start_master(wait=True)
     cluster.start_worker(1)  # declares the kinds
@@ -171,16 +124,17 @@ def test_work_is_done_twice_is_acked_twice_and_recorded_once(cluster):
     time.sleep(1.0)
     cluster.services[1].stop()  # no competing real worker
     probe = ProtocolWorker(master.address)
-    probe.send(register=master_pb2.RegisterWorker(worker_ids=[probe.worker_id], host="probe"))
+    probe.send(register=master_pb2.RegisterWorker(worker_ids=[probe.worker_id], host="probe", kinds=["square"]))
     submit_until_acked(stub, "square", b"5", "done-twice")
     probe.send(request_work=master_pb2.WorkerRequestsWork(worker_ids=[probe.worker_id]))
     works = probe.wait("works")
-    assert works.works.assignments[0].work.work_id == "done-twice"
+    assignment = works.works.assignments[0]
+    assert assignment.work.work_id == "done-twice"
     done = master_pb2.WorkIsDone(completions=[master_pb2.Completion(
-        worker_id=probe.worker_id, work_id="done-twice", result=b"25")])
+        worker_id=probe.worker_id, work_id="done-twice", result=b"25", attempt_token=assignment.attempt_token)])
     for _ in range(2):
         probe.send(done=done)
-        assert list(probe.wait("ack").ack.work_ids) == ["done-twice"]
+        assert list(probe.wait("ack").ack.attempt_tokens) == [assignment.attempt_token]
     results = ResultCollector(stub)
     assert not results.wait_for(["done-twice"], timeout=10)
     time.sleep(0.3)

@@ -18,13 +18,16 @@ class HeldJournal(Journal):
     def __init__(self):
         self.pending: list[concurrent.futures.Future] = []
 
-    def append(self, batch):
+    def append(self, position, batch):
         future = concurrent.futures.Future()
         self.pending.append(future)
         return future
 
     def read(self, after=-1):
         return iter(())
+
+    def discard_after(self, position):
+        pass
 
     def write_snapshot(self, position, data):
         raise NotImplementedError

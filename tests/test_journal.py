@@ -36,10 +36,10 @@ def test_append_is_fenced_by_the_writers_election_znode(client, paths):
     client.ensure_path(paths.election)
     fence = client.create(f"{paths.election}/n-", ephemeral=True, sequence=True)
     journal = ZooKeeperJournal(client, paths.journal, fence_path=fence)
-    journal.append(journal_pb2.JournalBatch(epoch=1, events=[event(1)])).result(timeout=10)
+    journal.append(0, journal_pb2.JournalBatch(epoch=1, events=[event(1)])).result(timeout=10)
     client.delete(fence)  # as when the session expires: the writer is deposed
     with pytest.raises(FencedError):
-        journal.append(journal_pb2.JournalBatch(epoch=1, events=[event(2)])).result(timeout=10)
+        journal.append(1, journal_pb2.JournalBatch(epoch=1, events=[event(2)])).result(timeout=10)
     assert [b.events[0].work_accepted.work.work_id for _, b in journal.read()] == ["w1"]
 
 
@@ -113,3 +113,74 @@ def test_oldest_backend_leads_and_its_successor_takes_over(zookeeper, paths):
         for c in clients:
             c.stop()
             c.close()
+
+
+def all_znodes(client, path: str) -> dict[str, bytes]:
+    """Every znode under `path` with its data."""
+    found = {}
+    for child in client.get_children(path):
+        full = f"{path}/{child}"
+        found[full] = client.get(full)[0]
+        found.update(all_znodes(client, full))
+    return found
+
+
+def test_positions_go_past_zookeepers_32_bit_sequence_limit(client, paths):
+    """Positions are the writer's own 64-bit numbers: 2^31 - 1 is not special."""
+    journal = ZooKeeperJournal(client, paths.journal)
+    first = 2**31 - 3
+    for i in range(6):
+        journal.append(first + i, journal_pb2.JournalBatch(epoch=1, events=[event(i)])).result(timeout=10)
+    assert [p for p, _ in journal.read()] == [first + i for i in range(6)]
+    assert [p for p, _ in journal.read(after=2**31 - 1)] == [2**31, 2**31 + 1, 2**31 + 2]
+    journal.write_snapshot(2**31, b"state")
+    journal.compact()
+    assert [p for p, _ in journal.read(after=2**31)] == [2**31 + 1, 2**31 + 2]
+    assert journal.read_snapshot() == (2**31, b"state")
+
+
+def test_a_taken_position_is_refused(client, paths):
+    journal = ZooKeeperJournal(client, paths.journal)
+    journal.append(7, journal_pb2.JournalBatch(epoch=1, events=[event(1)])).result(timeout=10)
+    with pytest.raises(JournalError, match="taken"):
+        journal.append(7, journal_pb2.JournalBatch(epoch=2, events=[event(2)])).result(timeout=10)
+
+
+def test_a_large_batch_is_written_in_parts_no_write_above_the_part_size(client, paths):
+    from services.master.journal.zookeeper import PART_BYTES
+
+    journal = ZooKeeperJournal(client, paths.journal)
+    big = journal_pb2.JournalBatch(epoch=1, events=[event(i, size=250_000) for i in range(4)])  # ~1 MB
+    journal.append(0, big).result(timeout=10)
+    journal.append(1, journal_pb2.JournalBatch(epoch=1, events=[event(9)])).result(timeout=10)
+    assert [(p, b) for p, b in journal.read()] == [(0, big), (1, journal_pb2.JournalBatch(
+        epoch=1, events=[event(9)]))]
+    sizes = [len(data) for data in all_znodes(client, paths.root).values()]
+    assert max(sizes) <= PART_BYTES and len(sizes) > 16
+
+
+def test_an_unfinished_batch_in_parts_is_invisible_and_discarded(client, paths):
+    client.ensure_path(paths.election)
+    fence = client.create(f"{paths.election}/n-", ephemeral=True, sequence=True)
+    journal = ZooKeeperJournal(client, paths.journal, fence_path=fence)
+    journal.append(0, journal_pb2.JournalBatch(epoch=1, events=[event(1)])).result(timeout=10)
+    # A crash after two parts of batch 1 were written, before its manifest.
+    client.create(f"{journal.parts}/{1:020d}-deadwriter-000000", b"x" * 100)
+    client.create(f"{journal.parts}/{1:020d}-deadwriter-000001", b"y" * 100)
+    assert [p for p, _ in journal.read()] == [0]
+    journal.discard_after(0)
+    assert client.get_children(journal.parts) == []
+    big = journal_pb2.JournalBatch(epoch=2, events=[event(i, size=100_000) for i in range(3)])
+    journal.append(1, big).result(timeout=10)
+    assert [b for _, b in journal.read(after=0)] == [big]
+
+
+def test_a_deposed_writer_cannot_finish_a_batch_in_parts(client, paths):
+    client.ensure_path(paths.election)
+    fence = client.create(f"{paths.election}/n-", ephemeral=True, sequence=True)
+    journal = ZooKeeperJournal(client, paths.journal, fence_path=fence)
+    client.delete(fence)
+    big = journal_pb2.JournalBatch(epoch=1, events=[event(i, size=100_000) for i in range(3)])
+    with pytest.raises(FencedError):
+        journal.append(0, big).result(timeout=10)
+    assert list(journal.read()) == [] and client.get_children(journal.parts) == []

@@ -2,27 +2,55 @@
 
 from services.master.workers import WorkerRegistry
 
+SQUARE = frozenset({"square"})
+
 
 def test_idle_connections_follow_slots_through_start_finish_and_drop():
     registry, a, b = WorkerRegistry(), object(), object()
-    registry.register(a, ["a0", "a1"], "host-a", now=0.0)
-    registry.register(b, ["b0"], "host-b", now=0.0)
-    assert set(registry.idle_connections()) == {a, b}
-    registry.start(registry.get("b0"), "w1", deadline=10.0)
-    assert set(registry.idle_connections()) == {a} and registry.busy_count == 1
+    registry.register(a, ["a0", "a1"], "host-a", SQUARE, now=0.0)
+    registry.register(b, ["b0"], "host-b", SQUARE, now=0.0)
+    assert {c for c, _ in registry.idle_connections()} == {a, b}
+    registry.start(registry.get("b0"), "w1", token=7, deadline=10.0)
+    assert {c for c, _ in registry.idle_connections()} == {a} and registry.busy_count == 1
     registry.finish(registry.get("b0"))
-    assert set(registry.idle_connections()) == {a, b} and registry.busy_count == 0
-    registry.start(registry.get("a0"), "w2", deadline=5.0)
+    assert {c for c, _ in registry.idle_connections()} == {a, b} and registry.busy_count == 0
+    registry.start(registry.get("a0"), "w2", token=8, deadline=5.0)
     registry.drop("a1")
-    assert set(registry.idle_connections()) == {b}
+    assert {c for c, _ in registry.idle_connections()} == {b}
     assert [s.worker_id for s in registry.overdue(now=6.0)] == ["a0"]
-    registry.register(b, ["a0"], "host-b", now=1.0)  # the slot moved to another process
+    registry.register(b, ["a0"], "host-b", SQUARE, now=1.0)  # the slot moved to another process
     assert registry.busy_count == 0 and registry.get("a0").connection is b
-    assert set(registry.idle_connections()) == {b}
+    assert {c for c, _ in registry.idle_connections()} == {b}
 
 
 def test_silent_slots_are_found():
     registry, a = WorkerRegistry(), object()
-    registry.register(a, ["a0", "a1"], "h", now=0.0)
-    registry.register(a, ["a1"], "h", now=20.0)
+    registry.register(a, ["a0", "a1"], "h", SQUARE, now=0.0)
+    registry.register(a, ["a1"], "h", SQUARE, now=20.0)
     assert [s.worker_id for s in registry.silent(now=21.0, timeout=15.0)] == ["a0"]
+
+
+def test_live_kinds_count_the_slots_that_run_them():
+    registry, a, b = WorkerRegistry(), object(), object()
+    registry.register(a, ["a0", "a1"], "h", frozenset({"square", "blob"}), now=0.0)
+    registry.register(b, ["b0"], "h", SQUARE, now=0.0)
+    assert registry.kind_slots == {"square": 3, "blob": 2}
+    registry.forget(a)
+    assert registry.kind_slots == {"square": 1}
+    registry.forget(b)
+    assert not registry.kind_slots
+
+
+def test_waiting_slots_are_grouped_by_kinds_and_served_in_order():
+    registry, a, b = WorkerRegistry(), object(), object()
+    registry.register(a, ["a0", "a1"], "h", frozenset({"blob"}), now=0.0)
+    registry.register(b, ["b0"], "h", SQUARE, now=0.0)
+    for worker_id in ("a1", "b0", "a0"):
+        registry.want(registry.get(worker_id))
+    registry.want(registry.get("a1"))  # asking twice holds one credit
+    assert registry.waiting_count == 3
+    assert registry.next_waiting(frozenset({"blob"})).worker_id == "a1"
+    registry.start(registry.get("a0"), "w", token=1, deadline=9.0)  # started elsewhere: no longer waiting
+    assert frozenset({"blob"}) not in registry.waiting and registry.waiting_count == 1
+    registry.drop("b0")
+    assert not registry.waiting and registry.waiting_count == 0

@@ -94,6 +94,14 @@ class MasterMetrics:
         self.pending = Gauge("dworkers_pending_works", "works waiting for a worker")
         self.in_progress = Gauge("dworkers_in_progress_works", "works handed to a worker")
         self.workers = Gauge("dworkers_workers", "registered worker slots", ["status"])
+        self.pending_by_kind = Gauge("dworkers_pending_works_by_kind", "works waiting for a worker, by kind", ["kind"])
+        self.slots_by_kind = Gauge("dworkers_worker_slots_by_kind", "live worker slots that run a kind", ["kind"])
+        self.without_worker = Gauge("dworkers_pending_works_without_worker",
+                                    "pending works of kinds no live worker runs (they wait)")
+        self.unfinished_bytes = Gauge("dworkers_unfinished_work_bytes",
+                                      "bytes held by pending and running works (bounded by --max-pending-bytes)")
+        self.result_bytes = Gauge("dworkers_retained_result_bytes",
+                                  "bytes held by retained results (bounded by --retention-bytes)")
         self.append_seconds = Histogram(
             "dworkers_journal_append_seconds", "time to make one journal batch durable",
             buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
@@ -131,6 +139,14 @@ class MasterMetrics:
         self.in_progress.set(counts.get("in_progress", 0))
         self.workers.labels("busy").set(counts.get("workers_busy", 0))
         self.workers.labels("idle").set(counts.get("workers_idle", 0))
+        self.without_worker.set(counts.get("pending_without_worker", 0))
+        self.unfinished_bytes.set(counts.get("unfinished_bytes", 0))
+        self.result_bytes.set(counts.get("result_bytes", 0))
+        for gauge, values in ((self.pending_by_kind, counts.get("pending_by_kind", {})),
+                              (self.slots_by_kind, counts.get("slots_by_kind", {}))):
+            gauge.clear()
+            for kind, value in values.items():
+                gauge.labels(kind).set(value)
         self.active.set(1 if active else 0)
         self.epoch.set(epoch)
 

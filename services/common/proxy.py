@@ -19,11 +19,16 @@ from kazoo.exceptions import KazooException, NoNodeError
 
 from dworkers.v1 import master_pb2_grpc, work_pb2
 from services.common import zk
-from services.common.wire import CHANNEL_OPTIONS, EPOCH_KEY, MASTER_KEY, UNREACHABLE_KEY, metadata_value
+from services.common.wire import CHANNEL_OPTIONS, CLUSTER_KEY, EPOCH_KEY, MASTER_KEY, UNREACHABLE_KEY, metadata_value
 
 log = logging.getLogger(__name__)
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION)
+# A result stream that ends with one of these ends for its subscriber too;
+# with any other, the proxy resumes it.
+FINAL_FOR_STREAMS = (grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
+                     grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED)
 
 
 class NoMaster(Exception):
@@ -126,6 +131,31 @@ class StaticLocator:
             self._index += 1
 
 
+class EpochGuard:
+    """The newest master seen: answers from an older epoch of the same
+    cluster come from a deposed master and are refused. Epochs are compared
+    only within one cluster id: a ZooKeeper that lost its data numbers its
+    masters from the start again, under a new cluster id."""
+
+    def __init__(self) -> None:
+        self.cluster_id = ""
+        self.epoch = 0
+        self._lock = threading.Lock()
+
+    def observe(self, epoch: int, cluster_id: str = "") -> bool:
+        with self._lock:
+            if cluster_id and cluster_id != self.cluster_id:
+                if self.cluster_id:
+                    log.warning("the cluster id changed (%s -> %s): epochs start again at %d",
+                                self.cluster_id, cluster_id, epoch)
+                self.cluster_id, self.epoch = cluster_id, epoch
+                return True
+            if epoch < self.epoch:
+                return False
+            self.epoch = epoch
+            return True
+
+
 class StreamHandle:
     """Lets another thread end a result stream (e.g. when its client went away)."""
 
@@ -154,7 +184,7 @@ class MasterProxy:
         # A paused or cut-off master must not eat the whole deadline: each
         # attempt gets at most this long, then the call is retried (calls are idempotent).
         self.attempt_timeout = attempt_timeout
-        self.highest_epoch = 0
+        self.epochs = EpochGuard()
         self._stubs: dict[str, master_pb2_grpc.MasterStub] = {}
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
@@ -175,12 +205,9 @@ class MasterProxy:
             self._channels.clear()
             self._stubs.clear()
 
-    def observe_epoch(self, epoch: int) -> bool:
+    def observe_epoch(self, epoch: int, cluster_id: str = "") -> bool:
         """Records an epoch seen on the wire; False if it is older than one seen before."""
-        if epoch < self.highest_epoch:
-            return False
-        self.highest_epoch = epoch
-        return True
+        return self.epochs.observe(epoch, cluster_id)
 
     def _retry_hint(self, error: grpc.RpcError, address: str) -> bool:
         """Whether a failed call may be retried elsewhere (and where)."""
@@ -225,8 +252,9 @@ class MasterProxy:
                 self._pause(min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 2, 0.1)
                 continue
-            epoch = int(metadata_value(call.trailing_metadata(), EPOCH_KEY) or 0)
-            if not self.observe_epoch(epoch):
+            trailers = call.trailing_metadata()
+            epoch = int(metadata_value(trailers, EPOCH_KEY) or 0)
+            if not self.observe_epoch(epoch, metadata_value(trailers, CLUSTER_KEY) or ""):
                 last = f"{address} answered with stale epoch {epoch}"
                 self.locator.invalidate(address)
                 self._pause(min(delay, max(0.0, deadline - time.monotonic())))
@@ -254,24 +282,27 @@ class MasterProxy:
             self.locator.on_change(stream.cancel)  # the master moved: resume from the new one
             try:
                 for response in stream:
-                    if not self.observe_epoch(response.epoch):
+                    if not self.observe_epoch(response.epoch, response.cluster_id):
                         break  # a deposed master: look again
                     broken_since, delay = None, 0.02
                     fresh = [r for r in response.results if r.sequence > cursor]
                     if fresh:
                         cursor = fresh[-1].sequence
-                        yield work_pb2.WatchResultsResponse(results=fresh, epoch=response.epoch)
+                        yield work_pb2.WatchResultsResponse(results=fresh, epoch=response.epoch,
+                                                            cluster_id=response.cluster_id)
             except grpc.RpcError as error:
                 if handle.cancelled:
-                    return
-                moved = self.locator.current(reconnect_timeout)[0] != address
-                if error.code() == grpc.StatusCode.CANCELLED and not moved:
-                    return
-                if not moved and not self._retry_hint(error, address) and error.code() != grpc.StatusCode.UNKNOWN:
-                    raise
+                    return  # the subscriber left
+                if error.code() in FINAL_FOR_STREAMS:
+                    raise  # the master's answer for the subscriber (e.g. OUT_OF_RANGE)
+                self._retry_hint(error, address)
+                log.info("result stream from %s ended (%s); resuming after %d", address, error.code().name, cursor)
             finally:
                 self.locator.remove_listener(stream.cancel)
                 stream.cancel()
+            # However the stream ended (a failover, a backend that came back at
+            # the same address, a broken connection), it resumes: a result
+            # stream ends only when its subscriber leaves, or with an error.
             broken_since = broken_since or time.monotonic()
             time.sleep(delay)
             delay = min(delay * 2, 0.5)

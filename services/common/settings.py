@@ -16,6 +16,23 @@ def env_name(flag: str) -> str:
     return "DWORKERS_" + flag.lstrip("-").replace("-", "_").upper()
 
 
+def in_range(kind, low=None, high=None, above=None):
+    """An argparse type: a number of `kind` within [low, high] (or > above)."""
+    def parse(text: str):
+        value = kind(text)  # a ValueError is argparse's "invalid <kind> value"
+        if value != value:  # NaN
+            raise argparse.ArgumentTypeError("must be a number")
+        if above is not None and not value > above:
+            raise argparse.ArgumentTypeError(f"must be above {above:g}")
+        if low is not None and value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low:g}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high:g}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def add(parser: argparse.ArgumentParser, flag: str, default=None, type=str, help: str = "", **kw) -> None:
     """Adds a flag whose default comes from its environment variable."""
     env = env_name(flag)
@@ -25,6 +42,8 @@ def add(parser: argparse.ArgumentParser, flag: str, default=None, type=str, help
             default = type(raw)
         except ValueError:
             parser.error(f"{env}={raw!r} is not a valid {type.__name__}")
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"{env}={raw!r}: {exc}")
     parser.add_argument(flag, default=default, type=type, help=f"{help} [env {env}; default {default}]", **kw)
 
 

@@ -1,5 +1,6 @@
-"""Checks on submitted work, shared by the master (the authority) and the
-frontend (which rejects bad input before it crosses the network)."""
+"""Checks on what crosses the network: submitted work, shared by the master
+(the authority) and the frontend (which rejects bad input before it crosses
+the network), and every field a worker sends the master."""
 
 from __future__ import annotations
 
@@ -12,13 +13,23 @@ from dworkers.v1 import work_pb2
 MAX_PAYLOAD_BYTES = 256 * 1024  # per work; documented in the README
 MAX_RESULT_BYTES = 256 * 1024  # a larger result fails its attempt
 MAX_ERROR_CHARS = 4096  # longer error messages are cut
-MERGE_BYTES = 4 * 1024 * 1024  # messages merged for one stream stay below this (gRPC allows 16 MB)
+# Every message on a stream, in any direction, stays below this: stock gRPC
+# clients in every language refuse messages above 4 MiB by default.
+MAX_STREAM_MESSAGE_BYTES = 2 * 1024 * 1024
 MAX_BATCH_WORKS = 10_000
 MAX_ATTEMPTS_LIMIT = 100
 DEFAULT_MAX_ATTEMPTS = 3
 MAX_TIMEOUT_SECONDS = 24 * 3600.0
 WORK_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 KIND_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+WORKER_ID_PATTERN = WORK_ID_PATTERN
+MAX_SLOTS_PER_CONNECTION = 1024  # worker slots one worker process may register
+MAX_KINDS_PER_WORKER = 1000
+MAX_HOST_CHARS = 255
+MAX_REPORTS_PER_MESSAGE = 10_000
+
+
+INVALID_ARGUMENT_CODE = 3  # google.rpc.Code, as in SubmitWorkResponse.code
 
 
 class InvalidWork(ValueError):
@@ -66,6 +77,30 @@ def to_work(request: work_pb2.SubmitWorkRequest, index: int | None = None) -> wo
     )
 
 
+def to_works_each(requests, check_kind=None) -> tuple[list[work_pb2.Work], list]:
+    """Validates each submission on its own: returns the valid works, and
+    for each request either its refusal (a SubmitWorkResponse with a code) or
+    None where its work is in the first list (in the same order)."""
+    if len(requests) > MAX_BATCH_WORKS:
+        raise InvalidWork(f"{len(requests)} works in one call; the limit is {MAX_BATCH_WORKS}")
+    works, answers, seen = [], [], set()
+    for i, request in enumerate(requests):
+        try:
+            work = to_work(request, i)
+            if work.work_id in seen:
+                raise InvalidWork(f"work #{i}: work_id {work.work_id!r} appears twice in one call")
+            if check_kind is not None:
+                check_kind({work.kind})
+        except InvalidWork as exc:
+            answers.append(work_pb2.SubmitWorkResponse(work_id=request.work_id, code=INVALID_ARGUMENT_CODE,
+                                                       message=str(exc)))
+            continue
+        seen.add(work.work_id)
+        works.append(work)
+        answers.append(None)
+    return works, answers
+
+
 def to_works(requests) -> list[work_pb2.Work]:
     if not requests:
         raise InvalidWork("no works in the request")
@@ -78,3 +113,50 @@ def to_works(requests) -> list[work_pb2.Work]:
             raise InvalidWork(f"work_id {work.work_id!r} appears twice in one call")
         seen.add(work.work_id)
     return works
+
+
+class InvalidWorkerMessage(ValueError):
+    """A worker broke the protocol; the message says how, for a person."""
+
+
+def check_worker_message(message, registered: bool) -> None:
+    """Checks every field of a worker's message: sizes, names, and that the
+    stream registered before anything else. Reports on attempts the stream
+    was not handed are not errors (they are stale); the master ignores them."""
+    if not registered and not message.HasField("register"):
+        raise InvalidWorkerMessage("register before anything else: the first message must carry RegisterWorker")
+    if message.HasField("register"):
+        r = message.register
+        if not r.worker_ids:
+            raise InvalidWorkerMessage("RegisterWorker names no worker slots")
+        _check_slots(r.worker_ids, "RegisterWorker")
+        if len(r.host) > MAX_HOST_CHARS:
+            raise InvalidWorkerMessage(f"host of {len(r.host)} characters; the limit is {MAX_HOST_CHARS}")
+        if len(r.busy_work_ids) > MAX_SLOTS_PER_CONNECTION or not all(
+                WORK_ID_PATTERN.fullmatch(w) for w in r.busy_work_ids):
+            raise InvalidWorkerMessage("busy_work_ids: too many, or a malformed work id")
+        if len(r.kinds) > MAX_KINDS_PER_WORKER:
+            raise InvalidWorkerMessage(f"{len(r.kinds)} kinds declared; the limit is {MAX_KINDS_PER_WORKER}")
+        for kind in r.kinds:
+            if not KIND_PATTERN.fullmatch(kind):
+                raise InvalidWorkerMessage(f"malformed kind {kind[:64]!r}")
+    if message.HasField("request_work"):
+        _check_slots(message.request_work.worker_ids, "WorkerRequestsWork")
+    reports = list(message.done.completions) + list(message.failed.failures)
+    if len(reports) > MAX_REPORTS_PER_MESSAGE:
+        raise InvalidWorkerMessage(f"{len(reports)} reports in one message; the limit is {MAX_REPORTS_PER_MESSAGE}")
+    for report in reports:
+        if not WORKER_ID_PATTERN.fullmatch(report.worker_id) or not WORK_ID_PATTERN.fullmatch(report.work_id):
+            raise InvalidWorkerMessage(
+                f"report with a malformed worker_id {report.worker_id[:64]!r} or work_id {report.work_id[:64]!r}")
+
+
+def _check_slots(worker_ids, where: str) -> None:
+    if len(worker_ids) > MAX_SLOTS_PER_CONNECTION:
+        raise InvalidWorkerMessage(
+            f"{where} names {len(worker_ids)} slots; the limit is {MAX_SLOTS_PER_CONNECTION} per stream")
+    for worker_id in worker_ids:
+        if not WORKER_ID_PATTERN.fullmatch(worker_id):
+            raise InvalidWorkerMessage(
+                f"{where}: malformed worker_id {worker_id[:64]!r}: use 1-128 characters from letters, "
+                "digits and . _ : @ -, starting with a letter or digit")

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import uuid
+
 from kazoo.client import KazooClient
+from kazoo.exceptions import NodeExistsError
 from kazoo.retry import KazooRetry
 
 DEFAULT_ROOT = "/dworkers"
@@ -26,6 +29,10 @@ class Paths:
     @property
     def kinds(self) -> str:
         return f"{self.root}/kinds"
+
+    @property
+    def cluster(self) -> str:
+        return f"{self.root}/cluster"
 
 
 def connect(hosts: str, session_timeout: float = 4.0, connect_timeout: float = 10.0) -> KazooClient:
@@ -54,3 +61,14 @@ def decode_member(data: bytes) -> dict:
         return json.loads(data.decode())
     except (ValueError, UnicodeDecodeError):
         return {}
+
+
+def cluster_id(client: KazooClient, paths: Paths) -> str:
+    """This cluster's id, created by the first backend to ask. A ZooKeeper
+    that lost its data gets a new one: epochs restart there, and clients
+    compare epochs only within one cluster id."""
+    try:
+        client.create(paths.cluster, uuid.uuid4().hex.encode(), makepath=True)
+    except NodeExistsError:
+        pass
+    return client.get(paths.cluster)[0].decode()

@@ -3,8 +3,9 @@
 A call is sent at once when nothing is in flight; calls that arrive while
 earlier ones are on their way leave together in the next batch. The master
 then pays its per-call cost once per batch, and the journal writes the batch
-in one append. A batch the master refuses as a whole (one bad or
-conflicting work) is retried work by work, so each caller gets its own answer.
+in one append. The batch asks the master to judge each work on its own, so
+one caller's bad or conflicting work is refused alone, and no caller waits
+behind another's mistake.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import grpc
 
 from dworkers.v1 import work_pb2
 from services.common.proxy import MasterProxy
-from services.common.validation import MERGE_BYTES
+from services.common.validation import MAX_STREAM_MESSAGE_BYTES
 
 MAX_BATCH = 500
 
@@ -54,26 +55,34 @@ class SubmitBatcher:
                 size, count = 0, 0
                 for request, _ in self._waiting[:MAX_BATCH]:
                     size += len(request.payload) + 64
-                    if count and size > MERGE_BYTES:
+                    if count and size > MAX_STREAM_MESSAGE_BYTES:
                         break
                     count += 1
                 batch, self._waiting = self._waiting[:count], self._waiting[count:]
             self._send(batch)
 
     def _send(self, batch) -> None:
-        request = work_pb2.SubmitWorksRequest(works=[r for r, _ in batch])
+        request = work_pb2.SubmitWorksRequest(works=[r for r, _ in batch], each_on_its_own=True)
         try:
             response = self.proxy.call("SubmitWorks", request, timeout=self.timeout)
         except Exception as error:
-            if len(batch) > 1 and isinstance(error, grpc.RpcError) and error.code() in (
-                    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
-                for item in batch:  # find whose work it was
-                    self._send([item])
-                return
             for _, future in batch:
                 if not future.done():
                     future.set_exception(error)
             return
         for (_, future), answer in zip(batch, response.works):
-            if not future.done():
-                future.set_result(answer)
+            if future.done():
+                continue
+            if answer.code:
+                future.set_exception(Refused(answer.code, answer.message))
+            else:
+                future.set_result(work_pb2.SubmitWorkResponse(work_id=answer.work_id, duplicate=answer.duplicate))
+
+
+class Refused(Exception):
+    """The master refused this one work: its status code and why."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.status = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+        self.message = message

@@ -4,8 +4,8 @@ master through the proxy stub, which follows failovers within the deadline."""
 from __future__ import annotations
 
 import logging
-import signal
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -18,7 +18,8 @@ from services.common import validation
 from services.common.metrics import SyncMetricsInterceptor
 from services.common.proxy import MasterProxy, NoMaster, StreamHandle
 from services.common.wire import SERVER_OPTIONS, listen
-from services.frontend.batcher import SubmitBatcher
+from services.common.lifecycle import StopRequest
+from services.frontend.batcher import Refused, SubmitBatcher
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,56 @@ class FrontendSettings:
     max_watchers: int = 32  # result streams at once; each holds a thread
     queued_calls: int = 256  # calls waiting for a thread before RESOURCE_EXHAUSTED
     shutdown_grace: float = 5.0
+    subscriber_timeout: float = 30.0  # a result subscriber that reads nothing this long is dropped
+
+
+class Once:
+    """Calls `func` the first time it is called, never again (from any thread)."""
+
+    def __init__(self, func) -> None:
+        self._func = func
+        self._lock = threading.Lock()
+        self._done = False
+
+    def __call__(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        self._func()
+
+
+class StallWatch:
+    """Drops result subscribers that stop reading. A message handed to gRPC
+    is sent once the client's flow-control window takes it; a client that
+    reads nothing holds the sending thread (and a stream slot) forever, so a
+    watchdog cancels any stream whose message waits longer than `timeout`."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._sending: dict[int, tuple[float, object]] = {}  # stream -> (since, its context)
+        threading.Thread(target=self._watch, name="stall-watch", daemon=True).start()
+
+    def sending(self, key: int, context) -> None:
+        with self._lock:
+            self._sending[key] = (time.monotonic(), context)
+
+    def sent(self, key: int) -> None:
+        with self._lock:
+            self._sending.pop(key, None)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.timeout / 4))
+            now = time.monotonic()
+            with self._lock:
+                stalled = [(k, c) for k, (since, c) in self._sending.items() if now - since > self.timeout]
+                for key, _ in stalled:
+                    del self._sending[key]
+            for _, context in stalled:
+                log.warning("dropping a result subscriber that read nothing for %g s", self.timeout)
+                context.cancel()
 
 
 class FrontendService(frontend_pb2_grpc.FrontendServicer):
@@ -42,6 +93,7 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         self.batcher = SubmitBatcher(proxy, timeout=settings.call_timeout)
         # Result streams are long-lived: bound them so unary calls keep threads.
         self._watchers = threading.BoundedSemaphore(settings.max_watchers)
+        self._stalls = StallWatch(settings.subscriber_timeout)
 
     def _timeout(self, context) -> float:
         """The caller's deadline, capped at the frontend's call timeout."""
@@ -56,23 +108,29 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         except NoMaster as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
-    def _validated(self, requests, context) -> work_pb2.SubmitWorksRequest:
+    def _validated(self, request: work_pb2.SubmitWorksRequest, context) -> work_pb2.SubmitWorksRequest:
         # Ids are fixed here, before any retry, so a retried call stays idempotent.
-        batch = work_pb2.SubmitWorksRequest(works=requests)
-        for request in batch.works:
-            if not request.work_id:
-                request.work_id = validation.new_work_id()
+        batch = work_pb2.SubmitWorksRequest()
+        batch.CopyFrom(request)
+        for work in batch.works:
+            if not work.work_id:
+                work.work_id = validation.new_work_id()
         try:
-            validation.to_works(batch.works)
+            if batch.each_on_its_own:  # the master answers each work; only the call's own limits apply here
+                validation.to_works_each(batch.works)
+            else:
+                validation.to_works(batch.works)
         except validation.InvalidWork as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return batch
 
     def SubmitWork(self, request, context):
-        work = self._validated([request], context).works[0]
+        work = self._validated(work_pb2.SubmitWorksRequest(works=[request]), context).works[0]
         timeout = self._timeout(context)
         try:
             return self.batcher.submit(work, timeout=timeout + 1.0)
+        except Refused as refusal:
+            context.abort(refusal.status, refusal.message)
         except grpc.RpcError as error:
             context.abort(error.code(), error.details())
         except NoMaster as exc:
@@ -81,7 +139,7 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"not accepted within {timeout:g} s")
 
     def SubmitWorks(self, request, context):
-        return self._forward("SubmitWorks", self._validated(request.works, context), context)
+        return self._forward("SubmitWorks", self._validated(request, context), context)
 
     def GetWork(self, request, context):
         return self._forward("GetWork", request, context)
@@ -94,24 +152,36 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"this frontend already serves {self.settings.max_watchers} result streams; "
                           "use another frontend or retry later")
-        context.add_callback(self._watchers.release)
+        release = Once(self._watchers.release)
         handle = StreamHandle()
-        context.add_callback(handle.cancel)  # the client left: stop reading the master for it
+        # The client may have gone already: then no callback will ever run.
+        if not (context.add_callback(release) and context.add_callback(handle.cancel)):
+            release()
+            return
+        key = id(handle)
         results = self.proxy.watch_results(request.after_sequence, handle=handle)
         try:
             for batch in results:
                 if not context.is_active():
                     return
+                self._stalls.sending(key, context)
                 yield batch
+                self._stalls.sent(key)
         except NoMaster as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except grpc.RpcError as error:  # e.g. OUT_OF_RANGE: pass the master's answer on
             context.abort(error.code(), error.details())
         finally:
+            self._stalls.sent(key)
+            release()
+            handle.cancel()
             results.close()
+        if context.is_active():  # the master's stream cannot end: say so rather than end with OK
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the result stream ended; resume after the last sequence")
 
 
-def serve(proxy: MasterProxy, settings: FrontendSettings, ready: threading.Event | None = None) -> None:
+def serve(proxy: MasterProxy, settings: FrontendSettings, stop: StopRequest,
+          ready: threading.Event | None = None) -> None:
     threads = settings.threads + settings.max_watchers
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads),
                          interceptors=[SyncMetricsInterceptor()], options=SERVER_OPTIONS,
@@ -127,9 +197,6 @@ def serve(proxy: MasterProxy, settings: FrontendSettings, ready: threading.Event
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("frontend listening on %s", settings.listen)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     if ready is not None:
         ready.set()
     stop.wait()

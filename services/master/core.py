@@ -1,7 +1,7 @@
 """The active master's logic: one asyncio loop owns WorkState and the worker
 registry; every change is an event queued for the journal and applied at
-once, and every visible action (ack, hand-out, published result) waits until
-its event is durable.
+once, and every visible action (ack, hand-out, published result, answer)
+waits until its event is durable.
 
 If a journal write fails, the master can no longer vouch for its state: it
 stops acting (`closed`) and the node steps down and recovers afresh.
@@ -10,16 +10,16 @@ stops acting (`closed`) and the node steps down and recovers afresh.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
+import secrets
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from dworkers.v1 import journal_pb2, master_pb2, work_pb2
+from services.common.validation import MAX_ERROR_CHARS, MAX_RESULT_BYTES, MAX_STREAM_MESSAGE_BYTES
 from services.master.journal import FencedError, GroupCommitter, Journal, JournalError
-from services.common.validation import MAX_ERROR_CHARS, MAX_RESULT_BYTES
 from services.master.state import WorkState
 from services.master.workers import Slot, WorkerRegistry
 
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 RESULTS_PER_MESSAGE = 500
 CONNECTION_LOST_ERROR = "worker connection lost"
+MiB = 1024 * 1024
 
 
 class NotServing(Exception):
@@ -50,11 +51,17 @@ class CoreSettings:
     work_timeout: float = 30.0  # default per attempt
     worker_timeout: float = 15.0  # a slot silent this long is dropped
     max_pending: int = 1_000_000
+    # Bytes the journal must hold, which ZooKeeper keeps in its heap (twice,
+    # while a snapshot is written): the defaults keep a 512 MB ZooKeeper
+    # comfortable. Unfinished works (payloads and metadata) beyond the first...
+    max_pending_bytes: int = 32 * MiB
+    retention_bytes: int = 32 * MiB  # ...retained results beyond this are forgotten early...
+    snapshot_bytes: int = 32 * MiB  # ...and the journal since the last snapshot is compacted past this
     snapshot_every: int = 50_000  # events between snapshots
     snapshot_interval: float = 60.0  # seconds between snapshots (if anything changed)
     snapshot_batches: int = 1_000  # journal batches between snapshots: replay time grows with them
     retention_count: int = 100_000  # finished results kept (the deduplication window)...
-    retention_seconds: float = 3600.0  # ...and for at least this long, unless over the count
+    retention_seconds: float = 3600.0  # ...and for at least this long, unless over the count or bytes
 
 
 def recover_state(journal: Journal) -> tuple[WorkState, int, int]:
@@ -72,11 +79,37 @@ def recover_state(journal: Journal) -> tuple[WorkState, int, int]:
     return state, position, count
 
 
+def new_token() -> int:
+    """An attempt's token: random, so that only the slot it was handed to can
+    report on it, and never 0 (which old journal events use for 'any')."""
+    return secrets.randbits(63) + 1
+
+
+def split_assignments(assignments: list[master_pb2.Assignment], epoch: int,
+                      cluster_id: str) -> list[master_pb2.MasterMessage]:
+    """Hand-outs for one worker process, in messages below the stream limit."""
+    messages, current, size = [], [], 0
+    for assignment in assignments:
+        cost = assignment.ByteSize() + 8
+        if current and size + cost > MAX_STREAM_MESSAGE_BYTES - 1024:
+            messages.append(current)
+            current, size = [], 0
+        current.append(assignment)
+        size += cost
+    if current:
+        messages.append(current)
+    return [master_pb2.MasterMessage(epoch=epoch, cluster_id=cluster_id, works=master_pb2.Works(assignments=m))
+            for m in messages]
+
+
 class MasterCore:
     def __init__(self, journal: Journal, epoch: int, settings: CoreSettings,
-                 on_failure: Callable[[Exception], None], metrics=None):
+                 on_failure: Callable[[Exception], None], metrics=None,
+                 confirm_leadership: Callable[[], Awaitable[None]] | None = None,
+                 on_kinds: Callable[[frozenset[str]], None] | None = None, cluster_id: str = ""):
         self.journal = journal
         self.epoch = epoch
+        self.cluster_id = cluster_id
         self.settings = settings
         self.metrics = metrics
         self.state = WorkState()
@@ -85,13 +118,16 @@ class MasterCore:
         self.node = ""  # the election znode that fences this master's writes
         self.closed: str | None = None  # why it stopped acting
         self._on_failure = on_failure
+        self._confirm_leadership = confirm_leadership
+        self._on_kinds = on_kinds  # kinds a worker declared: the node records them
         self._results_ready = asyncio.Event()
         self.committer: GroupCommitter | None = None
         self._ticker: asyncio.Task | None = None
         self._finished_at: deque[tuple[int, float]] = deque()  # (sequence, when) for retention by age
-        self._waiting: OrderedDict[str, None] = OrderedDict()  # idle slots holding a request (credit)
         self._events_since_snapshot = 0
         self._batches_at_snapshot = 0
+        self._bytes_at_snapshot = 0  # journal bytes written when the last snapshot was cut
+        self._bytes_at_last_complete = 0  # ...and when the last stored one was cut
         self._last_snapshot = time.monotonic()
         self._snapshotting = False
 
@@ -105,9 +141,9 @@ class MasterCore:
         self.durable_sequence = self.state.last_sequence
         now = time.monotonic()
         self._finished_at.extend((s, now) for s in self.state.results)  # ages restart at recovery
+        await loop.run_in_executor(None, self.journal.discard_after, position)
         self.committer = GroupCommitter(self.journal, self.epoch, self._journal_failed,
-                                        on_batch=self.metrics and self.metrics.journal_batch)
-        self.committer.last_position = position
+                                        on_batch=self.metrics and self.metrics.journal_batch, after=position)
         if self.state.in_progress:
             await self._record([journal_pb2.Event(work_in_progress_reset=journal_pb2.WorkInProgressReset())])
         self._ticker = asyncio.create_task(self._tick_forever())
@@ -177,6 +213,18 @@ class MasterCore:
         except JournalError as exc:
             raise NotServing(str(exc)) from None
 
+    async def _answerable(self) -> None:
+        """Makes a read taken just now safe to answer: everything it saw is
+        durable, and this master still leads (a master resumed after a pause
+        past its session must not answer from stale state)."""
+        await self._durable(self.committer.barrier())
+        if self._confirm_leadership is not None:
+            try:
+                await self._confirm_leadership()
+            except Exception as exc:
+                raise NotServing(f"cannot confirm it is still the master: {exc}") from None
+        self.check_serving()
+
     def _publish(self, sequence: int) -> None:
         if sequence > self.durable_sequence:
             self.durable_sequence = sequence
@@ -188,20 +236,42 @@ class MasterCore:
 
     # --- frontend operations ----------------------------------------------
 
-    async def submit(self, works: list[work_pb2.Work]) -> list[bool]:
-        """Accepts works durably; returns, for each, whether it was a duplicate."""
+    def _check_room(self, events: list[journal_pb2.Event]) -> None:
+        s, state = self.settings, self.state
+        if len(state.pending) + len(events) > s.max_pending:
+            raise Overloaded(f"{len(state.pending)} works are pending (limit --max-pending {s.max_pending}); "
+                             "retry later")
+        size = sum(e.work_accepted.work.ByteSize() for e in events)
+        if state.unfinished_bytes + size > s.max_pending_bytes:
+            raise Overloaded(
+                f"unfinished works hold {state.unfinished_bytes:,} bytes and these {size:,} more would pass "
+                f"--max-pending-bytes ({s.max_pending_bytes:,}), which keeps the journal's store (ZooKeeper) "
+                "within its memory; retry later, or raise it if ZooKeeper has heap to spare")
+        behind = self.committer.bytes_appended - self._bytes_at_last_complete
+        if behind > 2 * s.snapshot_bytes:
+            raise Overloaded(f"{behind:,} journal bytes wait for compaction (over twice --snapshot-bytes); "
+                             "retry later")
+
+    async def submit(self, works: list[work_pb2.Work], each_on_its_own: bool = False) -> list[bool | Conflict]:
+        """Accepts works durably; returns, for each, whether it was a
+        duplicate. A conflicting work fails the whole call, or with
+        `each_on_its_own` only itself (its answer is the Conflict)."""
         self.check_serving()
-        duplicates, events = [], []
+        duplicates: list[bool | Conflict] = []
+        events = []
         for work in works:
             if self.state.conflicts(work):
-                raise Conflict(f"work_id {work.work_id!r} was already accepted with a different kind or payload")
+                conflict = Conflict(f"work_id {work.work_id!r} was already accepted with a different kind or payload")
+                if not each_on_its_own:
+                    raise conflict
+                duplicates.append(conflict)
+                continue
             known = self.state.is_known(work.work_id)
             duplicates.append(known)
             if not known:
                 events.append(journal_pb2.Event(work_accepted=journal_pb2.WorkAccepted(work=work)))
-        if len(self.state.pending) + len(events) > self.settings.max_pending:
-            raise Overloaded(f"{len(self.state.pending)} works are pending (limit {self.settings.max_pending}); retry later")
         if events:
+            self._check_room(events)
             try:
                 durable = self._record(events)
             except JournalError as exc:
@@ -221,11 +291,20 @@ class MasterCore:
 
     async def status(self, work_id: str) -> work_pb2.WorkStatus | None:
         self.check_serving()
-        await self._durable(self.committer.barrier())
-        return self.state.status(work_id)
+        status = self.state.status(work_id)
+        await self._answerable()
+        return status
+
+    async def cluster_counts(self) -> dict:
+        """Counts for ClusterInfo, answered like any read: from durable state."""
+        self.check_serving()
+        counts = self.counts()
+        await self._answerable()
+        return counts
 
     async def results(self, after: int):
-        """Yields batches of durable results after `after`, forever."""
+        """Yields batches of durable results after `after`, forever; each
+        batch fits one stream message."""
         cursor = after
         while True:
             if self.closed is not None:
@@ -236,7 +315,7 @@ class MasterCore:
             if cursor < self.durable_sequence:
                 first = max(cursor, self.state.forgotten_up_to)
                 limit = min(self.durable_sequence - first, RESULTS_PER_MESSAGE)
-                batch = self.state.results_after(cursor, limit)
+                batch = self.state.results_after(cursor, limit, MAX_STREAM_MESSAGE_BYTES - 64 * 1024)
                 cursor = batch[-1].sequence if batch else self.durable_sequence
                 if batch:
                     yield batch
@@ -246,9 +325,11 @@ class MasterCore:
     # --- the worker protocol ----------------------------------------------
 
     def register(self, connection, message: master_pb2.RegisterWorker) -> None:
-        known = len(self.registry)
-        self.registry.register(connection, message.worker_ids, message.host, time.monotonic())
-        if len(self.registry) > known and self.state.pending and self.committer is not None:
+        kinds = frozenset(message.kinds)
+        added = self.registry.register(connection, message.worker_ids, message.host, kinds, time.monotonic())
+        if added and self._on_kinds is not None:
+            self._on_kinds(kinds)
+        if added and self.state.pending and self.committer is not None:
             self._announce_work()  # a new (or re-admitted) idle slot: tell it work is ready
 
     def request_work(self, connection, worker_ids) -> None:
@@ -258,52 +339,50 @@ class MasterCore:
             return
         now = time.monotonic()
         for worker_id in worker_ids:
-            slot = self.registry.get(worker_id)
-            if slot is None or slot.connection is not connection:
+            slot = self.registry.on(connection, worker_id)
+            if slot is None:
                 continue  # not registered (yet): it registers and asks again
             slot.last_seen = now
-            if not slot.busy:
-                self._waiting[worker_id] = None
+            self.registry.want(slot)
         self._dispatch()
 
     def _dispatch(self) -> None:
-        """Hands pending work to waiting slots, oldest request first. The hand-out
-        waits until WorkStarted is durable."""
-        if not self._waiting or not self.state.pending or self.committer.paused or self.closed is not None:
+        """Hands each waiting slot the oldest pending work of a kind it runs.
+        The hand-out waits until WorkStarted is durable."""
+        registry, pending = self.registry, self.state.pending
+        if not registry.waiting or not pending or self.committer.paused or self.closed is not None:
             return
-        if not self.committer.has_room(len(self._waiting)):
-            return  # the journal is backed up: hand out later (the tick announces again)
+        if not self.committer.has_room(registry.waiting_count):
+            return  # the journal is backed up: hand out later (the tick dispatches again)
         now = time.monotonic()
         by_connection: dict = {}
         events = []
-        pending = iter(list(itertools.islice(self.state.pending, len(self._waiting))))
-        while self._waiting:
-            work_id = next(pending, None)
-            if work_id is None:
-                break
-            worker_id, _ = self._waiting.popitem(last=False)
-            slot = self.registry.get(worker_id)
-            if slot is None or slot.busy:
-                pending = itertools.chain([work_id], pending)
-                continue
-            work = self.state.pending[work_id].work
-            timeout = work.timeout_seconds or self.settings.work_timeout
-            self.registry.start(slot, work_id, now + timeout)
-            events.append(journal_pb2.Event(work_started=journal_pb2.WorkStarted(work_id=work_id, worker_id=worker_id)))
-            by_connection.setdefault(slot.connection, []).append((worker_id, work, timeout))
+        for kinds in list(registry.waiting):
+            while kinds in registry.waiting:
+                entry = pending.oldest(kinds)
+                if entry is None:
+                    break  # these slots keep their credit
+                slot = registry.next_waiting(kinds)
+                work = entry.work
+                timeout = work.timeout_seconds or self.settings.work_timeout
+                event = journal_pb2.Event(work_started=journal_pb2.WorkStarted(
+                    work_id=work.work_id, worker_id=slot.worker_id, attempt_token=new_token()))
+                self.state.apply(event)  # the next pick must not see this work again
+                registry.start(slot, work.work_id, event.work_started.attempt_token, now + timeout)
+                events.append(event)
+                by_connection.setdefault(slot.connection, []).append(master_pb2.Assignment(
+                    worker_id=slot.worker_id, work=work, timeout_seconds=timeout, attempt=entry.attempts,
+                    attempt_token=event.work_started.attempt_token))
         if not events:
             return
-        durable = self._record(events)
+        durable = self.committer.append(events)
+        self._events_since_snapshot += len(events)
         if self.metrics:
             self.metrics.started(len(events))
-        for connection, assigned in by_connection.items():
-            works = master_pb2.MasterMessage(epoch=self.epoch, works=master_pb2.Works(assignments=[
-                master_pb2.Assignment(worker_id=worker_id, work=work, timeout_seconds=timeout,
-                                      attempt=self.state.in_progress[work.work_id].attempts)
-                for worker_id, work, timeout in assigned
-            ]))
-            durable.add_done_callback(
-                lambda f, c=connection, m=works: f.cancelled() or f.exception() or self._hand_out(c, m))
+        for connection, assignments in by_connection.items():
+            for message in split_assignments(assignments, self.epoch, self.cluster_id):
+                durable.add_done_callback(
+                    lambda f, c=connection, m=message: f.cancelled() or f.exception() or self._hand_out(c, m))
 
     def _hand_out(self, connection, works: master_pb2.MasterMessage) -> None:
         connection.send(works)
@@ -311,89 +390,92 @@ class MasterCore:
             for a in works.works.assignments:
                 log.debug("given to worker", extra={"work_id": a.work.work_id, "worker_id": a.worker_id})
 
-    def work_done(self, connection, completions) -> None:
+    def report(self, connection, completions, failures) -> None:
+        """Records what slots of this stream report on the attempts they were
+        handed. A report counts only if it carries the token of the work's
+        latest attempt; anything else (resent, stale, about an earlier work
+        with the same id) is acked and ignored. Reports of slots not
+        registered on this stream are ignored unacked: the worker registers
+        and resends them."""
         events, acks, seen = [], [], set()
-        for c in completions:
-            slot = self.registry.get(c.worker_id)
-            if slot is not None and slot.work_id == c.work_id and self._current(c):
-                self.registry.finish(slot)
-            acks.append(c.work_id)
-            if c.work_id in seen or c.work_id in self.state.finished or not self.state.is_known(c.work_id):
-                continue  # done already (the ack was lost), or forgotten: ack again
-            seen.add(c.work_id)
-            if len(c.result) > MAX_RESULT_BYTES:  # it could not be journaled: the attempt fails
-                entry = self.state.in_progress.get(c.work_id)
-                if entry is not None and entry.worker_id == c.worker_id:
-                    events.append(journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(
-                        work_id=c.work_id, error=f"result of {len(c.result)} bytes exceeds the limit")))
+        requeued = False
+        for report, done in [(c, True) for c in completions] + [(f, False) for f in failures]:
+            slot = self.registry.on(connection, report.worker_id)
+            if slot is None:
                 continue
-            events.append(journal_pb2.Event(work_completed=journal_pb2.WorkCompleted(work_id=c.work_id, result=c.result)))
-        self._ack_when_durable(connection, events, acks)
-
-    def work_failed(self, connection, failures) -> None:
-        events, acks = [], []
-        for f in failures:
-            slot = self.registry.get(f.worker_id)
-            current = self._current(f)
-            if slot is not None and slot.work_id == f.work_id and current:
+            if slot.token == report.attempt_token:
                 self.registry.finish(slot)
-            acks.append(f.work_id)
-            entry = self.state.in_progress.get(f.work_id)
-            if entry is not None and entry.worker_id == f.worker_id and current:  # not a stale attempt
-                if f.returned:
-                    events.append(journal_pb2.Event(work_returned=journal_pb2.WorkReturned(work_id=f.work_id)))
-                else:
+            acks.append(report)
+            token = report.attempt_token
+            entry = self.state.unfinished(report.work_id)
+            if not token or token in seen or entry is None or entry.token != token:
+                continue
+            seen.add(token)
+            running = report.work_id in self.state.in_progress
+            if done and len(report.result) > MAX_RESULT_BYTES:  # it cannot be journaled: the attempt fails
+                if running:
                     events.append(journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(
-                        work_id=f.work_id, error=f.error[:MAX_ERROR_CHARS])))
+                        work_id=report.work_id, attempt_token=token,
+                        error=f"result of {len(report.result)} bytes exceeds the limit of {MAX_RESULT_BYTES}")))
+            elif done:
+                events.append(journal_pb2.Event(work_completed=journal_pb2.WorkCompleted(
+                    work_id=report.work_id, result=report.result, attempt_token=token)))
+            elif running and report.returned:
+                events.append(journal_pb2.Event(work_returned=journal_pb2.WorkReturned(
+                    work_id=report.work_id, attempt_token=token)))
+                requeued = True
+            elif running:
+                events.append(journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(
+                    work_id=report.work_id, error=report.error[:MAX_ERROR_CHARS], attempt_token=token)))
+                requeued = True
         self._ack_when_durable(connection, events, acks)
-        if events:
+        if requeued:
             self._announce_work()
 
-    def _current(self, report) -> bool:
-        """Whether a report is about the attempt now in progress (not a resent
-        report of an earlier attempt of the same work on the same slot)."""
-        entry = self.state.in_progress.get(report.work_id)
-        return entry is None or not report.attempt or report.attempt == entry.attempts
-
-    def _ack_when_durable(self, connection, events, acks) -> None:
-        if self.closed is not None or self.committer is None:
+    def _ack_when_durable(self, connection, events, reports) -> None:
+        if self.closed is not None or self.committer is None or not reports:
             return
         durable = self._record(events) if events else self.committer.barrier()
-        ack = master_pb2.MasterMessage(epoch=self.epoch, ack=master_pb2.Ack(work_ids=acks))
+        ack = master_pb2.MasterMessage(epoch=self.epoch, cluster_id=self.cluster_id, ack=master_pb2.Ack(
+            work_ids=[r.work_id for r in reports], attempt_tokens=[r.attempt_token for r in reports]))
         durable.add_done_callback(lambda f: f.cancelled() or f.exception() or connection.send(ack))
 
     def disconnected(self, connection) -> None:
         """A worker process's stream ended: its running work goes back to the queue."""
         events = []
-        for slot in self.registry.of_connection(connection):
-            self.registry.drop(slot.worker_id)
-            self._waiting.pop(slot.worker_id, None)
+        for slot in self.registry.forget(connection):
             events += self._attempt_lost(slot, CONNECTION_LOST_ERROR)
         if events and self.closed is None and self.committer is not None and self.committer.failed is None:
             try:
                 self._record(events)
-            except JournalError as exc:  # the journal is backed up; the tick retries via timeouts
+            except JournalError as exc:  # the journal is backed up; the tick re-queues it
                 log.warning("could not re-queue work of a lost worker: %s", exc)
                 return
             self._announce_work()
 
     def _attempt_lost(self, slot: Slot, error: str, timed_out: bool = False) -> list[journal_pb2.Event]:
         entry = self.state.in_progress.get(slot.work_id) if slot.work_id else None
-        if entry is None or entry.worker_id != slot.worker_id:
+        if entry is None or entry.token != slot.token:
             return []
         if timed_out:
-            return [journal_pb2.Event(worker_timed_out=journal_pb2.WorkerTimedOut(work_id=slot.work_id))]
-        return [journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(work_id=slot.work_id, error=error))]
+            return [journal_pb2.Event(worker_timed_out=journal_pb2.WorkerTimedOut(
+                work_id=slot.work_id, attempt_token=slot.token))]
+        return [journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(
+            work_id=slot.work_id, error=error, attempt_token=slot.token))]
 
     def _announce_work(self) -> None:
         """Serves waiting slots; if work is still pending, tells every process
-        with an idle slot that work is ready (it pulls)."""
+        with an idle slot that runs its kind that work is ready (it pulls)."""
         self._dispatch()
-        if not self.state.pending or len(self._waiting) >= len(self.registry) - self.registry.busy_count:
+        registry = self.registry
+        if not self.state.pending or registry.waiting_count >= len(registry) - registry.busy_count:
             return  # every idle slot already holds a request
-        ready = master_pb2.MasterMessage(epoch=self.epoch, work_is_ready=master_pb2.WorkIsReady())
-        for connection in self.registry.idle_connections():
-            connection.send(ready)
+        kinds_pending = self.state.pending.counts()
+        ready = master_pb2.MasterMessage(epoch=self.epoch, cluster_id=self.cluster_id,
+                                         work_is_ready=master_pb2.WorkIsReady())
+        for connection, kinds in registry.idle_connections():
+            if any(kind in kinds_pending for kind in kinds):
+                connection.send(ready)
 
     # --- housekeeping ------------------------------------------------------
 
@@ -413,45 +495,56 @@ class MasterCore:
         for slot in self.registry.overdue(now):
             log.warning("work timed out on its worker", extra={"work_id": slot.work_id, "worker_id": slot.worker_id})
             self.registry.drop(slot.worker_id)
-            self._waiting.pop(slot.worker_id, None)
             events += self._attempt_lost(slot, "", timed_out=True)
             if self.metrics:
                 self.metrics.timed_out()
         for slot in self.registry.silent(now, self.settings.worker_timeout):
             self.registry.drop(slot.worker_id)
-            self._waiting.pop(slot.worker_id, None)
             events += self._attempt_lost(slot, "worker went silent")
-        # Work whose slot no longer holds it (its loss could not be recorded
-        # at the time, e.g. the journal was backed up) must not wait forever.
+        # Work whose slot no longer runs its attempt (its loss could not be
+        # recorded at the time, e.g. the journal was backed up) must not wait forever.
         handled = {e.worker_timed_out.work_id or e.worker_failed.work_id for e in events}
         for work_id, entry in self.state.in_progress.items():
             slot = self.registry.get(entry.worker_id)
-            if (slot is None or slot.work_id != work_id) and work_id not in handled:
+            if (slot is None or slot.token != entry.token) and work_id not in handled:
                 events.append(journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(
-                    work_id=work_id, error=CONNECTION_LOST_ERROR)))
+                    work_id=work_id, error=CONNECTION_LOST_ERROR, attempt_token=entry.token)))
         if events:
             self._record(events)
             self._announce_work()
-        elif self._waiting and self.state.pending:
+        elif self.registry.waiting and self.state.pending:
             self._dispatch()  # e.g. held back while the journal was backed up
         self._forget_old_results(now)
-        batches = self.committer.batches_written - self._batches_at_snapshot
-        if not self._snapshotting and self._events_since_snapshot and (
-                self._events_since_snapshot >= self.settings.snapshot_every
-                or batches >= self.settings.snapshot_batches
-                or now - self._last_snapshot >= self.settings.snapshot_interval):
+        self._maybe_snapshot(now)
+
+    def _maybe_snapshot(self, now: float) -> None:
+        s, committer = self.settings, self.committer
+        if self._snapshotting or not self._events_since_snapshot:
+            return
+        if (self._events_since_snapshot >= s.snapshot_every
+                or committer.batches_written - self._batches_at_snapshot >= s.snapshot_batches
+                or committer.bytes_appended - self._bytes_at_snapshot >= s.snapshot_bytes
+                or now - self._last_snapshot >= s.snapshot_interval):
             self._snapshotting = True
             asyncio.create_task(self.snapshot())
 
     def _forget_old_results(self, now: float) -> None:
         """Keeps finished results (and so their ids' deduplication) within the
-        retention window: by count, and by age."""
-        cutoff = self.state.last_sequence - self.settings.retention_count
-        horizon = now - self.settings.retention_seconds
+        retention window: by count, by age, and by bytes."""
+        state, s = self.state, self.settings
+        cutoff = state.last_sequence - s.retention_count
+        horizon = now - s.retention_seconds
         while self._finished_at and (self._finished_at[0][0] <= cutoff or self._finished_at[0][1] < horizon):
             cutoff = max(cutoff, self._finished_at.popleft()[0])
+        excess = state.result_bytes - s.retention_bytes
+        if excess > 0:
+            for sequence, result in state.results.items():
+                if excess <= 0:
+                    break
+                excess -= result.ByteSize()
+                cutoff = max(cutoff, sequence)
         cutoff = min(cutoff, self.durable_sequence)
-        if cutoff > self.state.forgotten_up_to:
+        if cutoff > state.forgotten_up_to:
             self._record([journal_pb2.Event(results_forgotten=journal_pb2.ResultsForgotten(up_to_sequence=cutoff))])
 
     async def snapshot(self) -> int:
@@ -461,12 +554,15 @@ class MasterCore:
         try:
             covered = self.committer.cut()
             snapshot = self.state.to_snapshot()  # the state as of the cut: same loop step
+            cut_bytes = self.committer.bytes_appended
             self._events_since_snapshot = 0
             self._batches_at_snapshot = self.committer.batches_written
+            self._bytes_at_snapshot = cut_bytes
             self._last_snapshot = time.monotonic()
             position = await covered
             started = time.monotonic()
             await asyncio.get_running_loop().run_in_executor(None, self._store_snapshot, position, snapshot)
+            self._bytes_at_last_complete = cut_bytes
             log.info("snapshot at journal position %d: %d pending, %d results, %.2f s", position,
                      len(snapshot.entries), len(snapshot.results), time.monotonic() - started,
                      extra={"epoch": self.epoch})
@@ -487,10 +583,17 @@ class MasterCore:
             self.journal.compact()
 
     def counts(self) -> dict:
+        registry, pending = self.registry, self.state.pending
+        waiting = pending.counts()
         return {
-            "pending": len(self.state.pending), "in_progress": len(self.state.in_progress),
+            "pending": len(pending), "in_progress": len(self.state.in_progress),
             "done": self.state.done_count, "failed": self.state.failed_count,
             "last_sequence": self.state.last_sequence,
-            "workers_busy": self.registry.busy_count,
-            "workers_idle": len(self.registry) - self.registry.busy_count,
+            "workers_busy": registry.busy_count,
+            "workers_idle": len(registry) - registry.busy_count,
+            "pending_by_kind": waiting,
+            "pending_without_worker": sum(n for kind, n in waiting.items() if kind not in registry.kind_slots),
+            "slots_by_kind": dict(registry.kind_slots),
+            "unfinished_bytes": self.state.unfinished_bytes,
+            "result_bytes": self.state.result_bytes,
         }

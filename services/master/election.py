@@ -35,6 +35,7 @@ class ElectionView:
 
 class Election:
     REFRESH_SECONDS = 5.0  # re-read the view even without a watch firing
+    DELETE_TIMEOUT = 2.0
 
     def __init__(self, client: KazooClient, paths: Paths, member_data: bytes,
                  on_change: Callable[[ElectionView], None]):
@@ -78,9 +79,9 @@ class Election:
     def _drop_node(self) -> None:
         node, self.node = self.node, None
         if node is not None:
-            try:
-                self.client.delete(node)
-            except KazooException:
+            try:  # bounded: cut off from ZooKeeper, the session's end removes it
+                self.client.delete_async(node).get(timeout=self.DELETE_TIMEOUT)
+            except (KazooException, self.client.handler.timeout_exception):
                 pass  # gone already, or the session is: either way it is not ours
         self._wake.set()
 

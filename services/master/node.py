@@ -5,9 +5,9 @@ backend. It stops acting the moment it may no longer be master."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
-import signal
 import socket
 import time
 from dataclasses import dataclass, field
@@ -22,14 +22,16 @@ from dworkers.v1 import master_pb2, master_pb2_grpc, work_pb2
 from services.common import validation, zk
 from services.common.metrics import AsyncMetricsInterceptor, MasterMetrics, serve_metrics
 from services.common.wire import SERVER_OPTIONS, listen
-from services.master.core import CoreSettings, MasterCore, NotServing
+from services.master.core import CoreSettings, MasterCore
 from services.master.election import Election, ElectionView
 from services.master.journal import FencedError, ZooKeeperJournal
+from services.master.leadership import LeadershipCheck
 from services.master.service import MasterService
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "dworkers.v1.Master"
+MAX_LISTED_WORKERS = 1000  # ClusterInfo lists this many slots at most (its reply stays small)
 
 
 @dataclass(frozen=True)
@@ -46,22 +48,43 @@ class MasterSettings:
 
 
 class KindCatalog:
-    """The job kinds workers have declared under <root>/kinds (kept by a watch)."""
+    """Every job kind some worker ever declared, kept under <root>/kinds.
+    Submissions of other kinds are refused, so that a typo fails at once;
+    work of a declared kind that no live worker runs waits for one."""
+
+    MAX_KINDS = 10_000
 
     def __init__(self, client, paths: zk.Paths):
-        self.kinds: frozenset[str] = frozenset()
-        client.ensure_path(paths.kinds)
-        client.ChildrenWatch(paths.kinds, self._update)
+        self.client = client
+        self.path = paths.kinds
+        self._stored: frozenset[str] = frozenset()
+        self._declared: set[str] = set()  # declared here, maybe not stored yet
+        client.ensure_path(self.path)
+        client.ChildrenWatch(self.path, self._update)
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        return self._stored | self._declared
 
     def _update(self, children) -> None:
-        self.kinds = frozenset(children)
+        self._stored = frozenset(children)
+
+    def declare(self, kinds: frozenset[str]) -> None:
+        """Records kinds a worker declared (without waiting for ZooKeeper)."""
+        known = self.kinds
+        for kind in sorted(kinds - known):
+            if len(known) + len(self._declared) >= self.MAX_KINDS:
+                log.warning("kind %r not recorded: %d kinds are known already", kind, self.MAX_KINDS)
+                return
+            self._declared.add(kind)
+            self.client.create_async(f"{self.path}/{kind}")  # already there is fine
 
     def check(self, kinds: set[str]) -> None:
         unknown = sorted(kinds - self.kinds)
         if unknown:
-            known = ", ".join(sorted(self.kinds)) or "none yet"
+            known = ", ".join(sorted(self.kinds)[:20]) or "none yet"
             raise validation.InvalidWork(
-                f"unknown kind {unknown[0]!r}: no worker declares it (known kinds: {known})")
+                f"unknown kind {unknown[0]!r}: no worker ever declared it (known kinds: {known})")
 
 
 class MasterNode:
@@ -87,13 +110,19 @@ class MasterNode:
     def check_kinds(self, kinds: set[str]) -> None:
         self.kinds.check(kinds)
 
-    def cluster_info(self, core: MasterCore) -> work_pb2.ClusterInfoResponse:
-        counts = core.counts()
+    async def cluster_info(self, core: MasterCore) -> work_pb2.ClusterInfoResponse:
+        counts = await core.cluster_counts()
         members = self.view.members if self.view else ()
         info = work_pb2.ClusterInfoResponse(
             pending=counts["pending"], in_progress=counts["in_progress"], done=counts["done"],
             failed=counts["failed"], last_sequence=counts["last_sequence"],
+            pending_without_worker=counts["pending_without_worker"], worker_slots=len(core.registry),
+            unfinished_bytes=counts["unfinished_bytes"], retained_result_bytes=counts["result_bytes"],
         )
+        idle = core.registry.idle_per_kind()
+        pending, slots = counts["pending_by_kind"], counts["slots_by_kind"]
+        for kind in sorted(set(pending) | set(slots)):
+            info.kinds.add(kind=kind, slots=slots.get(kind, 0), idle_slots=idle[kind], pending=pending.get(kind, 0))
         for i, (name, epoch, address) in enumerate(members):
             backend = work_pb2.BackendInfo(address=address, epoch=epoch, node=name)
             if i == 0:
@@ -101,7 +130,7 @@ class MasterNode:
             else:
                 info.standbys.append(backend)
         now = time.monotonic()
-        for slot in core.registry.slots.values():
+        for slot in itertools.islice(core.registry.slots.values(), MAX_LISTED_WORKERS):
             info.workers.add(worker_id=slot.worker_id, status="busy" if slot.busy else "idle",
                              work_id=slot.work_id, host=slot.host,
                              seconds_since_seen=round(now - slot.last_seen, 3))
@@ -109,13 +138,31 @@ class MasterNode:
 
     # --- life ------------------------------------------------------------
 
+    def request_stop(self) -> None:
+        """Asks `run` to shut down (safe from any thread, before `run` too)."""
+        loop = getattr(self, "loop", None)
+        if loop is None:
+            self._stop_early = True
+        else:
+            loop.call_soon_threadsafe(self._stop.set)
+
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
+        if getattr(self, "_stop_early", False):
+            return
         s = self.settings
         serve_metrics(s.metrics_port)
-        self.client = await self.loop.run_in_executor(None, zk.connect, s.zk, s.session_timeout)
+        connecting = self.loop.run_in_executor(None, zk.connect, s.zk, s.session_timeout)
+        stopping = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait([connecting, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if self._stop.is_set():
+            log.info("stopped while connecting to ZooKeeper")
+            return
+        stopping.cancel()
+        self.client = connecting.result()
         self.client.add_listener(lambda state: self.loop.call_soon_threadsafe(self._on_zk_state, state))
         self.kinds = await self.loop.run_in_executor(None, KindCatalog, self.client, self.paths)
+        self.leadership = LeadershipCheck(self.client)
 
         self.server = grpc.aio.server(interceptors=[AsyncMetricsInterceptor()], options=SERVER_OPTIONS)
         master_pb2_grpc.add_MasterServicer_to_server(MasterService(self), self.server)
@@ -138,8 +185,6 @@ class MasterNode:
         self.election = Election(self.client, self.paths, member,
                                  lambda view: self.loop.call_soon_threadsafe(self._on_view, view))
         await self.loop.run_in_executor(None, self.election.start)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self.loop.add_signal_handler(sig, self._stop.set)
         log.info("backend listening on %s (advertised as %s)", s.listen, self.address)
         metrics_task = asyncio.create_task(self._update_metrics())
         await self._stop.wait()
@@ -160,7 +205,8 @@ class MasterNode:
             core.close("master is shutting down")
         await self.loop.run_in_executor(None, self.election.resign)
         await self.server.stop(self.settings.shutdown_grace)
-        await self.loop.run_in_executor(None, self._close_client)
+        if self.client.connected:  # stopping a client cut off from ZooKeeper waits for it: let exit end it
+            await self.loop.run_in_executor(None, self._close_client)
 
     def _close_client(self) -> None:
         self.client.stop()
@@ -187,11 +233,19 @@ class MasterNode:
             core.resume()  # back in contact with our election znode intact
 
     async def _become_master(self, view: ElectionView) -> None:
-        journal = ZooKeeperJournal(self.client, self.paths.journal, fence_path=view.node)
-        core = MasterCore(journal, view.epoch, self.settings.core, on_failure=self._journal_failed,
-                          metrics=self.metrics)
-        core.node = view.node
         log.info("elected master; replaying the journal", extra={"epoch": view.epoch})
+        try:
+            journal, cluster_id = await self.loop.run_in_executor(None, self._open_journal, view.node)
+            core = MasterCore(journal, view.epoch, self.settings.core, on_failure=self._journal_failed,
+                              metrics=self.metrics, confirm_leadership=lambda: self.leadership.confirm(view.node),
+                              on_kinds=self.kinds.declare, cluster_id=cluster_id)
+            core.node = view.node
+        except Exception as exc:
+            log.error("cannot open the journal: %r; retrying", exc, extra={"epoch": view.epoch})
+            self._recovering = None
+            await asyncio.sleep(0.5)
+            self.election.refresh()
+            return
         try:
             await core.recover()
         except Exception as exc:
@@ -211,6 +265,10 @@ class MasterNode:
             self._on_zk_state(KazooState.SUSPENDED)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info("active master at %s", self.address, extra={"epoch": view.epoch})
+
+    def _open_journal(self, node: str) -> tuple[ZooKeeperJournal, str]:
+        return (ZooKeeperJournal(self.client, self.paths.journal, fence_path=node),
+                zk.cluster_id(self.client, self.paths))
 
     def _journal_failed(self, exc: Exception) -> None:
         self.loop.call_soon(self._step_down, f"journal append failed: {exc}")

@@ -11,8 +11,8 @@ import grpc
 
 from dworkers.v1 import master_pb2, master_pb2_grpc, work_pb2
 from services.common import validation
-from services.common.validation import MERGE_BYTES
-from services.common.wire import EPOCH_KEY, MASTER_KEY, UNREACHABLE_KEY
+from services.common.validation import MAX_STREAM_MESSAGE_BYTES
+from services.common.wire import CLUSTER_KEY, EPOCH_KEY, MASTER_KEY, UNREACHABLE_KEY
 from services.master.core import Conflict, Forgotten, MasterCore, NotServing, Overloaded
 
 log = logging.getLogger(__name__)
@@ -22,12 +22,14 @@ OUTBOX_LIMIT = 10_000  # messages queued for one worker process before it is dro
 
 class WorkerConnection:
     """The master's side of one worker process's stream: a bounded outbox
-    whose queued messages leave merged into one."""
+    whose queued messages leave merged, below the stream's message limit."""
 
     def __init__(self) -> None:
         self._outbox: deque[master_pb2.MasterMessage] = deque()
         self._ready = asyncio.Event()
         self.closed: str | None = None
+        self.registered = False  # the stream must register before anything else
+        self.protocol_error = ""  # why the master refused the stream
 
     def send(self, message: master_pb2.MasterMessage) -> None:
         if self.closed is not None:
@@ -52,17 +54,29 @@ class WorkerConnection:
         if len(self._outbox) == 1:
             return self._outbox.popleft()
         merged, size = master_pb2.MasterMessage(), 0
-        while self._outbox and size < MERGE_BYTES:
+        while self._outbox:
+            cost = self._outbox[0].ByteSize()
+            if size and size + cost > MAX_STREAM_MESSAGE_BYTES - 1024:
+                break
             message = self._outbox.popleft()
-            size += message.ByteSize()
+            size += cost
             merged.epoch = max(merged.epoch, message.epoch)
+            merged.cluster_id = message.cluster_id
             if message.HasField("ack"):
                 merged.ack.work_ids.extend(message.ack.work_ids)
+                merged.ack.attempt_tokens.extend(message.ack.attempt_tokens)
             if message.HasField("works"):
                 merged.works.assignments.extend(message.works.assignments)
             if message.HasField("work_is_ready"):
                 merged.work_is_ready.SetInParent()
         return merged
+
+
+def _answer(work: work_pb2.Work, outcome) -> work_pb2.SubmitWorkResponse:
+    if isinstance(outcome, Conflict):
+        return work_pb2.SubmitWorkResponse(work_id=work.work_id, code=grpc.StatusCode.ALREADY_EXISTS.value[0],
+                                           message=str(outcome))
+    return work_pb2.SubmitWorkResponse(work_id=work.work_id, duplicate=outcome)
 
 
 class MasterService(master_pb2_grpc.MasterServicer):
@@ -86,27 +100,32 @@ class MasterService(master_pb2_grpc.MasterServicer):
             paused = core.committer is not None and core.committer.paused
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"master cannot serve now: {exc}",
                                 trailing_metadata=((UNREACHABLE_KEY, "1"),) if paused else ())
-        context.set_trailing_metadata(((EPOCH_KEY, str(core.epoch)),))
+        context.set_trailing_metadata(((EPOCH_KEY, str(core.epoch)), (CLUSTER_KEY, core.cluster_id)))
         return core
 
     async def SubmitWorks(self, request, context):
         core = await self._core(context)
         try:
-            works = validation.to_works(request.works)
-            self.node.check_kinds({w.kind for w in works})
+            if request.each_on_its_own:
+                works, answers = validation.to_works_each(request.works, self.node.check_kinds)
+            else:
+                works, answers = validation.to_works(request.works), None
+                self.node.check_kinds({w.kind for w in works})
         except validation.InvalidWork as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
-            duplicates = await core.submit(works)
+            duplicates = await core.submit(works, each_on_its_own=request.each_on_its_own) if works else []
         except Conflict as exc:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         except Overloaded as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except NotServing as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"not accepted: {exc}")
-        return work_pb2.SubmitWorksResponse(works=[
-            work_pb2.SubmitWorkResponse(work_id=w.work_id, duplicate=d) for w, d in zip(works, duplicates)
-        ])
+        accepted = [_answer(w, d) for w, d in zip(works, duplicates)]
+        if answers is None:
+            return work_pb2.SubmitWorksResponse(works=accepted)
+        it = iter(accepted)
+        return work_pb2.SubmitWorksResponse(works=[a if a is not None else next(it) for a in answers])
 
     async def GetWork(self, request, context):
         core = await self._core(context)
@@ -129,8 +148,8 @@ class MasterService(master_pb2_grpc.MasterServicer):
                 # stops reading is dropped rather than kept forever.
                 limit = self.node.settings.subscriber_timeout
                 try:
-                    await asyncio.wait_for(context.write(work_pb2.WatchResultsResponse(results=batch, epoch=core.epoch)),
-                                           limit)
+                    await asyncio.wait_for(context.write(work_pb2.WatchResultsResponse(
+                        results=batch, epoch=core.epoch, cluster_id=core.cluster_id)), limit)
                 except asyncio.TimeoutError:
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                         f"result subscriber read nothing for {limit:g} s: dropped; "
@@ -142,7 +161,10 @@ class MasterService(master_pb2_grpc.MasterServicer):
 
     async def ClusterInfo(self, request, context):
         core = await self._core(context)
-        return self.node.cluster_info(core)
+        try:
+            return await self.node.cluster_info(core)
+        except NotServing as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
     async def Connect(self, request_iterator, context):
         core = await self._core(context)
@@ -157,6 +179,8 @@ class MasterService(master_pb2_grpc.MasterServicer):
         finally:
             reader.cancel()
             core.disconnected(connection)
+        if connection.protocol_error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, connection.protocol_error)
         if connection.closed:
             await context.abort(grpc.StatusCode.UNAVAILABLE, connection.closed)
 
@@ -165,16 +189,19 @@ class MasterService(master_pb2_grpc.MasterServicer):
             async for message in request_iterator:
                 if core.closed is not None:
                     break
+                validation.check_worker_message(message, connection.registered)
                 if message.HasField("register"):
+                    connection.registered = True
                     core.register(connection, message.register)
-                if message.HasField("done"):
-                    core.work_done(connection, message.done.completions)
-                if message.HasField("failed"):
-                    core.work_failed(connection, message.failed.failures)
+                if message.HasField("done") or message.HasField("failed"):
+                    core.report(connection, message.done.completions, message.failed.failures)
                 if message.HasField("request_work"):
                     core.request_work(connection, message.request_work.worker_ids)
         except asyncio.CancelledError:
             raise
+        except validation.InvalidWorkerMessage as exc:
+            log.warning("worker stream refused: %s", exc)
+            connection.protocol_error = str(exc)
         except Exception as exc:  # a broken stream or a refused append
             log.info("worker stream ended: %r", exc)
         connection.close("worker stream ended")

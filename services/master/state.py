@@ -7,12 +7,15 @@ apply the same events through `apply` and reach the same state.
 from __future__ import annotations
 
 import hashlib
+import heapq
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from dworkers.v1 import journal_pb2, work_pb2
 
 TIMED_OUT_ERROR = "attempt timed out"
+ENTRY_OVERHEAD_BYTES = 32  # what a work costs in a snapshot beyond its own bytes
 
 
 def fingerprint(work: work_pb2.Work) -> bytes:
@@ -28,12 +31,76 @@ class Entry:
     attempts: int = 0  # times handed to a worker
     failures: int = 0  # failed or timed-out attempts
     error: str = ""  # the last failed attempt's error
-    worker_id: str = ""  # the worker running it, when in progress
+    worker_id: str = ""  # the slot running it, when in progress
+    token: int = 0  # its latest attempt's token: only reports that carry it count
+    ticket: int = 0  # its place in the queue while pending
+    size: int = 0  # bytes it holds in the journal and in snapshots
+
+
+class PendingQueue:
+    """Pending works in FIFO order, kept per kind: a slot finds the oldest
+    work it can run at a cost that grows with its kinds, not with the queue."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Entry] = {}
+        self._by_kind: dict[str, OrderedDict[str, Entry]] = {}
+        self._next_ticket = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, work_id: object) -> bool:
+        return work_id in self._entries
+
+    def __getitem__(self, work_id: str) -> Entry:
+        return self._entries[work_id]
+
+    def get(self, work_id: str) -> Entry | None:
+        return self._entries.get(work_id)
+
+    def __iter__(self) -> Iterator[str]:
+        """Work ids in queue order."""
+        return (entry.work.work_id for entry in self.entries())
+
+    def entries(self) -> Iterator[Entry]:
+        """Entries in queue order (merged across kinds)."""
+        return heapq.merge(*(queue.values() for queue in self._by_kind.values()), key=lambda e: e.ticket)
+
+    def push(self, entry: Entry) -> None:
+        """Queues a work at the back."""
+        entry.ticket = self._next_ticket
+        self._next_ticket += 1
+        self._entries[entry.work.work_id] = entry
+        self._by_kind.setdefault(entry.work.kind, OrderedDict())[entry.work.work_id] = entry
+
+    def pop(self, work_id: str) -> Entry | None:
+        entry = self._entries.pop(work_id, None)
+        if entry is not None:
+            queue = self._by_kind[entry.work.kind]
+            del queue[work_id]
+            if not queue:
+                del self._by_kind[entry.work.kind]
+        return entry
+
+    def oldest(self, kinds: Iterable[str]) -> Entry | None:
+        """The oldest pending work of one of `kinds`."""
+        best = None
+        for kind in kinds:
+            queue = self._by_kind.get(kind)
+            if queue:
+                head = next(iter(queue.values()))
+                if best is None or head.ticket < best.ticket:
+                    best = head
+        return best
+
+    def counts(self) -> dict[str, int]:
+        """Pending works per kind."""
+        return {kind: len(queue) for kind, queue in self._by_kind.items()}
 
 
 class WorkState:
     def __init__(self) -> None:
-        self.pending: OrderedDict[str, Entry] = OrderedDict()  # FIFO queue
+        self.pending = PendingQueue()
         self.in_progress: dict[str, Entry] = {}
         self.finished: dict[str, work_pb2.WorkResult] = {}  # by work id
         self.results: OrderedDict[int, work_pb2.WorkResult] = OrderedDict()  # by sequence
@@ -42,6 +109,18 @@ class WorkState:
         self.forgotten_up_to = 0  # results up to here left the retention window
         self.done_count = 0
         self.failed_count = 0
+        self.unfinished_bytes = 0  # held by pending and in-progress works
+        self.result_bytes = 0  # held by retained results
+        self._handlers = {
+            "work_accepted": self._on_work_accepted,
+            "work_started": self._on_work_started,
+            "work_completed": self._on_work_completed,
+            "worker_failed": self._on_worker_failed,
+            "worker_timed_out": self._on_worker_timed_out,
+            "work_returned": self._on_work_returned,
+            "work_in_progress_reset": self._on_work_in_progress_reset,
+            "results_forgotten": self._on_results_forgotten,
+        }
 
     # --- queries -----------------------------------------------------------
 
@@ -60,8 +139,12 @@ class WorkState:
         stored = self.fingerprints.get(work.work_id)
         return stored is not None and stored != fingerprint(work)
 
+    def unfinished(self, work_id: str) -> Entry | None:
+        """The entry of a pending or in-progress work."""
+        return self.pending.get(work_id) or self.in_progress.get(work_id)
+
     def work(self, work_id: str) -> work_pb2.Work | None:
-        entry = self.pending.get(work_id) or self.in_progress.get(work_id)
+        entry = self.unfinished(work_id)
         return entry.work if entry else None
 
     def head(self) -> str | None:
@@ -86,59 +169,76 @@ class WorkState:
             attempts=entry.attempts, error=entry.error,
         )
 
-    def results_after(self, sequence: int, limit: int) -> list[work_pb2.WorkResult]:
-        """Up to `limit` retained results with a sequence number above `sequence`."""
+    def results_after(self, sequence: int, limit: int, max_bytes: int = 1 << 62) -> list[work_pb2.WorkResult]:
+        """Up to `limit` retained results with a sequence number above
+        `sequence`, within `max_bytes` (but at least one)."""
         first = max(sequence + 1, self.forgotten_up_to + 1)
         last = min(self.last_sequence, first + limit - 1)
-        return [self.results[s] for s in range(first, last + 1) if s in self.results]
+        batch, size = [], 0
+        for s in range(first, last + 1):
+            result = self.results.get(s)
+            if result is None:
+                continue
+            size += result.ByteSize() + 8
+            if batch and size > max_bytes:
+                break
+            batch.append(result)
+        return batch
 
     # --- events ------------------------------------------------------------
 
     def apply(self, event: journal_pb2.Event) -> work_pb2.WorkResult | None:
         """Applies one event; returns the result it finished, if any."""
         kind = event.WhichOneof("event")
-        handler = getattr(self, "_on_" + kind, None)
+        handler = self._handlers.get(kind)
         if handler is None:
             raise ValueError(f"unknown journal event {kind!r}")
         return handler(getattr(event, kind))
 
     def _on_work_accepted(self, e: journal_pb2.WorkAccepted) -> None:
         if not self.is_known(e.work.work_id):
-            self.pending[e.work.work_id] = Entry(work=e.work)
+            entry = Entry(work=e.work, size=e.work.ByteSize() + ENTRY_OVERHEAD_BYTES)
+            self.unfinished_bytes += entry.size
+            self.pending.push(entry)
 
     def _on_work_started(self, e: journal_pb2.WorkStarted) -> None:
-        entry = self.pending.pop(e.work_id, None)
+        entry = self.pending.pop(e.work_id)
         if entry is None:
             return
         entry.attempts += 1
         entry.worker_id = e.worker_id
+        entry.token = e.attempt_token
         self.in_progress[e.work_id] = entry
 
     def _on_work_completed(self, e: journal_pb2.WorkCompleted) -> work_pb2.WorkResult | None:
         # A late completion of work that was re-queued (after a failover or a
-        # timeout) still counts: the work was done, once.
-        entry = self.in_progress.pop(e.work_id, None) or self.pending.pop(e.work_id, None)
-        if entry is None:
+        # timeout) still counts if it is about the latest attempt: the work
+        # was done, once.
+        entry = self.unfinished(e.work_id)
+        if entry is None or not _same_attempt(entry, e.attempt_token):
             return None
+        self.in_progress.pop(e.work_id, None) or self.pending.pop(e.work_id)
         self.done_count += 1
         return self._finish(entry, work_pb2.DONE, result=e.result)
 
     def _on_worker_failed(self, e: journal_pb2.WorkerFailed) -> work_pb2.WorkResult | None:
-        return self._fail_attempt(e.work_id, e.error)
+        return self._fail_attempt(e.work_id, e.error, e.attempt_token)
 
     def _on_worker_timed_out(self, e: journal_pb2.WorkerTimedOut) -> work_pb2.WorkResult | None:
-        return self._fail_attempt(e.work_id, TIMED_OUT_ERROR)
+        return self._fail_attempt(e.work_id, TIMED_OUT_ERROR, e.attempt_token)
 
     def _on_work_returned(self, e: journal_pb2.WorkReturned) -> None:
-        entry = self.in_progress.pop(e.work_id, None)
-        if entry is not None:
+        entry = self.in_progress.get(e.work_id)
+        if entry is not None and _same_attempt(entry, e.attempt_token):
+            del self.in_progress[e.work_id]
             entry.worker_id = ""
-            self.pending[e.work_id] = entry
+            self.pending.push(entry)
 
     def _on_work_in_progress_reset(self, _e: journal_pb2.WorkInProgressReset) -> None:
-        for work_id, entry in self.in_progress.items():
+        # Each keeps its latest attempt's token: that attempt may still report.
+        for entry in self.in_progress.values():
             entry.worker_id = ""
-            self.pending[work_id] = entry
+            self.pending.push(entry)
         self.in_progress.clear()
 
     def _on_results_forgotten(self, e: journal_pb2.ResultsForgotten) -> None:
@@ -147,21 +247,23 @@ class WorkState:
             if sequence > e.up_to_sequence:
                 break
             del self.results[sequence]
+            self.result_bytes -= result.ByteSize()
             self.finished.pop(result.work_id, None)
             self.fingerprints.pop(result.work_id, None)
         self.forgotten_up_to = max(self.forgotten_up_to, e.up_to_sequence)
 
-    def _fail_attempt(self, work_id: str, error: str) -> work_pb2.WorkResult | None:
-        entry = self.in_progress.pop(work_id, None)
-        if entry is None:
+    def _fail_attempt(self, work_id: str, error: str, token: int) -> work_pb2.WorkResult | None:
+        entry = self.in_progress.get(work_id)
+        if entry is None or not _same_attempt(entry, token):
             return None
+        del self.in_progress[work_id]
         entry.failures += 1
         entry.error = error
         entry.worker_id = ""
         if entry.failures >= entry.work.max_attempts:
             self.failed_count += 1
             return self._finish(entry, work_pb2.FAILED, error=error)
-        self.pending[work_id] = entry
+        self.pending.push(entry)
         return None
 
     def _finish(self, entry: Entry, state: int, result: bytes = b"", error: str = "") -> work_pb2.WorkResult:
@@ -170,6 +272,8 @@ class WorkState:
             result=result, error=error, kind=entry.work.kind, attempts=entry.attempts,
         )
         self.next_sequence += 1
+        self.unfinished_bytes -= entry.size
+        self.result_bytes += finished.ByteSize()
         self.finished[finished.work_id] = finished
         self.results[finished.sequence] = finished
         self.fingerprints[finished.work_id] = fingerprint(entry.work)
@@ -182,11 +286,11 @@ class WorkState:
             next_sequence=self.next_sequence, forgotten_up_to=self.forgotten_up_to,
             done_count=self.done_count, failed_count=self.failed_count,
         )
-        for in_progress, entries in ((False, self.pending), (True, self.in_progress)):
-            for entry in entries.values():
+        for in_progress, entries in ((False, self.pending.entries()), (True, self.in_progress.values())):
+            for entry in entries:
                 snapshot.entries.add(
-                    work=entry.work, attempts=entry.attempts, failures=entry.failures,
-                    error=entry.error, worker_id=entry.worker_id, in_progress=in_progress,
+                    work=entry.work, attempts=entry.attempts, failures=entry.failures, error=entry.error,
+                    worker_id=entry.worker_id, in_progress=in_progress, attempt_token=entry.token,
                 )
         snapshot.results.extend(self.results.values())
         snapshot.fingerprints.extend(self.fingerprints[r.work_id] for r in self.results.values())
@@ -200,11 +304,23 @@ class WorkState:
         state.done_count = snapshot.done_count
         state.failed_count = snapshot.failed_count
         for e in snapshot.entries:
-            entry = Entry(work=e.work, attempts=e.attempts, failures=e.failures,
-                          error=e.error, worker_id=e.worker_id)
-            (state.in_progress if e.in_progress else state.pending)[e.work.work_id] = entry
+            entry = Entry(work=e.work, attempts=e.attempts, failures=e.failures, error=e.error,
+                          worker_id=e.worker_id, token=e.attempt_token,
+                          size=e.work.ByteSize() + ENTRY_OVERHEAD_BYTES)
+            state.unfinished_bytes += entry.size
+            if e.in_progress:
+                state.in_progress[e.work.work_id] = entry
+            else:
+                state.pending.push(entry)
         for result, print_ in zip(snapshot.results, snapshot.fingerprints):
             state.results[result.sequence] = result
             state.finished[result.work_id] = result
             state.fingerprints[result.work_id] = print_
+            state.result_bytes += result.ByteSize()
         return state
+
+
+def _same_attempt(entry: Entry, token: int) -> bool:
+    """Whether an event is about the entry's latest attempt (events written
+    before tokens existed carry 0 and are about whichever attempt)."""
+    return token == 0 or token == entry.token

@@ -1,9 +1,16 @@
 """The master's registry of worker slots. Not event sourced: workers
-re-register periodically, so a new master learns them again."""
+re-register periodically, so a new master learns them again.
+
+A slot belongs to the stream its process opened, runs the kinds its process
+declared, and runs at most one attempt (named by its token). Idle slots that
+asked for work hold a credit and wait, grouped by the kinds they run, so
+that handing out work costs one step per group, not per slot.
+"""
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -12,8 +19,10 @@ class Slot:
     worker_id: str
     connection: object  # the stream the slot's process opened
     host: str
+    kinds: frozenset[str]
     last_seen: float
     work_id: str = ""  # the work it runs; empty when idle
+    token: int = 0  # the token of the attempt it runs
     deadline: float = 0.0  # when its work times out
 
     @property
@@ -25,9 +34,14 @@ class WorkerRegistry:
     def __init__(self) -> None:
         self.slots: dict[str, Slot] = {}
         self.busy_count = 0
+        self.kind_slots: Counter[str] = Counter()  # live slots per kind
         # idle slots per connection, so announcing work costs one step per
         # worker process, not per slot
-        self._idle = Counter()
+        self._idle: Counter = Counter()
+        self._kinds_of: dict[object, frozenset[str]] = {}  # per connection
+        # idle slots holding a request (credit), by the kinds they run
+        self.waiting: dict[frozenset[str], OrderedDict[str, None]] = {}
+        self.waiting_count = 0
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -35,37 +49,89 @@ class WorkerRegistry:
     def get(self, worker_id: str) -> Slot | None:
         return self.slots.get(worker_id)
 
-    def register(self, connection, worker_ids, host: str, now: float) -> None:
+    def on(self, connection, worker_id: str) -> Slot | None:
+        """The slot `worker_id` if it is registered on `connection`."""
+        slot = self.slots.get(worker_id)
+        return slot if slot is not None and slot.connection is connection else None
+
+    def register(self, connection, worker_ids: Iterable[str], host: str, kinds: frozenset[str],
+                 now: float) -> list[str]:
+        """Registers slots (again); returns the ids that are new here."""
+        self._kinds_of[connection] = kinds
+        added = []
         for worker_id in worker_ids:
             slot = self.slots.get(worker_id)
-            if slot is not None and slot.connection is connection:
+            if slot is not None and slot.connection is connection and slot.kinds == kinds:
                 slot.last_seen = now
                 continue
             if slot is not None:
-                self.drop(worker_id)
-            self.slots[worker_id] = Slot(worker_id, connection, host, now)
+                self.drop(worker_id)  # its process reconnected, or its kinds changed
+            self.slots[worker_id] = Slot(worker_id, connection, host, kinds, now)
             self._idle[connection] += 1
+            self.kind_slots.update(kinds)
+            added.append(worker_id)
+        return added
 
-    def start(self, slot: Slot, work_id: str, deadline: float) -> None:
+    def want(self, slot: Slot) -> None:
+        """An idle slot asks for work: it keeps this credit until it gets some."""
+        if slot.busy:
+            return
+        queue = self.waiting.setdefault(slot.kinds, OrderedDict())
+        if slot.worker_id not in queue:
+            queue[slot.worker_id] = None
+            self.waiting_count += 1
+
+    def next_waiting(self, kinds: frozenset[str]) -> Slot:
+        """Takes the slot of this group that asked first."""
+        queue = self.waiting[kinds]
+        worker_id, _ = queue.popitem(last=False)
+        self.waiting_count -= 1
+        if not queue:
+            del self.waiting[kinds]
+        return self.slots[worker_id]
+
+    def _unwait(self, slot: Slot) -> None:
+        queue = self.waiting.get(slot.kinds)
+        if queue is not None and slot.worker_id in queue:
+            del queue[slot.worker_id]
+            self.waiting_count -= 1
+            if not queue:
+                del self.waiting[slot.kinds]
+
+    def start(self, slot: Slot, work_id: str, token: int, deadline: float) -> None:
+        self._unwait(slot)
         if not slot.busy:
             self.busy_count += 1
             self._less_idle(slot.connection)
-        slot.work_id, slot.deadline = work_id, deadline
+        slot.work_id, slot.token, slot.deadline = work_id, token, deadline
 
     def finish(self, slot: Slot) -> None:
         if slot.busy:
             self.busy_count -= 1
             self._idle[slot.connection] += 1
-        slot.work_id, slot.deadline = "", 0.0
+        slot.work_id, slot.token, slot.deadline = "", 0, 0.0
 
     def drop(self, worker_id: str) -> Slot | None:
         slot = self.slots.pop(worker_id, None)
         if slot is not None:
+            self._unwait(slot)
+            self.kind_slots.subtract(slot.kinds)
+            for kind in slot.kinds:
+                if self.kind_slots[kind] <= 0:
+                    del self.kind_slots[kind]
             if slot.busy:
                 self.busy_count -= 1
             else:
                 self._less_idle(slot.connection)
         return slot
+
+    def forget(self, connection) -> list[Slot]:
+        """Drops every slot of a connection that ended; returns them."""
+        dropped = self.of_connection(connection)
+        for slot in dropped:
+            self.drop(slot.worker_id)
+        self._kinds_of.pop(connection, None)
+        return dropped
 
     def _less_idle(self, connection) -> None:
         self._idle[connection] -= 1
@@ -81,6 +147,13 @@ class WorkerRegistry:
     def of_connection(self, connection) -> list[Slot]:
         return [s for s in self.slots.values() if s.connection is connection]
 
-    def idle_connections(self):
-        """The connections with at least one idle slot."""
-        return self._idle.keys()
+    def idle_connections(self) -> list[tuple[object, frozenset[str]]]:
+        """The connections with at least one idle slot, with their kinds."""
+        return [(c, self._kinds_of.get(c, frozenset())) for c in self._idle]
+
+    def idle_per_kind(self) -> Counter[str]:
+        idle: Counter[str] = Counter()
+        for slot in self.slots.values():
+            if not slot.busy:
+                idle.update(slot.kinds)
+        return idle

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import socket
 import threading
 import time
@@ -24,8 +25,9 @@ import grpc
 from dworkers.v1 import master_pb2
 from services.common.metrics import WorkerMetrics
 from services.common.proxy import MasterProxy, NoMaster
-from services.common.validation import MAX_ERROR_CHARS, MAX_RESULT_BYTES, MERGE_BYTES
+from services.common.validation import MAX_ERROR_CHARS, MAX_RESULT_BYTES, MAX_STREAM_MESSAGE_BYTES
 from services.common.wire import MASTER_KEY, metadata_value
+from services.worker import jobs
 from services.worker.executor import EXECUTORS, Outcome
 
 log = logging.getLogger(__name__)
@@ -62,18 +64,25 @@ class Slot:
         return self.assignment.work.work_id if self.assignment is not None else ""
 
 
+def slot_prefix(host: str, pid: int) -> str:
+    """Slot ids are `<host>-<pid>-<n>`, in the characters the master accepts."""
+    return re.sub(r"[^A-Za-z0-9._:@-]", "-", host)[:100].lstrip("._:@-") + f"-{pid}"
+
+
 class Worker:
     def __init__(self, proxy: MasterProxy, settings: WorkerSettings, metrics: WorkerMetrics | None = None):
         self.proxy = proxy
         self.settings = settings
         self.metrics = metrics or WorkerMetrics()
         self.host = socket.gethostname()
-        prefix = f"{self.host}-{os.getpid()}"
+        self.kinds = sorted(jobs.load(list(settings.jobs)))  # declared when registering
+        prefix = slot_prefix(self.host, os.getpid())
         executor = EXECUTORS[settings.executor]
         self.slots = {f"{prefix}-{i}": Slot(f"{prefix}-{i}", executor(list(settings.jobs)))
                       for i in range(settings.concurrency)}
         self._lock = threading.Lock()
-        self._unacked: dict[str, master_pb2.WorkerMessage] = {}  # work id -> its done/failed report
+        # attempt token -> its done/failed report, resent until acked
+        self._unacked: dict[int, master_pb2.WorkerMessage] = {}
         self._outbox: queue.Queue | None = None  # the current stream's, None between streams
         self._wake_reader, self._wake_writer = os.pipe()  # interrupts the dispatcher's wait
         self._stopping = threading.Event()
@@ -137,17 +146,17 @@ class Worker:
         if outcome.ok:
             message = master_pb2.WorkerMessage(done=master_pb2.WorkIsDone(completions=[
                 master_pb2.Completion(worker_id=slot.worker_id, work_id=work.work_id, result=outcome.result,
-                                      attempt=assignment.attempt)]))
+                                      attempt=assignment.attempt, attempt_token=assignment.attempt_token)]))
             log.debug("work complete", extra={"work_id": work.work_id, "worker_id": slot.worker_id})
         else:
             message = master_pb2.WorkerMessage(failed=master_pb2.WorkFailed(failures=[
                 master_pb2.Failure(worker_id=slot.worker_id, work_id=work.work_id, error=outcome.error,
-                                   attempt=assignment.attempt)]))
+                                   attempt=assignment.attempt, attempt_token=assignment.attempt_token)]))
             log.warning("work failed: %s", outcome.error, extra={"work_id": work.work_id, "worker_id": slot.worker_id})
         if not self._stopping.is_set():  # the same message asks for the next work
             message.request_work.worker_ids.append(slot.worker_id)
         with self._lock:
-            self._unacked[work.work_id] = message
+            self._unacked[assignment.attempt_token] = message
         self._send(message)
 
     # --- the stream -----------------------------------------------------------
@@ -164,7 +173,7 @@ class Worker:
         with self._lock:
             busy = [s.work_id for s in self.slots.values() if s.busy]
         return master_pb2.WorkerMessage(register=master_pb2.RegisterWorker(
-            worker_ids=list(self.slots), host=self.host, busy_work_ids=busy))
+            worker_ids=list(self.slots), host=self.host[:255], busy_work_ids=busy, kinds=self.kinds))
 
     def _request_idle(self) -> master_pb2.WorkerMessage:
         with self._lock:
@@ -177,8 +186,8 @@ class Worker:
             message = outbox.get()
             if message is None:
                 return
-            batch, size = [message], message.ByteSize()
-            while len(batch) < 1000 and size < MERGE_BYTES:
+            batch, size, held = [message], message.ByteSize(), None
+            while len(batch) < 1000:
                 try:
                     nxt = outbox.get_nowait()
                 except queue.Empty:
@@ -186,9 +195,14 @@ class Worker:
                 if nxt is None:
                     yield merge(batch)
                     return
+                if size + nxt.ByteSize() > MAX_STREAM_MESSAGE_BYTES - 1024:
+                    held = nxt  # it leaves first in the next message
+                    break
                 batch.append(nxt)
                 size += nxt.ByteSize()
             yield merge(batch)
+            if held is not None:
+                yield held
 
     def _session(self, address: str) -> None:
         outbox: queue.Queue = queue.Queue(maxsize=OUTBOX_LIMIT)
@@ -205,7 +219,7 @@ class Worker:
         threading.Thread(target=self._timers, args=(outbox,), daemon=True).start()
         try:
             for message in stream:
-                if not self.proxy.observe_epoch(message.epoch):
+                if not self.proxy.observe_epoch(message.epoch, message.cluster_id):
                     continue  # a deposed master's late message
                 self._handle(message)
         finally:
@@ -220,8 +234,8 @@ class Worker:
     def _handle(self, message: master_pb2.MasterMessage) -> None:
         if message.HasField("ack"):
             with self._lock:
-                for work_id in message.ack.work_ids:
-                    self._unacked.pop(work_id, None)
+                for token in message.ack.attempt_tokens:
+                    self._unacked.pop(token, None)
         if message.HasField("works"):
             for assignment in message.works.assignments:
                 self._start(assignment)
@@ -276,6 +290,8 @@ class Worker:
                 hint = metadata_value(exc.trailing_metadata(), MASTER_KEY)
                 if hint:
                     self.proxy.locator.hint(hint)
+                else:  # it died, or is no master: with contact points, try the next one
+                    self.proxy.locator.invalidate(address)
             if self._stopped.is_set():
                 break
             time.sleep(delay)
@@ -289,14 +305,14 @@ class Worker:
         while time.monotonic() < deadline and self._busy():
             time.sleep(0.1)
         with self._lock:
-            running = [(s.worker_id, s.work_id, s.assignment.attempt) for s in self.slots.values() if s.busy]
-            for worker_id, work_id, attempt in running:
-                self._unacked[work_id] = master_pb2.WorkerMessage(failed=master_pb2.WorkFailed(failures=[
-                    master_pb2.Failure(worker_id=worker_id, work_id=work_id, error="worker shut down",
-                                       returned=True, attempt=attempt)]))
-        for worker_id, work_id, _attempt in running:
-            log.info("handing work back", extra={"work_id": work_id, "worker_id": worker_id})
-            self._send(self._unacked[work_id])
+            running = [(s.worker_id, s.assignment) for s in self.slots.values() if s.busy]
+            for worker_id, a in running:
+                self._unacked[a.attempt_token] = master_pb2.WorkerMessage(failed=master_pb2.WorkFailed(failures=[
+                    master_pb2.Failure(worker_id=worker_id, work_id=a.work.work_id, error="worker shut down",
+                                       returned=True, attempt=a.attempt, attempt_token=a.attempt_token)]))
+        for worker_id, a in running:
+            log.info("handing work back", extra={"work_id": a.work.work_id, "worker_id": worker_id})
+            self._send(self._unacked[a.attempt_token])
         deadline = time.monotonic() + 5.0  # for the acks of what we reported
         while time.monotonic() < deadline:
             with self._lock:

@@ -1,0 +1,69 @@
+"""Stopping a service process: installed first thing, whatever the process is
+doing (waiting for ZooKeeper included).
+
+The first SIGTERM or SIGINT asks the process to stop: it runs the stop
+callbacks and starts a deadline of the grace period plus a margin, after
+which the process exits anyway. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+EXIT_OVERDUE = 1
+
+
+class StopRequest:
+    def __init__(self, grace: float, margin: float = 5.0):
+        self.deadline_seconds = grace + margin
+        self.requested = threading.Event()
+        self._callbacks: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def on_stop(self, callback: Callable[[], None]) -> None:
+        """Calls `callback` (from the signal handler: keep it short) when a
+        stop is requested, at once if it already was."""
+        with self._lock:
+            self._callbacks.append(callback)
+            requested = self.requested.is_set()
+        if requested:
+            callback()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.requested.wait(timeout)
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        if self.requested.is_set():
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            _exit(128 + signum)
+        log.info("%s: stopping (at most %.0f s)", signal.Signals(signum).name, self.deadline_seconds)
+        self.requested.set()
+        timer = threading.Timer(self.deadline_seconds, self._overdue)
+        timer.daemon = True
+        timer.start()
+        with self._lock:
+            callbacks = list(self._callbacks)
+        for callback in callbacks:
+            callback()
+
+    def _overdue(self) -> None:
+        log.error("did not stop within %.0f s: exiting anyway", self.deadline_seconds)
+        _exit(EXIT_OVERDUE)
+
+
+def _exit(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)

@@ -1,0 +1,57 @@
+"""What every journal promises: fenced appends at explicit positions,
+ordered reads, snapshots and compaction. The master depends on this contract
+only; `ZooKeeperJournal` is one implementation."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+
+from dworkers.v1 import journal_pb2
+
+
+class JournalError(Exception):
+    """An append did not become durable (the writer may have been deposed)."""
+
+
+class JournalBusy(JournalError):
+    """Too many events are waiting to be written: back off."""
+
+
+class FencedError(JournalError):
+    """The writer may no longer write: it is not the master any more."""
+
+
+class Journal(ABC):
+    """Batches of events at increasing 64-bit positions, written only by the
+    active master (fenced), read by whoever recovers."""
+
+    @abstractmethod
+    def append(self, position: int, batch: journal_pb2.JournalBatch) -> concurrent.futures.Future:
+        """Writes one batch at `position` (above every position written
+        before), fenced; the future resolves to the position once durable."""
+
+    @abstractmethod
+    def read(self, after: int = -1) -> Iterator[tuple[int, journal_pb2.JournalBatch]]:
+        """Yields (position, batch) in order for positions above `after`, as of
+        now (not older than the latest append anywhere)."""
+
+    @abstractmethod
+    def discard_after(self, position: int) -> None:
+        """Removes what unfinished appends beyond `position` left behind
+        (fenced); called by a new master before its first append."""
+
+    @abstractmethod
+    def write_snapshot(self, position: int, data: bytes) -> None:
+        """Stores a snapshot of the state after batch `position` (fenced); once
+        this returns, recovery starts from it."""
+
+    @abstractmethod
+    def read_snapshot(self) -> tuple[int, bytes] | None:
+        """The latest complete snapshot as (position, data), or None."""
+
+    @abstractmethod
+    def compact(self) -> int:
+        """Deletes the batches and older snapshots the latest snapshot covers
+        (fenced); returns how many records were deleted."""
