@@ -29,3 +29,9 @@ def hang_once(payload: bytes) -> str:
 def blob(payload: bytes) -> bytes:
     """A result of the given number of bytes (to fill a subscriber's buffers)."""
     return b"r" * int(payload.decode())
+
+
+@job("echo")
+def echo(payload: bytes) -> bytes:
+    """Returns its payload: a result as large as the work."""
+    return payload

@@ -48,11 +48,12 @@ class ZooKeeperServer:
     the same data dir, and hosts for clients."""
 
     def __init__(self, workdir: str | Path, port: int | None = None, tick_ms: int = 500,
-                 address: str = "127.0.0.1"):
+                 address: str = "127.0.0.1", heap_mb: int = 512):
         self.workdir = Path(workdir)
         self.address = address
         self.port = port or free_port()
         self.tick_ms = tick_ms
+        self.heap_mb = heap_mb  # as deploy/ gives ZooKeeper
         self.process: subprocess.Popen | None = None
 
     @property
@@ -72,6 +73,9 @@ class ZooKeeperServer:
             f"maxSessionTimeout=60000\n"
             "admin.enableServer=false\n"
             "4lw.commands.whitelist=ruok,srvr,stat,mntr\n"
+            # Old snapshots and transaction logs are deleted: the disk stays bounded.
+            "autopurge.snapRetainCount=3\n"
+            "autopurge.purgeInterval=1\n"
             # Journal batches are kept well below the default 1 MB limit.
             "jute.maxbuffer=1048575\n"
         )
@@ -89,7 +93,7 @@ class ZooKeeperServer:
         classpath = jar + (":" + SLF4J_BINDING if os.path.exists(SLF4J_BINDING) else "")
         log = open(self.workdir / "zookeeper.log", "ab")
         self.process = subprocess.Popen(
-            [java, "-Xmx512m", "-XX:+UseSerialGC", "-cp", classpath,
+            [java, f"-Xmx{self.heap_mb}m", "-XX:+UseSerialGC", "-cp", classpath,
              "org.apache.zookeeper.server.quorum.QuorumPeerMain", str(cfg)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,

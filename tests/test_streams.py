@@ -1,0 +1,116 @@
+"""Result streams against the clients people really have: ones that wait
+through a master's pause, ones that give up within milliseconds, and ones
+that stop reading."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from dworkers.v1 import work_pb2
+from tests.helpers import ResultCollector, frontend, submit_until_acked, wait_until
+from tests.test_sizes import wait_kind
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def thread_count(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError("no thread count")
+
+
+def test_a_waiting_client_gets_its_result_when_the_only_backend_comes_back(cluster):
+    """The only backend pauses past its session and rejoins at the same
+    address: `submit --wait` still prints the result (the stream resumes; it
+    never ends with OK while results are due)."""
+    master = cluster.start_master(wait=True)
+    cluster.start_worker(1)
+    front = cluster.start_frontend()
+    stub = frontend(front.address)
+    wait_kind(stub, "sleep")
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "submit", "sleep", "4", "--wait", "--frontend", front.address,
+         "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    wait_until(lambda: stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=10).in_progress == 1, 30,
+               "the work to start")
+    master.signal(signal.SIGSTOP)
+    time.sleep(cluster.session_timeout + 1.5)  # past its session: ZooKeeper drops its election znode
+    master.signal(signal.SIGCONT)
+    out, err = waiting.communicate(timeout=90)
+    assert waiting.returncode == 0, err
+    assert "slept 4 s" in out
+
+
+def test_clients_that_give_up_at_once_do_not_use_up_the_result_streams(cluster):
+    """Thousands of WatchResults calls with deadlines of a few milliseconds
+    (the client is gone before the frontend starts the stream): every slot
+    comes back, and the frontend's threads do not grow."""
+    cluster.start_master(wait=True)
+    cluster.start_worker(1)
+    front = cluster.start_frontend(None, "--max-watchers", "2", "--threads", "8")
+    stub = frontend(front.address)
+    wait_kind(stub, "square")
+    threads_before = thread_count(front.pid)
+
+    def hammer(offset: int) -> None:
+        for n in range(750):
+            try:
+                for _ in stub.WatchResults(work_pb2.WatchResultsRequest(), timeout=0.001 * (1 + (n + offset) % 5)):
+                    pass
+            except grpc.RpcError:
+                pass
+
+    workers = [threading.Thread(target=hammer, args=(i,)) for i in range(8)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    # Both slots serve real subscribers again.
+    collectors = [ResultCollector(stub), ResultCollector(stub)]
+    response = submit_until_acked(stub, "square", b"3")
+    for collector in collectors:
+        assert not collector.wait_for([response.work_id], timeout=30)
+        collector.stop()
+    assert thread_count(front.pid) <= threads_before + 12
+    assert front.alive()
+
+
+def test_subscribers_that_stop_reading_are_dropped_and_free_their_slots(cluster):
+    cluster.start_master(None, "--subscriber-timeout", "120", wait=True)
+    cluster.start_worker(2, "--jobs", "tests.jobs_for_tests", "--executor", "thread")
+    front = cluster.start_frontend(None, "--max-watchers", "2", "--subscriber-timeout", "2")
+    stub = frontend(front.address)
+    wait_kind(stub, "blob")
+    stalled = [stub.WatchResults(work_pb2.WatchResultsRequest()) for _ in range(2)]  # never read
+    for n in range(80):  # 8 MB of results: more than any flow-control window holds
+        submit_until_acked(stub, "blob", b"100000", f"stall-{n}")
+
+    def a_third_subscriber_is_served():
+        stream = stub.WatchResults(work_pb2.WatchResultsRequest(after_sequence=79))
+        try:
+            next(stream)
+            return True
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+            return False
+        finally:
+            stream.cancel()
+
+    submit_until_acked(stub, "blob", b"10", "after-stall")
+    wait_until(a_third_subscriber_is_served, 30, "a free result stream slot", interval=0.5)
+    for stream in stalled:
+        code = None
+        try:
+            for _ in stream:
+                pass
+        except grpc.RpcError as error:
+            code = error.code()
+        assert code == grpc.StatusCode.CANCELLED
