@@ -100,6 +100,8 @@ class ProtocolWorker:
         self.cond = threading.Condition()
         self.channel = grpc.insecure_channel(address)
         self.received: list[master_pb2.MasterMessage] = []
+        self.error: grpc.RpcError | None = None  # how the master ended the stream
+        self.done = threading.Event()
         self.stream = master_pb2_grpc.MasterStub(self.channel).Connect(self._requests())
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -118,8 +120,10 @@ class ProtocolWorker:
                 with self.cond:
                     self.received.append(message)
                     self.cond.notify_all()
-        except grpc.RpcError:
-            pass
+        except grpc.RpcError as error:
+            self.error = error
+        finally:
+            self.done.set()
 
     def send(self, **kw):
         with self.cond:

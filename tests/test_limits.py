@@ -11,6 +11,7 @@ import pytest
 from dworkers.v1 import work_pb2
 from services.common import zk
 from tests.helpers import ResultCollector, frontend, submit_until_acked
+from tests.test_sizes import wait_kind
 
 
 def znode_count(cluster, path: str) -> int:
@@ -99,18 +100,21 @@ def test_many_concurrent_result_streams_are_bounded(cluster):
     channel.close()
 
 
-def test_workers_and_frontends_find_the_master_from_contact_points(cluster):
+def test_workers_and_frontends_given_contact_points_declare_kinds_and_fail_over(cluster):
+    """No process but the backends uses ZooKeeper: the worker declares its
+    kinds to the master, and both follow the master through a kill -9."""
     active = cluster.start_master(wait=True)
     standby = cluster.start_master(wait=True)
-    time.sleep(0.5)
     contacts = f"{standby.address},{active.address}"  # the standby first: it points to the master
-    cluster.start_worker(1)  # declares kinds through ZooKeeper
-    time.sleep(1.0)
-    cluster.services[-1].stop()
-    cluster.start_worker(1, "--masters", contacts)
+    cluster.start_worker(2, "--masters", contacts)
     stub = frontend(cluster.start_frontend(None, "--masters", contacts).address)
-    response = submit_until_acked(stub, "square", b"11")
+    wait_kind(stub, "square")
     results = ResultCollector(stub)
-    assert not results.wait_for([response.work_id], timeout=30)
+    first = submit_until_acked(stub, "square", b"11").work_id
+    assert not results.wait_for([first], timeout=30)
     assert results.results[0].result == b"11 * 11 = 121"
+    active.kill()
+    after = [submit_until_acked(stub, "square", str(n).encode(), deadline=60).work_id for n in range(5)]
+    assert not results.wait_for(after, timeout=60)
+    assert cluster.active_master() is standby
     results.stop()
