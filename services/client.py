@@ -206,8 +206,12 @@ def cluster(stub, args) -> None:
         "standbys": [{"address": s.address, "epoch": s.epoch} for s in info.standbys],
         "workers": [{"worker_id": w.worker_id, "status": w.status, "work_id": w.work_id, "host": w.host}
                     for w in info.workers],
+        "kinds": [{"kind": k.kind, "slots": k.slots, "idle_slots": k.idle_slots, "pending": k.pending}
+                  for k in info.kinds],
         "pending": info.pending, "in_progress": info.in_progress, "done": info.done,
         "failed": info.failed, "last_sequence": info.last_sequence,
+        "pending_without_worker": info.pending_without_worker, "worker_slots": info.worker_slots,
+        "unfinished_bytes": info.unfinished_bytes, "retained_result_bytes": info.retained_result_bytes,
     }
     if args.json:
         print(json.dumps(data, indent=2))
@@ -216,7 +220,11 @@ def cluster(stub, args) -> None:
     for s in info.standbys:
         print(f"standby    {s.address}  (epoch {s.epoch})")
     print(f"works      pending {info.pending}  in progress {info.in_progress}  done {info.done}  failed {info.failed}")
-    print(f"workers    {len(info.workers)}")
+    if info.pending_without_worker:
+        print(f"waiting    {info.pending_without_worker} pending works have no live worker for their kind")
+    for k in info.kinds:
+        print(f"kind       {k.kind:<20} slots {k.slots:>4} ({k.idle_slots} idle)  pending {k.pending}")
+    print(f"workers    {info.worker_slots}")
     if info.workers:
         width = max(len(w.worker_id) for w in info.workers)
         print(f"  {'WORKER':<{width}}  STATUS  WORK")

@@ -486,6 +486,13 @@ def test_a_batch_size_below_one(live, batch):
     (["watch", "--count", "many"], "--count: invalid int value: 'many'"),
     (["cluster", "--log-format", "xml"], "--log-format: invalid choice: 'xml'"),
     (["worker", "--concurrency", "two"], "--concurrency: invalid int value: 'two'"),
+    (["worker", "--concurrency", "0"], "--concurrency: must be at least 1"),
+    (["master", "--work-timeout", "0"], "--work-timeout: must be above 0"),
+    (["master", "--retention-count", "-1"], "--retention-count: must be at least 0"),
+    (["master", "--session-timeout", "nan"], "--session-timeout: must be a number"),
+    (["master", "--max-pending-bytes", "1000"], "--max-pending-bytes: must be at least 1,048,576"),
+    (["frontend", "--max-watchers", "0"], "--max-watchers: must be at least 1"),
+    (["frontend", "--metrics-port", "70000"], "--metrics-port: must be at most 65,535"),
 ])
 def test_bad_arguments_are_argparse_usage_errors(args, fragment):
     assert_usage_error(dworkers(*args, timeout=30), fragment)

@@ -54,3 +54,20 @@ def test_waiting_slots_are_grouped_by_kinds_and_served_in_order():
     assert frozenset({"blob"}) not in registry.waiting and registry.waiting_count == 1
     registry.drop("b0")
     assert not registry.waiting and registry.waiting_count == 0
+
+
+def test_an_ack_of_one_attempt_keeps_the_report_of_another_attempt_of_the_same_work():
+    """The worker keys its unacked reports by attempt token, not by work id."""
+    from dworkers.v1 import master_pb2, work_pb2
+    from services.common.proxy import MasterProxy, StaticLocator
+    from services.worker.executor import Outcome
+    from services.worker.worker import Worker, WorkerSettings
+
+    worker = Worker(MasterProxy(StaticLocator(["127.0.0.1:1"])), WorkerSettings(concurrency=2))
+    first, second = list(worker.slots.values())
+    for slot, token in ((first, 11), (second, 22)):  # the same work, handed out twice
+        slot.assignment = master_pb2.Assignment(worker_id=slot.worker_id, attempt_token=token,
+                                                work=work_pb2.Work(work_id="same", kind="square"))
+        worker._finished(slot, Outcome(True, result=b"r"))
+    worker._handle(master_pb2.MasterMessage(ack=master_pb2.Ack(work_ids=["same"], attempt_tokens=[11])))
+    assert list(worker._unacked) == [22]

@@ -45,8 +45,7 @@ class ZooKeeperLocator:
         self._children: list[str] = []
         self._resolved: tuple[str, str] | None = None  # (znode, address)
         self._listeners: list = []
-        client.ensure_path(self.path)
-        client.ChildrenWatch(self.path, self._on_children)
+        zk.ChildrenFollower(client, self.path, self._on_children)
 
     def _on_children(self, children) -> None:
         with self._cond:

@@ -23,11 +23,11 @@ def in_range(kind, low=None, high=None, above=None):
         if value != value:  # NaN
             raise argparse.ArgumentTypeError("must be a number")
         if above is not None and not value > above:
-            raise argparse.ArgumentTypeError(f"must be above {above:g}")
+            raise argparse.ArgumentTypeError(f"must be above {above:,}")
         if low is not None and value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low:g}")
+            raise argparse.ArgumentTypeError(f"must be at least {low:,}")
         if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"must be at most {high:g}")
+            raise argparse.ArgumentTypeError(f"must be at most {high:,}")
         return value
     parse.__name__ = kind.__name__
     return parse

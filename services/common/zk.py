@@ -5,11 +5,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import logging
+import threading
 import uuid
+from collections.abc import Callable
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import NodeExistsError
+from kazoo.protocol.states import KazooState
+from kazoo.recipe.watchers import ChildrenWatch, DataWatch
 from kazoo.retry import KazooRetry
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "/dworkers"
 
@@ -44,7 +51,41 @@ def connect(hosts: str, session_timeout: float = 4.0, connect_timeout: float = 1
         command_retry=KazooRetry(max_tries=3, delay=0.1, max_delay=0.5),
     )
     client.start(timeout=connect_timeout)
+    ForgetfulReconnect(client, session_timeout)
     return client
+
+
+class ForgetfulReconnect:
+    """A ZooKeeper that lost its data refuses every client that has seen a
+    newer transaction than its own ("client must try another server"), so
+    the client would retry forever. Cut off far longer than any session
+    lasts (so its session is gone anyway), the client forgets the newest
+    transaction it saw and connects as new: it then learns that its session
+    expired, as after any long outage."""
+
+    def __init__(self, client: KazooClient, session_timeout: float):
+        self.client = client
+        self.patience = max(15.0, 4 * session_timeout)
+        self._cut_off = threading.Event()
+        client.add_listener(self._on_state)
+
+    def _on_state(self, state: str) -> None:
+        if state == KazooState.CONNECTED:
+            self._cut_off.clear()
+        elif not self._cut_off.is_set():
+            self._cut_off.set()
+            threading.Thread(target=self._watch, name="zk-forgetful-reconnect", daemon=True).start()
+
+    def _watch(self) -> None:
+        waited = 0.0
+        while self._cut_off.is_set() and not self.client._stopped.is_set():
+            threading.Event().wait(1.0)
+            waited += 1.0
+            if waited >= self.patience and self.client.state != KazooState.CONNECTED and self.client.last_zxid:
+                log.warning("ZooKeeper has refused this client for %.0f s: connecting as a new client "
+                            "(it may have lost its data)", waited)
+                self.client.last_zxid = 0
+                waited = 0.0
 
 
 def election_sequence(name: str) -> int:
@@ -72,3 +113,41 @@ def cluster_id(client: KazooClient, paths: Paths) -> str:
     except NodeExistsError:
         pass
     return client.get(paths.cluster)[0].decode()
+
+
+class ChildrenFollower:
+    """Calls `func(children)` whenever the children of `path` change, also
+    when the node is deleted and created again (a root wiped by an operator,
+    a ZooKeeper that lost its data): kazoo's ChildrenWatch ends for good when
+    its node disappears, so a DataWatch, which outlives it, starts a new one."""
+
+    def __init__(self, client: KazooClient, path: str, func: Callable[[list[str]], None]):
+        self.client = client
+        self.path = path
+        self.func = func
+        self._generation = 0
+        self._lock = threading.Lock()
+        client.ensure_path(path)
+        DataWatch(client, path, self._node_changed)
+
+    def _node_changed(self, _data, stat) -> None:
+        with self._lock:
+            watching = self._generation % 2 == 1  # odd: a ChildrenWatch is running
+            if stat is None and watching:
+                self._generation += 1
+                gone = True
+            elif stat is not None and not watching:
+                self._generation += 1
+                generation, gone = self._generation, False
+            else:
+                return
+        if gone:
+            self.func([])
+        else:  # returning False ends a replaced watch
+            ChildrenWatch(self.client, self.path, lambda children: self._changed(generation, children))
+
+    def _changed(self, generation: int, children: list[str]) -> bool:
+        if generation != self._generation:
+            return False
+        self.func(children)
+        return True

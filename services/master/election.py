@@ -142,6 +142,7 @@ class Election:
     def _create_node(self) -> str:
         # A create whose reply was lost may have succeeded: find it by our
         # unique prefix instead of creating a second node.
+        self.client.ensure_path(self.path)  # gone if ZooKeeper lost its data
         for name in self.client.get_children(self.path):
             if name.startswith(self.prefix):
                 return f"{self.path}/{name}"

@@ -59,8 +59,7 @@ class KindCatalog:
         self.path = paths.kinds
         self._stored: frozenset[str] = frozenset()
         self._declared: set[str] = set()  # declared here, maybe not stored yet
-        client.ensure_path(self.path)
-        client.ChildrenWatch(self.path, self._update)
+        zk.ChildrenFollower(client, self.path, self._update)
 
     @property
     def kinds(self) -> frozenset[str]:
@@ -71,9 +70,8 @@ class KindCatalog:
 
     def declare(self, kinds: frozenset[str]) -> None:
         """Records kinds a worker declared (without waiting for ZooKeeper)."""
-        known = self.kinds
-        for kind in sorted(kinds - known):
-            if len(known) + len(self._declared) >= self.MAX_KINDS:
+        for kind in sorted(kinds - self._stored):
+            if kind not in self._declared and len(self.kinds) >= self.MAX_KINDS:
                 log.warning("kind %r not recorded: %d kinds are known already", kind, self.MAX_KINDS)
                 return
             self._declared.add(kind)

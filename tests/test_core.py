@@ -1,0 +1,250 @@
+"""MasterCore in one process, over a journal whose writes the test settles by
+hand: what it answers, hands out and acks, and when."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+
+import pytest
+
+from dworkers.v1 import master_pb2, work_pb2
+from services.master.core import CoreSettings, MasterCore, NotServing, Overloaded
+from services.master.journal import Journal, JournalError
+
+
+class HeldJournal(Journal):
+    """Appends wait until the test settles them."""
+
+    def __init__(self):
+        self.pending: list[tuple[int, concurrent.futures.Future]] = []
+
+    def append(self, position, batch):
+        future = concurrent.futures.Future()
+        self.pending.append((position, future))
+        return future
+
+    def settle(self, error: Exception | None = None) -> None:
+        while self.pending:
+            position, future = self.pending.pop(0)
+            if error is None:
+                future.set_result(position)
+            else:
+                future.set_exception(error)
+
+    def read(self, after=-1):
+        return iter(())
+
+    def discard_after(self, position):
+        pass
+
+    def write_snapshot(self, position, data):
+        raise NotImplementedError
+
+    def read_snapshot(self):
+        return None
+
+    def compact(self):
+        return 0
+
+
+class Connection:
+    """A worker stream as the core sees it: what it was sent."""
+
+    def __init__(self):
+        self.sent: list[master_pb2.MasterMessage] = []
+        self.closed = None
+
+    def send(self, message):
+        self.sent.append(message)
+
+    def close(self, reason):
+        self.closed = reason
+
+    def assignments(self) -> list[master_pb2.Assignment]:
+        return [a for m in self.sent for a in m.works.assignments]
+
+    def acked_tokens(self) -> list[int]:
+        return [t for m in self.sent for t in m.ack.attempt_tokens]
+
+
+async def settle_loop() -> None:
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+async def started_core(**settings) -> tuple[MasterCore, HeldJournal, list]:
+    journal, failures = HeldJournal(), []
+    core = MasterCore(journal, epoch=1, settings=CoreSettings(**settings), on_failure=failures.append)
+    await core.recover()
+    return core, journal, failures
+
+
+def work(work_id: str, kind: str = "square", payload: bytes = b"3") -> work_pb2.Work:
+    return work_pb2.Work(work_id=work_id, kind=kind, payload=payload, max_attempts=3)
+
+
+async def durably(journal: HeldJournal, awaitable):
+    """Awaits `awaitable`, settling every journal write it waits for."""
+    task = asyncio.ensure_future(awaitable)
+    while not task.done():
+        await settle_loop()
+        journal.settle()
+    return await task
+
+
+async def accept(core: MasterCore, journal: HeldJournal, *works: work_pb2.Work) -> None:
+    await durably(journal, core.submit(list(works)))
+
+
+def register(core: MasterCore, connection: Connection, slot: str, kinds=("square",)) -> None:
+    core.register(connection, master_pb2.RegisterWorker(worker_ids=[slot], host="h", kinds=kinds))
+    core.request_work(connection, [slot])
+
+
+def done(slot: str, assignment: master_pb2.Assignment, result: bytes = b"9") -> master_pb2.Completion:
+    return master_pb2.Completion(worker_id=slot, work_id=assignment.work.work_id, result=result,
+                                 attempt_token=assignment.attempt_token)
+
+
+def test_get_work_answers_only_from_durable_state():
+    async def main():
+        core, journal, _ = await started_core()
+        await accept(core, journal, work("a"))
+        connection = Connection()
+        register(core, connection, "s0")
+        await settle_loop()
+        journal.settle()
+        await settle_loop()
+        [assignment] = connection.assignments()
+        core.report(connection, [done("s0", assignment)], [])  # WorkCompleted: in flight, not durable
+        asking = asyncio.ensure_future(core.status("a"))
+        await settle_loop()
+        assert not asking.done(), "answered before the completion was durable"
+        journal.settle(JournalError("connection lost"))  # it never becomes durable
+        with pytest.raises(NotServing):
+            await asking
+
+    asyncio.run(main())
+
+
+def test_a_durable_completion_is_answered_with_its_result():
+    async def main():
+        core, journal, _ = await started_core()
+        await accept(core, journal, work("a"))
+        connection = Connection()
+        register(core, connection, "s0")
+        await settle_loop()
+        journal.settle()
+        await settle_loop()
+        [assignment] = connection.assignments()
+        core.report(connection, [done("s0", assignment, b"3 * 3 = 9")], [])
+        asking = asyncio.ensure_future(core.status("a"))
+        await settle_loop()
+        journal.settle()
+        status = await asking
+        assert status.state == work_pb2.DONE and status.result == b"3 * 3 = 9" and status.sequence == 1
+        assert connection.acked_tokens() == [assignment.attempt_token]
+
+    asyncio.run(main())
+
+
+def test_nothing_is_handed_out_before_its_start_is_durable():
+    async def main():
+        core, journal, _ = await started_core()
+        connection = Connection()
+        register(core, connection, "s0")
+        submitting = asyncio.ensure_future(core.submit([work("a")]))
+        await settle_loop()
+        assert connection.assignments() == []  # accept and start are in flight together
+        journal.settle()
+        await submitting
+        await settle_loop()
+        assert [a.work.work_id for a in connection.assignments()] == ["a"]
+
+    asyncio.run(main())
+
+
+def test_a_report_with_another_attempts_token_is_acked_and_ignored():
+    async def main():
+        core, journal, _ = await started_core()
+        await accept(core, journal, work("a"))
+        connection = Connection()
+        register(core, connection, "s0")
+        await settle_loop()
+        journal.settle()
+        await settle_loop()
+        [assignment] = connection.assignments()
+        forged = master_pb2.Completion(worker_id="s0", work_id="a", result=b"forged",
+                                       attempt_token=assignment.attempt_token + 1)
+        core.report(connection, [forged], [])
+        await settle_loop()
+        journal.settle()
+        await settle_loop()
+        assert connection.acked_tokens() == [forged.attempt_token]
+        assert core.state.status("a").state == work_pb2.IN_PROGRESS
+
+    asyncio.run(main())
+
+
+def test_reports_of_slots_registered_on_another_stream_are_ignored():
+    async def main():
+        core, journal, _ = await started_core()
+        await accept(core, journal, work("a"))
+        owner, stranger = Connection(), Connection()
+        register(core, owner, "s0")
+        await settle_loop()
+        journal.settle()
+        await settle_loop()
+        [assignment] = owner.assignments()
+        core.register(stranger, master_pb2.RegisterWorker(worker_ids=["x0"], host="h", kinds=["square"]))
+        core.report(stranger, [done("s0", assignment)], [])  # right token, wrong stream
+        await settle_loop()
+        assert stranger.sent == [] and core.state.status("a").state == work_pb2.IN_PROGRESS
+
+    asyncio.run(main())
+
+
+def test_each_slot_gets_only_work_of_its_kinds_oldest_first():
+    async def main():
+        core, journal, _ = await started_core()
+        await accept(core, journal, work("b1", "blob"), work("s1"), work("b2", "blob"), work("s2"))
+        squares, blobs = Connection(), Connection()
+        register(core, squares, "sq0")
+        register(core, blobs, "bl0", kinds=("blob", "square"))
+        await settle_loop()
+        journal.settle()
+        await settle_loop()
+        assert [a.work.work_id for a in squares.assignments()] == ["s1"]
+        assert [a.work.work_id for a in blobs.assignments()] == ["b1"]
+        assert core.counts()["pending_by_kind"] == {"blob": 1, "square": 1}
+
+    asyncio.run(main())
+
+
+def test_hand_outs_to_one_worker_are_split_below_the_stream_limit():
+    async def main():
+        core, journal, _ = await started_core()
+        big = [work(f"w{i}", payload=b"x" * 250_000) for i in range(20)]  # 5 MB
+        await accept(core, journal, *big)
+        connection = Connection()
+        slots = [f"s{i}" for i in range(20)]
+        core.register(connection, master_pb2.RegisterWorker(worker_ids=slots, host="h", kinds=["square"]))
+        core.request_work(connection, slots)
+        await durably(journal, core.committer.barrier())
+        await settle_loop()
+        assert len(connection.assignments()) == 20
+        assert len(connection.sent) >= 3 and all(m.ByteSize() < 2 * 1024 * 1024 for m in connection.sent)
+
+    asyncio.run(main())
+
+
+def test_submissions_beyond_the_byte_bound_are_refused_with_the_flag_to_change():
+    async def main():
+        core, journal, _ = await started_core(max_pending_bytes=1024 * 1024)
+        await accept(core, journal, *[work(f"w{i}", payload=b"x" * 200_000) for i in range(5)])
+        with pytest.raises(Overloaded, match="--max-pending-bytes"):
+            await core.submit([work("one-more", payload=b"x" * 200_000)])
+        await core.submit([work("w0", payload=b"x" * 200_000)])  # a duplicate costs nothing
+
+    asyncio.run(main())
