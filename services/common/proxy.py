@@ -100,6 +100,9 @@ class ZooKeeperLocator:
     def invalidate(self, address: str) -> None:
         pass  # the watch re-resolves once the dead master's znode is gone
 
+    def others_to_try(self, cut_off: set[str]) -> bool:
+        return False  # ZooKeeper names the master: no other backend would do better
+
 
 class StaticLocator:
     """A fixed list of backend addresses (like the sample's contact points)."""
@@ -128,6 +131,9 @@ class StaticLocator:
             self._hinted = None
         else:
             self._index += 1
+
+    def others_to_try(self, cut_off: set[str]) -> bool:
+        return any(a not in cut_off for a in self.addresses)
 
 
 class EpochGuard:
@@ -208,12 +214,18 @@ class MasterProxy:
         """Records an epoch seen on the wire; False if it is older than one seen before."""
         return self.epochs.observe(epoch, cluster_id)
 
-    def _retry_hint(self, error: grpc.RpcError, address: str) -> bool:
-        """Whether a failed call may be retried elsewhere (and where)."""
+    def _retry_hint(self, error: grpc.RpcError, address: str, cut_off: set[str] | None = None) -> bool:
+        """Whether a failed call may be retried elsewhere (and where). A
+        backend cut off from ZooKeeper makes the call fail fast, unless other
+        contact points may still be in touch."""
         if error.code() not in RETRYABLE:
             return False
         if metadata_value(error.trailing_metadata(), UNREACHABLE_KEY):
-            return False  # ZooKeeper is out of reach: no master can accept now
+            if cut_off is None:
+                return False
+            cut_off.add(address)
+            if not self.locator.others_to_try(cut_off):
+                return False  # ZooKeeper is out of reach: no master can accept now
         hint = metadata_value(error.trailing_metadata(), MASTER_KEY)
         if error.code() == grpc.StatusCode.FAILED_PRECONDITION and hint is None:
             return False  # a real precondition failure, not a standby
@@ -235,6 +247,7 @@ class MasterProxy:
         """Calls a unary Master method on the active master, retrying through failover."""
         deadline = time.monotonic() + (timeout or self.timeout)
         delay, last = 0.01, "no master found"
+        cut_off: set[str] = set()  # backends that said they are cut off from ZooKeeper
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -245,7 +258,7 @@ class MasterProxy:
                 response, call = getattr(self.stub(address), method).with_call(request, timeout=attempt)
             except grpc.RpcError as error:
                 timed_out = error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and attempt < remaining
-                if not timed_out and not self._retry_hint(error, address):
+                if not timed_out and not self._retry_hint(error, address, cut_off):
                     raise
                 last = f"{address}: {error.code().name}: {error.details()}"
                 self._pause(min(delay, max(0.0, deadline - time.monotonic())))

@@ -102,6 +102,10 @@ class MasterNode:
     def is_leader(self) -> bool:
         return self.view is not None and self.view.leader
 
+    def in_contact_with_zookeeper(self) -> bool:
+        client = getattr(self, "client", None)
+        return client is not None and client.state == KazooState.CONNECTED
+
     def master_address(self) -> str:
         return self.view.master_address if self.view else ""
 

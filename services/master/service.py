@@ -85,6 +85,12 @@ class MasterService(master_pb2_grpc.MasterServicer):
 
     async def _core(self, context) -> MasterCore:
         core = self.node.core
+        if not self.node.in_contact_with_zookeeper():
+            # No backend can be sure it leads now: say so, so that callers
+            # fail fast instead of retrying until their deadline.
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "this backend is cut off from ZooKeeper: no master can be sure it leads now",
+                                trailing_metadata=((UNREACHABLE_KEY, "1"),))
         if core is None or core.closed is not None:
             address = self.node.master_address()
             if address and not self.node.is_leader():
@@ -97,9 +103,7 @@ class MasterService(master_pb2_grpc.MasterServicer):
         try:
             core.check_serving()
         except NotServing as exc:
-            paused = core.committer is not None and core.committer.paused
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"master cannot serve now: {exc}",
-                                trailing_metadata=((UNREACHABLE_KEY, "1"),) if paused else ())
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"master cannot serve now: {exc}")
         context.set_trailing_metadata(((EPOCH_KEY, str(core.epoch)), (CLUSTER_KEY, core.cluster_id)))
         return core
 

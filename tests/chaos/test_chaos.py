@@ -1,12 +1,16 @@
 """Chaos: a load of works while random masters, workers and frontends are
-killed, stopped and paused, and ZooKeeper restarts once. Then: the acked
-works are exactly the finished works in the result stream, none twice, and a
-fresh replay of the journal gives the live master's results.
+killed, stopped and paused, and ZooKeeper restarts once. Half the works
+carry payloads of 1-200 KiB and come back with results as large. Then: the
+acked works are exactly the finished works in the result stream, none twice,
+each large result is its work's payload, and a fresh replay of the journal
+gives the live master's results.
 
 CI runs a bounded version; `make chaos` sets DWORKERS_CHAOS_SECONDS=300."""
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import random
 import signal
@@ -24,6 +28,7 @@ from services.local_cluster import LocalCluster, wait_serving
 from services.master.core import recover_state
 from services.master.journal import ZooKeeperJournal
 from tests.helpers import frontend
+from tests.test_sizes import wait_kind
 
 CHAOS_SECONDS = float(os.environ.get("DWORKERS_CHAOS_SECONDS", "40"))
 SESSION_TIMEOUT = 2.0
@@ -35,6 +40,7 @@ class Clients:
     def __init__(self, cluster: LocalCluster, producers: int = 3):
         self.cluster = cluster
         self.acked: list[str] = []
+        self.digests: dict[str, bytes] = {}  # of each large work's payload: its result must match
         self.results: list[work_pb2.WorkResult] = []
         self.lock = threading.Lock()
         self.stopping = threading.Event()
@@ -47,10 +53,17 @@ class Clients:
         return [s for s in self.cluster.services if s.role == "frontend" and s.alive()]
 
     def _produce(self, index: int) -> None:
-        n = 0
+        n, rng = 0, random.Random(index)
         while not self.stopping.is_set():
             n += 1
-            request = work_pb2.SubmitWorkRequest(work_id=f"c{index}-{n}", kind="square", payload=str(n).encode())
+            if n % 2:
+                request = work_pb2.SubmitWorkRequest(work_id=f"c{index}-{n}", kind="square", payload=str(n).encode())
+            else:  # 1 KiB to 200 KiB, as many small as large
+                size = int(math.exp(rng.uniform(math.log(1024), math.log(200 * 1024))))
+                payload = rng.randbytes(size)
+                request = work_pb2.SubmitWorkRequest(work_id=f"c{index}-{n}", kind="echo", payload=payload)
+                with self.lock:
+                    self.digests[request.work_id] = hashlib.sha256(payload).digest()
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:  # the same id again, through any frontend, until acked
                 candidates = self._frontends()
@@ -159,10 +172,10 @@ def test_chaos(tmp_path):
         for _ in range(2):
             cluster.start_master(wait=True)
         for _ in range(2):
-            cluster.start_worker(2)
+            cluster.start_worker(2, "--jobs", "tests.jobs_for_tests")
         for _ in range(2):
             cluster.start_frontend()
-        time.sleep(1.5)
+        wait_kind(frontend(cluster.services[-1].address), "echo")
         clients = Clients(cluster)
         chaos = Chaos(cluster, seed=int(os.environ.get("DWORKERS_CHAOS_SEED", time.time())))
         chaos.run(CHAOS_SECONDS)
@@ -174,12 +187,16 @@ def test_chaos(tmp_path):
         counts = Counter(r.work_id for r in streamed)
         duplicated = sorted(i for i, c in counts.items() if c > 1)
         unacked = sorted(set(counts) - set(acked))
-        print(f"\nchaos: works={len(acked)} faults={sum(chaos.faults.values())} ({dict(chaos.faults)}) "
+        large = sum(1 for i in acked if i in clients.digests)
+        print(f"\nchaos: works={len(acked)} large={large} faults={sum(chaos.faults.values())} ({dict(chaos.faults)}) "
               f"lost={len(missing)} duplicated={len(duplicated)} seconds={CHAOS_SECONDS:g}")
         assert not missing, f"acked works lost: {sorted(missing)[:10]}"
         assert not duplicated, f"works finished twice: {duplicated[:10]}"
         assert not unacked, f"results for works never acked: {unacked[:10]}"
         assert [r.sequence for r in streamed] == sorted(r.sequence for r in streamed)
+        wrong = [r.work_id for r in streamed if r.work_id in clients.digests and (
+            r.state != work_pb2.DONE or hashlib.sha256(r.result).digest() != clients.digests[r.work_id])]
+        assert not wrong, f"large works with a wrong result: {wrong[:10]}"
 
         # A fresh replay of the journal gives what the live master streamed.
         master = cluster.active_master(timeout=30)
@@ -192,7 +209,9 @@ def test_chaos(tmp_path):
             client.close()
         replayed = {s: r.work_id for s, r in state.results.items()}
         assert replayed == {r.sequence: r.work_id for r in streamed if r.sequence in replayed}
-        assert set(replayed) == {r.sequence for r in streamed}
+        # Older results may have left the retention window (by bytes, with large results).
+        assert set(replayed) == {r.sequence for r in streamed if r.sequence > state.forgotten_up_to}
+        assert state.last_sequence == streamed[-1].sequence
         assert not state.pending and not state.in_progress
     finally:
         cluster.stop()
