@@ -24,6 +24,10 @@ class HeldJournal(Journal):
         self.pending.append((position, future))
         return future
 
+    def settle_first(self) -> None:
+        position, future = self.pending.pop(0)
+        future.set_result(position)
+
     def settle(self, error: Exception | None = None) -> None:
         while self.pending:
             position, future = self.pending.pop(0)
@@ -108,22 +112,46 @@ def done(slot: str, assignment: master_pb2.Assignment, result: bytes = b"9") -> 
 
 
 def test_get_work_answers_only_from_durable_state():
+    """A completion still in flight when GetWork is asked must not show: the
+    answer is what was durable when the call read it."""
     async def main():
         core, journal, _ = await started_core()
         await accept(core, journal, work("a"))
         connection = Connection()
         register(core, connection, "s0")
-        await settle_loop()
-        journal.settle()
+        await durably(journal, core.committer.barrier())
         await settle_loop()
         [assignment] = connection.assignments()
-        core.report(connection, [done("s0", assignment)], [])  # WorkCompleted: in flight, not durable
+        submitting = asyncio.ensure_future(core.submit([work("b")]))  # an earlier write in flight
+        await settle_loop()
         asking = asyncio.ensure_future(core.status("a"))
         await settle_loop()
-        assert not asking.done(), "answered before the completion was durable"
-        journal.settle(JournalError("connection lost"))  # it never becomes durable
+        core.report(connection, [done("s0", assignment)], [])  # WorkCompleted: in flight, not durable
+        await settle_loop()
+        journal.settle_first()  # only the earlier write becomes durable
+        status = await asking
+        assert status.state == work_pb2.IN_PROGRESS, "answered with a completion that was not durable"
+        await submitting
+        journal.settle(JournalError("connection lost"))  # the completion never becomes durable
+        await settle_loop()
+        assert core.closed is not None  # the master steps down rather than act on it
+
+    asyncio.run(main())
+
+
+def test_a_read_fails_if_what_it_saw_never_becomes_durable():
+    async def main():
+        core, journal, _ = await started_core()
+        asking_about = asyncio.ensure_future(core.submit([work("a")]))
+        await settle_loop()
+        asking = asyncio.ensure_future(core.status("a"))  # sees "a" pending: not durable yet
+        await settle_loop()
+        assert not asking.done()
+        journal.settle(JournalError("connection lost"))
         with pytest.raises(NotServing):
             await asking
+        with pytest.raises(NotServing):
+            await asking_about
 
     asyncio.run(main())
 

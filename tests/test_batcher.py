@@ -1,0 +1,63 @@
+"""The frontend's batcher in one process, over a proxy the test plays: calls
+of many clients leave together, and each client gets its own answer."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from dworkers.v1 import work_pb2
+from services.frontend.batcher import Refused, SubmitBatcher
+
+
+class Master:
+    """Answers SubmitWorks like the master: each work on its own; ids that
+    start with 'bad' conflict. Holds each call until released, so that
+    callers pile up into batches."""
+
+    def __init__(self):
+        self.calls: list[work_pb2.SubmitWorksRequest] = []
+        self.release = threading.Event()
+
+    def call(self, method, request, timeout=None):
+        assert method == "SubmitWorks" and request.each_on_its_own
+        self.calls.append(request)
+        self.release.wait(10)
+        return work_pb2.SubmitWorksResponse(works=[
+            work_pb2.SubmitWorkResponse(work_id=w.work_id, code=6, message="conflict")
+            if w.work_id.startswith("bad") else work_pb2.SubmitWorkResponse(work_id=w.work_id)
+            for w in request.works])
+
+
+def test_one_clients_refused_work_does_not_hold_up_the_others():
+    master = Master()
+    batcher = SubmitBatcher(master, senders=1)
+    ids = [f"bad-{n}" if n % 10 == 3 else f"good-{n}" for n in range(100)]
+
+    def submit(work_id):
+        try:
+            return batcher.submit(work_pb2.SubmitWorkRequest(work_id=work_id, kind="k"), timeout=10).work_id
+        except Refused as refusal:
+            return refusal.status
+
+    with ThreadPoolExecutor(20) as pool:
+        answers = pool.map(submit, ids)
+        threading.Timer(0.2, master.release.set).start()
+        answers = list(answers)
+    assert answers == [grpc.StatusCode.ALREADY_EXISTS if i.startswith("bad") else i for i in ids]
+    assert len(master.calls) < len(ids) / 2  # merged: no call per work, no retry work by work
+    batcher.close()
+
+
+def test_a_failed_call_fails_every_caller_in_its_batch():
+    class Down:
+        def call(self, method, request, timeout=None):
+            raise grpc.RpcError()
+
+    batcher = SubmitBatcher(Down(), senders=1)
+    with pytest.raises(grpc.RpcError):
+        batcher.submit(work_pb2.SubmitWorkRequest(work_id="w", kind="k"), timeout=5)
+    batcher.close()
