@@ -4,52 +4,13 @@ hand: what it answers, hands out and acks, and when."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 
 import pytest
 
 from dworkers.v1 import master_pb2, work_pb2
 from services.master.core import CoreSettings, MasterCore, NotServing, Overloaded
-from services.master.journal import Journal, JournalError
-
-
-class HeldJournal(Journal):
-    """Appends wait until the test settles them."""
-
-    def __init__(self):
-        self.pending: list[tuple[int, concurrent.futures.Future]] = []
-
-    def append(self, position, batch):
-        future = concurrent.futures.Future()
-        self.pending.append((position, future))
-        return future
-
-    def settle_first(self) -> None:
-        position, future = self.pending.pop(0)
-        future.set_result(position)
-
-    def settle(self, error: Exception | None = None) -> None:
-        while self.pending:
-            position, future = self.pending.pop(0)
-            if error is None:
-                future.set_result(position)
-            else:
-                future.set_exception(error)
-
-    def read(self, after=-1):
-        return iter(())
-
-    def discard_after(self, position):
-        pass
-
-    def write_snapshot(self, position, data):
-        raise NotImplementedError
-
-    def read_snapshot(self):
-        return None
-
-    def compact(self):
-        return 0
+from services.master.journal import JournalError
+from tests.fakes import HeldJournal
 
 
 class Connection:
@@ -106,6 +67,18 @@ def register(core: MasterCore, connection: Connection, slot: str, kinds=("square
     core.request_work(connection, [slot])
 
 
+async def running(core: MasterCore, journal: HeldJournal, work_id: str = "a",
+                  slot: str = "s0") -> tuple[Connection, master_pb2.Assignment]:
+    """Accepts a work and hands it to a slot, durably; returns both."""
+    await accept(core, journal, work(work_id))
+    connection = Connection()
+    register(core, connection, slot)
+    await durably(journal, core.committer.barrier())
+    await settle_loop()
+    [assignment] = connection.assignments()
+    return connection, assignment
+
+
 def done(slot: str, assignment: master_pb2.Assignment, result: bytes = b"9") -> master_pb2.Completion:
     return master_pb2.Completion(worker_id=slot, work_id=assignment.work.work_id, result=result,
                                  attempt_token=assignment.attempt_token)
@@ -116,12 +89,7 @@ def test_get_work_answers_only_from_durable_state():
     answer is what was durable when the call read it."""
     async def main():
         core, journal, _ = await started_core()
-        await accept(core, journal, work("a"))
-        connection = Connection()
-        register(core, connection, "s0")
-        await durably(journal, core.committer.barrier())
-        await settle_loop()
-        [assignment] = connection.assignments()
+        connection, assignment = await running(core, journal)
         submitting = asyncio.ensure_future(core.submit([work("b")]))  # an earlier write in flight
         await settle_loop()
         asking = asyncio.ensure_future(core.status("a"))
@@ -159,13 +127,7 @@ def test_a_read_fails_if_what_it_saw_never_becomes_durable():
 def test_a_durable_completion_is_answered_with_its_result():
     async def main():
         core, journal, _ = await started_core()
-        await accept(core, journal, work("a"))
-        connection = Connection()
-        register(core, connection, "s0")
-        await settle_loop()
-        journal.settle()
-        await settle_loop()
-        [assignment] = connection.assignments()
+        connection, assignment = await running(core, journal)
         core.report(connection, [done("s0", assignment, b"3 * 3 = 9")], [])
         asking = asyncio.ensure_future(core.status("a"))
         await settle_loop()
@@ -196,13 +158,7 @@ def test_nothing_is_handed_out_before_its_start_is_durable():
 def test_a_report_with_another_attempts_token_is_acked_and_ignored():
     async def main():
         core, journal, _ = await started_core()
-        await accept(core, journal, work("a"))
-        connection = Connection()
-        register(core, connection, "s0")
-        await settle_loop()
-        journal.settle()
-        await settle_loop()
-        [assignment] = connection.assignments()
+        connection, assignment = await running(core, journal)
         forged = master_pb2.Completion(worker_id="s0", work_id="a", result=b"forged",
                                        attempt_token=assignment.attempt_token + 1)
         core.report(connection, [forged], [])
@@ -218,13 +174,8 @@ def test_a_report_with_another_attempts_token_is_acked_and_ignored():
 def test_reports_of_slots_registered_on_another_stream_are_ignored():
     async def main():
         core, journal, _ = await started_core()
-        await accept(core, journal, work("a"))
-        owner, stranger = Connection(), Connection()
-        register(core, owner, "s0")
-        await settle_loop()
-        journal.settle()
-        await settle_loop()
-        [assignment] = owner.assignments()
+        owner, assignment = await running(core, journal)
+        stranger = Connection()
         core.register(stranger, master_pb2.RegisterWorker(worker_ids=["x0"], host="h", kinds=["square"]))
         core.report(stranger, [done("s0", assignment)], [])  # right token, wrong stream
         await settle_loop()

@@ -4,39 +4,12 @@ completes by hand (the ZooKeeper journal itself is tested in test_journal)."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 
 import pytest
 
 from dworkers.v1 import journal_pb2, work_pb2
-from services.master.journal import GroupCommitter, Journal, JournalError
-
-
-class HeldJournal(Journal):
-    """Appends wait until the test settles them."""
-
-    def __init__(self):
-        self.pending: list[concurrent.futures.Future] = []
-
-    def append(self, position, batch):
-        future = concurrent.futures.Future()
-        self.pending.append(future)
-        return future
-
-    def read(self, after=-1):
-        return iter(())
-
-    def discard_after(self, position):
-        pass
-
-    def write_snapshot(self, position, data):
-        raise NotImplementedError
-
-    def read_snapshot(self):
-        return None
-
-    def compact(self):
-        return 0
+from services.master.journal import GroupCommitter, JournalError
+from tests.fakes import HeldJournal
 
 
 def event(i: int) -> journal_pb2.Event:
@@ -57,8 +30,8 @@ def test_a_batch_that_lands_after_a_failed_one_is_not_vouched_for():
         second = committer.append([event(2)])
         await settle()
         assert len(journal.pending) == 2  # both in flight
-        journal.pending[0].set_exception(JournalError("connection lost"))
-        journal.pending[1].set_result(7)  # landed after the gap
+        journal.settle_first(JournalError("connection lost"))
+        journal.settle_first(7)  # landed after the gap
         await settle()
         with pytest.raises(JournalError):
             await first
@@ -77,7 +50,7 @@ def test_events_appended_in_one_loop_step_share_a_batch_and_resolve_to_its_posit
         cut = committer.cut()
         await settle()
         assert len(journal.pending) == 1
-        journal.pending[0].set_result(42)
+        journal.settle_first(42)
         assert await asyncio.gather(*waiters) == [42] * 10
         assert await cut == 42 and committer.last_position == 42
 
