@@ -21,6 +21,7 @@ from dworkers.v1 import journal_pb2
 from services.common import zk
 from services.master.core import recover_state
 from services.master.journal import ZooKeeperJournal
+from services.master.state import WorkState
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -49,4 +50,6 @@ def test_a_golden_journal_replays_to_the_state_it_was_written_from(zookeeper, ve
         client.close()
     expected = journal_pb2.Snapshot.FromString((GOLDEN / version / "expected.snapshot").read_bytes())
     assert replayed > 0
-    assert state.to_snapshot() == expected
+    # Compared as today's code writes a state (fields added since are filled in).
+    assert state.to_snapshot() == WorkState.from_snapshot(expected).to_snapshot()
+    assert [e.work.work_id for e in state.to_snapshot().entries] == [e.work.work_id for e in expected.entries]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 from dworkers.v1 import journal_pb2, work_pb2
 from services.master.state import TIMED_OUT_ERROR, WorkState
@@ -155,3 +156,43 @@ def test_snapshot_round_trip_then_more_events_matches_full_replay():
     for event in events[300:]:
         restored.apply(event)
     assert restored.to_snapshot() == apply_all(events).to_snapshot()
+
+
+def test_the_pending_queue_is_fifo_per_kind_and_overall_under_any_operations():
+    """PendingQueue against a plain list: pushes, pops from anywhere,
+    re-queues, and the oldest work of any set of kinds."""
+    from services.master.state import Entry, PendingQueue
+
+    for seed in range(30):
+        rng = random.Random(seed)
+        queue, model, taken, n = PendingQueue(), [], {}, 0
+        for _ in range(300):
+            roll = rng.random()
+            if roll < 0.4:
+                n += 1
+                entry = Entry(work=work_pb2.Work(work_id=f"w{n}", kind=rng.choice("abc")))
+                queue.push_new(entry)
+                model.append(entry.work)
+            elif roll < 0.7 and model:
+                work = rng.choice(model)  # from anywhere, usually not the front
+                model.remove(work)
+                taken[work.work_id] = queue.pop(work.work_id)
+            elif roll < 0.85 and taken:
+                work_id = rng.choice(sorted(taken))
+                queue.push(taken.pop(work_id))
+                model.append(queue[work_id].work)
+            kinds = rng.sample("abc", rng.randint(1, 3))
+            expected = next((w.work_id for w in model if w.kind in kinds), None)
+            oldest = queue.oldest(kinds)
+            assert (oldest.work.work_id if oldest else None) == expected
+            assert list(queue) == [w.work_id for w in model]
+            assert queue.counts() == {k: c for k, c in Counter(w.kind for w in model).items()}
+
+
+def test_byte_totals_are_what_the_works_and_results_hold_live_and_after_a_snapshot():
+    for seed in range(10):
+        state = apply_all(random_history(seed))
+        for candidate in (state, WorkState.from_snapshot(state.to_snapshot())):
+            entries = [*candidate.pending.entries(), *candidate.in_progress.values()]
+            assert candidate.unfinished_bytes == sum(e.size for e in entries)
+            assert candidate.result_bytes == sum(r.ByteSize() for r in candidate.results.values())

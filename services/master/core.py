@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
+import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -79,10 +79,23 @@ def recover_state(journal: Journal) -> tuple[WorkState, int, int]:
     return state, position, count
 
 
-def new_token() -> int:
-    """An attempt's token: random, so that only the slot it was handed to can
-    report on it, and never 0 (which old journal events use for 'any')."""
-    return secrets.randbits(63) + 1
+class Tokens:
+    """Attempt tokens: random (from the OS), so that only the slot an attempt
+    was handed to can report on it, and never 0 (which journal events written
+    before tokens existed use for 'any'). Drawn 512 at a time: one system
+    call per hand-out would cost more than the rest of it."""
+
+    def __init__(self) -> None:
+        self._pool: list[int] = []
+
+    def new(self) -> int:
+        if not self._pool:
+            data = os.urandom(8 * 512)
+            self._pool = [(int.from_bytes(data[i:i + 8], "big") >> 1) + 1 for i in range(0, len(data), 8)]
+        return self._pool.pop()
+
+
+new_token = Tokens().new
 
 
 def split_assignments(assignments: list[master_pb2.Assignment], epoch: int,
@@ -90,7 +103,8 @@ def split_assignments(assignments: list[master_pb2.Assignment], epoch: int,
     """Hand-outs for one worker process, in messages below the stream limit."""
     messages, current, size = [], [], 0
     for assignment in assignments:
-        cost = assignment.ByteSize() + 8
+        work = assignment.work  # bounded fields: their lengths tell the size, with room to spare
+        cost = len(work.payload) + len(work.work_id) + len(work.kind) + len(assignment.worker_id) + 96
         if current and size + cost > MAX_STREAM_MESSAGE_BYTES - 1024:
             messages.append(current)
             current, size = [], 0
@@ -437,7 +451,7 @@ class MasterCore:
             return
         durable = self._record(events) if events else self.committer.barrier()
         ack = master_pb2.MasterMessage(epoch=self.epoch, cluster_id=self.cluster_id, ack=master_pb2.Ack(
-            work_ids=[r.work_id for r in reports], attempt_tokens=[r.attempt_token for r in reports]))
+            attempt_tokens=[r.attempt_token for r in reports]))
         durable.add_done_callback(lambda f: f.cancelled() or f.exception() or connection.send(ack))
 
     def disconnected(self, connection) -> None:

@@ -17,7 +17,8 @@ from services.master.core import Conflict, Forgotten, MasterCore, NotServing, Ov
 
 log = logging.getLogger(__name__)
 
-OUTBOX_LIMIT = 10_000  # messages queued for one worker process before it is dropped
+OUTBOX_MESSAGES = 10_000  # queued for one worker process before it is dropped...
+OUTBOX_BYTES = 256 * 1024 * 1024  # ...or this many bytes (hand-outs of 1,024 slots fit)
 
 
 class WorkerConnection:
@@ -25,7 +26,8 @@ class WorkerConnection:
     whose queued messages leave merged, below the stream's message limit."""
 
     def __init__(self) -> None:
-        self._outbox: deque[master_pb2.MasterMessage] = deque()
+        self._outbox: deque[tuple[master_pb2.MasterMessage, int]] = deque()  # with their sizes
+        self._bytes = 0
         self._ready = asyncio.Event()
         self.closed: str | None = None
         self.registered = False  # the stream must register before anything else
@@ -34,10 +36,12 @@ class WorkerConnection:
     def send(self, message: master_pb2.MasterMessage) -> None:
         if self.closed is not None:
             return
-        if len(self._outbox) >= OUTBOX_LIMIT:
+        if len(self._outbox) >= OUTBOX_MESSAGES or self._bytes > OUTBOX_BYTES:
             self.close("worker is not reading its stream")
             return
-        self._outbox.append(message)
+        size = message.ByteSize()
+        self._outbox.append((message, size))
+        self._bytes += size
         self._ready.set()
 
     def close(self, reason: str) -> None:
@@ -51,25 +55,33 @@ class WorkerConnection:
                 return None
             self._ready.clear()
             await self._ready.wait()
-        if len(self._outbox) == 1:
-            return self._outbox.popleft()
-        merged, size = master_pb2.MasterMessage(), 0
+        taken, total = [], 0
         while self._outbox:
-            cost = self._outbox[0].ByteSize()
-            if size and size + cost > MAX_STREAM_MESSAGE_BYTES - 1024:
+            message, size = self._outbox[0]
+            if taken and total + size > MAX_STREAM_MESSAGE_BYTES - 1024:
                 break
-            message = self._outbox.popleft()
-            size += cost
-            merged.epoch = max(merged.epoch, message.epoch)
-            merged.cluster_id = message.cluster_id
-            if message.HasField("ack"):
-                merged.ack.work_ids.extend(message.ack.work_ids)
-                merged.ack.attempt_tokens.extend(message.ack.attempt_tokens)
-            if message.HasField("works"):
-                merged.works.assignments.extend(message.works.assignments)
-            if message.HasField("work_is_ready"):
-                merged.work_is_ready.SetInParent()
+            self._outbox.popleft()
+            self._bytes -= size
+            total += size
+            taken.append(message)
+        if len(taken) == 1:
+            return taken[0]
+        merged = master_pb2.MasterMessage()  # queued messages may be shared: never change them
+        for message in taken:
+            _merge(merged, message)
         return merged
+
+
+def _merge(into: master_pb2.MasterMessage, message: master_pb2.MasterMessage) -> None:
+    """Adds one message's parts to another (a worker reads acks first, then works, then the hint)."""
+    into.epoch = max(into.epoch, message.epoch)
+    into.cluster_id = message.cluster_id
+    if message.HasField("ack"):
+        into.ack.attempt_tokens.extend(message.ack.attempt_tokens)
+    if message.HasField("works"):
+        into.works.assignments.extend(message.works.assignments)
+    if message.HasField("work_is_ready"):
+        into.work_is_ready.SetInParent()
 
 
 def _answer(work: work_pb2.Work, outcome) -> work_pb2.SubmitWorkResponse:

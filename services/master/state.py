@@ -6,9 +6,10 @@ apply the same events through `apply` and reach the same state.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -34,16 +35,26 @@ class Entry:
     worker_id: str = ""  # the slot running it, when in progress
     token: int = 0  # its latest attempt's token: only reports that carry it count
     ticket: int = 0  # its place in the queue while pending
-    size: int = 0  # bytes it holds in the journal and in snapshots
+
+    @property
+    def size(self) -> int:
+        """Bytes it holds in the journal and in snapshots."""
+        return self.work.ByteSize() + ENTRY_OVERHEAD_BYTES
 
 
 class PendingQueue:
     """Pending works in FIFO order, kept per kind: a slot finds the oldest
-    work it can run at a cost that grows with its kinds, not with the queue."""
+    work it can run at a cost that grows with its kinds, not with the queue.
+
+    Each kind's queue is a deque of entries; an entry taken out of the middle
+    stays there, stale, until it reaches the front (an entry is queued once:
+    queueing a work again queues a fresh entry), which keeps a pending work
+    at the cost of one dict slot and one deque slot."""
 
     def __init__(self) -> None:
         self._entries: dict[str, Entry] = {}
-        self._by_kind: dict[str, OrderedDict[str, Entry]] = {}
+        self._by_kind: dict[str, deque[Entry]] = {}
+        self._count_by_kind: dict[str, int] = {}
         self._next_ticket = 0
 
     def __len__(self) -> int:
@@ -64,38 +75,81 @@ class PendingQueue:
 
     def entries(self) -> Iterator[Entry]:
         """Entries in queue order (merged across kinds)."""
-        return heapq.merge(*(queue.values() for queue in self._by_kind.values()), key=lambda e: e.ticket)
+        live = (filter(self._queued, queue) for queue in self._by_kind.values())
+        return heapq.merge(*live, key=lambda e: e.ticket)
 
-    def push(self, entry: Entry) -> None:
-        """Queues a work at the back."""
+    def _queued(self, entry: Entry) -> bool:
+        return self._entries.get(entry.work.work_id) is entry
+
+    def push(self, entry: Entry) -> Entry:
+        """Queues a work again, at the back, as a fresh entry (the old one may
+        still sit, stale, in its kind's queue); returns that entry."""
+        return self.push_new(dataclasses.replace(entry))
+
+    def push_new(self, entry: Entry) -> Entry:
+        """Queues an entry that was never queued, at the back."""
         entry.ticket = self._next_ticket
         self._next_ticket += 1
-        self._entries[entry.work.work_id] = entry
-        self._by_kind.setdefault(entry.work.kind, OrderedDict())[entry.work.work_id] = entry
+        work = entry.work
+        kind = work.kind
+        self._entries[work.work_id] = entry
+        queue = self._by_kind.get(kind)
+        if queue is None:
+            queue = self._by_kind[kind] = deque()
+        queue.append(entry)
+        self._count_by_kind[kind] = self._count_by_kind.get(kind, 0) + 1
+        return entry
 
     def pop(self, work_id: str) -> Entry | None:
         entry = self._entries.pop(work_id, None)
         if entry is not None:
-            queue = self._by_kind[entry.work.kind]
-            del queue[work_id]
-            if not queue:
-                del self._by_kind[entry.work.kind]
+            kind = entry.work.kind
+            self._count_by_kind[kind] -= 1
+            if not self._count_by_kind[kind]:
+                del self._count_by_kind[kind], self._by_kind[kind]
+            else:
+                self._front(kind)
         return entry
+
+    def extend(self, entries: Iterable[Entry]) -> None:
+        """Queues entries that were never queued, at the back, in order
+        (push_new for many: recovery loads a snapshot's queue this way)."""
+        by_id, by_kind, counts = self._entries, self._by_kind, self._count_by_kind
+        ticket = self._next_ticket
+        for entry in entries:
+            entry.ticket = ticket
+            ticket += 1
+            work = entry.work
+            kind = work.kind
+            by_id[work.work_id] = entry
+            queue = by_kind.get(kind)
+            if queue is None:
+                queue = by_kind[kind] = deque()
+            queue.append(entry)
+            counts[kind] = counts.get(kind, 0) + 1
+        self._next_ticket = ticket
+
+    def _front(self, kind: str) -> Entry | None:
+        """The oldest queued entry of a kind, dropping stale ones before it."""
+        queue = self._by_kind.get(kind)
+        while queue:
+            if self._queued(queue[0]):
+                return queue[0]
+            queue.popleft()
+        return None
 
     def oldest(self, kinds: Iterable[str]) -> Entry | None:
         """The oldest pending work of one of `kinds`."""
         best = None
         for kind in kinds:
-            queue = self._by_kind.get(kind)
-            if queue:
-                head = next(iter(queue.values()))
-                if best is None or head.ticket < best.ticket:
-                    best = head
+            head = self._front(kind)
+            if head is not None and (best is None or head.ticket < best.ticket):
+                best = head
         return best
 
     def counts(self) -> dict[str, int]:
         """Pending works per kind."""
-        return {kind: len(queue) for kind, queue in self._by_kind.items()}
+        return dict(self._count_by_kind)
 
 
 class WorkState:
@@ -197,9 +251,8 @@ class WorkState:
 
     def _on_work_accepted(self, e: journal_pb2.WorkAccepted) -> None:
         if not self.is_known(e.work.work_id):
-            entry = Entry(work=e.work, size=e.work.ByteSize() + ENTRY_OVERHEAD_BYTES)
+            entry = self.pending.push_new(Entry(work=e.work))
             self.unfinished_bytes += entry.size
-            self.pending.push(entry)
 
     def _on_work_started(self, e: journal_pb2.WorkStarted) -> None:
         entry = self.pending.pop(e.work_id)
@@ -285,6 +338,7 @@ class WorkState:
         snapshot = journal_pb2.Snapshot(
             next_sequence=self.next_sequence, forgotten_up_to=self.forgotten_up_to,
             done_count=self.done_count, failed_count=self.failed_count,
+            unfinished_bytes=self.unfinished_bytes, result_bytes=self.result_bytes,
         )
         for in_progress, entries in ((False, self.pending.entries()), (True, self.in_progress.values())):
             for entry in entries:
@@ -303,20 +357,22 @@ class WorkState:
         state.forgotten_up_to = snapshot.forgotten_up_to
         state.done_count = snapshot.done_count
         state.failed_count = snapshot.failed_count
+        pending = []
         for e in snapshot.entries:
-            entry = Entry(work=e.work, attempts=e.attempts, failures=e.failures, error=e.error,
-                          worker_id=e.worker_id, token=e.attempt_token,
-                          size=e.work.ByteSize() + ENTRY_OVERHEAD_BYTES)
-            state.unfinished_bytes += entry.size
+            entry = Entry(e.work, e.attempts, e.failures, e.error, e.worker_id, e.attempt_token)
             if e.in_progress:
-                state.in_progress[e.work.work_id] = entry
+                state.in_progress[entry.work.work_id] = entry
             else:
-                state.pending.push(entry)
+                pending.append(entry)
+        state.pending.extend(pending)
+        # Snapshots written before byte totals existed carry none: count them.
+        state.unfinished_bytes = snapshot.unfinished_bytes or sum(
+            e.size for e in (*pending, *state.in_progress.values()))
+        state.result_bytes = snapshot.result_bytes or sum(r.ByteSize() for r in snapshot.results)
         for result, print_ in zip(snapshot.results, snapshot.fingerprints):
             state.results[result.sequence] = result
             state.finished[result.work_id] = result
             state.fingerprints[result.work_id] = print_
-            state.result_bytes += result.ByteSize()
         return state
 
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import re
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for_connections
 
@@ -32,7 +32,8 @@ from services.worker.executor import EXECUTORS, Outcome
 
 log = logging.getLogger(__name__)
 
-OUTBOX_LIMIT = 100_000
+OUTBOX_MESSAGES = 10_000
+OUTBOX_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,44 @@ class WorkerSettings:
     resend_interval: float = 3.0
     shutdown_grace: float = 30.0
     default_timeout: float = 30.0
+
+
+class Outbox:
+    """What waits to leave on one stream, bounded in count and in bytes. When
+    full, a message is dropped: reports are resent until acked, registrations
+    and requests are sent again periodically. None marks the stream's end."""
+
+    def __init__(self, max_messages: int = OUTBOX_MESSAGES, max_bytes: int = OUTBOX_BYTES):
+        self.max_messages, self.max_bytes = max_messages, max_bytes
+        self._items: deque[tuple[master_pb2.WorkerMessage | None, int]] = deque()
+        self._bytes = 0
+        self._cond = threading.Condition()
+
+    def put(self, message: master_pb2.WorkerMessage) -> bool:
+        size = message.ByteSize()
+        with self._cond:
+            if len(self._items) >= self.max_messages or self._bytes + size > self.max_bytes:
+                return False
+            self._items.append((message, size))
+            self._bytes += size
+            self._cond.notify()
+        return True
+
+    def close(self) -> None:
+        with self._cond:
+            self._items.append((None, 0))
+            self._cond.notify()
+
+    def get(self, block: bool = True) -> master_pb2.WorkerMessage | None | bool:
+        """The next message, None at the end, or False if none waits (block=False)."""
+        with self._cond:
+            while not self._items:
+                if not block:
+                    return False
+                self._cond.wait()
+            message, size = self._items.popleft()
+            self._bytes -= size
+            return message
 
 
 class Slot:
@@ -83,7 +122,7 @@ class Worker:
         self._lock = threading.Lock()
         # attempt token -> its done/failed report, resent until acked
         self._unacked: dict[int, master_pb2.WorkerMessage] = {}
-        self._outbox: queue.Queue | None = None  # the current stream's, None between streams
+        self._outbox: Outbox | None = None  # the current stream's, None between streams
         self._wake_reader, self._wake_writer = os.pipe()  # interrupts the dispatcher's wait
         self._stopping = threading.Event()
         self._stopped = threading.Event()
@@ -164,10 +203,7 @@ class Worker:
     def _send(self, message: master_pb2.WorkerMessage) -> None:
         outbox = self._outbox
         if outbox is not None:
-            try:
-                outbox.put_nowait(message)
-            except queue.Full:
-                pass  # the stream is stuck; unacked reports are resent on the next one
+            outbox.put(message)  # if the stream is stuck, reports are resent on the next one
 
     def _register(self) -> master_pb2.WorkerMessage:
         with self._lock:
@@ -180,7 +216,7 @@ class Worker:
             idle = [s.worker_id for s in self.slots.values() if not s.busy]
         return master_pb2.WorkerMessage(request_work=master_pb2.WorkerRequestsWork(worker_ids=idle))
 
-    def _outgoing(self, outbox: queue.Queue):
+    def _outgoing(self, outbox: Outbox):
         """The request stream: whatever is queued leaves as one message."""
         while True:
             message = outbox.get()
@@ -188,9 +224,8 @@ class Worker:
                 return
             batch, size, held = [message], message.ByteSize(), None
             while len(batch) < 1000:
-                try:
-                    nxt = outbox.get_nowait()
-                except queue.Empty:
+                nxt = outbox.get(block=False)
+                if nxt is False:
                     break
                 if nxt is None:
                     yield merge(batch)
@@ -205,7 +240,7 @@ class Worker:
                 yield held
 
     def _session(self, address: str) -> None:
-        outbox: queue.Queue = queue.Queue(maxsize=OUTBOX_LIMIT)
+        outbox = Outbox()
         outbox.put(self._register())
         with self._lock:
             for message in self._unacked.values():
@@ -225,10 +260,7 @@ class Worker:
         finally:
             self.proxy.locator.remove_listener(stream.cancel)
             self._outbox = None
-            try:
-                outbox.put_nowait(None)
-            except queue.Full:
-                pass
+            outbox.close()
             stream.cancel()
 
     def _handle(self, message: master_pb2.MasterMessage) -> None:
@@ -242,7 +274,7 @@ class Worker:
         if message.HasField("work_is_ready") and not self._stopping.is_set():
             self._send(self._request_idle())
 
-    def _timers(self, outbox: queue.Queue) -> None:
+    def _timers(self, outbox: Outbox) -> None:
         """Periodic re-registration and resending of unacked reports."""
         next_register = time.monotonic() + self.settings.register_interval
         next_resend = time.monotonic() + self.settings.resend_interval
