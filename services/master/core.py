@@ -250,12 +250,17 @@ class MasterCore:
 
     # --- frontend operations ----------------------------------------------
 
-    def _check_room(self, events: list[journal_pb2.Event]) -> None:
+    def _check_room(self, events: list[journal_pb2.Event], at_most: int) -> None:
+        """Refuses works beyond the bounds; `at_most` bounds their bytes (the
+        request's size: one cheap call), counted exactly only when it matters."""
         s, state = self.settings, self.state
         if len(state.pending) + len(events) > s.max_pending:
             raise Overloaded(f"{len(state.pending)} works are pending (limit --max-pending {s.max_pending}); "
                              "retry later")
-        size = sum(e.work_accepted.work.ByteSize() for e in events)
+        if state.unfinished_bytes + at_most <= s.max_pending_bytes:
+            size = at_most
+        else:
+            size = sum(e.work_accepted.work.ByteSize() for e in events)
         if state.unfinished_bytes + size > s.max_pending_bytes:
             raise Overloaded(
                 f"unfinished works hold {state.unfinished_bytes:,} bytes and these {size:,} more would pass "
@@ -266,10 +271,12 @@ class MasterCore:
             raise Overloaded(f"{behind:,} journal bytes wait for compaction (over twice --snapshot-bytes); "
                              "retry later")
 
-    async def submit(self, works: list[work_pb2.Work], each_on_its_own: bool = False) -> list[bool | Conflict]:
+    async def submit(self, works: list[work_pb2.Work], each_on_its_own: bool = False,
+                     size: int | None = None) -> list[bool | Conflict]:
         """Accepts works durably; returns, for each, whether it was a
         duplicate. A conflicting work fails the whole call, or with
-        `each_on_its_own` only itself (its answer is the Conflict)."""
+        `each_on_its_own` only itself (its answer is the Conflict). `size`
+        bounds the works' bytes if the caller knows it cheaply."""
         self.check_serving()
         duplicates: list[bool | Conflict] = []
         events = []
@@ -285,7 +292,7 @@ class MasterCore:
             if not known:
                 events.append(journal_pb2.Event(work_accepted=journal_pb2.WorkAccepted(work=work)))
         if events:
-            self._check_room(events)
+            self._check_room(events, size if size is not None else sum(w.ByteSize() for w in works))
             try:
                 durable = self._record(events)
             except JournalError as exc:

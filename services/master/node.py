@@ -59,23 +59,22 @@ class KindCatalog:
         self.path = paths.kinds
         self._stored: frozenset[str] = frozenset()
         self._declared: set[str] = set()  # declared here, maybe not stored yet
+        self.kinds: frozenset[str] = frozenset()  # both
         zk.ChildrenFollower(client, self.path, self._update)
-
-    @property
-    def kinds(self) -> frozenset[str]:
-        return self._stored | self._declared
 
     def _update(self, children) -> None:
         self._stored = frozenset(children)
+        self.kinds = self._stored | self._declared
 
     def declare(self, kinds: frozenset[str]) -> None:
         """Records kinds a worker declared (without waiting for ZooKeeper)."""
         for kind in sorted(kinds - self._stored):
             if kind not in self._declared and len(self.kinds) >= self.MAX_KINDS:
                 log.warning("kind %r not recorded: %d kinds are known already", kind, self.MAX_KINDS)
-                return
+                break
             self._declared.add(kind)
             self.client.create_async(f"{self.path}/{kind}")  # already there is fine
+        self.kinds = self._stored | self._declared
 
     def check(self, kinds: set[str]) -> None:
         unknown = sorted(kinds - self.kinds)

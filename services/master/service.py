@@ -130,16 +130,18 @@ class MasterService(master_pb2_grpc.MasterServicer):
         except validation.InvalidWork as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
-            duplicates = await core.submit(works, each_on_its_own=request.each_on_its_own) if works else []
+            duplicates = await core.submit(works, each_on_its_own=request.each_on_its_own,
+                                           size=request.ByteSize()) if works else []
         except Conflict as exc:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         except Overloaded as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except NotServing as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"not accepted: {exc}")
+        if answers is None:  # all accepted, or the call failed
+            return work_pb2.SubmitWorksResponse(works=[
+                work_pb2.SubmitWorkResponse(work_id=w.work_id, duplicate=d) for w, d in zip(works, duplicates)])
         accepted = [_answer(w, d) for w, d in zip(works, duplicates)]
-        if answers is None:
-            return work_pb2.SubmitWorksResponse(works=accepted)
         it = iter(accepted)
         return work_pb2.SubmitWorksResponse(works=[a if a is not None else next(it) for a in answers])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import heapq
+import operator
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from dworkers.v1 import journal_pb2, work_pb2
 
 TIMED_OUT_ERROR = "attempt timed out"
+STALE = -1  # the ticket of an entry no longer queued
 ENTRY_OVERHEAD_BYTES = 32  # what a work costs in a snapshot beyond its own bytes
 
 
@@ -34,7 +36,7 @@ class Entry:
     error: str = ""  # the last failed attempt's error
     worker_id: str = ""  # the slot running it, when in progress
     token: int = 0  # its latest attempt's token: only reports that carry it count
-    ticket: int = 0  # its place in the queue while pending
+    ticket: int = STALE  # its place in the queue while pending
 
     @property
     def size(self) -> int:
@@ -42,14 +44,17 @@ class Entry:
         return self.work.ByteSize() + ENTRY_OVERHEAD_BYTES
 
 
+_TICKET = operator.attrgetter("ticket")
+
+
 class PendingQueue:
     """Pending works in FIFO order, kept per kind: a slot finds the oldest
     work it can run at a cost that grows with its kinds, not with the queue.
 
     Each kind's queue is a deque of entries; an entry taken out of the middle
-    stays there, stale, until it reaches the front (an entry is queued once:
-    queueing a work again queues a fresh entry), which keeps a pending work
-    at the cost of one dict slot and one deque slot."""
+    is marked stale and stays there until it reaches the front (an entry is
+    queued once: queueing a work again queues a fresh entry), which keeps a
+    pending work at the cost of one dict slot and one deque slot."""
 
     def __init__(self) -> None:
         self._entries: dict[str, Entry] = {}
@@ -75,11 +80,8 @@ class PendingQueue:
 
     def entries(self) -> Iterator[Entry]:
         """Entries in queue order (merged across kinds)."""
-        live = (filter(self._queued, queue) for queue in self._by_kind.values())
-        return heapq.merge(*live, key=lambda e: e.ticket)
-
-    def _queued(self, entry: Entry) -> bool:
-        return self._entries.get(entry.work.work_id) is entry
+        live = [[e for e in queue if e.ticket >= 0] for queue in self._by_kind.values()]
+        return iter(live[0]) if len(live) == 1 else heapq.merge(*live, key=_TICKET)
 
     def push(self, entry: Entry) -> Entry:
         """Queues a work again, at the back, as a fresh entry (the old one may
@@ -103,6 +105,7 @@ class PendingQueue:
     def pop(self, work_id: str) -> Entry | None:
         entry = self._entries.pop(work_id, None)
         if entry is not None:
+            entry.ticket = STALE  # if it is not at the front, its slot there is skipped later
             kind = entry.work.kind
             self._count_by_kind[kind] -= 1
             if not self._count_by_kind[kind]:
@@ -133,7 +136,7 @@ class PendingQueue:
         """The oldest queued entry of a kind, dropping stale ones before it."""
         queue = self._by_kind.get(kind)
         while queue:
-            if self._queued(queue[0]):
+            if queue[0].ticket >= 0:
                 return queue[0]
             queue.popleft()
         return None
