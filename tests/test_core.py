@@ -20,7 +20,7 @@ class Connection:
         self.sent: list[master_pb2.MasterMessage] = []
         self.closed = None
 
-    def send(self, message):
+    def send(self, message, size=0):
         self.sent.append(message)
 
     def close(self, reason):

@@ -23,7 +23,6 @@ MAX_TIMEOUT_SECONDS = 24 * 3600.0
 WORK_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 KIND_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 WORKER_ID_PATTERN = WORK_ID_PATTERN
-MAX_WORK_ID_CHARS = 128
 MAX_SLOTS_PER_CONNECTION = 1024  # worker slots one worker process may register
 MAX_KINDS_PER_WORKER = 1000
 MAX_HOST_CHARS = 255
@@ -141,17 +140,16 @@ def check_worker_message(message, registered: bool) -> None:
         for kind in r.kinds:
             if not KIND_PATTERN.fullmatch(kind):
                 raise InvalidWorkerMessage(f"malformed kind {kind[:64]!r}")
-    # Reports and requests name slots, which count only if registered on this
-    # stream (so were checked then): here only their sizes are.
+    # Reports and requests count only if they name a slot registered on this
+    # stream (checked then) and, for reports, carry the token of an attempt
+    # handed to it; of the rest only the result (bounded) and the error (cut)
+    # are ever kept. Here only their numbers are checked.
     if len(message.request_work.worker_ids) > MAX_SLOTS_PER_CONNECTION:
         raise InvalidWorkerMessage(f"WorkerRequestsWork names {len(message.request_work.worker_ids)} slots; "
                                    f"the limit is {MAX_SLOTS_PER_CONNECTION} per stream")
     reports = len(message.done.completions) + len(message.failed.failures)
     if reports > MAX_REPORTS_PER_MESSAGE:
         raise InvalidWorkerMessage(f"{reports} reports in one message; the limit is {MAX_REPORTS_PER_MESSAGE}")
-    for report in (*message.done.completions, *message.failed.failures):
-        if len(report.work_id) > MAX_WORK_ID_CHARS or len(report.worker_id) > MAX_WORK_ID_CHARS:
-            raise InvalidWorkerMessage(f"report with a work_id or worker_id longer than {MAX_WORK_ID_CHARS}")
 
 
 def _check_slots(worker_ids, where: str) -> None:

@@ -10,6 +10,7 @@ stops acting (`closed`) and the node steps down and recovers afresh.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
@@ -99,21 +100,18 @@ new_token = Tokens().new
 
 
 def split_assignments(assignments: list[master_pb2.Assignment], epoch: int,
-                      cluster_id: str) -> list[master_pb2.MasterMessage]:
-    """Hand-outs for one worker process, in messages below the stream limit."""
-    messages, current, size = [], [], 0
-    for assignment in assignments:
-        work = assignment.work  # bounded fields: their lengths tell the size, with room to spare
-        cost = len(work.payload) + len(work.work_id) + len(work.kind) + len(assignment.worker_id) + 96
-        if current and size + cost > MAX_STREAM_MESSAGE_BYTES - 1024:
-            messages.append(current)
-            current, size = [], 0
-        current.append(assignment)
-        size += cost
-    if current:
-        messages.append(current)
-    return [master_pb2.MasterMessage(epoch=epoch, cluster_id=cluster_id, works=master_pb2.Works(assignments=m))
-            for m in messages]
+                      cluster_id: str) -> list[tuple[master_pb2.MasterMessage, int]]:
+    """Hand-outs for one worker process, in messages below the stream limit,
+    each with its size."""
+    limit = MAX_STREAM_MESSAGE_BYTES - 1024
+    message = master_pb2.MasterMessage(epoch=epoch, cluster_id=cluster_id,
+                                       works=master_pb2.Works(assignments=assignments))
+    size = message.ByteSize()
+    if size <= limit or len(assignments) == 1:
+        return [(message, size)]
+    half = len(assignments) // 2  # rare: large payloads to a wide worker
+    return (split_assignments(assignments[:half], epoch, cluster_id)
+            + split_assignments(assignments[half:], epoch, cluster_id))
 
 
 class MasterCore:
@@ -384,16 +382,16 @@ class MasterCore:
                 if entry is None:
                     break  # these slots keep their credit
                 slot = registry.next_waiting(kinds)
-                work = entry.work
+                work, worker_id, token = entry.work, slot.worker_id, new_token()
+                work_id = work.work_id
                 timeout = work.timeout_seconds or self.settings.work_timeout
-                event = journal_pb2.Event(work_started=journal_pb2.WorkStarted(
-                    work_id=work.work_id, worker_id=slot.worker_id, attempt_token=new_token()))
-                self.state.apply(event)  # the next pick must not see this work again
-                registry.start(slot, work.work_id, event.work_started.attempt_token, now + timeout)
-                events.append(event)
+                events.append(journal_pb2.Event(work_started=journal_pb2.WorkStarted(
+                    work_id=work_id, worker_id=worker_id, attempt_token=token)))
+                self.state.start(work_id, worker_id, token)  # as the event does: the next pick must not see it
+                registry.start(slot, work_id, token, now + timeout, waiting=False)
                 by_connection.setdefault(slot.connection, []).append(master_pb2.Assignment(
-                    worker_id=slot.worker_id, work=work, timeout_seconds=timeout, attempt=entry.attempts,
-                    attempt_token=event.work_started.attempt_token))
+                    worker_id=worker_id, work=work, timeout_seconds=timeout, attempt=entry.attempts,
+                    attempt_token=token))
         if not events:
             return
         durable = self.committer.append(events)
@@ -401,12 +399,12 @@ class MasterCore:
         if self.metrics:
             self.metrics.started(len(events))
         for connection, assignments in by_connection.items():
-            for message in split_assignments(assignments, self.epoch, self.cluster_id):
+            for message, size in split_assignments(assignments, self.epoch, self.cluster_id):
                 durable.add_done_callback(
-                    lambda f, c=connection, m=message: f.cancelled() or f.exception() or self._hand_out(c, m))
+                    lambda f, c=connection, m=message, n=size: f.cancelled() or f.exception() or self._hand_out(c, m, n))
 
-    def _hand_out(self, connection, works: master_pb2.MasterMessage) -> None:
-        connection.send(works)
+    def _hand_out(self, connection, works: master_pb2.MasterMessage, size: int) -> None:
+        connection.send(works, size)
         if log.isEnabledFor(logging.DEBUG):
             for a in works.works.assignments:
                 log.debug("given to worker", extra={"work_id": a.work.work_id, "worker_id": a.worker_id})
@@ -420,46 +418,50 @@ class MasterCore:
         and resends them."""
         events, acks, seen = [], [], set()
         requeued = False
-        for report, done in [(c, True) for c in completions] + [(f, False) for f in failures]:
-            slot = self.registry.on(connection, report.worker_id)
+        state, registry = self.state, self.registry
+        for report in itertools.chain(completions, failures):
+            slot = registry.on(connection, report.worker_id)
             if slot is None:
                 continue
-            if slot.token == report.attempt_token:
-                self.registry.finish(slot)
-            acks.append(report)
             token = report.attempt_token
-            entry = self.state.unfinished(report.work_id)
+            if slot.token == token:
+                registry.finish(slot)
+            acks.append(token)
+            work_id = report.work_id
+            entry = state.unfinished(work_id)
             if not token or token in seen or entry is None or entry.token != token:
                 continue
             seen.add(token)
-            running = report.work_id in self.state.in_progress
-            if done and len(report.result) > MAX_RESULT_BYTES:  # it cannot be journaled: the attempt fails
-                if running:
+            running = work_id in state.in_progress
+            if isinstance(report, master_pb2.Completion):
+                result = report.result
+                if len(result) <= MAX_RESULT_BYTES:
+                    events.append(journal_pb2.Event(work_completed=journal_pb2.WorkCompleted(
+                        work_id=work_id, result=result, attempt_token=token)))
+                elif running:  # it cannot be journaled: the attempt fails
                     events.append(journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(
-                        work_id=report.work_id, attempt_token=token,
-                        error=f"result of {len(report.result)} bytes exceeds the limit of {MAX_RESULT_BYTES}")))
-            elif done:
-                events.append(journal_pb2.Event(work_completed=journal_pb2.WorkCompleted(
-                    work_id=report.work_id, result=report.result, attempt_token=token)))
+                        work_id=work_id, attempt_token=token,
+                        error=f"result of {len(result)} bytes exceeds the limit of {MAX_RESULT_BYTES}")))
             elif running and report.returned:
                 events.append(journal_pb2.Event(work_returned=journal_pb2.WorkReturned(
-                    work_id=report.work_id, attempt_token=token)))
+                    work_id=work_id, attempt_token=token)))
                 requeued = True
             elif running:
                 events.append(journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(
-                    work_id=report.work_id, error=report.error[:MAX_ERROR_CHARS], attempt_token=token)))
+                    work_id=work_id, error=report.error[:MAX_ERROR_CHARS], attempt_token=token)))
                 requeued = True
         self._ack_when_durable(connection, events, acks)
         if requeued:
             self._announce_work()
 
-    def _ack_when_durable(self, connection, events, reports) -> None:
-        if self.closed is not None or self.committer is None or not reports:
+    def _ack_when_durable(self, connection, events, tokens) -> None:
+        if self.closed is not None or self.committer is None or not tokens:
             return
         durable = self._record(events) if events else self.committer.barrier()
-        ack = master_pb2.MasterMessage(epoch=self.epoch, cluster_id=self.cluster_id, ack=master_pb2.Ack(
-            attempt_tokens=[r.attempt_token for r in reports]))
-        durable.add_done_callback(lambda f: f.cancelled() or f.exception() or connection.send(ack))
+        ack = master_pb2.MasterMessage(epoch=self.epoch, cluster_id=self.cluster_id,
+                                       ack=master_pb2.Ack(attempt_tokens=tokens))
+        size = 11 * len(tokens) + 64  # tokens are varints of at most 10 bytes
+        durable.add_done_callback(lambda f: f.cancelled() or f.exception() or connection.send(ack, size))
 
     def disconnected(self, connection) -> None:
         """A worker process's stream ended: its running work goes back to the queue."""

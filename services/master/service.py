@@ -33,13 +33,15 @@ class WorkerConnection:
         self.registered = False  # the stream must register before anything else
         self.protocol_error = ""  # why the master refused the stream
 
-    def send(self, message: master_pb2.MasterMessage) -> None:
+    def send(self, message: master_pb2.MasterMessage, size: int = 0) -> None:
+        """Queues a message; `size` is its size if the caller knows it (within
+        a few bytes: merging keeps a margin)."""
         if self.closed is not None:
             return
         if len(self._outbox) >= OUTBOX_MESSAGES or self._bytes > OUTBOX_BYTES:
             self.close("worker is not reading its stream")
             return
-        size = message.ByteSize()
+        size = size or message.ByteSize()
         self._outbox.append((message, size))
         self._bytes += size
         self._ready.set()

@@ -253,27 +253,37 @@ class WorkState:
         return handler(getattr(event, kind))
 
     def _on_work_accepted(self, e: journal_pb2.WorkAccepted) -> None:
-        if not self.is_known(e.work.work_id):
-            entry = self.pending.push_new(Entry(work=e.work))
-            self.unfinished_bytes += entry.size
+        work = e.work
+        if not self.is_known(work.work_id):
+            self.pending.push_new(Entry(work=work))
+            self.unfinished_bytes += work.ByteSize() + ENTRY_OVERHEAD_BYTES  # Entry.size, inlined: a hot path
 
     def _on_work_started(self, e: journal_pb2.WorkStarted) -> None:
-        entry = self.pending.pop(e.work_id)
+        self.start(e.work_id, e.worker_id, e.attempt_token)
+
+    def start(self, work_id: str, worker_id: str, token: int) -> None:
+        """What WorkStarted does (the master applies it while building the event)."""
+        entry = self.pending.pop(work_id)
         if entry is None:
             return
         entry.attempts += 1
-        entry.worker_id = e.worker_id
-        entry.token = e.attempt_token
-        self.in_progress[e.work_id] = entry
+        entry.worker_id = worker_id
+        entry.token = token
+        self.in_progress[work_id] = entry
 
     def _on_work_completed(self, e: journal_pb2.WorkCompleted) -> work_pb2.WorkResult | None:
         # A late completion of work that was re-queued (after a failover or a
         # timeout) still counts if it is about the latest attempt: the work
         # was done, once.
-        entry = self.unfinished(e.work_id)
-        if entry is None or not _same_attempt(entry, e.attempt_token):
-            return None
-        self.in_progress.pop(e.work_id, None) or self.pending.pop(e.work_id)
+        work_id, token = e.work_id, e.attempt_token
+        entry = self.in_progress.get(work_id)
+        if entry is not None and _same_attempt(entry, token):
+            del self.in_progress[work_id]
+        else:
+            entry = self.pending.get(work_id)
+            if entry is None or not _same_attempt(entry, token):
+                return None
+            self.pending.pop(work_id)
         self.done_count += 1
         return self._finish(entry, work_pb2.DONE, result=e.result)
 
@@ -328,7 +338,7 @@ class WorkState:
             result=result, error=error, kind=entry.work.kind, attempts=entry.attempts,
         )
         self.next_sequence += 1
-        self.unfinished_bytes -= entry.size
+        self.unfinished_bytes -= entry.work.ByteSize() + ENTRY_OVERHEAD_BYTES  # entry.size, inlined: a hot path
         self.result_bytes += finished.ByteSize()
         self.finished[finished.work_id] = finished
         self.results[finished.sequence] = finished

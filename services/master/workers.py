@@ -98,8 +98,10 @@ class WorkerRegistry:
             if not queue:
                 del self.waiting[slot.kinds]
 
-    def start(self, slot: Slot, work_id: str, token: int, deadline: float) -> None:
-        self._unwait(slot)
+    def start(self, slot: Slot, work_id: str, token: int, deadline: float, waiting: bool = True) -> None:
+        """The slot runs an attempt now; `waiting=False` if it no longer holds a credit."""
+        if waiting:
+            self._unwait(slot)
         if not slot.busy:
             self.busy_count += 1
             self._less_idle(slot.connection)
