@@ -26,6 +26,8 @@ MASTER_PORTS = (7100, 7101)
 def _port_free(address: str) -> bool:
     host, port = address.rsplit(":", 1)
     with socket.socket() as s:
+        # As gRPC binds: connections of an earlier run waiting in TIME_WAIT do not count.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, int(port)))
         except OSError:

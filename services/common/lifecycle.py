@@ -3,7 +3,9 @@ doing (waiting for ZooKeeper included).
 
 The first SIGTERM or SIGINT asks the process to stop: it runs the stop
 callbacks and starts a deadline of the grace period plus a margin, after
-which the process exits anyway. A second signal exits at once.
+which the process exits anyway. Another signal a second or more later exits
+at once (one sooner is the same request arriving twice, e.g. Ctrl-C reaching
+a whole process group and its supervisor passing it on).
 """
 
 from __future__ import annotations
@@ -13,17 +15,20 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
 EXIT_OVERDUE = 1
+REPEAT_SECONDS = 1.0  # a signal sooner than this after the first is the same request
 
 
 class StopRequest:
     def __init__(self, grace: float, margin: float = 5.0):
         self.deadline_seconds = grace + margin
         self.requested = threading.Event()
+        self._first = 0.0
         self._callbacks: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -43,9 +48,12 @@ class StopRequest:
 
     def _on_signal(self, signum: int, _frame) -> None:
         if self.requested.is_set():
+            if time.monotonic() - self._first < REPEAT_SECONDS:
+                return
             log.warning("second %s: exiting now", signal.Signals(signum).name)
             _exit(128 + signum)
         log.info("%s: stopping (at most %.0f s)", signal.Signals(signum).name, self.deadline_seconds)
+        self._first = time.monotonic()
         self.requested.set()
         timer = threading.Timer(self.deadline_seconds, self._overdue)
         timer.daemon = True
