@@ -11,6 +11,7 @@ import grpc
 
 from dworkers.v1 import frontend_pb2_grpc, work_pb2
 from services.common import validation
+from services.common.errors import ConfigError
 from services.common.settings import add, in_range
 from services.common.wire import CHANNEL_OPTIONS
 
@@ -48,13 +49,11 @@ def add_parsers(sub) -> None:
     client_parser("cluster", "show the cluster", "Show the active master, its epoch, standbys, workers and work counts.")
 
 
-class ClientError(Exception):
-    pass
+class ClientError(ConfigError):
+    """A client verb cannot go on: said in one line."""
 
 
 def main(args) -> None:
-    from services.cli import CliError
-
     channel = grpc.insecure_channel(args.frontend, options=CHANNEL_OPTIONS)
     stub = frontend_pb2_grpc.FrontendStub(channel)
     try:
@@ -62,12 +61,12 @@ def main(args) -> None:
     except grpc.RpcError as error:
         if error.code() == grpc.StatusCode.UNAVAILABLE and "frontend" not in (error.details() or "") \
                 and "master" not in (error.details() or ""):
-            raise CliError(f"cannot reach the frontend at {args.frontend} ({error.details()})") from None
-        raise CliError(f"{error.code().name}: {error.details()}") from None
-    except (ClientError, OSError) as exc:
-        raise CliError(str(exc)) from None
+            raise ConfigError(f"cannot reach the frontend at {args.frontend} ({error.details()})") from None
+        raise ConfigError(f"{error.code().name}: {error.details()}") from None
+    except OSError as exc:
+        raise ConfigError(str(exc)) from None
     except ValueError as exc:  # e.g. a number too large for its field
-        raise CliError(f"bad value: {exc}") from None
+        raise ConfigError(f"bad value: {exc}") from None
     finally:
         channel.close()
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 
 from dworkers.v1 import frontend_pb2_grpc, work_pb2
+from services.common.errors import ConfigError
 from services.common.zkserver import ZooKeeperNotInstalled
 from services.local_cluster import LocalCluster
 
@@ -69,11 +70,10 @@ def consume(stub, stop: threading.Event) -> None:
 
 
 def run(args) -> None:
-    from services.cli import CliError
 
     for address in (args.frontend_listen, *(f"127.0.0.1:{p}" for p in MASTER_PORTS)):
         if not _port_free(address):
-            raise CliError(f"port {address} is in use: is another demo running? (--frontend-listen to move the frontend)")
+            raise ConfigError(f"port {address} is in use: is another demo running? (--frontend-listen to move the frontend)")
     def interrupt(*_):
         raise KeyboardInterrupt
 
@@ -85,7 +85,7 @@ def run(args) -> None:
         try:
             cluster.start_zookeeper()
         except ZooKeeperNotInstalled as exc:
-            raise CliError(str(exc)) from None
+            raise ConfigError(str(exc)) from None
         log.info("local ZooKeeper at %s (data in %s)", cluster.zk, workdir)
         trace = ("--log-level", "DEBUG", "--log-format", args.log_format)
         cluster.start_worker(args.workers, *trace)
@@ -101,7 +101,7 @@ def run(args) -> None:
             thread.start()
         while all(s.alive() for s in cluster.services if s.role != "master") and cluster.masters():
             time.sleep(0.5)
-        raise CliError("a demo process exited; stopping the demo")
+        raise ConfigError("a demo process exited; stopping the demo")
     except KeyboardInterrupt:
         log.info("stopping the demo")
     finally:

@@ -19,9 +19,9 @@ import pytest
 
 from dworkers.v1 import journal_pb2
 from services.common import zk
-from services.master.core import recover_state
+from services.master.shell import recover_state
 from services.master.journal import ZooKeeperJournal
-from services.master.state import WorkState
+from services.master.domain.state import WorkState
 
 GOLDEN = Path(__file__).parent / "golden"
 

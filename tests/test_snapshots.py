@@ -10,9 +10,9 @@ import pytest
 
 from dworkers.v1 import journal_pb2, work_pb2
 from services.common import zk
-from services.master.core import recover_state
+from services.master.shell import recover_state
 from services.master.journal import ZooKeeperJournal
-from services.master.state import WorkState
+from services.master.domain.state import WorkState
 from services.local_cluster import LocalCluster
 from tests.helpers import ResultCollector, frontend, submit_until_acked, wait_until
 from tests.test_state import random_history

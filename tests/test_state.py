@@ -6,7 +6,7 @@ import random
 from collections import Counter
 
 from dworkers.v1 import journal_pb2, work_pb2
-from services.master.state import TIMED_OUT_ERROR, WorkState
+from services.master.domain.state import TIMED_OUT_ERROR, WorkState
 
 
 def work(work_id: str, max_attempts: int = 3) -> work_pb2.Work:
@@ -161,7 +161,7 @@ def test_snapshot_round_trip_then_more_events_matches_full_replay():
 def test_the_pending_queue_is_fifo_per_kind_and_overall_under_any_operations():
     """PendingQueue against a plain list: pushes, pops from anywhere,
     re-queues, and the oldest work of any set of kinds."""
-    from services.master.state import Entry, PendingQueue
+    from services.master.domain.state import Entry, PendingQueue
 
     for seed in range(30):
         rng = random.Random(seed)

@@ -1,12 +1,12 @@
-"""The master's worker registry (pure bookkeeping)."""
+"""The master's scheduler (pure bookkeeping), and the worker's own books."""
 
-from services.master.workers import WorkerRegistry
+from services.master.domain.scheduler import Scheduler
 
 SQUARE = frozenset({"square"})
 
 
 def test_idle_connections_follow_slots_through_start_finish_and_drop():
-    registry, a, b = WorkerRegistry(), object(), object()
+    registry, a, b = Scheduler(), object(), object()
     registry.register(a, ["a0", "a1"], "host-a", SQUARE, now=0.0)
     registry.register(b, ["b0"], "host-b", SQUARE, now=0.0)
     assert {c for c, _ in registry.idle_connections()} == {a, b}
@@ -24,14 +24,14 @@ def test_idle_connections_follow_slots_through_start_finish_and_drop():
 
 
 def test_silent_slots_are_found():
-    registry, a = WorkerRegistry(), object()
+    registry, a = Scheduler(), object()
     registry.register(a, ["a0", "a1"], "h", SQUARE, now=0.0)
     registry.register(a, ["a1"], "h", SQUARE, now=20.0)
     assert [s.worker_id for s in registry.silent(now=21.0, timeout=15.0)] == ["a0"]
 
 
 def test_live_kinds_count_the_slots_that_run_them():
-    registry, a, b = WorkerRegistry(), object(), object()
+    registry, a, b = Scheduler(), object(), object()
     registry.register(a, ["a0", "a1"], "h", frozenset({"square", "blob"}), now=0.0)
     registry.register(b, ["b0"], "h", SQUARE, now=0.0)
     assert registry.kind_slots == {"square": 3, "blob": 2}
@@ -42,7 +42,7 @@ def test_live_kinds_count_the_slots_that_run_them():
 
 
 def test_waiting_slots_are_grouped_by_kinds_and_served_in_order():
-    registry, a, b = WorkerRegistry(), object(), object()
+    registry, a, b = Scheduler(), object(), object()
     registry.register(a, ["a0", "a1"], "h", frozenset({"blob"}), now=0.0)
     registry.register(b, ["b0"], "h", SQUARE, now=0.0)
     for worker_id in ("a1", "b0", "a0"):
@@ -63,7 +63,12 @@ def test_an_ack_of_one_attempt_keeps_the_report_of_another_attempt_of_the_same_w
     from services.worker.executor import Outcome
     from services.worker.worker import Worker, WorkerSettings
 
-    worker = Worker(MasterProxy(StaticLocator(["127.0.0.1:1"])), WorkerSettings(concurrency=2))
+    from prometheus_client import CollectorRegistry
+
+    from services.common.metrics import WorkerMetrics
+
+    worker = Worker(MasterProxy(StaticLocator(["127.0.0.1:1"])), WorkerSettings(concurrency=2),
+                    WorkerMetrics(CollectorRegistry()))
     first, second = list(worker.slots.values())
     for slot, token in ((first, 11), (second, 22)):  # the same work, handed out twice
         slot.assignment = master_pb2.Assignment(worker_id=slot.worker_id, attempt_token=token,

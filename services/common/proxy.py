@@ -16,9 +16,11 @@ from collections.abc import Iterator
 
 import grpc
 from kazoo.exceptions import KazooException, NoNodeError
+from kazoo.handlers.threading import KazooTimeoutError
 
 from dworkers.v1 import master_pb2_grpc, work_pb2
 from services.common import zk
+from services.common.errors import ConfigError, NoMaster
 from services.common.wire import CHANNEL_OPTIONS, CLUSTER_KEY, EPOCH_KEY, MASTER_KEY, UNREACHABLE_KEY, metadata_value
 
 log = logging.getLogger(__name__)
@@ -29,10 +31,6 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION)
 FINAL_FOR_STREAMS = (grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED,
                      grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
                      grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED)
-
-
-class NoMaster(Exception):
-    """No master answered within the deadline."""
 
 
 class ZooKeeperLocator:
@@ -320,11 +318,12 @@ class MasterProxy:
             delay = min(delay * 2, 0.5)
 
 
-def build(zk_hosts: str, root: str, masters: str = "", timeout: float = 10.0,
-          zk_connect_timeout: float = 10.0) -> tuple[MasterProxy, object]:
-    """A proxy from settings: a list of backend addresses, or ZooKeeper.
-    Returns the proxy and the ZooKeeper client (None with addresses)."""
-    if masters:
-        return MasterProxy(StaticLocator([a.strip() for a in masters.split(",") if a.strip()]), timeout), None
-    client = zk.connect(zk_hosts, connect_timeout=zk_connect_timeout)
-    return MasterProxy(ZooKeeperLocator(client, zk.Paths(root)), timeout), client
+def build_proxy(contact, timeout: float = 10.0, zk_connect_timeout: float = 10.0) -> MasterProxy:
+    """A proxy from the Contact settings: backend addresses, or ZooKeeper."""
+    if contact.masters:
+        return MasterProxy(StaticLocator([a.strip() for a in contact.masters.split(",") if a.strip()]), timeout)
+    try:
+        client = zk.connect(contact.zk, connect_timeout=zk_connect_timeout)
+    except KazooTimeoutError:
+        raise ConfigError(f"cannot reach ZooKeeper at {contact.zk}") from None
+    return MasterProxy(ZooKeeperLocator(client, zk.Paths(contact.root)), timeout)

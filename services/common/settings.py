@@ -1,15 +1,37 @@
-"""Settings from flags and environment variables: every flag `--some-thing`
-also reads DWORKERS_SOME_THING; the flag wins. Printed at start."""
+"""One source for every setting: a frozen dataclass per service whose fields
+carry their default, help and bounds (`setting(...)`). From it come the
+command-line flags (`--some-thing`), the environment variables
+(`DWORKERS_SOME_THING`; the flag wins), the range checks, and the object the
+service reads. Nested dataclasses (shared groups such as how to reach the
+cluster) add their flags unprefixed.
+
+Why not pydantic-settings: it would bring two dependencies, its own error
+format and no argparse flags; these settings are a few dozen scalars, and a
+dataclass keeps them typed attributes with no translation step.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 SECRET_WORDS = ("password", "secret", "token")
+
+
+def setting(default: Any, help: str, *, low=None, high=None, above=None, choices=None) -> Any:
+    """A dataclass field that is also a flag and an environment variable."""
+    return dataclasses.field(default=default, metadata={
+        "help": help, "low": low, "high": high, "above": above, "choices": choices})
+
+
+def group(cls) -> Any:
+    """A nested group of settings (its flags are not prefixed)."""
+    return dataclasses.field(default_factory=cls, metadata={"group": True})
 
 
 def env_name(flag: str) -> str:
@@ -33,6 +55,18 @@ def in_range(kind, low=None, high=None, above=None):
     return parse
 
 
+def boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+boolean.__name__ = "boolean"
+
+
 def add(parser: argparse.ArgumentParser, flag: str, default=None, type=str, help: str = "", **kw) -> None:
     """Adds a flag whose default comes from its environment variable."""
     env = env_name(flag)
@@ -47,19 +81,65 @@ def add(parser: argparse.ArgumentParser, flag: str, default=None, type=str, help
     parser.add_argument(flag, default=default, type=type, help=f"{help} [env {env}; default {default}]", **kw)
 
 
-def add_common(parser: argparse.ArgumentParser) -> None:
-    add(parser, "--zk", "127.0.0.1:2181", help="ZooKeeper connect string")
-    add(parser, "--root", "/dworkers", help="ZooKeeper root of this cluster")
-    add(parser, "--log-format", "text", help="text or json", choices=("text", "json"))
-    add(parser, "--log-level", "INFO", help="logging level")
-
-
-def describe(args: argparse.Namespace) -> str:
-    items = []
-    for key, value in sorted(vars(args).items()):
-        if key in ("func", "command") or callable(value):
+def add_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """Adds a flag for every setting of `cls` (and of its groups)."""
+    for field in dataclasses.fields(cls):
+        if field.metadata.get("group"):
+            add_flags(parser, field.default_factory)
             continue
-        if any(word in key for word in SECRET_WORDS):
+        meta = field.metadata
+        if "help" not in meta:
+            raise TypeError(f"{cls.__name__}.{field.name} is not a setting(...)")
+        kind = type(field.default)
+        if kind is bool:
+            parse = boolean
+        elif kind in (int, float):
+            parse = in_range(kind, meta["low"], meta["high"], meta["above"])
+        else:
+            parse = kind
+        add(parser, "--" + field.name.replace("_", "-"), field.default, parse, meta["help"],
+            **({"choices": meta["choices"]} if meta["choices"] else {}))
+
+
+def from_args(cls, args: argparse.Namespace):
+    """The settings object of `cls` from parsed flags."""
+    values = {}
+    for field in dataclasses.fields(cls):
+        if field.metadata.get("group"):
+            values[field.name] = from_args(field.default_factory, args)
+        else:
+            values[field.name] = getattr(args, field.name)
+    return cls(**values)
+
+
+def describe(settings) -> str:
+    """Every setting as name=value (secrets hidden), for the start-up log line."""
+    items = []
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        if field.metadata.get("group"):
+            items.append(describe(value))
+            continue
+        if any(word in field.name for word in SECRET_WORDS):
             value = "***"
-        items.append(f"{key}={value}")
-    return " ".join(items)
+        items.append(f"{field.name}={value}")
+    return " ".join(item for item in items if item)
+
+
+# --- groups every service shares ----------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Logging:
+    log_format: str = setting("text", "log lines as text or json", choices=("text", "json"))
+    log_level: str = setting("INFO", "logging level")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    zk: str = setting("127.0.0.1:2181", "ZooKeeper connect string")
+    root: str = setting("/dworkers", "ZooKeeper root of this cluster")
+
+
+@dataclasses.dataclass(frozen=True)
+class Contact(Cluster):
+    masters: str = setting("", "comma-separated backend addresses instead of ZooKeeper discovery")

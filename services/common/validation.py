@@ -9,6 +9,7 @@ import re
 import uuid
 
 from dworkers.v1 import work_pb2
+from services.common.errors import InvalidInput, ProtocolError
 
 MAX_PAYLOAD_BYTES = 256 * 1024  # per work; documented in the README
 MAX_RESULT_BYTES = 256 * 1024  # a larger result fails its attempt
@@ -32,8 +33,8 @@ MAX_REPORTS_PER_MESSAGE = 10_000
 INVALID_ARGUMENT_CODE = 3  # google.rpc.Code, as in SubmitWorkResponse.code
 
 
-class InvalidWork(ValueError):
-    """The request is malformed; the message says how, for a person."""
+class InvalidWork(InvalidInput):
+    """A submission is malformed; the message says how, for a person."""
 
 
 def new_work_id() -> str:
@@ -115,7 +116,7 @@ def to_works(requests) -> list[work_pb2.Work]:
     return works
 
 
-class InvalidWorkerMessage(ValueError):
+class InvalidWorkerMessage(ProtocolError):
     """A worker broke the protocol; the message says how, for a person."""
 
 

@@ -1,5 +1,7 @@
 """Names shared on the wire between the services (gRPC metadata keys, limits)."""
 
+from services.common.errors import ConfigError
+
 EPOCH_KEY = "dworkers-epoch"  # the master's epoch, on every reply
 CLUSTER_KEY = "dworkers-cluster"  # the cluster id its epoch belongs to
 MASTER_KEY = "dworkers-master"  # a standby's hint: the active master's address
@@ -27,7 +29,7 @@ CHANNEL_OPTIONS = [
 ]
 
 
-class AddressInUse(Exception):
+class AddressInUse(ConfigError):
     """A server could not listen on its address."""
 
 

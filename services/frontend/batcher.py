@@ -16,6 +16,7 @@ from concurrent.futures import Future
 import grpc
 
 from dworkers.v1 import work_pb2
+from services.common.errors import from_status
 from services.common.proxy import MasterProxy
 from services.common.validation import MAX_STREAM_MESSAGE_BYTES
 
@@ -74,15 +75,11 @@ class SubmitBatcher:
             if future.done():
                 continue
             if answer.code:
-                future.set_exception(Refused(answer.code, answer.message))
+                future.set_exception(from_status(status_name(answer.code), answer.message))
             else:
                 future.set_result(work_pb2.SubmitWorkResponse(work_id=answer.work_id, duplicate=answer.duplicate))
 
 
-class Refused(Exception):
-    """The master refused this one work: its status code and why."""
-
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.status = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
-        self.message = message
+def status_name(code: int) -> str:
+    """A google.rpc.Code number's name (e.g. 6 -> ALREADY_EXISTS)."""
+    return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")

@@ -6,20 +6,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2
 
-from dworkers.v1 import frontend_pb2, frontend_pb2_grpc, work_pb2
-from services.common import validation
-from services.common.metrics import SyncMetricsInterceptor
-from services.common.proxy import MasterProxy, NoMaster, StreamHandle
-from services.common.wire import SERVER_OPTIONS, listen
+from dworkers.v1 import frontend_pb2_grpc, work_pb2
+from services.common import server, validation
+from services.common.errors import NotServing, Overloaded, TimedOut
 from services.common.lifecycle import StopRequest
-from services.frontend.batcher import Refused, SubmitBatcher
+from services.common.metrics import ServerMetrics, process_registry, serve_metrics
+from services.common.proxy import MasterProxy, StreamHandle, build_proxy
+from services.common.settings import Contact, Logging, group, setting
+from services.frontend.batcher import SubmitBatcher
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +26,18 @@ SERVICE_NAME = "dworkers.v1.Frontend"
 
 @dataclass(frozen=True)
 class FrontendSettings:
-    listen: str = "0.0.0.0:7000"
-    call_timeout: float = 10.0  # the longest a call waits for a master
-    threads: int = 64  # for unary calls
-    max_watchers: int = 32  # result streams at once; each holds a thread
-    queued_calls: int = 256  # calls waiting for a thread before RESOURCE_EXHAUSTED
-    shutdown_grace: float = 5.0
-    subscriber_timeout: float = 30.0  # a result subscriber that reads nothing this long is dropped
+    contact: Contact = group(Contact)
+    logging: Logging = group(Logging)
+    listen: str = setting("0.0.0.0:7000", "gRPC address to listen on")
+    metrics_port: int = setting(9102, "Prometheus /metrics port (0: off)", low=0, high=65535)
+    call_timeout: float = setting(10.0, "seconds a call may wait for a master", above=0, high=3600)
+    threads: int = setting(64, "threads serving unary calls", low=1, high=10_000)
+    max_watchers: int = setting(32, "WatchResults streams served at once (beyond: RESOURCE_EXHAUSTED); "
+                                "each holds a thread", low=1, high=100_000)
+    queued_calls: int = setting(256, "calls waiting for a thread before RESOURCE_EXHAUSTED", low=0, high=100_000)
+    shutdown_grace: float = setting(5.0, "seconds in-flight calls may take to finish on SIGTERM", low=0, high=3600)
+    subscriber_timeout: float = setting(30.0, "a result subscriber that reads nothing this long is dropped", above=0)
+    reflection: bool = setting(True, "serve gRPC server reflection")
 
 
 class Once:
@@ -101,45 +104,31 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         return self.settings.call_timeout if remaining is None else min(remaining, self.settings.call_timeout)
 
     def _forward(self, method: str, request, context):
-        try:
-            return self.proxy.call(method, request, timeout=self._timeout(context))
-        except grpc.RpcError as error:
-            context.abort(error.code(), error.details())
-        except NoMaster as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return self.proxy.call(method, request, timeout=self._timeout(context))
 
-    def _validated(self, request: work_pb2.SubmitWorksRequest, context) -> work_pb2.SubmitWorksRequest:
+    def _validated(self, request: work_pb2.SubmitWorksRequest) -> work_pb2.SubmitWorksRequest:
         # Ids are fixed here, before any retry, so a retried call stays idempotent.
         batch = work_pb2.SubmitWorksRequest()
         batch.CopyFrom(request)
         for work in batch.works:
             if not work.work_id:
                 work.work_id = validation.new_work_id()
-        try:
-            if batch.each_on_its_own:  # the master answers each work; only the call's own limits apply here
-                validation.to_works_each(batch.works)
-            else:
-                validation.to_works(batch.works)
-        except validation.InvalidWork as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if batch.each_on_its_own:  # the master answers each work; only the call's own limits apply here
+            validation.to_works_each(batch.works)
+        else:
+            validation.to_works(batch.works)
         return batch
 
     def SubmitWork(self, request, context):
-        work = self._validated(work_pb2.SubmitWorksRequest(works=[request]), context).works[0]
+        work = self._validated(work_pb2.SubmitWorksRequest(works=[request])).works[0]
         timeout = self._timeout(context)
         try:
             return self.batcher.submit(work, timeout=timeout + 1.0)
-        except Refused as refusal:
-            context.abort(refusal.status, refusal.message)
-        except grpc.RpcError as error:
-            context.abort(error.code(), error.details())
-        except NoMaster as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except TimeoutError:
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"not accepted within {timeout:g} s")
+            raise TimedOut(f"not accepted within {timeout:g} s") from None
 
     def SubmitWorks(self, request, context):
-        return self._forward("SubmitWorks", self._validated(request, context), context)
+        return self._forward("SubmitWorks", self._validated(request), context)
 
     def GetWork(self, request, context):
         return self._forward("GetWork", request, context)
@@ -149,9 +138,8 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
 
     def WatchResults(self, request, context):
         if not self._watchers.acquire(blocking=False):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"this frontend already serves {self.settings.max_watchers} result streams; "
-                          "use another frontend or retry later")
+            raise Overloaded(f"this frontend already serves {self.settings.max_watchers} result streams; "
+                             "use another frontend or retry later")
         release = Once(self._watchers.release)
         handle = StreamHandle()
         # The client may have gone already: then no callback will ever run.
@@ -160,47 +148,44 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             return
         key = id(handle)
         results = self.proxy.watch_results(request.after_sequence, handle=handle)
-        try:
+        try:  # the master's errors (e.g. OUT_OF_RANGE) pass on as they are
             for batch in results:
                 if not context.is_active():
                     return
                 self._stalls.sending(key, context)
                 yield batch
                 self._stalls.sent(key)
-        except NoMaster as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except grpc.RpcError as error:  # e.g. OUT_OF_RANGE: pass the master's answer on
-            context.abort(error.code(), error.details())
         finally:
             self._stalls.sent(key)
             release()
             handle.cancel()
             results.close()
         if context.is_active():  # the master's stream cannot end: say so rather than end with OK
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the result stream ended; resume after the last sequence")
+            raise NotServing("the result stream ended; resume after the last sequence")
 
 
-def serve(proxy: MasterProxy, settings: FrontendSettings, stop: StopRequest,
+def serve(proxy: MasterProxy, settings: FrontendSettings, stop: StopRequest, registry,
           ready: threading.Event | None = None) -> None:
     threads = settings.threads + settings.max_watchers
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads),
-                         interceptors=[SyncMetricsInterceptor()], options=SERVER_OPTIONS,
-                         maximum_concurrent_rpcs=threads + settings.queued_calls)
-    frontend_pb2_grpc.add_FrontendServicer_to_server(FrontendService(proxy, settings), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (frontend_pb2.DESCRIPTOR.services_by_name["Frontend"].full_name,
-         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    listen(server, settings.listen)
-    server.start()
+    grpc_server, health, _port = server.build(
+        [(FrontendService(proxy, settings), frontend_pb2_grpc.add_FrontendServicer_to_server, SERVICE_NAME)],
+        settings.listen, ServerMetrics(registry), reflection_on=settings.reflection, threads=threads,
+        maximum_concurrent_rpcs=threads + settings.queued_calls)
+    grpc_server.start()
     for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        health.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("frontend listening on %s", settings.listen)
     if ready is not None:
         ready.set()
     stop.wait()
     log.info("frontend shutting down")
-    health_servicer.enter_graceful_shutdown()
-    server.stop(settings.shutdown_grace).wait()
+    health.enter_graceful_shutdown()
+    grpc_server.stop(settings.shutdown_grace).wait()
     proxy.close()
+
+
+def main(settings: FrontendSettings, stop: StopRequest) -> None:
+    """Serves the public API until a stop request."""
+    registry = process_registry()
+    serve_metrics(settings.metrics_port, registry)
+    serve(build_proxy(settings.contact, timeout=settings.call_timeout), settings, stop, registry)

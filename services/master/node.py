@@ -10,23 +10,24 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2
 from kazoo.protocol.states import KazooState
 
-from dworkers.v1 import master_pb2, master_pb2_grpc, work_pb2
-from services.common import validation, zk
-from services.common.metrics import AsyncMetricsInterceptor, MasterMetrics, serve_metrics
-from services.common.wire import SERVER_OPTIONS, listen
-from services.master.core import CoreSettings, MasterCore
+from dworkers.v1 import master_pb2_grpc, work_pb2
+from services.common import server, validation, zk
+from services.common.errors import ConfigError
+from services.common.lifecycle import StopRequest
+from services.common.metrics import MasterMetrics, ServerMetrics, process_registry, serve_metrics
+from services.common.settings import Cluster, Logging, group, setting
+from services.common.wire import AddressInUse
+from services.master.domain.master import CoreSettings
 from services.master.election import Election, ElectionView
 from services.master.journal import FencedError, ZooKeeperJournal
 from services.master.leadership import LeadershipCheck
 from services.master.service import MasterService
+from services.master.shell import MasterShell
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +37,17 @@ MAX_LISTED_WORKERS = 1000  # ClusterInfo lists this many slots at most (its repl
 
 @dataclass(frozen=True)
 class MasterSettings:
-    zk: str
-    root: str = zk.DEFAULT_ROOT
-    listen: str = "0.0.0.0:7100"
-    advertise: str = ""
-    metrics_port: int = 9100
-    session_timeout: float = 4.0
-    shutdown_grace: float = 5.0
-    subscriber_timeout: float = 30.0
-    core: CoreSettings = field(default_factory=CoreSettings)  # timeouts, limits, snapshots, retention
+    cluster: Cluster = group(Cluster)
+    logging: Logging = group(Logging)
+    listen: str = setting("0.0.0.0:7100", "gRPC address to listen on")
+    advertise: str = setting("", "address others use to reach this backend (default: hostname:port)")
+    metrics_port: int = setting(9100, "Prometheus /metrics port (0: off)", low=0, high=65535)
+    session_timeout: float = setting(4.0, "ZooKeeper session timeout in seconds (bounds failover after a crash)",
+                                     low=1, high=60)
+    shutdown_grace: float = setting(5.0, "seconds in-flight calls may take to finish on SIGTERM", low=0, high=3600)
+    subscriber_timeout: float = setting(30.0, "a result subscriber that reads nothing this long is dropped", above=0)
+    reflection: bool = setting(True, "serve gRPC server reflection")
+    core: CoreSettings = group(CoreSettings)
 
 
 class KindCatalog:
@@ -87,10 +90,11 @@ class KindCatalog:
 class MasterNode:
     def __init__(self, settings: MasterSettings):
         self.settings = settings
-        self.paths = zk.Paths(settings.root)
-        self.core: MasterCore | None = None
+        self.paths = zk.Paths(settings.cluster.root)
+        self.shell: MasterShell | None = None  # while this backend is the active master
         self.view: ElectionView | None = None
-        self.metrics = MasterMetrics()
+        self.registry = process_registry()
+        self.metrics = MasterMetrics(self.registry)
         self.address = ""
         self._recovering: asyncio.Task | None = None
         self._suspend_deadline: asyncio.TimerHandle | None = None
@@ -108,19 +112,23 @@ class MasterNode:
     def master_address(self) -> str:
         return self.view.master_address if self.view else ""
 
+    def master_epoch(self) -> int:
+        return self.view.master_epoch if self.view else 0
+
     def check_kinds(self, kinds: set[str]) -> None:
         self.kinds.check(kinds)
 
-    async def cluster_info(self, core: MasterCore) -> work_pb2.ClusterInfoResponse:
-        counts = await core.cluster_counts()
+    async def cluster_info(self, shell: MasterShell) -> work_pb2.ClusterInfoResponse:
+        counts = await shell.cluster_counts()
+        scheduler = shell.master.scheduler
         members = self.view.members if self.view else ()
         info = work_pb2.ClusterInfoResponse(
             pending=counts["pending"], in_progress=counts["in_progress"], done=counts["done"],
             failed=counts["failed"], last_sequence=counts["last_sequence"],
-            pending_without_worker=counts["pending_without_worker"], worker_slots=len(core.registry),
+            pending_without_worker=counts["pending_without_worker"], worker_slots=len(scheduler),
             unfinished_bytes=counts["unfinished_bytes"], retained_result_bytes=counts["result_bytes"],
         )
-        idle = core.registry.idle_per_kind()
+        idle = scheduler.idle_per_kind()
         pending, slots = counts["pending_by_kind"], counts["slots_by_kind"]
         for kind in sorted(set(pending) | set(slots)):
             info.kinds.add(kind=kind, slots=slots.get(kind, 0), idle_slots=idle[kind], pending=pending.get(kind, 0))
@@ -131,7 +139,7 @@ class MasterNode:
             else:
                 info.standbys.append(backend)
         now = time.monotonic()
-        for slot in itertools.islice(core.registry.slots.values(), MAX_LISTED_WORKERS):
+        for slot in itertools.islice(scheduler.slots.values(), MAX_LISTED_WORKERS):
             info.workers.add(worker_id=slot.worker_id, status="busy" if slot.busy else "idle",
                              work_id=slot.work_id, host=slot.host,
                              seconds_since_seen=round(now - slot.last_seen, 3))
@@ -152,8 +160,8 @@ class MasterNode:
         if getattr(self, "_stop_early", False):
             return
         s = self.settings
-        serve_metrics(s.metrics_port)
-        connecting = self.loop.run_in_executor(None, zk.connect, s.zk, s.session_timeout)
+        serve_metrics(s.metrics_port, self.registry)
+        connecting = self.loop.run_in_executor(None, zk.connect, s.cluster.zk, s.session_timeout)
         stopping = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait([connecting, stopping], return_when=asyncio.FIRST_COMPLETED)
         if self._stop.is_set():
@@ -165,15 +173,9 @@ class MasterNode:
         self.kinds = await self.loop.run_in_executor(None, KindCatalog, self.client, self.paths)
         self.leadership = LeadershipCheck(self.client)
 
-        self.server = grpc.aio.server(interceptors=[AsyncMetricsInterceptor()], options=SERVER_OPTIONS)
-        master_pb2_grpc.add_MasterServicer_to_server(MasterService(self), self.server)
-        self.health = HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (master_pb2.DESCRIPTOR.services_by_name["Master"].full_name,
-             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server)
-        port = listen(self.server, s.listen)
+        self.server, self.health, port = server.build(
+            [(MasterService(self), master_pb2_grpc.add_MasterServicer_to_server, SERVICE_NAME)],
+            s.listen, ServerMetrics(self.registry), reflection_on=s.reflection, aio=True)
         host = s.listen.rsplit(":", 1)[0]
         if host in ("0.0.0.0", "[::]", ""):
             host = socket.gethostname()
@@ -196,14 +198,14 @@ class MasterNode:
         """Resigns first (a standby takes over at once), then lets calls finish."""
         log.info("shutting down: resigning leadership")
         await self.health.enter_graceful_shutdown()
-        if self.core is not None:
-            core, self.core = self.core, None
+        if self.shell is not None:
+            shell, self.shell = self.shell, None
             try:  # let what is on its way become durable (and be acked)
-                if core.committer is not None:
-                    await asyncio.wait_for(asyncio.shield(core.committer.barrier()), 5)
+                if shell.committer is not None:
+                    await asyncio.wait_for(asyncio.shield(shell.committer.barrier()), 5)
             except Exception as exc:
                 log.warning("journal not flushed at shutdown: %r", exc)
-            core.close("master is shutting down")
+            shell.close("master is shutting down")
         await self.loop.run_in_executor(None, self.election.resign)
         await self.server.stop(self.settings.shutdown_grace)
         if self.client.connected:  # stopping a client cut off from ZooKeeper waits for it: let exit end it
@@ -215,54 +217,50 @@ class MasterNode:
 
     async def _update_metrics(self) -> None:
         while True:
-            core = self.core
-            active = core is not None and core.closed is None and core.committer is not None
-            self.metrics.update(core.counts() if active else None, active, self.view.epoch if self.view else 0)
+            shell = self.shell
+            active = shell is not None and shell.closed is None and shell.committer is not None
+            self.metrics.update(shell.counts() if active else None, active, self.view.epoch if self.view else 0)
             await asyncio.sleep(1.0)
 
     # --- leadership ------------------------------------------------------
 
     def _on_view(self, view: ElectionView) -> None:
         self.view = view
-        core = self.core
-        if core is not None and (not view.leader or view.node != core.node):
+        shell = self.shell
+        if shell is not None and (not view.leader or view.node != shell.node):
             self._step_down("no longer the oldest live backend")
-            core = None
-        if view.leader and core is None and self._recovering is None:
+            shell = None
+        if view.leader and shell is None and self._recovering is None:
             self._recovering = asyncio.create_task(self._become_master(view))
-        elif core is not None and view.leader and view.node == core.node and self._in_contact():
-            core.resume()  # back in contact with our election znode intact
+        elif shell is not None and view.leader and view.node == shell.node and self._in_contact():
+            shell.resume()  # back in contact with our election znode intact
 
     async def _become_master(self, view: ElectionView) -> None:
         log.info("elected master; replaying the journal", extra={"epoch": view.epoch})
+        node = view.node or ""
+        shell = None
         try:
-            journal, cluster_id = await self.loop.run_in_executor(None, self._open_journal, view.node)
-            core = MasterCore(journal, view.epoch, self.settings.core, on_failure=self._journal_failed,
-                              metrics=self.metrics, confirm_leadership=lambda: self.leadership.confirm(view.node),
-                              on_kinds=self.kinds.declare, cluster_id=cluster_id)
-            core.node = view.node
-        except Exception as exc:
-            log.error("cannot open the journal: %r; retrying", exc, extra={"epoch": view.epoch})
-            self._recovering = None
-            await asyncio.sleep(0.5)
-            self.election.refresh()
-            return
-        try:
-            await core.recover()
+            journal, cluster_id = await self.loop.run_in_executor(None, self._open_journal, node)
+            shell = MasterShell(journal, view.epoch, self.settings.core, on_failure=self._journal_failed,
+                                metrics=self.metrics, confirm_leadership=lambda: self.leadership.confirm(node),
+                                on_kinds=self.kinds.declare, cluster_id=cluster_id)
+            shell.node = node
+            await shell.recover()
         except Exception as exc:
             log.error("recovery failed: %r; retrying", exc, extra={"epoch": view.epoch})
-            core.close(f"recovery failed: {exc}")
+            if shell is not None:
+                shell.close(f"recovery failed: {exc}")
             self._recovering = None
             await asyncio.sleep(0.5)
             self.election.refresh()
             return
         self._recovering = None
-        if self.view is None or self.view.node != view.node or not self.view.leader:
-            core.close("lost the election while recovering")
+        if self.view is None or self.view.node != node or not self.view.leader:
+            shell.close("lost the election while recovering")
             return
-        self.core = core
+        self.shell = shell
         if not self._in_contact():
-            core.pause()  # cut off while recovering: wait to know, as on SUSPENDED
+            shell.pause()  # cut off while recovering: wait to know, as on SUSPENDED
             self._on_zk_state(KazooState.SUSPENDED)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info("active master at %s", self.address, extra={"epoch": view.epoch})
@@ -277,10 +275,10 @@ class MasterNode:
             self.election.rejoin()
 
     def _step_down(self, reason: str) -> None:
-        core, self.core = self.core, None
-        if core is not None:
-            log.warning("stepping down: %s", reason, extra={"epoch": core.epoch})
-            core.close(reason)
+        shell, self.shell = self.shell, None
+        if shell is not None:
+            log.warning("stepping down: %s", reason, extra={"epoch": shell.epoch})
+            shell.close(reason)
             asyncio.ensure_future(self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING))
         self.election.refresh()  # if still the oldest, recover afresh
 
@@ -288,8 +286,8 @@ class MasterNode:
         if state == KazooState.SUSPENDED:
             # Maybe still master, maybe not: stop acting until we know, and
             # give up before a standby could have taken over.
-            if self.core is not None:
-                self.core.pause()
+            if self.shell is not None:
+                self.shell.pause()
             if self._suspend_deadline is None:
                 self._suspend_deadline = self.loop.call_later(
                     self.settings.session_timeout * 2 / 3, self._suspended_too_long)
@@ -308,3 +306,17 @@ class MasterNode:
     def _suspended_too_long(self) -> None:
         self._suspend_deadline = None
         self._step_down("cut off from ZooKeeper for 2/3 of the session timeout")
+
+
+def main(settings: MasterSettings, stop: StopRequest) -> None:
+    """Runs a backend until a stop request."""
+    from kazoo.handlers.threading import KazooTimeoutError
+
+    node = MasterNode(settings)
+    stop.on_stop(node.request_stop)
+    try:
+        asyncio.run(node.run())
+    except KazooTimeoutError:
+        raise ConfigError(f"cannot reach ZooKeeper at {settings.cluster.zk}") from None
+    except AddressInUse as exc:
+        raise ConfigError(str(exc)) from None

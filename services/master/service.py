@@ -1,5 +1,6 @@
-"""The Master gRPC service: thin handlers that validate, turn the core's
-outcomes into gRPC statuses, and carry the worker protocol's stream."""
+"""The Master gRPC service: the calls of frontends, and the worker
+protocol's stream (WorkerConnection: what waits to be sent to one worker
+process)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ import grpc
 
 from dworkers.v1 import master_pb2, master_pb2_grpc, work_pb2
 from services.common import validation
+from services.common.errors import (
+    Conflict, CutOff, NotFound, NotServing, NotTheMaster, Overloaded, ProtocolError,
+)
 from services.common.validation import MAX_STREAM_MESSAGE_BYTES
-from services.common.wire import CLUSTER_KEY, EPOCH_KEY, MASTER_KEY, UNREACHABLE_KEY
-from services.master.core import Conflict, Forgotten, MasterCore, NotServing, Overloaded
+from services.common.wire import CLUSTER_KEY, EPOCH_KEY
+from services.master.shell import MasterShell
 
 log = logging.getLogger(__name__)
 
@@ -94,102 +98,68 @@ def _answer(work: work_pb2.Work, outcome) -> work_pb2.SubmitWorkResponse:
 
 
 class MasterService(master_pb2_grpc.MasterServicer):
-    def __init__(self, node) -> None:
-        self.node = node  # the MasterNode: who is master, the core, known kinds
+    """Thin handlers: check, call the shell, shape the answer. Errors are
+    raised (services/common/errors.py); the server's interceptor turns them
+    into statuses."""
 
-    async def _core(self, context) -> MasterCore:
-        core = self.node.core
+    def __init__(self, node) -> None:
+        self.node = node  # the MasterNode: who is master, the shell, known kinds
+
+    def _shell(self, context) -> MasterShell:
         if not self.node.in_contact_with_zookeeper():
-            # No backend can be sure it leads now: say so, so that callers
-            # fail fast instead of retrying until their deadline.
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                "this backend is cut off from ZooKeeper: no master can be sure it leads now",
-                                trailing_metadata=((UNREACHABLE_KEY, "1"),))
-        if core is None or core.closed is not None:
+            raise CutOff("this backend is cut off from ZooKeeper: no master can be sure it leads now")
+        shell = self.node.shell
+        if shell is None or shell.closed is not None:
             address = self.node.master_address()
             if address and not self.node.is_leader():
-                await context.abort(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"this backend is a standby; the active master is at {address}",
-                    trailing_metadata=((MASTER_KEY, address),),
-                )
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "no active master here yet (electing or recovering)")
-        try:
-            core.check_serving()
-        except NotServing as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"master cannot serve now: {exc}")
-        context.set_trailing_metadata(((EPOCH_KEY, str(core.epoch)), (CLUSTER_KEY, core.cluster_id)))
-        return core
+                raise NotTheMaster(address, self.node.master_epoch())
+            raise NotServing("no active master here yet (electing or recovering)")
+        shell.check_serving()
+        context.set_trailing_metadata(((EPOCH_KEY, str(shell.epoch)), (CLUSTER_KEY, shell.cluster_id)))
+        return shell
 
     async def SubmitWorks(self, request, context):
-        core = await self._core(context)
-        try:
-            if request.each_on_its_own:
-                works, answers = validation.to_works_each(request.works, self.node.check_kinds)
-            else:
-                works, answers = validation.to_works(request.works), None
-                self.node.check_kinds({w.kind for w in works})
-        except validation.InvalidWork as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        try:
-            duplicates = await core.submit(works, each_on_its_own=request.each_on_its_own,
-                                           size=request.ByteSize()) if works else []
-        except Conflict as exc:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
-        except Overloaded as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except NotServing as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"not accepted: {exc}")
-        if answers is None:  # all accepted, or the call failed
+        shell = self._shell(context)
+        if request.each_on_its_own:
+            works, answers = validation.to_works_each(request.works, self.node.check_kinds)
+        else:
+            works, answers = validation.to_works(request.works), None
+            self.node.check_kinds({w.kind for w in works})
+        duplicates = await shell.submit(works, request.each_on_its_own, request.ByteSize()) if works else []
+        if answers is None:  # all accepted (or the call failed)
             return work_pb2.SubmitWorksResponse(works=[
                 work_pb2.SubmitWorkResponse(work_id=w.work_id, duplicate=d) for w, d in zip(works, duplicates)])
-        accepted = [_answer(w, d) for w, d in zip(works, duplicates)]
-        it = iter(accepted)
-        return work_pb2.SubmitWorksResponse(works=[a if a is not None else next(it) for a in answers])
+        accepted = iter([_answer(w, d) for w, d in zip(works, duplicates)])
+        return work_pb2.SubmitWorksResponse(works=[a if a is not None else next(accepted) for a in answers])
 
     async def GetWork(self, request, context):
-        core = await self._core(context)
-        try:
-            validation.check_work_id(request.work_id)
-            status = await core.status(request.work_id)
-        except validation.InvalidWork as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except NotServing as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        shell = self._shell(context)
+        validation.check_work_id(request.work_id)
+        status = await shell.status(request.work_id)
         if status is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no work {request.work_id!r} (never accepted, or past the retention window)")
+            raise NotFound(f"no work {request.work_id!r} (never accepted, or past the retention window)")
         return status
 
     async def WatchResults(self, request, context):
-        core = await self._core(context)
-        try:
-            async for batch in core.results(request.after_sequence):
-                # Flow control bounds what a slow subscriber holds; one that
-                # stops reading is dropped rather than kept forever.
-                limit = self.node.settings.subscriber_timeout
-                try:
-                    await asyncio.wait_for(context.write(work_pb2.WatchResultsResponse(
-                        results=batch, epoch=core.epoch, cluster_id=core.cluster_id)), limit)
-                except asyncio.TimeoutError:
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                        f"result subscriber read nothing for {limit:g} s: dropped; "
-                                        f"resume with after_sequence={batch[0].sequence - 1}")
-        except Forgotten as exc:
-            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
-        except NotServing as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"result stream ended: {exc}")
+        shell = self._shell(context)
+        limit = self.node.settings.subscriber_timeout
+        async for batch in shell.results(request.after_sequence):
+            # Flow control bounds what a slow subscriber holds; one that
+            # stops reading is dropped rather than kept for ever.
+            try:
+                await asyncio.wait_for(context.write(work_pb2.WatchResultsResponse(
+                    results=batch, epoch=shell.epoch, cluster_id=shell.cluster_id)), limit)
+            except asyncio.TimeoutError:
+                raise Overloaded(f"result subscriber read nothing for {limit:g} s: dropped; "
+                                 f"resume with after_sequence={batch[0].sequence - 1}") from None
 
     async def ClusterInfo(self, request, context):
-        core = await self._core(context)
-        try:
-            return await self.node.cluster_info(core)
-        except NotServing as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return await self.node.cluster_info(self._shell(context))
 
     async def Connect(self, request_iterator, context):
-        core = await self._core(context)
+        shell = self._shell(context)
         connection = WorkerConnection()
-        reader = asyncio.create_task(self._read_worker(core, connection, request_iterator))
+        reader = asyncio.create_task(self._read_worker(shell, connection, request_iterator))
         try:
             while True:
                 message = await connection.next()
@@ -198,30 +168,30 @@ class MasterService(master_pb2_grpc.MasterServicer):
                 yield message
         finally:
             reader.cancel()
-            core.disconnected(connection)
+            shell.disconnected(connection)
         if connection.protocol_error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, connection.protocol_error)
+            raise ProtocolError(connection.protocol_error)
         if connection.closed:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, connection.closed)
+            raise NotServing(connection.closed)
 
-    async def _read_worker(self, core: MasterCore, connection: WorkerConnection, request_iterator) -> None:
+    async def _read_worker(self, shell: MasterShell, connection: WorkerConnection, request_iterator) -> None:
         try:
             async for message in request_iterator:
-                if core.closed is not None:
+                if shell.closed is not None:
                     break
                 validation.check_worker_message(message, connection.registered)
                 if message.HasField("register"):
                     connection.registered = True
-                    core.register(connection, message.register)
+                    shell.register(connection, message.register)
                 if message.HasField("done") or message.HasField("failed"):
-                    core.report(connection, message.done.completions, message.failed.failures)
+                    shell.report(connection, message.done.completions, message.failed.failures)
                 if message.HasField("request_work"):
-                    core.request_work(connection, message.request_work.worker_ids)
+                    shell.request_work(connection, message.request_work.worker_ids)
         except asyncio.CancelledError:
             raise
-        except validation.InvalidWorkerMessage as exc:
+        except ProtocolError as exc:
             log.warning("worker stream refused: %s", exc)
             connection.protocol_error = str(exc)
-        except Exception as exc:  # a broken stream or a refused append
+        except Exception as exc:  # a broken stream
             log.info("worker stream ended: %r", exc)
         connection.close("worker stream ended")

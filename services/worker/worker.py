@@ -23,9 +23,14 @@ from multiprocessing.connection import wait as wait_for_connections
 import grpc
 
 from dworkers.v1 import master_pb2
-from services.common.metrics import WorkerMetrics
-from services.common.proxy import MasterProxy, NoMaster
-from services.common.validation import MAX_ERROR_CHARS, MAX_RESULT_BYTES, MAX_STREAM_MESSAGE_BYTES
+from services.common.errors import ConfigError, NoMaster
+from services.common.lifecycle import StopRequest
+from services.common.metrics import WorkerMetrics, process_registry, serve_metrics
+from services.common.proxy import MasterProxy, build_proxy
+from services.common.settings import Contact, Logging, group, setting
+from services.common.validation import (
+    MAX_ERROR_CHARS, MAX_RESULT_BYTES, MAX_SLOTS_PER_CONNECTION, MAX_STREAM_MESSAGE_BYTES,
+)
 from services.common.wire import MASTER_KEY, metadata_value
 from services.worker import jobs
 from services.worker.executor import EXECUTORS, Outcome
@@ -38,13 +43,23 @@ OUTBOX_BYTES = 64 * 1024 * 1024
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    concurrency: int = 2
-    jobs: tuple[str, ...] = ()
-    executor: str = "process"
-    register_interval: float = 5.0
-    resend_interval: float = 3.0
-    shutdown_grace: float = 30.0
-    default_timeout: float = 30.0
+    contact: Contact = group(Contact)
+    logging: Logging = group(Logging)
+    concurrency: int = setting(2, "worker slots (each with its own executor)", low=1, high=MAX_SLOTS_PER_CONNECTION)
+    jobs: str = setting("", "comma-separated Python modules that register jobs")
+    executor: str = setting("process", "process: each slot's jobs run in a child process (killable); thread: on a "
+                            "thread of this process (cheap, for many slots or trivial jobs)",
+                            choices=("process", "thread"))
+    metrics_port: int = setting(9101, "Prometheus /metrics port (0: off)", low=0, high=65535)
+    register_interval: float = setting(5.0, "seconds between registrations", above=0, high=3600)
+    resend_interval: float = setting(3.0, "seconds between resends of unacknowledged reports", above=0, high=3600)
+    shutdown_grace: float = setting(30.0, "seconds to finish running work on SIGTERM", low=0, high=24 * 3600)
+    default_timeout: float = setting(30.0, "seconds an attempt may run when its hand-out names no timeout",
+                                     above=0, high=24 * 3600)
+
+    @property
+    def job_modules(self) -> list[str]:
+        return [m.strip() for m in self.jobs.split(",") if m.strip()]
 
 
 class Outbox:
@@ -109,15 +124,15 @@ def slot_prefix(host: str, pid: int) -> str:
 
 
 class Worker:
-    def __init__(self, proxy: MasterProxy, settings: WorkerSettings, metrics: WorkerMetrics | None = None):
+    def __init__(self, proxy: MasterProxy, settings: WorkerSettings, metrics: WorkerMetrics):
         self.proxy = proxy
         self.settings = settings
-        self.metrics = metrics or WorkerMetrics()
+        self.metrics = metrics
         self.host = socket.gethostname()
-        self.kinds = sorted(jobs.load(list(settings.jobs)))  # declared when registering
+        self.kinds = sorted(jobs.load(settings.job_modules))  # declared when registering
         prefix = slot_prefix(self.host, os.getpid())
         executor = EXECUTORS[settings.executor]
-        self.slots = {f"{prefix}-{i}": Slot(f"{prefix}-{i}", executor(list(settings.jobs)))
+        self.slots = {f"{prefix}-{i}": Slot(f"{prefix}-{i}", executor(settings.job_modules))
                       for i in range(settings.concurrency)}
         self._lock = threading.Lock()
         # attempt token -> its done/failed report, resent until acked
@@ -379,3 +394,20 @@ def merge(messages: list[master_pb2.WorkerMessage]) -> master_pb2.WorkerMessage:
     if requested:
         merged.request_work.worker_ids.extend(requested)
     return merged
+
+
+def main(settings: WorkerSettings, stop: StopRequest) -> None:
+    """Runs a worker process until a stop request, then finishes its work."""
+    registry = process_registry()
+    serve_metrics(settings.metrics_port, registry)
+    master_proxy = build_proxy(settings.contact)
+    try:
+        worker = Worker(master_proxy, settings, WorkerMetrics(registry))
+    except ImportError as exc:
+        raise ConfigError(f"cannot load jobs module: {exc}") from None
+    log.info("worker with %d slots for kinds %s", settings.concurrency, ", ".join(worker.kinds))
+    threading.Thread(target=worker.run, name="worker", daemon=True).start()
+    stop.wait()
+    log.info("worker stopping: finishing current work")
+    worker.stop()
+    master_proxy.close()

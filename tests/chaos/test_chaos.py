@@ -25,7 +25,7 @@ import pytest
 from dworkers.v1 import work_pb2
 from services.common import zk
 from services.local_cluster import LocalCluster, wait_serving
-from services.master.core import recover_state
+from services.master.shell import recover_state
 from services.master.journal import ZooKeeperJournal
 from tests.helpers import frontend
 from tests.test_sizes import wait_kind

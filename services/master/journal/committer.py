@@ -9,7 +9,7 @@ from collections import deque
 from collections.abc import Callable
 
 from dworkers.v1 import journal_pb2
-from services.master.journal.contract import Journal, JournalBusy, JournalError
+from services.master.journal.contract import Journal, JournalError
 
 MAX_BATCH_BYTES = 1_000_000  # events per batch, by size (a batch is written in parts when large)
 
@@ -64,9 +64,7 @@ class GroupCommitter:
         """Queues events; the returned future resolves when all are durable."""
         if self.failed is not None:
             raise JournalError(f"journal writer stopped: {self.failed}")
-        sizes = [event.ByteSize() + 8 for event in events]
-        if not self.has_room(len(events), sum(sizes)):
-            raise JournalBusy(f"{self._queued_events} events ({self._queued_bytes} bytes) are waiting for the journal")
+        sizes = [event.ByteSize() + 8 for event in events]  # callers check has_room first: the bound is theirs
         waiter = self.loop.create_future()
         for event, size in zip(events, sizes):
             if self._buffer and self._buffer_bytes + size > MAX_BATCH_BYTES:
@@ -90,7 +88,7 @@ class GroupCommitter:
         self._pump()
 
     def has_room(self, events: int, size: int = 0) -> bool:
-        """Whether `events` more (of `size` bytes) can be appended without JournalBusy."""
+        """Whether `events` more (of `size` bytes) fit the buffer's bounds."""
         return (self.failed is None and self._queued_events + events <= self.max_buffered_events
                 and self._queued_bytes + size <= self.max_buffered_bytes)
 

@@ -15,10 +15,6 @@ class JournalError(Exception):
     """An append did not become durable (the writer may have been deposed)."""
 
 
-class JournalBusy(JournalError):
-    """Too many events are waiting to be written: back off."""
-
-
 class FencedError(JournalError):
     """The writer may no longer write: it is not the master any more."""
 

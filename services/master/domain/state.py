@@ -1,7 +1,11 @@
-"""WorkState: the master's work bookkeeping, changed only by applying events.
+"""WorkState: what the journal says about every work, changed only by
+applying events.
 
 Pure: no I/O, no clocks. The live master and a standby replaying the journal
-apply the same events through `apply` and reach the same state.
+apply the same events through `apply` and reach the same state. An event
+that cannot apply (about a work in another state, or another attempt) is
+ignored, as old journals may hold such events; with `strict=True` (tests) it
+raises ImpossibleEvent instead.
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ class Entry:
     attempts: int = 0  # times handed to a worker
     failures: int = 0  # failed or timed-out attempts
     error: str = ""  # the last failed attempt's error
-    worker_id: str = ""  # the slot running it, when in progress
     token: int = 0  # its latest attempt's token: only reports that carry it count
     ticket: int = STALE  # its place in the queue while pending
 
@@ -155,8 +158,13 @@ class PendingQueue:
         return dict(self._count_by_kind)
 
 
+class ImpossibleEvent(ValueError):
+    """An event that cannot apply to this state (raised only when strict)."""
+
+
 class WorkState:
-    def __init__(self) -> None:
+    def __init__(self, strict: bool = False) -> None:
+        self.strict = strict
         self.pending = PendingQueue()
         self.in_progress: dict[str, Entry] = {}
         self.finished: dict[str, work_pb2.WorkResult] = {}  # by work id
@@ -252,22 +260,26 @@ class WorkState:
             raise ValueError(f"unknown journal event {kind!r}")
         return handler(getattr(event, kind))
 
+    def _impossible(self, what: str) -> None:
+        if self.strict:
+            raise ImpossibleEvent(what)
+
     def _on_work_accepted(self, e: journal_pb2.WorkAccepted) -> None:
         work = e.work
-        if not self.is_known(work.work_id):
-            self.pending.push_new(Entry(work=work))
-            self.unfinished_bytes += work.ByteSize() + ENTRY_OVERHEAD_BYTES  # Entry.size, inlined: a hot path
+        if self.is_known(work.work_id):
+            return self._impossible(f"{work.work_id!r} accepted twice")
+        self.pending.push_new(Entry(work=work))
+        self.unfinished_bytes += work.ByteSize() + ENTRY_OVERHEAD_BYTES  # Entry.size, inlined: a hot path
 
     def _on_work_started(self, e: journal_pb2.WorkStarted) -> None:
-        self.start(e.work_id, e.worker_id, e.attempt_token)
+        self.start(e.work_id, e.attempt_token)
 
-    def start(self, work_id: str, worker_id: str, token: int) -> None:
+    def start(self, work_id: str, token: int) -> None:
         """What WorkStarted does (the master applies it while building the event)."""
         entry = self.pending.pop(work_id)
         if entry is None:
-            return
+            return self._impossible(f"{work_id!r} started but not pending")
         entry.attempts += 1
-        entry.worker_id = worker_id
         entry.token = token
         self.in_progress[work_id] = entry
 
@@ -282,7 +294,7 @@ class WorkState:
         else:
             entry = self.pending.get(work_id)
             if entry is None or not _same_attempt(entry, token):
-                return None
+                return self._impossible(f"{work_id!r} completed, but not by its latest attempt")
             self.pending.pop(work_id)
         self.done_count += 1
         return self._finish(entry, work_pb2.DONE, result=e.result)
@@ -295,15 +307,14 @@ class WorkState:
 
     def _on_work_returned(self, e: journal_pb2.WorkReturned) -> None:
         entry = self.in_progress.get(e.work_id)
-        if entry is not None and _same_attempt(entry, e.attempt_token):
-            del self.in_progress[e.work_id]
-            entry.worker_id = ""
-            self.pending.push(entry)
+        if entry is None or not _same_attempt(entry, e.attempt_token):
+            return self._impossible(f"{e.work_id!r} returned, but not by its running attempt")
+        del self.in_progress[e.work_id]
+        self.pending.push(entry)
 
     def _on_work_in_progress_reset(self, _e: journal_pb2.WorkInProgressReset) -> None:
         # Each keeps its latest attempt's token: that attempt may still report.
         for entry in self.in_progress.values():
-            entry.worker_id = ""
             self.pending.push(entry)
         self.in_progress.clear()
 
@@ -321,11 +332,10 @@ class WorkState:
     def _fail_attempt(self, work_id: str, error: str, token: int) -> work_pb2.WorkResult | None:
         entry = self.in_progress.get(work_id)
         if entry is None or not _same_attempt(entry, token):
-            return None
+            return self._impossible(f"{work_id!r} failed, but not by its running attempt")
         del self.in_progress[work_id]
         entry.failures += 1
         entry.error = error
-        entry.worker_id = ""
         if entry.failures >= entry.work.max_attempts:
             self.failed_count += 1
             return self._finish(entry, work_pb2.FAILED, error=error)
@@ -357,7 +367,7 @@ class WorkState:
             for entry in entries:
                 snapshot.entries.add(
                     work=entry.work, attempts=entry.attempts, failures=entry.failures, error=entry.error,
-                    worker_id=entry.worker_id, in_progress=in_progress, attempt_token=entry.token,
+                    in_progress=in_progress, attempt_token=entry.token,
                 )
         snapshot.results.extend(self.results.values())
         snapshot.fingerprints.extend(self.fingerprints[r.work_id] for r in self.results.values())
@@ -372,7 +382,7 @@ class WorkState:
         state.failed_count = snapshot.failed_count
         pending = []
         for e in snapshot.entries:
-            entry = Entry(e.work, e.attempts, e.failures, e.error, e.worker_id, e.attempt_token)
+            entry = Entry(e.work, e.attempts, e.failures, e.error, e.attempt_token)
             if e.in_progress:
                 state.in_progress[entry.work.work_id] = entry
             else:

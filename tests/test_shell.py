@@ -1,5 +1,5 @@
-"""MasterCore in one process, over a journal whose writes the test settles by
-hand: what it answers, hands out and acks, and when."""
+"""The master's shell in one process, over a journal whose writes the test
+settles by hand: what it answers, hands out and acks, and when."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import asyncio
 import pytest
 
 from dworkers.v1 import master_pb2, work_pb2
-from services.master.core import CoreSettings, MasterCore, NotServing, Overloaded
+from services.common.errors import NotServing, Overloaded
+from services.master.domain.master import CoreSettings
+from services.master.shell import MasterShell
 from services.master.journal import JournalError
 from tests.fakes import HeldJournal
 
@@ -38,9 +40,9 @@ async def settle_loop() -> None:
         await asyncio.sleep(0)
 
 
-async def started_core(**settings) -> tuple[MasterCore, HeldJournal, list]:
+async def started_core(**settings) -> tuple[MasterShell, HeldJournal, list]:
     journal, failures = HeldJournal(), []
-    core = MasterCore(journal, epoch=1, settings=CoreSettings(**settings), on_failure=failures.append)
+    core = MasterShell(journal, epoch=1, settings=CoreSettings(**settings), on_failure=failures.append)
     await core.recover()
     return core, journal, failures
 
@@ -58,16 +60,16 @@ async def durably(journal: HeldJournal, awaitable):
     return await task
 
 
-async def accept(core: MasterCore, journal: HeldJournal, *works: work_pb2.Work) -> None:
+async def accept(core: MasterShell, journal: HeldJournal, *works: work_pb2.Work) -> None:
     await durably(journal, core.submit(list(works)))
 
 
-def register(core: MasterCore, connection: Connection, slot: str, kinds=("square",)) -> None:
+def register(core: MasterShell, connection: Connection, slot: str, kinds=("square",)) -> None:
     core.register(connection, master_pb2.RegisterWorker(worker_ids=[slot], host="h", kinds=kinds))
     core.request_work(connection, [slot])
 
 
-async def running(core: MasterCore, journal: HeldJournal, work_id: str = "a",
+async def running(core: MasterShell, journal: HeldJournal, work_id: str = "a",
                   slot: str = "s0") -> tuple[Connection, master_pb2.Assignment]:
     """Accepts a work and hands it to a slot, durably; returns both."""
     await accept(core, journal, work(work_id))

@@ -1,10 +1,12 @@
-"""The master's registry of worker slots. Not event sourced: workers
-re-register periodically, so a new master learns them again.
+"""The scheduler: worker slots, the kinds they run, their credits, and which
+slot runs which attempt. It is the one owner of "who runs what" on the
+master (WorkState only knows each work's latest attempt token). Not event
+sourced: workers re-register periodically, so a new master learns them again.
 
 A slot belongs to the stream its process opened, runs the kinds its process
-declared, and runs at most one attempt (named by its token). Idle slots that
-asked for work hold a credit and wait, grouped by the kinds they run, so
-that handing out work costs one step per group, not per slot.
+declared, and runs at most one attempt at a time. Idle slots that asked for
+work hold a credit and wait, grouped by the kinds they run, so that handing
+out work costs one step per group, not per slot.
 """
 
 from __future__ import annotations
@@ -17,23 +19,23 @@ from dataclasses import dataclass
 @dataclass(slots=True)
 class Slot:
     worker_id: str
-    connection: object  # the stream the slot's process opened
+    connection: object  # the stream the slot's process opened (the shell's object)
     host: str
     kinds: frozenset[str]
     last_seen: float
     work_id: str = ""  # the work it runs; empty when idle
     token: int = 0  # the token of the attempt it runs
-    deadline: float = 0.0  # when its work times out
+    deadline: float = 0.0  # when that attempt times out
 
     @property
     def busy(self) -> bool:
         return bool(self.work_id)
 
 
-class WorkerRegistry:
+class Scheduler:
     def __init__(self) -> None:
         self.slots: dict[str, Slot] = {}
-        self.busy_count = 0
+        self.running: dict[int, Slot] = {}  # attempt token -> the slot running it
         self.kind_slots: Counter[str] = Counter()  # live slots per kind
         # idle slots per connection, so announcing work costs one step per
         # worker process, not per slot
@@ -46,6 +48,10 @@ class WorkerRegistry:
     def __len__(self) -> int:
         return len(self.slots)
 
+    @property
+    def busy_count(self) -> int:
+        return len(self.running)
+
     def get(self, worker_id: str) -> Slot | None:
         return self.slots.get(worker_id)
 
@@ -54,23 +60,48 @@ class WorkerRegistry:
         slot = self.slots.get(worker_id)
         return slot if slot is not None and slot.connection is connection else None
 
+    # --- slots come and go ---------------------------------------------------
+
     def register(self, connection, worker_ids: Iterable[str], host: str, kinds: frozenset[str],
-                 now: float) -> list[str]:
-        """Registers slots (again); returns the ids that are new here."""
+                 now: float) -> list[Slot]:
+        """Registers slots (again); returns the slots new here and those that
+        were dropped to make room for them (a slot that moved to another
+        stream, or whose kinds changed)."""
         self._kinds_of[connection] = kinds
-        added = []
+        dropped = []
         for worker_id in worker_ids:
             slot = self.slots.get(worker_id)
             if slot is not None and slot.connection is connection and slot.kinds == kinds:
                 slot.last_seen = now
                 continue
             if slot is not None:
-                self.drop(worker_id)  # its process reconnected, or its kinds changed
+                dropped.append(self.drop(worker_id))
             self.slots[worker_id] = Slot(worker_id, connection, host, kinds, now)
             self._idle[connection] += 1
             self.kind_slots.update(kinds)
-            added.append(worker_id)
-        return added
+        return dropped
+
+    def drop(self, worker_id: str) -> Slot:
+        """Forgets a slot (it keeps the attempt it ran, for the caller to settle)."""
+        slot = self.slots.pop(worker_id)
+        self._unwait(slot)
+        self.kind_slots.subtract(slot.kinds)
+        for kind in slot.kinds:
+            if self.kind_slots[kind] <= 0:
+                del self.kind_slots[kind]
+        if slot.busy:
+            self.running.pop(slot.token, None)
+        else:
+            self._less_idle(slot.connection)
+        return slot
+
+    def forget(self, connection) -> list[Slot]:
+        """Drops every slot of a connection that ended; returns them."""
+        dropped = [self.drop(s.worker_id) for s in self.of_connection(connection)]
+        self._kinds_of.pop(connection, None)
+        return dropped
+
+    # --- credits and attempts ------------------------------------------------
 
     def want(self, slot: Slot) -> None:
         """An idle slot asks for work: it keeps this credit until it gets some."""
@@ -82,7 +113,7 @@ class WorkerRegistry:
             self.waiting_count += 1
 
     def next_waiting(self, kinds: frozenset[str]) -> Slot:
-        """Takes the slot of this group that asked first."""
+        """Takes the slot of this group that asked first (it no longer waits)."""
         queue = self.waiting[kinds]
         worker_id, _ = queue.popitem(last=False)
         self.waiting_count -= 1
@@ -99,49 +130,32 @@ class WorkerRegistry:
                 del self.waiting[slot.kinds]
 
     def start(self, slot: Slot, work_id: str, token: int, deadline: float, waiting: bool = True) -> None:
-        """The slot runs an attempt now; `waiting=False` if it no longer holds a credit."""
+        """The slot runs an attempt now; `waiting=False` if it holds no credit."""
         if waiting:
             self._unwait(slot)
-        if not slot.busy:
-            self.busy_count += 1
+        if slot.busy:
+            self.running.pop(slot.token, None)
+        else:
             self._less_idle(slot.connection)
         slot.work_id, slot.token, slot.deadline = work_id, token, deadline
+        self.running[token] = slot
 
     def finish(self, slot: Slot) -> None:
+        """The slot's attempt ended: it is idle again."""
         if slot.busy:
-            self.busy_count -= 1
+            self.running.pop(slot.token, None)
             self._idle[slot.connection] += 1
         slot.work_id, slot.token, slot.deadline = "", 0, 0.0
-
-    def drop(self, worker_id: str) -> Slot | None:
-        slot = self.slots.pop(worker_id, None)
-        if slot is not None:
-            self._unwait(slot)
-            self.kind_slots.subtract(slot.kinds)
-            for kind in slot.kinds:
-                if self.kind_slots[kind] <= 0:
-                    del self.kind_slots[kind]
-            if slot.busy:
-                self.busy_count -= 1
-            else:
-                self._less_idle(slot.connection)
-        return slot
-
-    def forget(self, connection) -> list[Slot]:
-        """Drops every slot of a connection that ended; returns them."""
-        dropped = self.of_connection(connection)
-        for slot in dropped:
-            self.drop(slot.worker_id)
-        self._kinds_of.pop(connection, None)
-        return dropped
 
     def _less_idle(self, connection) -> None:
         self._idle[connection] -= 1
         if self._idle[connection] <= 0:
             del self._idle[connection]
 
+    # --- questions -----------------------------------------------------------
+
     def overdue(self, now: float) -> list[Slot]:
-        return [s for s in self.slots.values() if s.busy and s.deadline <= now]
+        return [s for s in self.running.values() if s.deadline <= now]
 
     def silent(self, now: float, timeout: float) -> list[Slot]:
         return [s for s in self.slots.values() if now - s.last_seen > timeout]

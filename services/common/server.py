@@ -1,0 +1,212 @@
+"""Every gRPC server is built one way: the services, health checking,
+reflection (when enabled), and the interceptors that count calls and turn
+errors into statuses, for the threaded servers (frontend) and the asyncio
+ones (master) alike.
+
+Handlers raise DworkersError (services/common/errors.py) or let a
+grpc.RpcError from a call they made pass through; the interceptor aborts the
+call with the matching status, message, trailing metadata and structured
+details. No handler calls context.abort itself.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Iterable
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.errors import DworkersError
+from services.common.metrics import ServerMetrics
+from services.common.wire import SERVER_OPTIONS, listen
+
+DETAILS_KEY = "grpc-status-details-bin"  # where gRPC carries a google.rpc.Status
+
+
+def status_of(error: BaseException) -> tuple[grpc.StatusCode, str, tuple] | None:
+    """The status a handler's error answers with, or None if it is a bug."""
+    if isinstance(error, DworkersError):
+        trailers = error.trailers()
+        details = error.details()
+        code = grpc.StatusCode[error.status]
+        if details:
+            packed = []
+            for message in details:
+                item = any_pb2.Any()
+                item.Pack(message)
+                packed.append(item)
+            status = status_pb2.Status(code=code.value[0], message=error.message, details=packed)
+            trailers += ((DETAILS_KEY, status.SerializeToString()),)
+        return code, error.message, trailers
+    if isinstance(error, grpc.RpcError) and isinstance(error, grpc.Call):
+        return error.code(), error.details() or "", ()  # a call this server made: its answer, passed on
+    return None
+
+
+def _method(details) -> str:
+    return details.method.rsplit("/", 1)[-1]
+
+
+class SyncInterceptor(grpc.ServerInterceptor):
+    """Errors to statuses, and calls counted by method and code (threaded server)."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method, metrics = _method(handler_call_details), self.metrics
+
+        def abort(context, error):
+            status = status_of(error)
+            if status is None:
+                raise error
+            context.abort(status[0], status[1]) if not status[2] else _abort_with(context, status)
+
+        def unary(behavior):
+            def wrapped(request, context):
+                started = time.perf_counter()
+                try:
+                    response = behavior(request, context)
+                except Exception as error:
+                    metrics.observe(method, _code(context, error), started)
+                    abort(context, error)
+                    raise
+                metrics.observe(method, _code(context, None), started)
+                return response
+            return wrapped
+
+        def streaming(behavior):
+            def wrapped(request, context):
+                started = time.perf_counter()
+                try:
+                    yield from behavior(request, context)
+                except Exception as error:
+                    metrics.observe(method, _code(context, error), started)
+                    abort(context, error)
+                    raise
+                metrics.observe(method, _code(context, None), started)
+            return wrapped
+
+        return _rewrap(handler, unary, streaming)
+
+
+class AsyncInterceptor(grpc.aio.ServerInterceptor):
+    """The same for an asyncio server."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method, metrics = _method(handler_call_details), self.metrics
+
+        async def abort(context, error):
+            status = status_of(error)
+            if status is None:
+                raise error
+            await context.abort(status[0], status[1], trailing_metadata=status[2])
+
+        def unary(behavior):
+            async def wrapped(request, context):
+                started = time.perf_counter()
+                try:
+                    response = await behavior(request, context)
+                except Exception as error:
+                    metrics.observe(method, _code(context, error), started)
+                    await abort(context, error)
+                    raise
+                metrics.observe(method, _code(context, None), started)
+                return response
+            return wrapped
+
+        def streaming(behavior):
+            if not inspect.isasyncgenfunction(behavior):  # writes with context.write
+                return unary(behavior)
+
+            async def wrapped(request, context):
+                started = time.perf_counter()
+                try:
+                    async for item in behavior(request, context):
+                        yield item
+                except Exception as error:
+                    metrics.observe(method, _code(context, error), started)
+                    await abort(context, error)
+                    raise
+                metrics.observe(method, _code(context, None), started)
+            return wrapped
+
+        return _rewrap(handler, unary, streaming)
+
+
+def _abort_with(context, status) -> None:
+    context.abort_with_status(_Status(*status))
+
+
+class _Status(grpc.Status):
+    def __init__(self, code, details, trailing_metadata):
+        self.code, self.details, self.trailing_metadata = code, details, trailing_metadata
+
+
+def _code(context, error) -> grpc.StatusCode:
+    if error is not None:
+        status = status_of(error)
+        return status[0] if status else grpc.StatusCode.UNKNOWN
+    code = context.code() if callable(getattr(context, "code", None)) else None
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
+
+
+def _rewrap(handler, unary, streaming):
+    """The handler with its behaviour wrapped (all four kinds of method)."""
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            streaming(handler.unary_stream), handler.request_deserializer, handler.response_serializer)
+    return grpc.stream_stream_rpc_method_handler(
+        streaming(handler.stream_stream), handler.request_deserializer, handler.response_serializer)
+
+
+def build(servicers: Iterable[tuple[object, callable, str]], address: str, metrics: ServerMetrics,
+          reflection_on: bool = True, aio: bool = False, **options):
+    """A server with `servicers` ((servicer, add_to_server, full service
+    name) each), health checking and, if on, reflection, bound to `address`.
+    Returns (server, health servicer, port)."""
+    interceptor = AsyncInterceptor(metrics) if aio else SyncInterceptor(metrics)
+    if aio:
+        server = grpc.aio.server(interceptors=[interceptor], options=SERVER_OPTIONS, **options)
+        from grpc_health.v1._async import HealthServicer as AsyncHealth
+        health = AsyncHealth()
+    else:
+        from concurrent import futures
+
+        from grpc_health.v1 import health as sync_health
+
+        threads = options.pop("threads")
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), interceptors=[interceptor],
+                             options=SERVER_OPTIONS, **options)
+        health = sync_health.HealthServicer()
+    names = []
+    for servicer, add, name in servicers:
+        add(servicer, server)
+        names.append(name)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    if reflection_on:
+        reflection.enable_server_reflection(
+            (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    port = listen(server, address)
+    return server, health, port
+

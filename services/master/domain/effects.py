@@ -1,0 +1,38 @@
+"""What a decision asks the shell to do once its events are durable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dworkers.v1 import journal_pb2, master_pb2, work_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """A message to a worker process's stream (hand-outs, acks, hints)."""
+
+    connection: object
+    message: master_pb2.MasterMessage
+    size: int  # its size in bytes (an estimate a little above is fine)
+
+
+@dataclass(frozen=True, slots=True)
+class DeclareKinds:
+    """Kinds a worker declared: the catalog should know them."""
+
+    kinds: frozenset[str]
+
+
+Effect = Send | DeclareKinds
+
+
+@dataclass(slots=True)
+class Step:
+    """What the decisions since the last step recorded: the events to journal
+    (already applied to the state), the effects to perform once they are
+    durable, and the results those events finished."""
+
+    events: list[journal_pb2.Event] = field(default_factory=list)
+    effects: list[Effect] = field(default_factory=list)
+    results: list[work_pb2.WorkResult] = field(default_factory=list)
+    last_sequence: int = 0  # the state's last result sequence after these events

@@ -1,0 +1,369 @@
+"""The master's decisions: submit, hand out, take reports, notice lost and
+late attempts, forget old results. Pure: the time comes in as `now`, and
+nothing here does I/O.
+
+Each decision records events, applied to the state at once (so the next
+decision sees them), and effects. The shell takes them as a Step, journals
+the events, and performs the effects and answers only once those events are
+durable; if they never become durable the master stops acting, so nothing
+decided on them is ever seen.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections import deque
+from dataclasses import dataclass
+
+from dworkers.v1 import journal_pb2, master_pb2, work_pb2
+from services.common.errors import Conflict, Overloaded
+from services.common.settings import setting
+from services.common.validation import MAX_ERROR_CHARS, MAX_RESULT_BYTES, MAX_STREAM_MESSAGE_BYTES
+from services.master.domain.effects import DeclareKinds, Send, Step
+from services.master.domain.scheduler import Scheduler, Slot
+from services.master.domain.state import WorkState
+
+CONNECTION_LOST_ERROR = "worker connection lost"
+SILENT_ERROR = "worker went silent"
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class CoreSettings:
+    """What the decisions depend on: timeouts, bounds, retention, snapshots.
+    The byte bounds keep what the journal holds within ZooKeeper's heap
+    (which holds it twice while a snapshot is written): the defaults keep a
+    512 MB ZooKeeper comfortable."""
+
+    work_timeout: float = setting(30.0, "default seconds a work attempt may run before it is re-queued",
+                                  above=0, high=24 * 3600)
+    worker_timeout: float = setting(15.0, "seconds a silent worker slot is kept", above=0)
+    max_pending: int = setting(1_000_000, "pending works beyond which submissions are refused", low=1)
+    max_pending_bytes: int = setting(
+        32 * MiB, "bytes of pending and running works (payloads and metadata) beyond which submissions are "
+        "refused; the journal keeps them in ZooKeeper's memory", low=1 * MiB)
+    retention_bytes: int = setting(32 * MiB, "bytes of retained results beyond which the oldest are forgotten early",
+                                   low=1 * MiB)
+    snapshot_bytes: int = setting(32 * MiB, "journal bytes between snapshots (bounds the journal's size in ZooKeeper)",
+                                  low=1 * MiB)
+    snapshot_every: int = setting(50_000, "journal events between snapshots", low=1)
+    snapshot_interval: float = setting(60.0, "seconds between snapshots (when anything changed)", above=0)
+    snapshot_batches: int = setting(1_000, "journal batches between snapshots (bounds replay time)", low=1)
+    retention_count: int = setting(100_000, "finished results kept at most (their ids stay deduplicated while kept)",
+                                   low=0)
+    retention_seconds: float = setting(3600.0, "finished results older than this are forgotten", low=0)
+
+
+class Tokens:
+    """Attempt tokens: random (from the OS), so that only the slot an attempt
+    was handed to can report on it, and never 0 (which journal events written
+    before tokens existed use for 'any'). Drawn 512 at a time: one system
+    call per hand-out would cost more than the rest of it."""
+
+    def __init__(self) -> None:
+        self._pool: list[int] = []
+
+    def new(self) -> int:
+        if not self._pool:
+            data = os.urandom(8 * 512)
+            self._pool = [(int.from_bytes(data[i:i + 8], "big") >> 1) + 1 for i in range(0, len(data), 8)]
+        return self._pool.pop()
+
+
+def hand_outs(assignments: list[master_pb2.Assignment], epoch: int, cluster_id: str) -> list[tuple]:
+    """Hand-outs for one worker process as (message, size), each message
+    below the stream limit."""
+    limit = MAX_STREAM_MESSAGE_BYTES - 1024
+    message = master_pb2.MasterMessage(epoch=epoch, cluster_id=cluster_id,
+                                       works=master_pb2.Works(assignments=assignments))
+    size = message.ByteSize()
+    if size <= limit or len(assignments) == 1:
+        return [(message, size)]
+    half = len(assignments) // 2  # rare: large payloads to a wide worker
+    return hand_outs(assignments[:half], epoch, cluster_id) + hand_outs(assignments[half:], epoch, cluster_id)
+
+
+class Master:
+    def __init__(self, state: WorkState, settings: CoreSettings, epoch: int = 0, cluster_id: str = "",
+                 new_token=None):
+        self.state = state
+        self.scheduler = Scheduler()
+        self.settings = settings
+        self.epoch = epoch
+        self.cluster_id = cluster_id
+        self.new_token = new_token or Tokens().new
+        self._step = Step()
+        self._finished_at: deque[tuple[int, float]] = deque()  # (sequence, when) for retention by age
+
+    def take(self) -> Step:
+        """What was decided since the last call: for the shell to journal and perform."""
+        step, self._step = self._step, Step()
+        step.last_sequence = self.state.last_sequence
+        return step
+
+    def _record(self, events: list[journal_pb2.Event], now: float) -> None:
+        step = self._step
+        for event in events:
+            result = self.state.apply(event)
+            if result is not None:
+                step.results.append(result)
+                self._finished_at.append((result.sequence, now))
+        step.events += events
+
+    def _send(self, connection, message: master_pb2.MasterMessage, size: int) -> None:
+        self._step.effects.append(Send(connection, message, size))
+
+    def _message(self, **parts) -> master_pb2.MasterMessage:
+        return master_pb2.MasterMessage(epoch=self.epoch, cluster_id=self.cluster_id, **parts)
+
+    # --- recovery ------------------------------------------------------------
+
+    def recovered(self, now: float) -> None:
+        """After replaying the journal: work in progress goes back to the
+        queue (its workers may still report on it), and results' ages restart."""
+        self._finished_at.extend((sequence, now) for sequence in self.state.results)
+        if self.state.in_progress:
+            self._record([journal_pb2.Event(work_in_progress_reset=journal_pb2.WorkInProgressReset())], now)
+
+    # --- submissions ---------------------------------------------------------
+
+    def submit(self, works: list[work_pb2.Work], now: float, each_on_its_own: bool = False,
+               size: int | None = None) -> list[bool | Conflict]:
+        """Accepts works; returns, for each, whether it was a duplicate. A
+        conflicting work fails the whole call, or with `each_on_its_own` only
+        itself (its answer is the Conflict). `size` bounds the works' bytes if
+        the caller knows it cheaply. Nothing is recorded if it raises."""
+        answers: list[bool | Conflict] = []
+        events = []
+        state = self.state
+        for work in works:
+            if state.conflicts(work):
+                conflict = Conflict(f"work_id {work.work_id!r} was already accepted with a different kind or payload")
+                if not each_on_its_own:
+                    raise conflict
+                answers.append(conflict)
+                continue
+            known = state.is_known(work.work_id)
+            answers.append(known)
+            if not known:
+                events.append(journal_pb2.Event(work_accepted=journal_pb2.WorkAccepted(work=work)))
+        if events:
+            self._check_room(events, size if size is not None else sum(w.ByteSize() for w in works))
+            self._record(events, now)
+            self.announce(now)  # starts go into the same journal batch as the accepts
+        return answers
+
+    def _check_room(self, events: list[journal_pb2.Event], at_most: int) -> None:
+        """Refuses works beyond the bounds; `at_most` bounds their bytes (the
+        request's size: one cheap call), counted exactly only when it matters."""
+        s, state = self.settings, self.state
+        if len(state.pending) + len(events) > s.max_pending:
+            raise Overloaded(f"{len(state.pending)} works are pending (limit --max-pending {s.max_pending}); "
+                             "retry later")
+        if state.unfinished_bytes + at_most <= s.max_pending_bytes:
+            return
+        size = sum(e.work_accepted.work.ByteSize() for e in events)
+        if state.unfinished_bytes + size > s.max_pending_bytes:
+            raise Overloaded(
+                f"unfinished works hold {state.unfinished_bytes:,} bytes and these {size:,} more would pass "
+                f"--max-pending-bytes ({s.max_pending_bytes:,}), which keeps the journal's store (ZooKeeper) "
+                "within its memory; retry later, or raise it if ZooKeeper has heap to spare")
+
+    # --- the worker protocol ---------------------------------------------------
+
+    def register(self, connection, message: master_pb2.RegisterWorker, now: float) -> None:
+        kinds = frozenset(message.kinds)
+        known = len(self.scheduler)
+        dropped = self.scheduler.register(connection, message.worker_ids, message.host, kinds, now)
+        self._record([e for slot in dropped for e in self._attempt_lost(slot, CONNECTION_LOST_ERROR)], now)
+        if len(self.scheduler) > known or dropped:
+            self._step.effects.append(DeclareKinds(kinds))
+            self.announce(now)  # new idle slots: tell them work is ready
+
+    def request_work(self, connection, worker_ids, now: float) -> None:
+        """Records the credit of idle slots that ask for work, and serves them;
+        a slot left without work keeps its credit."""
+        scheduler = self.scheduler
+        for worker_id in worker_ids:
+            slot = scheduler.on(connection, worker_id)
+            if slot is None:
+                continue  # not registered (yet): it registers and asks again
+            slot.last_seen = now
+            scheduler.want(slot)
+        self.dispatch(now)
+
+    def dispatch(self, now: float) -> None:
+        """Hands each waiting slot the oldest pending work of a kind it runs."""
+        scheduler, pending, state = self.scheduler, self.state.pending, self.state
+        if not scheduler.waiting or not pending:
+            return
+        by_connection: dict = {}
+        events = []
+        for kinds in list(scheduler.waiting):
+            while kinds in scheduler.waiting:
+                entry = pending.oldest(kinds)
+                if entry is None:
+                    break  # these slots keep their credit
+                slot = scheduler.next_waiting(kinds)
+                work, worker_id, token = entry.work, slot.worker_id, self.new_token()
+                work_id = work.work_id
+                timeout = work.timeout_seconds or self.settings.work_timeout
+                events.append(journal_pb2.Event(work_started=journal_pb2.WorkStarted(
+                    work_id=work_id, worker_id=worker_id, attempt_token=token)))
+                state.start(work_id, token)  # as the event does: the next pick must not see it
+                scheduler.start(slot, work_id, token, now + timeout, waiting=False)
+                by_connection.setdefault(slot.connection, []).append(master_pb2.Assignment(
+                    worker_id=worker_id, work=work, timeout_seconds=timeout, attempt=entry.attempts,
+                    attempt_token=token))
+        if not events:
+            return
+        self._step.events += events
+        for connection, assignments in by_connection.items():
+            for message, size in hand_outs(assignments, self.epoch, self.cluster_id):
+                self._send(connection, message, size)
+
+    def report(self, connection, completions, failures, now: float) -> None:
+        """Records what slots of this stream report on the attempts they were
+        handed. A report counts only if it carries the token of the work's
+        latest attempt; anything else (resent, stale, about an earlier work
+        with the same id) is acked and ignored. Reports of slots not
+        registered on this stream are ignored unacked: the worker registers
+        and resends them."""
+        events, acks, seen = [], [], set()
+        requeued = False
+        state, scheduler = self.state, self.scheduler
+        for report in itertools.chain(completions, failures):
+            slot = scheduler.on(connection, report.worker_id)
+            if slot is None:
+                continue
+            token = report.attempt_token
+            if slot.token == token:
+                scheduler.finish(slot)
+            acks.append(token)
+            work_id = report.work_id
+            entry = state.unfinished(work_id)
+            if not token or token in seen or entry is None or entry.token != token:
+                continue
+            seen.add(token)
+            running = work_id in state.in_progress
+            if isinstance(report, master_pb2.Completion):
+                result = report.result
+                if len(result) <= MAX_RESULT_BYTES:
+                    events.append(journal_pb2.Event(work_completed=journal_pb2.WorkCompleted(
+                        work_id=work_id, result=result, attempt_token=token)))
+                elif running:  # it cannot be journaled: the attempt fails
+                    events.append(journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(
+                        work_id=work_id, attempt_token=token,
+                        error=f"result of {len(result)} bytes exceeds the limit of {MAX_RESULT_BYTES}")))
+            elif running and report.returned:
+                events.append(journal_pb2.Event(work_returned=journal_pb2.WorkReturned(
+                    work_id=work_id, attempt_token=token)))
+                requeued = True
+            elif running:
+                events.append(journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(
+                    work_id=work_id, error=report.error[:MAX_ERROR_CHARS], attempt_token=token)))
+                requeued = True
+        self._record(events, now)
+        if acks:  # tokens are varints of at most 10 bytes
+            self._send(connection, self._message(ack=master_pb2.Ack(attempt_tokens=acks)), 11 * len(acks) + 64)
+        if requeued:
+            self.announce(now)
+
+    def disconnected(self, connection, now: float) -> None:
+        """A worker process's stream ended: its running work goes back to the queue."""
+        events = [e for slot in self.scheduler.forget(connection) for e in self._attempt_lost(slot, CONNECTION_LOST_ERROR)]
+        if events:
+            self._record(events, now)
+            self.announce(now)
+
+    def _attempt_lost(self, slot: Slot, error: str, timed_out: bool = False) -> list[journal_pb2.Event]:
+        """The events that end the attempt a slot no longer runs, if it still counts."""
+        entry = self.state.in_progress.get(slot.work_id) if slot.work_id else None
+        if entry is None or entry.token != slot.token:
+            return []
+        if timed_out:
+            return [journal_pb2.Event(worker_timed_out=journal_pb2.WorkerTimedOut(
+                work_id=slot.work_id, attempt_token=slot.token))]
+        return [journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(
+            work_id=slot.work_id, error=error, attempt_token=slot.token))]
+
+    def announce(self, now: float) -> None:
+        """Serves waiting slots; if work is still pending, tells every process
+        with an idle slot that runs its kind that work is ready (it pulls)."""
+        self.dispatch(now)
+        scheduler = self.scheduler
+        if not self.state.pending or scheduler.waiting_count >= len(scheduler) - scheduler.busy_count:
+            return  # every idle slot already holds a request
+        kinds_pending = self.state.pending.counts()
+        ready = self._message(work_is_ready=master_pb2.WorkIsReady())
+        for connection, kinds in scheduler.idle_connections():
+            if any(kind in kinds_pending for kind in kinds):
+                self._send(connection, ready, 16)
+
+    # --- housekeeping ----------------------------------------------------------
+
+    def tick(self, now: float, durable_sequence: int) -> list[Slot]:
+        """Ends attempts past their deadline, drops silent slots, forgets old
+        results (up to `durable_sequence`, those already published); returns
+        the slots whose attempt timed out (for the shell's log and metrics)."""
+        scheduler, events = self.scheduler, []
+        overdue = scheduler.overdue(now)
+        for slot in overdue:
+            scheduler.drop(slot.worker_id)
+            events += self._attempt_lost(slot, "", timed_out=True)
+        for slot in scheduler.silent(now, self.settings.worker_timeout):
+            scheduler.drop(slot.worker_id)
+            events += self._attempt_lost(slot, SILENT_ERROR)
+        # Work whose attempt no slot runs any more (its loss could not be
+        # recorded at the time) must not wait for ever.
+        handled = {e.worker_timed_out.work_id or e.worker_failed.work_id for e in events}
+        for work_id, entry in self.state.in_progress.items():
+            if entry.token not in scheduler.running and work_id not in handled:
+                events.append(journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(
+                    work_id=work_id, error=CONNECTION_LOST_ERROR, attempt_token=entry.token)))
+        self._record(events, now)
+        self.announce(now)  # e.g. requests that waited while the journal was backed up
+        self.forget_old_results(now, durable_sequence)
+        return overdue
+
+    def forget_old_results(self, now: float, durable_sequence: int) -> None:
+        """Keeps finished results (and so their ids' deduplication) within the
+        retention window: by count, by age, and by bytes."""
+        state, s = self.state, self.settings
+        cutoff = state.last_sequence - s.retention_count
+        horizon = now - s.retention_seconds
+        while self._finished_at and (self._finished_at[0][0] <= cutoff or self._finished_at[0][1] < horizon):
+            cutoff = max(cutoff, self._finished_at.popleft()[0])
+        excess = state.result_bytes - s.retention_bytes
+        if excess > 0:
+            for sequence, result in state.results.items():
+                if excess <= 0:
+                    break
+                excess -= result.ByteSize()
+                cutoff = max(cutoff, sequence)
+        cutoff = min(cutoff, durable_sequence)
+        if cutoff > state.forgotten_up_to:
+            self._record([journal_pb2.Event(results_forgotten=journal_pb2.ResultsForgotten(up_to_sequence=cutoff))],
+                         now)
+
+    # --- questions -------------------------------------------------------------
+
+    def status(self, work_id: str) -> work_pb2.WorkStatus | None:
+        return self.state.status(work_id)
+
+    def counts(self) -> dict:
+        scheduler, pending = self.scheduler, self.state.pending
+        waiting = pending.counts()
+        return {
+            "pending": len(pending), "in_progress": len(self.state.in_progress),
+            "done": self.state.done_count, "failed": self.state.failed_count,
+            "last_sequence": self.state.last_sequence,
+            "workers_busy": scheduler.busy_count,
+            "workers_idle": len(scheduler) - scheduler.busy_count,
+            "pending_by_kind": waiting,
+            "pending_without_worker": sum(n for kind, n in waiting.items() if kind not in scheduler.kind_slots),
+            "slots_by_kind": dict(scheduler.kind_slots),
+            "unfinished_bytes": self.state.unfinished_bytes,
+            "result_bytes": self.state.result_bytes,
+        }

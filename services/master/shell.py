@@ -1,0 +1,330 @@
+"""The active master's shell: one asyncio loop that feeds inputs (calls,
+worker messages, the clock) to the domain's decisions, journals the events
+they record, and performs their effects and answers only once those events
+are durable. Every effect of a decision waits for the journal batch that
+holds its events, or, if it recorded none, for everything journaled before
+it: no caller has to remember to wait.
+
+If a journal write fails, the master can no longer vouch for its state: it
+stops acting (`closed`) and the node steps down and recovers afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from dworkers.v1 import journal_pb2, work_pb2
+from services.common.errors import Forgotten, NotServing, Overloaded
+from services.common.validation import MAX_BATCH_WORKS, MAX_REPORTS_PER_MESSAGE, MAX_STREAM_MESSAGE_BYTES
+from services.master.domain.effects import DeclareKinds, Send, Step
+from services.master.domain.master import CoreSettings, Master
+from services.master.domain.state import WorkState
+from services.master.journal import FencedError, GroupCommitter, Journal, JournalError
+
+log = logging.getLogger(__name__)
+
+RESULTS_PER_MESSAGE = 500
+# The most events one input can record (a full SubmitWorks with its starts, a
+# worker message full of reports, a tick that ends every attempt): the shell
+# takes an input only if the journal's buffer has room for it.
+MAX_EVENTS_PER_INPUT = 2 * MAX_BATCH_WORKS + MAX_REPORTS_PER_MESSAGE
+
+
+def recover_state(journal: Journal) -> tuple[WorkState, int, int]:
+    """Rebuilds WorkState from the latest snapshot and the batches after it.
+    Returns the state, the last position it covers and the events replayed."""
+    state, position, count = WorkState(), -1, 0
+    snapshot = journal.read_snapshot()
+    if snapshot is not None:
+        position, data = snapshot
+        state = WorkState.from_snapshot(journal_pb2.Snapshot.FromString(data))
+    for position, batch in journal.read(after=position):
+        for event in batch.events:
+            state.apply(event)
+            count += 1
+    return state, position, count
+
+
+class MasterShell:
+    def __init__(self, journal: Journal, epoch: int, settings: CoreSettings,
+                 on_failure: Callable[[Exception], None], metrics=None,
+                 confirm_leadership: Callable[[], Awaitable[None]] | None = None,
+                 on_kinds: Callable[[frozenset[str]], None] | None = None, cluster_id: str = ""):
+        self.journal = journal
+        self.epoch = epoch
+        self.cluster_id = cluster_id
+        self.settings = settings
+        self.metrics = metrics
+        self.master = Master(WorkState(), settings, epoch, cluster_id)
+        self.durable_sequence = 0  # results up to here are durable: they may be streamed
+        self.node = ""  # the election znode that fences this master's writes
+        self.closed: str | None = None  # why it stopped acting
+        self._on_failure = on_failure
+        self._confirm_leadership = confirm_leadership
+        self._on_kinds = on_kinds
+        self._results_ready = asyncio.Event()
+        self.committer: GroupCommitter | None = None
+        self._ticker: asyncio.Task | None = None
+        self._events_since_snapshot = 0
+        self._batches_at_snapshot = 0
+        self._bytes_at_snapshot = 0  # journal bytes appended when the last snapshot was cut
+        self._bytes_at_last_complete = 0  # ...and when the last stored one was cut
+        self._last_snapshot = time.monotonic()
+        self._snapshotting = False
+
+    @property
+    def state(self) -> WorkState:
+        return self.master.state
+
+    # --- life --------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Replays the journal, then resets work in progress (durably)."""
+        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        state, position, count = await loop.run_in_executor(None, recover_state, self.journal)
+        self.master = Master(state, self.settings, self.epoch, self.cluster_id)
+        self.durable_sequence = state.last_sequence
+        await loop.run_in_executor(None, self.journal.discard_after, position)
+        self.committer = GroupCommitter(self.journal, self.epoch, self._journal_failed,
+                                        on_batch=self.metrics and self.metrics.journal_batch, after=position)
+        self.master.recovered(time.monotonic())
+        await self._durable(self._commit(self.master.take()))
+        self._ticker = asyncio.create_task(self._tick_forever())
+        log.info("recovered %d events in %.3f s: %d pending, %d results", count,
+                 time.monotonic() - started, len(state.pending), state.last_sequence,
+                 extra={"epoch": self.epoch})
+        if self.metrics:
+            self.metrics.recovered(time.monotonic() - started)
+
+    def close(self, reason: str) -> None:
+        if self.closed is not None:
+            return
+        self.closed = reason
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self.committer is not None and self.committer.failed is None:
+            self.committer.on_failure = lambda _exc: None  # stepping down already
+            self.committer.stop(JournalError(f"master stopped: {reason}"))
+        self._wake_results()
+        for slot in list(self.master.scheduler.slots.values()):
+            slot.connection.close(reason)
+
+    def _journal_failed(self, exc: Exception) -> None:
+        log.error("journal append failed, stepping down: %s", exc, extra={"epoch": self.epoch})
+        self.close(f"journal append failed: {exc}")
+        self._on_failure(exc)
+
+    def pause(self) -> None:
+        if self.committer is not None:
+            self.committer.pause()
+
+    def resume(self) -> None:
+        if self.committer is not None and self.closed is None:
+            self.committer.resume()
+            self._decide(lambda now: self.master.announce(now))  # requests that arrived while paused
+
+    def check_serving(self) -> None:
+        if self.closed is not None:
+            raise NotServing(self.closed)
+        if self.committer is None:
+            raise NotServing("recovering")
+        if self.committer.paused:
+            raise NotServing("lost contact with ZooKeeper; waiting to learn whether it is still master")
+
+    # --- persist, then act -------------------------------------------------
+
+    def _commit(self, step: Step) -> asyncio.Future:
+        """Journals a step's events; performs its effects once they (and all
+        before them) are durable. Returns the future of that."""
+        committer = self.committer
+        durable = committer.append(step.events) if step.events else committer.barrier()
+        self._events_since_snapshot += len(step.events)
+        durable.add_done_callback(lambda f: f.cancelled() or f.exception() or self._perform(step))
+        return durable
+
+    def _perform(self, step: Step) -> None:
+        for effect in step.effects:
+            if isinstance(effect, Send):
+                effect.connection.send(effect.message, effect.size)
+            elif isinstance(effect, DeclareKinds) and self._on_kinds is not None:
+                self._on_kinds(effect.kinds)
+        if step.last_sequence > self.durable_sequence:
+            self.durable_sequence = step.last_sequence
+            self._wake_results()
+        if self.metrics:
+            self.metrics.recorded(step)
+
+    def _decide(self, decision: Callable[[float], object]) -> object:
+        """Runs one decision of the domain and commits what it recorded;
+        returns its answer. Inputs that arrive while the master is closed or
+        the journal is backed up are left alone: worker messages are resent,
+        and housekeeping runs again."""
+        if self.closed is not None or self.committer is None or self.committer.failed is not None:
+            return None
+        if not self.committer.has_room(MAX_EVENTS_PER_INPUT, MAX_STREAM_MESSAGE_BYTES * 8):
+            log.warning("the journal is backed up: an input waits", extra={"epoch": self.epoch})
+            return None
+        answer = decision(time.monotonic())
+        step = self.master.take()
+        if step.events or step.effects or step.last_sequence > self.durable_sequence:
+            self._commit(step)
+        return answer
+
+    async def _durable(self, future: asyncio.Future) -> None:
+        try:
+            await future
+        except JournalError as exc:
+            raise NotServing(str(exc)) from None
+
+    async def _answerable(self) -> None:
+        """Makes a read taken just now safe to answer: everything it saw is
+        durable, and this master still leads (a master resumed after a pause
+        past its session must not answer from stale state)."""
+        await self._durable(self.committer.barrier())
+        if self._confirm_leadership is not None:
+            try:
+                await self._confirm_leadership()
+            except Exception as exc:
+                raise NotServing(f"cannot confirm it is still the master: {exc}") from None
+        self.check_serving()
+
+    def _wake_results(self) -> None:
+        self._results_ready.set()
+        self._results_ready = asyncio.Event()
+
+    # --- frontend operations ----------------------------------------------
+
+    async def submit(self, works: list[work_pb2.Work], each_on_its_own: bool = False,
+                     size: int | None = None) -> list:
+        """Accepts works durably; returns, for each, whether it was a duplicate
+        (or, with `each_on_its_own`, its Conflict)."""
+        self.check_serving()
+        behind = self.committer.bytes_appended - self._bytes_at_last_complete
+        if behind > 2 * self.settings.snapshot_bytes:
+            raise Overloaded(f"{behind:,} journal bytes wait for compaction (over twice --snapshot-bytes); "
+                             "retry later")
+        if not self.committer.has_room(2 * len(works), 2 * (size or 0)):
+            raise Overloaded(f"{self.committer.queued} events are waiting for the journal; retry later")
+        answers = self.master.submit(works, time.monotonic(), each_on_its_own, size)
+        step = self.master.take()
+        accepted = sum(1 for e in step.events if e.HasField("work_accepted"))
+        await self._durable(self._commit(step))
+        if self.metrics:
+            self.metrics.accepted(accepted)
+        return answers
+
+    async def status(self, work_id: str) -> work_pb2.WorkStatus | None:
+        self.check_serving()
+        status = self.master.status(work_id)
+        await self._answerable()
+        return status
+
+    async def cluster_counts(self) -> dict:
+        """Counts for ClusterInfo, answered like any read: from durable state."""
+        self.check_serving()
+        counts = self.master.counts()
+        await self._answerable()
+        return counts
+
+    async def results(self, after: int):
+        """Yields batches of durable results after `after`, forever; each
+        batch fits one stream message."""
+        cursor = after
+        while True:
+            if self.closed is not None:
+                raise NotServing(self.closed)
+            state = self.state
+            if cursor and cursor < state.forgotten_up_to:
+                raise Forgotten(f"results up to sequence {state.forgotten_up_to} left the retention "
+                                f"window; resume after it (asked for after {cursor})")
+            if cursor < self.durable_sequence:
+                first = max(cursor, state.forgotten_up_to)
+                limit = min(self.durable_sequence - first, RESULTS_PER_MESSAGE)
+                batch = state.results_after(cursor, limit, MAX_STREAM_MESSAGE_BYTES - 64 * 1024)
+                cursor = batch[-1].sequence if batch else self.durable_sequence
+                if batch:
+                    yield batch
+                continue
+            await self._results_ready.wait()
+
+    # --- the worker protocol ----------------------------------------------
+
+    def register(self, connection, message) -> None:
+        self._decide(lambda now: self.master.register(connection, message, now))
+
+    def request_work(self, connection, worker_ids) -> None:
+        self._decide(lambda now: self.master.request_work(connection, worker_ids, now))
+
+    def report(self, connection, completions, failures) -> None:
+        self._decide(lambda now: self.master.report(connection, completions, failures, now))
+
+    def disconnected(self, connection) -> None:
+        self._decide(lambda now: self.master.disconnected(connection, now))
+
+    # --- housekeeping ------------------------------------------------------
+
+    async def _tick_forever(self) -> None:
+        interval = max(0.1, min(1.0, self.settings.work_timeout / 2))
+        while self.closed is None:
+            await asyncio.sleep(interval)
+            if self.committer.paused or self.committer.failed is not None:
+                continue
+            overdue = self._decide(lambda now: self.master.tick(now, self.durable_sequence)) or []
+            for slot in overdue:
+                log.warning("work timed out on its worker", extra={"work_id": slot.work_id, "worker_id": slot.worker_id})
+                if self.metrics:
+                    self.metrics.timed_out()
+            self._maybe_snapshot(time.monotonic())
+
+    def _maybe_snapshot(self, now: float) -> None:
+        s, committer = self.settings, self.committer
+        if self._snapshotting or not self._events_since_snapshot:
+            return
+        if (self._events_since_snapshot >= s.snapshot_every
+                or committer.batches_written - self._batches_at_snapshot >= s.snapshot_batches
+                or committer.bytes_appended - self._bytes_at_snapshot >= s.snapshot_bytes
+                or now - self._last_snapshot >= s.snapshot_interval):
+            self._snapshotting = True
+            asyncio.create_task(self.snapshot())
+
+    async def snapshot(self) -> int:
+        """Writes a snapshot of the state and compacts the journal it covers.
+        Returns the position covered."""
+        self._snapshotting = True
+        try:
+            covered = self.committer.cut()
+            snapshot = self.state.to_snapshot()  # the state as of the cut: same loop step
+            cut_bytes = self.committer.bytes_appended
+            self._events_since_snapshot = 0
+            self._batches_at_snapshot = self.committer.batches_written
+            self._bytes_at_snapshot = cut_bytes
+            self._last_snapshot = time.monotonic()
+            position = await covered
+            started = time.monotonic()
+            await asyncio.get_running_loop().run_in_executor(None, self._store_snapshot, position, snapshot)
+            self._bytes_at_last_complete = cut_bytes
+            log.info("snapshot at journal position %d: %d pending, %d results, %.2f s", position,
+                     len(snapshot.entries), len(snapshot.results), time.monotonic() - started,
+                     extra={"epoch": self.epoch})
+            return position
+        except JournalError as exc:
+            if isinstance(exc, FencedError):
+                self._journal_failed(exc)
+            log.warning("snapshot failed: %s", exc, extra={"epoch": self.epoch})
+            raise
+        finally:
+            self._snapshotting = False
+
+    def _store_snapshot(self, position: int, snapshot: journal_pb2.Snapshot) -> None:
+        if self.closed is not None:
+            return
+        self.journal.write_snapshot(position, snapshot.SerializeToString())
+        if self.closed is None:
+            self.journal.compact()
+
+    def counts(self) -> dict:
+        return self.master.counts()
