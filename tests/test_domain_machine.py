@@ -1,0 +1,238 @@
+"""The master's decisions under any interleaving (a Hypothesis state machine,
+in one process, with a fake clock): submissions and resubmissions, workers
+of different kinds that register, ask, report done or failed, hand work back,
+resend old reports and vanish, attempts that time out, and failovers, some
+of them losing the last, undurable step.
+
+Invariants: the state never meets an impossible event; the journal replays
+to exactly the live state; nothing acknowledged is lost; no work finishes
+twice; and once the machine stops, workers drain everything: every
+acknowledged work finishes exactly once.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from dworkers.v1 import master_pb2, work_pb2
+from services.common.errors import Conflict
+from services.master.domain.effects import Send
+from services.master.domain.master import CoreSettings, Master
+from services.master.domain.state import WorkState
+
+KINDS = ("square", "blob")
+SETTINGS = CoreSettings(work_timeout=10.0, worker_timeout=30.0, retention_count=10**6, retention_seconds=10**9)
+
+
+class Connection:
+    """A worker process's stream as the domain sees it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def send(self, message, size=0):  # the test delivers effects itself
+        pass
+
+
+class Worker:
+    """A worker process: its slots, what it was handed, what it reported."""
+
+    def __init__(self, name: str, kinds: tuple[str, ...], slots: int) -> None:
+        self.name, self.kinds = name, kinds
+        self.slot_ids = [f"{name}-{i}" for i in range(slots)]
+        self.connection = Connection(name)
+        self.running: dict[str, master_pb2.Assignment] = {}  # slot -> assignment
+        self.sent: list = []  # every report it ever sent (for resends)
+
+    def register(self) -> master_pb2.RegisterWorker:
+        return master_pb2.RegisterWorker(worker_ids=self.slot_ids, host=self.name, kinds=list(self.kinds))
+
+    def idle(self) -> list[str]:
+        return [s for s in self.slot_ids if s not in self.running]
+
+
+class MasterMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 1000.0
+        self.journal: list = []  # every durable event, in order
+        self.acked: set[str] = set()  # work ids a client was told are accepted
+        self.payloads: dict[str, bytes] = {}
+        self.workers: list[Worker] = []
+        self.count = 0
+        self.failovers = 0
+        self.master = self._new_master(recover=False)
+
+    # --- the shell's part: commit a step, perform its effects -------------------
+
+    def _new_master(self, recover: bool) -> Master:
+        state = WorkState(strict=True)
+        for event in self.journal:
+            state.apply(event)
+        master = Master(state, SETTINGS, epoch=len(self.journal))
+        if recover:
+            master.recovered(self.now)
+            self._commit(master)
+        return master
+
+    def _commit(self, master: Master | None = None, lose: bool = False) -> list:
+        step = (master or self.master).take()
+        if lose:
+            return []
+        self.journal += step.events
+        for effect in step.effects:
+            if isinstance(effect, Send) and effect.message.HasField("works"):
+                worker = next(w for w in self.workers if w.connection is effect.connection)
+                for assignment in effect.message.works.assignments:
+                    assert assignment.work.kind in worker.kinds, "handed a work of a kind it does not run"
+                    assert assignment.worker_id not in worker.running, "handed a busy slot a second work"
+                    worker.running[assignment.worker_id] = assignment
+        return step.events
+
+    def _find(self, name: str) -> Worker | None:
+        return next((w for w in self.workers if w.name == name), None)
+
+    # --- rules --------------------------------------------------------------------
+
+    @rule(ids=st.lists(st.integers(0, 40), min_size=1, max_size=5), kind=st.sampled_from(KINDS),
+          variant=st.sampled_from([b"1", b"2"]))
+    def submit(self, ids, kind, variant) -> None:
+        works = [work_pb2.Work(work_id=f"w{i}", kind=kind, payload=variant, max_attempts=2) for i in dict.fromkeys(ids)]
+        try:
+            self.master.submit(works, self.now)
+        except Conflict:
+            self.master.take()  # nothing was recorded
+            return
+        self._commit()
+        for work in works:
+            self.acked.add(work.work_id)
+
+    @rule(kinds=st.sampled_from([("square",), ("blob",), KINDS]), slots=st.integers(1, 3))
+    def worker_starts(self, kinds, slots) -> None:
+        self.count += 1
+        worker = Worker(f"p{self.count}", kinds, slots)
+        self.workers.append(worker)
+        self.master.register(worker.connection, worker.register(), self.now)
+        self.master.request_work(worker.connection, worker.idle(), self.now)
+        self._commit()
+
+    @precondition(lambda self: self.workers)
+    @rule(data=st.data())
+    def worker_asks(self, data) -> None:
+        worker = data.draw(st.sampled_from(self.workers))
+        self.master.register(worker.connection, worker.register(), self.now)
+        self.master.request_work(worker.connection, worker.idle(), self.now)
+        self._commit()
+
+    @precondition(lambda self: any(w.running for w in self.workers))
+    @rule(data=st.data(), outcome=st.sampled_from(["done", "failed", "returned"]), ask=st.booleans())
+    def worker_reports(self, data, outcome, ask) -> None:
+        worker = data.draw(st.sampled_from([w for w in self.workers if w.running]))
+        slot = data.draw(st.sampled_from(sorted(worker.running)))
+        assignment = worker.running.pop(slot)
+        work_id, token = assignment.work.work_id, assignment.attempt_token
+        if outcome == "done":
+            report = master_pb2.Completion(worker_id=slot, work_id=work_id, attempt_token=token,
+                                           result=assignment.work.payload + b"!")
+            completions, failures = [report], []
+        else:
+            report = master_pb2.Failure(worker_id=slot, work_id=work_id, attempt_token=token, error="boom",
+                                        returned=outcome == "returned")
+            completions, failures = [], [report]
+        worker.sent.append(report)
+        self.master.report(worker.connection, completions, failures, self.now)
+        if ask:
+            self.master.request_work(worker.connection, [slot], self.now)
+        self._commit()
+
+    @precondition(lambda self: any(w.sent for w in self.workers))
+    @rule(data=st.data())
+    def worker_resends_an_old_report(self, data) -> None:
+        worker = data.draw(st.sampled_from([w for w in self.workers if w.sent]))
+        report = data.draw(st.sampled_from(worker.sent))
+        self.master.register(worker.connection, worker.register(), self.now)
+        if isinstance(report, master_pb2.Completion):
+            self.master.report(worker.connection, [report], [], self.now)
+        else:
+            self.master.report(worker.connection, [], [report], self.now)
+        self._commit()
+
+    @precondition(lambda self: self.workers)
+    @rule(data=st.data())
+    def worker_vanishes(self, data) -> None:
+        worker = data.draw(st.sampled_from(self.workers))
+        self.workers.remove(worker)
+        self.master.disconnected(worker.connection, self.now)
+        self._commit()
+
+    @rule(seconds=st.sampled_from([1.0, 11.0, 40.0]))
+    def time_passes(self, seconds) -> None:
+        self.now += seconds
+        self.master.tick(self.now, self.master.state.last_sequence)
+        self._commit()
+
+    @rule(lose_last_step=st.booleans(), data=st.data())
+    def failover(self, lose_last_step, data) -> None:
+        if lose_last_step and self.workers:  # a decision whose batch never became durable
+            worker = data.draw(st.sampled_from(self.workers))
+            self.master.request_work(worker.connection, worker.idle(), self.now)
+            self._commit(lose=True)
+        self.master = self._new_master(recover=True)
+        self.failovers += 1
+        for worker in self.workers:  # they reconnect and keep running what they had
+            worker.connection = Connection(worker.name)
+            self.master.register(worker.connection, worker.register(), self.now)
+        self._commit()
+
+    # --- invariants ---------------------------------------------------------------
+
+    @invariant()
+    def journal_replays_to_the_live_state(self) -> None:
+        replayed = WorkState(strict=True)
+        for event in self.journal:
+            replayed.apply(event)
+        assert replayed.to_snapshot() == self.master.state.to_snapshot()
+
+    @invariant()
+    def nothing_acknowledged_is_lost_and_nothing_finishes_twice(self) -> None:
+        state = self.master.state
+        assert all(state.is_known(work_id) for work_id in self.acked)
+        finished = Counter(r.work_id for r in state.results.values())
+        assert not [w for w, n in finished.items() if n > 1]
+        assert set(finished) <= self.acked
+
+    def teardown(self) -> None:
+        """Workers that run everything drain the queue: every acknowledged
+        work ends exactly once."""
+        drainer = Worker("drainer", KINDS, 4)
+        self.workers.append(drainer)
+        for _ in range(400):
+            state = self.master.state
+            if not state.pending and not state.in_progress:
+                break
+            self.now += 11.0  # lost attempts time out
+            self.master.tick(self.now, state.last_sequence)
+            self.master.register(drainer.connection, drainer.register(), self.now)
+            self.master.request_work(drainer.connection, drainer.idle(), self.now)
+            self._commit()
+            for slot, assignment in list(drainer.running.items()):
+                del drainer.running[slot]
+                self.master.report(drainer.connection, [master_pb2.Completion(
+                    worker_id=slot, work_id=assignment.work.work_id, attempt_token=assignment.attempt_token,
+                    result=b"drained")], [], self.now)
+                self._commit()
+        state = self.master.state
+        assert not state.pending and not state.in_progress
+        finished = Counter(r.work_id for r in state.results.values())
+        assert finished == Counter(self.acked), "every acknowledged work finishes exactly once"
+        event(f"acknowledged works: {len(self.acked) // 5 * 5}+")
+        event(f"failovers: {min(self.failovers, 3)}{'+' if self.failovers >= 3 else ''}")
+
+
+MasterMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=60, deadline=None,
+                                           suppress_health_check=[HealthCheck.too_slow])
+TestMasterDecisions = MasterMachine.TestCase
