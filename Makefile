@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/dworkers/v1/*.proto)
 GEN_STAMP := gen/.generated
 
-.PHONY: setup proto run test bench chaos zookeeper test-tools clean
+.PHONY: setup proto run test test-fast lint bench chaos zookeeper test-tools clean
 
 setup: $(STAMP) zookeeper
 
@@ -35,8 +35,19 @@ zookeeper:
 run: setup
 	$(VENV)/bin/dworkers demo
 
+# Everything: unit, integration (a real ZooKeeper), end-to-end (real
+# processes) and a short chaos run.
 test: setup test-tools
 	$(PY) -m pytest -q tests
+
+# The quick loop while developing: lint, types, and the tests that start no
+# service process (a ZooKeeper at most), in about half a minute.
+test-fast: lint
+	$(PY) -m pytest -q -m "unit or integration" tests
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 bench: setup
 	$(PY) -m tests.bench $(BENCH_ARGS)

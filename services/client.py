@@ -8,8 +8,8 @@ import sys
 import time
 
 import grpc
-
 from dworkers.v1 import frontend_pb2_grpc, work_pb2
+
 from services.common import validation
 from services.common.errors import ConfigError
 from services.common.settings import add, in_range
@@ -29,24 +29,29 @@ def add_parsers(sub) -> None:
         p.set_defaults(func=main)
         return p
 
-    p = client_parser("submit", "submit works", "Submit works of one kind: one per PAYLOAD argument, or one per line of --file (- for stdin).")
+    p = client_parser("submit", "submit works",
+                      "Submit works of one kind: one per PAYLOAD argument, or one per line of --file (- for stdin).")
     p.add_argument("kind", help="the job to run, e.g. square")
     p.add_argument("payloads", nargs="*", help="one work per payload")
     p.add_argument("--file", help="read payloads, one per line, from this file (- for stdin)")
     p.add_argument("--id", help="the work id (a single work only; default: a new UUID)")
-    p.add_argument("--max-attempts", type=in_range(int, low=0, high=100), default=0, help="failed attempts before the work ends FAILED (default 3)")
-    p.add_argument("--work-timeout", type=in_range(float, low=0, high=24 * 3600), default=0.0, help="seconds per attempt (default: the master's)")
+    p.add_argument("--max-attempts", type=in_range(int, low=0, high=100), default=0,
+                   help="failed attempts before the work ends FAILED (default 3)")
+    p.add_argument("--work-timeout", type=in_range(float, low=0, high=24 * 3600), default=0.0,
+                   help="seconds per attempt (default: the master's)")
     p.add_argument("--batch", type=in_range(int, low=1, high=10_000), default=500, help="works per call")
     p.add_argument("--wait", action="store_true", help="wait for every work's result and print it")
 
     p = client_parser("status", "show one work", "Show the state, attempts and result of one work.")
     p.add_argument("work_id")
 
-    p = client_parser("watch", "stream results as they finish", "Stream finished works in order; resume with --after.")
+    p = client_parser("watch", "stream results as they finish",
+                      "Stream finished works in order; resume with --after.")
     p.add_argument("--after", type=in_range(int, low=0), default=0, help="start after this result sequence number")
     p.add_argument("--count", type=in_range(int, low=0), default=0, help="stop after this many results (0: never)")
 
-    client_parser("cluster", "show the cluster", "Show the active master, its epoch, standbys, workers and work counts.")
+    client_parser("cluster", "show the cluster",
+                  "Show the active master, its epoch, standbys, workers and work counts.")
 
 
 class ClientError(ConfigError):
@@ -98,7 +103,9 @@ def _progress(done: int, total: int, started: float) -> None:
 
 def submit(stub, args) -> None:
     payloads = _payloads(args)
-    start_sequence = stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=args.timeout).last_sequence if args.wait else 0
+    start_sequence = 0
+    if args.wait:
+        start_sequence = stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=args.timeout).last_sequence
     requests = [work_pb2.SubmitWorkRequest(kind=args.kind, payload=p, work_id=args.id or "",
                                            max_attempts=args.max_attempts, timeout_seconds=args.work_timeout)
                 for p in payloads]
@@ -108,13 +115,14 @@ def submit(stub, args) -> None:
         for r in chunk.works:  # fixed before any retry, so a retry is idempotent
             if not r.work_id:
                 r.work_id = validation.new_work_id()
-        response = _with_backoff(lambda: stub.SubmitWorks(chunk, timeout=args.timeout))
+        response = _with_backoff(lambda chunk=chunk: stub.SubmitWorks(chunk, timeout=args.timeout))
         ids += [w.work_id for w in response.works]
         duplicates += sum(w.duplicate for w in response.works)
         _progress(len(ids), len(requests), started)
     elapsed = time.monotonic() - started
     if args.json and not args.wait:
-        print(json.dumps({"submitted": len(ids), "duplicates": duplicates, "seconds": round(elapsed, 3), "work_ids": ids}))
+        print(json.dumps({"submitted": len(ids), "duplicates": duplicates, "seconds": round(elapsed, 3),
+                          "work_ids": ids}))
     elif not args.wait:
         if len(ids) == 1:
             print(ids[0])

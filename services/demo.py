@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import grpc
-
 from dworkers.v1 import frontend_pb2_grpc, work_pb2
+
 from services.common.errors import ConfigError
 from services.common.zkserver import ZooKeeperNotInstalled
 from services.local_cluster import LocalCluster
@@ -57,7 +57,7 @@ def consume(stub, stop: threading.Event) -> None:
     after = 0
     while not stop.is_set():
         stream = stub.WatchResults(work_pb2.WatchResultsRequest(after_sequence=after))
-        stop_watch = threading.Thread(target=lambda: (stop.wait(), stream.cancel()), daemon=True)
+        stop_watch = threading.Thread(target=lambda stream=stream: (stop.wait(), stream.cancel()), daemon=True)
         stop_watch.start()
         try:
             for batch in stream:
@@ -73,7 +73,8 @@ def run(args) -> None:
 
     for address in (args.frontend_listen, *(f"127.0.0.1:{p}" for p in MASTER_PORTS)):
         if not _port_free(address):
-            raise ConfigError(f"port {address} is in use: is another demo running? (--frontend-listen to move the frontend)")
+            raise ConfigError(f"port {address} is in use: is another demo running? "
+                              "(--frontend-listen to move the frontend)")
     def interrupt(*_):
         raise KeyboardInterrupt
 

@@ -91,7 +91,7 @@ class LocalCluster:
     def zk(self) -> str:
         return self.zookeeper.hosts
 
-    def start_zookeeper(self) -> "LocalCluster":
+    def start_zookeeper(self) -> LocalCluster:
         self.zookeeper.start()
         return self
 

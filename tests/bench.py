@@ -38,15 +38,15 @@ import uuid
 from pathlib import Path
 
 import grpc
+from dworkers.v1 import work_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kazoo.client import KazooClient
 
-from dworkers.v1 import work_pb2
 from services.common import zk as zkpaths
 from services.common.zkserver import ZooKeeperServer
 from services.local_cluster import LocalCluster, Service
 from tests.bench_support import clients, procstat, profiling
-from tests.bench_support.clients import Subscriber, Submitters, percentile
+from tests.bench_support.clients import Submitters, Subscriber, percentile
 
 SCENARIOS = ("submit", "e2e", "roundtrip", "failover", "replay", "scale")
 ALIASES = {"memory": "replay", "rtt": "roundtrip"}
@@ -60,6 +60,10 @@ PEERS = {"dramatiq_e2e": 480, "celery_e2e": 310, "dramatiq_enqueue": 3160, "cele
 # Rough seconds each scenario needs (to skip rather than overrun the budget).
 ESTIMATE = {"submit": 25, "e2e": 200, "roundtrip": 20, "failover": 30, "replay": 40, "scale": 100}
 ESTIMATE_QUICK = {"submit": 15, "e2e": 30, "roundtrip": 15, "failover": 25, "replay": 20, "scale": 30}
+
+
+def ms(seconds: float) -> float:
+    return 1000 * seconds
 
 
 def _fmt(value, unit: str) -> str:
@@ -538,7 +542,6 @@ class Bench:
                 cpu = meter.stop()
             finally:
                 sub.stop()
-        ms = lambda v: 1000 * v
         p50, p99 = ms(percentile(rtts, 50)), ms(percentile(rtts, 99))
         self.details["roundtrip"] = {
             "works": count, "rtt_ms_p50": round(p50, 2), "rtt_ms_p99": round(p99, 2),
@@ -713,7 +716,7 @@ class Bench:
             registered = time.monotonic() - t0
             tree = procstat.children_map()
             executors = sum(len(procstat.descendants(w.pid, tree)) - 1 for w in workers)
-            quiet = self.wait_quiet([w.pid for w in workers], 10, 120)
+            self.wait_quiet([w.pid for w in workers], 10, 120)
             started = time.monotonic() - t0
             worker_rss = sum(procstat.rss_bytes(p) for w in workers for p in procstat.descendants(w.pid))
             worker_pss = sum(procstat.pss_bytes(p) for w in workers for p in procstat.descendants(w.pid))
@@ -753,7 +756,6 @@ class Bench:
                 latencies = [sub.arrived[w] - t for w, t in load.acked.items() if w in sub.arrived]
             finally:
                 sub.stop()
-        ms = lambda v: 1000 * v
         p50, p99 = ms(percentile(latencies, 50)), ms(percentile(latencies, 99))
         self.details["scale"] = {
             "processes": procs, "slots_per_process": slots, "executor_processes": executors,
@@ -809,12 +811,13 @@ class Bench:
         header = ("figure", "value", "target", "met?", "setting / notes")
         lines = [(r["label"], _fmt(r["value"], r["unit"]), r["target_text"] or "-",
                   {True: "yes", False: "NO", None: "-"}[r["met"]], r["note"]) for r in self.rows]
-        widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(header[:4])]
-        out = []
-        fmt = lambda cols: "  ".join(c.ljust(w) for c, w in zip(cols[:4], widths)) + "  " + cols[4]
-        out.append(fmt(header))
-        out.append(fmt(tuple("-" * w for w in widths) + ("-" * 15,)))
-        out += [fmt(l) for l in lines]
+        widths = [max(len(h), *(len(row[i]) for row in lines)) if lines else len(h) for i, h in enumerate(header[:4])]
+
+        def fmt(cols):
+            return "  ".join(c.ljust(w) for c, w in zip(cols[:4], widths)) + "  " + cols[4]
+
+        out = [fmt(header), fmt(tuple("-" * w for w in widths) + ("-" * 15,))]
+        out += [fmt(row) for row in lines]
         for name, error in self.failed.items():
             out.append(f"FAILED {name}: {error}")
         for note in self.notes:

@@ -34,3 +34,14 @@ def cluster(zookeeper, tmp_path, request):
     report = getattr(request.node, "report_call", None)
     if report is not None and report.failed:
         c.print_logs()
+
+
+LEVELS = ("unit", "integration", "e2e", "chaos")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test says what it needs (its module's pytestmark): `make
+    test-fast` runs the unit and integration ones."""
+    unmarked = [item.nodeid for item in items if not any(item.get_closest_marker(level) for level in LEVELS)]
+    if unmarked:
+        raise pytest.UsageError(f"tests without a level marker ({', '.join(LEVELS)}): {unmarked[:5]}")

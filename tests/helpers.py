@@ -1,14 +1,16 @@
-"""Test clients for a live cluster: submitting through a frontend and
-collecting the result stream."""
+"""Test clients for a live cluster: submitting through a frontend, collecting
+the result stream, waiting for conditions (never for fixed times), and a
+worker that speaks the protocol by hand."""
 
 from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 import uuid
+from collections import Counter
 
 import grpc
-
 from dworkers.v1 import frontend_pb2_grpc, master_pb2, master_pb2_grpc, work_pb2
 
 
@@ -140,3 +142,45 @@ class ProtocolWorker:
     def close(self):
         self.stream.cancel()
         self.channel.close()
+
+
+def wait_kind(stub, kind: str, timeout: float = 30.0) -> None:
+    """Waits until a live worker runs `kind` (and so the master knows it)."""
+    def live():
+        try:
+            info = stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=10)
+        except grpc.RpcError:
+            return False
+        return any(k.kind == kind and k.slots for k in info.kinds)
+    wait_until(live, timeout, f"a worker that runs {kind!r}")
+
+
+def wait_running(stub, count: int = 1, timeout: float = 30.0) -> None:
+    """Waits until `count` works are in progress."""
+    wait_until(lambda: stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=10).in_progress >= count,
+               timeout, f"{count} works in progress")
+
+
+def settle(results: ResultCollector, stub, timeout: float = 30.0) -> None:
+    """Waits until the collector holds every result the master has numbered
+    so far: a duplicate or extra result among them would be seen now."""
+    last = stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=10).last_sequence
+    wait_until(lambda: last == 0 or (results.results and results.results[-1].sequence >= last), timeout,
+               f"results up to sequence {last}")
+
+
+def assert_exactly_once(results: ResultCollector, acked, stub, timeout: float = 60.0) -> None:
+    """Every acked work finished exactly once, and nothing else did."""
+    assert not results.wait_for(acked, timeout=timeout), "acked works never finished"
+    settle(results, stub)
+    counts = Counter(results.ids())
+    assert not [i for i in acked if counts[i] != 1], "acked works not finished exactly once"
+    assert set(counts) == set(acked), "results for works that were never acked"
+
+
+def http_get(url: str, timeout: float = 5.0) -> str:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.read().decode()
+    except OSError:
+        return ""

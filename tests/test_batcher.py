@@ -8,10 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-
 from dworkers.v1 import work_pb2
+
 from services.common.errors import Conflict
 from services.frontend.batcher import SubmitBatcher
+
+pytestmark = pytest.mark.unit
 
 
 class Master:

@@ -21,13 +21,21 @@ from pathlib import Path
 
 import grpc
 import pytest
+from dworkers.v1 import work_pb2
 from kazoo.client import KazooClient
 
-from dworkers.v1 import work_pb2
 from services.common import zk as zk_layout
 from services.common.zkserver import free_port
 from services.local_cluster import LocalCluster
-from tests.helpers import ResultCollector, frontend, submit_until_acked
+from tests.helpers import (
+    ResultCollector,
+    frontend,
+    http_get,
+    submit_until_acked,
+    wait_until,
+)
+
+pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = Path(sys.executable).parent / "dworkers"
@@ -356,7 +364,6 @@ def test_watch_waits_for_new_results(live):
     watcher = subprocess.Popen([*COMMAND, "watch", "--after", str(after), "--count", "1", *live.fe()],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=clean_env())
     try:
-        time.sleep(1.0)
         assert watcher.poll() is None, "watch ended with nothing to show"
         work_id = f"cli-watch-{uuid.uuid4().hex[:8]}"
         ok(dworkers("submit", "square", "12", "--id", work_id, *live.fe()))
@@ -373,13 +380,16 @@ def test_watches_stopped_with_ctrl_c_do_not_wear_out_the_frontend(live):
     """An operator starts `dworkers watch` and stops it with Ctrl-C, a few times.
     The frontend must let go of each stream: with --threads 2 --max-watchers 2
     it has 4 threads, and it must still answer after 6 such watches."""
-    spare = live.cluster.start_frontend(None, "--threads", "2", "--max-watchers", "2")
+    port = free_port()
+    metrics = f"http://127.0.0.1:{port}/metrics"
+    spare = live.cluster.start_frontend(None, "--threads", "2", "--max-watchers", "2", "--metrics-port", str(port))
     try:
         for _ in range(6):
             watcher = subprocess.Popen([*COMMAND, "watch", "--after", "1000000000", "--frontend", spare.address],
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                        text=True, cwd=REPO, env=clean_env())
-            time.sleep(1.0)  # connected, waiting for results that do not come
+            # connected, waiting for results that do not come
+            wait_until(lambda: "dworkers_frontend_result_streams 1.0" in http_get(metrics), 30, "the stream")
             watcher.send_signal(signal.SIGINT)
             try:
                 _, err = watcher.communicate(timeout=10)

@@ -6,20 +6,25 @@ import signal
 import threading
 import time
 import uuid
-from collections import Counter
 
 import grpc
 import pytest
-
 from dworkers.v1 import master_pb2, master_pb2_grpc, work_pb2
+from grpc_status import rpc_status
+
 from services.local_cluster import wait_serving
-from tests.helpers import ProtocolWorker, ResultCollector, frontend, submit_until_acked
+from tests.helpers import (
+    ProtocolWorker,
+    ResultCollector,
+    assert_exactly_once,
+    frontend,
+    settle,
+    submit_until_acked,
+    wait_kind,
+    wait_until,
+)
 
-
-def assert_exactly_once(collector: ResultCollector, acked: list[str]) -> None:
-    counts = Counter(collector.ids())
-    assert not [i for i in acked if counts[i] != 1], "acked works not finished exactly once"
-    assert set(counts) == set(acked), "results for works that were never acked"
+pytestmark = pytest.mark.e2e
 
 
 def test_the_samples_scenario_with_a_flaky_worker(cluster):
@@ -29,15 +34,13 @@ def test_the_samples_scenario_with_a_flaky_worker(cluster):
     cluster.start_worker(1, "--jobs", "tests.jobs_flaky")
     stub = frontend(cluster.start_frontend().address)
     results = ResultCollector(stub)
-    time.sleep(1.0)  # let workers declare the kinds
+    wait_kind(stub, "square")
     ids = [f"work-{n}" for n in range(1, 101)]
     submit_until_acked(stub, "square", b"1", ids[0])
     assert not results.wait_for(ids[:1], timeout=20)
     for n, work_id in enumerate(ids[1:], start=2):
         submit_until_acked(stub, "square", str(n).encode(), work_id)
-    assert not results.wait_for(ids, timeout=60)
-    time.sleep(0.5)
-    assert_exactly_once(results, ids)
+    assert_exactly_once(results, ids, stub)
     by_id = {r.work_id: r for r in results.results}
     assert by_id["work-7"].result == b"7 * 7 = 49"
     assert all(r.state == work_pb2.DONE for r in results.results)
@@ -50,7 +53,7 @@ def test_kill_9_of_the_master_with_200_works_in_flight(cluster):
     cluster.start_worker(4)
     stub = frontend(cluster.start_frontend().address)
     results = ResultCollector(stub)
-    time.sleep(1.0)
+    wait_kind(stub, "sleep")
     acked: list[str] = []
     lock = threading.Lock()
 
@@ -63,8 +66,7 @@ def test_kill_9_of_the_master_with_200_works_in_flight(cluster):
     producers = [threading.Thread(target=produce, args=(i * 100,)) for i in range(2)]
     for p in producers:
         p.start()
-    while len(acked) < 60:
-        time.sleep(0.01)
+    wait_until(lambda: len(acked) >= 60, 60, "60 acked works", interval=0.01)
     old = cluster.active_master()
     old.kill()
     for p in producers:
@@ -72,9 +74,7 @@ def test_kill_9_of_the_master_with_200_works_in_flight(cluster):
     assert len(acked) == 200
     new = cluster.active_master()
     assert new is not old
-    assert not results.wait_for(acked, timeout=60)
-    time.sleep(0.5)
-    assert_exactly_once(results, acked)
+    assert_exactly_once(results, acked, stub)
     results.stop()
 
 
@@ -102,7 +102,7 @@ def test_submit_is_idempotent(cluster):
     cluster.start_master(wait=True)
     cluster.start_worker(1)
     stub = frontend(cluster.start_frontend().address)
-    time.sleep(1.0)
+    wait_kind(stub, "square")
     first = submit_until_acked(stub, "square", b"3", "same-id")
     again = submit_until_acked(stub, "square", b"3", "same-id")
     assert not first.duplicate and again.duplicate
@@ -112,7 +112,7 @@ def test_submit_is_idempotent(cluster):
     results = ResultCollector(stub)
     assert not results.wait_for(["same-id"], timeout=20)
     assert submit_until_acked(stub, "square", b"3", "same-id").duplicate  # done: still a duplicate
-    time.sleep(0.3)
+    settle(results, stub)
     assert results.ids() == ["same-id"]
     results.stop()
 
@@ -121,7 +121,7 @@ def test_work_is_done_twice_is_acked_twice_and_recorded_once(cluster):
     master = cluster.start_master(wait=True)
     cluster.start_worker(1)  # declares the kinds
     stub = frontend(cluster.start_frontend().address)
-    time.sleep(1.0)
+    wait_kind(stub, "square")
     cluster.services[1].stop()  # no competing real worker
     probe = ProtocolWorker(master.address)
     probe.send(register=master_pb2.RegisterWorker(worker_ids=[probe.worker_id], host="probe", kinds=["square"]))
@@ -137,15 +137,15 @@ def test_work_is_done_twice_is_acked_twice_and_recorded_once(cluster):
         assert list(probe.wait("ack").ack.attempt_tokens) == [assignment.attempt_token]
     results = ResultCollector(stub)
     assert not results.wait_for(["done-twice"], timeout=10)
-    time.sleep(0.3)
+    settle(results, stub)
     assert results.ids() == ["done-twice"]
     probe.close()
     results.stop()
 
 
 def test_workers_started_before_any_master(cluster):
-    cluster.start_worker(2)
-    time.sleep(2.0)  # workers wait, retrying, with no master anywhere
+    worker = cluster.start_worker(2)
+    wait_until(lambda: "waiting for a master" in worker.log(), 30, "the worker to wait for a master")
     cluster.start_master(wait=True)
     stub = frontend(cluster.start_frontend().address)
     response = submit_until_acked(stub, "square", b"9", deadline=30)
@@ -159,13 +159,10 @@ def test_timed_out_work_is_requeued_and_completed_by_another_worker(cluster, tmp
     cluster.start_master(wait=True)
     stuck = cluster.start_worker(1, "--jobs", "tests.jobs_for_tests")
     stub = frontend(cluster.start_frontend().address)
-    time.sleep(1.5)
+    wait_kind(stub, "hang_once")
     marker = tmp_path / "hang-marker"
     response = submit_until_acked(stub, "hang_once", str(marker).encode(), timeout_seconds=2.0)
-    deadline = time.monotonic() + 20
-    while not marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert marker.exists()
+    wait_until(marker.exists, 20, "the job to start")
     stuck.signal(signal.SIGSTOP)  # its control loop is frozen: only the master's deadline can save the work
     try:
         cluster.start_worker(1, "--jobs", "tests.jobs_for_tests")
@@ -182,7 +179,7 @@ def test_poison_work_ends_failed_after_max_attempts(cluster):
     cluster.start_master(wait=True)
     cluster.start_worker(2, "--jobs", "tests.jobs_for_tests")
     stub = frontend(cluster.start_frontend().address)
-    time.sleep(1.5)
+    wait_kind(stub, "fail")
     response = submit_until_acked(stub, "fail", b"poison", max_attempts=2)
     results = ResultCollector(stub)
     assert not results.wait_for([response.work_id], timeout=30)
@@ -206,7 +203,7 @@ def test_bad_input_is_refused_and_changes_nothing(cluster, request_fields, fragm
     master = cluster.start_master(wait=True)
     cluster.start_worker(1)
     stub = frontend(cluster.start_frontend().address)
-    time.sleep(1.0)
+    wait_kind(stub, "square")
     request = work_pb2.SubmitWorkRequest(**{"payload": b"2", **request_fields})
     for target in (stub, master_pb2_grpc.MasterStub(grpc.insecure_channel(master.address))):
         with pytest.raises(grpc.RpcError) as error:
@@ -225,9 +222,15 @@ def test_standby_refuses_with_the_masters_address(cluster):
     active = cluster.start_master(wait=True)
     standby = cluster.start_master(wait=True)
     assert cluster.active_master() is active
-    time.sleep(0.5)
     stub = master_pb2_grpc.MasterStub(grpc.insecure_channel(standby.address))
-    with pytest.raises(grpc.RpcError) as error:
-        stub.GetWork(work_pb2.GetWorkRequest(work_id="x"), timeout=5)
-    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert dict(error.value.trailing_metadata())["dworkers-master"] == active.address
+
+    def refusal():
+        try:
+            stub.GetWork(work_pb2.GetWorkRequest(work_id="x"), timeout=5)
+        except grpc.RpcError as error:
+            return error if error.code() == grpc.StatusCode.FAILED_PRECONDITION else None
+    error = wait_until(refusal, 20, "the standby to know the master")
+    assert dict(error.trailing_metadata())["dworkers-master"] == active.address
+    [details] = rpc_status.from_call(error).details  # the same, structured
+    hint = master_pb2.ActiveMaster()
+    assert details.Unpack(hint) and hint.address == active.address

@@ -2,19 +2,24 @@
 ports, image, settings and metric names that the manifests, the compose file,
 the Prometheus and Grafana configs and the Dockerfile must agree on.
 
-Needs neither network, docker nor a cluster: kustomize is not available, so
-render() below applies the small part of it that deploy/k8s uses.
+Needs neither network, docker nor a cluster: the manifests are rendered by
+`kubectl kustomize` (scripts/ensure-test-tools.sh installs kubectl).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
+
+pytestmark = pytest.mark.unit
 
 try:
     import tomllib
@@ -61,34 +66,11 @@ def kustomization(directory: Path) -> dict:
     return yaml.safe_load((directory / "kustomization.yaml").read_text())
 
 
-# The kustomization fields render() understands; others would be ignored silently.
-KUSTOMIZE_FIELDS = {"apiVersion", "kind", "namespace", "labels", "resources",
-                    "configMapGenerator", "images", "patches", "replicas"}
-
-
-def strategic_merge(base, patch):
-    """A strategic merge patch as far as our overlays need: maps merge, lists of
-    items with a `name` (containers, env) merge by name, other lists replace."""
-    if isinstance(base, dict) and isinstance(patch, dict):
-        merged = dict(base)
-        for key, value in patch.items():
-            merged[key] = strategic_merge(base[key], value) if key in base else value
-        return merged
-    if isinstance(base, list) and isinstance(patch, list) and _named(base + patch):
-        merged = list(base)
-        for item in patch:
-            names = [i["name"] for i in merged]
-            if item["name"] in names:
-                at = names.index(item["name"])
-                merged[at] = strategic_merge(merged[at], item)
-            else:
-                merged.append(item)
-        return merged
-    return patch
-
-
-def _named(items: list) -> bool:
-    return all(isinstance(i, dict) and "name" in i for i in items)
+def kubectl() -> str:
+    found = shutil.which("kubectl") or shutil.which("kubectl", path=str(Path(sys.executable).parent))
+    if found is None:
+        pytest.fail("kubectl is needed to render the manifests: run scripts/ensure-test-tools.sh")
+    return found
 
 
 def find(docs: list[dict], kind: str, name: str) -> int:
@@ -98,23 +80,17 @@ def find(docs: list[dict], kind: str, name: str) -> int:
 
 
 def render(directory: Path) -> list[dict]:
-    """The resources a kustomization builds (before namespace, labels, images)."""
-    spec = kustomization(directory)
-    assert set(spec) <= KUSTOMIZE_FIELDS, f"render() does not apply {set(spec) - KUSTOMIZE_FIELDS}"
-    docs = []
-    for entry in spec.get("resources", []):
-        path = directory / entry
-        docs += render(path) if path.is_dir() else load_docs(path)
-    for entry in spec.get("patches", []):
-        (patch,) = load_docs(directory / entry["path"])
-        at = find(docs, patch["kind"], patch["metadata"]["name"])
-        docs[at] = strategic_merge(docs[at], patch)
-    for entry in spec.get("replicas", []):
-        at = [i for i, d in enumerate(docs) if d["metadata"]["name"] == entry["name"]
-              and d["kind"] in ("Deployment", "StatefulSet")]
-        assert len(at) == 1, f"replicas: no single workload {entry['name']}"
-        docs[at[0]]["spec"]["replicas"] = entry["count"]
-    return docs
+    """The resources a kustomization builds, as `kubectl kustomize` renders them."""
+    done = subprocess.run([kubectl(), "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc is not None]
+
+
+def config_map(docs: list[dict], name: str) -> str:
+    """The generated name (with its content hash) of a ConfigMap from a generator."""
+    (found,) = [d["metadata"]["name"] for d in docs
+                if d["kind"] == "ConfigMap" and d["metadata"]["name"].rsplit("-", 1)[0] == name]
+    return found
 
 
 def workloads(docs: list[dict]) -> list[dict]:
@@ -245,7 +221,7 @@ def test_dworkers_workloads_follow_the_contract(rendered):
         assert found.get("grpc") == GRPC_PORTS.get(role), role
         notes = workload["spec"]["template"]["metadata"]["annotations"]
         assert notes["prometheus.io/port"] == str(METRICS_PORTS[role]), role
-        assert {"configMapRef": {"name": "dworkers-config"}} in container["envFrom"], role
+        assert {"configMapRef": {"name": config_map(rendered, "dworkers-config")}} in container["envFrom"], role
         if role in HEALTH_SERVICES:
             ready, live = container["readinessProbe"], container["livenessProbe"]
             assert ready["grpc"] == {"port": GRPC_PORTS[role], "service": HEALTH_SERVICES[role]}

@@ -14,15 +14,18 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+from dworkers.v1 import master_pb2, work_pb2
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from dworkers.v1 import master_pb2, work_pb2
 from services.common.errors import Conflict
 from services.master.domain.effects import Send
 from services.master.domain.master import CoreSettings, Master
 from services.master.domain.state import WorkState
+
+pytestmark = pytest.mark.unit
 
 KINDS = ("square", "blob")
 SETTINGS = CoreSettings(work_timeout=10.0, worker_timeout=30.0, retention_count=10**6, retention_seconds=10**9)
@@ -71,8 +74,8 @@ class MasterMachine(RuleBasedStateMachine):
 
     def _new_master(self, recover: bool) -> Master:
         state = WorkState(strict=True)
-        for event in self.journal:
-            state.apply(event)
+        for recorded in self.journal:
+            state.apply(recorded)
         master = Master(state, SETTINGS, epoch=len(self.journal))
         if recover:
             master.recovered(self.now)
@@ -193,8 +196,8 @@ class MasterMachine(RuleBasedStateMachine):
     @invariant()
     def journal_replays_to_the_live_state(self) -> None:
         replayed = WorkState(strict=True)
-        for event in self.journal:
-            replayed.apply(event)
+        for recorded in self.journal:
+            replayed.apply(recorded)
         assert replayed.to_snapshot() == self.master.state.to_snapshot()
 
     @invariant()

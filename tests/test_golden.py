@@ -23,12 +23,14 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from dworkers.v1 import journal_pb2
+
 from services.common import zk
-from services.master.shell import recover_state
-from services.master.journal import ZooKeeperJournal
 from services.master.domain.state import WorkState
+from services.master.journal import ZooKeeperJournal
+from services.master.shell import recover_state
+
+pytestmark = pytest.mark.integration
 
 GOLDEN = Path(__file__).parent / "golden"
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from dworkers.v1 import journal_pb2, work_pb2
+
 from services.master.journal import GroupCommitter, JournalError
 from tests.fakes import HeldJournal
+
+pytestmark = pytest.mark.unit
 
 
 def event(i: int) -> journal_pb2.Event:

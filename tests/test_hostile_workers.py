@@ -7,10 +7,17 @@ from __future__ import annotations
 
 import grpc
 import pytest
-
 from dworkers.v1 import master_pb2, work_pb2
-from tests.helpers import ProtocolWorker, frontend, submit_until_acked, wait_until
-from tests.test_sizes import wait_kind
+
+from tests.helpers import (
+    ProtocolWorker,
+    frontend,
+    submit_until_acked,
+    wait_kind,
+    wait_until,
+)
+
+pytestmark = pytest.mark.e2e
 
 
 def setup_without_workers(cluster, *master_args: str):

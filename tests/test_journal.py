@@ -7,11 +7,18 @@ import threading
 import uuid
 
 import pytest
-
 from dworkers.v1 import journal_pb2, work_pb2
+
 from services.common import zk
 from services.master.election import Election
-from services.master.journal import FencedError, GroupCommitter, JournalError, ZooKeeperJournal
+from services.master.journal import (
+    FencedError,
+    GroupCommitter,
+    JournalError,
+    ZooKeeperJournal,
+)
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
@@ -98,9 +105,9 @@ def test_oldest_backend_leads_and_its_successor_takes_over(zookeeper, paths):
 
     elections = [Election(c, paths, zk.encode_member(f"b{i}"), recorder(i)) for i, c in enumerate(clients)]
     try:
-        for e in elections:
+        for i, e in enumerate(elections):
             e.start()
-            wait(lambda: views[elections.index(e)])
+            wait(lambda i=i: views[i])
         wait(lambda: views[0][-1].leader and all(v and not v[-1].leader for v in views[1:]))
         assert views[1][-1].master_address == "b0"
         assert views[0][-1].epoch < views[1][-1].epoch < views[2][-1].epoch

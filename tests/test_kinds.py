@@ -7,10 +7,11 @@ import time
 
 import grpc
 import pytest
-
 from dworkers.v1 import work_pb2
-from tests.helpers import ResultCollector, frontend, submit_until_acked
-from tests.test_sizes import wait_kind
+
+from tests.helpers import ResultCollector, frontend, submit_until_acked, wait_kind
+
+pytestmark = pytest.mark.e2e
 
 
 def info(stub) -> work_pb2.ClusterInfoResponse:

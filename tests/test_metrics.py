@@ -22,12 +22,18 @@ import pytest
 from services.common.zkserver import free_port
 from tests.helpers import ResultCollector, frontend, submit_until_acked
 
+pytestmark = pytest.mark.e2e
+
 PROMTOOL = shutil.which("promtool")
 PROMETHEUS = shutil.which("prometheus")
 
-pytestmark = pytest.mark.skipif(
-    not (PROMTOOL and PROMETHEUS),
-    reason="needs promtool and prometheus (Debian's prometheus package): run scripts/ensure-test-tools.sh")
+
+
+@pytest.fixture(autouse=True)
+def prometheus_tools():
+    """Installed by `make test` (scripts/ensure-test-tools.sh): missing is a failure, not a skip."""
+    if not (PROMTOOL and PROMETHEUS):
+        pytest.fail("needs promtool and prometheus (Debian's prometheus package): run scripts/ensure-test-tools.sh")
 
 BATCH = 5  # works per submission round
 
@@ -78,7 +84,7 @@ class Prometheus:
         self.log_path = self.dir / "prometheus.log"
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60.0) -> "Prometheus":
+    def start(self, timeout: float = 60.0) -> Prometheus:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [PROMETHEUS, f"--config.file={self.config}", f"--storage.tsdb.path={self.dir / 'data'}",

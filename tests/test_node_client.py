@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 from services.common.zkserver import free_port
+from tests.helpers import frontend, wait_kind
+
+pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_DIR = ROOT / "examples" / "node"
@@ -19,7 +22,13 @@ CLIENT = NODE_DIR / "client.js"
 NODE = shutil.which("node")
 NPM = shutil.which("npm")
 
-pytestmark = pytest.mark.skipif(NODE is None or NPM is None, reason="node and npm are needed for the Node.js client")
+
+
+@pytest.fixture(autouse=True)
+def node_tools():
+    """Node.js and the example's packages come with `make test` (scripts/ensure-test-tools.sh)."""
+    if NODE is None or NPM is None:
+        pytest.fail("node and npm are needed for the Node.js client: run scripts/ensure-test-tools.sh")
 
 
 def _installed() -> bool:
@@ -55,11 +64,12 @@ def test_node_client_submits_and_prints_every_result(cluster, node_client):
     cluster.start_master(wait=True)
     cluster.start_worker(2)
     front = cluster.start_frontend()
-    time.sleep(1.0)  # let the worker declare its kinds
+    wait_kind(frontend(front.address), "square")
     started = time.monotonic()
     done = run_client("--frontend", front.address, "--kind", "square", "--timeout", "45", "3", "4", "5")
     took = time.monotonic() - started
-    assert done.returncode == 0, f"exit {done.returncode} after {took:.1f} s\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    assert done.returncode == 0, \
+        f"exit {done.returncode} after {took:.1f} s\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 3, done.stdout
     by_result = {}
@@ -76,7 +86,7 @@ def test_node_client_reports_an_unknown_kind_in_one_line(cluster, node_client):
     cluster.start_master(wait=True)
     cluster.start_worker(1)
     front = cluster.start_frontend()
-    time.sleep(1.0)
+    wait_kind(frontend(front.address), "square")
     done = run_client("--frontend", front.address, "--kind", "no_such_kind", "1")
     line = assert_one_clear_line(done)
     assert "INVALID_ARGUMENT" in line or "unknown kind" in line, line

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
-import time
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.e2e
 
 
 def listed_services(address: str) -> set[str]:
@@ -39,7 +43,7 @@ def test_reflection_and_health_on_every_grpc_service(cluster):
 
 def test_json_logs_carry_stable_keys(cluster):
     master = cluster.start_master(None, "--log-format", "json", wait=True)
-    time.sleep(0.5)
+    wait_until(lambda: "active master" in master.log(), 30, "the master to lead")
     master.stop()
     entries = [json.loads(line) for line in master.log().splitlines() if line.startswith("{")]
     assert entries and all({"ts", "level", "logger", "msg"} <= set(e) for e in entries)

@@ -7,15 +7,22 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 import uuid
 
 import pytest
 
 from services.common.zkserver import ZooKeeperServer, free_port
 from services.local_cluster import LocalCluster, wait_serving
-from tests.helpers import ResultCollector, frontend
-from tests.test_faults import Producer, assert_exactly_once, journal_epochs
+from tests.helpers import (
+    ResultCollector,
+    assert_exactly_once,
+    frontend,
+    wait_kind,
+    wait_until,
+)
+from tests.test_faults import Producer, journal_epochs
+
+pytestmark = pytest.mark.e2e
 
 NAMESPACE = f"dw-cut-{os.getpid() % 10000}"
 HOST_END, NS_END = f"dwh{os.getpid() % 10000}", f"dwn{os.getpid() % 10000}"
@@ -59,20 +66,23 @@ def test_a_partitioned_master_stops_acting_and_rejoins(namespace, tmp_path):
         cluster.start_worker(2)
         stub = frontend(cluster.start_frontend().address)
         results = ResultCollector(stub)
-        time.sleep(1.5)
+        wait_kind(stub, "square")
         assert cluster.active_master() is cut_off
         producer = Producer(stub, prefix="cut")
-        time.sleep(1.5)
+        wait_until(lambda: len(producer.acked) >= 10, 30, "the first acked works")
         ip("link", "set", NS_END, "down", namespace=namespace)  # no RST, no FIN: packets just vanish
         try:
             assert wait_serving(standby.address, "dworkers.v1.Master", timeout=20)
-            time.sleep(2.0)
+            before = len(producer.acked)
+            wait_until(lambda: len(producer.acked) >= before + 10, 30, "works acked by the new master")
         finally:
             ip("link", "set", NS_END, "up", namespace=namespace)
-        time.sleep(4.0)  # the healed master learns it lost its session and rejoins
+        # The healed master learns it lost its session and rejoins as a standby.
+        wait_until(lambda: wait_serving(cut_off.address, "", timeout=1) and
+                   not wait_serving(cut_off.address, "dworkers.v1.Master", timeout=0.2), 30, "the old master to rejoin")
         acked = producer.stop()
         assert len(acked) > 20
-        assert_exactly_once(results, acked)
+        assert_exactly_once(results, acked, stub)
         assert cut_off.alive()
         assert not wait_serving(cut_off.address, "dworkers.v1.Master", timeout=1)
         assert wait_serving(cut_off.address, "", timeout=5)  # alive, as a standby

@@ -15,19 +15,20 @@ from __future__ import annotations
 import math
 import os
 import string
-import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
 import grpc
 import pytest
+from dworkers.v1 import work_pb2
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from dworkers.v1 import work_pb2
 from services.local_cluster import LocalCluster
-from tests.helpers import ResultCollector, frontend
+from tests.helpers import ResultCollector, frontend, settle, wait_kind
+
+pytestmark = pytest.mark.e2e
 
 MAX_PAYLOAD = 256 * 1024
 EXAMPLES = int(os.environ.get("DWORKERS_TEST_EXAMPLES", "60"))  # more for a longer hunt
@@ -226,10 +227,7 @@ def live(zookeeper, tmp_path_factory, request):
         cluster.start_worker(2)
         fe = cluster.start_frontend()
         stub = frontend(fe.address)
-        deadline = time.monotonic() + 30
-        while len(stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=10).workers) < 2:
-            assert time.monotonic() < deadline, "the worker did not register"
-            time.sleep(0.1)
+        wait_kind(stub, "square")
         yield cluster, stub
     finally:
         cluster.stop()
@@ -300,7 +298,7 @@ def test_generated_submissions_are_answered_and_finished_exactly_once(live):
         # Every accepted work finishes exactly once; nothing else appears.
         missing = collector.wait_for(ledger.accepted, timeout=120)
         assert not missing, f"{len(missing)} accepted works never finished, e.g. {sorted(missing)[:5]}"
-        time.sleep(1.0)  # anything extra would show up now
+        settle(collector, stub)  # anything extra is among them now
         results = list(collector.results)
         counts = Counter(r.work_id for r in results)
         assert not [w for w, n in counts.items() if n > 1], \

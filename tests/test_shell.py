@@ -6,13 +6,15 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from dworkers.v1 import master_pb2, work_pb2
+
 from services.common.errors import NotServing, Overloaded
 from services.master.domain.master import CoreSettings
-from services.master.shell import MasterShell
 from services.master.journal import JournalError
+from services.master.shell import MasterShell
 from tests.fakes import HeldJournal
+
+pytestmark = pytest.mark.unit
 
 
 class Connection:

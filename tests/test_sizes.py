@@ -12,11 +12,13 @@ from collections import Counter
 
 import grpc
 import pytest
-
 from dworkers.v1 import work_pb2
+
 from services.common.zkserver import four_letter_word
 from services.local_cluster import LocalCluster
-from tests.helpers import ResultCollector, frontend, submit_until_acked, wait_until
+from tests.helpers import ResultCollector, frontend, submit_until_acked, wait_kind
+
+pytestmark = pytest.mark.e2e
 
 KiB = 1024
 
@@ -25,14 +27,6 @@ def stock_client(address: str):
     """A client with gRPC's default limits (4 MiB per received message), as
     any language's stock client has."""
     return frontend(address)
-
-
-def wait_kind(stub, kind: str, timeout: float = 30.0) -> None:
-    """Waits until a live worker runs `kind` (and so the master knows it)."""
-    def live():
-        info = stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=10)
-        return any(k.kind == kind and k.slots for k in info.kinds)
-    wait_until(live, timeout, f"a worker that runs {kind!r}")
 
 
 def zookeeper_data_bytes(cluster: LocalCluster) -> int:

@@ -7,16 +7,18 @@ import uuid
 from collections import Counter
 
 import pytest
-
 from dworkers.v1 import journal_pb2, work_pb2
+
 from services.common import zk
-from services.master.shell import recover_state
-from services.master.journal import ZooKeeperJournal
-from services.master.domain.state import WorkState
 from services.local_cluster import LocalCluster
+from services.master.domain.state import WorkState
+from services.master.journal import ZooKeeperJournal
+from services.master.shell import recover_state
 from tests.helpers import ResultCollector, frontend, submit_until_acked, wait_until
 from tests.test_state import random_history
 from tests.zookeeper_surgery import set_cversion
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture

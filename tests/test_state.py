@@ -5,8 +5,12 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import pytest
 from dworkers.v1 import journal_pb2, work_pb2
+
 from services.master.domain.state import TIMED_OUT_ERROR, WorkState
+
+pytestmark = pytest.mark.unit
 
 
 def work(work_id: str, max_attempts: int = 3) -> work_pb2.Work:

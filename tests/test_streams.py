@@ -12,10 +12,18 @@ import time
 from pathlib import Path
 
 import grpc
-
+import pytest
 from dworkers.v1 import work_pb2
-from tests.helpers import ResultCollector, frontend, submit_until_acked, wait_until
-from tests.test_sizes import wait_kind
+
+from tests.helpers import (
+    ResultCollector,
+    frontend,
+    submit_until_acked,
+    wait_kind,
+    wait_until,
+)
+
+pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,11 +13,18 @@ import uuid
 
 import grpc
 import pytest
-
 from dworkers.v1 import master_pb2_grpc, work_pb2
+
 from services.local_cluster import LocalCluster, wait_serving
-from tests.helpers import ResultCollector, frontend, submit_until_acked, wait_until
-from tests.test_sizes import wait_kind
+from tests.helpers import (
+    ResultCollector,
+    frontend,
+    submit_until_acked,
+    wait_kind,
+    wait_until,
+)
+
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture

@@ -7,12 +7,17 @@ from __future__ import annotations
 import time
 
 import grpc
+from dworkers.v1 import work_pb2
 from prometheus_client import (
-    CollectorRegistry, Counter, Gauge, GCCollector, Histogram, PlatformCollector, ProcessCollector,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
     start_http_server,
 )
-
-from dworkers.v1 import work_pb2
 
 
 def process_registry() -> CollectorRegistry:
@@ -116,6 +121,15 @@ class MasterMetrics:
                 gauge.labels(kind).set(value)
         self.active.set(1 if active else 0)
         self.epoch.set(epoch)
+
+
+class FrontendMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.result_streams = Gauge("dworkers_frontend_result_streams",
+                                    "WatchResults streams this frontend serves now (bounded by --max-watchers)",
+                                    registry=registry)
+        self.dropped_subscribers = Counter("dworkers_frontend_dropped_subscribers",
+                                           "result subscribers dropped for reading nothing", registry=registry)
 
 
 class WorkerMetrics:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 
 import grpc
+from dworkers.v1 import master_pb2_grpc, work_pb2
 from kazoo.exceptions import KazooException, NoNodeError
 from kazoo.handlers.threading import KazooTimeoutError
 
-from dworkers.v1 import master_pb2_grpc, work_pb2
 from services.common import zk
 from services.common.errors import ConfigError, NoMaster
 from services.common.wire import CHANNEL_OPTIONS, CLUSTER_KEY, EPOCH_KEY, MASTER_KEY, UNREACHABLE_KEY, metadata_value
@@ -273,7 +273,7 @@ class MasterProxy:
             return response
 
     def watch_results(self, after: int, reconnect_timeout: float = 30.0,
-                      handle: StreamHandle | None = None) -> Iterator[work_pb2.WatchResultsResponse]:
+                      handle: StreamHandle | None = None) -> Generator[work_pb2.WatchResultsResponse, None, None]:
         """Streams result batches after `after`, resuming across failovers.
         Gives up when no master serves for `reconnect_timeout` seconds."""
         cursor = after

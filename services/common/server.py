@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import grpc
 from google.protobuf import any_pb2
@@ -180,7 +180,7 @@ def _rewrap(handler, unary, streaming):
         streaming(handler.stream_stream), handler.request_deserializer, handler.response_serializer)
 
 
-def build(servicers: Iterable[tuple[object, callable, str]], address: str, metrics: ServerMetrics,
+def build(servicers: Iterable[tuple[object, Callable, str]], address: str, metrics: ServerMetrics,
           reflection_on: bool = True, aio: bool = False, **options):
     """A server with `servicers` ((servicer, add_to_server, full service
     name) each), health checking and, if on, reflection, bound to `address`.

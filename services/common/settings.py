@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ def add_flags(parser: argparse.ArgumentParser, cls) -> None:
         if "help" not in meta:
             raise TypeError(f"{cls.__name__}.{field.name} is not a setting(...)")
         kind = type(field.default)
+        parse: Callable[[str], Any]
         if kind is bool:
             parse = boolean
         elif kind in (int, float):

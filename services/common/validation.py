@@ -9,6 +9,7 @@ import re
 import uuid
 
 from dworkers.v1 import work_pb2
+
 from services.common.errors import InvalidInput, ProtocolError
 
 MAX_PAYLOAD_BYTES = 256 * 1024  # per work; documented in the README

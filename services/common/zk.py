@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-
 import logging
 import threading
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import NodeExistsError

@@ -81,7 +81,7 @@ class ZooKeeperServer:
         )
         return cfg
 
-    def start(self, timeout: float = 60.0) -> "ZooKeeperServer":
+    def start(self, timeout: float = 60.0) -> ZooKeeperServer:
         jar = os.environ.get("DWORKERS_ZOOKEEPER_JAR", ZOOKEEPER_JAR)
         java = shutil.which("java")
         if not os.path.exists(jar) or not java:

@@ -8,13 +8,14 @@ import threading
 import time
 from dataclasses import dataclass
 
+import grpc
+from dworkers.v1 import frontend_pb2_grpc, work_pb2
 from grpc_health.v1 import health_pb2
 
-from dworkers.v1 import frontend_pb2_grpc, work_pb2
 from services.common import server, validation
 from services.common.errors import NotServing, Overloaded, TimedOut
 from services.common.lifecycle import StopRequest
-from services.common.metrics import ServerMetrics, process_registry, serve_metrics
+from services.common.metrics import FrontendMetrics, ServerMetrics, process_registry, serve_metrics
 from services.common.proxy import MasterProxy, StreamHandle, build_proxy
 from services.common.settings import Contact, Logging, group, setting
 from services.frontend.batcher import SubmitBatcher
@@ -62,13 +63,14 @@ class StallWatch:
     reads nothing holds the sending thread (and a stream slot) forever, so a
     watchdog cancels any stream whose message waits longer than `timeout`."""
 
-    def __init__(self, timeout: float):
+    def __init__(self, timeout: float, on_drop=lambda: None):
         self.timeout = timeout
+        self.on_drop = on_drop
         self._lock = threading.Lock()
-        self._sending: dict[int, tuple[float, object]] = {}  # stream -> (since, its context)
+        self._sending: dict[int, tuple[float, grpc.ServicerContext]] = {}  # stream -> (since, its context)
         threading.Thread(target=self._watch, name="stall-watch", daemon=True).start()
 
-    def sending(self, key: int, context) -> None:
+    def sending(self, key: int, context: grpc.ServicerContext) -> None:
         with self._lock:
             self._sending[key] = (time.monotonic(), context)
 
@@ -86,17 +88,19 @@ class StallWatch:
                     del self._sending[key]
             for _, context in stalled:
                 log.warning("dropping a result subscriber that read nothing for %g s", self.timeout)
+                self.on_drop()
                 context.cancel()
 
 
 class FrontendService(frontend_pb2_grpc.FrontendServicer):
-    def __init__(self, proxy: MasterProxy, settings: FrontendSettings):
+    def __init__(self, proxy: MasterProxy, settings: FrontendSettings, metrics: FrontendMetrics):
         self.proxy = proxy
         self.settings = settings
         self.batcher = SubmitBatcher(proxy, timeout=settings.call_timeout)
         # Result streams are long-lived: bound them so unary calls keep threads.
         self._watchers = threading.BoundedSemaphore(settings.max_watchers)
-        self._stalls = StallWatch(settings.subscriber_timeout)
+        self.metrics = metrics
+        self._stalls = StallWatch(settings.subscriber_timeout, metrics.dropped_subscribers.inc)
 
     def _timeout(self, context) -> float:
         """The caller's deadline, capped at the frontend's call timeout."""
@@ -136,11 +140,16 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
     def ClusterInfo(self, request, context):
         return self._forward("ClusterInfo", request, context)
 
+    def _release_watcher(self) -> None:
+        self._watchers.release()
+        self.metrics.result_streams.dec()
+
     def WatchResults(self, request, context):
         if not self._watchers.acquire(blocking=False):
             raise Overloaded(f"this frontend already serves {self.settings.max_watchers} result streams; "
                              "use another frontend or retry later")
-        release = Once(self._watchers.release)
+        self.metrics.result_streams.inc()
+        release = Once(self._release_watcher)
         handle = StreamHandle()
         # The client may have gone already: then no callback will ever run.
         if not (context.add_callback(release) and context.add_callback(handle.cancel)):
@@ -168,7 +177,8 @@ def serve(proxy: MasterProxy, settings: FrontendSettings, stop: StopRequest, reg
           ready: threading.Event | None = None) -> None:
     threads = settings.threads + settings.max_watchers
     grpc_server, health, _port = server.build(
-        [(FrontendService(proxy, settings), frontend_pb2_grpc.add_FrontendServicer_to_server, SERVICE_NAME)],
+        [(FrontendService(proxy, settings, FrontendMetrics(registry)), frontend_pb2_grpc.add_FrontendServicer_to_server,
+          SERVICE_NAME)],
         settings.listen, ServerMetrics(registry), reflection_on=settings.reflection, threads=threads,
         maximum_concurrent_rpcs=threads + settings.queued_calls)
     grpc_server.start()

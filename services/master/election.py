@@ -38,7 +38,7 @@ class Election:
     DELETE_TIMEOUT = 2.0
 
     def __init__(self, client: KazooClient, paths: Paths, member_data: bytes,
-                 on_change: Callable[[ElectionView], None]):
+                 on_change: Callable[[ElectionView], object]):
         self.client = client
         self.path = paths.election
         self.member_data = member_data

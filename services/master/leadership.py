@@ -52,6 +52,7 @@ class LeadershipCheck:
             return
 
         def done(result) -> None:
+            outcome: Exception | None
             try:
                 stat = result.get()
                 session = self.client.client_id[0] if self.client.client_id else None

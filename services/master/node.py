@@ -12,10 +12,10 @@ import socket
 import time
 from dataclasses import dataclass
 
+from dworkers.v1 import master_pb2_grpc, work_pb2
 from grpc_health.v1 import health_pb2
 from kazoo.protocol.states import KazooState
 
-from dworkers.v1 import master_pb2_grpc, work_pb2
 from services.common import server, validation, zk
 from services.common.errors import ConfigError
 from services.common.lifecycle import StopRequest
@@ -219,7 +219,8 @@ class MasterNode:
         while True:
             shell = self.shell
             active = shell is not None and shell.closed is None and shell.committer is not None
-            self.metrics.update(shell.counts() if active else None, active, self.view.epoch if self.view else 0)
+            counts = shell.counts() if shell is not None and active else None
+            self.metrics.update(counts, active, self.view.epoch if self.view else 0)
             await asyncio.sleep(1.0)
 
     # --- leadership ------------------------------------------------------

@@ -9,11 +9,17 @@ import logging
 from collections import deque
 
 import grpc
-
 from dworkers.v1 import master_pb2, master_pb2_grpc, work_pb2
+
 from services.common import validation
 from services.common.errors import (
-    Conflict, CutOff, NotFound, NotServing, NotTheMaster, Overloaded, ProtocolError,
+    Conflict,
+    CutOff,
+    NotFound,
+    NotServing,
+    NotTheMaster,
+    Overloaded,
+    ProtocolError,
 )
 from services.common.validation import MAX_STREAM_MESSAGE_BYTES
 from services.common.wire import CLUSTER_KEY, EPOCH_KEY
@@ -61,7 +67,8 @@ class WorkerConnection:
                 return None
             self._ready.clear()
             await self._ready.wait()
-        taken, total = [], 0
+        taken: list[master_pb2.MasterMessage] = []
+        total = 0
         while self._outbox:
             message, size = self._outbox[0]
             if taken and total + size > MAX_STREAM_MESSAGE_BYTES - 1024:

@@ -15,8 +15,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from dworkers.v1 import journal_pb2, work_pb2
+
 from services.common.errors import Forgotten, NotServing, Overloaded
 from services.common.validation import MAX_BATCH_WORKS, MAX_REPORTS_PER_MESSAGE, MAX_STREAM_MESSAGE_BYTES
 from services.master.domain.effects import DeclareKinds, Send, Step
@@ -41,11 +43,12 @@ def recover_state(journal: Journal) -> tuple[WorkState, int, int]:
     if snapshot is not None:
         position, data = snapshot
         state = WorkState.from_snapshot(journal_pb2.Snapshot.FromString(data))
-    for position, batch in journal.read(after=position):
+    last = position
+    for last, batch in journal.read(after=position):  # noqa: B007 (the last position read is returned)
         for event in batch.events:
             state.apply(event)
             count += 1
-    return state, position, count
+    return state, last, count
 
 
 class MasterShell:
@@ -66,7 +69,7 @@ class MasterShell:
         self._confirm_leadership = confirm_leadership
         self._on_kinds = on_kinds
         self._results_ready = asyncio.Event()
-        self.committer: GroupCommitter | None = None
+        self.committer: GroupCommitter | None = None  # set once recovered
         self._ticker: asyncio.Task | None = None
         self._events_since_snapshot = 0
         self._batches_at_snapshot = 0
@@ -137,13 +140,18 @@ class MasterShell:
 
     # --- persist, then act -------------------------------------------------
 
+    def _journal(self) -> GroupCommitter:
+        if self.committer is None:
+            raise NotServing("recovering")
+        return self.committer
+
     def _commit(self, step: Step) -> asyncio.Future:
         """Journals a step's events; performs its effects once they (and all
         before them) are durable. Returns the future of that."""
-        committer = self.committer
+        committer = self._journal()
         durable = committer.append(step.events) if step.events else committer.barrier()
         self._events_since_snapshot += len(step.events)
-        durable.add_done_callback(lambda f: f.cancelled() or f.exception() or self._perform(step))
+        durable.add_done_callback(lambda f: None if f.cancelled() or f.exception() else self._perform(step))
         return durable
 
     def _perform(self, step: Step) -> None:
@@ -158,7 +166,7 @@ class MasterShell:
         if self.metrics:
             self.metrics.recorded(step)
 
-    def _decide(self, decision: Callable[[float], object]) -> object:
+    def _decide(self, decision: Callable[[float], Any]) -> Any:
         """Runs one decision of the domain and commits what it recorded;
         returns its answer. Inputs that arrive while the master is closed or
         the journal is backed up are left alone: worker messages are resent,
@@ -184,7 +192,7 @@ class MasterShell:
         """Makes a read taken just now safe to answer: everything it saw is
         durable, and this master still leads (a master resumed after a pause
         past its session must not answer from stale state)."""
-        await self._durable(self.committer.barrier())
+        await self._durable(self._journal().barrier())
         if self._confirm_leadership is not None:
             try:
                 await self._confirm_leadership()
@@ -203,12 +211,13 @@ class MasterShell:
         """Accepts works durably; returns, for each, whether it was a duplicate
         (or, with `each_on_its_own`, its Conflict)."""
         self.check_serving()
-        behind = self.committer.bytes_appended - self._bytes_at_last_complete
+        committer = self._journal()
+        behind = committer.bytes_appended - self._bytes_at_last_complete
         if behind > 2 * self.settings.snapshot_bytes:
             raise Overloaded(f"{behind:,} journal bytes wait for compaction (over twice --snapshot-bytes); "
                              "retry later")
-        if not self.committer.has_room(2 * len(works), 2 * (size or 0)):
-            raise Overloaded(f"{self.committer.queued} events are waiting for the journal; retry later")
+        if not committer.has_room(2 * len(works), 2 * (size or 0)):
+            raise Overloaded(f"{committer.queued} events are waiting for the journal; retry later")
         answers = self.master.submit(works, time.monotonic(), each_on_its_own, size)
         step = self.master.take()
         accepted = sum(1 for e in step.events if e.HasField("work_accepted"))
@@ -269,19 +278,21 @@ class MasterShell:
 
     async def _tick_forever(self) -> None:
         interval = max(0.1, min(1.0, self.settings.work_timeout / 2))
+        committer = self._journal()
         while self.closed is None:
             await asyncio.sleep(interval)
-            if self.committer.paused or self.committer.failed is not None:
+            if committer.paused or committer.failed is not None:
                 continue
             overdue = self._decide(lambda now: self.master.tick(now, self.durable_sequence)) or []
             for slot in overdue:
-                log.warning("work timed out on its worker", extra={"work_id": slot.work_id, "worker_id": slot.worker_id})
+                log.warning("work timed out on its worker",
+                            extra={"work_id": slot.work_id, "worker_id": slot.worker_id})
                 if self.metrics:
                     self.metrics.timed_out()
             self._maybe_snapshot(time.monotonic())
 
     def _maybe_snapshot(self, now: float) -> None:
-        s, committer = self.settings, self.committer
+        s, committer = self.settings, self._journal()
         if self._snapshotting or not self._events_since_snapshot:
             return
         if (self._events_since_snapshot >= s.snapshot_every
@@ -295,12 +306,13 @@ class MasterShell:
         """Writes a snapshot of the state and compacts the journal it covers.
         Returns the position covered."""
         self._snapshotting = True
+        committer = self._journal()
         try:
-            covered = self.committer.cut()
+            covered = committer.cut()
             snapshot = self.state.to_snapshot()  # the state as of the cut: same loop step
-            cut_bytes = self.committer.bytes_appended
+            cut_bytes = committer.bytes_appended
             self._events_since_snapshot = 0
-            self._batches_at_snapshot = self.committer.batches_written
+            self._batches_at_snapshot = committer.batches_written
             self._bytes_at_snapshot = cut_bytes
             self._last_snapshot = time.monotonic()
             position = await covered

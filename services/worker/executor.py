@@ -67,7 +67,7 @@ class ProcessExecutor:
 
     def __init__(self, job_modules: list[str]):
         self.job_modules = job_modules
-        self._process = None
+        self._process: multiprocessing.process.BaseProcess | None = None
         self.connection: Connection | None = None
         self._started = 0.0
         self._starting = threading.Lock()  # start() runs from a starter thread and from submit()
@@ -87,16 +87,22 @@ class ProcessExecutor:
         self._started = time.perf_counter()
         try:
             self.start()
-            self.connection.send((kind, payload))
-        except (OSError, ValueError, AttributeError):
+            connection = self.connection
+            if connection is None:  # closed by a timeout on another thread meanwhile
+                return self._died()
+            connection.send((kind, payload))
+        except (OSError, ValueError):
             return self._died()
         return None
 
     def collect(self) -> Outcome:
         """The finished job's outcome (call when `connection` is readable)."""
+        connection = self.connection
+        if connection is None:
+            return self._died()
         try:
-            ok, value = self.connection.recv()
-        except (EOFError, OSError, AttributeError):
+            ok, value = connection.recv()
+        except (EOFError, OSError):
             return self._died()
         seconds = time.perf_counter() - self._started
         return Outcome(True, result=value, seconds=seconds) if ok else Outcome(False, error=value, seconds=seconds)

@@ -21,15 +21,18 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for_connections
 
 import grpc
-
 from dworkers.v1 import master_pb2
+
 from services.common.errors import ConfigError, NoMaster
 from services.common.lifecycle import StopRequest
 from services.common.metrics import WorkerMetrics, process_registry, serve_metrics
 from services.common.proxy import MasterProxy, build_proxy
 from services.common.settings import Contact, Logging, group, setting
 from services.common.validation import (
-    MAX_ERROR_CHARS, MAX_RESULT_BYTES, MAX_SLOTS_PER_CONNECTION, MAX_STREAM_MESSAGE_BYTES,
+    MAX_ERROR_CHARS,
+    MAX_RESULT_BYTES,
+    MAX_SLOTS_PER_CONNECTION,
+    MAX_STREAM_MESSAGE_BYTES,
 )
 from services.common.wire import MASTER_KEY, metadata_value
 from services.worker import jobs
@@ -180,9 +183,10 @@ class Worker:
                 self._finished(slot, slot.executor.collect())
             now = time.monotonic()
             for slot in busy:
-                if slot.busy and slot.deadline <= now and slot.executor.connection is not None \
+                assignment = slot.assignment
+                if assignment is not None and slot.deadline <= now and slot.executor.connection is not None \
                         and slot.executor.connection not in ready:
-                    timeout_seconds = slot.assignment.timeout_seconds or self.settings.default_timeout
+                    timeout_seconds = assignment.timeout_seconds or self.settings.default_timeout
                     self._finished(slot, slot.executor.timed_out(timeout_seconds))
 
     def _finished(self, slot: Slot, outcome: Outcome) -> None:
@@ -235,14 +239,14 @@ class Worker:
         """The request stream: whatever is queued leaves as one message."""
         while True:
             message = outbox.get()
-            if message is None:
+            if not isinstance(message, master_pb2.WorkerMessage):
                 return
             batch, size, held = [message], message.ByteSize(), None
             while len(batch) < 1000:
                 nxt = outbox.get(block=False)
                 if nxt is False:
                     break
-                if nxt is None:
+                if not isinstance(nxt, master_pb2.WorkerMessage):
                     yield merge(batch)
                     return
                 if size + nxt.ByteSize() > MAX_STREAM_MESSAGE_BYTES - 1024:
@@ -352,7 +356,7 @@ class Worker:
         while time.monotonic() < deadline and self._busy():
             time.sleep(0.1)
         with self._lock:
-            running = [(s.worker_id, s.assignment) for s in self.slots.values() if s.busy]
+            running = [(s.worker_id, s.assignment) for s in self.slots.values() if s.assignment is not None]
             for worker_id, a in running:
                 self._unacked[a.attempt_token] = master_pb2.WorkerMessage(failed=master_pb2.WorkFailed(failures=[
                     master_pb2.Failure(worker_id=worker_id, work_id=a.work.work_id, error="worker shut down",

@@ -9,8 +9,8 @@ import time
 import uuid
 
 import grpc
-
 from dworkers.v1 import frontend_pb2_grpc, work_pb2
+
 from services.common.wire import CHANNEL_OPTIONS
 
 RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -63,7 +63,7 @@ class Submitters:
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, daemon=True, name=f"submit-{i}") for i in range(threads)]
 
-    def start(self) -> "Submitters":
+    def start(self) -> Submitters:
         self.started = time.monotonic()
         self.deadline = self.started + self.duration if self.duration else None
         for t in self._threads:

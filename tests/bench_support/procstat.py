@@ -146,7 +146,7 @@ class CpuMeter:
         self._switches_sample = switches
         return sample
 
-    def start(self) -> "CpuMeter":
+    def start(self) -> CpuMeter:
         self._start = self._sample()
         self._switches0 = self._switches_sample
         self._t0 = time.monotonic()

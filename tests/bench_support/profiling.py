@@ -94,7 +94,8 @@ def summarise(path: Path, duration: float, top: int = 15) -> dict:
             self_counts[names[-1]] += n
         for name in set(names):
             incl_counts[name] += n
-    share = lambda c: round(100 * c / total, 1) if total else 0.0
+    def share(c):
+        return round(100 * c / total, 1) if total else 0.0
     return {
         "samples": total,
         "busy_percent": round(100 * total / max(1e-9, duration * RATE), 1),

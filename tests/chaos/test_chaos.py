@@ -21,14 +21,15 @@ from collections import Counter
 
 import grpc
 import pytest
-
 from dworkers.v1 import work_pb2
+
 from services.common import zk
 from services.local_cluster import LocalCluster, wait_serving
-from services.master.shell import recover_state
 from services.master.journal import ZooKeeperJournal
-from tests.helpers import frontend
-from tests.test_sizes import wait_kind
+from services.master.shell import recover_state
+from tests.helpers import frontend, wait_kind
+
+pytestmark = pytest.mark.chaos
 
 CHAOS_SECONDS = float(os.environ.get("DWORKERS_CHAOS_SECONDS", "40"))
 SESSION_TIMEOUT = 2.0

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from dworkers.v1 import journal_pb2, master_pb2, work_pb2
+
+
+class Connection(Protocol):
+    """A worker process's stream, as the domain sees it."""
+
+    def send(self, message: master_pb2.MasterMessage, size: int = 0) -> None: ...
+
+    def close(self, reason: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
 class Send:
     """A message to a worker process's stream (hand-outs, acks, hints)."""
 
-    connection: object
+    connection: Connection
     message: master_pb2.MasterMessage
     size: int  # its size in bytes (an estimate a little above is fine)
 

@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from dworkers.v1 import journal_pb2, master_pb2, work_pb2
+
 from services.common.errors import Conflict, Overloaded
 from services.common.settings import setting
 from services.common.validation import MAX_ERROR_CHARS, MAX_RESULT_BYTES, MAX_STREAM_MESSAGE_BYTES
@@ -272,7 +273,8 @@ class Master:
 
     def disconnected(self, connection, now: float) -> None:
         """A worker process's stream ended: its running work goes back to the queue."""
-        events = [e for slot in self.scheduler.forget(connection) for e in self._attempt_lost(slot, CONNECTION_LOST_ERROR)]
+        lost = self.scheduler.forget(connection)
+        events = [e for slot in lost for e in self._attempt_lost(slot, CONNECTION_LOST_ERROR)]
         if events:
             self._record(events, now)
             self.announce(now)

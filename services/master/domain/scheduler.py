@@ -15,11 +15,13 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from services.master.domain.effects import Connection
+
 
 @dataclass(slots=True)
 class Slot:
     worker_id: str
-    connection: object  # the stream the slot's process opened (the shell's object)
+    connection: Connection  # the stream the slot's process opened
     host: str
     kinds: frozenset[str]
     last_seen: float

@@ -239,7 +239,8 @@ class WorkState:
         `sequence`, within `max_bytes` (but at least one)."""
         first = max(sequence + 1, self.forgotten_up_to + 1)
         last = min(self.last_sequence, first + limit - 1)
-        batch, size = [], 0
+        batch: list[work_pb2.WorkResult] = []
+        size = 0
         for s in range(first, last + 1):
             result = self.results.get(s)
             if result is None:
@@ -294,7 +295,8 @@ class WorkState:
         else:
             entry = self.pending.get(work_id)
             if entry is None or not _same_attempt(entry, token):
-                return self._impossible(f"{work_id!r} completed, but not by its latest attempt")
+                self._impossible(f"{work_id!r} completed, but not by its latest attempt")
+                return None
             self.pending.pop(work_id)
         self.done_count += 1
         return self._finish(entry, work_pb2.DONE, result=e.result)
@@ -332,7 +334,8 @@ class WorkState:
     def _fail_attempt(self, work_id: str, error: str, token: int) -> work_pb2.WorkResult | None:
         entry = self.in_progress.get(work_id)
         if entry is None or not _same_attempt(entry, token):
-            return self._impossible(f"{work_id!r} failed, but not by its running attempt")
+            self._impossible(f"{work_id!r} failed, but not by its running attempt")
+            return None
         del self.in_progress[work_id]
         entry.failures += 1
         entry.error = error
@@ -374,7 +377,7 @@ class WorkState:
         return snapshot
 
     @classmethod
-    def from_snapshot(cls, snapshot: journal_pb2.Snapshot) -> "WorkState":
+    def from_snapshot(cls, snapshot: journal_pb2.Snapshot) -> WorkState:
         state = cls()
         state.next_sequence = snapshot.next_sequence
         state.forgotten_up_to = snapshot.forgotten_up_to

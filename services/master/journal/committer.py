@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import Callable
 
 from dworkers.v1 import journal_pb2
+
 from services.master.journal.contract import Journal, JournalError
 
 MAX_BATCH_BYTES = 1_000_000  # events per batch, by size (a batch is written in parts when large)
@@ -166,13 +167,13 @@ class GroupCommitter:
         self._in_flight -= 1
         if waiters in self._in_flight_waiters:
             self._in_flight_waiters.remove(waiters)
-        exc = f.exception()
+        exc: BaseException | None = f.exception()
         if exc is None and self.failed is not None:
             # An earlier batch failed: this one may have landed after a gap,
             # so nothing in it may be acted on. The master steps down.
             exc = JournalError(f"an earlier journal batch failed: {self.failed}")
         if exc is not None:
-            self._fail(exc, waiters)
+            self._fail(exc if isinstance(exc, Exception) else JournalError(repr(exc)), waiters)
             return
         if self.on_batch is not None:
             self.on_batch(count, self.loop.time() - started)

@@ -27,10 +27,10 @@ import concurrent.futures
 import uuid
 from collections.abc import Iterator
 
-from kazoo.client import KazooClient
-from kazoo.exceptions import BadVersionError, NoNodeError, NodeExistsError
-
 from dworkers.v1 import journal_pb2
+from kazoo.client import KazooClient
+from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError
+
 from services.master.journal.contract import FencedError, Journal, JournalError
 
 PART_BYTES = 64 * 1024  # the most one ZooKeeper write carries

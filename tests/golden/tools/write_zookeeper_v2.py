@@ -7,14 +7,15 @@ import sys
 import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[3]))
-from services.common.zkserver import ZooKeeperServer
+from dworkers.v1 import journal_pb2, master_pb2, work_pb2
+
 from services.common import zk
-from services.master.journal import ZooKeeperJournal
-from services.master.shell import recover_state
+from services.common.zkserver import ZooKeeperServer
+from services.master.domain.effects import Send
 from services.master.domain.master import CoreSettings, Master
 from services.master.domain.state import WorkState
-from services.master.domain.effects import Send
-from dworkers.v1 import journal_pb2, master_pb2, work_pb2
+from services.master.journal import ZooKeeperJournal
+from services.master.shell import recover_state
 
 out = pathlib.Path(sys.argv[1])
 rng = random.Random(11)
