@@ -44,8 +44,8 @@ def four_letter_word(port: int, word: str, timeout: float = 1.0, host: str = "12
 
 
 class ZooKeeperServer:
-    """One standalone server: start(), stop() (kill -9 or clean), restart on
-    the same data dir, and hosts for clients."""
+    """One standalone server: start(), stop() (kill -9 or clean), start again
+    on the same data dir, and hosts for clients."""
 
     def __init__(self, workdir: str | Path, port: int | None = None, tick_ms: int = 500,
                  address: str = "127.0.0.1", heap_mb: int = 512):
@@ -123,7 +123,3 @@ class ZooKeeperServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(timeout=10)
-
-    def restart(self) -> None:
-        self.stop(kill=True)
-        self.start()

@@ -13,7 +13,9 @@ readable (multiprocessing.connection.wait over all slots), then `collect`.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import signal
 import threading
 import time
 import traceback
@@ -22,6 +24,7 @@ from multiprocessing.connection import Connection
 
 # spawn, not fork: the parent runs gRPC and ZooKeeper threads.
 _CONTEXT = multiprocessing.get_context("spawn")
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,20 @@ def _run_job(registry, kind: str, payload: bytes) -> tuple[bool, bytes | str]:
         return False, _describe(exc)
 
 
+def _die_with_parent() -> None:
+    """On Linux, the kernel kills this child if the worker process dies,
+    however it dies (a job that hangs must not outlive its worker)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: the child still ends when its pipe closes, between jobs
+
+
 def _child_main(connection, job_modules: list[str]) -> None:
     from services.worker import jobs
 
+    _die_with_parent()
     registry = jobs.load(job_modules)
     while True:
         try:

@@ -50,7 +50,6 @@ class GroupCommitter:
         self.last_position = after  # of the newest durable batch
         self._next_position = after + 1
         self.batches_written = 0
-        self.bytes_written = 0  # of durable batches
         self.bytes_appended = 0  # of every event ever appended (durable, in flight or queued)
         self._pump_scheduled = False
         self.paused = False
@@ -142,9 +141,9 @@ class GroupCommitter:
             events, waiters, size = sealed.popleft()
             self._queued_events -= len(events)
             self._queued_bytes -= size
-            self._write(events, waiters, size)
+            self._write(events, waiters)
 
-    def _write(self, events: list[journal_pb2.Event], waiters: list[asyncio.Future], size: int) -> None:
+    def _write(self, events: list[journal_pb2.Event], waiters: list[asyncio.Future]) -> None:
         batch = journal_pb2.JournalBatch(epoch=self.epoch, events=events)
         started = self.loop.time()
         position, self._next_position = self._next_position, self._next_position + 1
@@ -158,11 +157,11 @@ class GroupCommitter:
             return
 
         def done(f: concurrent.futures.Future) -> None:
-            self.loop.call_soon_threadsafe(self._written, f, len(events), size, started, waiters)
+            self.loop.call_soon_threadsafe(self._written, f, len(events), started, waiters)
 
         cfuture.add_done_callback(done)
 
-    def _written(self, f: concurrent.futures.Future, count: int, size: int, started: float,
+    def _written(self, f: concurrent.futures.Future, count: int, started: float,
                  waiters: list[asyncio.Future]) -> None:
         self._in_flight -= 1
         if waiters in self._in_flight_waiters:
@@ -180,7 +179,6 @@ class GroupCommitter:
         position = f.result()
         self.last_position = max(self.last_position, position)
         self.batches_written += 1
-        self.bytes_written += size
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(position)

@@ -1,0 +1,88 @@
+"""What crosses the network is checked before anything acts on it: works
+submitted by clients, and every message a worker sends."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from dworkers.v1 import master_pb2, work_pb2
+
+from services.common import validation
+from services.common.errors import InvalidInput, ProtocolError
+
+pytestmark = pytest.mark.unit
+
+
+def request(**fields) -> work_pb2.SubmitWorkRequest:
+    return work_pb2.SubmitWorkRequest(**{"work_id": "w1", "kind": "square", "payload": b"3", **fields})
+
+
+@pytest.mark.parametrize("fields, fragment", [
+    ({"work_id": "-leading-dash"}, "malformed work_id"),
+    ({"work_id": "x" * 129}, "malformed work_id"),
+    ({"kind": ""}, "kind is empty"),
+    ({"kind": "9lives"}, "malformed kind"),
+    ({"payload": b"p" * (256 * 1024 + 1)}, "exceeds the limit"),
+    ({"max_attempts": 101}, "max_attempts"),
+    ({"timeout_seconds": math.nan}, "timeout_seconds"),
+    ({"timeout_seconds": 24 * 3600 + 1}, "timeout_seconds"),
+])
+def test_a_bad_work_is_refused_with_what_is_wrong(fields, fragment):
+    with pytest.raises(InvalidInput, match=fragment):
+        validation.to_work(request(**fields))
+
+
+def test_defaults_are_filled_in_and_limits_are_inclusive():
+    work = validation.to_work(request(work_id="a" * 128, payload=b"p" * 256 * 1024, timeout_seconds=24 * 3600))
+    assert work.max_attempts == validation.DEFAULT_MAX_ATTEMPTS and len(work.work_id) == 128
+
+
+def test_a_batch_judged_as_a_whole_fails_on_one_bad_work_or_a_repeated_id():
+    with pytest.raises(InvalidInput, match="work #1"):
+        validation.to_works([request(work_id="a"), request(work_id="b", kind="")])
+    with pytest.raises(InvalidInput, match="appears twice"):
+        validation.to_works([request(work_id="a"), request(work_id="a")])
+
+
+def test_a_batch_judged_work_by_work_answers_each_refusal_in_its_place():
+    def check_kind(kinds):
+        if kinds - {"square"}:
+            raise validation.InvalidWork(f"unknown kind {sorted(kinds)[0]!r}")
+
+    works, answers = validation.to_works_each(
+        [request(work_id="a"), request(work_id="b", kind="blob"), request(work_id="a"), request(work_id="c")],
+        check_kind)
+    assert [w.work_id for w in works] == ["a", "c"]
+    assert answers[0] is None and answers[3] is None
+    assert answers[1].code == validation.INVALID_ARGUMENT_CODE and "unknown kind" in answers[1].message
+    assert "appears twice" in answers[2].message
+
+
+def register(**fields) -> master_pb2.WorkerMessage:
+    return master_pb2.WorkerMessage(register=master_pb2.RegisterWorker(
+        **{"worker_ids": ["h-1-0"], "host": "h", "kinds": ["square"], **fields}))
+
+
+@pytest.mark.parametrize("message, registered, fragment", [
+    (master_pb2.WorkerMessage(request_work=master_pb2.WorkerRequestsWork(worker_ids=["h-1-0"])), False,
+     "register before anything else"),
+    (register(worker_ids=[]), False, "no worker slots"),
+    (register(worker_ids=["w" * 200]), False, "malformed worker_id"),
+    (register(worker_ids=[f"h-{i}" for i in range(1025)]), False, "1025 slots"),
+    (register(host="h" * 256), False, "host of 256"),
+    (register(kinds=["not a kind"]), False, "malformed kind"),
+    (register(kinds=[f"k{i}" for i in range(1001)]), False, "1001 kinds"),
+    (master_pb2.WorkerMessage(request_work=master_pb2.WorkerRequestsWork(worker_ids=["s"] * 1025)), True,
+     "1025 slots"),
+])
+def test_a_worker_message_that_breaks_the_protocol_is_refused(message, registered, fragment):
+    with pytest.raises(ProtocolError, match=fragment):
+        validation.check_worker_message(message, registered)
+
+
+def test_a_well_formed_worker_message_passes():
+    validation.check_worker_message(register(), registered=False)
+    report = master_pb2.WorkerMessage(done=master_pb2.WorkIsDone(completions=[
+        master_pb2.Completion(worker_id="h-1-0", work_id="w1", result=b"r", attempt_token=7)]))
+    validation.check_worker_message(report, registered=True)
