@@ -6,6 +6,10 @@ statuses back into them (`from_rpc_error`). The message is for a person.
 
 from __future__ import annotations
 
+# Trailing metadata keys of the statuses below (machine-readable hints).
+MASTER_KEY = "dworkers-master"  # a standby's hint: the active master's address
+UNREACHABLE_KEY = "dworkers-zookeeper-unreachable"  # retrying elsewhere cannot help: fail fast
+
 
 class DworkersError(Exception):
     """The root. `status` is the name of the gRPC status code it maps to."""
@@ -69,8 +73,6 @@ class CutOff(NotServing):
     should fail fast rather than retry elsewhere until their deadline."""
 
     def trailers(self) -> tuple[tuple[str, str], ...]:
-        from services.common.wire import UNREACHABLE_KEY
-
         return ((UNREACHABLE_KEY, "1"),)
 
 
@@ -87,8 +89,6 @@ class NotTheMaster(DworkersError):
         self.epoch = epoch
 
     def trailers(self) -> tuple[tuple[str, str], ...]:
-        from services.common.wire import MASTER_KEY
-
         return ((MASTER_KEY, self.address),)
 
     def details(self) -> list:

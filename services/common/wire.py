@@ -1,11 +1,11 @@
 """Names shared on the wire between the services (gRPC metadata keys, limits)."""
 
+from services.common.errors import MASTER_KEY as MASTER_KEY  # the error statuses' keys, named here too
+from services.common.errors import UNREACHABLE_KEY as UNREACHABLE_KEY
 from services.common.errors import ConfigError
 
 EPOCH_KEY = "dworkers-epoch"  # the master's epoch, on every reply
 CLUSTER_KEY = "dworkers-cluster"  # the cluster id its epoch belongs to
-MASTER_KEY = "dworkers-master"  # a standby's hint: the active master's address
-UNREACHABLE_KEY = "dworkers-zookeeper-unreachable"  # retrying elsewhere cannot help: fail fast
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a batch of works fits in one message
 
 SERVER_OPTIONS = [

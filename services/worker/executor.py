@@ -22,6 +22,8 @@ import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
+from services.worker import jobs
+
 # spawn, not fork: the parent runs gRPC and ZooKeeper threads.
 _CONTEXT = multiprocessing.get_context("spawn")
 PR_SET_PDEATHSIG = 1
@@ -42,8 +44,6 @@ def _describe(exc: BaseException) -> str:
 
 
 def _run_job(registry, kind: str, payload: bytes) -> tuple[bool, bytes | str]:
-    from services.worker import jobs
-
     func = registry.get(kind)
     try:
         if func is None:
@@ -64,8 +64,6 @@ def _die_with_parent() -> None:
 
 
 def _child_main(connection, job_modules: list[str]) -> None:
-    from services.worker import jobs
-
     _die_with_parent()
     registry = jobs.load(job_modules)
     while True:
@@ -151,8 +149,6 @@ class ThreadExecutor:
     """Runs each job on a thread of the worker process."""
 
     def __init__(self, job_modules: list[str]):
-        from services.worker import jobs
-
         self.registry = jobs.load(job_modules)
         self.connection, self._sender = multiprocessing.Pipe(duplex=False)
         self._started = 0.0
