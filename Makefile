@@ -7,9 +7,9 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/dworkers/v1/*.proto)
 GEN_STAMP := gen/.generated
 
-.PHONY: setup proto run test test-fast lint bench chaos zookeeper test-tools clean
+.PHONY: setup proto run test test-fast lint bench chaos zookeeper postgresql test-tools clean
 
-setup: $(STAMP) zookeeper
+setup: $(STAMP) zookeeper postgresql
 
 $(TOOLS_STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { scripts/ensure-packages.sh python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -31,6 +31,10 @@ $(STAMP): pyproject.toml $(GEN_STAMP)
 
 zookeeper:
 	@scripts/ensure-zookeeper.sh
+
+# The server binaries the PostgreSQL journal's tests and benchmark run.
+postgresql:
+	@scripts/ensure-postgresql.sh
 
 run: setup
 	$(VENV)/bin/dworkers demo

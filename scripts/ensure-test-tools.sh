@@ -6,15 +6,9 @@
 # missing. Quick and silent when they are already there.
 #
 # The test runs its own prometheus process (its own config, port and data
-# dir); the package's system service is not used. So that installing the
-# package does not start one:
-#   - service starts during the install are refused (a temporary
-#     /usr/sbin/policy-rc.d answering 101, honoured by invoke-rc.d and
-#     deb-systemd-invoke), unless the machine already has such a policy;
-#   - recommends are not installed (prometheus-node-exporter would start and
-#     take port 9100, the master's default metrics port);
-#   - on a machine running systemd, the prometheus unit is disabled
-#     afterwards so it does not start at the next boot either.
+# dir); the package's system service is not started (--no-services), and
+# recommends are not installed (prometheus-node-exporter would start and take
+# port 9100, the master's default metrics port).
 set -e
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 
@@ -39,18 +33,5 @@ fi
 if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then exit 0; fi
 echo "promtool/prometheus not found: installing Debian's prometheus package" >&2
 
-SUDO=""
-if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
-POLICY=/usr/sbin/policy-rc.d
-if [ ! -e "$POLICY" ]; then
-    trap '$SUDO rm -f "$POLICY"' EXIT INT TERM
-    printf '#!/bin/sh\n# temporary, from dworkers scripts/ensure-test-tools.sh\nexit 101\n' | $SUDO tee "$POLICY" >/dev/null
-    $SUDO chmod 755 "$POLICY"
-fi
-
-"$(dirname "$0")/ensure-packages.sh" --no-install-recommends prometheus
-
-if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
-    $SUDO systemctl disable --now prometheus.service >/dev/null 2>&1 || true
-fi
+"$(dirname "$0")/ensure-packages.sh" --no-services --no-install-recommends prometheus
 command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1

@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 
+from services.common.pgserver import PostgreSQLServer
 from services.common.zkserver import ZooKeeperServer
 from services.local_cluster import LocalCluster
 
@@ -16,6 +17,13 @@ def zookeeper(tmp_path_factory):
     server = ZooKeeperServer(tmp_path_factory.mktemp("zookeeper")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgresql(tmp_path_factory):
+    server = PostgreSQLServer(tmp_path_factory.mktemp("postgresql")).start()
+    yield server
+    server.remove()
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

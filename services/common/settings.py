@@ -16,12 +16,14 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 SECRET_WORDS = ("password", "secret", "token")
+URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")  # scheme://user:password@host
 
 
 def setting(default: Any, help: str, *, low=None, high=None, above=None, choices=None) -> Any:
@@ -124,6 +126,8 @@ def describe(settings) -> str:
             continue
         if any(word in field.name for word in SECRET_WORDS):
             value = "***"
+        elif isinstance(value, str):
+            value = URL_PASSWORD.sub(r"\1***@", value)
         items.append(f"{field.name}={value}")
     return " ".join(item for item in items if item)
 

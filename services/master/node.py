@@ -24,7 +24,8 @@ from services.common.settings import Cluster, Logging, group, setting
 from services.common.wire import AddressInUse
 from services.master.domain.master import CoreSettings
 from services.master.election import Election, ElectionView
-from services.master.journal import FencedError, ZooKeeperJournal
+from services.master.journal import FencedError, Journal, PostgreSQLJournal, ZooKeeperJournal
+from services.master.journal.postgresql import redact
 from services.master.leadership import LeadershipCheck
 from services.master.service import MasterService
 from services.master.shell import MasterShell
@@ -47,6 +48,25 @@ class MasterSettings:
     shutdown_grace: float = setting(5.0, "seconds in-flight calls may take to finish on SIGTERM", low=0, high=3600)
     subscriber_timeout: float = setting(30.0, "a result subscriber that reads nothing this long is dropped", above=0)
     reflection: bool = setting(True, "serve gRPC server reflection")
+    journal: str = setting("", "where the journal lives: empty for ZooKeeper (under --root), or a PostgreSQL URL "
+                           "(postgresql://user@host:port/database; the password in the URL, PGPASSWORD or "
+                           "--journal-password-file)")
+    journal_password_file: str = setting("", "a file holding the PostgreSQL journal's password")
+
+    def __post_init__(self) -> None:
+        if self.journal and not self.journal.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(f"--journal {redact(self.journal)!r}: expected empty (ZooKeeper) or a "
+                              "postgresql:// URL")
+
+    def journal_password(self) -> str | None:
+        if not self.journal_password_file:
+            return None
+        try:
+            with open(self.journal_password_file) as f:
+                return f.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --journal-password-file: {exc.strerror}: "
+                              f"{self.journal_password_file}") from None
     core: CoreSettings = group(CoreSettings)
 
 
@@ -90,6 +110,7 @@ class KindCatalog:
 class MasterNode:
     def __init__(self, settings: MasterSettings):
         self.settings = settings
+        self._journal_password = settings.journal_password()
         self.paths = zk.Paths(settings.cluster.root)
         self.shell: MasterShell | None = None  # while this backend is the active master
         self.view: ElectionView | None = None
@@ -266,9 +287,20 @@ class MasterNode:
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info("active master at %s", self.address, extra={"epoch": view.epoch})
 
-    def _open_journal(self, node: str) -> tuple[ZooKeeperJournal, str]:
-        return (ZooKeeperJournal(self.client, self.paths.journal, fence_path=node),
-                zk.cluster_id(self.client, self.paths))
+    def _open_journal(self, node: str) -> tuple[Journal, str]:
+        """The journal, fenced for this master; and the cluster's id."""
+        cluster_id = zk.cluster_id(self.client, self.paths)
+        s = self.settings
+        if not s.journal:
+            return ZooKeeperJournal(self.client, self.paths.journal, fence_path=node), cluster_id
+        journal = PostgreSQLJournal(s.journal, name=s.cluster.root, holder=node, password=self._journal_password)
+        try:
+            fence = journal.take_over()
+        except Exception:
+            journal.close()
+            raise
+        log.info("took over the PostgreSQL journal at %s (fence %d)", redact(s.journal), fence)
+        return journal, cluster_id
 
     def _journal_failed(self, exc: Exception) -> None:
         self.loop.call_soon(self._step_down, f"journal append failed: {exc}")

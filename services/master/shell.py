@@ -113,6 +113,7 @@ class MasterShell:
             self.committer.on_failure = lambda _exc: None  # stepping down already
             self.committer.stop(JournalError(f"master stopped: {reason}"))
         self._wake_results()
+        self.journal.close()
         for slot in list(self.master.scheduler.slots.values()):
             slot.connection.close(reason)
 

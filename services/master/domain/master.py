@@ -168,8 +168,9 @@ class Master:
         if state.unfinished_bytes + size > s.max_pending_bytes:
             raise Overloaded(
                 f"unfinished works hold {state.unfinished_bytes:,} bytes and these {size:,} more would pass "
-                f"--max-pending-bytes ({s.max_pending_bytes:,}), which keeps the journal's store (ZooKeeper) "
-                "within its memory; retry later, or raise it if ZooKeeper has heap to spare")
+                f"--max-pending-bytes ({s.max_pending_bytes:,}), which keeps the master and the journal within "
+                "memory; retry later, or raise it: on the ZooKeeper journal only if ZooKeeper has heap to spare "
+                "(the PostgreSQL journal, --journal postgresql://..., keeps backlogs on disk)")
 
     # --- the worker protocol ---------------------------------------------------
 

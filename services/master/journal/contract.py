@@ -1,6 +1,6 @@
 """What every journal promises: fenced appends at explicit positions,
 ordered reads, snapshots and compaction. The master depends on this contract
-only; `ZooKeeperJournal` is one implementation."""
+only; `ZooKeeperJournal` and `PostgreSQLJournal` implement it."""
 
 from __future__ import annotations
 
@@ -51,3 +51,6 @@ class Journal(ABC):
     def compact(self) -> int:
         """Deletes the batches and older snapshots the latest snapshot covers
         (fenced); returns how many records were deleted."""
+
+    def close(self) -> None:  # noqa: B027 (a no-op unless the journal holds resources)
+        """Releases what the journal holds (connections, threads); never waits."""

@@ -1,0 +1,142 @@
+"""A throwaway PostgreSQL server run from Debian's server binaries.
+
+Used by the test suite and the benchmark: a real server (fsync on, as in
+production) on a free loopback port with a temporary data dir, password
+authentication, stopped by the PID it started. PostgreSQL refuses to run as
+root, so as root the server runs as the `postgres` user.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from services.common.zkserver import free_port
+
+SUPERUSER = "dworkers"
+
+
+class PostgreSQLNotInstalled(RuntimeError):
+    pass
+
+
+def server_bin_dir() -> Path:
+    """The newest installed server's bin dir (Debian keeps them per version)."""
+    override = os.environ.get("DWORKERS_POSTGRESQL_BIN")
+    candidates = [override] if override else sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name))
+    for path in reversed(candidates):
+        if (Path(path) / "initdb").exists():
+            return Path(path)
+    raise PostgreSQLNotInstalled("PostgreSQL server binaries not found; install Debian's postgresql package "
+                                 "(scripts/ensure-postgresql.sh) or set DWORKERS_POSTGRESQL_BIN")
+
+
+class PostgreSQLServer:
+    """One server: start(), stop() (kill -9 or clean), start again on the same
+    data dir; `url` for clients (with the password)."""
+
+    def __init__(self, workdir: str | Path, port: int | None = None, password: str | None = None):
+        self._user = pwd.getpwnam("postgres") if os.geteuid() == 0 else None
+        self.workdir = Path(workdir)
+        if self._user is not None and not self._reachable(self.workdir):
+            # e.g. under pytest's 0700 temp root: the server user could not reach it
+            self.workdir = Path(tempfile.mkdtemp(prefix="dworkers-postgresql-"))
+        self.data = self.workdir / "pgdata"
+        self.sockets = self.workdir / "sockets"
+        self.port = port or free_port()
+        self.password = password or secrets.token_urlsafe(16)
+        self.bin = server_bin_dir()
+        self.process: subprocess.Popen | None = None
+
+    @staticmethod
+    def _reachable(path: Path) -> bool:
+        """Whether every existing parent lets others through."""
+        for parent in [path, *path.parents]:
+            if parent.exists() and not parent.stat().st_mode & 0o001:
+                return False
+        return True
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://{SUPERUSER}:{self.password}@127.0.0.1:{self.port}/{database}"
+
+    def _as_server_user(self) -> dict:
+        if self._user is None:
+            return {}
+        return {"user": self._user.pw_uid, "group": self._user.pw_gid, "extra_groups": []}
+
+    def _own(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        if self._user is not None:
+            os.chown(path, self._user.pw_uid, self._user.pw_gid)
+
+    def _initdb(self) -> None:
+        self._own(self.workdir)
+        self._own(self.sockets)
+        password_file = self.workdir / "password"
+        password_file.write_text(self.password)
+        if self._user is not None:
+            os.chown(password_file, self._user.pw_uid, self._user.pw_gid)
+        password_file.chmod(0o600)
+        subprocess.run([str(self.bin / "initdb"), "-D", str(self.data), "-U", SUPERUSER, "--auth=scram-sha-256",
+                        f"--pwfile={password_file}", "-E", "UTF8", "--locale=C.UTF-8"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **self._as_server_user())
+        password_file.unlink()
+
+    def start(self, timeout: float = 60.0) -> PostgreSQLServer:
+        if not (self.data / "PG_VERSION").exists():
+            self._initdb()
+        log = open(self.workdir / "postgresql.log", "ab")
+        if self._user is not None:
+            os.chown(self.workdir / "postgresql.log", self._user.pw_uid, self._user.pw_gid)
+        self.process = subprocess.Popen(
+            [str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port), "-h", "127.0.0.1",
+             "-k", str(self.sockets), "-c", "max_connections=200", "-c", "shared_buffers=128MB",
+             "-c", "log_min_messages=warning"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            **self._as_server_user())
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"PostgreSQL exited with {self.process.returncode}; see "
+                                   f"{self.workdir / 'postgresql.log'}")
+            if self._ready():
+                return self
+            time.sleep(0.1)
+        self.stop(kill=True)
+        raise TimeoutError(f"PostgreSQL did not start within {timeout:.0f} s")
+
+    def _ready(self) -> bool:
+        pg_isready = self.bin / "pg_isready"
+        if not pg_isready.exists():
+            pg_isready = Path(shutil.which("pg_isready") or "pg_isready")
+        result = subprocess.run([str(pg_isready), "-q", "-h", "127.0.0.1", "-p", str(self.port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return result.returncode == 0
+
+    def stop(self, kill: bool = False) -> None:
+        """A fast shutdown (SIGINT), or kill -9 (crash recovery on next start)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        if kill:
+            os.killpg(self.process.pid, 9)  # the postmaster and its backends, as a crash would
+        else:
+            self.process.send_signal(2)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, 9)
+            self.process.wait(timeout=10)
+
+    def remove(self) -> None:
+        """Stops the server and deletes its data."""
+        self.stop(kill=True)
+        shutil.rmtree(self.workdir, ignore_errors=True)

@@ -1,0 +1,257 @@
+"""The journal in PostgreSQL, fenced by a counter in the database.
+
+ZooKeeper elects the master; PostgreSQL holds what it must not lose. The
+master that wins the election opens the journal by raising the fence of its
+row in `dworkers_journal` (an UPDATE: it waits for appends in flight, which
+hold the row in share mode); every write then runs in a transaction that
+locks the row in share mode and proceeds only if the fence is still its own.
+A deposed master's write, even one that still believes it leads, finds a
+higher fence and fails; the master steps down.
+
+Group commit: appends queue to one writer thread and connection, which
+writes everything queued as one transaction (one WAL flush for several
+batches). Reads, snapshots and compaction use a second connection.
+
+Many clusters may share a database: each journal is a row, named by the
+cluster's ZooKeeper root.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import re
+import threading
+from collections.abc import Iterator
+
+import psycopg
+from dworkers.v1 import journal_pb2
+
+from services.common.settings import URL_PASSWORD
+from services.master.journal.contract import FencedError, Journal, JournalError
+from services.master.journal.schema import migrate
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5  # seconds
+READ_ROWS = 64  # batches fetched per round trip while replaying
+MAX_WRITE_BYTES = 32 * 1024 * 1024  # queued appends written in one transaction, at most
+
+APPEND = """
+INSERT INTO dworkers_batch (journal, position, data)
+SELECT j.name, b.position, b.data
+  FROM dworkers_journal j, unnest(%(positions)s::bigint[], %(datas)s::bytea[]) AS b(position, data)
+ WHERE j.name = %(name)s AND j.fence = %(fence)s
+   FOR SHARE OF j
+"""
+QUERY_PASSWORD = re.compile(r"((?:^|[?&\s])password=)[^&\s]*")
+HOLD_FENCE = "SELECT fence FROM dworkers_journal WHERE name = %s FOR SHARE"
+
+
+def redact(url: str) -> str:
+    """The URL without its password: the only form that is ever logged."""
+    return QUERY_PASSWORD.sub(r"\1***", URL_PASSWORD.sub(r"\1***@", url))
+
+
+def connect(url: str, password: str | None = None, autocommit: bool = True) -> psycopg.Connection:
+    """A connection that notices a dead server: TCP keepalives, connect timeout."""
+    extra: dict = {"connect_timeout": CONNECT_TIMEOUT, "keepalives": 1, "keepalives_idle": 5,
+                   "keepalives_interval": 2, "keepalives_count": 3, "application_name": "dworkers-master"}
+    if password:
+        extra["password"] = password
+    try:
+        return psycopg.connect(url, autocommit=autocommit, **extra)
+    except psycopg.Error as exc:
+        raise JournalError(f"cannot connect to PostgreSQL at {redact(url)}: {first_line(exc)}") from None
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+class PostgreSQLJournal(Journal):
+    """Open with `take_over()` before the first read or write."""
+
+    def __init__(self, url: str, name: str, holder: str = "", password: str | None = None):
+        self.url, self.name, self.holder, self.password = url, name, holder, password
+        self.fence = 0
+        self._other = connect(url, password)  # reads, snapshots, compaction
+        self._other_lock = threading.Lock()
+        self._queue: list[tuple[int, bytes, concurrent.futures.Future]] = []
+        self._queue_cond = threading.Condition()
+        self._closed = False
+        self._writer: threading.Thread | None = None
+
+    # --- fence -------------------------------------------------------------
+
+    def take_over(self) -> int:
+        """Raises the fence (deposing every earlier writer) and returns it."""
+        with self._other_lock:
+            try:
+                migrate(self._other)
+                with self._other.transaction():
+                    self._other.execute("INSERT INTO dworkers_journal (name) VALUES (%s) ON CONFLICT DO NOTHING",
+                                        (self.name,))
+                    row = self._other.execute(
+                        "UPDATE dworkers_journal SET fence = fence + 1, holder = %s, taken_at = now() "
+                        "WHERE name = %s RETURNING fence", (self.holder, self.name)).fetchone()
+            except psycopg.Error as exc:
+                raise JournalError(f"cannot take over the journal: {first_line(exc)}") from None
+        assert row is not None
+        self.fence = row[0]
+        writer = connect(self.url, self.password)
+        self._writer = threading.Thread(target=self._write_forever, args=(writer,), name="journal-writer",
+                                        daemon=True)
+        self._writer.start()
+        return self.fence
+
+    def _hold_fence(self, conn: psycopg.Connection, what: str) -> None:
+        """Inside a transaction: proceeds only while the fence is ours."""
+        row = conn.execute(HOLD_FENCE, (self.name,)).fetchone()
+        if row is None or row[0] != self.fence:
+            raise FencedError(f"{what}: the journal's fence is {row and row[0]}, not {self.fence}: "
+                              "another master took over")
+
+    # --- appends -------------------------------------------------------------
+
+    def append(self, position: int, batch: journal_pb2.JournalBatch) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        data = batch.SerializeToString()
+        with self._queue_cond:
+            if self._closed or self._writer is None:
+                future.set_exception(JournalError("the journal is closed"))
+                return future
+            self._queue.append((position, data, future))
+            self._queue_cond.notify()
+        return future
+
+    def _take_queued(self) -> list[tuple[int, bytes, concurrent.futures.Future]]:
+        with self._queue_cond:
+            while not self._queue and not self._closed:
+                self._queue_cond.wait()
+            if self._closed:  # whoever waits on these has been told the master stopped
+                for _position, _data, future in self._queue:
+                    future.set_exception(JournalError("the journal is closed"))
+                self._queue.clear()
+                return []
+            taken: list[tuple[int, bytes, concurrent.futures.Future]] = []
+            size = 0
+            while self._queue and (not taken or size + len(self._queue[0][1]) <= MAX_WRITE_BYTES):
+                item = self._queue.pop(0)
+                taken.append(item)
+                size += len(item[1])
+            return taken
+
+    def _write_forever(self, conn: psycopg.Connection) -> None:
+        failed: JournalError | None = None
+        try:
+            while True:
+                taken = self._take_queued()
+                if not taken:
+                    return  # closed
+                if failed is None:
+                    try:
+                        self._write(conn, taken)
+                    except JournalError as exc:
+                        failed = exc  # every later append fails too: the writer cannot vouch for order
+                for position, _data, future in taken:
+                    if failed is None:
+                        future.set_result(position)
+                    else:
+                        future.set_exception(failed)
+        finally:
+            conn.close()
+
+    def _write(self, conn: psycopg.Connection, taken: list) -> None:
+        params = {"name": self.name, "fence": self.fence, "positions": [t[0] for t in taken],
+                  "datas": [t[1] for t in taken]}
+        try:
+            with conn.transaction():
+                written = conn.execute(APPEND, params).rowcount
+                if written != len(taken):
+                    raise FencedError(f"journal append at {taken[0][0]}: the fence moved past {self.fence}: "
+                                      "another master took over")
+        except FencedError:
+            raise
+        except psycopg.errors.UniqueViolation:
+            raise JournalError(f"journal append at {taken[0][0]}: the position is taken") from None
+        except psycopg.Error as exc:
+            raise JournalError(f"journal append at {taken[0][0]} failed: {first_line(exc)}") from None
+
+    # --- reads, snapshots, compaction ------------------------------------------
+
+    def _run(self, what: str, action):
+        with self._other_lock:
+            try:
+                return action(self._other)
+            except JournalError:
+                raise
+            except psycopg.Error as exc:
+                raise JournalError(f"{what} failed: {first_line(exc)}") from None
+
+    def read(self, after: int = -1) -> Iterator[tuple[int, journal_pb2.JournalBatch]]:
+        # A separate connection: replay streams through a server-side cursor
+        # (bounded memory) in its own transaction.
+        conn = connect(self.url, self.password, autocommit=False)
+        try:
+            with conn.cursor(name="journal_replay", binary=True) as cursor:
+                cursor.itersize = READ_ROWS
+                cursor.execute("SELECT position, data FROM dworkers_batch WHERE journal = %s AND position > %s "
+                               "ORDER BY position", (self.name, after))
+                for position, data in cursor:
+                    yield position, journal_pb2.JournalBatch.FromString(data)
+        except psycopg.Error as exc:
+            raise JournalError(f"reading the journal failed: {first_line(exc)}") from None
+        finally:
+            conn.close()
+
+    def discard_after(self, position: int) -> None:
+        """Nothing to do: an append is one transaction, so an unfinished one
+        leaves nothing behind."""
+
+    def write_snapshot(self, position: int, data: bytes) -> None:
+        def store(conn: psycopg.Connection) -> None:
+            with conn.transaction():
+                self._hold_fence(conn, "snapshot")
+                with conn.cursor(binary=True) as cursor:
+                    cursor.execute("INSERT INTO dworkers_snapshot (journal, position, data) VALUES (%s, %s, %s) "
+                                   "ON CONFLICT (journal, position) DO UPDATE SET data = excluded.data",
+                                   (self.name, position, data))
+                conn.execute("UPDATE dworkers_journal SET snapshot_position = %s WHERE name = %s",
+                             (position, self.name))
+
+        self._run("snapshot", store)
+
+    def read_snapshot(self) -> tuple[int, bytes] | None:
+        def load(conn: psycopg.Connection) -> tuple[int, bytes] | None:
+            with conn.transaction(), conn.cursor(binary=True) as cursor:
+                cursor.execute("SELECT s.position, s.data FROM dworkers_journal j JOIN dworkers_snapshot s "
+                               "ON s.journal = j.name AND s.position = j.snapshot_position WHERE j.name = %s",
+                               (self.name,))
+                row = cursor.fetchone()
+            return (row[0], bytes(row[1])) if row else None
+
+        return self._run("reading the snapshot", load)
+
+    def compact(self) -> int:
+        def delete(conn: psycopg.Connection) -> int:
+            with conn.transaction():
+                self._hold_fence(conn, "compaction")
+                covered = conn.execute("SELECT snapshot_position FROM dworkers_journal WHERE name = %s",
+                                       (self.name,)).fetchone()
+                if covered is None or covered[0] is None:
+                    return 0
+                batches = conn.execute("DELETE FROM dworkers_batch WHERE journal = %s AND position <= %s",
+                                       (self.name, covered[0])).rowcount
+                snapshots = conn.execute("DELETE FROM dworkers_snapshot WHERE journal = %s AND position <> %s",
+                                         (self.name, covered[0])).rowcount
+                return batches + snapshots
+
+        return self._run("compaction", delete)
+
+    def close(self) -> None:
+        """Stops writing; called from the event loop, so it never waits."""
+        with self._queue_cond:
+            self._closed = True
+            self._queue_cond.notify_all()
+        threading.Thread(target=self._run, args=("closing", lambda conn: conn.close()), daemon=True).start()

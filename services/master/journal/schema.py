@@ -1,0 +1,61 @@
+"""The PostgreSQL journal's schema, versioned. Migrations run at start, in
+one transaction under an advisory lock (two masters starting at once apply
+them once); a database whose schema is newer than this code is refused."""
+
+from __future__ import annotations
+
+import psycopg
+
+from services.common.errors import ConfigError
+
+LOCK_KEY = 0x64776B7273  # "dwkrs": serialises migrations across processes
+
+# (version, statements). Append only: a released migration never changes.
+MIGRATIONS: list[tuple[int, str]] = [
+    (1, """
+CREATE TABLE dworkers_journal (
+    name text PRIMARY KEY,              -- the cluster's ZooKeeper root
+    fence bigint NOT NULL DEFAULT 0,    -- raised by each master taking over
+    holder text NOT NULL DEFAULT '',    -- that master's election znode, for people
+    taken_at timestamptz,
+    snapshot_position bigint            -- the latest complete snapshot
+);
+CREATE TABLE dworkers_batch (
+    journal text NOT NULL REFERENCES dworkers_journal (name),
+    position bigint NOT NULL,
+    data bytea NOT NULL,
+    PRIMARY KEY (journal, position)
+);
+CREATE TABLE dworkers_snapshot (
+    journal text NOT NULL REFERENCES dworkers_journal (name),
+    position bigint NOT NULL,
+    data bytea NOT NULL,
+    PRIMARY KEY (journal, position)
+);
+"""),
+]
+LATEST = MIGRATIONS[-1][0]
+
+
+class SchemaTooNew(ConfigError):
+    """The database was migrated by a newer dworkers."""
+
+
+def migrate(conn: psycopg.Connection) -> int:
+    """Brings the schema to LATEST; returns the version found before."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+        conn.execute("CREATE TABLE IF NOT EXISTS dworkers_schema (one int PRIMARY KEY DEFAULT 1 CHECK (one = 1), "
+                     "version int NOT NULL)")
+        row = conn.execute("SELECT version FROM dworkers_schema").fetchone()
+        found = row[0] if row else 0
+        if found > LATEST:
+            raise SchemaTooNew(f"the PostgreSQL journal's schema is version {found}, newer than this dworkers "
+                               f"knows ({LATEST}): upgrade dworkers")
+        for version, statements in MIGRATIONS:
+            if version > found:
+                conn.execute(statements)
+        if found < LATEST:
+            conn.execute("INSERT INTO dworkers_schema (version) VALUES (%s) "
+                         "ON CONFLICT (one) DO UPDATE SET version = excluded.version", (LATEST,))
+    return found

@@ -1,0 +1,71 @@
+"""Both journal kinds behind one test interface: open a fenced writer,
+depose it (as a new master would), read as a recovering master does."""
+
+from __future__ import annotations
+
+import uuid
+
+from services.common import zk
+from services.master.journal import Journal, PostgreSQLJournal, ZooKeeperJournal
+
+KINDS = ("zookeeper", "postgresql")
+
+
+class ZooKeeperKind:
+    """Writers fenced by an ephemeral election znode; deposed by its deletion."""
+
+    def __init__(self, server) -> None:
+        self.client = zk.connect(server.hosts, session_timeout=2.0)
+        self.paths = zk.Paths(f"/journal-test-{uuid.uuid4().hex[:8]}")
+        self.client.ensure_path(self.paths.election)
+        self.fences: dict[int, str] = {}
+
+    def writer(self) -> Journal:
+        fence = self.client.create(f"{self.paths.election}/n-", ephemeral=True, sequence=True)
+        journal = ZooKeeperJournal(self.client, self.paths.journal, fence_path=fence)
+        self.fences[id(journal)] = fence
+        return journal
+
+    def depose(self, journal: Journal) -> None:
+        self.client.delete(self.fences[id(journal)])
+
+    def reader(self) -> Journal:
+        return ZooKeeperJournal(self.client, self.paths.journal)
+
+    def close(self) -> None:
+        self.client.stop()
+        self.client.close()
+
+
+class PostgreSQLKind:
+    """Writers fenced by the journal row's fence; deposed by a take-over."""
+
+    def __init__(self, server) -> None:
+        self.url = server.url()
+        self.name = f"/journal-test-{uuid.uuid4().hex[:8]}"
+        self.opened: list[PostgreSQLJournal] = []
+
+    def _open(self) -> PostgreSQLJournal:
+        journal = PostgreSQLJournal(self.url, self.name, holder=f"test-{len(self.opened)}")
+        self.opened.append(journal)
+        journal.take_over()
+        return journal
+
+    def writer(self) -> Journal:
+        return self._open()
+
+    def depose(self, journal: Journal) -> None:
+        self._open()
+
+    def reader(self) -> Journal:
+        return self._open()  # a recovering master takes over before it reads
+
+    def close(self) -> None:
+        for journal in self.opened:
+            journal.close()
+
+
+def open_kind(request, kind: str):
+    if kind == "zookeeper":
+        return ZooKeeperKind(request.getfixturevalue("zookeeper"))
+    return PostgreSQLKind(request.getfixturevalue("postgresql"))
