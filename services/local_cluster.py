@@ -75,7 +75,8 @@ def wait_serving(address: str, service: str = "", timeout: float = 30.0) -> bool
 class LocalCluster:
     def __init__(self, workdir: str | Path | None = None, root: str = "/dworkers",
                  session_timeout: float = 4.0, log_to_files: bool = True, extra_env: dict | None = None,
-                 zookeeper: ZooKeeperServer | None = None):
+                 zookeeper: ZooKeeperServer | None = None, journal: str = ""):
+        self.journal = journal  # a PostgreSQL URL for the masters' journal; empty: ZooKeeper
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="dworkers-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.root = root
@@ -112,8 +113,10 @@ class LocalCluster:
                      prefix: tuple[str, ...] = ()) -> Service:
         port = port or free_port()
         address = f"{host}:{port}"
+        journal = ["--journal", self.journal] if self.journal else []
         service = self._spawn("master", ["--listen", address, "--metrics-port", "0",
-                                         "--session-timeout", str(self.session_timeout), *args], address, prefix)
+                                         "--session-timeout", str(self.session_timeout), *journal, *args],
+                              address, prefix)
         if wait and not wait_serving(address):
             raise RuntimeError(f"backend {address} did not start:\n{service.log()[-3000:]}")
         return service

@@ -34,9 +34,18 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture
-def cluster(zookeeper, tmp_path, request):
+def journal(request) -> str:
+    """The masters' --journal: ZooKeeper unless a test is parametrized with
+    `both_journals` (tests/journals.py)."""
+    if getattr(request, "param", "zookeeper") == "zookeeper":
+        return ""
+    return request.getfixturevalue("postgresql").url()
+
+
+@pytest.fixture
+def cluster(zookeeper, tmp_path, request, journal):
     c = LocalCluster(workdir=tmp_path, root=f"/test-{uuid.uuid4().hex[:8]}", session_timeout=2.0,
-                     zookeeper=zookeeper)
+                     zookeeper=zookeeper, journal=journal)
     yield c
     c.stop()
     report = getattr(request.node, "report_call", None)

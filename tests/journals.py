@@ -4,11 +4,35 @@ depose it (as a new master would), read as a recovering master does."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+
+import pytest
+from dworkers.v1 import journal_pb2
 
 from services.common import zk
 from services.master.journal import Journal, PostgreSQLJournal, ZooKeeperJournal
 
 KINDS = ("zookeeper", "postgresql")
+
+# Runs a cluster test once per journal kind (the `journal` fixture, conftest.py).
+both_journals = pytest.mark.parametrize("journal", KINDS, indirect=True)
+
+
+def read_journal(cluster) -> Iterator[tuple[int, journal_pb2.JournalBatch]]:
+    """A cluster's journal as a recovering master reads it (without taking over)."""
+    if cluster.journal:
+        journal = PostgreSQLJournal(cluster.journal, cluster.root)
+        try:
+            yield from journal.read()
+        finally:
+            journal.close()
+        return
+    client = zk.connect(cluster.zk)
+    try:
+        yield from ZooKeeperJournal(client, zk.Paths(cluster.root).journal).read()
+    finally:
+        client.stop()
+        client.close()
 
 
 class ZooKeeperKind:

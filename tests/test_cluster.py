@@ -23,10 +23,12 @@ from tests.helpers import (
     wait_kind,
     wait_until,
 )
+from tests.journals import both_journals
 
 pytestmark = pytest.mark.e2e
 
 
+@both_journals
 def test_the_samples_scenario_with_a_flaky_worker(cluster):
     """3 workers and a flaky one; work 1, then 2..100: every result once."""
     cluster.start_master(wait=True)
@@ -47,6 +49,7 @@ def test_the_samples_scenario_with_a_flaky_worker(cluster):
     results.stop()
 
 
+@both_journals
 def test_kill_9_of_the_master_with_200_works_in_flight(cluster):
     cluster.start_master(wait=True)
     cluster.start_master(wait=True)
@@ -78,12 +81,13 @@ def test_kill_9_of_the_master_with_200_works_in_flight(cluster):
     results.stop()
 
 
-def test_sigterm_hands_over_to_the_standby_at_once(zookeeper, tmp_path):
+@both_journals
+def test_sigterm_hands_over_to_the_standby_at_once(zookeeper, tmp_path, journal):
     # A 10 s session: only a graceful resignation can be faster than that.
     from services.local_cluster import LocalCluster
 
     cluster = LocalCluster(workdir=tmp_path, root=f"/graceful-{uuid.uuid4().hex[:6]}", session_timeout=10.0,
-                           zookeeper=zookeeper)
+                           zookeeper=zookeeper, journal=journal)
     try:
         first = cluster.start_master(wait=True)
         second = cluster.start_master(wait=True)
@@ -98,6 +102,7 @@ def test_sigterm_hands_over_to_the_standby_at_once(zookeeper, tmp_path):
         cluster.stop()
 
 
+@both_journals
 def test_submit_is_idempotent(cluster):
     cluster.start_master(wait=True)
     cluster.start_worker(1)

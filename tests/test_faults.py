@@ -13,9 +13,7 @@ import grpc
 import pytest
 from dworkers.v1 import master_pb2_grpc, work_pb2
 
-from services.common import zk
 from services.local_cluster import LocalCluster, wait_serving
-from services.master.journal import ZooKeeperJournal
 from tests.helpers import (
     ResultCollector,
     assert_exactly_once,
@@ -25,6 +23,7 @@ from tests.helpers import (
     wait_running,
     wait_until,
 )
+from tests.journals import both_journals, read_journal
 
 pytestmark = pytest.mark.e2e
 
@@ -53,16 +52,7 @@ class Producer:
         return self.acked
 
 
-def journal_epochs(cluster) -> list[int]:
-    client = zk.connect(cluster.zk)
-    try:
-        journal = ZooKeeperJournal(client, zk.Paths(cluster.root).journal)
-        return [batch.epoch for _, batch in journal.read()]
-    finally:
-        client.stop()
-        client.close()
-
-
+@both_journals
 def test_a_paused_master_is_fenced_and_rejoins_as_standby(cluster):
     old = cluster.start_master(wait=True)
     new = cluster.start_master(wait=True)
@@ -88,7 +78,7 @@ def test_a_paused_master_is_fenced_and_rejoins_as_standby(cluster):
     assert old.alive(), "the deposed master should stay up as a standby"
     assert not wait_serving(old.address, "dworkers.v1.Master", timeout=1)
     assert cluster.active_master() is new
-    epochs = journal_epochs(cluster)
+    epochs = [batch.epoch for _, batch in read_journal(cluster)]
     assert epochs == sorted(epochs), "a deposed master appended after its successor"
     assert len(set(epochs)) >= 2
     results.stop()

@@ -17,6 +17,7 @@ from tests.helpers import (
     wait_kind,
     wait_until,
 )
+from tests.journals import both_journals
 
 pytestmark = pytest.mark.e2e
 
@@ -80,6 +81,7 @@ def test_an_endless_stream_of_work_keeps_memory_and_zookeeper_bounded(cluster):
     results.stop()
 
 
+@both_journals
 def test_a_restarted_master_recovers_from_a_snapshot(cluster):
     first = cluster.start_master(None, "--snapshot-every", "100", "--snapshot-interval", "1", wait=True)
     cluster.start_master(wait=True)

@@ -17,6 +17,7 @@ from dworkers.v1 import work_pb2
 from services.common.zkserver import four_letter_word
 from services.local_cluster import LocalCluster
 from tests.helpers import ResultCollector, frontend, submit_until_acked, wait_kind
+from tests.journals import both_journals
 
 pytestmark = pytest.mark.e2e
 
@@ -140,6 +141,7 @@ def test_a_wide_worker_joining_a_backlog_of_large_works_runs_them_all(cluster):
     results.stop()
 
 
+@both_journals
 @pytest.mark.parametrize("size", [1 * KiB, 64 * KiB, 200 * KiB])
 def test_a_large_work_survives_a_failover(cluster, size):
     """Payload and result written in parts of the journal, read back by the standby."""

@@ -24,8 +24,9 @@ from services.common.settings import Cluster, Logging, group, setting
 from services.common.wire import AddressInUse
 from services.master.domain.master import CoreSettings
 from services.master.election import Election, ElectionView
-from services.master.journal import FencedError, Journal, PostgreSQLJournal, ZooKeeperJournal
+from services.master.journal import FencedError, Journal, JournalError, PostgreSQLJournal, ZooKeeperJournal
 from services.master.journal.postgresql import redact
+from services.master.journal.schema import LATEST
 from services.master.leadership import LeadershipCheck
 from services.master.service import MasterService
 from services.master.shell import MasterShell
@@ -182,6 +183,8 @@ class MasterNode:
             return
         s = self.settings
         serve_metrics(s.metrics_port, self.registry)
+        if s.journal:
+            await self.loop.run_in_executor(None, self._migrate_journal)
         connecting = self.loop.run_in_executor(None, zk.connect, s.cluster.zk, s.session_timeout)
         stopping = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait([connecting, stopping], return_when=asyncio.FIRST_COMPLETED)
@@ -269,12 +272,19 @@ class MasterNode:
             shell.node = node
             await shell.recover()
         except Exception as exc:
-            log.error("recovery failed: %r; retrying", exc, extra={"epoch": view.epoch})
             if shell is not None:
                 shell.close(f"recovery failed: {exc}")
             self._recovering = None
-            await asyncio.sleep(0.5)
-            self.election.refresh()
+            if len(view.members) > 1:
+                # Maybe only this backend cannot reach the journal: let the
+                # next one try, and queue up behind it.
+                log.error("recovery failed: %s; yielding to a standby", exc, extra={"epoch": view.epoch})
+                await asyncio.sleep(0.5)
+                self.election.rejoin()
+            else:
+                log.error("recovery failed: %s; retrying", exc, extra={"epoch": view.epoch})
+                await asyncio.sleep(0.5)
+                self.election.refresh()
             return
         self._recovering = None
         if self.view is None or self.view.node != node or not self.view.leader:
@@ -286,6 +296,18 @@ class MasterNode:
             self._on_zk_state(KazooState.SUSPENDED)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info("active master at %s", self.address, extra={"epoch": view.epoch})
+
+    def _migrate_journal(self) -> None:
+        """Brings the PostgreSQL schema up to date before joining the election;
+        a schema newer than this code ends the process. Unreachable now, the
+        database is tried again when this backend is elected."""
+        try:
+            found = PostgreSQLJournal.prepare(self.settings.journal, self._journal_password)
+        except JournalError as exc:
+            log.warning("PostgreSQL journal not reachable yet: %s", exc)
+            return
+        if found < LATEST:
+            log.info("PostgreSQL journal schema migrated from version %d to %d", found, LATEST)
 
     def _open_journal(self, node: str) -> tuple[Journal, str]:
         """The journal, fenced for this master; and the cluster's id."""

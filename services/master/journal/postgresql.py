@@ -82,6 +82,17 @@ class PostgreSQLJournal(Journal):
         self._closed = False
         self._writer: threading.Thread | None = None
 
+    @staticmethod
+    def prepare(url: str, password: str | None = None) -> int:
+        """Migrates the schema; returns the version found (SchemaTooNew if newer)."""
+        conn = connect(url, password)
+        try:
+            return migrate(conn)
+        except psycopg.Error as exc:
+            raise JournalError(f"migrating the schema failed: {first_line(exc)}") from None
+        finally:
+            conn.close()
+
     # --- fence -------------------------------------------------------------
 
     def take_over(self) -> int:

@@ -1,0 +1,275 @@
+"""The PostgreSQL journal with real processes: the fence in the database
+stops a master that still believes it leads; PostgreSQL killed with -9 and
+restarted under load loses nothing acknowledged; a master cut off from
+PostgreSQL (ZooKeeper fine) yields to a standby that can reach it; schema
+migrations; passwords stay out of logs; ZooKeeper holds no journal data."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+
+import grpc
+import psycopg
+import pytest
+from dworkers.v1 import work_pb2
+
+from services.common import zk
+from services.common.pgserver import PostgreSQLServer
+from services.local_cluster import LocalCluster, wait_serving
+from services.master.journal import PostgreSQLJournal
+from services.master.journal.schema import LATEST, SchemaTooNew, migrate
+from tests.helpers import (
+    ResultCollector,
+    assert_exactly_once,
+    frontend,
+    submit_until_acked,
+    wait_kind,
+    wait_until,
+)
+from tests.test_faults import Producer
+
+pytestmark = pytest.mark.e2e
+
+
+def fence_of(url: str, root: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT fence FROM dworkers_journal WHERE name = %s", (root,)).fetchone()
+    return row[0] if row else 0
+
+
+@pytest.fixture
+def pg_cluster(zookeeper, postgresql, tmp_path, request):
+    c = LocalCluster(workdir=tmp_path, root=f"/pg-{uuid.uuid4().hex[:8]}", session_timeout=2.0,
+                     zookeeper=zookeeper, journal=postgresql.url())
+    yield c
+    c.stop()
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        c.print_logs()
+
+
+def test_a_master_whose_fence_was_raised_stops_acting_though_zookeeper_still_names_it(pg_cluster, postgresql):
+    """A split ZooKeeper cannot see: another writer took the journal. The
+    master's next append is refused; it steps down, and takes the journal
+    back only by raising the fence again (after replaying what is there)."""
+    master = pg_cluster.start_master(wait=True)
+    pg_cluster.start_worker(2)
+    stub = frontend(pg_cluster.start_frontend().address)
+    results = ResultCollector(stub)
+    wait_kind(stub, "square")
+    before = [submit_until_acked(stub, "square", str(n).encode(), f"before-{n}").work_id for n in range(20)]
+    fence = fence_of(postgresql.url(), pg_cluster.root)
+    intruder = PostgreSQLJournal(postgresql.url(), pg_cluster.root, holder="intruder")
+    assert intruder.take_over() == fence + 1
+    intruder.close()
+    after = [submit_until_acked(stub, "square", str(n).encode(), f"after-{n}").work_id for n in range(20)]
+    assert "the fence moved past" in master.log() and "stepping down" in master.log()
+    assert fence_of(postgresql.url(), pg_cluster.root) >= fence + 2  # it took the journal back
+    assert_exactly_once(results, before + after, stub)
+    results.stop()
+
+
+def test_postgresql_killed_and_restarted_under_load_loses_nothing_acknowledged(zookeeper, tmp_path):
+    database = PostgreSQLServer(tmp_path / "postgresql").start()
+    cluster = LocalCluster(workdir=tmp_path, root=f"/pgkill-{uuid.uuid4().hex[:6]}", session_timeout=2.0,
+                           zookeeper=zookeeper, journal=database.url())
+    try:
+        cluster.start_master(wait=True)
+        cluster.start_master(wait=True)
+        cluster.start_worker(2)
+        stub = frontend(cluster.start_frontend().address)
+        results = ResultCollector(stub)
+        wait_kind(stub, "square")
+        producer = Producer(stub, prefix="pg")
+        wait_until(lambda: len(producer.acked) >= 20, 30, "the first acked works")
+        database.stop(kill=True)
+        # While PostgreSQL is down, a submission is refused, not left hanging.
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.SubmitWork(work_pb2.SubmitWorkRequest(work_id="while-down", kind="square", payload=b"2"),
+                            timeout=20)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+        assert time.monotonic() - started < 15
+        database.start()
+        before = len(producer.acked)
+        wait_until(lambda: len(producer.acked) >= before + 20, 60, "works acked after PostgreSQL returned")
+        acked = producer.stop()
+        assert_exactly_once(results, acked, stub)
+        results.stop()
+    finally:
+        cluster.stop()
+        database.remove()
+
+
+class TcpProxy:
+    """Forwards a local port to PostgreSQL until cut (then refuses and drops
+    every connection): one backend loses PostgreSQL, nothing else does."""
+
+    def __init__(self, port: int):
+        self.target = ("127.0.0.1", port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        self.cut_off = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        self.listener.close()
+        for s in self.sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def test_a_master_cut_off_from_postgresql_yields_to_a_standby_that_reaches_it(zookeeper, postgresql, tmp_path):
+    proxy = TcpProxy(postgresql.port)
+    root = f"/pgcut-{uuid.uuid4().hex[:6]}"
+    through_proxy = postgresql.url().replace(f":{postgresql.port}/", f":{proxy.port}/")
+    cut_off = LocalCluster(workdir=tmp_path / "a", root=root, session_timeout=2.0, zookeeper=zookeeper,
+                           journal=through_proxy)
+    direct = LocalCluster(workdir=tmp_path / "b", root=root, session_timeout=2.0, zookeeper=zookeeper,
+                          journal=postgresql.url())
+    try:
+        first = cut_off.start_master(wait=True)
+        standby = direct.start_master(wait=True)
+        direct.start_worker(2)
+        stub = frontend(direct.start_frontend().address)
+        results = ResultCollector(stub)
+        wait_kind(stub, "square")
+        assert wait_serving(first.address, "dworkers.v1.Master", timeout=20)
+        producer = Producer(stub, prefix="cut")
+        wait_until(lambda: len(producer.acked) >= 10, 30, "the first acked works")
+        proxy.cut()
+        assert wait_serving(standby.address, "dworkers.v1.Master", timeout=30)
+        before = len(producer.acked)
+        wait_until(lambda: len(producer.acked) >= before + 10, 30, "works acked by the standby")
+        acked = producer.stop()
+        assert "yielding to a standby" in first.log() and first.alive()
+        assert not wait_serving(first.address, "dworkers.v1.Master", timeout=1)
+        assert_exactly_once(results, acked, stub)
+        results.stop()
+    finally:
+        cut_off.stop()
+        direct.stop()
+
+
+def test_zookeeper_holds_no_journal_data_with_the_postgresql_journal(pg_cluster):
+    pg_cluster.start_master(None, "--max-pending-bytes", str(64 * 1024 * 1024), wait=True)
+    stub = frontend(pg_cluster.start_frontend().address)
+    pg_cluster.start_worker(1, "--jobs", "tests.jobs_for_tests")
+    wait_kind(stub, "echo")
+    client = zk.connect(pg_cluster.zk)
+    try:
+        def data_bytes(path: str) -> int:
+            return len(client.get(path)[0]) + sum(data_bytes(f"{path}/{c}") for c in client.get_children(path))
+
+        before = data_bytes(pg_cluster.root)
+        works = [work_pb2.SubmitWorkRequest(work_id=f"big-{i}", kind="echo", payload=bytes([i % 256]) * 100 * 1024)
+                 for i in range(200)]  # 20 MB
+        for start in range(0, len(works), 20):
+            stub.SubmitWorks(work_pb2.SubmitWorksRequest(works=works[start:start + 20]), timeout=30)
+        after = data_bytes(pg_cluster.root)
+    finally:
+        client.stop()
+        client.close()
+    assert after - before < 4096, f"ZooKeeper grew by {after - before} bytes with the backlog"
+
+
+def test_a_password_given_in_a_file_works_and_no_password_is_logged(zookeeper, postgresql, tmp_path):
+    secret_file = tmp_path / "password"
+    secret_file.write_text(postgresql.password + "\n")
+    without_password = postgresql.url().replace(f":{postgresql.password}@", "@")
+    cluster = LocalCluster(workdir=tmp_path, root=f"/pgpw-{uuid.uuid4().hex[:6]}", session_timeout=2.0,
+                           zookeeper=zookeeper, journal=without_password)
+    try:
+        master = cluster.start_master(None, "--journal-password-file", str(secret_file), "--log-level", "DEBUG",
+                                      wait=True)
+        assert wait_serving(master.address, "dworkers.v1.Master", timeout=30)
+        shown = cluster.start_master(None, "--journal", postgresql.url(), wait=True)  # in the URL: still hidden
+        wait_until(lambda: "starting" in shown.log(), 10, "the start-up log line")
+        for service in (master, shown):
+            assert postgresql.password not in service.log()
+        assert "took over the PostgreSQL journal" in master.log()
+    finally:
+        cluster.stop()
+
+
+def test_a_wrong_password_or_a_bad_url_is_one_clear_line(zookeeper, postgresql, tmp_path):
+    cluster = LocalCluster(workdir=tmp_path, root=f"/pgbad-{uuid.uuid4().hex[:6]}", session_timeout=2.0,
+                           zookeeper=zookeeper)
+    try:
+        bad_url = cluster.start_master(None, "--journal", "mysql://u:p@h/db")
+        assert bad_url.process.wait(timeout=30) == 2
+        assert "expected empty (ZooKeeper) or a postgresql:// URL" in bad_url.log()
+        assert "Traceback" not in bad_url.log() and "mysql://u:***@h/db" in bad_url.log()
+        wrong = postgresql.url().replace(postgresql.password, "not-the-password")
+        refused = cluster.start_master(None, "--journal", wrong, wait=True)
+        wait_until(lambda: "password authentication failed" in refused.log(), 30, "the refusal in the log")
+        assert "not-the-password" not in refused.log()
+    finally:
+        cluster.stop()
+
+
+def test_migrations_run_once_under_concurrent_starts_and_a_newer_schema_is_refused(zookeeper, postgresql,
+                                                                                   tmp_path):
+    name = f"migrate_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgresql.url(), autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    url = postgresql.url(name)
+    found: list[int] = []
+    errors: list[Exception] = []
+
+    def start() -> None:
+        try:
+            with psycopg.connect(url, autocommit=True) as conn:
+                found.append(migrate(conn))
+        except Exception as exc:
+            errors.append(exc)
+
+    starters = [threading.Thread(target=start) for _ in range(4)]
+    for t in starters:
+        t.start()
+    for t in starters:
+        t.join(timeout=30)
+    assert not errors and sorted(found) == [0, LATEST, LATEST, LATEST]
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert migrate(conn) == LATEST  # idempotent
+        conn.execute("UPDATE dworkers_schema SET version = %s", (LATEST + 1,))
+        with pytest.raises(SchemaTooNew, match="newer than this dworkers"):
+            migrate(conn)
+    cluster = LocalCluster(workdir=tmp_path, root=f"/pgnew-{uuid.uuid4().hex[:6]}", zookeeper=zookeeper, journal=url)
+    try:
+        refused = cluster.start_master()
+        assert refused.process.wait(timeout=30) == 2
+        assert "newer than this dworkers" in refused.log() and "Traceback" not in refused.log()
+    finally:
+        cluster.stop()
