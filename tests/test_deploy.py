@@ -29,7 +29,7 @@ except ModuleNotFoundError:  # Python 3.10
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
-KUSTOMIZATIONS = [K8S / "base", K8S / "overlays" / "dev"]
+KUSTOMIZATIONS = [K8S / "base", K8S / "overlays" / "dev", K8S / "overlays" / "production"]
 
 # The services' contract.
 GRPC_PORTS = {"master": 7100, "frontend": 7000}
@@ -299,6 +299,55 @@ def test_zookeeper_ensemble_lists_every_replica(rendered):
         m["name"] for m in container["volumeMounts"]]
     budget = rendered[find(rendered, "PodDisruptionBudget", "zookeeper")]
     assert budget["spec"]["maxUnavailable"] == 1
+
+
+def secret_ref(container: dict, name: str) -> dict | None:
+    """The secretKeyRef an env var of a container takes its value from."""
+    for item in container.get("env", []):
+        if item["name"] == name:
+            return item.get("valueFrom", {}).get("secretKeyRef")
+    return None
+
+
+def test_the_dev_overlay_journals_to_its_own_postgresql_with_a_volume():
+    docs = render(K8S / "overlays" / "dev")
+    master = dworkers_containers(docs)["master"][1]
+    assert env(master)["DWORKERS_JOURNAL"].startswith("postgresql://dworkers@postgresql:5432/")
+    assert ":" not in env(master)["DWORKERS_JOURNAL"].split("//", 1)[1].split("@")[0], "no password in the URL"
+    secret = secret_ref(master, "PGPASSWORD")
+    find(docs, "Secret", secret["name"])
+    sts = docs[find(docs, "StatefulSet", "postgresql")]
+    (database,) = [c for c in sts["spec"]["template"]["spec"]["containers"] if c["name"] == "postgresql"]
+    assert database["image"].startswith("postgres:")
+    assert secret_ref(database, "POSTGRES_PASSWORD") == secret
+    mounts = {m["name"]: m["mountPath"] for m in database["volumeMounts"]}
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert env(database)["PGDATA"].startswith(mounts[claim["metadata"]["name"]] + "/")
+    service = docs[find(docs, "Service", "postgresql")]
+    assert [p["port"] for p in service["spec"]["ports"]] == [5432]
+    assert all(d["metadata"].get("namespace") == "dworkers" for d in docs if d["kind"] != "Namespace")
+
+
+def test_the_production_overlay_reads_the_journal_from_a_secret_and_runs_no_database():
+    docs = render(K8S / "overlays" / "production")
+    master = dworkers_containers(docs)["master"][1]
+    assert secret_ref(master, "DWORKERS_JOURNAL") == {"name": "dworkers-journal", "key": "url"}
+    assert secret_ref(master, "PGPASSWORD") == {"name": "dworkers-journal", "key": "password"}
+    assert not [d for d in workloads(docs) if d["metadata"]["name"] == "postgresql"]
+
+
+def test_compose_masters_journal_to_postgresql(compose):
+    database = compose["services"]["postgresql"]
+    assert database["image"].startswith("postgres:")
+    for name, role in compose_roles(compose).items():
+        if role != "master":
+            continue
+        svc = compose["services"][name]
+        assert svc["environment"]["DWORKERS_JOURNAL"] == (
+            f"postgresql://{database['environment']['POSTGRES_USER']}@postgresql:5432/"
+            f"{database['environment']['POSTGRES_DB']}")
+        assert svc["environment"]["PGPASSWORD"] == database["environment"]["POSTGRES_PASSWORD"]
+        assert svc["depends_on"]["postgresql"]["condition"] == "service_healthy"
 
 
 # --- Docker Compose and Prometheus ----------------------------------------------
