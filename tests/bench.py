@@ -10,9 +10,12 @@ Scenarios (--only NAME[,NAME]):
   submit     accepted works/s: SubmitWork from 16 threads; SubmitWorks of 500 from 4 threads (no workers)
   e2e        20,000 `square` works, 2 worker processes, a few concurrencies: first submit -> last result streamed
   roundtrip  200 works one at a time, each awaited on an open WatchResults stream: p50 / p99
+  postgresql end to end (batched) and round trip on the PostgreSQL journal, beside the ZooKeeper figures
   failover   steady submit load; kill -9 the active master, then SIGTERM the next: time until submits succeed
   replay     100,000 pending works; SIGTERM the master: the standby's recovery time (and `memory`:
              master RSS per pending work)
+  backlog    1,000,000 pending works of 1 KiB on the PostgreSQL journal: submit rate, master RSS per
+             work, ZooKeeper's data before/after, the database's size; kill -9 -> standby serving
   scale      1,000 worker slots on one master: idle master CPU, dispatch latency p99 under load
 
 The machine has 2 cores and may be shared: every scenario reports the CPU its
@@ -38,18 +41,20 @@ import uuid
 from pathlib import Path
 
 import grpc
+import psycopg
 from dworkers.v1 import work_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kazoo.client import KazooClient
 
 from services.common import zk as zkpaths
+from services.common.pgserver import PostgreSQLServer
 from services.common.zkserver import ZooKeeperServer
 from services.local_cluster import LocalCluster, Service
 from tests.bench_support import clients, procstat, profiling
 from tests.bench_support.clients import Submitters, Subscriber, percentile
 
-SCENARIOS = ("submit", "e2e", "roundtrip", "failover", "replay", "scale")
-ALIASES = {"memory": "replay", "rtt": "roundtrip"}
+SCENARIOS = ("submit", "e2e", "roundtrip", "postgresql", "failover", "replay", "backlog", "scale")
+ALIASES = {"memory": "replay", "rtt": "roundtrip", "pg": "postgresql"}
 SESSION_TIMEOUT = 4.0  # the master's default --session-timeout
 MASTER_SERVICE = "dworkers.v1.Master"
 
@@ -58,8 +63,10 @@ PEERS = {"dramatiq_e2e": 480, "celery_e2e": 310, "dramatiq_enqueue": 3160, "cele
 
 
 # Rough seconds each scenario needs (to skip rather than overrun the budget).
-ESTIMATE = {"submit": 25, "e2e": 200, "roundtrip": 20, "failover": 30, "replay": 40, "scale": 100}
-ESTIMATE_QUICK = {"submit": 15, "e2e": 30, "roundtrip": 15, "failover": 25, "replay": 20, "scale": 30}
+ESTIMATE = {"submit": 25, "e2e": 200, "roundtrip": 20, "postgresql": 60, "failover": 30, "replay": 40,
+            "backlog": 240, "scale": 100}
+ESTIMATE_QUICK = {"submit": 15, "e2e": 30, "roundtrip": 15, "postgresql": 30, "failover": 25, "replay": 20,
+                  "backlog": 60, "scale": 30}
 
 
 def ms(seconds: float) -> float:
@@ -152,6 +159,7 @@ class Bench:
         self.workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dworkers-bench-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.zookeeper: ZooKeeperServer | None = None
+        self.postgresql: PostgreSQLServer | None = None  # started by the first scenario on that journal
         self.kz: KazooClient | None = None
         self.clusters: list[LocalCluster] = []
         self.rows: list[dict] = []
@@ -181,11 +189,18 @@ class Bench:
         self.rows.append({"key": key, "label": label, "value": value, "unit": unit, "target": target,
                           "op": op, "target_text": target_text, "met": met, "note": note})
 
+    def pg_url(self) -> str:
+        """The benchmark's PostgreSQL (Debian's server, fsync on), started once."""
+        if self.postgresql is None:
+            self.log("starting PostgreSQL")
+            self.postgresql = PostgreSQLServer(self.workdir / "postgresql").start()
+        return self.postgresql.url()
+
     @contextlib.contextmanager
-    def cluster(self, name: str):
+    def cluster(self, name: str, journal: str = ""):
         root = f"/bench-{name}-{uuid.uuid4().hex[:6]}"
         cluster = LocalCluster(workdir=self.workdir / name, root=root, session_timeout=SESSION_TIMEOUT,
-                               zookeeper=self.zookeeper)
+                               zookeeper=self.zookeeper, journal=journal)
         self.clusters.append(cluster)
         # Workers declare their kinds; scenarios without workers need `square` declared.
         self.kz.ensure_path(f"{zkpaths.Paths(root).kinds}/square")
@@ -228,6 +243,9 @@ class Bench:
         if self.zookeeper is not None:
             with contextlib.suppress(Exception):
                 self.zookeeper.stop()
+        if self.postgresql is not None:
+            with contextlib.suppress(Exception):
+                self.postgresql.remove()
         if self.own_workdir and not self.args.keep:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -242,6 +260,9 @@ class Bench:
                 if s.role == "worker":
                     groups.setdefault("executors", []).extend(procstat.descendants(s.pid, tree)[1:])
         groups["zookeeper"] = [self.zookeeper.process.pid]
+        if cluster.journal and self.postgresql is not None and self.postgresql.process is not None:
+            groups["postgresql"] = [self.postgresql.process.pid, *procstat.descendants(
+                self.postgresql.process.pid, tree)[1:]]
         groups["bench"] = [os.getpid()]
         return procstat.CpuMeter(groups, exact=("bench", "worker", "executors"), count_switches=True)
 
@@ -427,9 +448,9 @@ class Bench:
             sub.stop()
 
     @contextlib.contextmanager
-    def e2e_cluster(self, name: str, per_process: int):
+    def e2e_cluster(self, name: str, per_process: int, journal: str = ""):
         """Master, frontend, 2 worker processes x per_process slots, warmed up."""
-        with self.cluster(name) as c:
+        with self.cluster(name, journal) as c:
             c.start_master(None, *self.master_args, wait=True)
             frontend = c.start_frontend()
             stub = self.frontend_stub(frontend)
@@ -510,8 +531,15 @@ class Bench:
     # --- 3. round trip ---------------------------------------------------------
 
     def scenario_roundtrip(self) -> None:
+        p50, p99, note50, note99 = self.roundtrip()
+        self.row("roundtrip.p50", "round trip submit->result p50", p50, "ms", 6.0, "<=", note50)
+        self.row("roundtrip.p99", "round trip submit->result p99", p99, "ms", 20.0, "<", note99)
+
+    def roundtrip(self, journal: str = "") -> tuple[float, float, str, str]:
+        """200 works one at a time, each awaited: (p50 ms, p99 ms, notes)."""
         count = 50 if self.quick else 200
-        with self.cluster("roundtrip") as c:
+        key = "roundtrip_postgresql" if journal else "roundtrip"
+        with self.cluster(key.replace("_", "-"), journal) as c:
             c.start_master(None, *self.master_args, wait=True)
             frontend = c.start_frontend()
             stub = self.frontend_stub(frontend)
@@ -543,7 +571,7 @@ class Bench:
             finally:
                 sub.stop()
         p50, p99 = ms(percentile(rtts, 50)), ms(percentile(rtts, 99))
-        self.details["roundtrip"] = {
+        self.details[key] = {
             "works": count, "rtt_ms_p50": round(p50, 2), "rtt_ms_p99": round(p99, 2),
             "rtt_ms_max": round(ms(max(rtts)), 2), "ack_ms_p50": round(ms(percentile(acks, 50)), 2),
             "ack_ms_p99": round(ms(percentile(acks, 99)), 2),
@@ -551,9 +579,36 @@ class Bench:
             "ack_to_result_ms_p99": round(ms(percentile(after_ack, 99)), 2), "cpu_percent_of_core": cpu}
         note = (f"{count} works, 2 procs x 2 slots; submit ack p50 {ms(percentile(acks, 50)):.1f} ms, "
                 f"ack->result p50 {ms(percentile(after_ack, 50)):.1f} ms; peers p50 ~6-8 ms")
-        self.row("roundtrip.p50", "round trip submit->result p50", p50, "ms", 6.0, "<=", note)
-        self.row("roundtrip.p99", "round trip submit->result p99", p99, "ms", 20.0, "<",
-                 f"max {ms(max(rtts)):.1f} ms; ack->result p99 {ms(percentile(after_ack, 99)):.1f} ms; peers p99 ~9-16 ms")
+        return p50, p99, note, (f"max {ms(max(rtts)):.1f} ms; ack->result p99 {ms(percentile(after_ack, 99)):.1f} "
+                                "ms; peers p99 ~9-16 ms")
+
+    # --- 3b. the PostgreSQL journal, beside the ZooKeeper journal's figures ------
+
+    def scenario_postgresql(self) -> None:
+        """End to end (batched, the ZooKeeper run's best concurrency) and round
+        trip on the PostgreSQL journal; the targets are this run's ZooKeeper figures."""
+        url = self.pg_url()
+        zk_runs = self.details.get("e2e", {}).get("batched") or []
+        per_process = max(zk_runs, key=lambda r: r["rate"])["slots_per_process"] if zk_runs else 16
+        count = self.args.e2e_works or (2_000 if self.quick else 20_000)
+        with self.e2e_cluster("e2e-postgresql", per_process, url) as (c, stub):
+            self.log(f"postgresql: {count:,} works, batched, 2 worker processes x {per_process} slots")
+            result = self.e2e_run(c, stub, count, True)
+        result["slots_per_process"] = per_process
+        self.details["e2e_postgresql"] = result
+        self._e2e_log("batched on PostgreSQL", per_process, result)
+        zk_best = max((r["rate"] for r in zk_runs), default=None)
+        per = result["cpu_ms_per_work"]
+        self.row("postgresql.e2e", f"PostgreSQL journal: end to end, {count:,} works, batched", result["rate"],
+                 "works/s", zk_best, ">=" if zk_best else "",
+                 f"2 procs x {per_process} slots; CPU ms/work: master {per.get('master')} postgresql "
+                 f"{per.get('postgresql')} zk {per.get('zookeeper')}; target: the ZooKeeper journal's figure above")
+        p50, p99, note50, note99 = self.roundtrip(url)
+        zk_rtt = self.details.get("roundtrip", {})
+        self.row("postgresql.roundtrip.p50", "PostgreSQL journal: round trip p50", p50, "ms",
+                 zk_rtt.get("rtt_ms_p50"), "<=" if zk_rtt else "", note50)
+        self.row("postgresql.roundtrip.p99", "PostgreSQL journal: round trip p99", p99, "ms",
+                 zk_rtt.get("rtt_ms_p99"), "<=" if zk_rtt else "", note99)
 
     # --- 4. failover -----------------------------------------------------------
 
@@ -622,6 +677,16 @@ class Bench:
 
     # --- 5. replay and 7. memory -------------------------------------------------
 
+    def fill(self, stub, reqs: list, what: str) -> float:
+        """Submits `reqs` as SubmitWorks of 500 from 4 threads (no workers run
+        them); returns the rate at which they were accepted."""
+        count = len(reqs)
+        self.log(f"{what}: filling the queue with {count:,} works (SubmitWorks x500, 4 threads, no workers)")
+        subm = Submitters(stub, clients.batches(reqs, 500), threads=4, batched=True).start()
+        if not subm.join(max(120.0, count / 500)) or subm.works < count:
+            raise RuntimeError(f"{what}: only {subm.works:,} of {count:,} works acked ({subm.errors})")
+        return subm.rate()
+
     def scenario_replay(self) -> None:
         count = self.args.replay_works or (20_000 if self.quick else 100_000)
         with self.cluster("replay") as c:
@@ -636,11 +701,7 @@ class Bench:
             rss0, standby_rss0 = procstat.rss_bytes(first.pid), procstat.rss_bytes(second.pid)
             reqs = clients.requests(count)
             payload = sum(len(r.payload) for r in reqs)
-            self.log(f"replay: filling the queue with {count:,} works (SubmitWorks x500, 4 threads, no workers)")
-            subm = Submitters(stub, clients.batches(reqs, 500), threads=4, batched=True).start()
-            if not subm.join(max(120.0, count / 500)) or subm.works < count:
-                raise RuntimeError(f"replay: only {subm.works} of {count} works acked ({subm.errors})")
-            fill_rate = subm.rate()
+            fill_rate = self.fill(stub, reqs, "replay")
             # let the ticks take a snapshot if one is due (every 50,000 events by default), then settle
             time.sleep(3.0)
             self.wait_quiet([first.pid], 10, 30)
@@ -685,6 +746,67 @@ class Bench:
         self.row("memory.per_work", "master RSS per pending work (beyond payload)", per_work, "B", 1024, "<",
                  f"VmRSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB for {count:,} works; a fresh standby "
                  f"after recovering them: {standby_per_work:,.0f} B/work")
+
+    # --- 5b. a backlog bigger than memory (PostgreSQL journal) -------------------
+
+    def zookeeper_data(self, root: str) -> tuple[int, int]:
+        """(znodes, data bytes) under a cluster's root."""
+        count, size, stack = 0, 0, [root]
+        while stack:
+            path = stack.pop()
+            data, _ = self.kz.get(path)
+            count, size = count + 1, size + len(data)
+            stack += [f"{path}/{child}" for child in self.kz.get_children(path)]
+        return count, size
+
+    def scenario_backlog(self) -> None:
+        count = self.args.backlog_works or (100_000 if self.quick else 1_000_000)
+        url = self.pg_url()
+        with self.cluster("backlog", url) as c:
+            first = c.start_master(None, *self.master_args, wait=True)
+            second = c.start_master(None, *self.master_args, wait=True)
+            stub = self.frontend_stub(c.start_frontend())
+            self.warm_up_submit(stub)
+            time.sleep(2.0)
+            zk_before = self.zookeeper_data(c.root)
+            rss0 = procstat.rss_bytes(first.pid)
+            fill_rate = self.fill(stub, [work_pb2.SubmitWorkRequest(work_id=f"b{i}", kind="square",
+                                                                    payload=os.urandom(1024)) for i in range(count)],
+                                  "backlog")
+            time.sleep(3.0)
+            self.wait_quiet([first.pid], 10, 60)
+            rss1 = procstat.rss_bytes(first.pid)
+            zk_after = self.zookeeper_data(c.root)
+            with psycopg.connect(url) as conn:
+                db_bytes = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+            self.log(f"backlog: master RSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB; ZooKeeper {zk_before} -> "
+                     f"{zk_after} (znodes, bytes); PostgreSQL {db_bytes / 2**20:,.0f} MiB; kill -9 the master")
+            watch = HealthWatch(second.address, 180)
+            t0 = time.monotonic()
+            first.kill()
+            serving = watch.wait(180)
+            if serving is None:
+                raise TimeoutError("backlog: the standby did not serve within 180 s")
+            found = re.findall(r"recovered (\d+) events in ([\d.]+) s: (\d+) pending", second.log())
+            recovered = float(found[-1][1]) if found else float("nan")
+            pending = stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=30).pending
+        per_work = (rss1 - rss0) / count
+        self.details["backlog"] = {
+            "works": count, "payload_bytes": 1024, "fill_rate": round(fill_rate), "master_rss_before": rss0,
+            "master_rss_after": rss1, "per_work_bytes": round(per_work), "zookeeper_before": zk_before,
+            "zookeeper_after": zk_after, "postgresql_bytes": db_bytes, "recovered_s": recovered,
+            "serving_after_kill_s": round(serving - t0, 2), "pending_after": pending}
+        self.row("backlog.submit", f"PostgreSQL journal: submit {count:,} works of 1 KiB", fill_rate, "works/s",
+                 note="SubmitWorks x500, 4 threads, no workers")
+        self.row("backlog.memory", "PostgreSQL journal: master RSS per pending work", per_work, "B", 400, "<=",
+                 f"VmRSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB for {count:,} pending 1 KiB works "
+                 "(payloads included: they stay in PostgreSQL)")
+        self.row("backlog.zookeeper", "PostgreSQL journal: ZooKeeper data growth", zk_after[1] - zk_before[1], "B",
+                 4096, "<", f"znodes {zk_before[0]} -> {zk_after[0]}, data {zk_before[1]:,} -> {zk_after[1]:,} B; "
+                 f"PostgreSQL database {db_bytes / 2**20:,.0f} MiB")
+        self.row("backlog.recovery", "PostgreSQL journal: kill -9 -> standby SERVING", serving - t0, "s", 10.0, "<=",
+                 f"{pending:,} pending after recovery; replay itself {recovered:.2f} s (the standby's log); "
+                 f"session timeout {SESSION_TIMEOUT:g} s")
 
     # --- 6. scale ----------------------------------------------------------------
 
@@ -848,11 +970,13 @@ def parse_args(argv=None):
     p.add_argument("--e2e-modes", default="batched,single", help="e2e: which submission modes to run")
     p.add_argument("--e2e-works", type=int, default=0, help="e2e: works per run (default 20,000; quick 2,000)")
     p.add_argument("--replay-works", type=int, default=0, help="replay: pending works (default 100,000; quick 20,000)")
+    p.add_argument("--backlog-works", type=int, default=0,
+                   help="backlog: pending works of 1 KiB (default 1,000,000; quick 100,000)")
     p.add_argument("--scale-procs", type=int, default=None, help="scale: worker processes (default 4)")
     p.add_argument("--scale-slots", type=int, default=None, help="scale: slots per worker process (default 250)")
     p.add_argument("--scale-rate", type=int, default=200, help="scale: works/s of the dispatch-latency load")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds after which remaining scenarios are skipped (default 570; quick 300)")
+                   help="seconds after which remaining scenarios are skipped (default 900; quick 400)")
     p.add_argument("--hard-limit", type=float, default=None,
                    help="seconds after which the bench stops its clusters and exits (default budget + 240)")
     p.add_argument("--master-args", default="", help="extra flags for every master (what-if runs; not the defaults)")
@@ -864,7 +988,7 @@ def parse_args(argv=None):
     args.scale_procs = args.scale_procs or 4
     args.scale_slots = args.scale_slots or 250
     if args.budget is None:
-        args.budget = 300.0 if args.quick else 570.0
+        args.budget = 400.0 if args.quick else 900.0
     if args.hard_limit is None:
         args.hard_limit = args.budget + 240.0
     names = [ALIASES.get(n.strip(), n.strip()) for n in args.only.split(",") if n.strip()] or list(SCENARIOS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -35,3 +36,9 @@ def blob(payload: bytes) -> bytes:
 def echo(payload: bytes) -> bytes:
     """Returns its payload: a result as large as the work."""
     return payload
+
+
+@job("digest")
+def digest(payload: bytes) -> str:
+    """The payload's SHA-256 (a small result that proves the payload arrived whole)."""
+    return hashlib.sha256(payload).hexdigest()

@@ -3,6 +3,7 @@ depose it (as a new master would), read as a recovering master does."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 
@@ -11,6 +12,7 @@ from dworkers.v1 import journal_pb2
 
 from services.common import zk
 from services.master.journal import Journal, PostgreSQLJournal, ZooKeeperJournal
+from services.master.journal.postgresql import take_payloads
 
 KINDS = ("zookeeper", "postgresql")
 
@@ -18,25 +20,38 @@ KINDS = ("zookeeper", "postgresql")
 both_journals = pytest.mark.parametrize("journal", KINDS, indirect=True)
 
 
-def read_journal(cluster) -> Iterator[tuple[int, journal_pb2.JournalBatch]]:
-    """A cluster's journal as a recovering master reads it (without taking over)."""
+@contextlib.contextmanager
+def journal_reader(cluster) -> Iterator[Journal]:
+    """A cluster's journal, to read as a recovering master does (without
+    taking it over: the live master stays undisturbed)."""
     if cluster.journal:
         journal = PostgreSQLJournal(cluster.journal, cluster.root)
         try:
-            yield from journal.read()
+            yield journal
         finally:
             journal.close()
         return
     client = zk.connect(cluster.zk)
     try:
-        yield from ZooKeeperJournal(client, zk.Paths(cluster.root).journal).read()
+        yield ZooKeeperJournal(client, zk.Paths(cluster.root).journal)
     finally:
         client.stop()
         client.close()
 
 
+def read_journal(cluster) -> list[tuple[int, journal_pb2.JournalBatch]]:
+    with journal_reader(cluster) as journal:
+        return list(journal.read())
+
+
 class ZooKeeperKind:
     """Writers fenced by an ephemeral election znode; deposed by its deletion."""
+
+    apart = False  # payloads stay in the batches
+
+    @staticmethod
+    def stored(batch: journal_pb2.JournalBatch) -> journal_pb2.JournalBatch:
+        return batch
 
     def __init__(self, server) -> None:
         self.client = zk.connect(server.hosts, session_timeout=2.0)
@@ -63,6 +78,12 @@ class ZooKeeperKind:
 
 class PostgreSQLKind:
     """Writers fenced by the journal row's fence; deposed by a take-over."""
+
+    apart = True  # payloads kept apart: batches come back without them
+
+    @staticmethod
+    def stored(batch: journal_pb2.JournalBatch) -> journal_pb2.JournalBatch:
+        return journal_pb2.JournalBatch.FromString(take_payloads(batch, {}))
 
     def __init__(self, server) -> None:
         self.url = server.url()

@@ -8,6 +8,11 @@ Invariants: the state never meets an impossible event; the journal replays
 to exactly the live state; nothing acknowledged is lost; no work finishes
 twice; and once the machine stops, workers drain everything: every
 acknowledged work finishes exactly once.
+
+Run twice: with payloads in the state (the ZooKeeper journal), and with
+payloads kept apart as the PostgreSQL journal keeps them (batches stored
+without them, a payload store changed by the same batches): then every
+hand-out finds its work's payload, and a drained queue leaves none behind.
 """
 
 from __future__ import annotations
@@ -15,15 +20,16 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from dworkers.v1 import master_pb2, work_pb2
+from dworkers.v1 import journal_pb2, master_pb2, work_pb2
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from services.common.errors import Conflict
-from services.master.domain.effects import Send
+from services.master.domain.effects import HandOut, Send
 from services.master.domain.master import CoreSettings, Master
 from services.master.domain.state import WorkState
+from services.master.journal.postgresql import take_payloads
 
 pytestmark = pytest.mark.unit
 
@@ -59,8 +65,11 @@ class Worker:
 
 
 class MasterMachine(RuleBasedStateMachine):
+    APART = False  # payloads kept apart from the state and the stored batches
+
     def __init__(self) -> None:
         super().__init__()
+        self.store: dict[str, bytes] = {}  # the payloads the journal keeps apart, by work id
         self.now = 1000.0
         self.journal: list = []  # every durable event, in order
         self.acked: set[str] = set()  # work ids a client was told are accepted
@@ -73,7 +82,7 @@ class MasterMachine(RuleBasedStateMachine):
     # --- the shell's part: commit a step, perform its effects -------------------
 
     def _new_master(self, recover: bool) -> Master:
-        state = WorkState(strict=True)
+        state = WorkState(strict=True, payloads_apart=self.APART)
         for recorded in self.journal:
             state.apply(recorded)
         master = Master(state, SETTINGS, epoch=len(self.journal))
@@ -86,14 +95,35 @@ class MasterMachine(RuleBasedStateMachine):
         step = (master or self.master).take()
         if lose:
             return []
-        self.journal += step.events
+        if self.APART:  # as stored: without payloads, which go to the store
+            changes: dict[str, bytes | None] = {}
+            stored = journal_pb2.JournalBatch.FromString(take_payloads(journal_pb2.JournalBatch(
+                events=step.events), changes))
+            for work_id, payload in changes.items():
+                if payload is None:
+                    self.store.pop(work_id, None)
+                else:
+                    self.store[work_id] = payload
+            self.journal += stored.events
+        else:
+            self.journal += step.events
         for effect in step.effects:
-            if isinstance(effect, Send) and effect.message.HasField("works"):
-                worker = next(w for w in self.workers if w.connection is effect.connection)
-                for assignment in effect.message.works.assignments:
-                    assert assignment.work.kind in worker.kinds, "handed a work of a kind it does not run"
-                    assert assignment.worker_id not in worker.running, "handed a busy slot a second work"
-                    worker.running[assignment.worker_id] = assignment
+            assert not isinstance(effect, HandOut) or self.APART, "payloads are in the state: send them"
+            if isinstance(effect, HandOut):
+                for assignment in effect.assignments:
+                    assert not assignment.work.payload
+                    assignment.work.payload = self.store[assignment.work.work_id]  # it must be there
+                assignments = effect.assignments
+            elif isinstance(effect, Send) and effect.message.HasField("works"):
+                assignments = effect.message.works.assignments
+            else:
+                continue
+            worker = next(w for w in self.workers if w.connection is effect.connection)
+            for assignment in assignments:
+                assert assignment.work.payload == self.payloads[assignment.work.work_id]
+                assert assignment.work.kind in worker.kinds, "handed a work of a kind it does not run"
+                assert assignment.worker_id not in worker.running, "handed a busy slot a second work"
+                worker.running[assignment.worker_id] = assignment
         return step.events
 
     def _find(self, name: str) -> Worker | None:
@@ -106,13 +136,15 @@ class MasterMachine(RuleBasedStateMachine):
     def submit(self, ids, kind, variant) -> None:
         works = [work_pb2.Work(work_id=f"w{i}", kind=kind, payload=variant, max_attempts=2) for i in dict.fromkeys(ids)]
         try:
-            self.master.submit(works, self.now)
+            duplicates = self.master.submit(works, self.now)
         except Conflict:
             self.master.take()  # nothing was recorded
             return
+        for work, duplicate in zip(works, duplicates):
+            if not duplicate:
+                self.payloads[work.work_id] = work.payload
         self._commit()
-        for work in works:
-            self.acked.add(work.work_id)
+        self.acked.update(work.work_id for work in works)
 
     @rule(kinds=st.sampled_from([("square",), ("blob",), KINDS]), slots=st.integers(1, 3))
     def worker_starts(self, kinds, slots) -> None:
@@ -195,7 +227,7 @@ class MasterMachine(RuleBasedStateMachine):
 
     @invariant()
     def journal_replays_to_the_live_state(self) -> None:
-        replayed = WorkState(strict=True)
+        replayed = WorkState(strict=True, payloads_apart=self.APART)
         for recorded in self.journal:
             replayed.apply(recorded)
         assert replayed.to_snapshot() == self.master.state.to_snapshot()
@@ -232,6 +264,7 @@ class MasterMachine(RuleBasedStateMachine):
         assert not state.pending and not state.in_progress
         finished = Counter(r.work_id for r in state.results.values())
         assert finished == Counter(self.acked), "every acknowledged work finishes exactly once"
+        assert not self.store, "payloads of finished works were left behind"
         event(f"acknowledged works: {len(self.acked) // 5 * 5}+")
         event(f"failovers: {min(self.failovers, 3)}{'+' if self.failovers >= 3 else ''}")
 
@@ -239,3 +272,11 @@ class MasterMachine(RuleBasedStateMachine):
 MasterMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=60, deadline=None,
                                            suppress_health_check=[HealthCheck.too_slow])
 TestMasterDecisions = MasterMachine.TestCase
+
+
+class PayloadsApartMachine(MasterMachine):
+    APART = True
+
+
+PayloadsApartMachine.TestCase.settings = MasterMachine.TestCase.settings
+TestMasterDecisionsWithPayloadsApart = PayloadsApartMachine.TestCase

@@ -1,4 +1,6 @@
-"""The journal and the election against a real ZooKeeper server."""
+"""The ZooKeeper journal's own mechanics (batches in parts below the node
+limit) and the election, against a real ZooKeeper server. What every
+journal promises is in test_journal_contract.py."""
 
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ from services.master.election import Election
 from services.master.journal import (
     FencedError,
     GroupCommitter,
-    JournalError,
     ZooKeeperJournal,
 )
 
@@ -39,17 +40,6 @@ def event(i: int, size: int = 10) -> journal_pb2.Event:
         work=work_pb2.Work(work_id=f"w{i}", kind="square", payload=b"x" * size, max_attempts=3)))
 
 
-def test_append_is_fenced_by_the_writers_election_znode(client, paths):
-    client.ensure_path(paths.election)
-    fence = client.create(f"{paths.election}/n-", ephemeral=True, sequence=True)
-    journal = ZooKeeperJournal(client, paths.journal, fence_path=fence)
-    journal.append(0, journal_pb2.JournalBatch(epoch=1, events=[event(1)])).result(timeout=10)
-    client.delete(fence)  # as when the session expires: the writer is deposed
-    with pytest.raises(FencedError):
-        journal.append(1, journal_pb2.JournalBatch(epoch=1, events=[event(2)])).result(timeout=10)
-    assert [b.events[0].work_accepted.work.work_id for _, b in journal.read()] == ["w1"]
-
-
 def test_group_commit_keeps_order_and_splits_below_the_node_limit(client, paths):
     journal = ZooKeeperJournal(client, paths.journal)
     failures = []
@@ -66,25 +56,6 @@ def test_group_commit_keeps_order_and_splits_below_the_node_limit(client, paths)
     ids = [e.work_accepted.work.work_id for _, b in batches for e in b.events]
     assert ids == [f"w{i}" for i in range(200)]
     assert 4 <= len(batches) < 200  # grouped, yet each batch under the node limit
-
-
-def test_committer_stops_after_a_fenced_write(client, paths):
-    client.ensure_path(paths.election)
-    fence = client.create(f"{paths.election}/n-", ephemeral=True, sequence=True)
-    journal = ZooKeeperJournal(client, paths.journal, fence_path=fence)
-    failures = []
-
-    async def main():
-        committer = GroupCommitter(journal, epoch=1, on_failure=failures.append)
-        await committer.append([event(1)])
-        client.delete(fence)
-        with pytest.raises(JournalError):
-            await committer.append([event(2)])
-        with pytest.raises(JournalError):
-            committer.append([event(3)])
-
-    asyncio.run(main())
-    assert len(failures) == 1 and isinstance(failures[0], FencedError)
 
 
 def test_oldest_backend_leads_and_its_successor_takes_over(zookeeper, paths):
@@ -130,27 +101,6 @@ def all_znodes(client, path: str) -> dict[str, bytes]:
         found[full] = client.get(full)[0]
         found.update(all_znodes(client, full))
     return found
-
-
-def test_positions_go_past_zookeepers_32_bit_sequence_limit(client, paths):
-    """Positions are the writer's own 64-bit numbers: 2^31 - 1 is not special."""
-    journal = ZooKeeperJournal(client, paths.journal)
-    first = 2**31 - 3
-    for i in range(6):
-        journal.append(first + i, journal_pb2.JournalBatch(epoch=1, events=[event(i)])).result(timeout=10)
-    assert [p for p, _ in journal.read()] == [first + i for i in range(6)]
-    assert [p for p, _ in journal.read(after=2**31 - 1)] == [2**31, 2**31 + 1, 2**31 + 2]
-    journal.write_snapshot(2**31, b"state")
-    journal.compact()
-    assert [p for p, _ in journal.read(after=2**31)] == [2**31 + 1, 2**31 + 2]
-    assert journal.read_snapshot() == (2**31, b"state")
-
-
-def test_a_taken_position_is_refused(client, paths):
-    journal = ZooKeeperJournal(client, paths.journal)
-    journal.append(7, journal_pb2.JournalBatch(epoch=1, events=[event(1)])).result(timeout=10)
-    with pytest.raises(JournalError, match="taken"):
-        journal.append(7, journal_pb2.JournalBatch(epoch=2, events=[event(2)])).result(timeout=10)
 
 
 def test_a_large_batch_is_written_in_parts_no_write_above_the_part_size(client, paths):

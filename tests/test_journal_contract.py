@@ -13,7 +13,7 @@ from dworkers.v1 import journal_pb2, work_pb2
 from services.master.domain.state import WorkState
 from services.master.journal import FencedError, GroupCommitter, JournalError
 from services.master.shell import recover_state
-from tests.journals import KINDS, open_kind
+from tests.journals import KINDS, PostgreSQLKind, open_kind
 from tests.test_state import random_history
 
 pytestmark = pytest.mark.integration
@@ -119,7 +119,7 @@ def test_large_batches_and_snapshots_come_back_whole(kind):
     snapshot = bytes(range(256)) * 40_000  # ~10 MB
     journal.write_snapshot(1, snapshot)
     reader = kind.reader()
-    assert list(reader.read()) == [(0, big), (1, batch(event(9)))]
+    assert list(reader.read()) == [(0, kind.stored(big)), (1, kind.stored(batch(event(9))))]
     assert reader.read_snapshot() == (1, snapshot)
 
 
@@ -130,9 +130,10 @@ def append_history(journal, events, size=40, after=-1) -> int:
     return position
 
 
-def state_of(events) -> journal_pb2.Snapshot:
-    state = WorkState()
-    for e in events:
+def state_of(kind, events) -> journal_pb2.Snapshot:
+    """The state the events give, as a master reading them back has it."""
+    state = WorkState(payloads_apart=kind.apart)
+    for e in kind.stored(batch(*events)).events:
         state.apply(e)
     return state.to_snapshot()
 
@@ -142,11 +143,11 @@ def test_recovery_from_a_snapshot_and_the_batches_after_it_is_the_live_state(kin
     first, second = events[:900], events[900:]
     journal = kind.writer()
     covered = append_history(journal, first)
-    assert recover_state(kind.reader())[0].to_snapshot() == state_of(first)
+    assert recover_state(kind.reader())[0].to_snapshot() == state_of(kind, first)
     journal = kind.writer()  # the reader took over (PostgreSQL): write as the newest master
-    journal.write_snapshot(covered, state_of(first).SerializeToString())
+    journal.write_snapshot(covered, state_of(kind, first).SerializeToString())
     append_history(journal, second, after=covered)
-    expected = state_of(events)
+    expected = state_of(kind, events)
     state, _, replayed = recover_state(kind.reader())
     assert state.to_snapshot() == expected and replayed == len(second)
     journal = kind.writer()
@@ -154,3 +155,33 @@ def test_recovery_from_a_snapshot_and_the_batches_after_it_is_the_live_state(kin
     state, position, replayed = recover_state(kind.reader())
     assert state.to_snapshot() == expected and replayed == len(second)
     assert [p for p, _ in kind.reader().read()] == list(range(covered + 1, position + 1))
+
+
+def test_payloads_kept_apart_live_until_the_event_that_ends_their_work(postgresql):
+    kind = PostgreSQLKind(postgresql)
+    try:
+        journal = kind.writer()
+        works = {f"w{i}": bytes([i]) * (1000 * i) for i in range(5)}  # w0's payload is empty
+        journal.append(0, batch(*[journal_pb2.Event(work_accepted=journal_pb2.WorkAccepted(
+            work=work_pb2.Work(work_id=w, kind="square", payload=p))) for w, p in works.items()])).result(timeout=10)
+        assert journal.payloads(list(works) + ["unknown"]) == works
+        assert all(not e.work_accepted.work.payload for _, b in journal.read() for e in b.events)
+        journal.append(1, batch(
+            journal_pb2.Event(work_completed=journal_pb2.WorkCompleted(work_id="w1")),
+            journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(work_id="w2", error="retried")),
+            journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(work_id="w3", error="last", final=True)),
+            journal_pb2.Event(worker_timed_out=journal_pb2.WorkerTimedOut(work_id="w4", final=True)),
+        )).result(timeout=10)
+        assert journal.payloads(list(works)) == {"w0": b"", "w2": works["w2"]}
+        # An id accepted again (its result forgotten) keeps its new payload.
+        journal.append(2, batch(journal_pb2.Event(work_accepted=journal_pb2.WorkAccepted(
+            work=work_pb2.Work(work_id="w1", kind="square", payload=b"again"))))).result(timeout=10)
+        assert journal.payloads(["w1"]) == {"w1": b"again"}
+        deposed = journal
+        kind.depose(deposed)
+        with pytest.raises(FencedError):
+            deposed.append(3, batch(journal_pb2.Event(work_completed=journal_pb2.WorkCompleted(
+                work_id="w2")))).result(timeout=10)
+        assert kind.reader().payloads(["w2"]) == {"w2": works["w2"]}
+    finally:
+        kind.close()

@@ -6,6 +6,7 @@ migrations; passwords stay out of logs; ZooKeeper holds no journal data."""
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import threading
 import time
@@ -182,26 +183,66 @@ def test_a_master_cut_off_from_postgresql_yields_to_a_standby_that_reaches_it(zo
         direct.stop()
 
 
-def test_zookeeper_holds_no_journal_data_with_the_postgresql_journal(pg_cluster):
-    pg_cluster.start_master(None, "--max-pending-bytes", str(64 * 1024 * 1024), wait=True)
+def backlog_payload(i: int) -> bytes:
+    return hashlib.sha256(str(i).encode()).digest() * 3200  # 100 KiB, different for each work
+
+
+@pytest.mark.timeout(600)
+def test_a_gigabyte_backlog_is_drained_exactly_once_while_zookeeper_and_the_master_stay_small(pg_cluster):
+    """10,000 works of 100 KiB accepted with no worker running (1 GB pending),
+    then drained: every payload arrives whole (its job returns its digest),
+    every work finishes once, ZooKeeper's data does not grow and the master's
+    memory stays far below the backlog."""
+    count = 10_000
+    master = pg_cluster.start_master(wait=True)
     stub = frontend(pg_cluster.start_frontend().address)
-    pg_cluster.start_worker(1, "--jobs", "tests.jobs_for_tests")
-    wait_kind(stub, "echo")
     client = zk.connect(pg_cluster.zk)
     try:
-        def data_bytes(path: str) -> int:
-            return len(client.get(path)[0]) + sum(data_bytes(f"{path}/{c}") for c in client.get_children(path))
+        probe = pg_cluster.start_worker(1, "--jobs", "tests.jobs_for_tests")
+        wait_kind(stub, "digest")
+        probe.stop()
 
-        before = data_bytes(pg_cluster.root)
-        works = [work_pb2.SubmitWorkRequest(work_id=f"big-{i}", kind="echo", payload=bytes([i % 256]) * 100 * 1024)
-                 for i in range(200)]  # 20 MB
-        for start in range(0, len(works), 20):
-            stub.SubmitWorks(work_pb2.SubmitWorksRequest(works=works[start:start + 20]), timeout=30)
-        after = data_bytes(pg_cluster.root)
+        def zookeeper_data() -> tuple[int, int]:
+            count_, size, stack = 0, 0, [pg_cluster.root]
+            while stack:
+                path = stack.pop()
+                count_, size = count_ + 1, size + len(client.get(path)[0])
+                stack += [f"{path}/{child}" for child in client.get_children(path)]
+            return count_, size
+
+        zk_before, rss_before = zookeeper_data(), rss(master.pid)
+        for start in range(0, count, 50):  # 5 MB per call
+            stub.SubmitWorks(work_pb2.SubmitWorksRequest(works=[
+                work_pb2.SubmitWorkRequest(work_id=f"big-{i}", kind="digest", payload=backlog_payload(i))
+                for i in range(start, start + 50)]), timeout=60)
+        info = stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=10)
+        assert info.pending == count
+        zk_after, rss_after = zookeeper_data(), rss(master.pid)
+        assert zk_after == zk_before, f"ZooKeeper grew with the backlog: {zk_before} -> {zk_after} (znodes, bytes)"
+        assert rss_after - rss_before < 150 * 2**20, (
+            f"the master grew by {(rss_after - rss_before) / 2**20:.0f} MiB with a 1 GB backlog")
+        results = ResultCollector(stub)
+        for _ in range(2):
+            pg_cluster.start_worker(4, "--jobs", "tests.jobs_for_tests")
+        ids = [f"big-{i}" for i in range(count)]
+        assert_exactly_once(results, ids, stub, timeout=400)
+        wrong = [r.work_id for r in results.results
+                 if r.result.decode() != hashlib.sha256(backlog_payload(int(r.work_id[4:]))).hexdigest()]
+        assert not wrong, f"payloads that did not arrive whole: {wrong[:5]}"
+        with psycopg.connect(pg_cluster.journal) as conn:
+            left = conn.execute("SELECT count(*) FROM dworkers_payload WHERE journal = %s",
+                                (pg_cluster.root,)).fetchone()[0]
+        assert left == 0, f"{left} payloads of finished works left in PostgreSQL"
+        results.stop()
     finally:
         client.stop()
         client.close()
-    assert after - before < 4096, f"ZooKeeper grew by {after - before} bytes with the backlog"
+
+
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
 
 
 def test_a_password_given_in_a_file_works_and_no_password_is_logged(zookeeper, postgresql, tmp_path):

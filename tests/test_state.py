@@ -174,9 +174,9 @@ def test_the_pending_queue_is_fifo_per_kind_and_overall_under_any_operations():
             roll = rng.random()
             if roll < 0.4:
                 n += 1
-                entry = Entry(work=work_pb2.Work(work_id=f"w{n}", kind=rng.choice("abc")))
+                entry = Entry.of(work_pb2.Work(work_id=f"w{n}", kind=rng.choice("abc")))
                 queue.push_new(entry)
-                model.append(entry.work)
+                model.append(entry.work())
             elif roll < 0.7 and model:
                 work = rng.choice(model)  # from anywhere, usually not the front
                 model.remove(work)
@@ -184,11 +184,11 @@ def test_the_pending_queue_is_fifo_per_kind_and_overall_under_any_operations():
             elif roll < 0.85 and taken:
                 work_id = rng.choice(sorted(taken))
                 queue.push(taken.pop(work_id))
-                model.append(queue[work_id].work)
+                model.append(queue[work_id].work())
             kinds = rng.sample("abc", rng.randint(1, 3))
             expected = next((w.work_id for w in model if w.kind in kinds), None)
             oldest = queue.oldest(kinds)
-            assert (oldest.work.work_id if oldest else None) == expected
+            assert (oldest.work_id if oldest else None) == expected
             assert list(queue) == [w.work_id for w in model]
             assert queue.counts() == {k: c for k, c in Counter(w.kind for w in model).items()}
 

@@ -21,8 +21,8 @@ from dworkers.v1 import journal_pb2, work_pb2
 
 from services.common.errors import Forgotten, NotServing, Overloaded
 from services.common.validation import MAX_BATCH_WORKS, MAX_REPORTS_PER_MESSAGE, MAX_STREAM_MESSAGE_BYTES
-from services.master.domain.effects import DeclareKinds, Send, Step
-from services.master.domain.master import CoreSettings, Master
+from services.master.domain.effects import DeclareKinds, HandOut, Send, Step
+from services.master.domain.master import CoreSettings, Master, hand_outs
 from services.master.domain.state import WorkState
 from services.master.journal import FencedError, GroupCommitter, Journal, JournalError
 
@@ -38,11 +38,12 @@ MAX_EVENTS_PER_INPUT = 2 * MAX_BATCH_WORKS + MAX_REPORTS_PER_MESSAGE
 def recover_state(journal: Journal) -> tuple[WorkState, int, int]:
     """Rebuilds WorkState from the latest snapshot and the batches after it.
     Returns the state, the last position it covers and the events replayed."""
-    state, position, count = WorkState(), -1, 0
+    apart = journal.keeps_payloads
+    state, position, count = WorkState(payloads_apart=apart), -1, 0
     snapshot = journal.read_snapshot()
     if snapshot is not None:
         position, data = snapshot
-        state = WorkState.from_snapshot(journal_pb2.Snapshot.FromString(data))
+        state = WorkState.from_snapshot(journal_pb2.Snapshot.FromString(data), payloads_apart=apart)
     last = position
     for last, batch in journal.read(after=position):  # noqa: B007 (the last position read is returned)
         for event in batch.events:
@@ -156,16 +157,45 @@ class MasterShell:
         return durable
 
     def _perform(self, step: Step) -> None:
+        hand_outs_apart = []
         for effect in step.effects:
             if isinstance(effect, Send):
                 effect.connection.send(effect.message, effect.size)
+            elif isinstance(effect, HandOut):
+                hand_outs_apart.append(effect)
             elif isinstance(effect, DeclareKinds) and self._on_kinds is not None:
                 self._on_kinds(effect.kinds)
+        if hand_outs_apart:
+            asyncio.ensure_future(self._hand_out_with_payloads(hand_outs_apart))
         if step.last_sequence > self.durable_sequence:
             self.durable_sequence = step.last_sequence
             self._wake_results()
         if self.metrics:
             self.metrics.recorded(step)
+
+    async def _hand_out_with_payloads(self, effects: list[HandOut]) -> None:
+        """Reads the payloads of a step's hand-outs in one query, then sends
+        them. Unreadable payloads mean the journal is unreachable: step down."""
+        ids = [a.work.work_id for effect in effects for a in effect.assignments]
+        try:
+            payloads = await asyncio.get_running_loop().run_in_executor(None, self.journal.payloads, ids)
+        except JournalError as exc:
+            self._journal_failed(exc)
+            return
+        if self.closed is not None:
+            return
+        for effect in effects:
+            ready = []
+            for assignment in effect.assignments:
+                payload = payloads.get(assignment.work.work_id)
+                if payload is None:  # the attempt times out and is retried
+                    log.error("no payload stored for a work handed out", extra={
+                        "work_id": assignment.work.work_id, "epoch": self.epoch})
+                    continue
+                assignment.work.payload = payload
+                ready.append(assignment)
+            for message, size in hand_outs(ready, self.epoch, self.cluster_id):
+                effect.connection.send(message, size)
 
     def _decide(self, decision: Callable[[float], Any]) -> Any:
         """Runs one decision of the domain and commits what it recorded;
@@ -293,8 +323,12 @@ class MasterShell:
             self._maybe_snapshot(time.monotonic())
 
     def _maybe_snapshot(self, now: float) -> None:
-        s, committer = self.settings, self._journal()
+        s, committer, state = self.settings, self._journal(), self.state
         if self._snapshotting or not self._events_since_snapshot:
+            return
+        if state.payloads_apart and self._events_since_snapshot < (len(state.pending) + len(state.in_progress)) // 4:
+            # A snapshot costs the loop time in proportion to the state: with
+            # a large backlog (on disk), take one only per quarter of it in events.
             return
         if (self._events_since_snapshot >= s.snapshot_every
                 or committer.batches_written - self._batches_at_snapshot >= s.snapshot_batches

@@ -13,9 +13,11 @@ readable (multiprocessing.connection.wait over all slots), then `collect`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -74,6 +76,31 @@ def _child_main(connection, job_modules: list[str]) -> None:
         connection.send(_run_job(registry, kind, payload))
 
 
+_MAIN_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _main_hidden():
+    """spawn re-imports the parent's __main__ in every child before it runs
+    anything: here the whole command line tool, with the gRPC, ZooKeeper and
+    PostgreSQL clients (tens of MB per job process). A job process needs only
+    this module and the job modules, so the main module is hidden while a
+    child starts."""
+    main = sys.modules.get("__main__")
+    with _MAIN_LOCK:
+        if main is None:
+            yield
+            return
+        hidden: dict[str, object] = {name: main.__dict__.pop(name) for name in ("__spec__", "__file__")
+                                     if name in main.__dict__}
+        main.__spec__ = None
+        try:
+            yield
+        finally:
+            del main.__spec__
+            main.__dict__.update(hidden)
+
+
 class ProcessExecutor:
     """One child process, one job at a time."""
 
@@ -90,7 +117,8 @@ class ProcessExecutor:
                 return
             parent, child = _CONTEXT.Pipe()
             process = _CONTEXT.Process(target=_child_main, args=(child, self.job_modules), daemon=True)
-            process.start()
+            with _main_hidden():
+                process.start()
             child.close()
             self._process, self.connection = process, parent
 

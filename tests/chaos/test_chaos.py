@@ -1,5 +1,6 @@
-"""Chaos: a load of works while random masters, workers and frontends are
-killed, stopped and paused, and ZooKeeper restarts once. Half the works
+"""Chaos, on each journal: a load of works while random masters, workers and
+frontends are killed, stopped and paused, ZooKeeper restarts once and, with
+the PostgreSQL journal, PostgreSQL is killed and restarted once. Half the works
 carry payloads of 1-200 KiB and come back with results as large. Then: the
 acked works are exactly the finished works in the result stream, none twice,
 each large result is its work's payload, and a fresh replay of the journal
@@ -23,11 +24,11 @@ import grpc
 import pytest
 from dworkers.v1 import work_pb2
 
-from services.common import zk
+from services.common.pgserver import PostgreSQLServer
 from services.local_cluster import LocalCluster, wait_serving
-from services.master.journal import ZooKeeperJournal
 from services.master.shell import recover_state
 from tests.helpers import frontend, wait_kind
+from tests.journals import KINDS, journal_reader
 
 pytestmark = pytest.mark.chaos
 
@@ -115,8 +116,9 @@ class Clients:
 
 
 class Chaos:
-    def __init__(self, cluster: LocalCluster, seed: int):
+    def __init__(self, cluster: LocalCluster, seed: int, database: PostgreSQLServer | None = None):
         self.cluster = cluster
+        self.database = database
         self.random = random.Random(seed)
         self.faults: Counter = Counter()
 
@@ -152,22 +154,35 @@ class Chaos:
         self.cluster.zookeeper.start()
         self.faults["restart_zookeeper"] += 1
 
+    def restart_postgresql(self) -> None:
+        assert self.database is not None
+        self.database.stop(kill=True)
+        time.sleep(1.0)
+        self.database.start()
+        self.faults["restart_postgresql"] += 1
+
     def run(self, seconds: float) -> None:
-        end = time.monotonic() + seconds
-        zookeeper_at = time.monotonic() + seconds / 2
+        start = time.monotonic()
+        end = start + seconds
+        # once each, at a third and at two thirds of the run
+        servers = [(start + seconds / 3, self.restart_zookeeper)]
+        if self.database is not None:
+            servers.append((start + seconds * 2 / 3, self.restart_postgresql))
         while time.monotonic() < end:
             time.sleep(self.random.uniform(1.5, 3.5))
-            if zookeeper_at and time.monotonic() >= zookeeper_at:
-                self.restart_zookeeper()
-                zookeeper_at = 0
+            if servers and time.monotonic() >= servers[0][0]:
+                servers.pop(0)[1]()
             else:
                 self.inject()
             self._heal()
 
 
 @pytest.mark.timeout(CHAOS_SECONDS + 420)
-def test_chaos(tmp_path):
-    cluster = LocalCluster(workdir=tmp_path, root=f"/chaos-{uuid.uuid4().hex[:6]}", session_timeout=SESSION_TIMEOUT)
+@pytest.mark.parametrize("journal_kind", KINDS)
+def test_chaos(tmp_path, journal_kind):
+    database = PostgreSQLServer(tmp_path / "postgresql").start() if journal_kind == "postgresql" else None
+    cluster = LocalCluster(workdir=tmp_path, root=f"/chaos-{uuid.uuid4().hex[:6]}", session_timeout=SESSION_TIMEOUT,
+                           journal=database.url() if database else "")
     cluster.start_zookeeper()
     try:
         for _ in range(2):
@@ -178,7 +193,7 @@ def test_chaos(tmp_path):
             cluster.start_frontend()
         wait_kind(frontend(cluster.services[-1].address), "echo")
         clients = Clients(cluster)
-        chaos = Chaos(cluster, seed=int(os.environ.get("DWORKERS_CHAOS_SEED", time.time())))
+        chaos = Chaos(cluster, seed=int(os.environ.get("DWORKERS_CHAOS_SEED", time.time())), database=database)
         chaos.run(CHAOS_SECONDS)
         acked = clients.stop_producing()
         missing = clients.wait_results(set(acked), timeout=120)
@@ -189,7 +204,8 @@ def test_chaos(tmp_path):
         duplicated = sorted(i for i, c in counts.items() if c > 1)
         unacked = sorted(set(counts) - set(acked))
         large = sum(1 for i in acked if i in clients.digests)
-        print(f"\nchaos: works={len(acked)} large={large} faults={sum(chaos.faults.values())} ({dict(chaos.faults)}) "
+        print(f"\nchaos ({journal_kind} journal): works={len(acked)} large={large} "
+              f"faults={sum(chaos.faults.values())} ({dict(chaos.faults)}) "
               f"lost={len(missing)} duplicated={len(duplicated)} seconds={CHAOS_SECONDS:g}")
         assert not missing, f"acked works lost: {sorted(missing)[:10]}"
         assert not duplicated, f"works finished twice: {duplicated[:10]}"
@@ -202,12 +218,8 @@ def test_chaos(tmp_path):
         # A fresh replay of the journal gives what the live master streamed.
         master = cluster.active_master(timeout=30)
         assert wait_serving(master.address, "dworkers.v1.Master")
-        client = zk.connect(cluster.zk)
-        try:
-            state, _, _ = recover_state(ZooKeeperJournal(client, zk.Paths(cluster.root).journal))
-        finally:
-            client.stop()
-            client.close()
+        with journal_reader(cluster) as journal:
+            state, _, _ = recover_state(journal)
         replayed = {s: r.work_id for s, r in state.results.items()}
         assert replayed == {r.sequence: r.work_id for r in streamed if r.sequence in replayed}
         # Older results may have left the retention window (by bytes, with large results).
@@ -216,3 +228,5 @@ def test_chaos(tmp_path):
         assert not state.pending and not state.in_progress
     finally:
         cluster.stop()
+        if database is not None:
+            database.remove()

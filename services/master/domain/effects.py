@@ -32,7 +32,16 @@ class DeclareKinds:
     kinds: frozenset[str]
 
 
-Effect = Send | DeclareKinds
+@dataclass(frozen=True, slots=True)
+class HandOut:
+    """Assignments whose payloads the journal keeps: the shell reads the
+    payloads, then sends the assignments (as `hand_outs` splits them)."""
+
+    connection: Connection
+    assignments: list[master_pb2.Assignment]
+
+
+Effect = Send | DeclareKinds | HandOut
 
 
 @dataclass(slots=True)

@@ -21,9 +21,9 @@ from dworkers.v1 import journal_pb2, master_pb2, work_pb2
 from services.common.errors import Conflict, Overloaded
 from services.common.settings import setting
 from services.common.validation import MAX_ERROR_CHARS, MAX_RESULT_BYTES, MAX_STREAM_MESSAGE_BYTES
-from services.master.domain.effects import DeclareKinds, Send, Step
+from services.master.domain.effects import DeclareKinds, HandOut, Send, Step
 from services.master.domain.scheduler import Scheduler, Slot
-from services.master.domain.state import WorkState
+from services.master.domain.state import WorkState, fingerprint
 
 CONNECTION_LOST_ERROR = "worker connection lost"
 SILENT_ERROR = "worker went silent"
@@ -43,7 +43,8 @@ class CoreSettings:
     max_pending: int = setting(1_000_000, "pending works beyond which submissions are refused", low=1)
     max_pending_bytes: int = setting(
         32 * MiB, "bytes of pending and running works (payloads and metadata) beyond which submissions are "
-        "refused; the journal keeps them in ZooKeeper's memory", low=1 * MiB)
+        "refused; the ZooKeeper journal keeps them in ZooKeeper's memory (the PostgreSQL journal keeps payloads "
+        "on disk: there --max-pending bounds the master's memory)", low=1 * MiB)
     retention_bytes: int = setting(32 * MiB, "bytes of retained results beyond which the oldest are forgotten early",
                                    low=1 * MiB)
     snapshot_bytes: int = setting(32 * MiB, "journal bytes between snapshots (bounds the journal's size in ZooKeeper)",
@@ -110,6 +111,9 @@ class Master:
             if result is not None:
                 step.results.append(result)
                 self._finished_at.append((result.sequence, now))
+                if result.state == work_pb2.FAILED:  # the journal may drop the payload of a work that ended
+                    failure = event.worker_failed if event.HasField("worker_failed") else event.worker_timed_out
+                    failure.final = True
         step.events += events
 
     def _send(self, connection, message: master_pb2.MasterMessage, size: int) -> None:
@@ -148,7 +152,10 @@ class Master:
             known = state.is_known(work.work_id)
             answers.append(known)
             if not known:
-                events.append(journal_pb2.Event(work_accepted=journal_pb2.WorkAccepted(work=work)))
+                accepted = journal_pb2.WorkAccepted(work=work)
+                if state.payloads_apart:
+                    accepted.fingerprint = fingerprint(work.kind, work.payload)
+                events.append(journal_pb2.Event(work_accepted=accepted))
         if events:
             self._check_room(events, size if size is not None else sum(w.ByteSize() for w in works))
             self._record(events, now)
@@ -162,8 +169,8 @@ class Master:
         if len(state.pending) + len(events) > s.max_pending:
             raise Overloaded(f"{len(state.pending)} works are pending (limit --max-pending {s.max_pending}); "
                              "retry later")
-        if state.unfinished_bytes + at_most <= s.max_pending_bytes:
-            return
+        if state.payloads_apart or state.unfinished_bytes + at_most <= s.max_pending_bytes:
+            return  # payloads on disk: --max-pending bounds the master's memory
         size = sum(e.work_accepted.work.ByteSize() for e in events)
         if state.unfinished_bytes + size > s.max_pending_bytes:
             raise Overloaded(
@@ -208,20 +215,24 @@ class Master:
                 if entry is None:
                     break  # these slots keep their credit
                 slot = scheduler.next_waiting(kinds)
-                work, worker_id, token = entry.work, slot.worker_id, self.new_token()
-                work_id = work.work_id
-                timeout = work.timeout_seconds or self.settings.work_timeout
+                worker_id, token = slot.worker_id, self.new_token()
+                work_id = entry.work_id
+                timeout = entry.timeout_seconds or self.settings.work_timeout
                 events.append(journal_pb2.Event(work_started=journal_pb2.WorkStarted(
                     work_id=work_id, worker_id=worker_id, attempt_token=token)))
                 state.start(work_id, token)  # as the event does: the next pick must not see it
                 scheduler.start(slot, work_id, token, now + timeout, waiting=False)
-                by_connection.setdefault(slot.connection, []).append(master_pb2.Assignment(
-                    worker_id=worker_id, work=work, timeout_seconds=timeout, attempt=entry.attempts,
-                    attempt_token=token))
+                assignment = master_pb2.Assignment(worker_id=worker_id, timeout_seconds=timeout,
+                                                   attempt=entry.attempts, attempt_token=token)
+                entry.fill(assignment.work)
+                by_connection.setdefault(slot.connection, []).append(assignment)
         if not events:
             return
         self._step.events += events
         for connection, assignments in by_connection.items():
+            if state.payloads_apart:
+                self._step.effects.append(HandOut(connection, assignments))
+                continue
             for message, size in hand_outs(assignments, self.epoch, self.cluster_id):
                 self._send(connection, message, size)
 

@@ -25,26 +25,73 @@ STALE = -1  # the ticket of an entry no longer queued
 ENTRY_OVERHEAD_BYTES = 32  # what a work costs in a snapshot beyond its own bytes
 
 
-def fingerprint(work: work_pb2.Work) -> bytes:
+def fingerprint(kind: str, payload: bytes) -> bytes:
     """Identifies a work's job (kind and payload) once its payload is dropped."""
-    return hashlib.blake2b(work.kind.encode() + b"\0" + work.payload, digest_size=16).digest()
+    return hashlib.blake2b(kind.encode() + b"\0" + payload, digest_size=16).digest()
+
+
+def payload_field_bytes(length: int) -> int:
+    """What a payload of `length` bytes adds to a serialized Work (tag, length, bytes)."""
+    return 0 if not length else 1 + (length.bit_length() + 6) // 7 + length
+
+
+_KINDS: dict[str, str] = {}  # one string per kind, shared by every entry of it
 
 
 @dataclass(slots=True)
 class Entry:
-    """A work that is not finished yet."""
+    """A work that is not finished yet: what scheduling needs, in a few
+    hundred bytes. Its payload is here, or (payload None) kept by the journal,
+    which hands it out; then `digest` tells a resubmission from a conflict."""
 
-    work: work_pb2.Work
+    work_id: str
+    kind: str
+    payload: bytes | None
+    max_attempts: int
+    timeout_seconds: float
+    size: int  # the work's bytes in the journal and in snapshots, and a little more
+    digest: bytes | None = None  # fingerprint(kind, payload) when the payload is not here
     attempts: int = 0  # times handed to a worker
     failures: int = 0  # failed or timed-out attempts
     error: str = ""  # the last failed attempt's error
     token: int = 0  # its latest attempt's token: only reports that carry it count
     ticket: int = STALE  # its place in the queue while pending
 
-    @property
-    def size(self) -> int:
-        """Bytes it holds in the journal and in snapshots."""
-        return self.work.ByteSize() + ENTRY_OVERHEAD_BYTES
+    @classmethod
+    def of(cls, work: work_pb2.Work, keep_payload: bool = True, digest: bytes = b"") -> Entry:
+        """The entry of an accepted work. Without its payload, its size is the
+        work's without the payload (so an event stored without it gives the
+        same entry), and `digest` is the event's fingerprint if it has one."""
+        kind = _KINDS.setdefault(work.kind, work.kind) if len(_KINDS) < 100_000 else work.kind
+        payload = work.payload
+        size = work.ByteSize() + ENTRY_OVERHEAD_BYTES
+        if keep_payload:
+            return cls(work.work_id, kind, payload, work.max_attempts, work.timeout_seconds, size)
+        return cls(work.work_id, kind, None, work.max_attempts, work.timeout_seconds,
+                   size - payload_field_bytes(len(payload)), digest or fingerprint(kind, payload))
+
+    def work(self) -> work_pb2.Work:
+        """The work as submitted (without its payload if the journal keeps it)."""
+        return self.fill(work_pb2.Work())
+
+    def fill(self, work: work_pb2.Work) -> work_pb2.Work:
+        """Writes the work into a message's field (no intermediate copy)."""
+        work.work_id, work.kind, work.max_attempts = self.work_id, self.kind, self.max_attempts
+        if self.payload:
+            work.payload = self.payload
+        if self.timeout_seconds:
+            work.timeout_seconds = self.timeout_seconds
+        return work
+
+    def fingerprint(self) -> bytes:
+        return self.digest if self.digest is not None else fingerprint(self.kind, self.payload or b"")
+
+    def same_job(self, work: work_pb2.Work) -> bool:
+        if self.kind != work.kind:
+            return False
+        if self.payload is not None:
+            return self.payload == work.payload
+        return self.digest == fingerprint(work.kind, work.payload)
 
 
 _TICKET = operator.attrgetter("ticket")
@@ -79,7 +126,7 @@ class PendingQueue:
 
     def __iter__(self) -> Iterator[str]:
         """Work ids in queue order."""
-        return (entry.work.work_id for entry in self.entries())
+        return (entry.work_id for entry in self.entries())
 
     def entries(self) -> Iterator[Entry]:
         """Entries in queue order (merged across kinds)."""
@@ -95,9 +142,8 @@ class PendingQueue:
         """Queues an entry that was never queued, at the back."""
         entry.ticket = self._next_ticket
         self._next_ticket += 1
-        work = entry.work
-        kind = work.kind
-        self._entries[work.work_id] = entry
+        kind = entry.kind
+        self._entries[entry.work_id] = entry
         queue = self._by_kind.get(kind)
         if queue is None:
             queue = self._by_kind[kind] = deque()
@@ -109,7 +155,7 @@ class PendingQueue:
         entry = self._entries.pop(work_id, None)
         if entry is not None:
             entry.ticket = STALE  # if it is not at the front, its slot there is skipped later
-            kind = entry.work.kind
+            kind = entry.kind
             self._count_by_kind[kind] -= 1
             if not self._count_by_kind[kind]:
                 del self._count_by_kind[kind], self._by_kind[kind]
@@ -125,9 +171,8 @@ class PendingQueue:
         for entry in entries:
             entry.ticket = ticket
             ticket += 1
-            work = entry.work
-            kind = work.kind
-            by_id[work.work_id] = entry
+            kind = entry.kind
+            by_id[entry.work_id] = entry
             queue = by_kind.get(kind)
             if queue is None:
                 queue = by_kind[kind] = deque()
@@ -163,8 +208,9 @@ class ImpossibleEvent(ValueError):
 
 
 class WorkState:
-    def __init__(self, strict: bool = False) -> None:
+    def __init__(self, strict: bool = False, payloads_apart: bool = False) -> None:
         self.strict = strict
+        self.payloads_apart = payloads_apart  # the journal keeps payloads: entries hold none
         self.pending = PendingQueue()
         self.in_progress: dict[str, Entry] = {}
         self.finished: dict[str, work_pb2.WorkResult] = {}  # by work id
@@ -198,19 +244,15 @@ class WorkState:
 
     def conflicts(self, work: work_pb2.Work) -> bool:
         """Whether a known id was accepted with a different kind or payload."""
-        known = self.work(work.work_id)
+        known = self.unfinished(work.work_id)
         if known is not None:
-            return known.kind != work.kind or known.payload != work.payload
+            return not known.same_job(work)
         stored = self.fingerprints.get(work.work_id)
-        return stored is not None and stored != fingerprint(work)
+        return stored is not None and stored != fingerprint(work.kind, work.payload)
 
     def unfinished(self, work_id: str) -> Entry | None:
         """The entry of a pending or in-progress work."""
         return self.pending.get(work_id) or self.in_progress.get(work_id)
-
-    def work(self, work_id: str) -> work_pb2.Work | None:
-        entry = self.unfinished(work_id)
-        return entry.work if entry else None
 
     def head(self) -> str | None:
         """The id of the oldest pending work."""
@@ -230,7 +272,7 @@ class WorkState:
         else:
             return None
         return work_pb2.WorkStatus(
-            work_id=work_id, kind=entry.work.kind, state=state,
+            work_id=work_id, kind=entry.kind, state=state,
             attempts=entry.attempts, error=entry.error,
         )
 
@@ -269,8 +311,8 @@ class WorkState:
         work = e.work
         if self.is_known(work.work_id):
             return self._impossible(f"{work.work_id!r} accepted twice")
-        self.pending.push_new(Entry(work=work))
-        self.unfinished_bytes += work.ByteSize() + ENTRY_OVERHEAD_BYTES  # Entry.size, inlined: a hot path
+        entry = self.pending.push_new(Entry.of(work, not self.payloads_apart, e.fingerprint))
+        self.unfinished_bytes += entry.size
 
     def _on_work_started(self, e: journal_pb2.WorkStarted) -> None:
         self.start(e.work_id, e.attempt_token)
@@ -339,7 +381,7 @@ class WorkState:
         del self.in_progress[work_id]
         entry.failures += 1
         entry.error = error
-        if entry.failures >= entry.work.max_attempts:
+        if entry.failures >= entry.max_attempts:
             self.failed_count += 1
             return self._finish(entry, work_pb2.FAILED, error=error)
         self.pending.push(entry)
@@ -347,15 +389,15 @@ class WorkState:
 
     def _finish(self, entry: Entry, state: int, result: bytes = b"", error: str = "") -> work_pb2.WorkResult:
         finished = work_pb2.WorkResult(
-            sequence=self.next_sequence, work_id=entry.work.work_id, state=state,
-            result=result, error=error, kind=entry.work.kind, attempts=entry.attempts,
+            sequence=self.next_sequence, work_id=entry.work_id, state=state,
+            result=result, error=error, kind=entry.kind, attempts=entry.attempts,
         )
         self.next_sequence += 1
-        self.unfinished_bytes -= entry.work.ByteSize() + ENTRY_OVERHEAD_BYTES  # entry.size, inlined: a hot path
+        self.unfinished_bytes -= entry.size
         self.result_bytes += finished.ByteSize()
         self.finished[finished.work_id] = finished
         self.results[finished.sequence] = finished
-        self.fingerprints[finished.work_id] = fingerprint(entry.work)
+        self.fingerprints[finished.work_id] = entry.fingerprint()
         return finished
 
     # --- snapshots ---------------------------------------------------------
@@ -369,25 +411,26 @@ class WorkState:
         for in_progress, entries in ((False, self.pending.entries()), (True, self.in_progress.values())):
             for entry in entries:
                 snapshot.entries.add(
-                    work=entry.work, attempts=entry.attempts, failures=entry.failures, error=entry.error,
-                    in_progress=in_progress, attempt_token=entry.token,
+                    work=entry.work(), attempts=entry.attempts, failures=entry.failures, error=entry.error,
+                    in_progress=in_progress, attempt_token=entry.token, fingerprint=entry.digest or b"",
                 )
         snapshot.results.extend(self.results.values())
         snapshot.fingerprints.extend(self.fingerprints[r.work_id] for r in self.results.values())
         return snapshot
 
     @classmethod
-    def from_snapshot(cls, snapshot: journal_pb2.Snapshot) -> WorkState:
-        state = cls()
+    def from_snapshot(cls, snapshot: journal_pb2.Snapshot, payloads_apart: bool = False) -> WorkState:
+        state = cls(payloads_apart=payloads_apart)
         state.next_sequence = snapshot.next_sequence
         state.forgotten_up_to = snapshot.forgotten_up_to
         state.done_count = snapshot.done_count
         state.failed_count = snapshot.failed_count
         pending = []
         for e in snapshot.entries:
-            entry = Entry(e.work, e.attempts, e.failures, e.error, e.attempt_token)
+            entry = Entry.of(e.work, not payloads_apart, e.fingerprint)
+            entry.attempts, entry.failures, entry.error, entry.token = e.attempts, e.failures, e.error, e.attempt_token
             if e.in_progress:
-                state.in_progress[entry.work.work_id] = entry
+                state.in_progress[entry.work_id] = entry
             else:
                 pending.append(entry)
         state.pending.extend(pending)

@@ -23,6 +23,10 @@ class Journal(ABC):
     """Batches of events at increasing 64-bit positions, written only by the
     active master (fenced), read by whoever recovers."""
 
+    # Whether payloads are stored apart from the batches (read back with
+    # `payloads`): the master then holds none in memory.
+    keeps_payloads = False
+
     @abstractmethod
     def append(self, position: int, batch: journal_pb2.JournalBatch) -> concurrent.futures.Future:
         """Writes one batch at `position` (above every position written
@@ -51,6 +55,10 @@ class Journal(ABC):
     def compact(self) -> int:
         """Deletes the batches and older snapshots the latest snapshot covers
         (fenced); returns how many records were deleted."""
+
+    def payloads(self, work_ids: list[str]) -> dict[str, bytes]:
+        """The payloads of unfinished works, by id (journals that keep them)."""
+        raise NotImplementedError(f"{type(self).__name__} does not keep payloads apart")
 
     def close(self) -> None:  # noqa: B027 (a no-op unless the journal holds resources)
         """Releases what the journal holds (connections, threads); never waits."""

@@ -10,7 +10,13 @@ higher fence and fails; the master steps down.
 
 Group commit: appends queue to one writer thread and connection, which
 writes everything queued as one transaction (one WAL flush for several
-batches). Reads, snapshots and compaction use a second connection.
+batches). Reads, snapshots and compaction use a second connection, payload
+reads a third.
+
+Payloads live apart, in `dworkers_payload`, from the acceptance of a work
+until the event that finishes it, written in the same transaction as the
+batches; batches store works without them. The master holds none: it reads
+them when it hands works out.
 
 Many clusters may share a database: each journal is a row, named by the
 cluster's ZooKeeper root.
@@ -45,6 +51,12 @@ SELECT j.name, b.position, b.data
    FOR SHARE OF j
 """
 QUERY_PASSWORD = re.compile(r"((?:^|[?&\s])password=)[^&\s]*")
+UPSERT_PAYLOADS = """
+INSERT INTO dworkers_payload (journal, work_id, payload)
+SELECT %(name)s, p.work_id, p.payload FROM unnest(%(ids)s::text[], %(payloads)s::bytea[]) AS p(work_id, payload)
+    ON CONFLICT (journal, work_id) DO UPDATE SET payload = excluded.payload
+"""
+DELETE_PAYLOADS = "DELETE FROM dworkers_payload WHERE journal = %(name)s AND work_id = ANY(%(ids)s)"
 HOLD_FENCE = "SELECT fence FROM dworkers_journal WHERE name = %s FOR SHARE"
 
 
@@ -69,15 +81,42 @@ def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+def take_payloads(batch: journal_pb2.JournalBatch, payloads: dict[str, bytes | None]) -> bytes:
+    """The batch as stored (works without payloads). Records in `payloads`
+    what the batch changes, in order: a payload to keep, or None for a work
+    that ended (its payload can go)."""
+    stored = None
+    for i, event in enumerate(batch.events):
+        which = event.WhichOneof("event")
+        if which == "work_accepted":
+            work = event.work_accepted.work
+            payloads[work.work_id] = work.payload
+            if stored is None:
+                stored = journal_pb2.JournalBatch()
+                stored.CopyFrom(batch)
+            stored.events[i].work_accepted.work.ClearField("payload")
+        elif which == "work_completed":
+            payloads[event.work_completed.work_id] = None
+        elif which == "worker_failed" and event.worker_failed.final:
+            payloads[event.worker_failed.work_id] = None
+        elif which == "worker_timed_out" and event.worker_timed_out.final:
+            payloads[event.worker_timed_out.work_id] = None
+    return (stored or batch).SerializeToString()
+
+
 class PostgreSQLJournal(Journal):
     """Open with `take_over()` before the first read or write."""
+
+    keeps_payloads = True
 
     def __init__(self, url: str, name: str, holder: str = "", password: str | None = None):
         self.url, self.name, self.holder, self.password = url, name, holder, password
         self.fence = 0
         self._other = connect(url, password)  # reads, snapshots, compaction
         self._other_lock = threading.Lock()
-        self._queue: list[tuple[int, bytes, concurrent.futures.Future]] = []
+        self._payload_conn: psycopg.Connection | None = None  # opened on first use
+        self._payload_lock = threading.Lock()
+        self._queue: list[tuple[int, journal_pb2.JournalBatch, concurrent.futures.Future]] = []
         self._queue_cond = threading.Condition()
         self._closed = False
         self._writer: threading.Thread | None = None
@@ -127,16 +166,15 @@ class PostgreSQLJournal(Journal):
 
     def append(self, position: int, batch: journal_pb2.JournalBatch) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
-        data = batch.SerializeToString()
-        with self._queue_cond:
+        with self._queue_cond:  # serialized on the writer's thread, not the caller's
             if self._closed or self._writer is None:
                 future.set_exception(JournalError("the journal is closed"))
                 return future
-            self._queue.append((position, data, future))
+            self._queue.append((position, batch, future))
             self._queue_cond.notify()
         return future
 
-    def _take_queued(self) -> list[tuple[int, bytes, concurrent.futures.Future]]:
+    def _take_queued(self) -> list[tuple[int, journal_pb2.JournalBatch, concurrent.futures.Future]]:
         with self._queue_cond:
             while not self._queue and not self._closed:
                 self._queue_cond.wait()
@@ -145,12 +183,12 @@ class PostgreSQLJournal(Journal):
                     future.set_exception(JournalError("the journal is closed"))
                 self._queue.clear()
                 return []
-            taken: list[tuple[int, bytes, concurrent.futures.Future]] = []
+            taken: list[tuple[int, journal_pb2.JournalBatch, concurrent.futures.Future]] = []
             size = 0
-            while self._queue and (not taken or size + len(self._queue[0][1]) <= MAX_WRITE_BYTES):
+            while self._queue and (not taken or size + self._queue[0][1].ByteSize() <= MAX_WRITE_BYTES):
                 item = self._queue.pop(0)
                 taken.append(item)
-                size += len(item[1])
+                size += item[1].ByteSize()
             return taken
 
     def _write_forever(self, conn: psycopg.Connection) -> None:
@@ -174,14 +212,22 @@ class PostgreSQLJournal(Journal):
             conn.close()
 
     def _write(self, conn: psycopg.Connection, taken: list) -> None:
-        params = {"name": self.name, "fence": self.fence, "positions": [t[0] for t in taken],
-                  "datas": [t[1] for t in taken]}
+        payloads: dict[str, bytes | None] = {}
+        datas = [take_payloads(batch, payloads) for _position, batch, _future in taken]
+        params = {"name": self.name, "fence": self.fence, "positions": [t[0] for t in taken], "datas": datas}
+        kept = {work_id: payload for work_id, payload in payloads.items() if payload is not None}
+        ended = [work_id for work_id, payload in payloads.items() if payload is None]
         try:
             with conn.transaction():
                 written = conn.execute(APPEND, params).rowcount
                 if written != len(taken):
                     raise FencedError(f"journal append at {taken[0][0]}: the fence moved past {self.fence}: "
                                       "another master took over")
+                if ended:
+                    conn.execute(DELETE_PAYLOADS, {"name": self.name, "ids": ended})
+                if kept:
+                    conn.execute(UPSERT_PAYLOADS, {"name": self.name, "ids": list(kept),
+                                                   "payloads": list(kept.values())})
         except FencedError:
             raise
         except psycopg.errors.UniqueViolation:
@@ -215,6 +261,18 @@ class PostgreSQLJournal(Journal):
             raise JournalError(f"reading the journal failed: {first_line(exc)}") from None
         finally:
             conn.close()
+
+    def payloads(self, work_ids: list[str]) -> dict[str, bytes]:
+        with self._payload_lock:
+            try:
+                if self._payload_conn is None or self._payload_conn.closed:
+                    self._payload_conn = connect(self.url, self.password)
+                with self._payload_conn.cursor(binary=True) as cursor:
+                    cursor.execute("SELECT work_id, payload FROM dworkers_payload "
+                                   "WHERE journal = %s AND work_id = ANY(%s)", (self.name, work_ids))
+                    return {work_id: bytes(payload) for work_id, payload in cursor}
+            except psycopg.Error as exc:
+                raise JournalError(f"reading payloads failed: {first_line(exc)}") from None
 
     def discard_after(self, position: int) -> None:
         """Nothing to do: an append is one transaction, so an unfinished one
@@ -265,4 +323,10 @@ class PostgreSQLJournal(Journal):
         with self._queue_cond:
             self._closed = True
             self._queue_cond.notify_all()
-        threading.Thread(target=self._run, args=("closing", lambda conn: conn.close()), daemon=True).start()
+        threading.Thread(target=self._close_connections, daemon=True).start()
+
+    def _close_connections(self) -> None:
+        self._run("closing", lambda conn: conn.close())
+        with self._payload_lock:
+            if self._payload_conn is not None:
+                self._payload_conn.close()

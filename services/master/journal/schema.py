@@ -33,6 +33,18 @@ CREATE TABLE dworkers_snapshot (
     PRIMARY KEY (journal, position)
 );
 """),
+    (2, """
+-- Payloads of unfinished works, kept apart from the batches (which store
+-- works without them) so that the master needs no memory for them.
+CREATE TABLE dworkers_payload (
+    journal text NOT NULL,
+    work_id text NOT NULL,
+    payload bytea NOT NULL,
+    PRIMARY KEY (journal, work_id)
+);
+-- Opaque bytes, often compressed already: stored as they are.
+ALTER TABLE dworkers_payload ALTER COLUMN payload SET STORAGE EXTERNAL;
+"""),
 ]
 LATEST = MIGRATIONS[-1][0]
 
