@@ -763,8 +763,9 @@ class Bench:
         count = self.args.backlog_works or (100_000 if self.quick else 1_000_000)
         url = self.pg_url()
         with self.cluster("backlog", url) as c:
-            first = c.start_master(None, *self.master_args, wait=True)
-            second = c.start_master(None, *self.master_args, wait=True)
+            room = ("--max-pending", str(count + 10_000))  # the warm-up's works stay pending too
+            first = c.start_master(None, *room, *self.master_args, wait=True)
+            second = c.start_master(None, *room, *self.master_args, wait=True)
             stub = self.frontend_stub(c.start_frontend())
             self.warm_up_submit(stub)
             time.sleep(2.0)

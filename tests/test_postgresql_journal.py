@@ -245,6 +245,41 @@ def rss(pid: int) -> int:
     return int(line.split()[1]) * 1024
 
 
+def test_an_endless_stream_of_work_keeps_the_postgresql_journal_bounded(pg_cluster):
+    """Retention and compaction on PostgreSQL: batches a snapshot covers are
+    deleted, one snapshot is kept, no payload outlives its work, and results
+    leave the deduplication window as on ZooKeeper."""
+    pg_cluster.start_master(None, "--retention-count", "50", "--snapshot-every", "300", "--snapshot-interval", "1",
+                            wait=True)
+    pg_cluster.start_worker(2)
+    stub = frontend(pg_cluster.start_frontend().address)
+    results = ResultCollector(stub)
+    wait_kind(stub, "square")
+
+    def rows() -> tuple[int, int, int]:
+        with psycopg.connect(pg_cluster.journal) as conn:
+            return tuple(conn.execute(f"SELECT count(*) FROM {table} WHERE {column} = %s", (pg_cluster.root,))
+                         .fetchone()[0] for table, column in (("dworkers_batch", "journal"),
+                                                               ("dworkers_snapshot", "journal"),
+                                                               ("dworkers_payload", "journal")))
+
+    batches = []
+    for round_ in range(4):
+        ids = [w.work_id for w in stub.SubmitWorks(work_pb2.SubmitWorksRequest(works=[
+            work_pb2.SubmitWorkRequest(work_id=f"r{round_}-{n}", kind="square", payload=b"6") for n in range(400)]),
+            timeout=30).works]
+        assert not results.wait_for(ids, timeout=60)
+        wait_until(lambda: rows()[1:] == (1, 0) and rows()[0] < 40, 30, "a snapshot and a compaction")
+        batches.append(rows()[0])
+    assert max(batches) < 40, f"journal rows grow with history: {batches}"
+    with pytest.raises(grpc.RpcError) as error:
+        stub.GetWork(work_pb2.GetWorkRequest(work_id="r0-0"), timeout=10)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert not submit_until_acked(stub, "square", b"6", "r0-0").duplicate
+    assert submit_until_acked(stub, "square", b"6", "r3-399").duplicate
+    results.stop()
+
+
 def test_a_password_given_in_a_file_works_and_no_password_is_logged(zookeeper, postgresql, tmp_path):
     secret_file = tmp_path / "password"
     secret_file.write_text(postgresql.password + "\n")

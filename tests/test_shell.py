@@ -231,3 +231,16 @@ def test_submissions_beyond_the_byte_bound_are_refused_with_the_flag_to_change()
         await core.submit([work("w0", payload=b"x" * 200_000)])  # a duplicate costs nothing
 
     asyncio.run(main())
+
+
+def test_the_payload_cache_is_bounded_in_bytes_and_lets_go_of_what_it_hands_out():
+    from services.master.payload_cache import PayloadCache
+
+    cache = PayloadCache(max_bytes=1000)
+    for i in range(10):
+        cache.put(f"w{i}", bytes(200))
+    assert cache.size <= 1000 and len(cache) == 5
+    assert cache.take("w0") is None  # the oldest went first
+    assert cache.take("w9") == bytes(200) and cache.take("w9") is None
+    cache.put("big", bytes(600))  # over a quarter of the bound: not kept
+    assert cache.take("big") is None and cache.size == 800

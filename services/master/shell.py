@@ -25,6 +25,7 @@ from services.master.domain.effects import DeclareKinds, HandOut, Send, Step
 from services.master.domain.master import CoreSettings, Master, hand_outs
 from services.master.domain.state import WorkState
 from services.master.journal import FencedError, GroupCommitter, Journal, JournalError
+from services.master.payload_cache import PayloadCache
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class MasterShell:
         self._bytes_at_last_complete = 0  # ...and when the last stored one was cut
         self._last_snapshot = time.monotonic()
         self._snapshotting = False
+        self._payloads = PayloadCache()  # with a journal that keeps payloads apart
 
     @property
     def state(self) -> WorkState:
@@ -166,24 +168,43 @@ class MasterShell:
             elif isinstance(effect, DeclareKinds) and self._on_kinds is not None:
                 self._on_kinds(effect.kinds)
         if hand_outs_apart:
-            asyncio.ensure_future(self._hand_out_with_payloads(hand_outs_apart))
+            self._hand_out_with_payloads(hand_outs_apart)
         if step.last_sequence > self.durable_sequence:
             self.durable_sequence = step.last_sequence
             self._wake_results()
         if self.metrics:
             self.metrics.recorded(step)
 
-    async def _hand_out_with_payloads(self, effects: list[HandOut]) -> None:
-        """Reads the payloads of a step's hand-outs in one query, then sends
-        them. Unreadable payloads mean the journal is unreachable: step down."""
-        ids = [a.work.work_id for effect in effects for a in effect.assignments]
+    def _hand_out_with_payloads(self, effects: list[HandOut]) -> None:
+        """Sends hand-outs whose payloads the journal keeps: at once from the
+        cache of recent payloads, or after reading the others in one query."""
+        payloads: dict[str, bytes] = {}
+        missing = []
+        for effect in effects:
+            for assignment in effect.assignments:
+                work_id = assignment.work.work_id
+                cached = self._payloads.take(work_id)
+                if cached is None:
+                    missing.append(work_id)
+                else:
+                    payloads[work_id] = cached
+        if missing:
+            asyncio.ensure_future(self._read_payloads_and_hand_out(effects, payloads, missing))
+        else:
+            self._send_hand_outs(effects, payloads)
+
+    async def _read_payloads_and_hand_out(self, effects: list[HandOut], payloads: dict[str, bytes],
+                                          missing: list[str]) -> None:
+        """Unreadable payloads mean the journal is unreachable: step down."""
         try:
-            payloads = await asyncio.get_running_loop().run_in_executor(None, self.journal.payloads, ids)
+            payloads.update(await asyncio.get_running_loop().run_in_executor(None, self.journal.payloads, missing))
         except JournalError as exc:
             self._journal_failed(exc)
             return
-        if self.closed is not None:
-            return
+        if self.closed is None:
+            self._send_hand_outs(effects, payloads)
+
+    def _send_hand_outs(self, effects: list[HandOut], payloads: dict[str, bytes]) -> None:
         for effect in effects:
             ready = []
             for assignment in effect.assignments:
@@ -252,6 +273,11 @@ class MasterShell:
             raise Overloaded(f"{committer.queued} events are waiting for the journal; retry later")
         answers = self.master.submit(works, time.monotonic(), each_on_its_own, size)
         step = self.master.take()
+        if self.state.payloads_apart:  # hand-outs in this step and soon after find them here
+            for event in step.events:
+                if event.HasField("work_accepted"):
+                    work = event.work_accepted.work
+                    self._payloads.put(work.work_id, work.payload)
         accepted = sum(1 for e in step.events if e.HasField("work_accepted"))
         await self._durable(self._commit(step))
         if self.metrics:

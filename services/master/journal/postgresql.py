@@ -72,7 +72,7 @@ def connect(url: str, password: str | None = None, autocommit: bool = True) -> p
     if password:
         extra["password"] = password
     try:
-        return psycopg.connect(url, autocommit=autocommit, **extra)
+        return psycopg.connect(url, autocommit=autocommit, prepare_threshold=None, **extra)
     except psycopg.Error as exc:
         raise JournalError(f"cannot connect to PostgreSQL at {redact(url)}: {first_line(exc)}") from None
 
@@ -218,16 +218,18 @@ class PostgreSQLJournal(Journal):
         kept = {work_id: payload for work_id, payload in payloads.items() if payload is not None}
         ended = [work_id for work_id, payload in payloads.items() if payload is None]
         try:
-            with conn.transaction():
-                written = conn.execute(APPEND, params).rowcount
-                if written != len(taken):
-                    raise FencedError(f"journal append at {taken[0][0]}: the fence moved past {self.fence}: "
-                                      "another master took over")
+            # Pipelined: the statements leave together, then the commit.
+            with conn.pipeline() as pipeline, conn.transaction():
+                appended = conn.execute(APPEND, params)
                 if ended:
                     conn.execute(DELETE_PAYLOADS, {"name": self.name, "ids": ended})
                 if kept:
                     conn.execute(UPSERT_PAYLOADS, {"name": self.name, "ids": list(kept),
                                                    "payloads": list(kept.values())})
+                pipeline.sync()
+                if appended.rowcount != len(taken):  # rolled back on the way out
+                    raise FencedError(f"journal append at {taken[0][0]}: the fence moved past {self.fence}: "
+                                      "another master took over")
         except FencedError:
             raise
         except psycopg.errors.UniqueViolation:
