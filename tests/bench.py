@@ -721,6 +721,7 @@ class Bench:
                 raise TimeoutError("replay: the standby did not serve within 120 s")
             time.sleep(1.0)
             standby_rss1 = procstat.rss_bytes(second.pid)
+            standby_rss1 = procstat.rss_bytes(second.pid)
             found = re.findall(r"recovered (\d+) events in ([\d.]+) s: (\d+) pending", second.log())
             if not found:
                 raise RuntimeError("replay: no 'recovered N events in X s' line in the standby's log")
@@ -770,7 +771,7 @@ class Bench:
             self.warm_up_submit(stub)
             time.sleep(2.0)
             zk_before = self.zookeeper_data(c.root)
-            rss0 = procstat.rss_bytes(first.pid)
+            rss0, standby_rss0 = procstat.rss_bytes(first.pid), procstat.rss_bytes(second.pid)
             fill_rate = self.fill(stub, [work_pb2.SubmitWorkRequest(work_id=f"b{i}", kind="square",
                                                                     payload=os.urandom(1024)) for i in range(count)],
                                   "backlog")
@@ -788,20 +789,25 @@ class Bench:
             serving = watch.wait(180)
             if serving is None:
                 raise TimeoutError("backlog: the standby did not serve within 180 s")
+            time.sleep(1.0)
+            standby_rss1 = procstat.rss_bytes(second.pid)
             found = re.findall(r"recovered (\d+) events in ([\d.]+) s: (\d+) pending", second.log())
             recovered = float(found[-1][1]) if found else float("nan")
             pending = stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=30).pending
         per_work = (rss1 - rss0) / count
+        standby_per_work = (standby_rss1 - standby_rss0) / count
         self.details["backlog"] = {
             "works": count, "payload_bytes": 1024, "fill_rate": round(fill_rate), "master_rss_before": rss0,
-            "master_rss_after": rss1, "per_work_bytes": round(per_work), "zookeeper_before": zk_before,
+            "master_rss_after": rss1, "per_work_bytes": round(per_work),
+            "standby_per_work_bytes": round(standby_per_work), "zookeeper_before": zk_before,
             "zookeeper_after": zk_after, "postgresql_bytes": db_bytes, "recovered_s": recovered,
             "serving_after_kill_s": round(serving - t0, 2), "pending_after": pending}
         self.row("backlog.submit", f"PostgreSQL journal: submit {count:,} works of 1 KiB", fill_rate, "works/s",
                  note="SubmitWorks x500, 4 threads, no workers")
         self.row("backlog.memory", "PostgreSQL journal: master RSS per pending work", per_work, "B", 400, "<=",
                  f"VmRSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB for {count:,} pending 1 KiB works "
-                 "(payloads included: they stay in PostgreSQL)")
+                 f"(payloads included: they stay in PostgreSQL); the standby after recovering them: "
+                 f"{standby_per_work:,.0f} B/work")
         self.row("backlog.zookeeper", "PostgreSQL journal: ZooKeeper data growth", zk_after[1] - zk_before[1], "B",
                  4096, "<", f"znodes {zk_before[0]} -> {zk_after[0]}, data {zk_before[1]:,} -> {zk_after[1]:,} B; "
                  f"PostgreSQL database {db_bytes / 2**20:,.0f} MiB")

@@ -20,6 +20,7 @@ from typing import Any
 from dworkers.v1 import journal_pb2, work_pb2
 
 from services.common.errors import Forgotten, NotServing, Overloaded
+from services.common.memory import release_free_memory
 from services.common.validation import MAX_BATCH_WORKS, MAX_REPORTS_PER_MESSAGE, MAX_STREAM_MESSAGE_BYTES
 from services.master.domain.effects import DeclareKinds, HandOut, Send, Step
 from services.master.domain.master import CoreSettings, Master, hand_outs
@@ -92,6 +93,7 @@ class MasterShell:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         state, position, count = await loop.run_in_executor(None, recover_state, self.journal)
+        release_free_memory()  # what reading the snapshot and the batches took
         self.master = Master(state, self.settings, self.epoch, self.cluster_id)
         self.durable_sequence = state.last_sequence
         await loop.run_in_executor(None, self.journal.discard_after, position)
@@ -380,9 +382,12 @@ class MasterShell:
             position = await covered
             started = time.monotonic()
             await asyncio.get_running_loop().run_in_executor(None, self._store_snapshot, position, snapshot)
+            entries, results = len(snapshot.entries), len(snapshot.results)
+            del snapshot
+            release_free_memory()  # the snapshot's memory, back to the system
             self._bytes_at_last_complete = cut_bytes
             log.info("snapshot at journal position %d: %d pending, %d results, %.2f s", position,
-                     len(snapshot.entries), len(snapshot.results), time.monotonic() - started,
+                     entries, results, time.monotonic() - started,
                      extra={"epoch": self.epoch})
             return position
         except JournalError as exc:

@@ -35,7 +35,16 @@ def payload_field_bytes(length: int) -> int:
     return 0 if not length else 1 + (length.bit_length() + 6) // 7 + length
 
 
-_KINDS: dict[str, str] = {}  # one string per kind, shared by every entry of it
+# One object per distinct kind, size and timeout, shared by the entries that
+# have it: a million pending works hold a few distinct values, not a million
+# copies. One table per type (1 == 1.0 must not turn a timeout into an int).
+_KINDS: dict[str, str] = {}
+_SIZES: dict[int, int] = {}
+_TIMEOUTS: dict[float, float] = {}
+
+
+def _shared(value, table: dict):
+    return table.setdefault(value, value) if len(table) < 100_000 else value
 
 
 @dataclass(slots=True)
@@ -62,13 +71,14 @@ class Entry:
         """The entry of an accepted work. Without its payload, its size is the
         work's without the payload (so an event stored without it gives the
         same entry), and `digest` is the event's fingerprint if it has one."""
-        kind = _KINDS.setdefault(work.kind, work.kind) if len(_KINDS) < 100_000 else work.kind
+        kind = _shared(work.kind, _KINDS)
         payload = work.payload
         size = work.ByteSize() + ENTRY_OVERHEAD_BYTES
+        timeout = _shared(work.timeout_seconds, _TIMEOUTS) if work.timeout_seconds else 0.0
         if keep_payload:
-            return cls(work.work_id, kind, payload, work.max_attempts, work.timeout_seconds, size)
-        return cls(work.work_id, kind, None, work.max_attempts, work.timeout_seconds,
-                   size - payload_field_bytes(len(payload)), digest or fingerprint(kind, payload))
+            return cls(work.work_id, kind, payload, work.max_attempts, timeout, _shared(size, _SIZES))
+        return cls(work.work_id, kind, None, work.max_attempts, timeout,
+                   _shared(size - payload_field_bytes(len(payload)), _SIZES), digest or fingerprint(kind, payload))
 
     def work(self) -> work_pb2.Work:
         """The work as submitted (without its payload if the journal keeps it)."""
