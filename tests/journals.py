@@ -12,7 +12,7 @@ from dworkers.v1 import journal_pb2
 
 from services.common import zk
 from services.master.journal import Journal, PostgreSQLJournal, ZooKeeperJournal
-from services.master.journal.postgresql import take_payloads
+from services.master.journal.postgresql import Apart, take_apart
 
 KINDS = ("zookeeper", "postgresql")
 
@@ -83,7 +83,7 @@ class PostgreSQLKind:
 
     @staticmethod
     def stored(batch: journal_pb2.JournalBatch) -> journal_pb2.JournalBatch:
-        return journal_pb2.JournalBatch.FromString(take_payloads(batch, {}))
+        return journal_pb2.JournalBatch.FromString(take_apart(batch, Apart()))
 
     def __init__(self, server) -> None:
         self.url = server.url()

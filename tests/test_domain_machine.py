@@ -29,7 +29,7 @@ from services.common.errors import Conflict
 from services.master.domain.effects import HandOut, Send
 from services.master.domain.master import CoreSettings, Master
 from services.master.domain.state import WorkState
-from services.master.journal.postgresql import take_payloads
+from services.master.journal.postgresql import Apart, take_apart
 
 pytestmark = pytest.mark.unit
 
@@ -70,10 +70,12 @@ class MasterMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.store: dict[str, bytes] = {}  # the payloads the journal keeps apart, by work id
+        self.result_store: dict[int, tuple[str, bytes]] = {}  # and the results, by sequence
         self.now = 1000.0
         self.journal: list = []  # every durable event, in order
         self.acked: set[str] = set()  # work ids a client was told are accepted
         self.payloads: dict[str, bytes] = {}
+        self.reported: dict[str, set[bytes]] = {}  # the results workers reported for each work
         self.workers: list[Worker] = []
         self.count = 0
         self.failovers = 0
@@ -95,15 +97,18 @@ class MasterMachine(RuleBasedStateMachine):
         step = (master or self.master).take()
         if lose:
             return []
-        if self.APART:  # as stored: without payloads, which go to the store
-            changes: dict[str, bytes | None] = {}
-            stored = journal_pb2.JournalBatch.FromString(take_payloads(journal_pb2.JournalBatch(
-                events=step.events), changes))
-            for work_id, payload in changes.items():
+        if self.APART:  # as stored: without payloads and results, which go to their tables
+            apart = Apart()
+            stored = journal_pb2.JournalBatch.FromString(take_apart(journal_pb2.JournalBatch(
+                events=step.events), apart))
+            for work_id, payload in apart.payloads.items():
                 if payload is None:
                     self.store.pop(work_id, None)
                 else:
                     self.store[work_id] = payload
+            self.result_store.update(apart.results)
+            for sequence in [s for s in self.result_store if s <= apart.forgotten_up_to]:
+                del self.result_store[sequence]
             self.journal += stored.events
         else:
             self.journal += step.events
@@ -173,6 +178,7 @@ class MasterMachine(RuleBasedStateMachine):
         if outcome == "done":
             report = master_pb2.Completion(worker_id=slot, work_id=work_id, attempt_token=token,
                                            result=assignment.work.payload + b"!")
+            self.reported.setdefault(work_id, set()).add(report.result)
             completions, failures = [report], []
         else:
             report = master_pb2.Failure(worker_id=slot, work_id=work_id, attempt_token=token, error="boom",
@@ -233,6 +239,16 @@ class MasterMachine(RuleBasedStateMachine):
         assert replayed.to_snapshot() == self.master.state.to_snapshot()
 
     @invariant()
+    def every_retained_result_is_stored_apart_and_nothing_else(self) -> None:
+        if not self.APART:
+            return
+        state = self.master.state
+        done = {s: r.work_id for s, r in state.results.items() if r.state == work_pb2.DONE}
+        assert {s: w for s, (w, _) in self.result_store.items()} == done
+        assert all(not r.result for r in state.results.values()), "result bytes held in memory"
+        assert all(result in self.reported[w] for w, result in self.result_store.values())
+
+    @invariant()
     def nothing_acknowledged_is_lost_and_nothing_finishes_twice(self) -> None:
         state = self.master.state
         assert all(state.is_known(work_id) for work_id in self.acked)
@@ -256,6 +272,7 @@ class MasterMachine(RuleBasedStateMachine):
             self._commit()
             for slot, assignment in list(drainer.running.items()):
                 del drainer.running[slot]
+                self.reported.setdefault(assignment.work.work_id, set()).add(b"drained")
                 self.master.report(drainer.connection, [master_pb2.Completion(
                     worker_id=slot, work_id=assignment.work.work_id, attempt_token=assignment.attempt_token,
                     result=b"drained")], [], self.now)

@@ -185,3 +185,24 @@ def test_payloads_kept_apart_live_until_the_event_that_ends_their_work(postgresq
         assert kind.reader().payloads(["w2"]) == {"w2": works["w2"]}
     finally:
         kind.close()
+
+
+def test_results_kept_apart_live_until_they_are_forgotten(postgresql):
+    kind = PostgreSQLKind(postgresql)
+    try:
+        journal = kind.writer()
+        done = [journal_pb2.Event(work_completed=journal_pb2.WorkCompleted(
+            work_id=f"w{s}", result=bytes([s]) * 100_000, sequence=s)) for s in range(1, 6)]
+        journal.append(0, batch(*done)).result(timeout=10)
+        assert journal.results([1, 3, 5, 9]) == {s: bytes([s]) * 100_000 for s in (1, 3, 5)}
+        assert all(not e.work_completed.result for _, b in journal.read() for e in b.events)
+        journal.append(1, batch(journal_pb2.Event(results_forgotten=journal_pb2.ResultsForgotten(
+            up_to_sequence=3)))).result(timeout=10)
+        assert set(journal.results(list(range(1, 6)))) == {4, 5}
+        kind.depose(journal)
+        with pytest.raises(FencedError):
+            journal.append(2, batch(journal_pb2.Event(results_forgotten=journal_pb2.ResultsForgotten(
+                up_to_sequence=5)))).result(timeout=10)
+        assert set(kind.reader().results([4, 5])) == {4, 5}
+    finally:
+        kind.close()

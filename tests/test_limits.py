@@ -34,8 +34,9 @@ def znode_count(cluster, path: str) -> int:
 
 
 def compacted(cluster) -> int:
-    """The cluster's znode count once the journal holds no batch a snapshot
-    covers (a snapshot was taken and compacted), else 0."""
+    """Once the journal holds no batch a snapshot covers (a snapshot was taken
+    and compacted): the cluster's znode count without the batches written
+    since the snapshot (their number depends on timing, not on history); else 0."""
     client = zk.connect(cluster.zk)
     try:
         journal = ZooKeeperJournal(client, zk.Paths(cluster.root).journal)
@@ -43,7 +44,7 @@ def compacted(cluster) -> int:
         positions = [p for p, _ in journal.read()]
         if snapshot is None or len(client.get_children(journal.path)) != len(positions):
             return 0
-        return znode_count(cluster, cluster.root)
+        return znode_count(cluster, cluster.root) - len(positions)
     except NoNodeError:  # compacted while we read: look again
         return 0
     finally:

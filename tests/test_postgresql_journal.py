@@ -280,6 +280,37 @@ def test_an_endless_stream_of_work_keeps_the_postgresql_journal_bounded(pg_clust
     results.stop()
 
 
+def test_results_beyond_the_memory_window_are_served_from_postgresql(pg_cluster):
+    """60 MB of results (300 of 200 KiB): past --retention-bytes (32 MiB, which
+    would forget the oldest on ZooKeeper) and past the master's cache of
+    recent results; every one stays readable, by GetWork and by a stream
+    resumed from the start, whole and in stream messages below 2 MiB."""
+    pg_cluster.start_master(wait=True)
+    pg_cluster.start_worker(4, "--jobs", "tests.jobs_for_tests")
+    stub = frontend(pg_cluster.start_frontend().address)
+    results = ResultCollector(stub)
+    wait_kind(stub, "echo")
+    payloads = {f"e-{i}": bytes([i % 256]) * (200 * 1024) for i in range(300)}
+    for start in range(0, 300, 20):
+        stub.SubmitWorks(work_pb2.SubmitWorksRequest(works=[
+            work_pb2.SubmitWorkRequest(work_id=w, kind="echo", payload=payloads[w])
+            for w in list(payloads)[start:start + 20]]), timeout=60)
+    assert_exactly_once(results, list(payloads), stub, timeout=120)
+    results.stop()
+    for work_id in ("e-0", "e-1", "e-150"):
+        status = stub.GetWork(work_pb2.GetWorkRequest(work_id=work_id), timeout=15)
+        assert status.state == work_pb2.DONE and status.result == payloads[work_id]
+    replayed: dict[str, bytes] = {}
+    stream = stub.WatchResults(work_pb2.WatchResultsRequest(after_sequence=0), timeout=60)
+    for message in stream:
+        assert message.ByteSize() < 2 * 1024 * 1024
+        replayed.update((r.work_id, r.result) for r in message.results)
+        if len(replayed) == len(payloads):
+            stream.cancel()
+            break
+    assert replayed == payloads
+
+
 def test_a_password_given_in_a_file_works_and_no_password_is_logged(zookeeper, postgresql, tmp_path):
     secret_file = tmp_path / "password"
     secret_file.write_text(postgresql.password + "\n")

@@ -234,9 +234,9 @@ def test_submissions_beyond_the_byte_bound_are_refused_with_the_flag_to_change()
 
 
 def test_the_payload_cache_is_bounded_in_bytes_and_lets_go_of_what_it_hands_out():
-    from services.master.payload_cache import PayloadCache
+    from services.master.recent import RecentBytes
 
-    cache = PayloadCache(max_bytes=1000)
+    cache = RecentBytes(max_bytes=1000)
     for i in range(10):
         cache.put(f"w{i}", bytes(200))
     assert cache.size <= 1000 and len(cache) == 5

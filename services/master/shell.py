@@ -26,11 +26,13 @@ from services.master.domain.effects import DeclareKinds, HandOut, Send, Step
 from services.master.domain.master import CoreSettings, Master, hand_outs
 from services.master.domain.state import WorkState
 from services.master.journal import FencedError, GroupCommitter, Journal, JournalError
-from services.master.payload_cache import PayloadCache
+from services.master.recent import RecentBytes
 
 log = logging.getLogger(__name__)
 
 RESULTS_PER_MESSAGE = 500
+RESULTS_PER_READ = 64  # results read from a journal that keeps them apart, at once (at most 16 MiB)
+RESULT_CACHE_BYTES = 32 * 1024 * 1024
 # The most events one input can record (a full SubmitWorks with its starts, a
 # worker message full of reports, a tick that ends every attempt): the shell
 # takes an input only if the journal's buffer has room for it.
@@ -80,7 +82,9 @@ class MasterShell:
         self._bytes_at_last_complete = 0  # ...and when the last stored one was cut
         self._last_snapshot = time.monotonic()
         self._snapshotting = False
-        self._payloads = PayloadCache()  # with a journal that keeps payloads apart
+        # With a journal that keeps payloads and results apart: the recent ones.
+        self._payloads = RecentBytes()
+        self._results = RecentBytes(RESULT_CACHE_BYTES)
 
     @property
     def state(self) -> WorkState:
@@ -155,6 +159,10 @@ class MasterShell:
         """Journals a step's events; performs its effects once they (and all
         before them) are durable. Returns the future of that."""
         committer = self._journal()
+        if self.state.payloads_apart:  # results are read soon after they are written
+            for event in step.events:
+                if event.HasField("work_completed") and event.work_completed.sequence:
+                    self._results.put(event.work_completed.sequence, event.work_completed.result)
         durable = committer.append(step.events) if step.events else committer.barrier()
         self._events_since_snapshot += len(step.events)
         durable.add_done_callback(lambda f: None if f.cancelled() or f.exception() else self._perform(step))
@@ -290,7 +298,43 @@ class MasterShell:
         self.check_serving()
         status = self.master.status(work_id)
         await self._answerable()
+        if status is not None and status.state == work_pb2.DONE and self.state.payloads_apart:
+            status.result = (await self._result_bytes([status.sequence])).get(status.sequence, b"")
         return status
+
+    async def _result_bytes(self, sequences: list[int]) -> dict[int, bytes]:
+        """Results kept apart by the journal: recent ones from memory, the
+        others in one query."""
+        found: dict[int, bytes] = {}
+        missing = []
+        for sequence in sequences:
+            cached = self._results.get(sequence)
+            if cached is None:
+                missing.append(sequence)
+            else:
+                found[sequence] = cached
+        if missing:
+            try:
+                found.update(await asyncio.get_running_loop().run_in_executor(None, self.journal.results, missing))
+            except JournalError as exc:
+                raise NotServing(str(exc)) from None
+        return found
+
+    async def _with_result_bytes(self, batch: list[work_pb2.WorkResult]) -> list[work_pb2.WorkResult]:
+        """Copies of results with their bytes, as many as fit one stream message."""
+        found = await self._result_bytes([r.sequence for r in batch if r.state == work_pb2.DONE])
+        filled: list[work_pb2.WorkResult] = []
+        size = 0
+        for result in batch:
+            copy = work_pb2.WorkResult()
+            copy.CopyFrom(result)
+            if result.state == work_pb2.DONE:
+                copy.result = found.get(result.sequence, b"")
+            size += copy.ByteSize() + 8
+            if filled and size > MAX_STREAM_MESSAGE_BYTES - 64 * 1024:
+                break
+            filled.append(copy)
+        return filled
 
     async def cluster_counts(self) -> dict:
         """Counts for ClusterInfo, answered like any read: from durable state."""
@@ -313,7 +357,10 @@ class MasterShell:
             if cursor < self.durable_sequence:
                 first = max(cursor, state.forgotten_up_to)
                 limit = min(self.durable_sequence - first, RESULTS_PER_MESSAGE)
-                batch = state.results_after(cursor, limit, MAX_STREAM_MESSAGE_BYTES - 64 * 1024)
+                if state.payloads_apart:
+                    batch = await self._with_result_bytes(state.results_after(cursor, min(limit, RESULTS_PER_READ)))
+                else:
+                    batch = state.results_after(cursor, limit, MAX_STREAM_MESSAGE_BYTES - 64 * 1024)
                 cursor = batch[-1].sequence if batch else self.durable_sequence
                 if batch:
                     yield batch

@@ -350,8 +350,11 @@ class WorkState:
                 self._impossible(f"{work_id!r} completed, but not by its latest attempt")
                 return None
             self.pending.pop(work_id)
+        if self.payloads_apart and e.sequence and e.sequence != self.next_sequence:
+            self._impossible(f"{work_id!r} completed as result {e.sequence}, but the next is {self.next_sequence}")
         self.done_count += 1
-        return self._finish(entry, work_pb2.DONE, result=e.result)
+        # Kept apart too: the result's bytes are the journal's to serve.
+        return self._finish(entry, work_pb2.DONE, result=b"" if self.payloads_apart else e.result)
 
     def _on_worker_failed(self, e: journal_pb2.WorkerFailed) -> work_pb2.WorkResult | None:
         return self._fail_attempt(e.work_id, e.error, e.attempt_token)

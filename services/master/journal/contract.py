@@ -23,8 +23,8 @@ class Journal(ABC):
     """Batches of events at increasing 64-bit positions, written only by the
     active master (fenced), read by whoever recovers."""
 
-    # Whether payloads are stored apart from the batches (read back with
-    # `payloads`): the master then holds none in memory.
+    # Whether payloads and results are stored apart from the batches (read
+    # back with `payloads` and `results`): the master then holds neither.
     keeps_payloads = False
 
     @abstractmethod
@@ -59,6 +59,11 @@ class Journal(ABC):
     def payloads(self, work_ids: list[str]) -> dict[str, bytes]:
         """The payloads of unfinished works, by id (journals that keep them)."""
         raise NotImplementedError(f"{type(self).__name__} does not keep payloads apart")
+
+    def results(self, sequences: list[int]) -> dict[int, bytes]:
+        """The results of retained completions, by sequence number (journals
+        that keep payloads apart keep results apart too)."""
+        raise NotImplementedError(f"{type(self).__name__} does not keep results apart")
 
     def close(self) -> None:  # noqa: B027 (a no-op unless the journal holds resources)
         """Releases what the journal holds (connections, threads); never waits."""

@@ -14,9 +14,11 @@ batches). Reads, snapshots and compaction use a second connection, payload
 reads a third.
 
 Payloads live apart, in `dworkers_payload`, from the acceptance of a work
-until the event that finishes it, written in the same transaction as the
-batches; batches store works without them. The master holds none: it reads
-them when it hands works out.
+until the event that finishes it, and results in `dworkers_result`, by
+sequence number, until they are forgotten; both are written in the same
+transaction as the batches, which store works and completions without them.
+The master holds neither: it reads them when it hands works out and when it
+answers for results.
 
 Many clusters may share a database: each journal is a row, named by the
 cluster's ZooKeeper root.
@@ -29,6 +31,7 @@ import logging
 import re
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import psycopg
 from dworkers.v1 import journal_pb2
@@ -56,6 +59,13 @@ INSERT INTO dworkers_payload (journal, work_id, payload)
 SELECT %(name)s, p.work_id, p.payload FROM unnest(%(ids)s::text[], %(payloads)s::bytea[]) AS p(work_id, payload)
     ON CONFLICT (journal, work_id) DO UPDATE SET payload = excluded.payload
 """
+INSERT_RESULTS = """
+INSERT INTO dworkers_result (journal, sequence, work_id, result)
+SELECT %(name)s, r.sequence, r.work_id, r.result
+  FROM unnest(%(sequences)s::bigint[], %(ids)s::text[], %(results)s::bytea[]) AS r(sequence, work_id, result)
+    ON CONFLICT (journal, sequence) DO UPDATE SET work_id = excluded.work_id, result = excluded.result
+"""
+DELETE_RESULTS = "DELETE FROM dworkers_result WHERE journal = %(name)s AND sequence <= %(up_to)s"
 DELETE_PAYLOADS = "DELETE FROM dworkers_payload WHERE journal = %(name)s AND work_id = ANY(%(ids)s)"
 HOLD_FENCE = "SELECT fence FROM dworkers_journal WHERE name = %s FOR SHARE"
 
@@ -81,26 +91,45 @@ def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def take_payloads(batch: journal_pb2.JournalBatch, payloads: dict[str, bytes | None]) -> bytes:
-    """The batch as stored (works without payloads). Records in `payloads`
-    what the batch changes, in order: a payload to keep, or None for a work
-    that ended (its payload can go)."""
+@dataclass
+class Apart:
+    """What batches change in the tables kept apart from them, in order."""
+
+    payloads: dict[str, bytes | None] = field(default_factory=dict)  # None: the work ended, its payload goes
+    results: dict[int, tuple[str, bytes]] = field(default_factory=dict)  # sequence -> (work id, result)
+    forgotten_up_to: int = 0  # results up to here go
+
+
+def take_apart(batch: journal_pb2.JournalBatch, apart: Apart) -> bytes:
+    """The batch as stored: works without payloads, completions without
+    results; records in `apart` what it changes in the tables beside it."""
     stored = None
+
+    def stored_event(i: int) -> journal_pb2.Event:
+        nonlocal stored
+        if stored is None:
+            stored = journal_pb2.JournalBatch()
+            stored.CopyFrom(batch)
+        return stored.events[i]
+
     for i, event in enumerate(batch.events):
         which = event.WhichOneof("event")
         if which == "work_accepted":
             work = event.work_accepted.work
-            payloads[work.work_id] = work.payload
-            if stored is None:
-                stored = journal_pb2.JournalBatch()
-                stored.CopyFrom(batch)
-            stored.events[i].work_accepted.work.ClearField("payload")
+            apart.payloads[work.work_id] = work.payload
+            stored_event(i).work_accepted.work.ClearField("payload")
         elif which == "work_completed":
-            payloads[event.work_completed.work_id] = None
+            completed = event.work_completed
+            apart.payloads[completed.work_id] = None
+            if completed.sequence:
+                apart.results[completed.sequence] = (completed.work_id, completed.result)
+                stored_event(i).work_completed.ClearField("result")
         elif which == "worker_failed" and event.worker_failed.final:
-            payloads[event.worker_failed.work_id] = None
+            apart.payloads[event.worker_failed.work_id] = None
         elif which == "worker_timed_out" and event.worker_timed_out.final:
-            payloads[event.worker_timed_out.work_id] = None
+            apart.payloads[event.worker_timed_out.work_id] = None
+        elif which == "results_forgotten":
+            apart.forgotten_up_to = max(apart.forgotten_up_to, event.results_forgotten.up_to_sequence)
     return (stored or batch).SerializeToString()
 
 
@@ -212,11 +241,11 @@ class PostgreSQLJournal(Journal):
             conn.close()
 
     def _write(self, conn: psycopg.Connection, taken: list) -> None:
-        payloads: dict[str, bytes | None] = {}
-        datas = [take_payloads(batch, payloads) for _position, batch, _future in taken]
+        apart = Apart()
+        datas = [take_apart(batch, apart) for _position, batch, _future in taken]
         params = {"name": self.name, "fence": self.fence, "positions": [t[0] for t in taken], "datas": datas}
-        kept = {work_id: payload for work_id, payload in payloads.items() if payload is not None}
-        ended = [work_id for work_id, payload in payloads.items() if payload is None]
+        kept = {work_id: payload for work_id, payload in apart.payloads.items() if payload is not None}
+        ended = [work_id for work_id, payload in apart.payloads.items() if payload is None]
         try:
             # Pipelined: the statements leave together, then the commit.
             with conn.pipeline() as pipeline, conn.transaction():
@@ -226,6 +255,12 @@ class PostgreSQLJournal(Journal):
                 if kept:
                     conn.execute(UPSERT_PAYLOADS, {"name": self.name, "ids": list(kept),
                                                    "payloads": list(kept.values())})
+                if apart.results:
+                    conn.execute(INSERT_RESULTS, {"name": self.name, "sequences": list(apart.results),
+                                                  "ids": [r[0] for r in apart.results.values()],
+                                                  "results": [r[1] for r in apart.results.values()]})
+                if apart.forgotten_up_to:
+                    conn.execute(DELETE_RESULTS, {"name": self.name, "up_to": apart.forgotten_up_to})
                 pipeline.sync()
                 if appended.rowcount != len(taken):  # rolled back on the way out
                     raise FencedError(f"journal append at {taken[0][0]}: the fence moved past {self.fence}: "
@@ -275,6 +310,18 @@ class PostgreSQLJournal(Journal):
                     return {work_id: bytes(payload) for work_id, payload in cursor}
             except psycopg.Error as exc:
                 raise JournalError(f"reading payloads failed: {first_line(exc)}") from None
+
+    def results(self, sequences: list[int]) -> dict[int, bytes]:
+        with self._payload_lock:
+            try:
+                if self._payload_conn is None or self._payload_conn.closed:
+                    self._payload_conn = connect(self.url, self.password)
+                with self._payload_conn.cursor(binary=True) as cursor:
+                    cursor.execute("SELECT sequence, result FROM dworkers_result "
+                                   "WHERE journal = %s AND sequence = ANY(%s)", (self.name, sequences))
+                    return {sequence: bytes(result) for sequence, result in cursor}
+            except psycopg.Error as exc:
+                raise JournalError(f"reading results failed: {first_line(exc)}") from None
 
     def discard_after(self, position: int) -> None:
         """Nothing to do: an append is one transaction, so an unfinished one

@@ -45,6 +45,18 @@ CREATE TABLE dworkers_payload (
 -- Opaque bytes, often compressed already: stored as they are.
 ALTER TABLE dworkers_payload ALTER COLUMN payload SET STORAGE EXTERNAL;
 """),
+    (3, """
+-- Results of finished works, by sequence number, kept apart from the batches
+-- until they leave the retention window.
+CREATE TABLE dworkers_result (
+    journal text NOT NULL,
+    sequence bigint NOT NULL,
+    work_id text NOT NULL,
+    result bytea NOT NULL,
+    PRIMARY KEY (journal, sequence)
+);
+ALTER TABLE dworkers_result ALTER COLUMN result SET STORAGE EXTERNAL;
+"""),
 ]
 LATEST = MIGRATIONS[-1][0]
 
