@@ -102,7 +102,8 @@ class MasterShell:
         self.durable_sequence = state.last_sequence
         await loop.run_in_executor(None, self.journal.discard_after, position)
         self.committer = GroupCommitter(self.journal, self.epoch, self._journal_failed,
-                                        on_batch=self.metrics and self.metrics.journal_batch, after=position)
+                                        on_batch=self.metrics and self.metrics.journal_batch, after=position,
+                                        max_in_flight=self.journal.appends_in_flight)
         self.master.recovered(time.monotonic())
         await self._durable(self._commit(self.master.take()))
         self._ticker = asyncio.create_task(self._tick_forever())

@@ -26,6 +26,8 @@ class Journal(ABC):
     # Whether payloads and results are stored apart from the batches (read
     # back with `payloads` and `results`): the master then holds neither.
     keeps_payloads = False
+    # Batches the group committer hands over before the first is durable.
+    appends_in_flight = 2
 
     @abstractmethod
     def append(self, position: int, batch: journal_pb2.JournalBatch) -> concurrent.futures.Future:

@@ -137,6 +137,9 @@ class PostgreSQLJournal(Journal):
     """Open with `take_over()` before the first read or write."""
 
     keeps_payloads = True
+    # Everything queued while a transaction runs goes into the next one: let
+    # the committer queue more than two, so that one commit carries them.
+    appends_in_flight = 8
 
     def __init__(self, url: str, name: str, holder: str = "", password: str | None = None):
         self.url, self.name, self.holder, self.password = url, name, holder, password
