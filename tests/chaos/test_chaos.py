@@ -216,8 +216,14 @@ def test_chaos(tmp_path, journal_kind):
         assert not wrong, f"large works with a wrong result: {wrong[:10]}"
 
         # A fresh replay of the journal gives what the live master streamed.
+        # The masters stop first: a live one may compact what is being read.
         master = cluster.active_master(timeout=30)
         assert wait_serving(master.address, "dworkers.v1.Master")
+        masters = [s for s in cluster.services if s.role == "master" and s.alive()]
+        for service in masters:
+            service.signal(signal.SIGTERM)
+        for service in masters:
+            service.process.wait(timeout=30)
         with journal_reader(cluster) as journal:
             state, _, _ = recover_state(journal)
         replayed = {s: r.work_id for s, r in state.results.items()}
