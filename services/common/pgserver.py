@@ -91,6 +91,15 @@ class PostgreSQLServer:
         password_file.unlink()
 
     def start(self, timeout: float = 60.0) -> PostgreSQLServer:
+        """Starts the server; a start right after a crash that fails is tried
+        once more (as a supervisor would)."""
+        try:
+            return self._start(timeout)
+        except RuntimeError:
+            time.sleep(1.0)
+            return self._start(timeout)
+
+    def _start(self, timeout: float) -> PostgreSQLServer:
         if not (self.data / "PG_VERSION").exists():
             self._initdb()
         log = open(self.workdir / "postgresql.log", "ab")
@@ -126,15 +135,23 @@ class PostgreSQLServer:
         """A fast shutdown (SIGINT), or kill -9 (crash recovery on next start)."""
         if self.process is None or self.process.poll() is not None:
             return
+        group = self.process.pid
         if kill:
-            os.killpg(self.process.pid, 9)  # the postmaster and its backends, as a crash would
+            os.killpg(group, 9)  # the postmaster and its backends, as a crash would
         else:
             self.process.send_signal(2)
         try:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, 9)
+            os.killpg(group, 9)
             self.process.wait(timeout=10)
+        deadline = time.monotonic() + 10  # its backends too: a new server must not meet them
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(group, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
 
     def remove(self) -> None:
         """Stops the server and deletes its data."""
