@@ -303,28 +303,24 @@ class PostgreSQLJournal(Journal):
             conn.close()
 
     def payloads(self, work_ids: list[str]) -> dict[str, bytes]:
-        with self._payload_lock:
-            try:
-                if self._payload_conn is None or self._payload_conn.closed:
-                    self._payload_conn = connect(self.url, self.password)
-                with self._payload_conn.cursor(binary=True) as cursor:
-                    cursor.execute("SELECT work_id, payload FROM dworkers_payload "
-                                   "WHERE journal = %s AND work_id = ANY(%s)", (self.name, work_ids))
-                    return {work_id: bytes(payload) for work_id, payload in cursor}
-            except psycopg.Error as exc:
-                raise JournalError(f"reading payloads failed: {first_line(exc)}") from None
+        return self._lookup("SELECT work_id, payload FROM dworkers_payload WHERE journal = %s AND work_id = ANY(%s)",
+                            work_ids, "reading payloads")
 
     def results(self, sequences: list[int]) -> dict[int, bytes]:
+        return self._lookup("SELECT sequence, result FROM dworkers_result WHERE journal = %s AND sequence = ANY(%s)",
+                            sequences, "reading results")
+
+    def _lookup(self, query: str, keys: list, what: str) -> dict:
+        """Bytes kept apart, by key, on the connection for such reads."""
         with self._payload_lock:
             try:
                 if self._payload_conn is None or self._payload_conn.closed:
                     self._payload_conn = connect(self.url, self.password)
                 with self._payload_conn.cursor(binary=True) as cursor:
-                    cursor.execute("SELECT sequence, result FROM dworkers_result "
-                                   "WHERE journal = %s AND sequence = ANY(%s)", (self.name, sequences))
-                    return {sequence: bytes(result) for sequence, result in cursor}
+                    cursor.execute(query, (self.name, keys))
+                    return {key: bytes(data) for key, data in cursor}
             except psycopg.Error as exc:
-                raise JournalError(f"reading results failed: {first_line(exc)}") from None
+                raise JournalError(f"{what} failed: {first_line(exc)}") from None
 
     def discard_after(self, position: int) -> None:
         """Nothing to do: an append is one transaction, so an unfinished one
