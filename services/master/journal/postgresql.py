@@ -48,10 +48,7 @@ MAX_WRITE_BYTES = 32 * 1024 * 1024  # queued appends written in one transaction,
 
 APPEND = """
 INSERT INTO dworkers_batch (journal, position, data)
-SELECT j.name, b.position, b.data
-  FROM dworkers_journal j, unnest(%(positions)s::bigint[], %(datas)s::bytea[]) AS b(position, data)
- WHERE j.name = %(name)s AND j.fence = %(fence)s
-   FOR SHARE OF j
+SELECT %(name)s, b.position, b.data FROM unnest(%(positions)s::bigint[], %(datas)s::bytea[]) AS b(position, data)
 """
 QUERY_PASSWORD = re.compile(r"((?:^|[?&\s])password=)[^&\s]*")
 UPSERT_PAYLOADS = """
@@ -67,7 +64,8 @@ SELECT %(name)s, r.sequence, r.work_id, r.result
 """
 DELETE_RESULTS = "DELETE FROM dworkers_result WHERE journal = %(name)s AND sequence <= %(up_to)s"
 DELETE_PAYLOADS = "DELETE FROM dworkers_payload WHERE journal = %(name)s AND work_id = ANY(%(ids)s)"
-HOLD_FENCE = "SELECT fence FROM dworkers_journal WHERE name = %s FOR SHARE"
+HOLD_FENCE = "SELECT dworkers_hold_fence(%(name)s, %(fence)s)"
+FENCED = "DWF01"  # the SQLSTATE dworkers_hold_fence raises
 
 
 def redact(url: str) -> str:
@@ -89,6 +87,16 @@ def connect(url: str, password: str | None = None, autocommit: bool = True) -> p
 
 def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def failure(exc: psycopg.Error, what: str) -> JournalError:
+    """The journal's error for a failed statement: FencedError when another
+    master raised the fence."""
+    if exc.sqlstate == FENCED:
+        return FencedError(f"{what}: {first_line(exc)}")
+    if isinstance(exc, psycopg.errors.UniqueViolation):
+        return JournalError(f"{what}: the position is taken")
+    return JournalError(f"{what} failed: {first_line(exc)}")
 
 
 @dataclass
@@ -187,12 +195,10 @@ class PostgreSQLJournal(Journal):
         self._writer.start()
         return self.fence
 
-    def _hold_fence(self, conn: psycopg.Connection, what: str) -> None:
-        """Inside a transaction: proceeds only while the fence is ours."""
-        row = conn.execute(HOLD_FENCE, (self.name,)).fetchone()
-        if row is None or row[0] != self.fence:
-            raise FencedError(f"{what}: the journal's fence is {row and row[0]}, not {self.fence}: "
-                              "another master took over")
+    def _hold_fence(self, conn: psycopg.Connection) -> None:
+        """Inside a transaction: the rest of it happens only while the fence
+        is ours (else it fails with FENCED, see `failure`)."""
+        conn.execute(HOLD_FENCE, {"name": self.name, "fence": self.fence})
 
     # --- appends -------------------------------------------------------------
 
@@ -250,9 +256,12 @@ class PostgreSQLJournal(Journal):
         kept = {work_id: payload for work_id, payload in apart.payloads.items() if payload is not None}
         ended = [work_id for work_id, payload in apart.payloads.items() if payload is None]
         try:
-            # Pipelined: the statements leave together, then the commit.
-            with conn.pipeline() as pipeline, conn.transaction():
-                appended = conn.execute(APPEND, params)
+            # One round trip: everything, COMMIT included, leaves at once; if
+            # the fence check fails, the server skips the rest.
+            with conn.pipeline():
+                conn.execute("BEGIN")
+                self._hold_fence(conn)
+                conn.execute(APPEND, params)
                 if ended:
                     conn.execute(DELETE_PAYLOADS, {"name": self.name, "ids": ended})
                 if kept:
@@ -264,16 +273,9 @@ class PostgreSQLJournal(Journal):
                                                   "results": [r[1] for r in apart.results.values()]})
                 if apart.forgotten_up_to:
                     conn.execute(DELETE_RESULTS, {"name": self.name, "up_to": apart.forgotten_up_to})
-                pipeline.sync()
-                if appended.rowcount != len(taken):  # rolled back on the way out
-                    raise FencedError(f"journal append at {taken[0][0]}: the fence moved past {self.fence}: "
-                                      "another master took over")
-        except FencedError:
-            raise
-        except psycopg.errors.UniqueViolation:
-            raise JournalError(f"journal append at {taken[0][0]}: the position is taken") from None
+                conn.execute("COMMIT")
         except psycopg.Error as exc:
-            raise JournalError(f"journal append at {taken[0][0]} failed: {first_line(exc)}") from None
+            raise failure(exc, f"journal append at {taken[0][0]}") from None
 
     # --- reads, snapshots, compaction ------------------------------------------
 
@@ -281,10 +283,8 @@ class PostgreSQLJournal(Journal):
         with self._other_lock:
             try:
                 return action(self._other)
-            except JournalError:
-                raise
             except psycopg.Error as exc:
-                raise JournalError(f"{what} failed: {first_line(exc)}") from None
+                raise failure(exc, what) from None
 
     def read(self, after: int = -1) -> Iterator[tuple[int, journal_pb2.JournalBatch]]:
         # A separate connection: replay streams through a server-side cursor
@@ -329,7 +329,7 @@ class PostgreSQLJournal(Journal):
     def write_snapshot(self, position: int, data: bytes) -> None:
         def store(conn: psycopg.Connection) -> None:
             with conn.transaction():
-                self._hold_fence(conn, "snapshot")
+                self._hold_fence(conn)
                 with conn.cursor(binary=True) as cursor:
                     cursor.execute("INSERT INTO dworkers_snapshot (journal, position, data) VALUES (%s, %s, %s) "
                                    "ON CONFLICT (journal, position) DO UPDATE SET data = excluded.data",
@@ -353,7 +353,7 @@ class PostgreSQLJournal(Journal):
     def compact(self) -> int:
         def delete(conn: psycopg.Connection) -> int:
             with conn.transaction():
-                self._hold_fence(conn, "compaction")
+                self._hold_fence(conn)
                 covered = conn.execute("SELECT snapshot_position FROM dworkers_journal WHERE name = %s",
                                        (self.name,)).fetchone()
                 if covered is None or covered[0] is None:

@@ -57,6 +57,24 @@ CREATE TABLE dworkers_result (
 );
 ALTER TABLE dworkers_result ALTER COLUMN result SET STORAGE EXTERNAL;
 """),
+    (4, """
+-- Every write begins with this: it holds the journal's row in share mode (a
+-- master taking over waits for writes in flight) and raises if the fence is
+-- not the writer's, so the rest of a pipelined transaction is skipped and
+-- nothing of a deposed master's write lands, in one round trip.
+CREATE FUNCTION dworkers_hold_fence(journal_name text, expected bigint) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    current bigint;
+BEGIN
+    SELECT fence INTO current FROM dworkers_journal WHERE name = journal_name FOR SHARE;
+    IF current IS DISTINCT FROM expected THEN
+        RAISE EXCEPTION 'the journal''s fence is %, not %: another master took over', current, expected
+            USING ERRCODE = 'DWF01';
+    END IF;
+END
+$$;
+"""),
 ]
 LATEST = MIGRATIONS[-1][0]
 
