@@ -14,18 +14,19 @@ setup: $(STAMP) zookeeper postgresql
 $(TOOLS_STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { scripts/ensure-packages.sh python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet 'grpcio-tools>=1.60'
+	$(PY) -m pip install --quiet 'grpcio-tools==1.85.1'
 	@touch $@
 
-# Generated code lives in gen/ (never edited by hand, never committed). It
-# exists before the editable install, which maps gen/dworkers as a package.
+# Generated code lives in gen/ (never edited by hand, never committed):
+# setup.py generates it (any build does too) and the editable install maps
+# gen/dworkers/v1 as the package dworkers.v1.
 proto: $(GEN_STAMP)
 $(GEN_STAMP): $(PROTOS) $(TOOLS_STAMP)
 	@mkdir -p gen
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=gen --pyi_out=gen --grpc_python_out=gen $(PROTOS)
-	@touch $@
+	@rm -f $@
+	$(PY) setup.py --name > /dev/null
 
-$(STAMP): pyproject.toml $(GEN_STAMP)
+$(STAMP): pyproject.toml setup.py $(GEN_STAMP)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $@
 

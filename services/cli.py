@@ -11,15 +11,15 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services import client, demo
-from services.common import logs
-from services.common.errors import DworkersError
-from services.common.lifecycle import StopRequest
-from services.common.settings import add, add_flags, describe, from_args, in_range
-from services.common.validation import MAX_SLOTS_PER_CONNECTION
-from services.frontend import service as frontend
-from services.master import node as master
-from services.worker import worker
+from dworkers import client, demo
+from dworkers.common import logs
+from dworkers.common.errors import DworkersError
+from dworkers.common.lifecycle import StopRequest
+from dworkers.common.settings import add, add_flags, describe, from_args, in_range
+from dworkers.common.validation import MAX_SLOTS_PER_CONNECTION
+from dworkers.frontend import service as frontend
+from dworkers.master import node as master
+from dworkers.worker import worker
 
 log = logging.getLogger("dworkers")
 

@@ -8,12 +8,12 @@ import sys
 import time
 
 import grpc
-from dworkers.v1 import frontend_pb2_grpc, work_pb2
 
-from services.common import validation
-from services.common.errors import ConfigError
-from services.common.settings import add, in_range
-from services.common.wire import CHANNEL_OPTIONS
+from dworkers.common import validation
+from dworkers.common.errors import ConfigError
+from dworkers.common.settings import add, in_range
+from dworkers.common.wire import CHANNEL_OPTIONS
+from dworkers.v1 import frontend_pb2_grpc, work_pb2
 
 STATE_NAMES = {v: k for k, v in work_pb2.State.items()}
 

@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 import grpc
-from dworkers.v1 import frontend_pb2_grpc, work_pb2
 
-from services.common.errors import ConfigError
-from services.common.zkserver import ZooKeeperNotInstalled
-from services.local_cluster import LocalCluster
+from dworkers.common.errors import ConfigError
+from dworkers.common.zkserver import ZooKeeperNotInstalled
+from dworkers.local_cluster import LocalCluster
+from dworkers.v1 import frontend_pb2_grpc, work_pb2
 
 log = logging.getLogger("dworkers.demo")
 

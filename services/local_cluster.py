@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.zkserver import ZooKeeperServer, free_port
+from dworkers.common.zkserver import ZooKeeperServer, free_port
 
 
 @dataclass
@@ -98,7 +98,7 @@ class LocalCluster:
 
     def _spawn(self, role: str, args: list[str], address: str = "", prefix: tuple[str, ...] = ()) -> Service:
         self._count += 1
-        command = [*prefix, sys.executable, "-m", "services.cli", role, "--zk", self.zk, "--root", self.root, *args]
+        command = [*prefix, sys.executable, "-m", "dworkers.cli", role, "--zk", self.zk, "--root", self.root, *args]
         log_path = self.workdir / f"{role}-{self._count}.log" if self.log_to_files else None
         out = open(log_path, "ab") if log_path else None
         process = subprocess.Popen(command, stdout=out or None, stderr=subprocess.STDOUT if out else None,

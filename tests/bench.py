@@ -42,14 +42,14 @@ from pathlib import Path
 
 import grpc
 import psycopg
-from dworkers.v1 import work_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kazoo.client import KazooClient
 
-from services.common import zk as zkpaths
-from services.common.pgserver import PostgreSQLServer
-from services.common.zkserver import ZooKeeperServer
-from services.local_cluster import LocalCluster, Service
+from dworkers.common import zk as zkpaths
+from dworkers.common.pgserver import PostgreSQLServer
+from dworkers.common.zkserver import ZooKeeperServer
+from dworkers.local_cluster import LocalCluster, Service
+from dworkers.v1 import work_pb2
 from tests.bench_support import clients, procstat, profiling
 from tests.bench_support.clients import Submitters, Subscriber, percentile
 

@@ -7,9 +7,9 @@ import uuid
 
 import pytest
 
-from services.common.pgserver import PostgreSQLServer
-from services.common.zkserver import ZooKeeperServer
-from services.local_cluster import LocalCluster
+from dworkers.common.pgserver import PostgreSQLServer
+from dworkers.common.zkserver import ZooKeeperServer
+from dworkers.local_cluster import LocalCluster
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 
-from services.master.journal import Journal
+from dworkers.master.journal import Journal
 
 
 class HeldJournal(Journal):

@@ -11,6 +11,7 @@ import uuid
 from collections import Counter
 
 import grpc
+
 from dworkers.v1 import frontend_pb2_grpc, master_pb2, master_pb2_grpc, work_pb2
 
 

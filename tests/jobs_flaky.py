@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from services.worker.jobs import job
+from dworkers.worker.jobs import job
 
 _count = 0
 

@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from services.worker.jobs import job
+from dworkers.worker.jobs import job
 
 
 @job("fail")

@@ -8,11 +8,11 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from dworkers.v1 import journal_pb2
 
-from services.common import zk
-from services.master.journal import Journal, PostgreSQLJournal, ZooKeeperJournal
-from services.master.journal.postgresql import Apart, take_apart
+from dworkers.common import zk
+from dworkers.master.journal import Journal, PostgreSQLJournal, ZooKeeperJournal
+from dworkers.master.journal.postgresql import Apart, take_apart
+from dworkers.v1 import journal_pb2
 
 KINDS = ("zookeeper", "postgresql")
 

@@ -8,10 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from dworkers.v1 import work_pb2
 
-from services.common.errors import Conflict
-from services.frontend.batcher import SubmitBatcher
+from dworkers.common.errors import Conflict
+from dworkers.frontend.batcher import SubmitBatcher
+from dworkers.v1 import work_pb2
 
 pytestmark = pytest.mark.unit
 

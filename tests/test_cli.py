@@ -21,12 +21,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from dworkers.v1 import work_pb2
 from kazoo.client import KazooClient
 
-from services.common import zk as zk_layout
-from services.common.zkserver import free_port
-from services.local_cluster import LocalCluster
+from dworkers.common import zk as zk_layout
+from dworkers.common.zkserver import free_port
+from dworkers.local_cluster import LocalCluster
+from dworkers.v1 import work_pb2
 from tests.helpers import (
     ResultCollector,
     frontend,
@@ -39,7 +39,7 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = Path(sys.executable).parent / "dworkers"
-COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "services.cli"]
+COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "dworkers.cli"]
 WORKER_SLOTS = 2
 
 # A line the services' logging writes ("23:51:57.474 WARNING kazoo.client: ...")

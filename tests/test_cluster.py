@@ -9,10 +9,10 @@ import uuid
 
 import grpc
 import pytest
-from dworkers.v1 import master_pb2, master_pb2_grpc, work_pb2
 from grpc_status import rpc_status
 
-from services.local_cluster import wait_serving
+from dworkers.local_cluster import wait_serving
+from dworkers.v1 import master_pb2, master_pb2_grpc, work_pb2
 from tests.helpers import (
     ProtocolWorker,
     ResultCollector,
@@ -84,7 +84,7 @@ def test_kill_9_of_the_master_with_200_works_in_flight(cluster):
 @both_journals
 def test_sigterm_hands_over_to_the_standby_at_once(zookeeper, tmp_path, journal):
     # A 10 s session: only a graceful resignation can be faster than that.
-    from services.local_cluster import LocalCluster
+    from dworkers.local_cluster import LocalCluster
 
     cluster = LocalCluster(workdir=tmp_path, root=f"/graceful-{uuid.uuid4().hex[:6]}", session_timeout=10.0,
                            zookeeper=zookeeper, journal=journal)

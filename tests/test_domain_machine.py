@@ -20,16 +20,16 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from dworkers.v1 import journal_pb2, master_pb2, work_pb2
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from services.common.errors import Conflict
-from services.master.domain.effects import HandOut, Send
-from services.master.domain.master import CoreSettings, Master
-from services.master.domain.state import WorkState
-from services.master.journal.postgresql import Apart, take_apart
+from dworkers.common.errors import Conflict
+from dworkers.master.domain.effects import HandOut, Send
+from dworkers.master.domain.master import CoreSettings, Master
+from dworkers.master.domain.state import WorkState
+from dworkers.master.journal.postgresql import Apart, take_apart
+from dworkers.v1 import journal_pb2, master_pb2, work_pb2
 
 pytestmark = pytest.mark.unit
 

@@ -11,9 +11,9 @@ import uuid
 
 import grpc
 import pytest
-from dworkers.v1 import master_pb2_grpc, work_pb2
 
-from services.local_cluster import LocalCluster, wait_serving
+from dworkers.local_cluster import LocalCluster, wait_serving
+from dworkers.v1 import master_pb2_grpc, work_pb2
 from tests.helpers import (
     ResultCollector,
     assert_exactly_once,

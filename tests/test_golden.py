@@ -23,12 +23,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-from dworkers.v1 import journal_pb2
 
-from services.common import zk
-from services.master.domain.state import WorkState
-from services.master.journal import ZooKeeperJournal
-from services.master.shell import recover_state
+from dworkers.common import zk
+from dworkers.master.domain.state import WorkState
+from dworkers.master.journal import ZooKeeperJournal
+from dworkers.master.shell import recover_state
+from dworkers.v1 import journal_pb2
 
 pytestmark = pytest.mark.integration
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from dworkers.v1 import journal_pb2, work_pb2
 
-from services.master.journal import GroupCommitter, JournalError
+from dworkers.master.journal import GroupCommitter, JournalError
+from dworkers.v1 import journal_pb2, work_pb2
 from tests.fakes import HeldJournal
 
 pytestmark = pytest.mark.unit

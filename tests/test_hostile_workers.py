@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from dworkers.v1 import master_pb2, work_pb2
 
+from dworkers.v1 import master_pb2, work_pb2
 from tests.helpers import (
     ProtocolWorker,
     frontend,

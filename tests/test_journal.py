@@ -9,15 +9,15 @@ import threading
 import uuid
 
 import pytest
-from dworkers.v1 import journal_pb2, work_pb2
 
-from services.common import zk
-from services.master.election import Election
-from services.master.journal import (
+from dworkers.common import zk
+from dworkers.master.election import Election
+from dworkers.master.journal import (
     FencedError,
     GroupCommitter,
     ZooKeeperJournal,
 )
+from dworkers.v1 import journal_pb2, work_pb2
 
 pytestmark = pytest.mark.integration
 
@@ -104,7 +104,7 @@ def all_znodes(client, path: str) -> dict[str, bytes]:
 
 
 def test_a_large_batch_is_written_in_parts_no_write_above_the_part_size(client, paths):
-    from services.master.journal.zookeeper import PART_BYTES
+    from dworkers.master.journal.zookeeper import PART_BYTES
 
     journal = ZooKeeperJournal(client, paths.journal)
     big = journal_pb2.JournalBatch(epoch=1, events=[event(i, size=250_000) for i in range(4)])  # ~1 MB

@@ -8,11 +8,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from dworkers.v1 import journal_pb2, work_pb2
 
-from services.master.domain.state import WorkState
-from services.master.journal import FencedError, GroupCommitter, JournalError
-from services.master.shell import recover_state
+from dworkers.master.domain.state import WorkState
+from dworkers.master.journal import FencedError, GroupCommitter, JournalError
+from dworkers.master.shell import recover_state
+from dworkers.v1 import journal_pb2, work_pb2
 from tests.journals import KINDS, PostgreSQLKind, open_kind
 from tests.test_state import random_history
 

@@ -7,13 +7,13 @@ import uuid
 from collections import Counter
 
 import pytest
-from dworkers.v1 import journal_pb2, work_pb2
 from kazoo.exceptions import NoNodeError
 
-from services.common import zk
-from services.local_cluster import LocalCluster
-from services.master.domain.state import WorkState
-from services.master.journal import ZooKeeperJournal
+from dworkers.common import zk
+from dworkers.local_cluster import LocalCluster
+from dworkers.master.domain.state import WorkState
+from dworkers.master.journal import ZooKeeperJournal
+from dworkers.v1 import journal_pb2, work_pb2
 from tests.helpers import ResultCollector, frontend, submit_until_acked, wait_until
 from tests.zookeeper_surgery import set_cversion
 

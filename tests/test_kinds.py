@@ -7,8 +7,8 @@ import time
 
 import grpc
 import pytest
-from dworkers.v1 import work_pb2
 
+from dworkers.v1 import work_pb2
 from tests.helpers import ResultCollector, frontend, submit_until_acked, wait_kind
 
 pytestmark = pytest.mark.e2e

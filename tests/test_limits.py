@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from dworkers.v1 import work_pb2
 from kazoo.exceptions import NoNodeError
 
-from services.common import zk
-from services.master.journal import ZooKeeperJournal
+from dworkers.common import zk
+from dworkers.master.journal import ZooKeeperJournal
+from dworkers.v1 import work_pb2
 from tests.helpers import (
     ResultCollector,
     frontend,

@@ -19,7 +19,7 @@ import uuid
 import grpc
 import pytest
 
-from services.common.zkserver import free_port
+from dworkers.common.zkserver import free_port
 from tests.helpers import ResultCollector, frontend, submit_until_acked
 
 pytestmark = pytest.mark.e2e

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from services.common.zkserver import free_port
+from dworkers.common.zkserver import free_port
 from tests.helpers import frontend, wait_kind
 
 pytestmark = pytest.mark.e2e

@@ -11,8 +11,8 @@ import uuid
 
 import pytest
 
-from services.common.zkserver import ZooKeeperServer, free_port
-from services.local_cluster import LocalCluster, wait_serving
+from dworkers.common.zkserver import ZooKeeperServer, free_port
+from dworkers.local_cluster import LocalCluster, wait_serving
 from tests.helpers import (
     ResultCollector,
     assert_exactly_once,

@@ -15,13 +15,13 @@ import uuid
 import grpc
 import psycopg
 import pytest
-from dworkers.v1 import work_pb2
 
-from services.common import zk
-from services.common.pgserver import PostgreSQLServer
-from services.local_cluster import LocalCluster, wait_serving
-from services.master.journal import PostgreSQLJournal
-from services.master.journal.schema import LATEST, SchemaTooNew, migrate
+from dworkers.common import zk
+from dworkers.common.pgserver import PostgreSQLServer
+from dworkers.local_cluster import LocalCluster, wait_serving
+from dworkers.master.journal import PostgreSQLJournal
+from dworkers.master.journal.schema import LATEST, SchemaTooNew, migrate
+from dworkers.v1 import work_pb2
 from tests.helpers import (
     ResultCollector,
     assert_exactly_once,

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
-from dworkers.v1 import work_pb2
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from services.local_cluster import LocalCluster
+from dworkers.local_cluster import LocalCluster
+from dworkers.v1 import work_pb2
 from tests.helpers import ResultCollector, frontend, settle, wait_kind
 
 pytestmark = pytest.mark.e2e

@@ -12,14 +12,14 @@ from concurrent import futures
 
 import grpc
 import pytest
-from dworkers.v1 import master_pb2_grpc, work_pb2
 from prometheus_client import CollectorRegistry
 
-from services.common import server
-from services.common.errors import CutOff, NoMaster, NotServing, NotTheMaster
-from services.common.metrics import ServerMetrics
-from services.common.proxy import MasterProxy, StaticLocator, StreamHandle
-from services.common.wire import CLUSTER_KEY, EPOCH_KEY
+from dworkers.common import server
+from dworkers.common.errors import CutOff, NoMaster, NotServing, NotTheMaster
+from dworkers.common.metrics import ServerMetrics
+from dworkers.common.proxy import MasterProxy, StaticLocator, StreamHandle
+from dworkers.common.wire import CLUSTER_KEY, EPOCH_KEY
+from dworkers.v1 import master_pb2_grpc, work_pb2
 
 pytestmark = pytest.mark.unit
 
@@ -148,7 +148,7 @@ def test_a_result_stream_resumes_after_any_end_and_stops_on_the_masters_final_an
 
 
 def test_a_result_streams_final_answer_reaches_the_subscriber(backends):
-    from services.common.errors import Forgotten
+    from dworkers.common.errors import Forgotten
 
     (backend,) = backends(1)
     backend.streams.append(([], Forgotten("results up to 9 left the retention window")))

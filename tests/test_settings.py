@@ -8,10 +8,10 @@ import dataclasses
 
 import pytest
 
-from services.common.settings import add_flags, describe, from_args
-from services.frontend.service import FrontendSettings
-from services.master.node import MasterSettings
-from services.worker.worker import WorkerSettings
+from dworkers.common.settings import add_flags, describe, from_args
+from dworkers.frontend.service import FrontendSettings
+from dworkers.master.node import MasterSettings
+from dworkers.worker.worker import WorkerSettings
 
 pytestmark = pytest.mark.unit
 SERVICES = (MasterSettings, WorkerSettings, FrontendSettings)

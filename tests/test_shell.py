@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from dworkers.v1 import master_pb2, work_pb2
 
-from services.common.errors import NotServing, Overloaded
-from services.master.domain.master import CoreSettings
-from services.master.journal import JournalError
-from services.master.shell import MasterShell
+from dworkers.common.errors import NotServing, Overloaded
+from dworkers.master.domain.master import CoreSettings
+from dworkers.master.journal import JournalError
+from dworkers.master.shell import MasterShell
+from dworkers.v1 import master_pb2, work_pb2
 from tests.fakes import HeldJournal
 
 pytestmark = pytest.mark.unit
@@ -234,7 +234,7 @@ def test_submissions_beyond_the_byte_bound_are_refused_with_the_flag_to_change()
 
 
 def test_the_payload_cache_is_bounded_in_bytes_and_lets_go_of_what_it_hands_out():
-    from services.master.recent import RecentBytes
+    from dworkers.master.recent import RecentBytes
 
     cache = RecentBytes(max_bytes=1000)
     for i in range(10):

@@ -12,10 +12,10 @@ from collections import Counter
 
 import grpc
 import pytest
-from dworkers.v1 import work_pb2
 
-from services.common.zkserver import four_letter_word
-from services.local_cluster import LocalCluster
+from dworkers.common.zkserver import four_letter_word
+from dworkers.local_cluster import LocalCluster
+from dworkers.v1 import work_pb2
 from tests.helpers import ResultCollector, frontend, submit_until_acked, wait_kind
 from tests.journals import both_journals
 

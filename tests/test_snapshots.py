@@ -6,12 +6,12 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from dworkers.v1 import journal_pb2
 
-from services.common import zk
-from services.master.domain.state import WorkState
-from services.master.journal import ZooKeeperJournal
-from services.master.shell import recover_state
+from dworkers.common import zk
+from dworkers.master.domain.state import WorkState
+from dworkers.master.journal import ZooKeeperJournal
+from dworkers.master.shell import recover_state
+from dworkers.v1 import journal_pb2
 from tests.test_state import random_history
 
 pytestmark = pytest.mark.integration

@@ -6,9 +6,9 @@ import random
 from collections import Counter
 
 import pytest
-from dworkers.v1 import journal_pb2, work_pb2
 
-from services.master.domain.state import TIMED_OUT_ERROR, WorkState
+from dworkers.master.domain.state import TIMED_OUT_ERROR, WorkState
+from dworkers.v1 import journal_pb2, work_pb2
 
 pytestmark = pytest.mark.unit
 
@@ -165,7 +165,7 @@ def test_snapshot_round_trip_then_more_events_matches_full_replay():
 def test_the_pending_queue_is_fifo_per_kind_and_overall_under_any_operations():
     """PendingQueue against a plain list: pushes, pops from anywhere,
     re-queues, and the oldest work of any set of kinds."""
-    from services.master.domain.state import Entry, PendingQueue
+    from dworkers.master.domain.state import Entry, PendingQueue
 
     for seed in range(30):
         rng = random.Random(seed)

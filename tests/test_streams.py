@@ -13,8 +13,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from dworkers.v1 import work_pb2
 
+from dworkers.v1 import work_pb2
 from tests.helpers import (
     ResultCollector,
     frontend,
@@ -45,7 +45,7 @@ def test_a_waiting_client_gets_its_result_when_the_only_backend_comes_back(clust
     stub = frontend(front.address)
     wait_kind(stub, "sleep")
     waiting = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "submit", "sleep", "4", "--wait", "--frontend", front.address,
+        [sys.executable, "-m", "dworkers.cli", "submit", "sleep", "4", "--wait", "--frontend", front.address,
          "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     wait_until(lambda: stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=10).in_progress == 1, 30,
                "the work to start")

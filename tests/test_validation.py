@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 
 import pytest
-from dworkers.v1 import master_pb2, work_pb2
 
-from services.common import validation
-from services.common.errors import InvalidInput, ProtocolError
+from dworkers.common import validation
+from dworkers.common.errors import InvalidInput, ProtocolError
+from dworkers.v1 import master_pb2, work_pb2
 
 pytestmark = pytest.mark.unit
 

@@ -12,14 +12,14 @@ import threading
 
 import grpc
 import pytest
-from dworkers.v1 import master_pb2, master_pb2_grpc, work_pb2
 from prometheus_client import CollectorRegistry
 
-from services.common import server
-from services.common.metrics import ServerMetrics, WorkerMetrics
-from services.common.proxy import MasterProxy, StaticLocator
-from services.common.validation import MAX_RESULT_BYTES
-from services.worker.worker import Outbox, Worker, WorkerSettings, merge
+from dworkers.common import server
+from dworkers.common.metrics import ServerMetrics, WorkerMetrics
+from dworkers.common.proxy import MasterProxy, StaticLocator
+from dworkers.common.validation import MAX_RESULT_BYTES
+from dworkers.v1 import master_pb2, master_pb2_grpc, work_pb2
+from dworkers.worker.worker import Outbox, Worker, WorkerSettings, merge
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.unit

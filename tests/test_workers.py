@@ -2,7 +2,7 @@
 
 import pytest
 
-from services.master.domain.scheduler import Scheduler
+from dworkers.master.domain.scheduler import Scheduler
 
 pytestmark = pytest.mark.unit
 
@@ -62,13 +62,13 @@ def test_waiting_slots_are_grouped_by_kinds_and_served_in_order():
 
 def test_an_ack_of_one_attempt_keeps_the_report_of_another_attempt_of_the_same_work():
     """The worker keys its unacked reports by attempt token, not by work id."""
-    from dworkers.v1 import master_pb2, work_pb2
     from prometheus_client import CollectorRegistry
 
-    from services.common.metrics import WorkerMetrics
-    from services.common.proxy import MasterProxy, StaticLocator
-    from services.worker.executor import Outcome
-    from services.worker.worker import Worker, WorkerSettings
+    from dworkers.common.metrics import WorkerMetrics
+    from dworkers.common.proxy import MasterProxy, StaticLocator
+    from dworkers.v1 import master_pb2, work_pb2
+    from dworkers.worker.executor import Outcome
+    from dworkers.worker.worker import Worker, WorkerSettings
 
     worker = Worker(MasterProxy(StaticLocator(["127.0.0.1:1"])), WorkerSettings(concurrency=2),
                     WorkerMetrics(CollectorRegistry()))

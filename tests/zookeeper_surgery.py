@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 from kazoo.client import KazooClient
 
 if TYPE_CHECKING:
-    from services.common.zkserver import ZooKeeperServer
+    from dworkers.common.zkserver import ZooKeeperServer
 
 SNAP_MAGIC = 0x5A4B534E  # "ZKSN"
 _STAT = struct.Struct(">qqqqiiiqq")  # StatPersisted, in serialization order
@@ -179,7 +179,7 @@ def _zxids(directory: Path, prefix: str) -> dict[int, Path]:
 
 
 def set_cversion(server: ZooKeeperServer, path: str, cversion: int) -> None:
-    """Stops `server` (a services.common.zkserver.ZooKeeperServer that was started and has `path`),
+    """Stops `server` (a dworkers.common.zkserver.ZooKeeperServer that was started and has `path`),
     rewrites the cversion of `path` in its newest on-disk snapshot, and starts it again.
 
     `cversion` is the persisted counter: the next sequential child of `path` is

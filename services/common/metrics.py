@@ -7,7 +7,6 @@ from __future__ import annotations
 import time
 
 import grpc
-from dworkers.v1 import work_pb2
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -18,6 +17,8 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
+
+from dworkers.v1 import work_pb2
 
 
 def process_registry() -> CollectorRegistry:

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from services.common.zkserver import free_port
+from dworkers.common.zkserver import free_port
 
 SUPERUSER = "dworkers"
 

@@ -15,13 +15,13 @@ import time
 from collections.abc import Generator
 
 import grpc
-from dworkers.v1 import master_pb2_grpc, work_pb2
 from kazoo.exceptions import KazooException, NoNodeError
 from kazoo.handlers.threading import KazooTimeoutError
 
-from services.common import zk
-from services.common.errors import ConfigError, NoMaster
-from services.common.wire import CHANNEL_OPTIONS, CLUSTER_KEY, EPOCH_KEY, MASTER_KEY, UNREACHABLE_KEY, metadata_value
+from dworkers.common import zk
+from dworkers.common.errors import ConfigError, NoMaster
+from dworkers.common.wire import CHANNEL_OPTIONS, CLUSTER_KEY, EPOCH_KEY, MASTER_KEY, UNREACHABLE_KEY, metadata_value
+from dworkers.v1 import master_pb2_grpc, work_pb2
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common.errors import DworkersError
-from services.common.metrics import ServerMetrics
-from services.common.wire import SERVER_OPTIONS, listen
+from dworkers.common.errors import DworkersError
+from dworkers.common.metrics import ServerMetrics
+from dworkers.common.wire import SERVER_OPTIONS, listen
 
 DETAILS_KEY = "grpc-status-details-bin"  # where gRPC carries a google.rpc.Status
 

@@ -8,9 +8,8 @@ import math
 import re
 import uuid
 
+from dworkers.common.errors import InvalidInput, ProtocolError
 from dworkers.v1 import work_pb2
-
-from services.common.errors import InvalidInput, ProtocolError
 
 MAX_PAYLOAD_BYTES = 256 * 1024  # per work; documented in the README
 MAX_RESULT_BYTES = 256 * 1024  # a larger result fails its attempt

@@ -1,8 +1,8 @@
 """Names shared on the wire between the services (gRPC metadata keys, limits)."""
 
-from services.common.errors import MASTER_KEY as MASTER_KEY  # the error statuses' keys, named here too
-from services.common.errors import UNREACHABLE_KEY as UNREACHABLE_KEY
-from services.common.errors import ConfigError
+from dworkers.common.errors import MASTER_KEY as MASTER_KEY  # the error statuses' keys, named here too
+from dworkers.common.errors import UNREACHABLE_KEY as UNREACHABLE_KEY
+from dworkers.common.errors import ConfigError
 
 EPOCH_KEY = "dworkers-epoch"  # the master's epoch, on every reply
 CLUSTER_KEY = "dworkers-cluster"  # the cluster id its epoch belongs to

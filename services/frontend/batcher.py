@@ -14,11 +14,11 @@ import threading
 from concurrent.futures import Future
 
 import grpc
-from dworkers.v1 import work_pb2
 
-from services.common.errors import from_status
-from services.common.proxy import MasterProxy
-from services.common.validation import MAX_STREAM_MESSAGE_BYTES
+from dworkers.common.errors import from_status
+from dworkers.common.proxy import MasterProxy
+from dworkers.common.validation import MAX_STREAM_MESSAGE_BYTES
+from dworkers.v1 import work_pb2
 
 MAX_BATCH = 500
 

@@ -9,16 +9,16 @@ import time
 from dataclasses import dataclass
 
 import grpc
-from dworkers.v1 import frontend_pb2_grpc, work_pb2
 from grpc_health.v1 import health_pb2
 
-from services.common import server, validation
-from services.common.errors import NotServing, Overloaded, TimedOut
-from services.common.lifecycle import StopRequest
-from services.common.metrics import FrontendMetrics, ServerMetrics, process_registry, serve_metrics
-from services.common.proxy import MasterProxy, StreamHandle, build_proxy
-from services.common.settings import Contact, Logging, group, setting
-from services.frontend.batcher import SubmitBatcher
+from dworkers.common import server, validation
+from dworkers.common.errors import NotServing, Overloaded, TimedOut
+from dworkers.common.lifecycle import StopRequest
+from dworkers.common.metrics import FrontendMetrics, ServerMetrics, process_registry, serve_metrics
+from dworkers.common.proxy import MasterProxy, StreamHandle, build_proxy
+from dworkers.common.settings import Contact, Logging, group, setting
+from dworkers.frontend.batcher import SubmitBatcher
+from dworkers.v1 import frontend_pb2_grpc, work_pb2
 
 log = logging.getLogger(__name__)
 

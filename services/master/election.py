@@ -18,7 +18,7 @@ from kazoo.client import KazooClient
 from kazoo.exceptions import KazooException, NoNodeError
 from kazoo.protocol.states import KazooState
 
-from services.common.zk import Paths, decode_member, election_sequence
+from dworkers.common.zk import Paths, decode_member, election_sequence
 
 log = logging.getLogger(__name__)
 

@@ -12,24 +12,24 @@ import socket
 import time
 from dataclasses import dataclass
 
-from dworkers.v1 import master_pb2_grpc, work_pb2
 from grpc_health.v1 import health_pb2
 from kazoo.protocol.states import KazooState
 
-from services.common import server, validation, zk
-from services.common.errors import ConfigError
-from services.common.lifecycle import StopRequest
-from services.common.metrics import MasterMetrics, ServerMetrics, process_registry, serve_metrics
-from services.common.settings import Cluster, Logging, group, setting
-from services.common.wire import AddressInUse
-from services.master.domain.master import CoreSettings
-from services.master.election import Election, ElectionView
-from services.master.journal import FencedError, Journal, JournalError, PostgreSQLJournal, ZooKeeperJournal
-from services.master.journal.postgresql import redact
-from services.master.journal.schema import LATEST
-from services.master.leadership import LeadershipCheck
-from services.master.service import MasterService
-from services.master.shell import MasterShell
+from dworkers.common import server, validation, zk
+from dworkers.common.errors import ConfigError
+from dworkers.common.lifecycle import StopRequest
+from dworkers.common.metrics import MasterMetrics, ServerMetrics, process_registry, serve_metrics
+from dworkers.common.settings import Cluster, Logging, group, setting
+from dworkers.common.wire import AddressInUse
+from dworkers.master.domain.master import CoreSettings
+from dworkers.master.election import Election, ElectionView
+from dworkers.master.journal import FencedError, Journal, JournalError, PostgreSQLJournal, ZooKeeperJournal
+from dworkers.master.journal.postgresql import redact
+from dworkers.master.journal.schema import LATEST
+from dworkers.master.leadership import LeadershipCheck
+from dworkers.master.service import MasterService
+from dworkers.master.shell import MasterShell
+from dworkers.v1 import master_pb2_grpc, work_pb2
 
 log = logging.getLogger(__name__)
 

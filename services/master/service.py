@@ -9,10 +9,9 @@ import logging
 from collections import deque
 
 import grpc
-from dworkers.v1 import master_pb2, master_pb2_grpc, work_pb2
 
-from services.common import validation
-from services.common.errors import (
+from dworkers.common import validation
+from dworkers.common.errors import (
     Conflict,
     CutOff,
     NotFound,
@@ -21,9 +20,10 @@ from services.common.errors import (
     Overloaded,
     ProtocolError,
 )
-from services.common.validation import MAX_STREAM_MESSAGE_BYTES
-from services.common.wire import CLUSTER_KEY, EPOCH_KEY
-from services.master.shell import MasterShell
+from dworkers.common.validation import MAX_STREAM_MESSAGE_BYTES
+from dworkers.common.wire import CLUSTER_KEY, EPOCH_KEY
+from dworkers.master.shell import MasterShell
+from dworkers.v1 import master_pb2, master_pb2_grpc, work_pb2
 
 log = logging.getLogger(__name__)
 

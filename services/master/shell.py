@@ -17,16 +17,15 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from dworkers.common.errors import Forgotten, NotServing, Overloaded
+from dworkers.common.memory import release_free_memory
+from dworkers.common.validation import MAX_BATCH_WORKS, MAX_REPORTS_PER_MESSAGE, MAX_STREAM_MESSAGE_BYTES
+from dworkers.master.domain.effects import DeclareKinds, HandOut, Send, Step
+from dworkers.master.domain.master import CoreSettings, Master, hand_outs
+from dworkers.master.domain.state import WorkState
+from dworkers.master.journal import FencedError, GroupCommitter, Journal, JournalError
+from dworkers.master.recent import RecentBytes
 from dworkers.v1 import journal_pb2, work_pb2
-
-from services.common.errors import Forgotten, NotServing, Overloaded
-from services.common.memory import release_free_memory
-from services.common.validation import MAX_BATCH_WORKS, MAX_REPORTS_PER_MESSAGE, MAX_STREAM_MESSAGE_BYTES
-from services.master.domain.effects import DeclareKinds, HandOut, Send, Step
-from services.master.domain.master import CoreSettings, Master, hand_outs
-from services.master.domain.state import WorkState
-from services.master.journal import FencedError, GroupCommitter, Journal, JournalError
-from services.master.recent import RecentBytes
 
 log = logging.getLogger(__name__)
 

@@ -6,6 +6,8 @@ its jobs with the `job` decorator when imported."""
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -23,6 +25,11 @@ def job(kind: str):
 
 
 def load(modules: list[str]) -> dict[str, Callable]:
+    """Imports job modules; like `celery -A`, from the current directory too
+    (absolute, so executor children, which inherit sys.path, find them)."""
+    here = os.getcwd()
+    if modules and here not in sys.path:
+        sys.path.insert(0, here)
     for name in modules:
         importlib.import_module(name)
     return JOBS

@@ -21,22 +21,22 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for_connections
 
 import grpc
-from dworkers.v1 import master_pb2
 
-from services.common.errors import ConfigError, NoMaster
-from services.common.lifecycle import StopRequest
-from services.common.metrics import WorkerMetrics, process_registry, serve_metrics
-from services.common.proxy import MasterProxy, build_proxy
-from services.common.settings import Contact, Logging, group, setting
-from services.common.validation import (
+from dworkers.common.errors import ConfigError, NoMaster
+from dworkers.common.lifecycle import StopRequest
+from dworkers.common.metrics import WorkerMetrics, process_registry, serve_metrics
+from dworkers.common.proxy import MasterProxy, build_proxy
+from dworkers.common.settings import Contact, Logging, group, setting
+from dworkers.common.validation import (
     MAX_ERROR_CHARS,
     MAX_RESULT_BYTES,
     MAX_SLOTS_PER_CONNECTION,
     MAX_STREAM_MESSAGE_BYTES,
 )
-from services.common.wire import MASTER_KEY, metadata_value
-from services.worker import jobs
-from services.worker.executor import EXECUTORS, Outcome
+from dworkers.common.wire import MASTER_KEY, metadata_value
+from dworkers.v1 import master_pb2
+from dworkers.worker import jobs
+from dworkers.worker.executor import EXECUTORS, Outcome
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ import time
 import uuid
 
 import grpc
-from dworkers.v1 import frontend_pb2_grpc, work_pb2
 
-from services.common.wire import CHANNEL_OPTIONS
+from dworkers.common.wire import CHANNEL_OPTIONS
+from dworkers.v1 import frontend_pb2_grpc, work_pb2
 
 RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
 

@@ -22,11 +22,11 @@ from collections import Counter
 
 import grpc
 import pytest
-from dworkers.v1 import work_pb2
 
-from services.common.pgserver import PostgreSQLServer
-from services.local_cluster import LocalCluster, wait_serving
-from services.master.shell import recover_state
+from dworkers.common.pgserver import PostgreSQLServer
+from dworkers.local_cluster import LocalCluster, wait_serving
+from dworkers.master.shell import recover_state
+from dworkers.v1 import work_pb2
 from tests.helpers import frontend, wait_kind
 from tests.journals import KINDS, journal_reader
 

@@ -16,14 +16,13 @@ import os
 from collections import deque
 from dataclasses import dataclass
 
+from dworkers.common.errors import Conflict, Overloaded
+from dworkers.common.settings import setting
+from dworkers.common.validation import MAX_ERROR_CHARS, MAX_RESULT_BYTES, MAX_STREAM_MESSAGE_BYTES
+from dworkers.master.domain.effects import DeclareKinds, HandOut, Send, Step
+from dworkers.master.domain.scheduler import Scheduler, Slot
+from dworkers.master.domain.state import WorkState, fingerprint
 from dworkers.v1 import journal_pb2, master_pb2, work_pb2
-
-from services.common.errors import Conflict, Overloaded
-from services.common.settings import setting
-from services.common.validation import MAX_ERROR_CHARS, MAX_RESULT_BYTES, MAX_STREAM_MESSAGE_BYTES
-from services.master.domain.effects import DeclareKinds, HandOut, Send, Step
-from services.master.domain.scheduler import Scheduler, Slot
-from services.master.domain.state import WorkState, fingerprint
 
 CONNECTION_LOST_ERROR = "worker connection lost"
 SILENT_ERROR = "worker went silent"

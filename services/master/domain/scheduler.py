@@ -15,7 +15,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from services.master.domain.effects import Connection
+from dworkers.master.domain.effects import Connection
 
 
 @dataclass(slots=True)

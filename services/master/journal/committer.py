@@ -8,9 +8,8 @@ import concurrent.futures
 from collections import deque
 from collections.abc import Callable
 
+from dworkers.master.journal.contract import Journal, JournalError
 from dworkers.v1 import journal_pb2
-
-from services.master.journal.contract import Journal, JournalError
 
 MAX_BATCH_BYTES = 1_000_000  # events per batch, by size (a batch is written in parts when large)
 

@@ -34,11 +34,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import psycopg
-from dworkers.v1 import journal_pb2
 
-from services.common.settings import URL_PASSWORD
-from services.master.journal.contract import FencedError, Journal, JournalError
-from services.master.journal.schema import migrate
+from dworkers.common.settings import URL_PASSWORD
+from dworkers.master.journal.contract import FencedError, Journal, JournalError
+from dworkers.master.journal.schema import migrate
+from dworkers.v1 import journal_pb2
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import psycopg
 
-from services.common.errors import ConfigError
+from dworkers.common.errors import ConfigError
 
 LOCK_KEY = 0x64776B7273  # "dwkrs": serialises migrations across processes
 

@@ -27,11 +27,11 @@ import concurrent.futures
 import uuid
 from collections.abc import Iterator
 
-from dworkers.v1 import journal_pb2
 from kazoo.client import KazooClient
 from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError
 
-from services.master.journal.contract import FencedError, Journal, JournalError
+from dworkers.master.journal.contract import FencedError, Journal, JournalError
+from dworkers.v1 import journal_pb2
 
 PART_BYTES = 64 * 1024  # the most one ZooKeeper write carries
 BATCH_PREFIX = "b-"

@@ -9,13 +9,13 @@ import tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[3]))
 from dworkers.v1 import journal_pb2, master_pb2, work_pb2
 
-from services.common import zk
-from services.common.zkserver import ZooKeeperServer
-from services.master.domain.effects import Send
-from services.master.domain.master import CoreSettings, Master
-from services.master.domain.state import WorkState
-from services.master.journal import ZooKeeperJournal
-from services.master.shell import recover_state
+from dworkers.common import zk
+from dworkers.common.zkserver import ZooKeeperServer
+from dworkers.master.domain.effects import Send
+from dworkers.master.domain.master import CoreSettings, Master
+from dworkers.master.domain.state import WorkState
+from dworkers.master.journal import ZooKeeperJournal
+from dworkers.master.shell import recover_state
 
 out = pathlib.Path(sys.argv[1])
 rng = random.Random(11)
