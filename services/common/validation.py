@@ -23,6 +23,8 @@ DEFAULT_MAX_ATTEMPTS = 3
 MAX_TIMEOUT_SECONDS = 24 * 3600.0
 WORK_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 KIND_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+MAX_CONTENT_TYPE_CHARS = 100
+CONTENT_TYPE_PATTERN = re.compile(r"([A-Za-z0-9][\x21-\x7e]*(; ?[\x21-\x7e]+)*)?")  # type/subtype; params
 WORKER_ID_PATTERN = WORK_ID_PATTERN
 MAX_SLOTS_PER_CONNECTION = 1024  # worker slots one worker process may register
 MAX_KINDS_PER_WORKER = 1000
@@ -69,13 +71,25 @@ def to_work(request: work_pb2.SubmitWorkRequest, index: int | None = None) -> wo
         timeout = request.timeout_seconds
         if math.isnan(timeout) or timeout < 0 or timeout > MAX_TIMEOUT_SECONDS:
             raise InvalidWork(f"timeout_seconds must be between 0 and {MAX_TIMEOUT_SECONDS:.0f}")
+        check_content_type(request.content_type)
     except InvalidWork as exc:
         raise InvalidWork(where + str(exc)) from None
     return work_pb2.Work(
         work_id=work_id, kind=request.kind, payload=request.payload,
         max_attempts=request.max_attempts or DEFAULT_MAX_ATTEMPTS,
-        timeout_seconds=timeout,
+        timeout_seconds=timeout, content_type=request.content_type,
     )
+
+
+def valid_content_type(content_type: str) -> bool:
+    """A media type such as application/json, or empty (opaque bytes)."""
+    return len(content_type) <= MAX_CONTENT_TYPE_CHARS and CONTENT_TYPE_PATTERN.fullmatch(content_type) is not None
+
+
+def check_content_type(content_type: str) -> None:
+    if not valid_content_type(content_type):
+        raise InvalidWork(f"malformed content_type {content_type[:64]!r}: use a media type such as "
+                          f"application/json, at most {MAX_CONTENT_TYPE_CHARS} printable ASCII characters")
 
 
 def to_works_each(requests, check_kind=None) -> tuple[list[work_pb2.Work], list]:

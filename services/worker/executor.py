@@ -13,6 +13,7 @@ readable (multiprocessing.connection.wait over all slots), then `collect`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import multiprocessing
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from dworkers.worker import jobs
+from dworkers.worker.jobs import Call
 
 # spawn, not fork: the parent runs gRPC and ZooKeeper threads.
 _CONTEXT = multiprocessing.get_context("spawn")
@@ -37,6 +39,7 @@ class Outcome:
     result: bytes = b""
     error: str = ""
     seconds: float = 0.0
+    content_type: str = ""  # of the result
 
 
 def _describe(exc: BaseException) -> str:
@@ -45,14 +48,21 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}{where}"
 
 
-def _run_job(registry, kind: str, payload: bytes) -> tuple[bool, bytes | str]:
-    func = registry.get(kind)
+def _run_job(registry, call: Call, loop: asyncio.AbstractEventLoop | None) -> tuple:
+    """(True, result, content type) or (False, error)."""
+    registered = registry.get(call.kind)
     try:
-        if func is None:
-            raise LookupError(f"this worker has no job of kind {kind!r}")
-        return True, jobs.as_bytes(func(payload))
+        if registered is None:
+            raise LookupError(f"this worker has no job of kind {call.kind!r}")
+        return (True, *registered.run(call, loop))
     except Exception as exc:
         return False, _describe(exc)
+
+
+def _outcome(reply: tuple, seconds: float) -> Outcome:
+    if reply[0]:
+        return Outcome(True, result=reply[1], content_type=reply[2], seconds=seconds)
+    return Outcome(False, error=reply[1], seconds=seconds)
 
 
 def _die_with_parent() -> None:
@@ -68,12 +78,13 @@ def _die_with_parent() -> None:
 def _child_main(connection, job_modules: list[str]) -> None:
     _die_with_parent()
     registry = jobs.load(job_modules)
+    loop = asyncio.new_event_loop()  # one for the child's life: async jobs may keep loop-bound clients
     while True:
         try:
-            kind, payload = connection.recv()
+            call = connection.recv()
         except (EOFError, KeyboardInterrupt):
             return
-        connection.send(_run_job(registry, kind, payload))
+        connection.send(_run_job(registry, call, loop))
 
 
 _MAIN_LOCK = threading.Lock()
@@ -122,7 +133,7 @@ class ProcessExecutor:
             child.close()
             self._process, self.connection = process, parent
 
-    def submit(self, kind: str, payload: bytes) -> Outcome | None:
+    def submit(self, call: Call) -> Outcome | None:
         """Starts a job; returns an outcome at once only if it could not start."""
         self._started = time.perf_counter()
         try:
@@ -130,7 +141,7 @@ class ProcessExecutor:
             connection = self.connection
             if connection is None:  # closed by a timeout on another thread meanwhile
                 return self._died()
-            connection.send((kind, payload))
+            connection.send(call)
         except (OSError, ValueError):
             return self._died()
         return None
@@ -141,11 +152,10 @@ class ProcessExecutor:
         if connection is None:
             return self._died()
         try:
-            ok, value = connection.recv()
+            reply = connection.recv()
         except (EOFError, OSError):
             return self._died()
-        seconds = time.perf_counter() - self._started
-        return Outcome(True, result=value, seconds=seconds) if ok else Outcome(False, error=value, seconds=seconds)
+        return _outcome(reply, time.perf_counter() - self._started)
 
     def timed_out(self, timeout: float) -> Outcome:
         self.close()
@@ -186,13 +196,13 @@ class ThreadExecutor:
     def start(self) -> None:
         pass
 
-    def submit(self, kind: str, payload: bytes) -> Outcome | None:
+    def submit(self, call: Call) -> Outcome | None:
         self._started = time.perf_counter()
         self._generation += 1
         generation = self._generation
 
         def run() -> None:
-            outcome = _run_job(self.registry, kind, payload)
+            outcome = _run_job(self.registry, call, None)
             with self._lock:
                 if generation == self._generation:
                     try:
@@ -200,13 +210,11 @@ class ThreadExecutor:
                     except OSError:
                         pass
 
-        threading.Thread(target=run, daemon=True, name=f"job-{kind}").start()
+        threading.Thread(target=run, daemon=True, name=f"job-{call.kind}").start()
         return None
 
     def collect(self) -> Outcome:
-        ok, value = self.connection.recv()
-        seconds = time.perf_counter() - self._started
-        return Outcome(True, result=value, seconds=seconds) if ok else Outcome(False, error=value, seconds=seconds)
+        return _outcome(self.connection.recv(), time.perf_counter() - self._started)
 
     def timed_out(self, timeout: float) -> Outcome:
         with self._lock:  # the thread cannot be stopped: forget it and anything it sent

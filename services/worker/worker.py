@@ -37,6 +37,7 @@ from dworkers.common.wire import MASTER_KEY, metadata_value
 from dworkers.v1 import master_pb2
 from dworkers.worker import jobs
 from dworkers.worker.executor import EXECUTORS, Outcome
+from dworkers.worker.jobs import Call
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,9 @@ class Worker:
             slot.deadline = time.monotonic() + (assignment.timeout_seconds or self.settings.default_timeout)
         work = assignment.work
         log.debug("got work", extra={"work_id": work.work_id, "worker_id": slot.worker_id})
-        failed_to_start = slot.executor.submit(work.kind, work.payload)
+        timeout = assignment.timeout_seconds or self.settings.default_timeout
+        failed_to_start = slot.executor.submit(Call(work.kind, work.payload, work.content_type, work.work_id,
+                                                    assignment.attempt, time.time() + timeout))
         if failed_to_start is not None:
             self._finished(slot, failed_to_start)
         os.write(self._wake_writer, b"x")
@@ -204,7 +207,8 @@ class Worker:
         if outcome.ok:
             message = master_pb2.WorkerMessage(done=master_pb2.WorkIsDone(completions=[
                 master_pb2.Completion(worker_id=slot.worker_id, work_id=work.work_id, result=outcome.result,
-                                      attempt=assignment.attempt, attempt_token=assignment.attempt_token)]))
+                                      attempt=assignment.attempt, attempt_token=assignment.attempt_token,
+                                      content_type=outcome.content_type)]))
             log.debug("work complete", extra={"work_id": work.work_id, "worker_id": slot.worker_id})
         else:
             message = master_pb2.WorkerMessage(failed=master_pb2.WorkFailed(failures=[

@@ -18,7 +18,12 @@ from dataclasses import dataclass
 
 from dworkers.common.errors import Conflict, Overloaded
 from dworkers.common.settings import setting
-from dworkers.common.validation import MAX_ERROR_CHARS, MAX_RESULT_BYTES, MAX_STREAM_MESSAGE_BYTES
+from dworkers.common.validation import (
+    MAX_ERROR_CHARS,
+    MAX_RESULT_BYTES,
+    MAX_STREAM_MESSAGE_BYTES,
+    valid_content_type,
+)
 from dworkers.master.domain.effects import DeclareKinds, HandOut, Send, Step
 from dworkers.master.domain.scheduler import Scheduler, Slot
 from dworkers.master.domain.state import WorkState, fingerprint
@@ -263,13 +268,20 @@ class Master:
             running = work_id in state.in_progress
             if isinstance(report, master_pb2.Completion):
                 result = report.result
-                if len(result) <= MAX_RESULT_BYTES:
+                if not valid_content_type(report.content_type):
+                    if running:
+                        events.append(journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(
+                            work_id=work_id, attempt_token=token,
+                            error=f"the worker reported a malformed content type {report.content_type[:64]!r}")))
+                        requeued = True
+                elif len(result) <= MAX_RESULT_BYTES:
                     events.append(journal_pb2.Event(work_completed=journal_pb2.WorkCompleted(
-                        work_id=work_id, result=result, attempt_token=token)))
+                        work_id=work_id, result=result, attempt_token=token, content_type=report.content_type)))
                 elif running:  # it cannot be journaled: the attempt fails
                     events.append(journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(
                         work_id=work_id, attempt_token=token,
                         error=f"result of {len(result)} bytes exceeds the limit of {MAX_RESULT_BYTES}")))
+                    requeued = True
             elif running and report.returned:
                 events.append(journal_pb2.Event(work_returned=journal_pb2.WorkReturned(
                     work_id=work_id, attempt_token=token)))

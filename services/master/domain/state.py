@@ -41,6 +41,7 @@ def payload_field_bytes(length: int) -> int:
 _KINDS: dict[str, str] = {}
 _SIZES: dict[int, int] = {}
 _TIMEOUTS: dict[float, float] = {}
+_CONTENT_TYPES: dict[str, str] = {}
 
 
 def _shared(value, table: dict):
@@ -65,6 +66,7 @@ class Entry:
     error: str = ""  # the last failed attempt's error
     token: int = 0  # its latest attempt's token: only reports that carry it count
     ticket: int = STALE  # its place in the queue while pending
+    content_type: str = ""  # of the payload
 
     @classmethod
     def of(cls, work: work_pb2.Work, keep_payload: bool = True, digest: bytes = b"") -> Entry:
@@ -75,10 +77,13 @@ class Entry:
         payload = work.payload
         size = work.ByteSize() + ENTRY_OVERHEAD_BYTES
         timeout = _shared(work.timeout_seconds, _TIMEOUTS) if work.timeout_seconds else 0.0
+        content_type = _shared(work.content_type, _CONTENT_TYPES)
         if keep_payload:
-            return cls(work.work_id, kind, payload, work.max_attempts, timeout, _shared(size, _SIZES))
+            return cls(work.work_id, kind, payload, work.max_attempts, timeout, _shared(size, _SIZES),
+                       content_type=content_type)
         return cls(work.work_id, kind, None, work.max_attempts, timeout,
-                   _shared(size - payload_field_bytes(len(payload)), _SIZES), digest or fingerprint(kind, payload))
+                   _shared(size - payload_field_bytes(len(payload)), _SIZES), digest or fingerprint(kind, payload),
+                   content_type=content_type)
 
     def work(self) -> work_pb2.Work:
         """The work as submitted (without its payload if the journal keeps it)."""
@@ -91,6 +96,8 @@ class Entry:
             work.payload = self.payload
         if self.timeout_seconds:
             work.timeout_seconds = self.timeout_seconds
+        if self.content_type:
+            work.content_type = self.content_type
         return work
 
     def fingerprint(self) -> bytes:
@@ -274,6 +281,7 @@ class WorkState:
             return work_pb2.WorkStatus(
                 work_id=work_id, kind=result.kind, state=result.state, attempts=result.attempts,
                 result=result.result, error=result.error, sequence=result.sequence,
+                content_type=result.content_type,
             )
         if work_id in self.pending:
             entry, state = self.pending[work_id], work_pb2.PENDING
@@ -354,7 +362,8 @@ class WorkState:
             self._impossible(f"{work_id!r} completed as result {e.sequence}, but the next is {self.next_sequence}")
         self.done_count += 1
         # Kept apart too: the result's bytes are the journal's to serve.
-        return self._finish(entry, work_pb2.DONE, result=b"" if self.payloads_apart else e.result)
+        return self._finish(entry, work_pb2.DONE, result=b"" if self.payloads_apart else e.result,
+                            content_type=e.content_type)
 
     def _on_worker_failed(self, e: journal_pb2.WorkerFailed) -> work_pb2.WorkResult | None:
         return self._fail_attempt(e.work_id, e.error, e.attempt_token)
@@ -400,10 +409,11 @@ class WorkState:
         self.pending.push(entry)
         return None
 
-    def _finish(self, entry: Entry, state: int, result: bytes = b"", error: str = "") -> work_pb2.WorkResult:
+    def _finish(self, entry: Entry, state: int, result: bytes = b"", error: str = "",
+                content_type: str = "") -> work_pb2.WorkResult:
         finished = work_pb2.WorkResult(
             sequence=self.next_sequence, work_id=entry.work_id, state=state,
-            result=result, error=error, kind=entry.kind, attempts=entry.attempts,
+            result=result, error=error, kind=entry.kind, attempts=entry.attempts, content_type=content_type,
         )
         self.next_sequence += 1
         self.unfinished_bytes -= entry.size
