@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dworkers import client, demo
+from dworkers import commands, demo
 from dworkers.common import logs
 from dworkers.common.errors import DworkersError
 from dworkers.common.lifecycle import StopRequest
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(p, "--log-format", "text", help="text or json", choices=("text", "json"))
     add(p, "--log-level", "INFO", help="logging level")
 
-    client.add_parsers(sub)
+    commands.add_parsers(sub)
     return parser
 
 
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
         elif args.command == "demo":
             demo.run(args)
         else:
-            client.main(args)
+            commands.main(args)
     except DworkersError as exc:
         print(f"dworkers: error: {exc}", file=sys.stderr)
         return 2

@@ -1,242 +1,403 @@
-"""Client verbs of the `dworkers` command, talking to a frontend:
-submit, status, watch, cluster."""
+"""The Python client: submit works, get their results.
+
+    client = dworkers.Client("127.0.0.1:7000")
+    handle = client.submit("square", 3)      # JSON arguments; payload=b"..." for bytes
+    handle.result(timeout=10)                # 9, or raises WorkFailed / TimeoutError
+
+`submit` does not wait for the work to be durable: submissions are
+pipelined (batched into SubmitWorks calls, a few in flight) by a sender
+thread, so one thread submitting in a loop is not held up by each durable
+write. `handle.accepted()` waits for that acknowledgement; `result()` waits
+for it and then for the result (WaitWorks: no polling). Work ids are fixed
+when submitted, so a batch retried after a failover is idempotent.
+"""
 
 from __future__ import annotations
 
-import json
-import sys
+import concurrent.futures
+import os
+import threading
 import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
-from dworkers.common import validation
-from dworkers.common.errors import ConfigError
-from dworkers.common.settings import add, in_range
+from dworkers import codec
+from dworkers.common.validation import MAX_BATCH_WORKS, new_work_id
 from dworkers.common.wire import CHANNEL_OPTIONS
 from dworkers.v1 import frontend_pb2_grpc, work_pb2
 
+DEFAULT_TARGET = "127.0.0.1:7000"
+BATCH_WORKS = 500  # per SubmitWorks call
+BATCH_BYTES = 4 * 1024 * 1024  # per SubmitWorks call (gRPC's limit here is 16 MiB)
+CALLS_IN_FLIGHT = 4
+MAX_QUEUED_WORKS = 20_000  # submit() blocks beyond these, until acknowledgements make room
+MAX_QUEUED_BYTES = 64 * 1024 * 1024
+# Answers after which a batch is sent again (same ids: idempotent) until the submit timeout.
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
 STATE_NAMES = {v: k for k, v in work_pb2.State.items()}
 
 
-def add_parsers(sub) -> None:
-    def client_parser(name, help, description):
-        p = sub.add_parser(name, help=help, description=description)
-        add(p, "--frontend", "127.0.0.1:7000", help="frontend address")
-        add(p, "--timeout", 30.0, type=float, help="seconds to wait for each call")
-        add(p, "--log-format", "text", help="text or json", choices=("text", "json"))
-        add(p, "--log-level", "WARNING", help="logging level")
-        p.add_argument("--json", action="store_true", help="print JSON instead of text")
-        p.set_defaults(func=main)
-        return p
+class WorkFailed(Exception):
+    """The work ended FAILED: `error` is the last attempt's error, as the
+    worker reported it (exception type, message and where)."""
 
-    p = client_parser("submit", "submit works",
-                      "Submit works of one kind: one per PAYLOAD argument, or one per line of --file (- for stdin).")
-    p.add_argument("kind", help="the job to run, e.g. square")
-    p.add_argument("payloads", nargs="*", help="one work per payload")
-    p.add_argument("--file", help="read payloads, one per line, from this file (- for stdin)")
-    p.add_argument("--id", help="the work id (a single work only; default: a new UUID)")
-    p.add_argument("--max-attempts", type=in_range(int, low=0, high=100), default=0,
-                   help="failed attempts before the work ends FAILED (default 3)")
-    p.add_argument("--work-timeout", type=in_range(float, low=0, high=24 * 3600), default=0.0,
-                   help="seconds per attempt (default: the master's)")
-    p.add_argument("--batch", type=in_range(int, low=1, high=10_000), default=500, help="works per call")
-    p.add_argument("--wait", action="store_true", help="wait for every work's result and print it")
-
-    p = client_parser("status", "show one work", "Show the state, attempts and result of one work.")
-    p.add_argument("work_id")
-
-    p = client_parser("watch", "stream results as they finish",
-                      "Stream finished works in order; resume with --after.")
-    p.add_argument("--after", type=in_range(int, low=0), default=0, help="start after this result sequence number")
-    p.add_argument("--count", type=in_range(int, low=0), default=0, help="stop after this many results (0: never)")
-
-    client_parser("cluster", "show the cluster",
-                  "Show the active master, its epoch, standbys, workers and work counts.")
+    def __init__(self, work_id: str, error: str, attempts: int, kind: str = ""):
+        super().__init__(f"work {work_id} ({kind}) failed after {attempts} attempts: {error}")
+        self.work_id, self.error, self.attempts, self.kind = work_id, error, attempts, kind
 
 
-class ClientError(ConfigError):
-    """A client verb cannot go on: said in one line."""
+class SubmitError(Exception):
+    """A work was not accepted: refused (e.g. INVALID_ARGUMENT, ALREADY_EXISTS
+    with another payload) or not acknowledged within the submit timeout."""
+
+    def __init__(self, work_id: str, code: str, message: str):
+        super().__init__(f"work {work_id} not accepted: {code}: {message}")
+        self.work_id, self.code, self.message = work_id, code, message
 
 
-def main(args) -> None:
-    channel = grpc.insecure_channel(args.frontend, options=CHANNEL_OPTIONS)
-    stub = frontend_pb2_grpc.FrontendStub(channel)
-    try:
-        COMMANDS[args.command](stub, args)
-    except grpc.RpcError as error:
-        if error.code() == grpc.StatusCode.UNAVAILABLE and "frontend" not in (error.details() or "") \
-                and "master" not in (error.details() or ""):
-            raise ConfigError(f"cannot reach the frontend at {args.frontend} ({error.details()})") from None
-        raise ConfigError(f"{error.code().name}: {error.details()}") from None
-    except OSError as exc:
-        raise ConfigError(str(exc)) from None
-    except ValueError as exc:  # e.g. a number too large for its field
-        raise ConfigError(f"bad value: {exc}") from None
-    finally:
-        channel.close()
+@dataclass(frozen=True)
+class Result:
+    """A finished work, decoded: `value` as the job returned it."""
+
+    work_id: str
+    kind: str
+    state: str  # DONE or FAILED
+    value: Any
+    error: str
+    attempts: int
+    sequence: int
+
+    @classmethod
+    def of(cls, r: work_pb2.WorkResult) -> Result:
+        value = codec.decode_result(r.result, r.content_type) if r.state == work_pb2.DONE else None
+        return cls(r.work_id, r.kind, STATE_NAMES.get(r.state, str(r.state)), value, r.error, r.attempts,
+                   r.sequence)
+
+    def unwrap(self) -> Any:
+        if self.state != "DONE":
+            raise WorkFailed(self.work_id, self.error, self.attempts, self.kind)
+        return self.value
 
 
-def _payloads(args) -> list[bytes]:
-    payloads = [p.encode() for p in args.payloads]
-    if args.file:
-        stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
-        with stream:
-            payloads += [line.rstrip("\n").encode() for line in stream if line.strip()]
-    if not payloads:
-        raise ClientError("nothing to submit: give payloads as arguments or with --file")
-    if args.id and len(payloads) != 1:
-        raise ClientError("--id names a single work; give one payload")
-    return payloads
+class Handle:
+    """A submitted work."""
 
+    def __init__(self, client: Client, work_id: str, kind: str):
+        self.id, self.kind = work_id, kind
+        self._client = client
+        self._accepted: concurrent.futures.Future = concurrent.futures.Future()
+        self._result: Result | None = None
 
-def _progress(done: int, total: int, started: float) -> None:
-    if not sys.stderr.isatty():
-        return
-    width = 30
-    filled = width * done // max(total, 1)
-    rate = done / max(time.monotonic() - started, 1e-6)
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {rate:,.0f}/s")
-    if done == total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+    def __repr__(self) -> str:
+        return f"<Handle {self.id} {self.kind}>"
 
-
-def submit(stub, args) -> None:
-    payloads = _payloads(args)
-    start_sequence = 0
-    if args.wait:
-        start_sequence = stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=args.timeout).last_sequence
-    requests = [work_pb2.SubmitWorkRequest(kind=args.kind, payload=p, work_id=args.id or "",
-                                           max_attempts=args.max_attempts, timeout_seconds=args.work_timeout)
-                for p in payloads]
-    started, ids, duplicates = time.monotonic(), [], 0
-    for i in range(0, len(requests), max(1, args.batch)):
-        chunk = work_pb2.SubmitWorksRequest(works=requests[i:i + args.batch])
-        for r in chunk.works:  # fixed before any retry, so a retry is idempotent
-            if not r.work_id:
-                r.work_id = validation.new_work_id()
-        response = _with_backoff(lambda chunk=chunk: stub.SubmitWorks(chunk, timeout=args.timeout))
-        ids += [w.work_id for w in response.works]
-        duplicates += sum(w.duplicate for w in response.works)
-        _progress(len(ids), len(requests), started)
-    elapsed = time.monotonic() - started
-    if args.json and not args.wait:
-        print(json.dumps({"submitted": len(ids), "duplicates": duplicates, "seconds": round(elapsed, 3),
-                          "work_ids": ids}))
-    elif not args.wait:
-        if len(ids) == 1:
-            print(ids[0])
-        print(f"submitted {len(ids)} works ({duplicates} duplicates) in {elapsed:.2f} s", file=sys.stderr)
-    if args.wait:
-        _wait(stub, args, set(ids), start_sequence)
-
-
-def _with_backoff(call, tries: int = 8):
-    delay = 0.1
-    for attempt in range(tries):
+    def accepted(self, timeout: float | None = None) -> bool:
+        """Waits until the work is durably accepted; True if it was a
+        duplicate of an earlier submission. Raises SubmitError if refused."""
         try:
-            return call()
-        except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == tries - 1:
-                raise
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            return self._accepted.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"work {self.id} not acknowledged within {timeout:g} s") from None
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The job's return value (decoded); raises WorkFailed if the work
+        failed, TimeoutError if it did not finish within `timeout` seconds."""
+        if self._result is None:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            self.accepted(timeout)
+            for result in self._client._wait([self.id], deadline):
+                self._result = result
+        assert self._result is not None
+        return self._result.unwrap()
+
+    def status(self) -> work_pb2.WorkStatus:
+        """The work's state now (GetWork)."""
+        return self._client.status(self.id)
+
+    def done(self) -> bool:
+        return self._result is not None
 
 
-def _wait(stub, args, ids: set[str], after: int) -> None:
-    waiting = set(ids)
-    # Works that finished before we started watching (e.g. duplicates).
-    for work_id in list(waiting):
-        status = stub.GetWork(work_pb2.GetWorkRequest(work_id=work_id), timeout=args.timeout)
-        if status.state in (work_pb2.DONE, work_pb2.FAILED) and status.sequence <= after:
-            _print_result(args, work_pb2.WorkResult(sequence=status.sequence, work_id=work_id, state=status.state,
-                                                    result=status.result, error=status.error, kind=status.kind))
-            waiting.discard(work_id)
-    if not waiting:
-        return
-    stream = stub.WatchResults(work_pb2.WatchResultsRequest(after_sequence=after))
-    try:
-        for batch in stream:
-            for result in batch.results:
-                if result.work_id in waiting:
-                    waiting.discard(result.work_id)
-                    _print_result(args, result)
-            if not waiting:
+@dataclass
+class _Pending:
+    handle: Handle
+    request: work_pb2.SubmitWorkRequest
+    size: int
+
+
+class Client:
+    """A connection to a frontend (thread-safe). Close it, or use `with`."""
+
+    def __init__(self, target: str | None = None, *, timeout: float = 30.0, channel: grpc.Channel | None = None):
+        self.target = target or os.environ.get("DWORKERS_FRONTEND", DEFAULT_TARGET)
+        self.timeout = timeout  # per call, and for a submission to be acknowledged
+        self._channel = channel or grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        self.stub = frontend_pb2_grpc.FrontendStub(self._channel)
+        self._queue: deque[_Pending] = deque()
+        self._queued_bytes = 0
+        self._unacked = 0  # queued or in flight
+        self._cond = threading.Condition()
+        self._closed = False
+        self._sender = threading.Thread(target=self._send_forever, name="dworkers-submit", daemon=True)
+        self._sender.start()
+
+    # --- submitting --------------------------------------------------------
+
+    def submit(self, kind: str, *args, payload: bytes | bytearray | str | None = None, **options) -> Handle:
+        """Submits one work: JSON arguments (`*args, **kwargs`), or `payload`
+        bytes (or str, sent as text). Options (`work_id`, `max_attempts`,
+        `timeout`, `content_type`) default to the job's (`@job`) when its
+        module is imported here. Returns at once with a handle."""
+        request = submission(kind, args, payload, options)
+        handle = Handle(self, request.work_id, kind)
+        self._enqueue(_Pending(handle, request, request.ByteSize() + 8))
+        return handle
+
+    def submit_many(self, kind: str, calls: Iterable[Any]) -> list[Handle]:
+        """One work per item: a tuple of arguments, a dict of keyword
+        arguments, bytes or str (a payload), or any other value (one argument)."""
+        return [self.submit(kind, *args, payload=payload, **kwargs) for args, payload, kwargs in map(as_call, calls)]
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Waits until every submission so far is acknowledged (or failed)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._unacked:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"{self._unacked} submissions not acknowledged within {timeout:g} s")
+                self._cond.wait(remaining)
+
+    @contextmanager
+    def batch(self):
+        """Submissions inside are pipelined; leaving waits for their acks."""
+        yield self
+        self.flush()
+
+    def _enqueue(self, pending: _Pending) -> None:
+        with self._cond:
+            while (self._unacked >= MAX_QUEUED_WORKS or self._queued_bytes + pending.size > MAX_QUEUED_BYTES) \
+                    and self._unacked and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                raise RuntimeError("the client is closed")
+            self._queue.append(pending)
+            self._queued_bytes += pending.size
+            self._unacked += 1
+            self._cond.notify_all()
+
+    def _take_batch(self) -> list[_Pending]:
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            batch: list[_Pending] = []
+            size = 0
+            while self._queue and len(batch) < min(BATCH_WORKS, MAX_BATCH_WORKS) \
+                    and (not batch or size + self._queue[0].size <= BATCH_BYTES):
+                item = self._queue.popleft()
+                batch.append(item)
+                size += item.size
+            self._queued_bytes -= size
+            return batch
+
+    def _send_forever(self) -> None:
+        in_flight = threading.BoundedSemaphore(CALLS_IN_FLIGHT)
+        while True:
+            batch = self._take_batch()
+            if not batch:
+                return  # closed and drained
+            in_flight.acquire()
+            self._send(batch, time.monotonic() + self.timeout, in_flight)
+
+    def _send(self, batch: list[_Pending], deadline: float, in_flight: threading.BoundedSemaphore,
+              delay: float = 0.05) -> None:
+        request = work_pb2.SubmitWorksRequest(works=[p.request for p in batch], each_on_its_own=True)
+        call = self.stub.SubmitWorks.future(request, timeout=max(0.1, min(self.timeout, deadline - time.monotonic())))
+
+        def answered(call: grpc.Future) -> None:
+            error = call.exception()
+            if error is None:
+                for pending, answer in zip(batch, call.result().works):
+                    if answer.code:
+                        pending.handle._accepted.set_exception(SubmitError(pending.handle.id,
+                                                                           _code_name(answer.code), answer.message))
+                    else:
+                        pending.handle._accepted.set_result(answer.duplicate)
+            elif error.code() in RETRYABLE and time.monotonic() + delay < deadline:
+                # Same ids: if the first try was accepted after all, this one answers duplicate.
+                timer = threading.Timer(delay, self._send, (batch, deadline, in_flight, min(delay * 2, 1.0)))
+                timer.daemon = True
+                timer.start()
                 return
-    finally:
-        stream.cancel()
-    raise ClientError(f"the result stream ended before {len(waiting)} works finished")
+            else:
+                for pending in batch:
+                    pending.handle._accepted.set_exception(
+                        SubmitError(pending.handle.id, error.code().name, error.details() or ""))
+            in_flight.release()
+            with self._cond:
+                self._unacked -= len(batch)
+                self._cond.notify_all()
+
+        call.add_done_callback(answered)
+
+    # --- results -----------------------------------------------------------
+
+    def _wait(self, work_ids: list[str], deadline: float | None) -> Iterator[Result]:
+        """Results of `work_ids` as they finish (WaitWorks; the frontend
+        resumes it across failovers of the master)."""
+        remaining = set(work_ids)
+        while remaining:
+            timeout = None if deadline is None else deadline - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                raise TimeoutError(f"{len(remaining)} of {len(work_ids)} works not finished in time")
+            stream = self.stub.WaitWorks(work_pb2.WaitWorksRequest(work_ids=sorted(remaining)), timeout=timeout)
+            try:
+                for response in stream:
+                    for r in response.results:
+                        if r.work_id in remaining:
+                            remaining.discard(r.work_id)
+                            yield Result.of(r)
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise TimeoutError(f"{len(remaining)} of {len(work_ids)} works not finished in time") from None
+                if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                    raise
+                time.sleep(0.1)  # the frontend went away: ask again (another one, or the same back)
+            finally:
+                stream.cancel()
+
+    def as_completed(self, handles: Iterable[Handle], timeout: float | None = None) -> Iterator[Handle]:
+        """Yields the handles as their works finish (any order)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        by_id: dict[str, Handle] = {}
+        for handle in handles:
+            if handle.done():
+                yield handle
+            else:
+                by_id[handle.id] = handle
+        for handle in by_id.values():
+            handle.accepted(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        ids = list(by_id)
+        for i in range(0, len(ids), MAX_BATCH_WORKS):
+            for result in self._wait(ids[i:i + MAX_BATCH_WORKS], deadline):
+                handle = by_id[result.work_id]
+                handle._result = result
+                yield handle
+
+    def status(self, work_id: str) -> work_pb2.WorkStatus:
+        return self.stub.GetWork(work_pb2.GetWorkRequest(work_id=work_id), timeout=self.timeout)
+
+    def watch(self, after: int = 0) -> Iterator[Result]:
+        """Every finished work in order, from after sequence `after`, for
+        ever; resumes (from the last one seen) when its frontend goes away."""
+        cursor = after
+        while True:
+            stream = self.stub.WatchResults(work_pb2.WatchResultsRequest(after_sequence=cursor))
+            try:
+                for response in stream:
+                    for r in response.results:
+                        if r.sequence > cursor:
+                            cursor = r.sequence
+                            yield Result.of(r)
+            except grpc.RpcError as error:
+                if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                    raise
+                time.sleep(0.2)
+            finally:
+                stream.cancel()
+
+    # --- life --------------------------------------------------------------
+
+    def close(self, timeout: float | None = None) -> None:
+        """Waits for submissions in flight to be acknowledged, then closes."""
+        try:
+            self.flush(self.timeout if timeout is None else timeout)
+        finally:
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+            self._sender.join(timeout=5)
+            self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def _result_dict(r: work_pb2.WorkResult) -> dict:
-    return {"sequence": r.sequence, "work_id": r.work_id, "kind": r.kind, "state": STATE_NAMES[r.state],
-            "result": r.result.decode(errors="replace"), "error": r.error, "attempts": r.attempts}
+OPTIONS = ("work_id", "max_attempts", "timeout", "content_type")
 
 
-def _print_result(args, r: work_pb2.WorkResult) -> None:
-    if args.json:
-        print(json.dumps(_result_dict(r)), flush=True)
+def submission(kind: str, args: tuple, payload: bytes | bytearray | str | None,
+               options: dict[str, Any]) -> work_pb2.SubmitWorkRequest:
+    """The request for one work; `options` holds the job's keyword arguments
+    and the submission's own options (OPTIONS)."""
+    own = {name: options.pop(name) for name in OPTIONS if name in options}
+    if payload is not None and (args or options):
+        raise TypeError("give either arguments (JSON) or payload, not both")
+    if payload is None:
+        data, content_type = codec.encode_call(args, options)
+    elif isinstance(payload, str):
+        data, content_type = payload.encode(), codec.TEXT
     else:
-        text = r.result.decode(errors="replace") if r.state == work_pb2.DONE else r.error
-        print(f"{r.sequence:>8}  {r.work_id}  {STATE_NAMES[r.state]:<6}  {text}", flush=True)
+        data, content_type = bytes(payload), codec.BYTES
+    max_attempts, timeout = _job_defaults(kind)
+    return work_pb2.SubmitWorkRequest(
+        work_id=own.get("work_id") or new_work_id(), kind=kind, payload=data,
+        content_type=own.get("content_type", content_type), max_attempts=own.get("max_attempts", max_attempts),
+        timeout_seconds=own.get("timeout", timeout))
 
 
-def status(stub, args) -> None:
-    s = stub.GetWork(work_pb2.GetWorkRequest(work_id=args.work_id), timeout=args.timeout)
-    info = {"work_id": s.work_id, "kind": s.kind, "state": STATE_NAMES[s.state], "attempts": s.attempts,
-            "result": s.result.decode(errors="replace"), "error": s.error, "sequence": s.sequence}
-    if args.json:
-        print(json.dumps(info))
-    else:
-        for key, value in info.items():
-            print(f"{key:>9}: {value}")
+def as_call(item: Any) -> tuple[tuple, bytes | bytearray | str | None, dict]:
+    """(args, payload, kwargs) of one item of submit_many."""
+    if isinstance(item, tuple):
+        return item, None, {}
+    if isinstance(item, dict):
+        return (), None, dict(item)
+    if isinstance(item, (bytes, bytearray, str)):
+        return (), item, {}
+    return (item,), None, {}
 
 
-def watch(stub, args) -> None:
-    stream = stub.WatchResults(work_pb2.WatchResultsRequest(after_sequence=args.after))
-    seen = 0
-    try:
-        for batch in stream:
-            for result in batch.results:
-                _print_result(args, result)
-                seen += 1
-                if args.count and seen >= args.count:
-                    return
-    finally:
-        stream.cancel()
+def _code_name(code: int) -> str:
+    for status in grpc.StatusCode:
+        if status.value[0] == code:
+            return status.name
+    return str(code)
 
 
-def cluster(stub, args) -> None:
-    info = stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=args.timeout)
-    data = {
-        "master": {"address": info.master.address, "epoch": info.master.epoch},
-        "standbys": [{"address": s.address, "epoch": s.epoch} for s in info.standbys],
-        "workers": [{"worker_id": w.worker_id, "status": w.status, "work_id": w.work_id, "host": w.host}
-                    for w in info.workers],
-        "kinds": [{"kind": k.kind, "slots": k.slots, "idle_slots": k.idle_slots, "pending": k.pending}
-                  for k in info.kinds],
-        "pending": info.pending, "in_progress": info.in_progress, "done": info.done,
-        "failed": info.failed, "last_sequence": info.last_sequence,
-        "pending_without_worker": info.pending_without_worker, "worker_slots": info.worker_slots,
-        "unfinished_bytes": info.unfinished_bytes, "retained_result_bytes": info.retained_result_bytes,
-    }
-    if args.json:
-        print(json.dumps(data, indent=2))
-        return
-    print(f"master     {info.master.address}  (epoch {info.master.epoch})")
-    for s in info.standbys:
-        print(f"standby    {s.address}  (epoch {s.epoch})")
-    print(f"works      pending {info.pending}  in progress {info.in_progress}  done {info.done}  failed {info.failed}")
-    if info.pending_without_worker:
-        print(f"waiting    {info.pending_without_worker} pending works have no live worker for their kind")
-    for k in info.kinds:
-        print(f"kind       {k.kind:<20} slots {k.slots:>4} ({k.idle_slots} idle)  pending {k.pending}")
-    print(f"workers    {info.worker_slots}")
-    if info.workers:
-        width = max(len(w.worker_id) for w in info.workers)
-        print(f"  {'WORKER':<{width}}  STATUS  WORK")
-        for w in sorted(info.workers, key=lambda w: w.worker_id):
-            print(f"  {w.worker_id:<{width}}  {w.status:<6}  {w.work_id}")
+def _job_defaults(kind: str) -> tuple[int, float]:
+    """max_attempts and timeout of the job registered here for `kind`, if any."""
+    from dworkers.worker.jobs import JOBS
+
+    registered = JOBS.get(kind)
+    return (registered.max_attempts, registered.timeout) if registered is not None else (0, 0.0)
 
 
-COMMANDS = {"submit": submit, "status": status, "watch": watch, "cluster": cluster}
+_default: Client | None = None
+_default_lock = threading.Lock()
+
+
+def connect(target: str | None = None, **options) -> Client:
+    """Sets (and returns) the client that `job.submit(...)` uses."""
+    global _default
+    with _default_lock:
+        if _default is not None:
+            _default.close()
+        _default = Client(target, **options)
+        return _default
+
+
+def default_client() -> Client:
+    """The client set by connect(), or one to DWORKERS_FRONTEND (default 127.0.0.1:7000)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Client()
+        return _default

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 
 import grpc
 from kazoo.exceptions import KazooException, NoNodeError
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION)
 # A result stream that ends with one of these ends for its subscriber too;
 # with any other, the proxy resumes it.
-FINAL_FOR_STREAMS = (grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED,
+FINAL_FOR_STREAMS = (grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED,
                      grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
                      grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED)
 
@@ -277,17 +277,52 @@ class MasterProxy:
         """Streams result batches after `after`, resuming across failovers.
         Gives up when no master serves for `reconnect_timeout` seconds."""
         cursor = after
+
+        def request() -> tuple[str, work_pb2.WatchResultsRequest]:
+            return "WatchResults", work_pb2.WatchResultsRequest(after_sequence=cursor)
+
+        def fresh(results) -> list[work_pb2.WorkResult]:
+            nonlocal cursor
+            new = [r for r in results if r.sequence > cursor]
+            if new:
+                cursor = new[-1].sequence
+            return new
+
+        return self._resumed(request, fresh, lambda: False, reconnect_timeout, handle,
+                             lambda: f"resuming after {cursor}")
+
+    def wait_works(self, work_ids: list[str], reconnect_timeout: float = 30.0,
+                   handle: StreamHandle | None = None) -> Generator[work_pb2.WatchResultsResponse, None, None]:
+        """Streams the results of `work_ids` as they finish; after a failover
+        it asks the new master for those not seen yet. Ends when all came."""
+        remaining = dict.fromkeys(work_ids)
+
+        def request() -> tuple[str, work_pb2.WaitWorksRequest]:
+            return "WaitWorks", work_pb2.WaitWorksRequest(work_ids=list(remaining))
+
+        def fresh(results) -> list[work_pb2.WorkResult]:
+            new = [r for r in results if r.work_id in remaining]
+            for r in new:
+                del remaining[r.work_id]
+            return new
+
+        return self._resumed(request, fresh, lambda: not remaining, reconnect_timeout, handle,
+                             lambda: f"{len(remaining)} works still awaited")
+
+    def _resumed(self, request: Callable, fresh: Callable, done: Callable[[], bool], reconnect_timeout: float,
+                 handle: StreamHandle | None, where: Callable[[], str]):
+        """A result stream from the active master, opened again (with
+        `request()`) whenever it breaks, until `done()`; yields the results
+        `fresh` keeps, in WatchResultsResponse batches."""
         broken_since: float | None = None
         delay = 0.02
         handle = handle or StreamHandle()
-        while not handle.cancelled:
+        while not handle.cancelled and not done():
             if broken_since is not None and time.monotonic() - broken_since > reconnect_timeout:
                 raise NoMaster(f"no master served results for {reconnect_timeout:.0f} s")
-            try:
-                address, _ = self.locator.current(reconnect_timeout)
-            except NoMaster:
-                raise
-            stream = self.stub(address).WatchResults(work_pb2.WatchResultsRequest(after_sequence=cursor))
+            address, _ = self.locator.current(reconnect_timeout)
+            method, message = request()
+            stream = getattr(self.stub(address), method)(message)
             handle.attach(stream)
             self.locator.on_change(stream.cancel)  # the master moved: resume from the new one
             try:
@@ -295,21 +330,22 @@ class MasterProxy:
                     if not self.observe_epoch(response.epoch, response.cluster_id):
                         break  # a deposed master: look again
                     broken_since, delay = None, 0.02
-                    fresh = [r for r in response.results if r.sequence > cursor]
-                    if fresh:
-                        cursor = fresh[-1].sequence
-                        yield work_pb2.WatchResultsResponse(results=fresh, epoch=response.epoch,
+                    new = fresh(response.results)
+                    if new:
+                        yield work_pb2.WatchResultsResponse(results=new, epoch=response.epoch,
                                                             cluster_id=response.cluster_id)
             except grpc.RpcError as error:
                 if handle.cancelled:
                     return  # the subscriber left
                 if error.code() in FINAL_FOR_STREAMS:
-                    raise  # the master's answer for the subscriber (e.g. OUT_OF_RANGE)
+                    raise  # the master's answer for the subscriber (e.g. OUT_OF_RANGE, NOT_FOUND)
                 self._retry_hint(error, address)
-                log.info("result stream from %s ended (%s); resuming after %d", address, error.code().name, cursor)
+                log.info("result stream from %s ended (%s); %s", address, error.code().name, where())
             finally:
                 self.locator.remove_listener(stream.cancel)
                 stream.cancel()
+            if done():
+                return
             # However the stream ended (a failover, a backend that came back at
             # the same address, a broken connection), it resumes: a result
             # stream ends only when its subscriber leaves, or with an error.

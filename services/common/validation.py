@@ -81,6 +81,17 @@ def to_work(request: work_pb2.SubmitWorkRequest, index: int | None = None) -> wo
     )
 
 
+def check_wait(request: work_pb2.WaitWorksRequest) -> list[str]:
+    """The ids of a WaitWorks call: 1 to MAX_BATCH_WORKS well-formed ids."""
+    if not request.work_ids:
+        raise InvalidWork("work_ids is empty: name the works to wait for")
+    if len(request.work_ids) > MAX_BATCH_WORKS:
+        raise InvalidWork(f"{len(request.work_ids)} work ids in one call; the limit is {MAX_BATCH_WORKS}")
+    for work_id in request.work_ids:
+        check_work_id(work_id)
+    return list(request.work_ids)
+
+
 def valid_content_type(content_type: str) -> bool:
     """A media type such as application/json, or empty (opaque bytes)."""
     return len(content_type) <= MAX_CONTENT_TYPE_CHARS and CONTENT_TYPE_PATTERN.fullmatch(content_type) is not None

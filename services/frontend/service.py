@@ -33,8 +33,8 @@ class FrontendSettings:
     metrics_port: int = setting(9102, "Prometheus /metrics port (0: off)", low=0, high=65535)
     call_timeout: float = setting(10.0, "seconds a call may wait for a master", above=0, high=3600)
     threads: int = setting(64, "threads serving unary calls", low=1, high=10_000)
-    max_watchers: int = setting(32, "WatchResults streams served at once (beyond: RESOURCE_EXHAUSTED); "
-                                "each holds a thread", low=1, high=100_000)
+    max_watchers: int = setting(128, "WatchResults and WaitWorks streams served at once (beyond: "
+                                "RESOURCE_EXHAUSTED); each holds a thread", low=1, high=100_000)
     queued_calls: int = setting(256, "calls waiting for a thread before RESOURCE_EXHAUSTED", low=0, high=100_000)
     shutdown_grace: float = setting(5.0, "seconds in-flight calls may take to finish on SIGTERM", low=0, high=3600)
     subscriber_timeout: float = setting(30.0, "a result subscriber that reads nothing this long is dropped", above=0)
@@ -145,6 +145,17 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         self.metrics.result_streams.dec()
 
     def WatchResults(self, request, context):
+        yield from self._stream(context, lambda handle: self.proxy.watch_results(request.after_sequence,
+                                                                                  handle=handle))
+        if context.is_active():  # the master's stream cannot end: say so rather than end with OK
+            raise NotServing("the result stream ended; resume after the last sequence")
+
+    def WaitWorks(self, request, context):
+        work_ids = validation.check_wait(request)
+        yield from self._stream(context, lambda handle: self.proxy.wait_works(work_ids, handle=handle))
+
+    def _stream(self, context, open_results):
+        """Relays a result stream from the master, within the bound on streams."""
         if not self._watchers.acquire(blocking=False):
             raise Overloaded(f"this frontend already serves {self.settings.max_watchers} result streams; "
                              "use another frontend or retry later")
@@ -156,7 +167,7 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             release()
             return
         key = id(handle)
-        results = self.proxy.watch_results(request.after_sequence, handle=handle)
+        results = open_results(handle)
         try:  # the master's errors (e.g. OUT_OF_RANGE) pass on as they are
             for batch in results:
                 if not context.is_active():
@@ -169,8 +180,6 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             release()
             handle.cancel()
             results.close()
-        if context.is_active():  # the master's stream cannot end: say so rather than end with OK
-            raise NotServing("the result stream ended; resume after the last sequence")
 
 
 def serve(proxy: MasterProxy, settings: FrontendSettings, stop: StopRequest, registry,

@@ -160,6 +160,17 @@ class MasterService(master_pb2_grpc.MasterServicer):
                 raise Overloaded(f"result subscriber read nothing for {limit:g} s: dropped; "
                                  f"resume with after_sequence={batch[0].sequence - 1}") from None
 
+    async def WaitWorks(self, request, context):
+        shell = self._shell(context)
+        work_ids = validation.check_wait(request)
+        limit = self.node.settings.subscriber_timeout
+        async for batch in shell.wait_works(work_ids):
+            try:
+                await asyncio.wait_for(context.write(work_pb2.WatchResultsResponse(
+                    results=batch, epoch=shell.epoch, cluster_id=shell.cluster_id)), limit)
+            except asyncio.TimeoutError:
+                raise Overloaded(f"caller read nothing for {limit:g} s: dropped; call again") from None
+
     async def ClusterInfo(self, request, context):
         return await self.node.cluster_info(self._shell(context))
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from dworkers.common.errors import Forgotten, NotServing, Overloaded
+from dworkers.common.errors import Forgotten, NotFound, NotServing, Overloaded
 from dworkers.common.memory import release_free_memory
 from dworkers.common.validation import MAX_BATCH_WORKS, MAX_REPORTS_PER_MESSAGE, MAX_STREAM_MESSAGE_BYTES
 from dworkers.master.domain.effects import DeclareKinds, HandOut, Send, Step
@@ -73,6 +73,8 @@ class MasterShell:
         self._confirm_leadership = confirm_leadership
         self._on_kinds = on_kinds
         self._results_ready = asyncio.Event()
+        # WaitWorks calls, by the work ids they wait for; told when a result is durable.
+        self._waiting: dict[str, list[asyncio.Queue]] = {}
         self.committer: GroupCommitter | None = None  # set once recovered
         self._ticker: asyncio.Task | None = None
         self._events_since_snapshot = 0
@@ -122,6 +124,9 @@ class MasterShell:
             self.committer.on_failure = lambda _exc: None  # stepping down already
             self.committer.stop(JournalError(f"master stopped: {reason}"))
         self._wake_results()
+        for queues in self._waiting.values():
+            for queue in queues:
+                queue.put_nowait(None)
         self.journal.close()
         for slot in list(self.master.scheduler.slots.values()):
             slot.connection.close(reason)
@@ -180,6 +185,8 @@ class MasterShell:
         if hand_outs_apart:
             self._hand_out_with_payloads(hand_outs_apart)
         if step.last_sequence > self.durable_sequence:
+            if self._waiting:
+                self._deliver(self.durable_sequence + 1, step.last_sequence)
             self.durable_sequence = step.last_sequence
             self._wake_results()
         if self.metrics:
@@ -261,6 +268,16 @@ class MasterShell:
             except Exception as exc:
                 raise NotServing(f"cannot confirm it is still the master: {exc}") from None
         self.check_serving()
+
+    def _deliver(self, first: int, last: int) -> None:
+        """Hands the results numbered first..last, now durable, to the
+        WaitWorks calls waiting for them."""
+        results = self.state.results
+        for sequence in range(first, last + 1):
+            result = results.get(sequence)
+            if result is not None:
+                for queue in self._waiting.pop(result.work_id, ()):
+                    queue.put_nowait(result)
 
     def _wake_results(self) -> None:
         self._results_ready.set()
@@ -366,6 +383,71 @@ class MasterShell:
                     yield batch
                 continue
             await self._results_ready.wait()
+
+    async def wait_works(self, work_ids: list[str]):
+        """Yields batches of the durable results of `work_ids` as they finish
+        (at once for those finished), each fitting one stream message; ends
+        when all have come. Ids not known (never accepted, or whose results
+        left the retention window) are refused before anything is sent."""
+        self.check_serving()
+        state = self.state
+        ready: list[work_pb2.WorkResult] = []
+        waiting: set[str] = set()
+        unknown = []
+        for work_id in dict.fromkeys(work_ids):
+            result = state.finished.get(work_id)
+            if result is not None and result.sequence <= self.durable_sequence:
+                ready.append(result)
+            elif state.is_known(work_id):
+                waiting.add(work_id)
+            else:
+                unknown.append(work_id)
+        if unknown:
+            shown = ", ".join(repr(w) for w in unknown[:5])
+            if len(unknown) > 5:
+                shown += f" and {len(unknown) - 5} more"
+            raise NotFound(f"no work {shown}: never accepted, or its result left the retention window")
+        queue: asyncio.Queue = asyncio.Queue()
+        for work_id in waiting:
+            self._waiting.setdefault(work_id, []).append(queue)
+        try:
+            while True:
+                while ready:
+                    batch = await self._stream_batch(ready)
+                    del ready[:len(batch)]
+                    yield batch
+                if not waiting:
+                    return
+                result = await queue.get()
+                while True:
+                    if result is None:
+                        raise NotServing(self.closed or "master stopped")
+                    waiting.discard(result.work_id)
+                    ready.append(result)
+                    if queue.empty():
+                        break
+                    result = queue.get_nowait()
+        finally:
+            for work_id in waiting:
+                queues = self._waiting.get(work_id)
+                if queues is not None and queue in queues:
+                    queues.remove(queue)
+                    if not queues:
+                        del self._waiting[work_id]
+
+    async def _stream_batch(self, results: list[work_pb2.WorkResult]) -> list[work_pb2.WorkResult]:
+        """The first of `results` (at least one) that fit one stream message,
+        with their bytes."""
+        if self.state.payloads_apart:
+            return await self._with_result_bytes(results[:RESULTS_PER_READ])
+        batch: list[work_pb2.WorkResult] = []
+        size = 0
+        for result in results[:RESULTS_PER_MESSAGE]:
+            size += result.ByteSize() + 8
+            if batch and size > MAX_STREAM_MESSAGE_BYTES - 64 * 1024:
+                break
+            batch.append(result)
+        return batch
 
     # --- the worker protocol ----------------------------------------------
 

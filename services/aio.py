@@ -1,0 +1,222 @@
+"""The asyncio client (grpc.aio): the same calls as dworkers.Client, awaited.
+
+    async with dworkers.AsyncClient("127.0.0.1:7000") as client:
+        handle = await client.submit("square", 3)
+        await handle.result(timeout=10)   # 9
+
+`submit` returns once the work is queued; a sender task batches queued
+works into SubmitWorks calls (a few in flight), so many submissions share
+each durable write. `await handle.accepted()` waits for the acknowledgement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import grpc
+
+from dworkers.client import (
+    BATCH_BYTES,
+    BATCH_WORKS,
+    CALLS_IN_FLIGHT,
+    DEFAULT_TARGET,
+    MAX_QUEUED_WORKS,
+    RETRYABLE,
+    Result,
+    SubmitError,
+    _code_name,
+    as_call,
+    submission,
+)
+from dworkers.common.validation import MAX_BATCH_WORKS
+from dworkers.common.wire import CHANNEL_OPTIONS
+from dworkers.v1 import frontend_pb2_grpc, work_pb2
+
+
+class AsyncHandle:
+    def __init__(self, client: AsyncClient, work_id: str, kind: str):
+        self.id, self.kind = work_id, kind
+        self._client = client
+        self._accepted: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._result: Result | None = None
+
+    def __repr__(self) -> str:
+        return f"<AsyncHandle {self.id} {self.kind}>"
+
+    async def accepted(self, timeout: float | None = None) -> bool:
+        """True if the work was a duplicate; raises SubmitError if refused."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._accepted), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"work {self.id} not acknowledged within {timeout:g} s") from None
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """The job's return value; raises WorkFailed or TimeoutError."""
+        if self._result is None:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            await self.accepted(timeout)
+            async for result in self._client._wait([self.id], deadline):
+                self._result = result
+        assert self._result is not None
+        return self._result.unwrap()
+
+    async def status(self) -> work_pb2.WorkStatus:
+        return await self._client.status(self.id)
+
+    def done(self) -> bool:
+        return self._result is not None
+
+
+class AsyncClient:
+    def __init__(self, target: str | None = None, *, timeout: float = 30.0):
+        self.target = target or os.environ.get("DWORKERS_FRONTEND", DEFAULT_TARGET)
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        self.stub = frontend_pb2_grpc.FrontendStub(self._channel)
+        self._queue: asyncio.Queue[tuple[AsyncHandle, work_pb2.SubmitWorkRequest]] = asyncio.Queue(MAX_QUEUED_WORKS)
+        self._in_flight = asyncio.Semaphore(CALLS_IN_FLIGHT)
+        self._calls: set[asyncio.Task] = set()
+        self._unacked: set[asyncio.Future] = set()
+        self._sender = asyncio.get_running_loop().create_task(self._send_forever())
+
+    async def submit(self, kind: str, *args, payload: bytes | bytearray | str | None = None,
+                     **options) -> AsyncHandle:
+        """As Client.submit; waits only while the queue of unacknowledged works is full."""
+        request = submission(kind, args, payload, options)
+        handle = AsyncHandle(self, request.work_id, kind)
+        self._unacked.add(handle._accepted)
+        handle._accepted.add_done_callback(self._unacked.discard)
+        await self._queue.put((handle, request))
+        return handle
+
+    async def submit_many(self, kind: str, calls: Iterable[Any]) -> list[AsyncHandle]:
+        return [await self.submit(kind, *args, payload=payload, **kwargs)
+                for args, payload, kwargs in map(as_call, calls)]
+
+    async def _send_forever(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            size = batch[0][1].ByteSize()
+            while not self._queue.empty() and len(batch) < min(BATCH_WORKS, MAX_BATCH_WORKS):
+                item = self._queue.get_nowait()
+                batch.append(item)
+                size += item[1].ByteSize()
+                if size >= BATCH_BYTES:
+                    break
+            await self._in_flight.acquire()
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
+
+    async def _send(self, batch: list) -> None:
+        request = work_pb2.SubmitWorksRequest(works=[r for _h, r in batch], each_on_its_own=True)
+        deadline = time.monotonic() + self.timeout
+        delay = 0.05
+        try:
+            while True:
+                try:
+                    response = await self.stub.SubmitWorks(request, timeout=max(0.1, deadline - time.monotonic()))
+                except grpc.aio.AioRpcError as error:
+                    if error.code() in RETRYABLE and time.monotonic() + delay < deadline:
+                        await asyncio.sleep(delay)  # same ids: a retry is idempotent
+                        delay = min(delay * 2, 1.0)
+                        continue
+                    for handle, _r in batch:
+                        if not handle._accepted.done():
+                            handle._accepted.set_exception(SubmitError(handle.id, error.code().name,
+                                                                       error.details() or ""))
+                    return
+                for (handle, _r), answer in zip(batch, response.works):
+                    if handle._accepted.done():
+                        continue
+                    if answer.code:
+                        handle._accepted.set_exception(SubmitError(handle.id, _code_name(answer.code),
+                                                                   answer.message))
+                    else:
+                        handle._accepted.set_result(answer.duplicate)
+                return
+        finally:
+            self._in_flight.release()
+
+    async def flush(self) -> None:
+        """Waits until every submission so far is acknowledged (or failed)."""
+        while self._unacked:
+            await asyncio.wait(list(self._unacked))
+
+    async def _wait(self, work_ids: list[str], deadline: float | None) -> AsyncIterator[Result]:
+        remaining = set(work_ids)
+        while remaining:
+            timeout = None if deadline is None else deadline - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                raise TimeoutError(f"{len(remaining)} of {len(work_ids)} works not finished in time")
+            stream = self.stub.WaitWorks(work_pb2.WaitWorksRequest(work_ids=sorted(remaining)), timeout=timeout)
+            try:
+                async for response in stream:
+                    for r in response.results:
+                        if r.work_id in remaining:
+                            remaining.discard(r.work_id)
+                            yield Result.of(r)
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise TimeoutError(f"{len(remaining)} of {len(work_ids)} works not finished in time") from None
+                if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                    raise
+                await asyncio.sleep(0.1)
+            finally:
+                stream.cancel()
+
+    async def as_completed(self, handles: Iterable[AsyncHandle],
+                           timeout: float | None = None) -> AsyncIterator[AsyncHandle]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        by_id: dict[str, AsyncHandle] = {}
+        for handle in handles:
+            if handle.done():
+                yield handle
+            else:
+                by_id[handle.id] = handle
+        for handle in by_id.values():
+            await handle.accepted(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        ids = list(by_id)
+        for i in range(0, len(ids), MAX_BATCH_WORKS):
+            async for result in self._wait(ids[i:i + MAX_BATCH_WORKS], deadline):
+                handle = by_id[result.work_id]
+                handle._result = result
+                yield handle
+
+    async def status(self, work_id: str) -> work_pb2.WorkStatus:
+        return await self.stub.GetWork(work_pb2.GetWorkRequest(work_id=work_id), timeout=self.timeout)
+
+    async def watch(self, after: int = 0) -> AsyncIterator[Result]:
+        cursor = after
+        while True:
+            stream = self.stub.WatchResults(work_pb2.WatchResultsRequest(after_sequence=cursor))
+            try:
+                async for response in stream:
+                    for r in response.results:
+                        if r.sequence > cursor:
+                            cursor = r.sequence
+                            yield Result.of(r)
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                    raise
+                await asyncio.sleep(0.2)
+            finally:
+                stream.cancel()
+
+    async def close(self) -> None:
+        """Waits for submissions in flight to be acknowledged, then closes."""
+        try:
+            await asyncio.wait_for(self.flush(), self.timeout)
+        finally:
+            self._sender.cancel()
+            await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
