@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ SERVICES = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dworkers",
                                      description="Distributed workers: gRPC services coordinated by ZooKeeper.")
+    parser.add_argument("--version", action="version", version=f"dworkers {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, role in SERVICES.items():
         add_flags(sub.add_parser(name, help=role.help, description=role.description), role.settings)
@@ -82,10 +84,22 @@ def main(argv=None) -> int:
             commands.main(args)
     except DworkersError as exc:
         print(f"dworkers: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_status", 2)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `dworkers cluster | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141  # as a process killed by SIGPIPE
     return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dworkers")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 if __name__ == "__main__":

@@ -133,9 +133,11 @@ class _Pending:
 class Client:
     """A connection to a frontend (thread-safe). Close it, or use `with`."""
 
-    def __init__(self, target: str | None = None, *, timeout: float = 30.0, channel: grpc.Channel | None = None):
+    def __init__(self, target: str | None = None, *, timeout: float = 30.0, batch_works: int = BATCH_WORKS,
+                 channel: grpc.Channel | None = None):
         self.target = target or os.environ.get("DWORKERS_FRONTEND", DEFAULT_TARGET)
         self.timeout = timeout  # per call, and for a submission to be acknowledged
+        self.batch_works = max(1, min(batch_works, MAX_BATCH_WORKS))  # per SubmitWorks call (and BATCH_BYTES)
         self._channel = channel or grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
         self.stub = frontend_pb2_grpc.FrontendStub(self._channel)
         self._queue: deque[_Pending] = deque()
@@ -197,7 +199,7 @@ class Client:
                 self._cond.wait()
             batch: list[_Pending] = []
             size = 0
-            while self._queue and len(batch) < min(BATCH_WORKS, MAX_BATCH_WORKS) \
+            while self._queue and len(batch) < self.batch_works \
                     and (not batch or size + self._queue[0].size <= BATCH_BYTES):
                 item = self._queue.popleft()
                 batch.append(item)

@@ -9,7 +9,8 @@ import time
 
 import grpc
 
-from dworkers.common import validation
+from dworkers.client import Client, Result, SubmitError
+from dworkers.codec import decode_result
 from dworkers.common.errors import ConfigError
 from dworkers.common.settings import add, in_range
 from dworkers.common.wire import CHANNEL_OPTIONS
@@ -22,7 +23,7 @@ def add_parsers(sub) -> None:
     def client_parser(name, help, description):
         p = sub.add_parser(name, help=help, description=description)
         add(p, "--frontend", "127.0.0.1:7000", help="frontend address")
-        add(p, "--timeout", 30.0, type=float, help="seconds to wait for each call")
+        add(p, "--timeout", 30.0, type=float, help="seconds to wait for each call, and for --wait")
         add(p, "--log-format", "text", help="text or json", choices=("text", "json"))
         add(p, "--log-level", "WARNING", help="logging level")
         p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -40,10 +41,13 @@ def add_parsers(sub) -> None:
     p.add_argument("--work-timeout", type=in_range(float, low=0, high=24 * 3600), default=0.0,
                    help="seconds per attempt (default: the master's)")
     p.add_argument("--batch", type=in_range(int, low=1, high=10_000), default=500, help="works per call")
-    p.add_argument("--wait", action="store_true", help="wait for every work's result and print it")
+    p.add_argument("--wait", action="store_true", help="wait (within --timeout) for every work's result and print "
+                                                       "it; exit 1 if any FAILED")
 
     p = client_parser("status", "show one work", "Show the state, attempts and result of one work.")
     p.add_argument("work_id")
+    p.add_argument("--wait", action="store_true", help="wait (within --timeout) until it finishes; exit 1 if it "
+                                                       "FAILED")
 
     p = client_parser("watch", "stream results as they finish",
                       "Stream finished works in order; resume with --after.")
@@ -58,15 +62,28 @@ class ClientError(ConfigError):
     """A client verb cannot go on: said in one line."""
 
 
+class WorksFailed(ClientError):
+    """Every work finished, but some FAILED (exit status 1, not 2)."""
+
+    exit_status = 1
+
+
+def _unreachable(address: str, code: str, details: str) -> str | None:
+    """The one line for a frontend that is not there (None if it answered)."""
+    if code == "UNAVAILABLE" and "frontend" not in details and "master" not in details:
+        return f"cannot reach the frontend at {address} ({details})"
+    return None
+
+
 def main(args) -> None:
     channel = grpc.insecure_channel(args.frontend, options=CHANNEL_OPTIONS)
     stub = frontend_pb2_grpc.FrontendStub(channel)
     try:
         COMMANDS[args.command](stub, args)
     except grpc.RpcError as error:
-        if error.code() == grpc.StatusCode.UNAVAILABLE and "frontend" not in (error.details() or "") \
-                and "master" not in (error.details() or ""):
-            raise ConfigError(f"cannot reach the frontend at {args.frontend} ({error.details()})") from None
+        unreachable = _unreachable(args.frontend, error.code().name, error.details() or "")
+        if unreachable:
+            raise ConfigError(unreachable) from None
         raise ConfigError(f"{error.code().name}: {error.details()}") from None
     except OSError as exc:
         raise ConfigError(str(exc)) from None
@@ -89,107 +106,121 @@ def _payloads(args) -> list[bytes]:
     return payloads
 
 
-def _progress(done: int, total: int, started: float) -> None:
-    if not sys.stderr.isatty():
+def _progress(what: str, done: int, total: int, started: float) -> None:
+    if not sys.stderr.isatty() or total < 2:
         return
     width = 30
     filled = width * done // max(total, 1)
     rate = done / max(time.monotonic() - started, 1e-6)
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {rate:,.0f}/s")
+    sys.stderr.write(f"\r{what:<8} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {rate:,.0f}/s")
     if done == total:
         sys.stderr.write("\n")
     sys.stderr.flush()
 
 
 def submit(stub, args) -> None:
+    """Pipelined through the SDK's client: batched by count and bytes, ids
+    fixed before any retry (idempotent)."""
     payloads = _payloads(args)
-    start_sequence = 0
-    if args.wait:
-        start_sequence = stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=args.timeout).last_sequence
-    requests = [work_pb2.SubmitWorkRequest(kind=args.kind, payload=p, work_id=args.id or "",
-                                           max_attempts=args.max_attempts, timeout_seconds=args.work_timeout)
-                for p in payloads]
-    started, ids, duplicates = time.monotonic(), [], 0
-    for i in range(0, len(requests), max(1, args.batch)):
-        chunk = work_pb2.SubmitWorksRequest(works=requests[i:i + args.batch])
-        for r in chunk.works:  # fixed before any retry, so a retry is idempotent
-            if not r.work_id:
-                r.work_id = validation.new_work_id()
-        response = _with_backoff(lambda chunk=chunk: stub.SubmitWorks(chunk, timeout=args.timeout))
-        ids += [w.work_id for w in response.works]
-        duplicates += sum(w.duplicate for w in response.works)
-        _progress(len(ids), len(requests), started)
-    elapsed = time.monotonic() - started
-    if args.json and not args.wait:
-        print(json.dumps({"submitted": len(ids), "duplicates": duplicates, "seconds": round(elapsed, 3),
-                          "work_ids": ids}))
-    elif not args.wait:
-        if len(ids) == 1:
-            print(ids[0])
-        print(f"submitted {len(ids)} works ({duplicates} duplicates) in {elapsed:.2f} s", file=sys.stderr)
-    if args.wait:
-        _wait(stub, args, set(ids), start_sequence)
+    started = time.monotonic()
+    with Client(args.frontend, timeout=args.timeout, batch_works=args.batch) as client:
+        handles = [client.submit(args.kind, payload=p, work_id=args.id or None, max_attempts=args.max_attempts,
+                                 timeout=args.work_timeout) for p in payloads]
+        ids, duplicates, refused = [], 0, []
+        for done, handle in enumerate(handles, 1):
+            try:
+                duplicates += handle.accepted(max(0.0, started + args.timeout - time.monotonic()))
+                ids.append(handle.id)
+            except SubmitError as exc:
+                unreachable = _unreachable(args.frontend, exc.code, exc.message)
+                if unreachable:
+                    raise ClientError(unreachable) from None
+                refused.append(str(exc))
+            except TimeoutError as exc:
+                refused.append(str(exc))
+            _progress("accepted", done, len(handles), started)
+        elapsed = time.monotonic() - started
+        if len(handles) == 1 and refused:
+            raise ClientError(refused[0])
+        if args.json and not args.wait:
+            print(json.dumps({"submitted": len(ids), "duplicates": duplicates, "seconds": round(elapsed, 3),
+                              "work_ids": ids, "refused": refused}))
+        elif not args.wait and ids:
+            print("\n".join(ids))
+        if not args.json:
+            print(f"submitted {_plural(len(ids), 'work')} ({_plural(duplicates, 'duplicate')}) in {elapsed:.2f} s",
+                  file=sys.stderr)
+        for reason in refused[:10]:
+            print(f"dworkers: {reason}", file=sys.stderr)
+        if args.wait:
+            failed = _wait(client, args, [h for h in handles if h.id in set(ids)])
+            if failed:
+                raise WorksFailed(f"{_plural(failed, 'work')} of {len(ids)} FAILED")
+        if refused:
+            raise ClientError(f"{_plural(len(refused), 'work')} of {len(handles)} not accepted")
 
 
-def _with_backoff(call, tries: int = 8):
-    delay = 0.1
-    for attempt in range(tries):
-        try:
-            return call()
-        except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == tries - 1:
-                raise
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+def _plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")
 
 
-def _wait(stub, args, ids: set[str], after: int) -> None:
-    waiting = set(ids)
-    # Works that finished before we started watching (e.g. duplicates).
-    for work_id in list(waiting):
-        status = stub.GetWork(work_pb2.GetWorkRequest(work_id=work_id), timeout=args.timeout)
-        if status.state in (work_pb2.DONE, work_pb2.FAILED) and status.sequence <= after:
-            _print_result(args, work_pb2.WorkResult(sequence=status.sequence, work_id=work_id, state=status.state,
-                                                    result=status.result, error=status.error, kind=status.kind))
-            waiting.discard(work_id)
-    if not waiting:
-        return
-    stream = stub.WatchResults(work_pb2.WatchResultsRequest(after_sequence=after))
+def _wait(client: Client, args, handles: list) -> int:
+    """Prints each work's result as it finishes, within --timeout; returns
+    how many FAILED."""
+    if not args.json:
+        print(f"waiting for {_plural(len(handles), 'result')} (at most {args.timeout:g} s)", file=sys.stderr)
+    started, failed = time.monotonic(), 0
     try:
-        for batch in stream:
-            for result in batch.results:
-                if result.work_id in waiting:
-                    waiting.discard(result.work_id)
-                    _print_result(args, result)
-            if not waiting:
-                return
-    finally:
-        stream.cancel()
-    raise ClientError(f"the result stream ended before {len(waiting)} works finished")
+        for done, handle in enumerate(client.as_completed(handles, timeout=args.timeout), 1):
+            result = handle._result
+            failed += result.state != "DONE"
+            _print_result(args, result)
+            _progress("finished", done, len(handles), started)
+    except TimeoutError as exc:
+        raise ClientError(f"not all works finished within --timeout {args.timeout:g} s ({exc})") from None
+    return failed
 
 
-def _result_dict(r: work_pb2.WorkResult) -> dict:
-    return {"sequence": r.sequence, "work_id": r.work_id, "kind": r.kind, "state": STATE_NAMES[r.state],
-            "result": r.result.decode(errors="replace"), "error": r.error, "attempts": r.attempts}
+def _shown(value) -> str | object:
+    """A result value for printing: JSON values as they are, bytes as text where they are text."""
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return value
 
 
-def _print_result(args, r: work_pb2.WorkResult) -> None:
+def _result_dict(r: Result) -> dict:
+    return {"sequence": r.sequence, "work_id": r.work_id, "kind": r.kind, "state": r.state,
+            "result": _shown(r.value), "error": r.error, "attempts": r.attempts}
+
+
+def _print_result(args, r: Result) -> None:
     if args.json:
         print(json.dumps(_result_dict(r)), flush=True)
     else:
-        text = r.result.decode(errors="replace") if r.state == work_pb2.DONE else r.error
-        print(f"{r.sequence:>8}  {r.work_id}  {STATE_NAMES[r.state]:<6}  {text}", flush=True)
+        shown = _shown(r.value)
+        text = (shown if isinstance(shown, str) else json.dumps(shown)) if r.state == "DONE" else r.error
+        print(f"{r.sequence:>8}  {r.work_id}  {r.state:<6}  {text}", flush=True)
 
 
 def status(stub, args) -> None:
+    if args.wait:
+        with Client(args.frontend, timeout=args.timeout) as client:
+            try:
+                for _ in client._wait([args.work_id], time.monotonic() + args.timeout):
+                    pass
+            except TimeoutError:
+                raise ClientError(f"work {args.work_id} did not finish within --timeout {args.timeout:g} s") from None
     s = stub.GetWork(work_pb2.GetWorkRequest(work_id=args.work_id), timeout=args.timeout)
+    result = _shown(decode_result(s.result, s.content_type)) if s.state == work_pb2.DONE else ""
     info = {"work_id": s.work_id, "kind": s.kind, "state": STATE_NAMES[s.state], "attempts": s.attempts,
-            "result": s.result.decode(errors="replace"), "error": s.error, "sequence": s.sequence}
+            "result": result, "error": s.error, "sequence": s.sequence}
     if args.json:
         print(json.dumps(info))
     else:
         for key, value in info.items():
             print(f"{key:>9}: {value}")
+    if args.wait and s.state == work_pb2.FAILED:
+        raise WorksFailed(f"work {args.work_id} FAILED")
 
 
 def watch(stub, args) -> None:
@@ -198,7 +229,7 @@ def watch(stub, args) -> None:
     try:
         for batch in stream:
             for result in batch.results:
-                _print_result(args, result)
+                _print_result(args, Result.of(result))
                 seen += 1
                 if args.count and seen >= args.count:
                     return

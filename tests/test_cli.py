@@ -315,8 +315,9 @@ def test_submit_with_an_id_is_idempotent(live):
 
 def test_a_work_the_job_cannot_do_ends_failed(live):
     work_id = f"cli-bad-{uuid.uuid4().hex[:8]}"
-    rows = parse_results(ok(dworkers("submit", "square", "abc", "--id", work_id, "--max-attempts", "2", "--wait",
-                                     *live.fe())).stdout)
+    proc = dworkers("submit", "square", "abc", "--id", work_id, "--max-attempts", "2", "--wait", *live.fe())
+    assert proc.returncode == 1 and proc.stderr.strip().endswith("dworkers: error: 1 work of 1 FAILED"), proc.stderr
+    rows = parse_results(proc.stdout)
     assert len(rows) == 1 and rows[0][1:3] == (work_id, "FAILED")
     assert "invalid literal for int()" in rows[0][3]
     status = json.loads(ok(dworkers("status", work_id, "--json", *live.fe(), timeout=30)).stdout)
@@ -605,3 +606,49 @@ def test_a_service_on_the_port_of_another_grpc_server_refuses_to_start(live, rol
         other.stop(0)
     assert_one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), address,
                           ignore_log_lines=True)
+
+
+# --- what a first-time user trips over ------------------------------------------
+
+def test_version():
+    proc = ok(dworkers("--version"))
+    assert re.fullmatch(r"dworkers \d+\.\d+\.\d+\S*\n", proc.stdout), proc.stdout
+
+
+def test_output_cut_short_by_its_reader_is_not_an_error(live):
+    """`dworkers cluster | head -1`: no "Broken pipe", no traceback."""
+    reader = subprocess.Popen(["head", "-c", "1"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    proc = subprocess.run([*COMMAND, "cluster", *live.fe()], stdout=reader.stdin, stderr=subprocess.PIPE,
+                          text=True, timeout=60, cwd=REPO, env=clean_env())
+    reader.stdin.close()
+    reader.wait(timeout=10)
+    assert proc.stderr == "" and proc.returncode in (0, 141), (proc.returncode, proc.stderr)
+
+
+def test_large_payloads_from_a_file_are_batched_by_bytes(live, tmp_path):
+    """100 payloads of 200 KB (20 MB): more than one message may hold, sent
+    in calls that each fit, with progress of results too."""
+    path = tmp_path / "big.txt"
+    path.write_text("".join(f"{i}{' ' * 200_000}\n" for i in range(100)))
+    started = time.monotonic()
+    proc = ok(dworkers("submit", "square", "--file", str(path), "--wait", "--json", *live.fe(), timeout=120))
+    results = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert sorted(r["result"] for r in results) == sorted(f"{i} * {i} = {i * i}" for i in range(100))
+    assert time.monotonic() - started < 60  # not retried as overload for seconds on end
+
+
+def test_wait_is_bounded_by_timeout_and_status_can_wait(live):
+    work_id = f"cli-slow-{uuid.uuid4().hex[:8]}"
+    proc = dworkers("submit", "sleep", "5", "--id", work_id, "--wait", "--timeout", "1", *live.fe(), timeout=30)
+    assert proc.returncode == 2 and "within --timeout 1 s" in proc.stderr.strip().splitlines()[-1], proc.stderr
+    waited = ok(dworkers("status", work_id, "--wait", "--json", *live.fe(), timeout=60))
+    assert json.loads(waited.stdout)["state"] == "DONE"
+
+
+def test_a_second_worker_on_the_same_metrics_port_says_so_in_one_line(live):
+    port = str(free_port())
+    first = live.cluster.start_worker(1, "--metrics-port", port)
+    wait_until(lambda: "for kinds" in first.log(), 30, "the first worker to start")
+    proc = dworkers("worker", "--zk", live.cluster.zk, "--root", live.cluster.root, "--metrics-port", port,
+                    timeout=60)
+    assert_one_line_error(proc, f"cannot serve metrics on port {port}", "--metrics-port", ignore_log_lines=True)

@@ -18,6 +18,7 @@ from prometheus_client import (
     start_http_server,
 )
 
+from dworkers.common.errors import ConfigError
 from dworkers.v1 import work_pb2
 
 
@@ -33,7 +34,11 @@ def process_registry() -> CollectorRegistry:
 def serve_metrics(port: int, registry: CollectorRegistry, addr: str = "0.0.0.0") -> None:
     """Serves /metrics over HTTP; port 0 turns it off."""
     if port:
-        start_http_server(port, addr=addr, registry=registry)
+        try:
+            start_http_server(port, addr=addr, registry=registry)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on port {port} ({exc.strerror}; another dworkers process on "
+                              "this host?): choose another with --metrics-port, or 0 for none") from None
 
 
 class ServerMetrics:
