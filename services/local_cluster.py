@@ -96,13 +96,15 @@ class LocalCluster:
         self.zookeeper.start()
         return self
 
-    def _spawn(self, role: str, args: list[str], address: str = "", prefix: tuple[str, ...] = ()) -> Service:
+    def _spawn(self, role: str, args: list[str], address: str = "", prefix: tuple[str, ...] = (),
+               cwd: Path | None = None) -> Service:
         self._count += 1
         command = [*prefix, sys.executable, "-m", "dworkers.cli", role, "--zk", self.zk, "--root", self.root, *args]
         log_path = self.workdir / f"{role}-{self._count}.log" if self.log_to_files else None
         out = open(log_path, "ab") if log_path else None
         process = subprocess.Popen(command, stdout=out or None, stderr=subprocess.STDOUT if out else None,
-                                   stdin=subprocess.DEVNULL, env=self.env, cwd=Path(__file__).resolve().parent.parent)
+                                   stdin=subprocess.DEVNULL, env=self.env,
+                                   cwd=cwd or Path(__file__).resolve().parent.parent)
         if out:
             out.close()
         service = Service(role, process, address, log_path, args, prefix)
@@ -121,8 +123,9 @@ class LocalCluster:
             raise RuntimeError(f"backend {address} did not start:\n{service.log()[-3000:]}")
         return service
 
-    def start_worker(self, concurrency: int = 2, *args: str) -> Service:
-        return self._spawn("worker", ["--concurrency", str(concurrency), "--metrics-port", "0", *args])
+    def start_worker(self, concurrency: int = 2, *args: str, cwd: Path | None = None) -> Service:
+        """A worker process; job modules (--jobs) import from `cwd` as well."""
+        return self._spawn("worker", ["--concurrency", str(concurrency), "--metrics-port", "0", *args], cwd=cwd)
 
     def start_frontend(self, port: int | None = None, *args: str, wait: bool = True) -> Service:
         address = f"127.0.0.1:{port or free_port()}"
