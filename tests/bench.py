@@ -8,6 +8,8 @@ stopped (by the PIDs it started) whatever happens.
 
 Scenarios (--only NAME[,NAME]):
   submit     accepted works/s: SubmitWork from 16 threads; SubmitWorks of 500 from 4 threads (no workers)
+  sdk        the Python client from one thread: submit() in a loop (pipelined), and one
+             acknowledged submit at a time (p50 / p99), beside the peers' enqueue figures
   e2e        20,000 `square` works, 2 worker processes, a few concurrencies: first submit -> last result streamed
   roundtrip  200 works one at a time, each awaited on an open WatchResults stream: p50 / p99
   postgresql end to end (batched) and round trip on the PostgreSQL journal, beside the ZooKeeper figures
@@ -53,7 +55,7 @@ from dworkers.v1 import work_pb2
 from tests.bench_support import clients, procstat, profiling
 from tests.bench_support.clients import Submitters, Subscriber, percentile
 
-SCENARIOS = ("submit", "e2e", "roundtrip", "postgresql", "failover", "replay", "backlog", "scale")
+SCENARIOS = ("submit", "sdk", "e2e", "roundtrip", "postgresql", "failover", "replay", "backlog", "scale")
 ALIASES = {"memory": "replay", "rtt": "roundtrip", "pg": "postgresql"}
 SESSION_TIMEOUT = 4.0  # the master's default --session-timeout
 MASTER_SERVICE = "dworkers.v1.Master"
@@ -63,9 +65,9 @@ PEERS = {"dramatiq_e2e": 480, "celery_e2e": 310, "dramatiq_enqueue": 3160, "cele
 
 
 # Rough seconds each scenario needs (to skip rather than overrun the budget).
-ESTIMATE = {"submit": 25, "e2e": 200, "roundtrip": 20, "postgresql": 60, "failover": 30, "replay": 40,
+ESTIMATE = {"submit": 25, "sdk": 30, "e2e": 200, "roundtrip": 20, "postgresql": 60, "failover": 30, "replay": 40,
             "backlog": 240, "scale": 100}
-ESTIMATE_QUICK = {"submit": 15, "e2e": 30, "roundtrip": 15, "postgresql": 30, "failover": 25, "replay": 20,
+ESTIMATE_QUICK = {"submit": 15, "sdk": 20, "e2e": 30, "roundtrip": 15, "postgresql": 30, "failover": 25, "replay": 20,
                   "backlog": 60, "scale": 30}
 
 
@@ -464,6 +466,50 @@ class Bench:
         self.log(f"e2e: {mode} c={per_process}: {result['rate']:,.0f} works/s ({result['results']}/{result['works']} "
                  f"in {result['seconds']} s, {result['journal_batches']} journal writes); "
                  f"cpu ms/work {result['cpu_ms_per_work']}; context switches/work {result['context_switches_per_work']}")
+
+    def scenario_sdk(self) -> None:
+        """One producer thread with dworkers.Client, the way the peers were
+        measured: submit() in a loop, then one acknowledged submit at a time."""
+        import dworkers
+
+        pipelined = 5_000 if self.quick else 20_000
+        single = 200 if self.quick else 1_000
+        with self.cluster("sdk") as c:
+            c.start_master(None, *self.master_args, wait=True)
+            frontend = c.start_frontend()
+            stub = self.frontend_stub(frontend)
+            c.start_worker(1, *self.worker_args)
+            self.wait_workers(stub, 1, 60)
+            with dworkers.Client(frontend.address, timeout=60) as client:
+                for i in range(500):  # warm up connections and code paths
+                    client.submit("square", payload=b"3")
+                client.flush(60)
+                self.log(f"sdk: {pipelined:,} submit() calls from one thread, then {single:,} one at a time")
+                meter = self.cpu_meter(c).start()
+                started = time.perf_counter()
+                for i in range(pipelined):
+                    client.submit("square", payload=b"3")
+                queued = time.perf_counter() - started
+                client.flush(120)
+                rate = pipelined / (time.perf_counter() - started)
+                cpu = meter.stop()
+                latencies = []
+                for i in range(single):
+                    t0 = time.perf_counter()
+                    client.submit("square", payload=b"3").accepted(30)
+                    latencies.append(time.perf_counter() - t0)
+        p50, p99 = ms(percentile(latencies, 50)), ms(percentile(latencies, 99))
+        self.details["sdk"] = {"pipelined": pipelined, "pipelined_rate": round(rate), "queue_seconds": round(queued, 3),
+                               "single": single, "single_rate": round(single / sum(latencies)),
+                               "single_ms_p50": round(p50, 2), "single_ms_p99": round(p99, 2),
+                               "single_ms_max": round(ms(max(latencies)), 2), "cpu_percent_of_core": cpu}
+        self.row("sdk.pipelined", "SDK submit() from one thread, pipelined", round(rate), "works/s", 5000, ">=",
+                 f"{pipelined:,} works acknowledged (submit() itself returned after {queued:.2f} s); peers' "
+                 "enqueue, one call per work: Dramatiq ~3,500/s, PgQueuer ~980/s, Celery ~870/s")
+        self.row("sdk.single", "SDK submit, one acknowledged at a time", round(single / sum(latencies)), "works/s",
+                 None, "", f"{single:,} works; each waits for its durable write")
+        self.row("sdk.single.p50", "SDK single submit p50", p50, "ms", 2.5, "<=",
+                 f"p99 {p99:.1f} ms, max {ms(max(latencies)):.1f} ms; client -> frontend -> master -> journal")
 
     def scenario_e2e(self) -> None:
         """Batched: every setting with the full count. Single (slower): every
