@@ -152,9 +152,9 @@ class Client:
 
     def submit(self, kind: str, *args, payload: bytes | bytearray | str | None = None, **options) -> Handle:
         """Submits one work: JSON arguments (`*args, **kwargs`), or `payload`
-        bytes (or str, sent as text). Options (`work_id`, `max_attempts`,
-        `timeout`, `content_type`) default to the job's (`@job`) when its
-        module is imported here. Returns at once with a handle."""
+        bytes (or str, sent as text). Options: `work_id`, `max_attempts`,
+        `timeout`, `content_type`; unset, the cluster applies the job's
+        (`@job`) or its own defaults. Returns at once with a handle."""
         request = submission(kind, args, payload, options)
         handle = Handle(self, request.work_id, kind)
         self._enqueue(_Pending(handle, request, request.ByteSize() + 8))
@@ -349,11 +349,10 @@ def submission(kind: str, args: tuple, payload: bytes | bytearray | str | None,
         data, content_type = payload.encode(), codec.TEXT
     else:
         data, content_type = bytes(payload), codec.BYTES
-    max_attempts, timeout = _job_defaults(kind)
-    return work_pb2.SubmitWorkRequest(
+    return work_pb2.SubmitWorkRequest(  # unset options: the job's (@job), else the cluster's
         work_id=own.get("work_id") or new_work_id(), kind=kind, payload=data,
-        content_type=own.get("content_type", content_type), max_attempts=own.get("max_attempts", max_attempts),
-        timeout_seconds=own.get("timeout", timeout))
+        content_type=own.get("content_type", content_type), max_attempts=own.get("max_attempts", 0),
+        timeout_seconds=own.get("timeout", 0.0))
 
 
 def as_call(item: Any) -> tuple[tuple, bytes | bytearray | str | None, dict]:
@@ -372,14 +371,6 @@ def _code_name(code: int) -> str:
         if status.value[0] == code:
             return status.name
     return str(code)
-
-
-def _job_defaults(kind: str) -> tuple[int, float]:
-    """max_attempts and timeout of the job registered here for `kind`, if any."""
-    from dworkers.worker.jobs import JOBS
-
-    registered = JOBS.get(kind)
-    return (registered.max_attempts, registered.timeout) if registered is not None else (0, 0.0)
 
 
 _default: Client | None = None

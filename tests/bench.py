@@ -481,20 +481,20 @@ class Bench:
             c.start_worker(1, *self.worker_args)
             self.wait_workers(stub, 1, 60)
             with dworkers.Client(frontend.address, timeout=60) as client:
-                for i in range(500):  # warm up connections and code paths
+                for _ in range(500):  # warm up connections and code paths
                     client.submit("square", payload=b"3")
                 client.flush(60)
                 self.log(f"sdk: {pipelined:,} submit() calls from one thread, then {single:,} one at a time")
                 meter = self.cpu_meter(c).start()
                 started = time.perf_counter()
-                for i in range(pipelined):
+                for _ in range(pipelined):
                     client.submit("square", payload=b"3")
                 queued = time.perf_counter() - started
                 client.flush(120)
                 rate = pipelined / (time.perf_counter() - started)
                 cpu = meter.stop()
                 latencies = []
-                for i in range(single):
+                for _ in range(single):
                     t0 = time.perf_counter()
                     client.submit("square", payload=b"3").accepted(30)
                     latencies.append(time.perf_counter() - t0)

@@ -15,7 +15,6 @@ import pytest
 import dworkers
 from dworkers.client import SubmitError
 from dworkers.v1 import work_pb2
-from tests import jobs_sdk  # noqa: F401  (as a producer does: its jobs' options become the defaults)
 from tests.helpers import frontend, wait_kind
 
 pytestmark = pytest.mark.e2e
@@ -63,6 +62,18 @@ def test_failures_raise_work_failed_with_the_remote_error(live):
     assert refused.value.code == "INVALID_ARGUMENT" and "malformed work_id" in refused.value.message
     with pytest.raises(TimeoutError):
         client.submit("nap", 5).result(timeout=0.5)
+
+
+def test_the_jobs_options_are_the_defaults_of_its_works_however_submitted(live):
+    """The producer never imported the jobs module: the worker declared the
+    options; a raw gRPC submission without max_attempts gets them too."""
+    cluster, client = live
+    stub = frontend(client.target)
+    stub.SubmitWork(work_pb2.SubmitWorkRequest(work_id="raw-reject-1", kind="reject", payload=b"{}",
+                                               content_type="application/json"), timeout=10)
+    (result,) = client._wait(["raw-reject-1"], time.monotonic() + 30)
+    assert result.state == "FAILED" and result.attempts == 1  # reject's max_attempts=1, not the cluster's 3
+    assert "missing 1 required positional argument" in result.error  # the raw call passed no value
 
 
 def test_waiting_for_an_unknown_work_says_so(live):

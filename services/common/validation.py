@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import re
 import uuid
+from collections.abc import Callable
 
 from dworkers.common.errors import InvalidInput, ProtocolError
 from dworkers.v1 import work_pb2
@@ -51,8 +52,13 @@ def check_work_id(work_id: str) -> None:
         )
 
 
-def to_work(request: work_pb2.SubmitWorkRequest, index: int | None = None) -> work_pb2.Work:
-    """Validates one submission and returns the work to store (defaults filled in)."""
+KindDefaults = Callable[[str], tuple[int, float]]  # kind -> (max_attempts, timeout_seconds); 0: none
+
+
+def to_work(request: work_pb2.SubmitWorkRequest, index: int | None = None,
+            defaults: KindDefaults | None = None) -> work_pb2.Work:
+    """Validates one submission and returns the work to store (defaults
+    filled in: the request's, else its kind's, else the cluster's)."""
     where = "" if index is None else f"work #{index}: "
     try:
         work_id = request.work_id or new_work_id()
@@ -74,10 +80,11 @@ def to_work(request: work_pb2.SubmitWorkRequest, index: int | None = None) -> wo
         check_content_type(request.content_type)
     except InvalidWork as exc:
         raise InvalidWork(where + str(exc)) from None
+    kind_attempts, kind_timeout = defaults(request.kind) if defaults is not None else (0, 0.0)
     return work_pb2.Work(
         work_id=work_id, kind=request.kind, payload=request.payload,
-        max_attempts=request.max_attempts or DEFAULT_MAX_ATTEMPTS,
-        timeout_seconds=timeout, content_type=request.content_type,
+        max_attempts=request.max_attempts or kind_attempts or DEFAULT_MAX_ATTEMPTS,
+        timeout_seconds=timeout or kind_timeout, content_type=request.content_type,
     )
 
 
@@ -103,7 +110,8 @@ def check_content_type(content_type: str) -> None:
                           f"application/json, at most {MAX_CONTENT_TYPE_CHARS} printable ASCII characters")
 
 
-def to_works_each(requests, check_kind=None) -> tuple[list[work_pb2.Work], list]:
+def to_works_each(requests, check_kind=None, defaults: KindDefaults | None = None
+                  ) -> tuple[list[work_pb2.Work], list]:
     """Validates each submission on its own: returns the valid works, and
     for each request either its refusal (a SubmitWorkResponse with a code) or
     None where its work is in the first list (in the same order)."""
@@ -112,7 +120,7 @@ def to_works_each(requests, check_kind=None) -> tuple[list[work_pb2.Work], list]
     works, answers, seen = [], [], set()
     for i, request in enumerate(requests):
         try:
-            work = to_work(request, i)
+            work = to_work(request, i, defaults)
             if work.work_id in seen:
                 raise InvalidWork(f"work #{i}: work_id {work.work_id!r} appears twice in one call")
             if check_kind is not None:
@@ -127,12 +135,12 @@ def to_works_each(requests, check_kind=None) -> tuple[list[work_pb2.Work], list]
     return works, answers
 
 
-def to_works(requests) -> list[work_pb2.Work]:
+def to_works(requests, defaults: KindDefaults | None = None) -> list[work_pb2.Work]:
     if not requests:
         raise InvalidWork("no works in the request")
     if len(requests) > MAX_BATCH_WORKS:
         raise InvalidWork(f"{len(requests)} works in one call; the limit is {MAX_BATCH_WORKS}")
-    works = [to_work(r, i if len(requests) > 1 else None) for i, r in enumerate(requests)]
+    works = [to_work(r, i if len(requests) > 1 else None, defaults) for i, r in enumerate(requests)]
     seen: set[str] = set()
     for work in works:
         if work.work_id in seen:
@@ -166,6 +174,14 @@ def check_worker_message(message, registered: bool) -> None:
         for kind in r.kinds:
             if not KIND_PATTERN.fullmatch(kind):
                 raise InvalidWorkerMessage(f"malformed kind {kind[:64]!r}")
+        if len(r.defaults) > MAX_KINDS_PER_WORKER:
+            raise InvalidWorkerMessage(f"defaults for {len(r.defaults)} kinds; the limit is {MAX_KINDS_PER_WORKER}")
+        for d in r.defaults:
+            timeout = d.timeout_seconds
+            if d.kind not in r.kinds or d.max_attempts > MAX_ATTEMPTS_LIMIT or math.isnan(timeout) \
+                    or not 0 <= timeout <= MAX_TIMEOUT_SECONDS:
+                raise InvalidWorkerMessage(f"defaults of kind {d.kind[:64]!r}: a kind it does not declare, or "
+                                           f"max_attempts above {MAX_ATTEMPTS_LIMIT} or a timeout out of range")
     # Reports and requests count only if they name a slot registered on this
     # stream (checked then) and, for reports, carry the token of an attempt
     # handed to it; of the rest only the result (bounded) and the error (cut)

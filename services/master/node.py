@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
 import socket
@@ -74,7 +75,11 @@ class MasterSettings:
 class KindCatalog:
     """Every job kind some worker ever declared, kept under <root>/kinds.
     Submissions of other kinds are refused, so that a typo fails at once;
-    work of a declared kind that no live worker runs waits for one."""
+    work of a declared kind that no live worker runs waits for one.
+
+    A kind's znode holds its defaults (the job's @job options, as its workers
+    last declared them; JSON): a submission that leaves max_attempts or the
+    timeout unset gets them, whoever submits it."""
 
     MAX_KINDS = 10_000
 
@@ -84,20 +89,49 @@ class KindCatalog:
         self._stored: frozenset[str] = frozenset()
         self._declared: set[str] = set()  # declared here, maybe not stored yet
         self.kinds: frozenset[str] = frozenset()  # both
+        self._defaults: dict[str, tuple[int, float]] = {}
+        self._read: set[str] = set()  # kinds whose stored defaults were read (or written) here
         zk.ChildrenFollower(client, self.path, self._update)
 
     def _update(self, children) -> None:
         self._stored = frozenset(children)
         self.kinds = self._stored | self._declared
+        for kind in sorted(self._stored - self._read):
+            self._read.add(kind)
+            reading = self.client.get_async(f"{self.path}/{kind}")
+            reading.rawlink(lambda got, kind=kind: self._stored_defaults(kind, got))
 
-    def declare(self, kinds: frozenset[str]) -> None:
-        """Records kinds a worker declared (without waiting for ZooKeeper)."""
-        for kind in sorted(kinds - self._stored):
-            if kind not in self._declared and len(self.kinds) >= self.MAX_KINDS:
+    def _stored_defaults(self, kind: str, got) -> None:
+        try:
+            data, _stat = got.get()
+            stored = json.loads(data) if data else {}
+            self._defaults.setdefault(kind, (int(stored.get("max_attempts", 0)),
+                                             float(stored.get("timeout_seconds", 0.0))))
+        except Exception as exc:  # gone meanwhile, or written by hand: no defaults
+            log.debug("no defaults for kind %r: %r", kind, exc)
+
+    def defaults(self, kind: str) -> tuple[int, float]:
+        """(max_attempts, timeout_seconds) of works of `kind` that set none (0: the cluster's)."""
+        return self._defaults.get(kind, (0, 0.0))
+
+    def declare(self, kinds: frozenset[str], defaults=()) -> None:
+        """Records kinds a worker declared, and their defaults (without waiting for ZooKeeper)."""
+        given = {d.kind: (d.max_attempts, d.timeout_seconds) for d in defaults}
+        for kind in sorted(kinds):
+            value = given.get(kind, (0, 0.0))
+            if kind in self.kinds and self._defaults.get(kind, (0, 0.0)) == value:
+                continue
+            if kind not in self.kinds and len(self.kinds) >= self.MAX_KINDS:
                 log.warning("kind %r not recorded: %d kinds are known already", kind, self.MAX_KINDS)
                 break
             self._declared.add(kind)
-            self.client.create_async(f"{self.path}/{kind}")  # already there is fine
+            self._read.add(kind)
+            self._defaults[kind] = value
+            data = json.dumps({"max_attempts": value[0], "timeout_seconds": value[1]}).encode()
+            path = f"{self.path}/{kind}"
+            creating = self.client.create_async(path, data)
+            creating.rawlink(lambda created, path=path, data=data: created.exception is None
+                             or self.client.set_async(path, data))  # there already: its defaults change
         self.kinds = self._stored | self._declared
 
     def check(self, kinds: set[str]) -> None:

@@ -128,9 +128,9 @@ class MasterService(master_pb2_grpc.MasterServicer):
     async def SubmitWorks(self, request, context):
         shell = self._shell(context)
         if request.each_on_its_own:
-            works, answers = validation.to_works_each(request.works, self.node.check_kinds)
+            works, answers = validation.to_works_each(request.works, self.node.check_kinds, self.node.kinds.defaults)
         else:
-            works, answers = validation.to_works(request.works), None
+            works, answers = validation.to_works(request.works, self.node.kinds.defaults), None
             self.node.check_kinds({w.kind for w in works})
         duplicates = await shell.submit(works, request.each_on_its_own, request.ByteSize()) if works else []
         if answers is None:  # all accepted (or the call failed)

@@ -59,7 +59,7 @@ class MasterShell:
     def __init__(self, journal: Journal, epoch: int, settings: CoreSettings,
                  on_failure: Callable[[Exception], None], metrics=None,
                  confirm_leadership: Callable[[], Awaitable[None]] | None = None,
-                 on_kinds: Callable[[frozenset[str]], None] | None = None, cluster_id: str = ""):
+                 on_kinds: Callable[[frozenset[str], tuple], None] | None = None, cluster_id: str = ""):
         self.journal = journal
         self.epoch = epoch
         self.cluster_id = cluster_id
@@ -181,7 +181,7 @@ class MasterShell:
             elif isinstance(effect, HandOut):
                 hand_outs_apart.append(effect)
             elif isinstance(effect, DeclareKinds) and self._on_kinds is not None:
-                self._on_kinds(effect.kinds)
+                self._on_kinds(effect.kinds, effect.defaults)
         if hand_outs_apart:
             self._hand_out_with_payloads(hand_outs_apart)
         if step.last_sequence > self.durable_sequence:

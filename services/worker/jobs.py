@@ -95,7 +95,8 @@ JOBS: dict[str, Job] = {}
 def job(kind: str, *, max_attempts: int = 0, timeout: float = 0.0):
     """Registers the decorated function as the job for `kind`; `max_attempts`
     and `timeout` (seconds per attempt) become the defaults of works of this
-    kind submitted through the SDK (0: the cluster's defaults)."""
+    kind that set neither, however submitted: workers declare them to the
+    master (0: the cluster's defaults)."""
 
     def register(func) -> Job:
         registered = Job(kind, func, max_attempts, timeout)

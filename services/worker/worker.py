@@ -133,7 +133,11 @@ class Worker:
         self.settings = settings
         self.metrics = metrics
         self.host = socket.gethostname()
-        self.kinds = sorted(jobs.load(settings.job_modules))  # declared when registering
+        registry = jobs.load(settings.job_modules)
+        self.kinds = sorted(registry)  # declared when registering, with their options
+        self.defaults = [master_pb2.KindDefaults(kind=kind, max_attempts=job.max_attempts,
+                                                 timeout_seconds=job.timeout)
+                         for kind, job in sorted(registry.items()) if job.max_attempts or job.timeout]
         prefix = slot_prefix(self.host, os.getpid())
         executor = EXECUTORS[settings.executor]
         self.slots = {f"{prefix}-{i}": Slot(f"{prefix}-{i}", executor(settings.job_modules))
@@ -232,7 +236,8 @@ class Worker:
         with self._lock:
             busy = [s.work_id for s in self.slots.values() if s.busy]
         return master_pb2.WorkerMessage(register=master_pb2.RegisterWorker(
-            worker_ids=list(self.slots), host=self.host[:255], busy_work_ids=busy, kinds=self.kinds))
+            worker_ids=list(self.slots), host=self.host[:255], busy_work_ids=busy, kinds=self.kinds,
+            defaults=self.defaults))
 
     def _request_idle(self) -> master_pb2.WorkerMessage:
         with self._lock:

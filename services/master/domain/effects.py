@@ -30,6 +30,7 @@ class DeclareKinds:
     """Kinds a worker declared: the catalog should know them."""
 
     kinds: frozenset[str]
+    defaults: tuple = ()  # KindDefaults of those kinds (master_pb2)
 
 
 @dataclass(frozen=True, slots=True)

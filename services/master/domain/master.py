@@ -193,7 +193,7 @@ class Master:
         dropped = self.scheduler.register(connection, message.worker_ids, message.host, kinds, now)
         self._record([e for slot in dropped for e in self._attempt_lost(slot, CONNECTION_LOST_ERROR)], now)
         if len(self.scheduler) > known or dropped:
-            self._step.effects.append(DeclareKinds(kinds))
+            self._step.effects.append(DeclareKinds(kinds, tuple(message.defaults)))
             self.announce(now)  # new idle slots: tell them work is ready
 
     def request_work(self, connection, worker_ids, now: float) -> None:
