@@ -151,9 +151,14 @@ async function callWithRetry(grpc, client, method, request, deadlineAt) {
 function formatResult(r) {
   let text;
   if (r.state === "DONE") {
+    // content_type says how the job's result was encoded: JSON, text, or bytes ("").
     const buf = Buffer.from(r.result || []);
     const utf8 = buf.toString("utf8");
-    text = Buffer.from(utf8, "utf8").equals(buf) ? utf8 : `base64:${buf.toString("base64")}`;
+    if (r.content_type === "application/json") {
+      text = JSON.stringify(JSON.parse(utf8));
+    } else {
+      text = Buffer.from(utf8, "utf8").equals(buf) ? utf8 : `base64:${buf.toString("base64")}`;
+    }
   } else {
     text = r.error || "";
   }
