@@ -117,12 +117,16 @@ def load(modules: list[str]) -> dict[str, Job]:
     return JOBS
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 @job("square")
 def square(n: Any) -> Any:
     """The sample's job. Submitted as text or bytes ("3"): "3 * 3 = 9";
     submitted as JSON (square.submit(3)): 9."""
     if isinstance(n, (bytes, str)):
-        number = int(n.strip())
+        number = int(_text(n).strip())
         return f"{number} * {number} = {number * number}"
     return n * n
 
@@ -131,7 +135,7 @@ def square(n: Any) -> Any:
 def sleep(seconds: Any) -> str:
     """Sleeps for the given number of seconds (for demos and timeouts)."""
     if isinstance(seconds, (bytes, str)):
-        seconds = seconds.strip() or "1"
+        seconds = _text(seconds).strip() or "1"
     seconds = float(seconds)
     time.sleep(seconds)
     return f"slept {seconds:g} s"
