@@ -143,6 +143,7 @@ class Client:
         self._queue: deque[_Pending] = deque()
         self._queued_bytes = 0
         self._unacked = 0  # queued or in flight
+        self._in_flight = 0  # SubmitWorks calls
         self._cond = threading.Condition()
         self._closed = False
         self._sender = threading.Thread(target=self._send_forever, name="dworkers-submit", daemon=True)
@@ -188,14 +189,23 @@ class Client:
                 self._cond.wait()
             if self._closed:
                 raise RuntimeError("the client is closed")
-            self._queue.append(pending)
-            self._queued_bytes += pending.size
             self._unacked += 1
-            self._cond.notify_all()
+            # Nothing waits and a call is free: send from here (the call does
+            # not block), a thread switch less for a lone submission.
+            direct = not self._queue and self._in_flight < CALLS_IN_FLIGHT
+            if direct:
+                self._in_flight += 1
+            else:
+                self._queue.append(pending)
+                self._queued_bytes += pending.size
+                self._cond.notify_all()
+        if direct:
+            self._send([pending], time.monotonic() + self.timeout)
 
     def _take_batch(self) -> list[_Pending]:
+        """The next batch, once a call is free to send it (empty: closed)."""
         with self._cond:
-            while not self._queue and not self._closed:
+            while (not self._queue or self._in_flight >= CALLS_IN_FLIGHT) and not self._closed:
                 self._cond.wait()
             batch: list[_Pending] = []
             size = 0
@@ -205,19 +215,19 @@ class Client:
                 batch.append(item)
                 size += item.size
             self._queued_bytes -= size
+            self._in_flight += bool(batch)
             return batch
 
     def _send_forever(self) -> None:
-        in_flight = threading.BoundedSemaphore(CALLS_IN_FLIGHT)
         while True:
             batch = self._take_batch()
             if not batch:
                 return  # closed and drained
-            in_flight.acquire()
-            self._send(batch, time.monotonic() + self.timeout, in_flight)
+            self._send(batch, time.monotonic() + self.timeout)
 
-    def _send(self, batch: list[_Pending], deadline: float, in_flight: threading.BoundedSemaphore,
-              delay: float = 0.05) -> None:
+    def _send(self, batch: list[_Pending], deadline: float, delay: float = 0.05) -> None:
+        """One SubmitWorks call (counted in _in_flight by the caller); the
+        answer settles each handle, or the batch is sent again."""
         request = work_pb2.SubmitWorksRequest(works=[p.request for p in batch], each_on_its_own=True)
         call = self.stub.SubmitWorks.future(request, timeout=max(0.1, min(self.timeout, deadline - time.monotonic())))
 
@@ -232,7 +242,7 @@ class Client:
                         pending.handle._accepted.set_result(answer.duplicate)
             elif error.code() in RETRYABLE and time.monotonic() + delay < deadline:
                 # Same ids: if the first try was accepted after all, this one answers duplicate.
-                timer = threading.Timer(delay, self._send, (batch, deadline, in_flight, min(delay * 2, 1.0)))
+                timer = threading.Timer(delay, self._send, (batch, deadline, min(delay * 2, 1.0)))
                 timer.daemon = True
                 timer.start()
                 return
@@ -240,8 +250,8 @@ class Client:
                 for pending in batch:
                     pending.handle._accepted.set_exception(
                         SubmitError(pending.handle.id, error.code().name, error.details() or ""))
-            in_flight.release()
             with self._cond:
+                self._in_flight -= 1
                 self._unacked -= len(batch)
                 self._cond.notify_all()
 
