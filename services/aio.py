@@ -37,6 +37,16 @@ from dworkers.common.wire import CHANNEL_OPTIONS
 from dworkers.v1 import frontend_pb2_grpc, work_pb2
 
 
+def _forget(unacked: dict):
+    """Done callback: drops a settled future from `unacked`, its error retrieved
+    (a refused work whose handle nobody awaits is not an unhandled error)."""
+    def done(future: asyncio.Future) -> None:
+        unacked.pop(future, None)
+        if not future.cancelled():
+            future.exception()
+    return done
+
+
 class AsyncHandle:
     def __init__(self, client: AsyncClient, work_id: str, kind: str):
         self.id, self.kind = work_id, kind
@@ -80,17 +90,20 @@ class AsyncClient:
         self._queue: asyncio.Queue[tuple[AsyncHandle, work_pb2.SubmitWorkRequest]] = asyncio.Queue(MAX_QUEUED_WORKS)
         self._in_flight = asyncio.Semaphore(CALLS_IN_FLIGHT)
         self._calls: set[asyncio.Task] = set()
-        self._unacked: set[asyncio.Future] = set()
+        self._unacked: dict[asyncio.Future, str] = {}  # -> its work id
+        self._closed = False
         self._sender = asyncio.get_running_loop().create_task(self._send_forever())
 
     async def submit(self, kind: str, *args, payload: bytes | bytearray | str | None = None,
                      **options) -> AsyncHandle:
         """As Client.submit; waits only while the queue of unacknowledged works is full."""
+        if self._closed:
+            raise RuntimeError("the client is closed")
         request = submission(kind, args, payload, options)
         handle = AsyncHandle(self, request.work_id, kind)
-        self._unacked.add(handle._accepted)
-        handle._accepted.add_done_callback(self._unacked.discard)
-        await self._queue.put((handle, request))
+        await self._queue.put((handle, request))  # if this is cancelled, the work was never submitted
+        self._unacked[handle._accepted] = handle.id
+        handle._accepted.add_done_callback(_forget(self._unacked))
         return handle
 
     async def submit_many(self, kind: str, calls: Iterable[Any]) -> list[AsyncHandle]:
@@ -141,6 +154,9 @@ class AsyncClient:
                 return
         finally:
             self._in_flight.release()
+            for handle, _r in batch:  # cancelled (the client closed): never leave a handle waiting
+                if not handle._accepted.done():
+                    handle._accepted.set_exception(SubmitError(handle.id, "CANCELLED", "the client was closed"))
 
     async def flush(self) -> None:
         """Waits until every submission so far is acknowledged (or failed)."""
@@ -209,11 +225,21 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Waits for submissions in flight to be acknowledged, then closes."""
+        self._closed = True
         try:
             await asyncio.wait_for(self.flush(), self.timeout)
         finally:
             self._sender.cancel()
+            for call in list(self._calls):
+                call.cancel()
             await self._channel.close()
+            while not self._queue.empty():  # never sent
+                handle, _r = self._queue.get_nowait()
+                if not handle._accepted.done():
+                    handle._accepted.set_exception(SubmitError(handle.id, "CANCELLED", "the client was closed"))
+            for future, work_id in list(self._unacked.items()):
+                if not future.done():
+                    future.set_exception(SubmitError(work_id, "CANCELLED", "the client was closed"))
 
     async def __aenter__(self) -> AsyncClient:
         return self

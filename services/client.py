@@ -27,8 +27,8 @@ from typing import Any
 import grpc
 
 from dworkers import codec
-from dworkers.common.validation import MAX_BATCH_WORKS, new_work_id
-from dworkers.common.wire import CHANNEL_OPTIONS
+from dworkers.common.validation import MAX_BATCH_WORKS, MAX_PAYLOAD_BYTES, new_work_id
+from dworkers.common.wire import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES
 from dworkers.v1 import frontend_pb2_grpc, work_pb2
 
 DEFAULT_TARGET = "127.0.0.1:7000"
@@ -74,8 +74,13 @@ class Result:
 
     @classmethod
     def of(cls, r: work_pb2.WorkResult) -> Result:
-        value = codec.decode_result(r.result, r.content_type) if r.state == work_pb2.DONE else None
-        return cls(r.work_id, r.kind, STATE_NAMES.get(r.state, str(r.state)), value, r.error, r.attempts,
+        value, error = None, r.error
+        if r.state == work_pb2.DONE:
+            try:
+                value = codec.decode_result(r.result, r.content_type)
+            except ValueError as exc:  # e.g. a worker in another language sent bad JSON: keep the bytes
+                value, error = r.result, f"result not decodable as {r.content_type}: {exc}"
+        return cls(r.work_id, r.kind, STATE_NAMES.get(r.state, str(r.state)), value, error, r.attempts,
                    r.sequence)
 
     def unwrap(self) -> Any:
@@ -208,11 +213,14 @@ class Client:
             while (not self._queue or self._in_flight >= CALLS_IN_FLIGHT) and not self._closed:
                 self._cond.wait()
             batch: list[_Pending] = []
+            ids: set[str] = set()
             size = 0
-            while self._queue and len(batch) < self.batch_works \
+            # An id submitted twice goes in the next call (answered duplicate), not twice in one.
+            while self._queue and len(batch) < self.batch_works and self._queue[0].handle.id not in ids \
                     and (not batch or size + self._queue[0].size <= BATCH_BYTES):
                 item = self._queue.popleft()
                 batch.append(item)
+                ids.add(item.handle.id)
                 size += item.size
             self._queued_bytes -= size
             self._in_flight += bool(batch)
@@ -229,7 +237,16 @@ class Client:
         """One SubmitWorks call (counted in _in_flight by the caller); the
         answer settles each handle, or the batch is sent again."""
         request = work_pb2.SubmitWorksRequest(works=[p.request for p in batch], each_on_its_own=True)
-        call = self.stub.SubmitWorks.future(request, timeout=max(0.1, min(self.timeout, deadline - time.monotonic())))
+        try:
+            if self._closed:
+                raise RuntimeError("the client was closed")
+            call = self.stub.SubmitWorks.future(request,
+                                                timeout=max(0.1, min(self.timeout, deadline - time.monotonic())))
+        except Exception as exc:  # e.g. the channel closed under a retry
+            reason = str(exc)
+            self._settle(batch, lambda p: p.handle._accepted.set_exception(
+                SubmitError(p.handle.id, "CANCELLED", reason)))
+            return
 
         def answered(call: grpc.Future) -> None:
             error = call.exception()
@@ -250,12 +267,20 @@ class Client:
                 for pending in batch:
                     pending.handle._accepted.set_exception(
                         SubmitError(pending.handle.id, error.code().name, error.details() or ""))
-            with self._cond:
-                self._in_flight -= 1
-                self._unacked -= len(batch)
-                self._cond.notify_all()
+            self._settle(batch)
 
         call.add_done_callback(answered)
+
+    def _settle(self, batch: list[_Pending], settle=None) -> None:
+        """A sent batch is answered (or given up): frees its call."""
+        if settle is not None:
+            for pending in batch:
+                if not pending.handle._accepted.done():
+                    settle(pending)
+        with self._cond:
+            self._in_flight -= 1
+            self._unacked -= len(batch)
+            self._cond.notify_all()
 
     # --- results -----------------------------------------------------------
 
@@ -332,15 +357,27 @@ class Client:
         finally:
             with self._cond:
                 self._closed = True
+                left, self._queue = list(self._queue), deque()
+                self._queued_bytes = 0
+                self._unacked -= len(left)
                 self._cond.notify_all()
+            for pending in left:  # never sent: say so rather than leave them waiting
+                pending.handle._accepted.set_exception(SubmitError(pending.handle.id, "CANCELLED",
+                                                                   "the client was closed before sending it"))
             self._sender.join(timeout=5)
             self._channel.close()
 
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # already failing: do not wait, and do not hide that error
+            self.close(timeout=0)
+        except TimeoutError:
+            pass
 
 
 OPTIONS = ("work_id", "max_attempts", "timeout", "content_type")
@@ -359,6 +396,8 @@ def submission(kind: str, args: tuple, payload: bytes | bytearray | str | None,
         data, content_type = payload.encode(), codec.TEXT
     else:
         data, content_type = bytes(payload), codec.BYTES
+    if len(data) > MAX_MESSAGE_BYTES // 2:  # could not even be sent; smaller ones the cluster judges
+        raise ValueError(f"payload of {len(data):,} bytes exceeds the limit of {MAX_PAYLOAD_BYTES:,} bytes")
     return work_pb2.SubmitWorkRequest(  # unset options: the job's (@job), else the cluster's
         work_id=own.get("work_id") or new_work_id(), kind=kind, payload=data,
         content_type=own.get("content_type", content_type), max_attempts=own.get("max_attempts", 0),

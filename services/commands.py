@@ -153,7 +153,8 @@ def submit(stub, args) -> None:
         for reason in refused[:10]:
             print(f"dworkers: {reason}", file=sys.stderr)
         if args.wait:
-            failed = _wait(client, args, [h for h in handles if h.id in set(ids)])
+            accepted = set(ids)
+            failed = _wait(client, args, [h for h in handles if h.id in accepted])
             if failed:
                 raise WorksFailed(f"{_plural(failed, 'work')} of {len(ids)} FAILED")
         if refused:

@@ -86,3 +86,13 @@ def test_a_well_formed_worker_message_passes():
     report = master_pb2.WorkerMessage(done=master_pb2.WorkIsDone(completions=[
         master_pb2.Completion(worker_id="h-1-0", work_id="w1", result=b"r", attempt_token=7)]))
     validation.check_worker_message(report, registered=True)
+
+
+@pytest.mark.parametrize("options", [{"max_attempts": 500}, {"max_attempts": -1}, {"timeout": 1e6},
+                                     {"timeout": float("nan")}])
+def test_job_options_out_of_range_fail_where_they_are_written(options):
+    """Not later, as a registration every master refuses."""
+    from dworkers.worker.jobs import job
+
+    with pytest.raises(ValueError, match="@job\\('bad'\\)"):
+        job("bad", **options)

@@ -105,8 +105,9 @@ class KindCatalog:
         try:
             data, _stat = got.get()
             stored = json.loads(data) if data else {}
-            self._defaults.setdefault(kind, (int(stored.get("max_attempts", 0)),
-                                             float(stored.get("timeout_seconds", 0.0))))
+            attempts, timeout = int(stored.get("max_attempts", 0)), float(stored.get("timeout_seconds", 0.0))
+            if 0 <= attempts <= validation.MAX_ATTEMPTS_LIMIT and 0 <= timeout <= validation.MAX_TIMEOUT_SECONDS:
+                self._defaults.setdefault(kind, (attempts, timeout))
         except Exception as exc:  # gone meanwhile, or written by hand: no defaults
             log.debug("no defaults for kind %r: %r", kind, exc)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dworkers import codec
+from dworkers.common.validation import MAX_ATTEMPTS_LIMIT, MAX_TIMEOUT_SECONDS
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,11 @@ def job(kind: str, *, max_attempts: int = 0, timeout: float = 0.0):
     and `timeout` (seconds per attempt) become the defaults of works of this
     kind that set neither, however submitted: workers declare them to the
     master (0: the cluster's defaults)."""
+
+    if not 0 <= max_attempts <= MAX_ATTEMPTS_LIMIT:
+        raise ValueError(f"@job({kind!r}): max_attempts must be between 0 and {MAX_ATTEMPTS_LIMIT}")
+    if not 0 <= timeout <= MAX_TIMEOUT_SECONDS:  # NaN fails too
+        raise ValueError(f"@job({kind!r}): timeout must be between 0 and {MAX_TIMEOUT_SECONDS:.0f} seconds")
 
     def register(func) -> Job:
         registered = Job(kind, func, max_attempts, timeout)

@@ -1,0 +1,67 @@
+"""dworkers.Client against a scripted frontend in this process: every handle
+is settled whatever happens, and a batch never holds one id twice."""
+
+from __future__ import annotations
+
+import threading
+from concurrent import futures
+
+import grpc
+import pytest
+
+import dworkers
+from dworkers.client import SubmitError
+from dworkers.v1 import frontend_pb2_grpc, work_pb2
+
+pytestmark = pytest.mark.unit
+
+
+class Frontend(frontend_pb2_grpc.FrontendServicer):
+    """Answers SubmitWorks once `release` is set; records every call."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.calls: list[list[str]] = []
+
+    def SubmitWorks(self, request, context):
+        self.calls.append([w.work_id for w in request.works])
+        self.release.wait(5)
+        return work_pb2.SubmitWorksResponse(works=[work_pb2.SubmitWorkResponse(work_id=w.work_id)
+                                                   for w in request.works])
+
+
+@pytest.fixture
+def frontend():
+    servicer = Frontend()
+    server = grpc.server(futures.ThreadPoolExecutor(8))
+    frontend_pb2_grpc.add_FrontendServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, f"127.0.0.1:{port}"
+    servicer.release.set()
+    server.stop(0)
+
+
+def test_closing_settles_every_handle(frontend):
+    servicer, address = frontend
+    client = dworkers.Client(address, timeout=5)
+    handles = [client.submit("k", n) for n in range(50)]  # the first calls hang on the frontend
+    with pytest.raises(TimeoutError):
+        client.close(timeout=0.3)
+    for handle in handles:
+        with pytest.raises(SubmitError) as refused:
+            handle.accepted(timeout=5)
+        assert refused.value.code == "CANCELLED"
+    with pytest.raises(RuntimeError, match="closed"):
+        client.submit("k", 1)
+
+
+def test_an_id_submitted_twice_never_shares_a_call(frontend):
+    servicer, address = frontend
+    servicer.release.set()
+    with dworkers.Client(address, timeout=5) as client:
+        handles = [client.submit("k", n, work_id=f"w{n % 7}") for n in range(200)]
+        client.flush(10)
+        assert all(h.accepted(0) is False for h in handles)
+    assert all(len(call) == len(set(call)) for call in servicer.calls)
+    assert sum(len(call) for call in servicer.calls) == 200
