@@ -174,3 +174,30 @@ def test_pipelined_submission_through_a_failover_loses_and_doubles_nothing(clust
                 break
         assert all(seen[h.id] == 1 for h in acked), "an acknowledged work did not finish exactly once"
         assert set(seen) <= {h.id for h in handles}
+
+
+def test_job_options_survive_a_failover_with_no_worker_online(cluster):
+    """The new master reads the kinds' stored options: a work submitted while
+    no worker of its kind is connected still gets them."""
+    cluster.start_master(None, wait=True)
+    cluster.start_master(None)
+    front = cluster.start_frontend()
+    worker = cluster.start_worker(1, *JOBS)
+    stub = frontend(front.address)
+    wait_kind(stub, "reject")
+    worker.stop()
+    cluster.active_master().kill()
+    request = work_pb2.SubmitWorkRequest(work_id="after-failover-reject", kind="reject",
+                                         payload=b'{"args": [5]}', content_type="application/json")
+    deadline = time.monotonic() + 60
+    while True:  # until the standby serves
+        try:
+            stub.SubmitWork(request, timeout=10)
+            break
+        except grpc.RpcError:
+            assert time.monotonic() < deadline, "no master took over"
+            time.sleep(0.2)
+    cluster.start_worker(1, *JOBS)
+    with dworkers.Client(front.address) as client:
+        (result,) = client._wait(["after-failover-reject"], time.monotonic() + 60)
+    assert result.state == "FAILED" and result.attempts == 1 and "bad input 5" in result.error

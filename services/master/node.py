@@ -97,17 +97,28 @@ class KindCatalog:
         self._stored = frozenset(children)
         self.kinds = self._stored | self._declared
         for kind in sorted(self._stored - self._read):
-            self._read.add(kind)
-            reading = self.client.get_async(f"{self.path}/{kind}")
-            reading.rawlink(lambda got, kind=kind: self._stored_defaults(kind, got))
+            self._read_defaults(kind)
+
+    def refresh(self) -> None:
+        """Reads every kind's stored defaults again: a backend about to lead
+        may hold what workers declared to an earlier master."""
+        self._declared.clear()
+        for kind in sorted(self._stored):
+            self._read_defaults(kind)
+
+    def _read_defaults(self, kind: str) -> None:
+        self._read.add(kind)
+        reading = self.client.get_async(f"{self.path}/{kind}")
+        reading.rawlink(lambda got, kind=kind: self._stored_defaults(kind, got))
 
     def _stored_defaults(self, kind: str, got) -> None:
         try:
             data, _stat = got.get()
             stored = json.loads(data) if data else {}
             attempts, timeout = int(stored.get("max_attempts", 0)), float(stored.get("timeout_seconds", 0.0))
-            if 0 <= attempts <= validation.MAX_ATTEMPTS_LIMIT and 0 <= timeout <= validation.MAX_TIMEOUT_SECONDS:
-                self._defaults.setdefault(kind, (attempts, timeout))
+            if kind not in self._declared and 0 <= attempts <= validation.MAX_ATTEMPTS_LIMIT \
+                    and 0 <= timeout <= validation.MAX_TIMEOUT_SECONDS:  # a declaration here is newer
+                self._defaults[kind] = (attempts, timeout)
         except Exception as exc:  # gone meanwhile, or written by hand: no defaults
             log.debug("no defaults for kind %r: %r", kind, exc)
 
@@ -297,6 +308,7 @@ class MasterNode:
 
     async def _become_master(self, view: ElectionView) -> None:
         log.info("elected master; replaying the journal", extra={"epoch": view.epoch})
+        self.kinds.refresh()
         node = view.node or ""
         shell = None
         try:
