@@ -26,12 +26,15 @@ from dworkers.client import (
     DEFAULT_TARGET,
     MAX_QUEUED_WORKS,
     RETRYABLE,
+    STREAM_RETRYABLE,
     Result,
     SubmitError,
-    _code_name,
     as_call,
+    left,
+    split_done,
     submission,
 )
+from dworkers.common.errors import status_name
 from dworkers.common.validation import MAX_BATCH_WORKS
 from dworkers.common.wire import CHANNEL_OPTIONS
 from dworkers.v1 import frontend_pb2_grpc, work_pb2
@@ -147,7 +150,7 @@ class AsyncClient:
                     if handle._accepted.done():
                         continue
                     if answer.code:
-                        handle._accepted.set_exception(SubmitError(handle.id, _code_name(answer.code),
+                        handle._accepted.set_exception(SubmitError(handle.id, status_name(answer.code),
                                                                    answer.message))
                     else:
                         handle._accepted.set_result(answer.duplicate)
@@ -166,8 +169,8 @@ class AsyncClient:
     async def _wait(self, work_ids: list[str], deadline: float | None) -> AsyncIterator[Result]:
         remaining = set(work_ids)
         while remaining:
-            timeout = None if deadline is None else deadline - time.monotonic()
-            if timeout is not None and timeout <= 0:
+            timeout = left(deadline)
+            if timeout == 0:
                 raise TimeoutError(f"{len(remaining)} of {len(work_ids)} works not finished in time")
             stream = self.stub.WaitWorks(work_pb2.WaitWorksRequest(work_ids=sorted(remaining)), timeout=timeout)
             try:
@@ -179,7 +182,7 @@ class AsyncClient:
             except grpc.aio.AioRpcError as error:
                 if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise TimeoutError(f"{len(remaining)} of {len(work_ids)} works not finished in time") from None
-                if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                if error.code() not in STREAM_RETRYABLE:
                     raise
                 await asyncio.sleep(0.1)
             finally:
@@ -188,14 +191,11 @@ class AsyncClient:
     async def as_completed(self, handles: Iterable[AsyncHandle],
                            timeout: float | None = None) -> AsyncIterator[AsyncHandle]:
         deadline = None if timeout is None else time.monotonic() + timeout
-        by_id: dict[str, AsyncHandle] = {}
-        for handle in handles:
-            if handle.done():
-                yield handle
-            else:
-                by_id[handle.id] = handle
+        done, by_id = split_done(handles)
+        for handle in done:
+            yield handle
         for handle in by_id.values():
-            await handle.accepted(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            await handle.accepted(left(deadline))
         ids = list(by_id)
         for i in range(0, len(ids), MAX_BATCH_WORKS):
             async for result in self._wait(ids[i:i + MAX_BATCH_WORKS], deadline):
@@ -217,7 +217,7 @@ class AsyncClient:
                             cursor = r.sequence
                             yield Result.of(r)
             except grpc.aio.AioRpcError as error:
-                if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                if error.code() not in STREAM_RETRYABLE:
                     raise
                 await asyncio.sleep(0.2)
             finally:

@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 
 from dworkers import codec
+from dworkers.common.errors import status_name
 from dworkers.common.validation import MAX_BATCH_WORKS, MAX_PAYLOAD_BYTES, new_work_id
 from dworkers.common.wire import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES
 from dworkers.v1 import frontend_pb2_grpc, work_pb2
@@ -39,6 +40,8 @@ MAX_QUEUED_WORKS = 20_000  # submit() blocks beyond these, until acknowledgement
 MAX_QUEUED_BYTES = 64 * 1024 * 1024
 # Answers after which a batch is sent again (same ids: idempotent) until the submit timeout.
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
+# A result stream that ends so is opened again (the frontend went away, or was busy).
+STREAM_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 STATE_NAMES = {v: k for k, v in work_pb2.State.items()}
 
 
@@ -254,7 +257,7 @@ class Client:
                 for pending, answer in zip(batch, call.result().works):
                     if answer.code:
                         pending.handle._accepted.set_exception(SubmitError(pending.handle.id,
-                                                                           _code_name(answer.code), answer.message))
+                                                                           status_name(answer.code), answer.message))
                     else:
                         pending.handle._accepted.set_result(answer.duplicate)
             elif error.code() in RETRYABLE and time.monotonic() + delay < deadline:
@@ -289,8 +292,8 @@ class Client:
         resumes it across failovers of the master)."""
         remaining = set(work_ids)
         while remaining:
-            timeout = None if deadline is None else deadline - time.monotonic()
-            if timeout is not None and timeout <= 0:
+            timeout = left(deadline)
+            if timeout == 0:
                 raise TimeoutError(f"{len(remaining)} of {len(work_ids)} works not finished in time")
             stream = self.stub.WaitWorks(work_pb2.WaitWorksRequest(work_ids=sorted(remaining)), timeout=timeout)
             try:
@@ -302,7 +305,7 @@ class Client:
             except grpc.RpcError as error:
                 if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise TimeoutError(f"{len(remaining)} of {len(work_ids)} works not finished in time") from None
-                if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                if error.code() not in STREAM_RETRYABLE:
                     raise
                 time.sleep(0.1)  # the frontend went away: ask again (another one, or the same back)
             finally:
@@ -311,14 +314,10 @@ class Client:
     def as_completed(self, handles: Iterable[Handle], timeout: float | None = None) -> Iterator[Handle]:
         """Yields the handles as their works finish (any order)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        by_id: dict[str, Handle] = {}
-        for handle in handles:
-            if handle.done():
-                yield handle
-            else:
-                by_id[handle.id] = handle
+        done, by_id = split_done(handles)
+        yield from done
         for handle in by_id.values():
-            handle.accepted(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            handle.accepted(left(deadline))
         ids = list(by_id)
         for i in range(0, len(ids), MAX_BATCH_WORKS):
             for result in self._wait(ids[i:i + MAX_BATCH_WORKS], deadline):
@@ -342,7 +341,7 @@ class Client:
                             cursor = r.sequence
                             yield Result.of(r)
             except grpc.RpcError as error:
-                if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                if error.code() not in STREAM_RETRYABLE:
                     raise
                 time.sleep(0.2)
             finally:
@@ -415,11 +414,20 @@ def as_call(item: Any) -> tuple[tuple, bytes | bytearray | str | None, dict]:
     return (item,), None, {}
 
 
-def _code_name(code: int) -> str:
-    for status in grpc.StatusCode:
-        if status.value[0] == code:
-            return status.name
-    return str(code)
+def left(deadline: float | None) -> float | None:
+    """Seconds until `deadline` (None: no deadline), at least 0."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def split_done(handles: Iterable) -> tuple[list, dict]:
+    """The handles whose results are here, and the others by work id."""
+    done, waiting = [], {}
+    for handle in handles:
+        if handle.done():
+            done.append(handle)
+        else:
+            waiting[handle.id] = handle
+    return done, waiting
 
 
 _default: Client | None = None

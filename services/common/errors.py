@@ -6,6 +6,8 @@ statuses back into them (`from_rpc_error`). The message is for a person.
 
 from __future__ import annotations
 
+import grpc
+
 # Trailing metadata keys of the statuses below (machine-readable hints).
 MASTER_KEY = "dworkers-master"  # a standby's hint: the active master's address
 UNREACHABLE_KEY = "dworkers-zookeeper-unreachable"  # retrying elsewhere cannot help: fail fast
@@ -118,6 +120,14 @@ class ConfigError(DworkersError):
 # error a caller here would have raised.
 BY_STATUS = {cls.status: cls for cls in (InvalidInput, Conflict, NotFound, Forgotten, Overloaded, NotServing,
                                         TimedOut)}
+
+
+def status_name(code: int) -> str:
+    """A google.rpc.Code number's name (e.g. 6 -> ALREADY_EXISTS)."""
+    return _STATUS_NAMES.get(code, "UNKNOWN")
+
+
+_STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 def from_status(status: str, message: str) -> DworkersError:

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable
 
 from dworkers.common.errors import InvalidInput, ProtocolError
+from dworkers.common.limits import MAX_ATTEMPTS_LIMIT, MAX_TIMEOUT_SECONDS
 from dworkers.v1 import work_pb2
 
 MAX_PAYLOAD_BYTES = 256 * 1024  # per work; documented in the README
@@ -19,9 +20,7 @@ MAX_ERROR_CHARS = 4096  # longer error messages are cut
 # clients in every language refuse messages above 4 MiB by default.
 MAX_STREAM_MESSAGE_BYTES = 2 * 1024 * 1024
 MAX_BATCH_WORKS = 10_000
-MAX_ATTEMPTS_LIMIT = 100
 DEFAULT_MAX_ATTEMPTS = 3
-MAX_TIMEOUT_SECONDS = 24 * 3600.0
 WORK_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 KIND_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 MAX_CONTENT_TYPE_CHARS = 100

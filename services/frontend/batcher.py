@@ -13,9 +13,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future
 
-import grpc
-
-from dworkers.common.errors import from_status
+from dworkers.common.errors import from_status, status_name
 from dworkers.common.proxy import MasterProxy
 from dworkers.common.validation import MAX_STREAM_MESSAGE_BYTES
 from dworkers.v1 import work_pb2
@@ -79,7 +77,3 @@ class SubmitBatcher:
             else:
                 future.set_result(work_pb2.SubmitWorkResponse(work_id=answer.work_id, duplicate=answer.duplicate))
 
-
-def status_name(code: int) -> str:
-    """A google.rpc.Code number's name (e.g. 6 -> ALREADY_EXISTS)."""
-    return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")

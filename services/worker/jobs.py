@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dworkers import codec
-from dworkers.common.validation import MAX_ATTEMPTS_LIMIT, MAX_TIMEOUT_SECONDS
+from dworkers.common.limits import MAX_ATTEMPTS_LIMIT, MAX_TIMEOUT_SECONDS
 
 
 @dataclass(frozen=True)
