@@ -68,11 +68,13 @@ def test_reports_on_attempts_a_stream_was_not_handed_are_ignored(cluster):
     probe.close()
 
 
-@pytest.mark.parametrize("field", ["worker_id", "slots", "kind"])
+@pytest.mark.parametrize("field", ["worker_id", "slots", "kind", "defaults"])
 def test_an_oversized_or_malformed_registration_is_refused_and_the_master_stays(cluster, field):
     master, stub = setup_without_workers(cluster)
     epoch = stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=10).master.epoch
     register = {
+        "defaults": master_pb2.RegisterWorker(worker_ids=["w-0"], host="probe", kinds=["square"], defaults=[
+            master_pb2.KindDefaults(kind="square", max_attempts=1_000_000)]),
         "worker_id": master_pb2.RegisterWorker(worker_ids=["w" * 1_200_000], host="probe"),
         "slots": master_pb2.RegisterWorker(worker_ids=[f"w-{i}" for i in range(5000)], host="probe"),
         "kind": master_pb2.RegisterWorker(worker_ids=["w-0"], host="probe", kinds=["no spaces allowed"]),
@@ -127,3 +129,23 @@ def test_a_stale_report_cannot_complete_a_new_work_with_the_same_id(cluster):
     assert again.state == work_pb2.PENDING and again.attempts == 0
     first.close()
     second.close()
+
+
+def test_a_result_with_a_malformed_content_type_fails_its_attempt(cluster):
+    """The content type travels to every client: a worker cannot put
+    arbitrary bytes there; the attempt fails instead, and the work is retried."""
+    master, stub = setup_without_workers(cluster)
+    probe = ProtocolWorker(master.address, "hostile-0")
+    probe.send(register=master_pb2.RegisterWorker(worker_ids=["hostile-0"], host="probe", kinds=["square"]),
+               request_work=master_pb2.WorkerRequestsWork(worker_ids=["hostile-0"]))
+    submit_until_acked(stub, "square", b"3", "typed")
+    handed = probe.wait("works").works.assignments[0]
+    probe.send(done=master_pb2.WorkIsDone(completions=[master_pb2.Completion(
+        worker_id="hostile-0", work_id="typed", result=b"9", attempt_token=handed.attempt_token,
+        content_type="text/plain\n\x00" + "x" * 500)]))
+    probe.wait("ack")
+    wait_until(lambda: status(stub, "typed").state == work_pb2.PENDING, 30, "the attempt to fail")
+    failed = status(stub, "typed")
+    assert failed.attempts == 1 and "malformed content type" in failed.error
+    probe.close()
+    assert "stepping down" not in master.log()

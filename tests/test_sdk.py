@@ -48,6 +48,18 @@ def test_results_come_back_as_the_job_returned_them(live):
     assert status.state == work_pb2.DONE and status.content_type == "application/json"
 
 
+def test_large_payloads_and_results_of_every_kind_travel_whole(live):
+    """Bytes, text and JSON of 1 KiB to ~256 KiB each way, many at once."""
+    _cluster, client = live
+    blobs = [bytes(range(256)) * (4 * n) for n in (1, 16, 255)]  # 1 KiB, 16 KiB, 255 KiB
+    reversed_ = [client.submit("reverse", payload=blob) for blob in blobs for _ in range(10)]
+    texts = [client.submit("add", "é" * 60_000, "x") for _ in range(5)]  # ~120 KB of UTF-8 in JSON each way
+    lists = [client.submit("add", list(range(n)), [n]) for n in (100, 20_000)]
+    assert [h.result(timeout=60) for h in reversed_] == [blob[::-1] for blob in blobs for _ in range(10)]
+    assert all(h.result(timeout=60) == "é" * 60_000 + "x" for h in texts)
+    assert [h.result(timeout=60) for h in lists] == [list(range(n)) + [n] for n in (100, 20_000)]
+
+
 def test_failures_raise_work_failed_with_the_remote_error(live):
     _cluster, client = live
     with pytest.raises(dworkers.WorkFailed) as failed:
