@@ -85,6 +85,8 @@ def main(args) -> None:
         if unreachable:
             raise ConfigError(unreachable) from None
         raise ConfigError(f"{error.code().name}: {error.details()}") from None
+    except BrokenPipeError:
+        raise  # the reader has all it wanted: the command ends quietly (cli.main)
     except OSError as exc:
         raise ConfigError(str(exc)) from None
     except ValueError as exc:  # e.g. a number too large for its field
