@@ -67,10 +67,14 @@ class PostgreSQLServer:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{SUPERUSER}:{self.password}@127.0.0.1:{self.port}/{database}"
 
-    def _as_server_user(self) -> dict:
+    def _as_server_user(self, command: list[str]) -> list[str]:
+        """The command run as the server user. setpriv switches user after exec:
+        Popen's own user= forks (not vfork) and a forked copy of a process with
+        gRPC threads can crash before it execs."""
         if self._user is None:
-            return {}
-        return {"user": self._user.pw_uid, "group": self._user.pw_gid, "extra_groups": []}
+            return command
+        return ["setpriv", f"--reuid={self._user.pw_uid}", f"--regid={self._user.pw_gid}", "--clear-groups",
+                "--", *command]
 
     def _own(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
@@ -85,9 +89,10 @@ class PostgreSQLServer:
         if self._user is not None:
             os.chown(password_file, self._user.pw_uid, self._user.pw_gid)
         password_file.chmod(0o600)
-        subprocess.run([str(self.bin / "initdb"), "-D", str(self.data), "-U", SUPERUSER, "--auth=scram-sha-256",
-                        f"--pwfile={password_file}", "-E", "UTF8", "--locale=C.UTF-8"],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **self._as_server_user())
+        subprocess.run(self._as_server_user([str(self.bin / "initdb"), "-D", str(self.data), "-U", SUPERUSER,
+                                             "--auth=scram-sha-256", f"--pwfile={password_file}", "-E", "UTF8",
+                                             "--locale=C.UTF-8"]),
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         password_file.unlink()
 
     def start(self, timeout: float = 60.0) -> PostgreSQLServer:
@@ -106,22 +111,27 @@ class PostgreSQLServer:
         if self._user is not None:
             os.chown(self.workdir / "postgresql.log", self._user.pw_uid, self._user.pw_gid)
         self.process = subprocess.Popen(
-            [str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port), "-h", "127.0.0.1",
-             "-k", str(self.sockets), "-c", "max_connections=200", "-c", "shared_buffers=128MB",
-             "-c", "log_min_messages=warning"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            **self._as_server_user())
+            self._as_server_user([str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port),
+                                  "-h", "127.0.0.1", "-k", str(self.sockets), "-c", "max_connections=200",
+                                  "-c", "shared_buffers=128MB", "-c", "log_min_messages=warning"]),
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"PostgreSQL exited with {self.process.returncode}; see "
-                                   f"{self.workdir / 'postgresql.log'}")
+                raise RuntimeError(f"PostgreSQL exited with {self.process.returncode}; its log ends:\n"
+                                   + self._log_tail())
             if self._ready():
                 return self
             time.sleep(0.1)
         self.stop(kill=True)
         raise TimeoutError(f"PostgreSQL did not start within {timeout:.0f} s")
+
+    def _log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join((self.workdir / "postgresql.log").read_text(errors="replace").splitlines()[-lines:])
+        except OSError as error:
+            return f"(no log: {error})"
 
     def _ready(self) -> bool:
         pg_isready = self.bin / "pg_isready"
