@@ -1,8 +1,8 @@
 """The master's decisions under any interleaving (a Hypothesis state machine,
 in one process, with a fake clock): submissions and resubmissions, workers
-of different kinds that register, ask, report done or failed, hand work back,
-resend old reports and vanish, attempts that time out, and failovers, some
-of them losing the last, undurable step.
+of different kinds (some prefetching works ahead) that register, ask, report
+done or failed, hand work back, resend old reports and vanish, attempts that
+time out, and failovers, some of them losing the last, undurable step.
 
 Invariants: the state never meets an impossible event; the journal replays
 to exactly the live state; nothing acknowledged is lost; no work finishes
@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from dworkers.common.errors import Conflict
-from dworkers.master.domain.effects import HandOut, Send
+from dworkers.master.domain.effects import Disconnect, HandOut, Send
 from dworkers.master.domain.master import CoreSettings, Master
 from dworkers.master.domain.state import WorkState
 from dworkers.master.journal.postgresql import Apart, take_apart
@@ -50,18 +50,30 @@ class Connection:
 class Worker:
     """A worker process: its slots, what it was handed, what it reported."""
 
-    def __init__(self, name: str, kinds: tuple[str, ...], slots: int) -> None:
-        self.name, self.kinds = name, kinds
+    def __init__(self, name: str, kinds: tuple[str, ...], slots: int, prefetch: int = 0) -> None:
+        self.name, self.kinds, self.prefetch = name, kinds, prefetch
         self.slot_ids = [f"{name}-{i}" for i in range(slots)]
         self.connection = Connection(name)
-        self.running: dict[str, master_pb2.Assignment] = {}  # slot -> assignment
+        self.running: dict[str, list[master_pb2.Assignment]] = {}  # slot -> what it holds, the first runs
         self.sent: list = []  # every report it ever sent (for resends)
 
     def register(self) -> master_pb2.RegisterWorker:
-        return master_pb2.RegisterWorker(worker_ids=self.slot_ids, host=self.name, kinds=list(self.kinds))
+        running = [master_pb2.RunningAttempt(worker_id=slot, work_id=held[0].work.work_id,
+                                             attempt_token=held[0].attempt_token, seconds_left=held[0].timeout_seconds)
+                   for slot, held in self.running.items()]
+        return master_pb2.RegisterWorker(worker_ids=self.slot_ids, host=self.name, kinds=list(self.kinds),
+                                         prefetch=self.prefetch, running=running)
 
     def idle(self) -> list[str]:
-        return [s for s in self.slot_ids if s not in self.running]
+        """The slots with room."""
+        return [s for s in self.slot_ids if len(self.running.get(s, ())) < 1 + self.prefetch]
+
+    def take(self, slot: str, i: int = 0) -> master_pb2.Assignment:
+        held = self.running[slot]
+        assignment = held.pop(i)
+        if not held:
+            del self.running[slot]
+        return assignment
 
 
 class MasterMachine(RuleBasedStateMachine):
@@ -112,8 +124,12 @@ class MasterMachine(RuleBasedStateMachine):
             self.journal += stored.events
         else:
             self.journal += step.events
+        silent: list[Worker] = []
         for effect in step.effects:
             assert not isinstance(effect, HandOut) or self.APART, "payloads are in the state: send them"
+            if isinstance(effect, Disconnect):  # a silent worker's stream ends: it reconnects
+                silent += [w for w in self.workers if w.connection is effect.connection]
+                continue
             if isinstance(effect, HandOut):
                 for assignment in effect.assignments:
                     assert not assignment.work.payload
@@ -127,9 +143,24 @@ class MasterMachine(RuleBasedStateMachine):
             for assignment in assignments:
                 assert assignment.work.payload == self.payloads[assignment.work.work_id]
                 assert assignment.work.kind in worker.kinds, "handed a work of a kind it does not run"
-                assert assignment.worker_id not in worker.running, "handed a busy slot a second work"
-                worker.running[assignment.worker_id] = assignment
+                held = worker.running.setdefault(assignment.worker_id, [])
+                # what it runs may have just timed out: on the worker's clock too (see time_passes)
+                live = [a for a in held if a.attempt_token in (master or self.master).scheduler.running]
+                assert len(live) <= worker.prefetch, "handed a slot more works than it may hold"
+                held.append(assignment)
+        for worker in silent:
+            (master or self.master).disconnected(worker.connection, self.now)
+            self._reconnect(worker, master or self.master)
+        if silent:
+            return step.events + self._commit(master)
         return step.events
+
+    def _reconnect(self, worker: Worker, master: Master) -> None:
+        """A new stream: it keeps running what it ran; what it held ahead went
+        back to the queue with the old stream."""
+        worker.connection = Connection(worker.name)
+        worker.running = {slot: held[:1] for slot, held in worker.running.items()}
+        master.register(worker.connection, worker.register(), self.now)
 
     def _find(self, name: str) -> Worker | None:
         return next((w for w in self.workers if w.name == name), None)
@@ -151,10 +182,11 @@ class MasterMachine(RuleBasedStateMachine):
         self._commit()
         self.acked.update(work.work_id for work in works)
 
-    @rule(kinds=st.sampled_from([("square",), ("blob",), KINDS]), slots=st.integers(1, 3))
-    def worker_starts(self, kinds, slots) -> None:
+    @rule(kinds=st.sampled_from([("square",), ("blob",), KINDS]), slots=st.integers(1, 3),
+          prefetch=st.sampled_from([0, 0, 1, 2]))
+    def worker_starts(self, kinds, slots, prefetch) -> None:
         self.count += 1
-        worker = Worker(f"p{self.count}", kinds, slots)
+        worker = Worker(f"p{self.count}", kinds, slots, prefetch)
         self.workers.append(worker)
         self.master.register(worker.connection, worker.register(), self.now)
         self.master.request_work(worker.connection, worker.idle(), self.now)
@@ -171,9 +203,11 @@ class MasterMachine(RuleBasedStateMachine):
     @precondition(lambda self: any(w.running for w in self.workers))
     @rule(data=st.data(), outcome=st.sampled_from(["done", "failed", "returned"]), ask=st.booleans())
     def worker_reports(self, data, outcome, ask) -> None:
+        """On the work a slot runs, or hands back one it holds ahead."""
         worker = data.draw(st.sampled_from([w for w in self.workers if w.running]))
         slot = data.draw(st.sampled_from(sorted(worker.running)))
-        assignment = worker.running.pop(slot)
+        held = len(worker.running[slot])
+        assignment = worker.take(slot, data.draw(st.integers(0, held - 1)) if outcome == "returned" else 0)
         work_id, token = assignment.work.work_id, assignment.attempt_token
         if outcome == "done":
             report = master_pb2.Completion(worker_id=slot, work_id=work_id, attempt_token=token,
@@ -205,15 +239,39 @@ class MasterMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.workers)
     @rule(data=st.data())
     def worker_vanishes(self, data) -> None:
+        """Its works go back to the queue; those it held ahead never ran:
+        losing them is not a failed attempt."""
         worker = data.draw(st.sampled_from(self.workers))
         self.workers.remove(worker)
+        state = self.master.state
+        ahead = [a for held in worker.running.values() for a in held[1:]]
+        failures = {a.work.work_id: state.in_progress[a.work.work_id].failures for a in ahead
+                    if a.work.work_id in state.in_progress
+                    and state.in_progress[a.work.work_id].token == a.attempt_token}
         self.master.disconnected(worker.connection, self.now)
         self._commit()
+        for work_id, before in failures.items():  # back in the queue, or handed out again already
+            entry = state.pending.get(work_id) or state.in_progress.get(work_id)
+            assert entry is not None and entry.failures == before, "a work held ahead counted a failed attempt"
 
     @rule(seconds=st.sampled_from([1.0, 11.0, 40.0]))
     def time_passes(self, seconds) -> None:
         self.now += seconds
         self.master.tick(self.now, self.master.state.last_sequence)
+        self._commit()
+        self._workers_time_out()
+
+    def _workers_time_out(self) -> None:
+        """Workers time out what they run on the master's clock (their
+        report is stale by then)."""
+        running = self.master.scheduler.running
+        for worker in self.workers:
+            for slot in list(worker.running):
+                token = worker.running[slot][0].attempt_token
+                if token not in running:
+                    late = worker.take(slot)
+                    self.master.report(worker.connection, [], [master_pb2.Failure(
+                        worker_id=slot, work_id=late.work.work_id, attempt_token=token, error="timed out")], self.now)
         self._commit()
 
     @rule(lose_last_step=st.booleans(), data=st.data())
@@ -224,9 +282,8 @@ class MasterMachine(RuleBasedStateMachine):
             self._commit(lose=True)
         self.master = self._new_master(recover=True)
         self.failovers += 1
-        for worker in self.workers:  # they reconnect and keep running what they had
-            worker.connection = Connection(worker.name)
-            self.master.register(worker.connection, worker.register(), self.now)
+        for worker in self.workers:
+            self._reconnect(worker, self.master)
         self._commit()
 
     # --- invariants ---------------------------------------------------------------
@@ -259,7 +316,7 @@ class MasterMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         """Workers that run everything drain the queue: every acknowledged
         work ends exactly once."""
-        drainer = Worker("drainer", KINDS, 4)
+        drainer = Worker("drainer", KINDS, 4, prefetch=1)
         self.workers.append(drainer)
         for _ in range(400):
             state = self.master.state
@@ -267,11 +324,13 @@ class MasterMachine(RuleBasedStateMachine):
                 break
             self.now += 11.0  # lost attempts time out
             self.master.tick(self.now, state.last_sequence)
+            self._commit()
+            self._workers_time_out()
             self.master.register(drainer.connection, drainer.register(), self.now)
             self.master.request_work(drainer.connection, drainer.idle(), self.now)
             self._commit()
-            for slot, assignment in list(drainer.running.items()):
-                del drainer.running[slot]
+            for slot in [s for s, held in drainer.running.items() for _ in held]:  # all it holds, in order
+                assignment = drainer.take(slot)
                 self.reported.setdefault(assignment.work.work_id, set()).add(b"drained")
                 self.master.report(drainer.connection, [master_pb2.Completion(
                     worker_id=slot, work_id=assignment.work.work_id, attempt_token=assignment.attempt_token,

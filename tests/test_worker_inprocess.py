@@ -172,16 +172,65 @@ def test_failures_too_large_results_and_overrun_deadlines_are_reported_as_failed
     assert not any(f.returned for f in failures.values())
 
 
-def test_hand_outs_for_unknown_or_busy_slots_are_ignored(master, start_worker):
-    worker = start_worker(concurrency=1, register_interval=0.5)
+def test_hand_outs_for_unknown_or_full_slots_are_ignored(master, start_worker):
+    worker = start_worker(concurrency=1, prefetch=1, register_interval=0.5)
     (slot_id,) = registered(master).worker_ids
     master.hand_out("someone-else-0", "stray", "square", b"1", token=1)
     master.hand_out(slot_id, "long", "sleep", b"30", token=2)
-    wait_until(lambda: worker.slots[slot_id].work_id == "long", 10, "the slot to run the long work")
-    master.hand_out(slot_id, "second", "square", b"2", token=3)
-    again = master.next_matching(lambda m: m.HasField("register"), timeout=15)  # the periodic registration
-    assert list(again.register.busy_work_ids) == ["long"]
-    assert worker.slots[slot_id].work_id == "long"
+    wait_until(lambda: worker.slots[slot_id].busy, 10, "the slot to run the long work")
+    master.hand_out(slot_id, "second", "square", b"2", token=3)  # held ahead
+    master.hand_out(slot_id, "third", "square", b"3", token=4)  # beyond its capacity
+    master.hand_out(slot_id, "second", "square", b"2", token=3)  # the same hand-out again
+    again = master.next_matching(lambda m: m.HasField("register") and len(m.register.busy_work_ids) == 2, timeout=15)
+    assert list(again.register.busy_work_ids) == ["long", "second"] and again.register.prefetch == 1
+    (running,) = again.register.running  # what a new stream's master must count against the slot
+    assert (running.worker_id, running.work_id, running.attempt_token) == (slot_id, "long", 2)
+    assert 0 < running.seconds_left <= 30
+    assert [a.work.work_id for a in worker.slots[slot_id].held()] == ["long", "second"]
+
+
+def test_a_prefetched_work_starts_when_the_one_before_ends_and_reports_follow_in_order(master, start_worker):
+    start_worker(concurrency=1, prefetch=2)
+    (slot_id,) = registered(master).worker_ids
+    master.hand_out(slot_id, "first", "sleep", b"0.3", token=1)
+    master.hand_out(slot_id, "second", "square", b"4", token=2)
+    master.hand_out(slot_id, "third", "square", b"5", token=3)
+    done: list[master_pb2.Completion] = []
+    asked: list[str] = []
+
+    def collect(message: master_pb2.WorkerMessage) -> bool:
+        done.extend(message.done.completions)
+        asked.extend(message.request_work.worker_ids)
+        return len(done) == 3
+
+    master.next_matching(collect, timeout=20)
+    assert [c.work_id for c in done] == ["first", "second", "third"]
+    assert done[1].result.endswith(b"16") and done[2].result.endswith(b"25")
+    assert asked.count(slot_id) >= 1  # each report with room asks for more
+
+
+def test_stopping_hands_back_prefetched_work_at_once_and_finishes_the_running_one(master, start_worker):
+    worker = start_worker(concurrency=1, prefetch=1, shutdown_grace=10)
+    (slot_id,) = registered(master).worker_ids
+    master.hand_out(slot_id, "running", "sleep", b"0.5", token=1)
+    master.hand_out(slot_id, "ahead", "square", b"3", token=2)
+    wait_until(lambda: len(worker.slots[slot_id].held()) == 2, 10, "the slot to hold both")
+    stopper = threading.Thread(target=worker.stop)
+    stopper.start()
+    reports: dict[str, object] = {}
+
+    def collect(message: master_pb2.WorkerMessage) -> bool:
+        reports.update((f.work_id, f) for f in message.failed.failures)
+        reports.update((c.work_id, c) for c in message.done.completions)
+        return {"running", "ahead"} <= set(reports)
+
+    master.next_matching(collect, timeout=20)
+    ahead = reports["ahead"]
+    assert isinstance(ahead, master_pb2.Failure) and ahead.returned  # never ran: not a failed attempt
+    assert isinstance(reports["running"], master_pb2.Completion)  # finished within the grace period
+    master.outgoing.put(master_pb2.MasterMessage(ack=master_pb2.Ack(attempt_tokens=[1, 2])))
+    stopper.join(timeout=15)
+    assert not stopper.is_alive()
 
 
 def test_stopping_hands_running_work_back_without_spending_an_attempt(master, start_worker):

@@ -14,17 +14,38 @@ def test_idle_connections_follow_slots_through_start_finish_and_drop():
     registry.register(a, ["a0", "a1"], "host-a", SQUARE, now=0.0)
     registry.register(b, ["b0"], "host-b", SQUARE, now=0.0)
     assert {c for c, _ in registry.idle_connections()} == {a, b}
-    registry.start(registry.get("b0"), "w1", token=7, deadline=10.0)
+    registry.start(registry.get("b0"), "w1", token=7, timeout=10.0, now=0.0)
     assert {c for c, _ in registry.idle_connections()} == {a} and registry.busy_count == 1
-    registry.finish(registry.get("b0"))
+    assert registry.finish(registry.get("b0"), 7, now=1.0)
     assert {c for c, _ in registry.idle_connections()} == {a, b} and registry.busy_count == 0
-    registry.start(registry.get("a0"), "w2", token=8, deadline=5.0)
+    registry.start(registry.get("a0"), "w2", token=8, timeout=5.0, now=0.0)
     registry.drop("a1")
     assert {c for c, _ in registry.idle_connections()} == {b}
     assert [s.worker_id for s in registry.overdue(now=6.0)] == ["a0"]
     registry.register(b, ["a0"], "host-b", SQUARE, now=1.0)  # the slot moved to another process
     assert registry.busy_count == 0 and registry.get("a0").connection is b
     assert {c for c, _ in registry.idle_connections()} == {b}
+
+
+def test_a_slot_holds_works_ahead_up_to_its_capacity_and_runs_them_in_order():
+    registry, a = Scheduler(), object()
+    registry.register(a, ["a0"], "h", SQUARE, now=0.0, capacity=3)
+    slot = registry.get("a0")
+    registry.want(slot)
+    for token in (1, 2):
+        registry.start(slot, f"w{token}", token=token, timeout=10.0, now=0.0)
+    assert slot.has_room and registry.waiting_count == 1 and registry.room_count == 1
+    registry.start(slot, "w3", token=3, timeout=10.0, now=0.0)
+    assert not slot.has_room and registry.waiting_count == 0 and registry.room_count == 0
+    assert (slot.work_id, slot.deadline, registry.busy_count) == ("w1", 10.0, 1)
+    assert not registry.finish(slot, 99, now=4.0)  # not an attempt it holds
+    assert registry.finish(slot, 1, now=4.0)  # the next one runs from now
+    assert (slot.work_id, slot.deadline, registry.room_count) == ("w2", 14.0, 1)
+    assert registry.finish(slot, 3, now=5.0)  # handed back before it ran
+    assert [h.work_id for h in slot.held] == ["w2"] and slot.deadline == 14.0
+    assert [s.worker_id for s in registry.overdue(now=14.0)] == ["a0"]
+    assert registry.finish(slot, 2, now=15.0)
+    assert not slot.busy and registry.busy_count == 0 and not registry.running
 
 
 def test_silent_slots_are_found():
@@ -54,7 +75,7 @@ def test_waiting_slots_are_grouped_by_kinds_and_served_in_order():
     registry.want(registry.get("a1"))  # asking twice holds one credit
     assert registry.waiting_count == 3
     assert registry.next_waiting(frozenset({"blob"})).worker_id == "a1"
-    registry.start(registry.get("a0"), "w", token=1, deadline=9.0)  # started elsewhere: no longer waiting
+    registry.start(registry.get("a0"), "w", token=1, timeout=9.0, now=0.0)  # full: no longer waiting
     assert frozenset({"blob"}) not in registry.waiting and registry.waiting_count == 1
     registry.drop("b0")
     assert not registry.waiting and registry.waiting_count == 0

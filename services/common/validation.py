@@ -27,6 +27,7 @@ MAX_CONTENT_TYPE_CHARS = 100
 CONTENT_TYPE_PATTERN = re.compile(r"([A-Za-z0-9][\x21-\x7e]*(; ?[\x21-\x7e]+)*)?")  # type/subtype; params
 WORKER_ID_PATTERN = WORK_ID_PATTERN
 MAX_SLOTS_PER_CONNECTION = 1024  # worker slots one worker process may register
+MAX_PREFETCH = 16  # works a slot may hold beyond the one it runs
 MAX_KINDS_PER_WORKER = 1000
 MAX_HOST_CHARS = 255
 MAX_REPORTS_PER_MESSAGE = 10_000
@@ -163,9 +164,18 @@ def check_worker_message(message, registered: bool) -> None:
         if not r.worker_ids:
             raise InvalidWorkerMessage("RegisterWorker names no worker slots")
         _check_slots(r.worker_ids, "RegisterWorker")
+        if r.prefetch > MAX_PREFETCH:
+            raise InvalidWorkerMessage(f"RegisterWorker asks a prefetch of {r.prefetch} works per slot; "
+                                       f"the limit is {MAX_PREFETCH}")
+        slots = set(r.worker_ids)
+        if len(r.running) > len(slots) or not all(
+                a.worker_id in slots and WORK_ID_PATTERN.fullmatch(a.work_id) and a.attempt_token
+                and 0 <= a.seconds_left <= MAX_TIMEOUT_SECONDS for a in r.running):
+            raise InvalidWorkerMessage("RegisterWorker.running: more attempts than slots, or one naming a slot it "
+                                       "does not register, a malformed work id, no token, or a time out of range")
         if len(r.host) > MAX_HOST_CHARS:
             raise InvalidWorkerMessage(f"host of {len(r.host)} characters; the limit is {MAX_HOST_CHARS}")
-        if len(r.busy_work_ids) > MAX_SLOTS_PER_CONNECTION or not all(
+        if len(r.busy_work_ids) > MAX_SLOTS_PER_CONNECTION * (1 + MAX_PREFETCH) or not all(
                 WORK_ID_PATTERN.fullmatch(w) for w in r.busy_work_ids):
             raise InvalidWorkerMessage("busy_work_ids: too many, or a malformed work id")
         if len(r.kinds) > MAX_KINDS_PER_WORKER:

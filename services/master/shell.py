@@ -20,7 +20,7 @@ from typing import Any
 from dworkers.common.errors import Forgotten, NotFound, NotServing, Overloaded
 from dworkers.common.memory import release_free_memory
 from dworkers.common.validation import MAX_BATCH_WORKS, MAX_REPORTS_PER_MESSAGE, MAX_STREAM_MESSAGE_BYTES
-from dworkers.master.domain.effects import DeclareKinds, HandOut, Send, Step
+from dworkers.master.domain.effects import DeclareKinds, Disconnect, HandOut, Send, Step
 from dworkers.master.domain.master import CoreSettings, Master, hand_outs
 from dworkers.master.domain.state import WorkState
 from dworkers.master.journal import FencedError, GroupCommitter, Journal, JournalError
@@ -182,6 +182,8 @@ class MasterShell:
                 hand_outs_apart.append(effect)
             elif isinstance(effect, DeclareKinds) and self._on_kinds is not None:
                 self._on_kinds(effect.kinds, effect.defaults)
+            elif isinstance(effect, Disconnect):
+                effect.connection.close(effect.reason)
         if hand_outs_apart:
             self._hand_out_with_payloads(hand_outs_apart)
         if step.last_sequence > self.durable_sequence:
@@ -473,9 +475,8 @@ class MasterShell:
             if committer.paused or committer.failed is not None:
                 continue
             overdue = self._decide(lambda now: self.master.tick(now, self.durable_sequence)) or []
-            for slot in overdue:
-                log.warning("work timed out on its worker",
-                            extra={"work_id": slot.work_id, "worker_id": slot.worker_id})
+            for slot, work_id in overdue:
+                log.warning("work timed out on its worker", extra={"work_id": work_id, "worker_id": slot.worker_id})
                 if self.metrics:
                     self.metrics.timed_out()
             self._maybe_snapshot(time.monotonic())

@@ -1,7 +1,11 @@
 """A worker process: N worker slots, each with its own id and executor,
 sharing one stream to the master (which it finds through the proxy's
-locator). It registers periodically, pulls work for idle slots, and resends
-every WorkIsDone/WorkFailed until the master acks it.
+locator). It registers periodically, pulls work for slots with room, and
+resends every WorkIsDone/WorkFailed until the master acks it.
+
+A slot runs one work at a time and holds up to --prefetch more, handed out
+ahead: when a job ends the next one starts at once, before the report
+leaves, so the job process does not wait for a round trip to the master.
 
 Threads: the stream reader hands each assignment to its slot's executor;
 one dispatcher thread waits on every executor at once and reports outcomes;
@@ -29,6 +33,7 @@ from dworkers.common.proxy import MasterProxy, build_proxy
 from dworkers.common.settings import Contact, Logging, group, setting
 from dworkers.common.validation import (
     MAX_ERROR_CHARS,
+    MAX_PREFETCH,
     MAX_RESULT_BYTES,
     MAX_SLOTS_PER_CONNECTION,
     MAX_STREAM_MESSAGE_BYTES,
@@ -50,6 +55,9 @@ class WorkerSettings:
     contact: Contact = group(Contact)
     logging: Logging = group(Logging)
     concurrency: int = setting(2, "worker slots (each with its own executor)", low=1, high=MAX_SLOTS_PER_CONNECTION)
+    prefetch: int = setting(1, "works each slot holds beyond the one it runs, so that the next starts at once "
+                            "(0: ask for the next work only when one ends; keep it low for long jobs, as a "
+                            "prefetched work waits behind the running one)", low=0, high=MAX_PREFETCH)
     jobs: str = setting("", "comma-separated Python modules that register jobs")
     executor: str = setting("process", "process: each slot's jobs run in a child process (killable); thread: on a "
                             "thread of this process (cheap, for many slots or trivial jobs)",
@@ -105,21 +113,30 @@ class Outbox:
 
 
 class Slot:
-    """One worker slot: its executor and the work it runs."""
+    """One worker slot: its executor, the work it runs, and the works handed
+    to it ahead (run in the order they came)."""
 
-    def __init__(self, worker_id: str, executor):
+    def __init__(self, worker_id: str, executor, capacity: int = 1):
         self.worker_id = worker_id
         self.executor = executor
-        self.assignment: master_pb2.Assignment | None = None
-        self.deadline = 0.0
+        self.capacity = capacity  # works it asks to hold, the running one included
+        self.assignment: master_pb2.Assignment | None = None  # running
+        self.queued: deque[master_pb2.Assignment] = deque()
+        self.deadline = 0.0  # of the running one, from when it started here
 
     @property
     def busy(self) -> bool:
         return self.assignment is not None
 
     @property
-    def work_id(self) -> str:
-        return self.assignment.work.work_id if self.assignment is not None else ""
+    def has_room(self) -> bool:
+        return self.busy + len(self.queued) < self.capacity
+
+    def holds(self, token: int) -> bool:
+        return any(a.attempt_token == token for a in self.held())
+
+    def held(self) -> list[master_pb2.Assignment]:
+        return ([self.assignment] if self.assignment is not None else []) + list(self.queued)
 
 
 def slot_prefix(host: str, pid: int) -> str:
@@ -140,7 +157,7 @@ class Worker:
                          for kind, job in sorted(registry.items()) if job.max_attempts or job.timeout]
         prefix = slot_prefix(self.host, os.getpid())
         executor = EXECUTORS[settings.executor]
-        self.slots = {f"{prefix}-{i}": Slot(f"{prefix}-{i}", executor(settings.job_modules))
+        self.slots = {f"{prefix}-{i}": Slot(f"{prefix}-{i}", executor(settings.job_modules), 1 + settings.prefetch)
                       for i in range(settings.concurrency)}
         self._lock = threading.Lock()
         # attempt token -> its done/failed report, resent until acked
@@ -153,13 +170,23 @@ class Worker:
 
     # --- running jobs --------------------------------------------------------
 
-    def _start(self, assignment: master_pb2.Assignment) -> None:
+    def _take(self, assignment: master_pb2.Assignment) -> None:
+        """A hand-out: runs it if its slot is idle, else queues it behind."""
         slot = self.slots.get(assignment.worker_id)
         with self._lock:
-            if slot is None or slot.busy:
-                return  # not ours, or a duplicate: the master re-queues it after the deadline
-            slot.assignment = assignment
-            slot.deadline = time.monotonic() + (assignment.timeout_seconds or self.settings.default_timeout)
+            if slot is None or not slot.has_room or slot.holds(assignment.attempt_token):
+                return  # not ours, or a duplicate
+            if slot.busy:
+                slot.queued.append(assignment)
+                return
+            self._running(slot, assignment)
+        self._run(slot, assignment)
+
+    def _running(self, slot: Slot, assignment: master_pb2.Assignment) -> None:
+        slot.assignment = assignment
+        slot.deadline = time.monotonic() + (assignment.timeout_seconds or self.settings.default_timeout)
+
+    def _run(self, slot: Slot, assignment: master_pb2.Assignment) -> None:
         work = assignment.work
         log.debug("got work", extra={"work_id": work.work_id, "worker_id": slot.worker_id})
         timeout = assignment.timeout_seconds or self.settings.default_timeout
@@ -199,8 +226,13 @@ class Worker:
     def _finished(self, slot: Slot, outcome: Outcome) -> None:
         with self._lock:
             assignment, slot.assignment = slot.assignment, None
+            following = slot.queued.popleft() if slot.queued and not self._stopping.is_set() else None
+            if following is not None:
+                self._running(slot, following)
         if assignment is None:
             return
+        if following is not None:  # the next job first: the report can wait, the job process should not
+            self._run(slot, following)
         work = assignment.work
         if outcome.ok and len(outcome.result) > MAX_RESULT_BYTES:
             outcome = Outcome(False, error=f"result of {len(outcome.result)} bytes exceeds the limit of "
@@ -219,7 +251,7 @@ class Worker:
                 master_pb2.Failure(worker_id=slot.worker_id, work_id=work.work_id, error=outcome.error,
                                    attempt=assignment.attempt, attempt_token=assignment.attempt_token)]))
             log.warning("work failed: %s", outcome.error, extra={"work_id": work.work_id, "worker_id": slot.worker_id})
-        if not self._stopping.is_set():  # the same message asks for the next work
+        if not self._stopping.is_set() and slot.has_room:  # the same message asks for the next work
             message.request_work.worker_ids.append(slot.worker_id)
         with self._lock:
             self._unacked[assignment.attempt_token] = message
@@ -233,16 +265,21 @@ class Worker:
             outbox.put(message)  # if the stream is stuck, reports are resent on the next one
 
     def _register(self) -> master_pb2.WorkerMessage:
+        now = time.monotonic()
         with self._lock:
-            busy = [s.work_id for s in self.slots.values() if s.busy]
+            busy = [a.work.work_id for s in self.slots.values() for a in s.held()]
+            running = [master_pb2.RunningAttempt(worker_id=s.worker_id, work_id=s.assignment.work.work_id,
+                                                 attempt_token=s.assignment.attempt_token,
+                                                 seconds_left=max(0.0, s.deadline - now))
+                       for s in self.slots.values() if s.assignment is not None]
         return master_pb2.WorkerMessage(register=master_pb2.RegisterWorker(
             worker_ids=list(self.slots), host=self.host[:255], busy_work_ids=busy, kinds=self.kinds,
-            defaults=self.defaults))
+            defaults=self.defaults, prefetch=self.settings.prefetch, running=running))
 
     def _request_idle(self) -> master_pb2.WorkerMessage:
         with self._lock:
-            idle = [s.worker_id for s in self.slots.values() if not s.busy]
-        return master_pb2.WorkerMessage(request_work=master_pb2.WorkerRequestsWork(worker_ids=idle))
+            room = [s.worker_id for s in self.slots.values() if s.has_room]
+        return master_pb2.WorkerMessage(request_work=master_pb2.WorkerRequestsWork(worker_ids=room))
 
     def _outgoing(self, outbox: Outbox):
         """The request stream: whatever is queued leaves as one message."""
@@ -268,6 +305,9 @@ class Worker:
                 yield held
 
     def _session(self, address: str) -> None:
+        with self._lock:  # works queued on the stream before went back to the master's queue with it
+            for slot in self.slots.values():
+                slot.queued.clear()
         outbox = Outbox()
         outbox.put(self._register())
         with self._lock:
@@ -298,7 +338,7 @@ class Worker:
                     self._unacked.pop(token, None)
         if message.HasField("works"):
             for assignment in message.works.assignments:
-                self._start(assignment)
+                self._take(assignment)
         if message.HasField("work_is_ready") and not self._stopping.is_set():
             self._send(self._request_idle())
 
@@ -358,21 +398,15 @@ class Worker:
             delay = min(delay * 2, 1.0)
 
     def stop(self) -> None:
-        """Finishes running work within the grace period, hands back what is
-        still running after it (not a failed attempt), then stops."""
+        """Hands back at once the works held ahead, finishes running work
+        within the grace period, hands back what is still running after it
+        (neither is a failed attempt), then stops."""
         self._stopping.set()
+        self._hand_back(running=False)
         deadline = time.monotonic() + self.settings.shutdown_grace
         while time.monotonic() < deadline and self._busy():
             time.sleep(0.1)
-        with self._lock:
-            running = [(s.worker_id, s.assignment) for s in self.slots.values() if s.assignment is not None]
-            for worker_id, a in running:
-                self._unacked[a.attempt_token] = master_pb2.WorkerMessage(failed=master_pb2.WorkFailed(failures=[
-                    master_pb2.Failure(worker_id=worker_id, work_id=a.work.work_id, error="worker shut down",
-                                       returned=True, attempt=a.attempt, attempt_token=a.attempt_token)]))
-        for worker_id, a in running:
-            log.info("handing work back", extra={"work_id": a.work.work_id, "worker_id": worker_id})
-            self._send(self._unacked[a.attempt_token])
+        self._hand_back(running=True)
         deadline = time.monotonic() + 5.0  # for the acks of what we reported
         while time.monotonic() < deadline:
             with self._lock:
@@ -384,6 +418,24 @@ class Worker:
             self._stream.cancel()
         for slot in self.slots.values():
             slot.executor.close()
+
+    def _hand_back(self, running: bool) -> None:
+        """Returns to the master the works queued on every slot and, if
+        `running`, the ones still running."""
+        with self._lock:
+            back = []
+            for slot in self.slots.values():
+                back += [(slot.worker_id, a) for a in slot.queued]
+                slot.queued.clear()
+                if running and slot.assignment is not None:
+                    back.append((slot.worker_id, slot.assignment))
+            for worker_id, a in back:
+                self._unacked[a.attempt_token] = master_pb2.WorkerMessage(failed=master_pb2.WorkFailed(failures=[
+                    master_pb2.Failure(worker_id=worker_id, work_id=a.work.work_id, error="worker shut down",
+                                       returned=True, attempt=a.attempt, attempt_token=a.attempt_token)]))
+        for worker_id, a in back:
+            log.info("handing work back", extra={"work_id": a.work.work_id, "worker_id": worker_id})
+            self._send(self._unacked[a.attempt_token])
 
     def _busy(self) -> bool:
         with self._lock:
@@ -418,7 +470,8 @@ def main(settings: WorkerSettings, stop: StopRequest) -> None:
         worker = Worker(master_proxy, settings, WorkerMetrics(registry))
     except ImportError as exc:
         raise ConfigError(f"cannot load jobs module: {exc}") from None
-    log.info("worker with %d slots for kinds %s", settings.concurrency, ", ".join(worker.kinds))
+    log.info("worker with %d slots (prefetch %d) for kinds %s", settings.concurrency, settings.prefetch,
+             ", ".join(worker.kinds))
     threading.Thread(target=worker.run, name="worker", daemon=True).start()
     stop.wait()
     log.info("worker stopping: finishing current work")

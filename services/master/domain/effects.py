@@ -42,7 +42,16 @@ class HandOut:
     assignments: list[master_pb2.Assignment]
 
 
-Effect = Send | DeclareKinds | HandOut
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """Ends a worker process's stream (it went silent): if it is still there,
+    it reconnects and registers afresh, so its books and the master's agree."""
+
+    connection: Connection
+    reason: str
+
+
+Effect = Send | DeclareKinds | HandOut | Disconnect
 
 
 @dataclass(slots=True)

@@ -24,7 +24,7 @@ from dworkers.common.validation import (
     MAX_STREAM_MESSAGE_BYTES,
     valid_content_type,
 )
-from dworkers.master.domain.effects import DeclareKinds, HandOut, Send, Step
+from dworkers.master.domain.effects import DeclareKinds, Disconnect, HandOut, Send, Step
 from dworkers.master.domain.scheduler import Scheduler, Slot
 from dworkers.master.domain.state import WorkState, fingerprint
 from dworkers.v1 import journal_pb2, master_pb2, work_pb2
@@ -190,8 +190,9 @@ class Master:
     def register(self, connection, message: master_pb2.RegisterWorker, now: float) -> None:
         kinds = frozenset(message.kinds)
         known = len(self.scheduler)
-        dropped = self.scheduler.register(connection, message.worker_ids, message.host, kinds, now)
-        self._record([e for slot in dropped for e in self._attempt_lost(slot, CONNECTION_LOST_ERROR)], now)
+        dropped = self.scheduler.register(connection, message.worker_ids, message.host, kinds, now,
+                                          capacity=1 + message.prefetch, running=message.running)
+        self._record([e for slot in dropped for e in self._attempts_lost(slot, CONNECTION_LOST_ERROR)], now)
         if len(self.scheduler) > known or dropped:
             self._step.effects.append(DeclareKinds(kinds, tuple(message.defaults)))
             self.announce(now)  # new idle slots: tell them work is ready
@@ -209,7 +210,9 @@ class Master:
         self.dispatch(now)
 
     def dispatch(self, now: float) -> None:
-        """Hands each waiting slot the oldest pending work of a kind it runs."""
+        """Hands waiting slots the oldest pending works of the kinds they run,
+        one at a time in turn, until each is full or nothing is left; a slot
+        left with room keeps its credit."""
         scheduler, pending, state = self.scheduler, self.state.pending, self.state
         if not scheduler.waiting or not pending:
             return
@@ -227,7 +230,8 @@ class Master:
                 events.append(journal_pb2.Event(work_started=journal_pb2.WorkStarted(
                     work_id=work_id, worker_id=worker_id, attempt_token=token)))
                 state.start(work_id, token)  # as the event does: the next pick must not see it
-                scheduler.start(slot, work_id, token, now + timeout, waiting=False)
+                scheduler.start(slot, work_id, token, timeout, now)
+                scheduler.want(slot)  # its turn again after the others, if it has room
                 assignment = master_pb2.Assignment(worker_id=worker_id, timeout_seconds=timeout,
                                                    attempt=entry.attempts, attempt_token=token)
                 entry.fill(assignment.work)
@@ -257,8 +261,7 @@ class Master:
             if slot is None:
                 continue
             token = report.attempt_token
-            if slot.token == token:
-                scheduler.finish(slot)
+            scheduler.finish(slot, token, now)
             acks.append(token)
             work_id = report.work_id
             entry = state.unfinished(work_id)
@@ -299,29 +302,35 @@ class Master:
     def disconnected(self, connection, now: float) -> None:
         """A worker process's stream ended: its running work goes back to the queue."""
         lost = self.scheduler.forget(connection)
-        events = [e for slot in lost for e in self._attempt_lost(slot, CONNECTION_LOST_ERROR)]
+        events = [e for slot in lost for e in self._attempts_lost(slot, CONNECTION_LOST_ERROR)]
         if events:
             self._record(events, now)
             self.announce(now)
 
-    def _attempt_lost(self, slot: Slot, error: str, timed_out: bool = False) -> list[journal_pb2.Event]:
-        """The events that end the attempt a slot no longer runs, if it still counts."""
-        entry = self.state.in_progress.get(slot.work_id) if slot.work_id else None
-        if entry is None or entry.token != slot.token:
-            return []
-        if timed_out:
-            return [journal_pb2.Event(worker_timed_out=journal_pb2.WorkerTimedOut(
-                work_id=slot.work_id, attempt_token=slot.token))]
-        return [journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(
-            work_id=slot.work_id, error=error, attempt_token=slot.token))]
+    def _attempts_lost(self, slot: Slot, error: str) -> list[journal_pb2.Event]:
+        """The events that end the attempts a dropped slot held, those that
+        still count: the one it ran failed; those prefetched behind it never
+        ran, so they go back to the queue as returned (not a failed attempt)."""
+        events = []
+        for i, held in enumerate(slot.held):
+            entry = self.state.in_progress.get(held.work_id)
+            if entry is None or entry.token != held.token:
+                continue
+            if i:
+                events.append(journal_pb2.Event(work_returned=journal_pb2.WorkReturned(
+                    work_id=held.work_id, attempt_token=held.token)))
+            else:
+                events.append(journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(
+                    work_id=held.work_id, error=error, attempt_token=held.token)))
+        return events
 
     def announce(self, now: float) -> None:
         """Serves waiting slots; if work is still pending, tells every process
         with an idle slot that runs its kind that work is ready (it pulls)."""
         self.dispatch(now)
         scheduler = self.scheduler
-        if not self.state.pending or scheduler.waiting_count >= len(scheduler) - scheduler.busy_count:
-            return  # every idle slot already holds a request
+        if not self.state.pending or scheduler.waiting_count >= scheduler.room_count:
+            return  # every slot with room already holds a request
         kinds_pending = self.state.pending.counts()
         ready = self._message(work_is_ready=master_pb2.WorkIsReady())
         for connection, kinds in scheduler.idle_connections():
@@ -330,21 +339,33 @@ class Master:
 
     # --- housekeeping ----------------------------------------------------------
 
-    def tick(self, now: float, durable_sequence: int) -> list[Slot]:
+    def tick(self, now: float, durable_sequence: int) -> list[tuple[Slot, str]]:
         """Ends attempts past their deadline, drops silent slots, forgets old
         results (up to `durable_sequence`, those already published); returns
-        the slots whose attempt timed out (for the shell's log and metrics)."""
+        the slots whose attempt timed out, with its work id (for the shell's
+        log and metrics)."""
         scheduler, events = self.scheduler, []
-        overdue = scheduler.overdue(now)
-        for slot in overdue:
-            scheduler.drop(slot.worker_id)
-            events += self._attempt_lost(slot, "", timed_out=True)
+        overdue = []
+        for slot in scheduler.overdue(now):
+            # The slot stays: its worker times the attempt out too, reports it
+            # failed, and runs the next one it holds, whose clock starts now.
+            late = slot.held[0]
+            scheduler.finish(slot, late.token, now)
+            overdue.append((slot, late.work_id))
+            entry = self.state.in_progress.get(late.work_id)
+            if entry is not None and entry.token == late.token:
+                events.append(journal_pb2.Event(worker_timed_out=journal_pb2.WorkerTimedOut(
+                    work_id=late.work_id, attempt_token=late.token)))
+        silent: dict = {}
         for slot in scheduler.silent(now, self.settings.worker_timeout):
             scheduler.drop(slot.worker_id)
-            events += self._attempt_lost(slot, SILENT_ERROR)
+            events += self._attempts_lost(slot, SILENT_ERROR)
+            silent[id(slot.connection)] = slot.connection
+        for connection in silent.values():
+            self._step.effects.append(Disconnect(connection, SILENT_ERROR))
         # Work whose attempt no slot runs any more (its loss could not be
         # recorded at the time) must not wait for ever.
-        handled = {e.worker_timed_out.work_id or e.worker_failed.work_id for e in events}
+        handled = {e.worker_timed_out.work_id or e.worker_failed.work_id or e.work_returned.work_id for e in events}
         for work_id, entry in self.state.in_progress.items():
             if entry.token not in scheduler.running and work_id not in handled:
                 events.append(journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(

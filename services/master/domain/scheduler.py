@@ -1,21 +1,32 @@
 """The scheduler: worker slots, the kinds they run, their credits, and which
-slot runs which attempt. It is the one owner of "who runs what" on the
+slot holds which attempts. It is the one owner of "who runs what" on the
 master (WorkState only knows each work's latest attempt token). Not event
 sourced: workers re-register periodically, so a new master learns them again.
 
 A slot belongs to the stream its process opened, runs the kinds its process
-declared, and runs at most one attempt at a time. Idle slots that asked for
-work hold a credit and wait, grouped by the kinds they run, so that handing
-out work costs one step per group, not per slot.
+declared, and holds up to `capacity` attempts: the one it runs and those
+prefetched behind it (its process declares how many), which it runs in the
+order they were handed out. Only the running attempt has a deadline; the
+next one's clock starts when the slot reports the one before it. Slots with
+room that asked for work hold a credit and wait, grouped by the kinds they
+run, so that handing out work costs one step per group, not per slot.
 """
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dworkers.master.domain.effects import Connection
+
+
+@dataclass(slots=True)
+class Held:
+    """An attempt a slot holds."""
+    work_id: str
+    token: int
+    timeout: float  # seconds it may run once it runs
 
 
 @dataclass(slots=True)
@@ -25,34 +36,46 @@ class Slot:
     host: str
     kinds: frozenset[str]
     last_seen: float
-    work_id: str = ""  # the work it runs; empty when idle
-    token: int = 0  # the token of the attempt it runs
-    deadline: float = 0.0  # when that attempt times out
+    capacity: int = 1  # attempts it may hold: the one it runs and those prefetched
+    held: deque[Held] = field(default_factory=deque)  # the first one runs
+    deadline: float = 0.0  # when the attempt it runs times out
 
     @property
     def busy(self) -> bool:
-        return bool(self.work_id)
+        return bool(self.held)
+
+    @property
+    def has_room(self) -> bool:
+        return len(self.held) < self.capacity
+
+    @property
+    def work_id(self) -> str:
+        """The work it runs; empty when idle."""
+        return self.held[0].work_id if self.held else ""
+
+    @property
+    def token(self) -> int:
+        """The token of the attempt it runs."""
+        return self.held[0].token if self.held else 0
 
 
 class Scheduler:
     def __init__(self) -> None:
         self.slots: dict[str, Slot] = {}
-        self.running: dict[int, Slot] = {}  # attempt token -> the slot running it
+        self.running: dict[int, Slot] = {}  # attempt token -> the slot holding it (running or prefetched)
+        self.busy_count = 0  # slots holding at least one attempt
         self.kind_slots: Counter[str] = Counter()  # live slots per kind
-        # idle slots per connection, so announcing work costs one step per
-        # worker process, not per slot
-        self._idle: Counter = Counter()
+        # slots with room per connection, so announcing work costs one step
+        # per worker process, not per slot
+        self._room: Counter = Counter()
+        self.room_count = 0
         self._kinds_of: dict[object, frozenset[str]] = {}  # per connection
-        # idle slots holding a request (credit), by the kinds they run
+        # slots with room holding a request (credit), by the kinds they run
         self.waiting: dict[frozenset[str], OrderedDict[str, None]] = {}
         self.waiting_count = 0
 
     def __len__(self) -> int:
         return len(self.slots)
-
-    @property
-    def busy_count(self) -> int:
-        return len(self.running)
 
     def get(self, worker_id: str) -> Slot | None:
         return self.slots.get(worker_id)
@@ -65,36 +88,43 @@ class Scheduler:
     # --- slots come and go ---------------------------------------------------
 
     def register(self, connection, worker_ids: Iterable[str], host: str, kinds: frozenset[str],
-                 now: float) -> list[Slot]:
-        """Registers slots (again); returns the slots new here and those that
-        were dropped to make room for them (a slot that moved to another
-        stream, or whose kinds changed)."""
+                 now: float, capacity: int = 1, running: Iterable = ()) -> list[Slot]:
+        """Registers slots (again); returns the slots that were dropped to
+        make room for them (a slot that moved to another stream, or whose
+        kinds or capacity changed). A new slot starts out holding what it
+        still runs from an earlier stream (`running`: RunningAttempt)."""
         self._kinds_of[connection] = kinds
         dropped = []
         for worker_id in worker_ids:
             slot = self.slots.get(worker_id)
-            if slot is not None and slot.connection is connection and slot.kinds == kinds:
+            if slot is not None and slot.connection is connection and slot.kinds == kinds \
+                    and slot.capacity == capacity:
                 slot.last_seen = now
                 continue
             if slot is not None:
                 dropped.append(self.drop(worker_id))
-            self.slots[worker_id] = Slot(worker_id, connection, host, kinds, now)
-            self._idle[connection] += 1
+            slot = self.slots[worker_id] = Slot(worker_id, connection, host, kinds, now, capacity)
+            self._more_room(connection)
             self.kind_slots.update(kinds)
+            still = next((a for a in running if a.worker_id == worker_id), None)
+            if still is not None and still.attempt_token not in self.running:
+                self.start(slot, still.work_id, still.attempt_token, still.seconds_left, now)
         return dropped
 
     def drop(self, worker_id: str) -> Slot:
-        """Forgets a slot (it keeps the attempt it ran, for the caller to settle)."""
+        """Forgets a slot (it keeps the attempts it held, for the caller to settle)."""
         slot = self.slots.pop(worker_id)
         self._unwait(slot)
         self.kind_slots.subtract(slot.kinds)
         for kind in slot.kinds:
             if self.kind_slots[kind] <= 0:
                 del self.kind_slots[kind]
+        for held in slot.held:
+            self.running.pop(held.token, None)
         if slot.busy:
-            self.running.pop(slot.token, None)
-        else:
-            self._less_idle(slot.connection)
+            self.busy_count -= 1
+        if slot.has_room:
+            self._less_room(slot.connection)
         return slot
 
     def forget(self, connection) -> list[Slot]:
@@ -106,8 +136,8 @@ class Scheduler:
     # --- credits and attempts ------------------------------------------------
 
     def want(self, slot: Slot) -> None:
-        """An idle slot asks for work: it keeps this credit until it gets some."""
-        if slot.busy:
+        """A slot with room asks for work: it keeps this credit until it is full."""
+        if not slot.has_room:
             return
         queue = self.waiting.setdefault(slot.kinds, OrderedDict())
         if slot.worker_id not in queue:
@@ -131,33 +161,57 @@ class Scheduler:
             if not queue:
                 del self.waiting[slot.kinds]
 
-    def start(self, slot: Slot, work_id: str, token: int, deadline: float, waiting: bool = True) -> None:
-        """The slot runs an attempt now; `waiting=False` if it holds no credit."""
-        if waiting:
-            self._unwait(slot)
-        if slot.busy:
-            self.running.pop(slot.token, None)
-        else:
-            self._less_idle(slot.connection)
-        slot.work_id, slot.token, slot.deadline = work_id, token, deadline
+    def start(self, slot: Slot, work_id: str, token: int, timeout: float, now: float) -> None:
+        """The slot holds one more attempt (it runs it now if it was idle)."""
+        if not slot.held:
+            slot.deadline = now + timeout
+            self.busy_count += 1
+        slot.held.append(Held(work_id, token, timeout))
         self.running[token] = slot
+        if not slot.has_room:
+            self._unwait(slot)
+            self._less_room(slot.connection)
 
-    def finish(self, slot: Slot) -> None:
-        """The slot's attempt ended: it is idle again."""
-        if slot.busy:
-            self.running.pop(slot.token, None)
-            self._idle[slot.connection] += 1
-        slot.work_id, slot.token, slot.deadline = "", 0, 0.0
+    def finish(self, slot: Slot, token: int, now: float) -> bool:
+        """The slot reported on the attempt `token`: it no longer holds it,
+        and runs the next one it holds from now. False if it did not hold it."""
+        held = slot.held
+        if not held or self.running.get(token) is not slot:
+            return False
+        full = not slot.has_room
+        if held[0].token == token:
+            held.popleft()
+            if held:
+                slot.deadline = now + held[0].timeout
+        else:  # a prefetched attempt it handed back before running it
+            slot.held = deque(h for h in held if h.token != token)
+        del self.running[token]
+        if not slot.held:
+            slot.deadline = 0.0
+            self.busy_count -= 1
+        if full:
+            self._more_room(slot.connection)
+        return True
 
-    def _less_idle(self, connection) -> None:
-        self._idle[connection] -= 1
-        if self._idle[connection] <= 0:
-            del self._idle[connection]
+    def _more_room(self, connection) -> None:
+        self._room[connection] += 1
+        self.room_count += 1
+
+    def _less_room(self, connection) -> None:
+        self.room_count -= 1
+        self._room[connection] -= 1
+        if self._room[connection] <= 0:
+            del self._room[connection]
 
     # --- questions -----------------------------------------------------------
 
     def overdue(self, now: float) -> list[Slot]:
-        return [s for s in self.running.values() if s.deadline <= now]
+        """Busy slots whose running attempt is past its deadline."""
+        found: dict[str, Slot] = {}
+        for slot in self.running.values():
+            if slot.deadline <= now:
+                found[slot.worker_id] = slot
+        return list(found.values())
 
     def silent(self, now: float, timeout: float) -> list[Slot]:
         return [s for s in self.slots.values() if now - s.last_seen > timeout]
@@ -166,8 +220,8 @@ class Scheduler:
         return [s for s in self.slots.values() if s.connection is connection]
 
     def idle_connections(self) -> list[tuple[object, frozenset[str]]]:
-        """The connections with at least one idle slot, with their kinds."""
-        return [(c, self._kinds_of.get(c, frozenset())) for c in self._idle]
+        """The connections with at least one slot with room, with their kinds."""
+        return [(c, self._kinds_of.get(c, frozenset())) for c in self._room]
 
     def idle_per_kind(self) -> Counter[str]:
         idle: Counter[str] = Counter()
