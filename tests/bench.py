@@ -55,19 +55,20 @@ from dworkers.v1 import work_pb2
 from tests.bench_support import clients, procstat, profiling
 from tests.bench_support.clients import Submitters, Subscriber, percentile
 
-SCENARIOS = ("submit", "sdk", "e2e", "roundtrip", "postgresql", "failover", "replay", "backlog", "scale")
+SCENARIOS = ("submit", "sdk", "peers", "e2e", "roundtrip", "postgresql", "failover", "replay", "backlog", "scale")
 ALIASES = {"memory": "replay", "rtt": "roundtrip", "pg": "postgresql"}
 SESSION_TIMEOUT = 4.0  # the master's default --session-timeout
 MASTER_SERVICE = "dworkers.v1.Master"
 
 # Peers measured on this machine (/work/shared/reference/measurements.md).
-PEERS = {"dramatiq_e2e": 480, "celery_e2e": 310, "dramatiq_enqueue": 3160, "celery_enqueue": 780}
+PEERS = {"dramatiq_e2e": 480, "celery_e2e": 310, "dramatiq_enqueue": 3160, "celery_enqueue": 780,
+         "celery_rtt_p50": 5.2}
 
 
 # Rough seconds each scenario needs (to skip rather than overrun the budget).
-ESTIMATE = {"submit": 25, "sdk": 30, "e2e": 200, "roundtrip": 20, "postgresql": 60, "failover": 30, "replay": 40,
+ESTIMATE = {"submit": 25, "sdk": 30, "peers": 120, "e2e": 200, "roundtrip": 20, "postgresql": 60, "failover": 30, "replay": 40,
             "backlog": 240, "scale": 100}
-ESTIMATE_QUICK = {"submit": 15, "sdk": 20, "e2e": 30, "roundtrip": 15, "postgresql": 30, "failover": 25, "replay": 20,
+ESTIMATE_QUICK = {"submit": 15, "sdk": 20, "peers": 40, "e2e": 30, "roundtrip": 15, "postgresql": 30, "failover": 25, "replay": 20,
                   "backlog": 60, "scale": 30}
 
 
@@ -510,6 +511,85 @@ class Bench:
                  None, "", f"{single:,} works; each waits for its durable write")
         self.row("sdk.single.p50", "SDK single submit p50", p50, "ms", 2.5, "<=",
                  f"p99 {p99:.1f} ms, max {ms(max(latencies)):.1f} ms; client -> frontend -> master -> journal")
+
+    def scenario_peers(self) -> None:
+        """Measured the way the peers' harness measures Celery, Dramatiq, RQ
+        and PgQueuer: 2 job processes in all (2 worker processes x 1 slot,
+        each job in its own child process), one producer thread submitting
+        one work per call then reading each result in submission order, and
+        round trips one at a time; on each journal."""
+        n = 2_000 if self.quick else 20_000
+        samples = 50 if self.quick else 200
+        for journal_name in ("zookeeper", "postgresql"):
+            if self.remaining() < 45:
+                self.notes.append(f"peers: the {journal_name} journal skipped (time budget)")
+                continue
+            journal = self.pg_url() if journal_name == "postgresql" else ""
+            figures = self._like_peers(journal_name, journal, n, samples)
+            self.details[f"peers_{journal_name}"] = figures
+            self.log(f"peers ({journal_name}): {figures}")
+            self.row(f"peers.{journal_name}.sdk", f"like the peers, SDK submit() per work ({journal_name})",
+                     figures["sdk_rate"], "works/s", 2 * PEERS["dramatiq_e2e"], ">=",
+                     f"{n:,} works, one producer thread, results read in order; 2 job processes; "
+                     f"worker prefetch {figures['prefetch']}; peers here: Dramatiq ~480, PgQueuer ~380, Celery ~350")
+            self.row(f"peers.{journal_name}.submitworks", f"like the peers, SubmitWorks x100 ({journal_name})",
+                     figures["batch_rate"], "works/s", 2 * PEERS["dramatiq_e2e"], ">=",
+                     f"{n:,} works in calls of 100 from one thread, then WaitWorks in order; 2 job processes")
+            self.row(f"peers.{journal_name}.rtt.p50", f"like the peers, round trip p50 ({journal_name})",
+                     figures["rtt_ms_p50"], "ms", PEERS["celery_rtt_p50"], "<=",
+                     f"{samples} SDK submit(...).result() one at a time; p99 {figures['rtt_ms_p99']} ms, "
+                     f"max {figures['rtt_ms_max']} ms; Celery p50 ~5.2 ms")
+            self.row(f"peers.{journal_name}.rtt.p99", f"like the peers, round trip p99 ({journal_name})",
+                     figures["rtt_ms_p99"], "ms", round(2 * figures["rtt_ms_p50"], 2), "<=", "target: 2 x this p50")
+
+    def _like_peers(self, name: str, journal: str, n: int, samples: int) -> dict:
+        import dworkers
+
+        with self.cluster(f"peers-{name}", journal) as c:
+            c.start_master(None, *self.master_args, wait=True)
+            frontend = c.start_frontend()
+            stub = self.frontend_stub(frontend)
+            workers = [c.start_worker(1, "--executor", "process", *self.worker_args) for _ in range(2)]
+            self.wait_workers(stub, 2, 60)
+            self.warm_up(stub, 200)
+            self.wait_quiet([w.pid for w in workers], 20, 15)
+            with dworkers.Client(frontend.address, timeout=60) as client:
+                self.log(f"peers ({name}): {n:,} submit() calls from one thread, each result read in order")
+                meter = self.cpu_meter(c).start()
+                started = time.perf_counter()
+                handles = [client.submit("square", payload=str(i % 1000)) for i in range(n)]
+                for handle in handles:
+                    handle.result(120)
+                sdk_rate = n / (time.perf_counter() - started)
+                cpu = meter.stop()
+                self.log(f"peers ({name}): {n:,} works in SubmitWorks calls of 100, then WaitWorks in order")
+                started = time.perf_counter()
+                ids = []
+                for _ in range(0, n, 100):
+                    batch = clients.requests(100)
+                    stub.SubmitWorks(work_pb2.SubmitWorksRequest(works=batch), timeout=30)
+                    ids += [r.work_id for r in batch]
+                for first in range(0, n, 10_000):
+                    chunk = ids[first:first + 10_000]
+                    got = sum(1 for _ in stub.WaitWorks(work_pb2.WaitWorksRequest(work_ids=chunk), timeout=300))
+                    if got != len(chunk):
+                        raise RuntimeError(f"peers: WaitWorks returned {got} of {len(chunk)} results")
+                batch_rate = n / (time.perf_counter() - started)
+                for _ in range(10):
+                    client.submit("square", payload="3").result(30)
+                rtts = []
+                for i in range(samples):
+                    t0 = time.perf_counter()
+                    client.submit("square", payload=str(i)).result(30)
+                    rtts.append(time.perf_counter() - t0)
+        return {"works": n, "sdk_rate": round(sdk_rate), "batch_rate": round(batch_rate),
+                "rtt_ms_p50": round(ms(percentile(rtts, 50)), 2), "rtt_ms_p99": round(ms(percentile(rtts, 99)), 2),
+                "rtt_ms_max": round(ms(max(rtts)), 2), "samples": samples, "prefetch": self._prefetch(),
+                "cpu_percent_of_core": cpu}
+
+    def _prefetch(self) -> int:
+        args = self.worker_args
+        return int(args[args.index("--prefetch") + 1]) if "--prefetch" in args else 1
 
     def scenario_e2e(self) -> None:
         """Batched: every setting with the full count. Single (slower): every
