@@ -216,3 +216,29 @@ def test_a_stopping_worker_hands_back_unfinished_work(cluster):
     result = results.results[0]
     assert result.state == work_pb2.DONE and result.attempts == 2
     results.stop()
+
+
+@both_journals
+def test_works_held_ahead_by_a_killed_worker_run_elsewhere_without_spending_an_attempt(cluster):
+    cluster.start_master(wait=True)
+    doomed = cluster.start_worker(1, "--prefetch", "2")
+    stub = frontend(cluster.start_frontend().address)
+    results = ResultCollector(stub)
+    wait_kind(stub, "sleep")
+    # One attempt each: the two held behind the running one never ran, so
+    # losing them with their worker must not count as a failed attempt.
+    running = submit_until_acked(stub, "sleep", b"30", max_attempts=1)
+    wait_running(stub)
+    ahead = [submit_until_acked(stub, "square", str(n).encode(), max_attempts=1) for n in (4, 5)]
+    wait_until(lambda: stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=5).in_progress == 3, 20,
+               "the slot to hold all three")
+    doomed.kill()
+    cluster.start_worker(1)
+    ids = [running.work_id] + [r.work_id for r in ahead]
+    assert not results.wait_for(ids, timeout=60)
+    by_id = {r.work_id: r for r in results.results}
+    assert by_id[running.work_id].state == work_pb2.FAILED  # it ran: its one attempt is spent
+    for response in ahead:
+        result = by_id[response.work_id]
+        assert result.state == work_pb2.DONE and result.attempts == 2, result
+    results.stop()
