@@ -349,8 +349,10 @@ class Master:
         for slot in scheduler.overdue(now):
             # The slot stays: its worker times the attempt out too, reports it
             # failed, and runs the next one it holds, whose clock starts now.
+            # It gets nothing more until it asks again (a frozen worker never does).
             late = slot.held[0]
             scheduler.finish(slot, late.token, now)
+            scheduler.unwait(slot)
             overdue.append((slot, late.work_id))
             entry = self.state.in_progress.get(late.work_id)
             if entry is not None and entry.token == late.token:

@@ -114,7 +114,7 @@ class Scheduler:
     def drop(self, worker_id: str) -> Slot:
         """Forgets a slot (it keeps the attempts it held, for the caller to settle)."""
         slot = self.slots.pop(worker_id)
-        self._unwait(slot)
+        self.unwait(slot)
         self.kind_slots.subtract(slot.kinds)
         for kind in slot.kinds:
             if self.kind_slots[kind] <= 0:
@@ -153,7 +153,8 @@ class Scheduler:
             del self.waiting[kinds]
         return self.slots[worker_id]
 
-    def _unwait(self, slot: Slot) -> None:
+    def unwait(self, slot: Slot) -> None:
+        """The slot no longer holds a credit."""
         queue = self.waiting.get(slot.kinds)
         if queue is not None and slot.worker_id in queue:
             del queue[slot.worker_id]
@@ -169,7 +170,7 @@ class Scheduler:
         slot.held.append(Held(work_id, token, timeout))
         self.running[token] = slot
         if not slot.has_room:
-            self._unwait(slot)
+            self.unwait(slot)
             self._less_room(slot.connection)
 
     def finish(self, slot: Slot, token: int, now: float) -> bool:
