@@ -226,7 +226,8 @@ class Worker:
     def _finished(self, slot: Slot, outcome: Outcome) -> None:
         with self._lock:
             assignment, slot.assignment = slot.assignment, None
-            following = slot.queued.popleft() if slot.queued and not self._stopping.is_set() else None
+            following = slot.queued.popleft() if assignment is not None and slot.queued \
+                and not self._stopping.is_set() else None
             if following is not None:
                 self._running(slot, following)
         if assignment is None:
