@@ -176,6 +176,9 @@ class Worker:
         with self._lock:
             if slot is None or not slot.has_room or slot.holds(assignment.attempt_token):
                 return  # not ours, or a duplicate
+            if self._stopping.is_set():  # sent before the master knew: straight back
+                self._returned(slot.worker_id, assignment)
+                return
             if slot.busy:
                 slot.queued.append(assignment)
                 return
@@ -431,12 +434,16 @@ class Worker:
                 if running and slot.assignment is not None:
                     back.append((slot.worker_id, slot.assignment))
             for worker_id, a in back:
-                self._unacked[a.attempt_token] = master_pb2.WorkerMessage(failed=master_pb2.WorkFailed(failures=[
-                    master_pb2.Failure(worker_id=worker_id, work_id=a.work.work_id, error="worker shut down",
-                                       returned=True, attempt=a.attempt, attempt_token=a.attempt_token)]))
-        for worker_id, a in back:
-            log.info("handing work back", extra={"work_id": a.work.work_id, "worker_id": worker_id})
-            self._send(self._unacked[a.attempt_token])
+                self._returned(worker_id, a)
+
+    def _returned(self, worker_id: str, a: master_pb2.Assignment) -> None:
+        """Hands a work back unfinished (not a failed attempt); under the lock."""
+        log.info("handing work back", extra={"work_id": a.work.work_id, "worker_id": worker_id})
+        message = master_pb2.WorkerMessage(failed=master_pb2.WorkFailed(failures=[
+            master_pb2.Failure(worker_id=worker_id, work_id=a.work.work_id, error="worker shut down",
+                               returned=True, attempt=a.attempt, attempt_token=a.attempt_token)]))
+        self._unacked[a.attempt_token] = message
+        self._send(message)
 
     def _busy(self) -> bool:
         with self._lock:

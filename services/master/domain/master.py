@@ -262,6 +262,8 @@ class Master:
                 continue
             token = report.attempt_token
             scheduler.finish(slot, token, now)
+            if isinstance(report, master_pb2.Failure) and report.returned:
+                scheduler.unwait(slot)  # its worker is leaving: hand it nothing more
             acks.append(token)
             work_id = report.work_id
             entry = state.unfinished(work_id)
