@@ -18,7 +18,8 @@ import concurrent.futures
 import os
 import threading
 import time
-from collections import deque
+import weakref
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -118,8 +119,7 @@ class Handle:
         if self._result is None:
             deadline = None if timeout is None else time.monotonic() + timeout
             self.accepted(timeout)
-            for result in self._client._wait([self.id], deadline):
-                self._result = result
+            self._client._resolve(self, deadline)
         assert self._result is not None
         return self._result.unwrap()
 
@@ -154,6 +154,10 @@ class Client:
         self._in_flight = 0  # SubmitWorks calls
         self._cond = threading.Condition()
         self._closed = False
+        # Accepted handles still without a result, oldest first (weakly: a
+        # dropped handle is forgotten): waiting for one result also takes
+        # those of the others that have finished by then.
+        self._unresolved: OrderedDict[str, weakref.ref[Handle]] = OrderedDict()
         self._sender = threading.Thread(target=self._send_forever, name="dworkers-submit", daemon=True)
         self._sender.start()
 
@@ -260,6 +264,7 @@ class Client:
                                                                            status_name(answer.code), answer.message))
                     else:
                         pending.handle._accepted.set_result(answer.duplicate)
+                        self._track(pending.handle)
             elif error.code() in RETRYABLE and time.monotonic() + delay < deadline:
                 # Same ids: if the first try was accepted after all, this one answers duplicate.
                 timer = threading.Timer(delay, self._send, (batch, deadline, min(delay * 2, 1.0)))
@@ -287,9 +292,43 @@ class Client:
 
     # --- results -----------------------------------------------------------
 
+    def _track(self, handle: Handle) -> None:
+        with self._cond:
+            self._unresolved[handle.id] = weakref.ref(handle)
+
+    def _resolve(self, handle: Handle, deadline: float | None) -> None:
+        """Waits for one handle's result, with those of up to 10,000 older
+        and newer accepted handles: one WaitWorks call then serves every
+        result that finished meanwhile, not just this one (a producer reading
+        results in order makes one call per catch-up, not one per work)."""
+        ids = [handle.id]
+        with self._cond:
+            for work_id, ref in list(self._unresolved.items()):
+                if len(ids) >= MAX_BATCH_WORKS:
+                    break
+                other = ref()
+                if other is None or other._result is not None:
+                    del self._unresolved[work_id]
+                elif other is not handle:
+                    ids.append(work_id)
+        for results in self._wait_responses(ids, deadline):
+            for result in results:
+                with self._cond:
+                    taken = self._unresolved.pop(result.work_id, None)
+                other = handle if result.work_id == handle.id else taken() if taken is not None else None
+                if other is not None and other._result is None:
+                    other._result = result
+            if handle._result is not None:
+                return
+
     def _wait(self, work_ids: list[str], deadline: float | None) -> Iterator[Result]:
         """Results of `work_ids` as they finish (WaitWorks; the frontend
         resumes it across failovers of the master)."""
+        for results in self._wait_responses(work_ids, deadline):
+            yield from results
+
+    def _wait_responses(self, work_ids: list[str], deadline: float | None) -> Iterator[list[Result]]:
+        """As `_wait`, a stream response's results at a time."""
         remaining = set(work_ids)
         while remaining:
             timeout = left(deadline)
@@ -298,10 +337,10 @@ class Client:
             stream = self.stub.WaitWorks(work_pb2.WaitWorksRequest(work_ids=sorted(remaining)), timeout=timeout)
             try:
                 for response in stream:
-                    for r in response.results:
-                        if r.work_id in remaining:
-                            remaining.discard(r.work_id)
-                            yield Result.of(r)
+                    results = [Result.of(r) for r in response.results if r.work_id in remaining]
+                    remaining.difference_update(r.work_id for r in results)
+                    if results:
+                        yield results
             except grpc.RpcError as error:
                 if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise TimeoutError(f"{len(remaining)} of {len(work_ids)} works not finished in time") from None

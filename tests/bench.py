@@ -571,7 +571,8 @@ class Bench:
                     ids += [r.work_id for r in batch]
                 for first in range(0, n, 10_000):
                     chunk = ids[first:first + 10_000]
-                    got = sum(1 for _ in stub.WaitWorks(work_pb2.WaitWorksRequest(work_ids=chunk), timeout=300))
+                    got = sum(len(m.results) for m in stub.WaitWorks(work_pb2.WaitWorksRequest(work_ids=chunk),
+                                                                     timeout=300))
                     if got != len(chunk):
                         raise RuntimeError(f"peers: WaitWorks returned {got} of {len(chunk)} results")
                 batch_rate = n / (time.perf_counter() - started)

@@ -22,6 +22,16 @@ class Frontend(frontend_pb2_grpc.FrontendServicer):
     def __init__(self):
         self.release = threading.Event()
         self.calls: list[list[str]] = []
+        self.waits: list[list[str]] = []
+
+    def WaitWorks(self, request, context):
+        """Every asked work finished already, "done"; the results come in
+        messages of 7 (as the master batches them)."""
+        self.waits.append(list(request.work_ids))
+        results = [work_pb2.WorkResult(work_id=w, state=work_pb2.DONE, result=b'"done"',
+                                       content_type="application/json") for w in request.work_ids]
+        for i in range(0, len(results), 7):
+            yield work_pb2.WatchResultsResponse(results=results[i:i + 7])
 
     def SubmitWorks(self, request, context):
         self.calls.append([w.work_id for w in request.works])
@@ -65,3 +75,20 @@ def test_an_id_submitted_twice_never_shares_a_call(frontend):
         assert all(h.accepted(0) is False for h in handles)
     assert all(len(call) == len(set(call)) for call in servicer.calls)
     assert sum(len(call) for call in servicer.calls) == 200
+
+
+def test_reading_results_in_order_takes_the_finished_ones_of_other_handles_in_the_same_call(frontend):
+    servicer, address = frontend
+    servicer.release.set()
+    with dworkers.Client(address, timeout=5) as client:
+        handles = [client.submit("k", n) for n in range(100)]
+        client.flush(10)
+        assert [h.result(5) for h in handles] == ["done"] * 100
+        dropped = [client.submit("k", n) for n in range(5)]  # handles nobody keeps are not waited for
+        client.flush(10)
+        del dropped
+        kept = client.submit("k", 1)
+        assert kept.result(5) == "done"
+    assert len(servicer.waits) <= 1 + 100 // 7 + 1, "at most one call per message of results, not one per work"
+    assert set(servicer.waits[0]) == {h.id for h in handles}
+    assert servicer.waits[-1] == [kept.id]
