@@ -52,6 +52,7 @@ from dworkers.common.pgserver import PostgreSQLServer
 from dworkers.common.zkserver import ZooKeeperServer
 from dworkers.local_cluster import LocalCluster, Service
 from dworkers.v1 import work_pb2
+from dworkers.worker.worker import WorkerSettings
 from tests.bench_support import clients, procstat, profiling
 from tests.bench_support.clients import Submitters, Subscriber, percentile
 
@@ -590,7 +591,7 @@ class Bench:
 
     def _prefetch(self) -> int:
         args = self.worker_args
-        return int(args[args.index("--prefetch") + 1]) if "--prefetch" in args else 1
+        return int(args[args.index("--prefetch") + 1]) if "--prefetch" in args else WorkerSettings().prefetch
 
     def scenario_e2e(self) -> None:
         """Batched: every setting with the full count. Single (slower): every

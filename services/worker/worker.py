@@ -55,7 +55,7 @@ class WorkerSettings:
     contact: Contact = group(Contact)
     logging: Logging = group(Logging)
     concurrency: int = setting(2, "worker slots (each with its own executor)", low=1, high=MAX_SLOTS_PER_CONNECTION)
-    prefetch: int = setting(1, "works each slot holds beyond the one it runs, so that the next starts at once "
+    prefetch: int = setting(4, "works each slot holds beyond the one it runs, so that the next starts at once "
                             "(0: ask for the next work only when one ends; keep it low for long jobs, as a "
                             "prefetched work waits behind the running one)", low=0, high=MAX_PREFETCH)
     jobs: str = setting("", "comma-separated Python modules that register jobs")
