@@ -29,6 +29,7 @@ from dworkers.client import (
     STREAM_RETRYABLE,
     Result,
     SubmitError,
+    Unresolved,
     as_call,
     left,
     split_done,
@@ -72,8 +73,7 @@ class AsyncHandle:
         if self._result is None:
             deadline = None if timeout is None else time.monotonic() + timeout
             await self.accepted(timeout)
-            async for result in self._client._wait([self.id], deadline):
-                self._result = result
+            await self._client._resolve(self, deadline)
         assert self._result is not None
         return self._result.unwrap()
 
@@ -94,6 +94,7 @@ class AsyncClient:
         self._in_flight = asyncio.Semaphore(CALLS_IN_FLIGHT)
         self._calls: set[asyncio.Task] = set()
         self._unacked: dict[asyncio.Future, str] = {}  # -> its work id
+        self._unresolved = Unresolved()
         self._closed = False
         self._sender = asyncio.get_running_loop().create_task(self._send_forever())
 
@@ -154,6 +155,7 @@ class AsyncClient:
                                                                    answer.message))
                     else:
                         handle._accepted.set_result(answer.duplicate)
+                        self._unresolved.add(handle)
                 return
         finally:
             self._in_flight.release()
@@ -166,7 +168,19 @@ class AsyncClient:
         while self._unacked:
             await asyncio.wait(list(self._unacked))
 
+    async def _resolve(self, handle: AsyncHandle, deadline: float | None) -> None:
+        """As Client._resolve."""
+        async for results in self._wait_responses(self._unresolved.ids_with(handle), deadline):
+            self._unresolved.store(results, handle)
+            if handle._result is not None:
+                return
+
     async def _wait(self, work_ids: list[str], deadline: float | None) -> AsyncIterator[Result]:
+        async for results in self._wait_responses(work_ids, deadline):
+            for result in results:
+                yield result
+
+    async def _wait_responses(self, work_ids: list[str], deadline: float | None) -> AsyncIterator[list[Result]]:
         remaining = set(work_ids)
         while remaining:
             timeout = left(deadline)
@@ -175,10 +189,10 @@ class AsyncClient:
             stream = self.stub.WaitWorks(work_pb2.WaitWorksRequest(work_ids=sorted(remaining)), timeout=timeout)
             try:
                 async for response in stream:
-                    for r in response.results:
-                        if r.work_id in remaining:
-                            remaining.discard(r.work_id)
-                            yield Result.of(r)
+                    results = [Result.of(r) for r in response.results if r.work_id in remaining]
+                    remaining.difference_update(r.work_id for r in results)
+                    if results:
+                        yield results
             except grpc.aio.AioRpcError as error:
                 if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise TimeoutError(f"{len(remaining)} of {len(work_ids)} works not finished in time") from None

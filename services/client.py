@@ -131,6 +131,45 @@ class Handle:
         return self._result is not None
 
 
+class Unresolved:
+    """A client's accepted handles still without a result, oldest first, held
+    weakly (a handle nobody keeps is forgotten). Waiting for one result asks
+    for up to 10,000 of them: one WaitWorks call then serves every result
+    that finished meanwhile, so a producer reading results in order makes one
+    call per catch-up, not one per work."""
+
+    def __init__(self) -> None:
+        self._handles: OrderedDict[str, weakref.ref] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, handle) -> None:
+        with self._lock:
+            self._handles[handle.id] = weakref.ref(handle)
+
+    def ids_with(self, handle) -> list[str]:
+        """`handle`'s id first, then the oldest others still waiting."""
+        ids = [handle.id]
+        with self._lock:
+            for work_id, ref in list(self._handles.items()):
+                if len(ids) >= MAX_BATCH_WORKS:
+                    break
+                other = ref()
+                if other is None or other._result is not None:
+                    del self._handles[work_id]
+                elif other is not handle:
+                    ids.append(work_id)
+        return ids
+
+    def store(self, results: list[Result], handle) -> None:
+        """Gives each result to its handle (`handle`, or another one still alive)."""
+        for result in results:
+            with self._lock:
+                ref = self._handles.pop(result.work_id, None)
+            other = handle if result.work_id == handle.id else ref() if ref is not None else None
+            if other is not None and other._result is None:
+                other._result = result
+
+
 @dataclass
 class _Pending:
     handle: Handle
@@ -154,10 +193,7 @@ class Client:
         self._in_flight = 0  # SubmitWorks calls
         self._cond = threading.Condition()
         self._closed = False
-        # Accepted handles still without a result, oldest first (weakly: a
-        # dropped handle is forgotten): waiting for one result also takes
-        # those of the others that have finished by then.
-        self._unresolved: OrderedDict[str, weakref.ref[Handle]] = OrderedDict()
+        self._unresolved = Unresolved()
         self._sender = threading.Thread(target=self._send_forever, name="dworkers-submit", daemon=True)
         self._sender.start()
 
@@ -264,7 +300,7 @@ class Client:
                                                                            status_name(answer.code), answer.message))
                     else:
                         pending.handle._accepted.set_result(answer.duplicate)
-                        self._track(pending.handle)
+                        self._unresolved.add(pending.handle)
             elif error.code() in RETRYABLE and time.monotonic() + delay < deadline:
                 # Same ids: if the first try was accepted after all, this one answers duplicate.
                 timer = threading.Timer(delay, self._send, (batch, deadline, min(delay * 2, 1.0)))
@@ -292,32 +328,11 @@ class Client:
 
     # --- results -----------------------------------------------------------
 
-    def _track(self, handle: Handle) -> None:
-        with self._cond:
-            self._unresolved[handle.id] = weakref.ref(handle)
-
     def _resolve(self, handle: Handle, deadline: float | None) -> None:
-        """Waits for one handle's result, with those of up to 10,000 older
-        and newer accepted handles: one WaitWorks call then serves every
-        result that finished meanwhile, not just this one (a producer reading
-        results in order makes one call per catch-up, not one per work)."""
-        ids = [handle.id]
-        with self._cond:
-            for work_id, ref in list(self._unresolved.items()):
-                if len(ids) >= MAX_BATCH_WORKS:
-                    break
-                other = ref()
-                if other is None or other._result is not None:
-                    del self._unresolved[work_id]
-                elif other is not handle:
-                    ids.append(work_id)
-        for results in self._wait_responses(ids, deadline):
-            for result in results:
-                with self._cond:
-                    taken = self._unresolved.pop(result.work_id, None)
-                other = handle if result.work_id == handle.id else taken() if taken is not None else None
-                if other is not None and other._result is None:
-                    other._result = result
+        """Waits for one handle's result, and takes those of the client's
+        other handles that come with it (see Unresolved)."""
+        for results in self._wait_responses(self._unresolved.ids_with(handle), deadline):
+            self._unresolved.store(results, handle)
             if handle._result is not None:
                 return
 

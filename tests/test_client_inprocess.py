@@ -3,6 +3,7 @@ is settled whatever happens, and a batch never holds one id twice."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from concurrent import futures
 
@@ -84,11 +85,23 @@ def test_reading_results_in_order_takes_the_finished_ones_of_other_handles_in_th
         handles = [client.submit("k", n) for n in range(100)]
         client.flush(10)
         assert [h.result(5) for h in handles] == ["done"] * 100
-        dropped = [client.submit("k", n) for n in range(5)]  # handles nobody keeps are not waited for
-        client.flush(10)
-        del dropped
         kept = client.submit("k", 1)
         assert kept.result(5) == "done"
     assert len(servicer.waits) <= 1 + 100 // 7 + 1, "at most one call per message of results, not one per work"
     assert set(servicer.waits[0]) == {h.id for h in handles}
-    assert servicer.waits[-1] == [kept.id]
+    assert servicer.waits[-1] == [kept.id]  # the others have their results
+
+
+def test_the_async_client_reads_ahead_the_same_way(frontend):
+    servicer, address = frontend
+    servicer.release.set()
+
+    async def main() -> list:
+        async with dworkers.AsyncClient(address, timeout=5) as client:
+            handles = [await client.submit("k", n) for n in range(50)]
+            await client.flush()
+            return [await h.result(5) for h in handles]
+
+    assert asyncio.run(main()) == ["done"] * 50
+    assert len(servicer.waits) <= 1 + 50 // 7, "at most one call per message of results, not one per work"
+    assert len(servicer.waits[0]) == 50
