@@ -230,8 +230,7 @@ def test_works_held_ahead_by_a_killed_worker_run_elsewhere_without_spending_an_a
     running = submit_until_acked(stub, "sleep", b"30", max_attempts=1)
     wait_running(stub)
     ahead = [submit_until_acked(stub, "square", str(n).encode(), max_attempts=1) for n in (4, 5)]
-    wait_until(lambda: stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=5).in_progress == 3, 20,
-               "the slot to hold all three")
+    wait_running(stub, 3, 20)  # the slot holds all three
     doomed.kill()
     cluster.start_worker(1)
     ids = [running.work_id] + [r.work_id for r in ahead]
