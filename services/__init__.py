@@ -22,6 +22,7 @@ _EXPORTS = {
     "WorkFailed": "dworkers.client", "SubmitError": "dworkers.client", "connect": "dworkers.client",
     "AsyncClient": "dworkers.aio", "AsyncHandle": "dworkers.aio",
     "job": "dworkers.worker.jobs", "Job": "dworkers.worker.jobs", "Context": "dworkers.worker.jobs",
+    "Permanent": "dworkers.worker.jobs",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

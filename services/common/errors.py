@@ -51,6 +51,12 @@ class NotFound(DworkersError):
     status = "NOT_FOUND"
 
 
+class WrongState(DworkersError):
+    """The work is not in a state the call can act on (the message names it)."""
+
+    status = "FAILED_PRECONDITION"
+
+
 class Forgotten(DworkersError):
     """What was asked for left the retention window."""
 
@@ -119,7 +125,7 @@ class ConfigError(DworkersError):
 # The status table, the other way: a status (from another process) as the
 # error a caller here would have raised.
 BY_STATUS = {cls.status: cls for cls in (InvalidInput, Conflict, NotFound, Forgotten, Overloaded, NotServing,
-                                        TimedOut)}
+                                        TimedOut, WrongState)}
 
 
 def status_name(code: int) -> str:

@@ -4,3 +4,6 @@ nothing else."""
 
 MAX_ATTEMPTS_LIMIT = 100
 MAX_TIMEOUT_SECONDS = 24 * 3600.0
+MAX_DELAY_SECONDS = 366 * 24 * 3600.0  # how far ahead a work may be scheduled, and the longest back-off
+MAX_PRIORITY = 1000  # priorities run from -MAX_PRIORITY to MAX_PRIORITY
+MAX_BACKOFF_MULTIPLIER = 100.0

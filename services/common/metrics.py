@@ -57,6 +57,9 @@ class ServerMetrics:
         self.seconds.labels(method).observe(time.perf_counter() - started)
 
 
+_FINISHED_AS = {work_pb2.DONE: "completed", work_pb2.CANCELLED: "cancelled"}  # the rest: failed
+
+
 class MasterMetrics:
     def __init__(self, registry: CollectorRegistry):
         def gauge(name, text, labels=()):
@@ -64,10 +67,11 @@ class MasterMetrics:
 
         self.works = {
             name: Counter(f"dworkers_works_{name}", f"works {name.replace('_', ' ')}", registry=registry)
-            for name in ("accepted", "started", "completed", "failed", "timed_out")
+            for name in ("accepted", "started", "completed", "failed", "timed_out", "cancelled")
         }
         self.pending = gauge("dworkers_pending_works", "works waiting for a worker")
         self.in_progress = gauge("dworkers_in_progress_works", "works handed to a worker")
+        self.scheduled = gauge("dworkers_scheduled_works", "works waiting for their time (delayed, or backing off)")
         self.workers = gauge("dworkers_workers", "registered worker slots", ["status"])
         self.pending_by_kind = gauge("dworkers_pending_works_by_kind", "works waiting for a worker, by kind", ["kind"])
         self.slots_by_kind = gauge("dworkers_worker_slots_by_kind", "live worker slots that run a kind", ["kind"])
@@ -106,7 +110,7 @@ class MasterMetrics:
         if started:
             self.works["started"].inc(started)
         for result in step.results:
-            self.works["completed" if result.state == work_pb2.DONE else "failed"].inc()
+            self.works[_FINISHED_AS.get(result.state, "failed")].inc()
 
     def timed_out(self) -> None:
         self.works["timed_out"].inc()
@@ -115,6 +119,7 @@ class MasterMetrics:
         counts = counts or {}
         self.pending.set(counts.get("pending", 0))
         self.in_progress.set(counts.get("in_progress", 0))
+        self.scheduled.set(counts.get("scheduled", 0))
         self.workers.labels("busy").set(counts.get("workers_busy", 0))
         self.workers.labels("idle").set(counts.get("workers_idle", 0))
         self.without_worker.set(counts.get("pending_without_worker", 0))

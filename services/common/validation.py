@@ -10,8 +10,14 @@ import uuid
 from collections.abc import Callable
 
 from dworkers.common.errors import InvalidInput, ProtocolError
-from dworkers.common.limits import MAX_ATTEMPTS_LIMIT, MAX_TIMEOUT_SECONDS
-from dworkers.v1 import work_pb2
+from dworkers.common.limits import (
+    MAX_ATTEMPTS_LIMIT,
+    MAX_BACKOFF_MULTIPLIER,
+    MAX_DELAY_SECONDS,
+    MAX_PRIORITY,
+    MAX_TIMEOUT_SECONDS,
+)
+from dworkers.v1 import master_pb2, work_pb2
 
 MAX_PAYLOAD_BYTES = 256 * 1024  # per work; documented in the README
 MAX_RESULT_BYTES = 256 * 1024  # a larger result fails its attempt
@@ -52,13 +58,15 @@ def check_work_id(work_id: str) -> None:
         )
 
 
-KindDefaults = Callable[[str], tuple[int, float]]  # kind -> (max_attempts, timeout_seconds); 0: none
+KindDefaults = Callable[[str], master_pb2.KindDefaults]  # kind -> its job's options (0 and unset: none)
+NO_DEFAULTS = master_pb2.KindDefaults()
 
 
 def to_work(request: work_pb2.SubmitWorkRequest, index: int | None = None,
-            defaults: KindDefaults | None = None) -> work_pb2.Work:
+            defaults: KindDefaults | None = None, now: float | None = None) -> work_pb2.Work:
     """Validates one submission and returns the work to store (defaults
-    filled in: the request's, else its kind's, else the cluster's)."""
+    filled in: the request's, else its kind's, else the cluster's; a delay
+    turned into not_before with `now`, the Unix time, if given)."""
     where = "" if index is None else f"work #{index}: "
     try:
         work_id = request.work_id or new_work_id()
@@ -78,25 +86,59 @@ def to_work(request: work_pb2.SubmitWorkRequest, index: int | None = None,
         if math.isnan(timeout) or timeout < 0 or timeout > MAX_TIMEOUT_SECONDS:
             raise InvalidWork(f"timeout_seconds must be between 0 and {MAX_TIMEOUT_SECONDS:.0f}")
         check_content_type(request.content_type)
+        if not -MAX_PRIORITY <= request.priority <= MAX_PRIORITY:
+            raise InvalidWork(f"priority {request.priority} is outside -{MAX_PRIORITY} to {MAX_PRIORITY}")
+        if not 0 <= request.delay_seconds <= MAX_DELAY_SECONDS:  # NaN fails too
+            raise InvalidWork(f"delay_seconds must be between 0 and {MAX_DELAY_SECONDS:.0f} (366 days)")
+        if request.not_before and request.delay_seconds:
+            raise InvalidWork("set not_before or delay_seconds, not both")
+        if not 0 <= request.not_before < 1e11:
+            raise InvalidWork("not_before must be a Unix time in seconds (or 0: at once)")
+        if now is not None and request.not_before > now + MAX_DELAY_SECONDS:
+            raise InvalidWork(f"not_before is more than {MAX_DELAY_SECONDS / 86400:.0f} days ahead")
+        check_backoff(request.backoff)
     except InvalidWork as exc:
         raise InvalidWork(where + str(exc)) from None
-    kind_attempts, kind_timeout = defaults(request.kind) if defaults is not None else (0, 0.0)
-    return work_pb2.Work(
+    job = defaults(request.kind) if defaults is not None else NO_DEFAULTS
+    work = work_pb2.Work(
         work_id=work_id, kind=request.kind, payload=request.payload,
-        max_attempts=request.max_attempts or kind_attempts or DEFAULT_MAX_ATTEMPTS,
-        timeout_seconds=timeout or kind_timeout, content_type=request.content_type,
+        max_attempts=request.max_attempts or job.max_attempts or DEFAULT_MAX_ATTEMPTS,
+        timeout_seconds=timeout or job.timeout_seconds, content_type=request.content_type,
+        priority=request.priority if request.HasField("priority") else job.priority,
     )
+    backoff = request.backoff if request.backoff.initial_seconds else job.backoff
+    if backoff.initial_seconds:
+        work.backoff.CopyFrom(backoff)
+    if now is not None:  # a time already past is no delay: the work is queued at once
+        not_before = now + request.delay_seconds if request.delay_seconds else request.not_before
+        if not_before > now:
+            work.not_before = not_before
+    return work
+
+
+def check_backoff(backoff: work_pb2.Backoff, where: str = "backoff") -> None:
+    """Raises InvalidWork unless the back-off's numbers are in range (all 0: none)."""
+    initial, multiplier, cap = backoff.initial_seconds, backoff.multiplier, backoff.max_seconds
+    if not (0 <= initial <= MAX_DELAY_SECONDS and (multiplier == 0 or 1 <= multiplier <= MAX_BACKOFF_MULTIPLIER)
+            and 0 <= cap <= MAX_DELAY_SECONDS):
+        raise InvalidWork(f"{where}: initial_seconds and max_seconds must be between 0 and "
+                          f"{MAX_DELAY_SECONDS:.0f}, multiplier 0 (2) or between 1 and {MAX_BACKOFF_MULTIPLIER:g}")
 
 
 def check_wait(request: work_pb2.WaitWorksRequest) -> list[str]:
     """The ids of a WaitWorks call: 1 to MAX_BATCH_WORKS well-formed ids."""
-    if not request.work_ids:
-        raise InvalidWork("work_ids is empty: name the works to wait for")
-    if len(request.work_ids) > MAX_BATCH_WORKS:
-        raise InvalidWork(f"{len(request.work_ids)} work ids in one call; the limit is {MAX_BATCH_WORKS}")
-    for work_id in request.work_ids:
+    return check_work_ids(request.work_ids, "wait for")
+
+
+def check_work_ids(work_ids, verb: str) -> list[str]:
+    """The ids of a call about given works: 1 to MAX_BATCH_WORKS well-formed ids."""
+    if not work_ids:
+        raise InvalidWork(f"work_ids is empty: name the works to {verb}")
+    if len(work_ids) > MAX_BATCH_WORKS:
+        raise InvalidWork(f"{len(work_ids)} work ids in one call; the limit is {MAX_BATCH_WORKS}")
+    for work_id in work_ids:
         check_work_id(work_id)
-    return list(request.work_ids)
+    return list(work_ids)
 
 
 def valid_content_type(content_type: str) -> bool:
@@ -110,7 +152,7 @@ def check_content_type(content_type: str) -> None:
                           f"application/json, at most {MAX_CONTENT_TYPE_CHARS} printable ASCII characters")
 
 
-def to_works_each(requests, check_kind=None, defaults: KindDefaults | None = None
+def to_works_each(requests, check_kind=None, defaults: KindDefaults | None = None, now: float | None = None
                   ) -> tuple[list[work_pb2.Work], list]:
     """Validates each submission on its own: returns the valid works, and
     for each request either its refusal (a SubmitWorkResponse with a code) or
@@ -120,7 +162,7 @@ def to_works_each(requests, check_kind=None, defaults: KindDefaults | None = Non
     works, answers, seen = [], [], set()
     for i, request in enumerate(requests):
         try:
-            work = to_work(request, i, defaults)
+            work = to_work(request, i, defaults, now)
             if work.work_id in seen:
                 raise InvalidWork(f"work #{i}: work_id {work.work_id!r} appears twice in one call")
             if check_kind is not None:
@@ -135,12 +177,12 @@ def to_works_each(requests, check_kind=None, defaults: KindDefaults | None = Non
     return works, answers
 
 
-def to_works(requests, defaults: KindDefaults | None = None) -> list[work_pb2.Work]:
+def to_works(requests, defaults: KindDefaults | None = None, now: float | None = None) -> list[work_pb2.Work]:
     if not requests:
         raise InvalidWork("no works in the request")
     if len(requests) > MAX_BATCH_WORKS:
         raise InvalidWork(f"{len(requests)} works in one call; the limit is {MAX_BATCH_WORKS}")
-    works = [to_work(r, i if len(requests) > 1 else None, defaults) for i, r in enumerate(requests)]
+    works = [to_work(r, i if len(requests) > 1 else None, defaults, now) for i, r in enumerate(requests)]
     seen: set[str] = set()
     for work in works:
         if work.work_id in seen:
@@ -188,9 +230,14 @@ def check_worker_message(message, registered: bool) -> None:
         for d in r.defaults:
             timeout = d.timeout_seconds
             if d.kind not in r.kinds or d.max_attempts > MAX_ATTEMPTS_LIMIT or math.isnan(timeout) \
-                    or not 0 <= timeout <= MAX_TIMEOUT_SECONDS:
+                    or not 0 <= timeout <= MAX_TIMEOUT_SECONDS or not -MAX_PRIORITY <= d.priority <= MAX_PRIORITY:
                 raise InvalidWorkerMessage(f"defaults of kind {d.kind[:64]!r}: a kind it does not declare, or "
-                                           f"max_attempts above {MAX_ATTEMPTS_LIMIT} or a timeout out of range")
+                                           f"max_attempts above {MAX_ATTEMPTS_LIMIT}, a timeout or a priority out "
+                                           "of range")
+            try:
+                check_backoff(d.backoff, f"defaults of kind {d.kind[:64]!r}: backoff")
+            except InvalidWork as exc:
+                raise InvalidWorkerMessage(str(exc)) from None
     # Reports and requests count only if they name a slot registered on this
     # stream (checked then) and, for reports, carry the token of an attempt
     # handed to it; of the rest only the result (bounded) and the error (cut)

@@ -140,6 +140,10 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
     def ClusterInfo(self, request, context):
         return self._forward("ClusterInfo", request, context)
 
+    def CancelWork(self, request, context):
+        validation.check_work_ids(request.work_ids, "cancel")
+        return self._forward("CancelWork", request, context)
+
     def _release_watcher(self) -> None:
         self._watchers.release()
         self.metrics.result_streams.dec()

@@ -13,6 +13,7 @@ import socket
 import time
 from dataclasses import dataclass
 
+from google.protobuf import json_format
 from grpc_health.v1 import health_pb2
 from kazoo.protocol.states import KazooState
 
@@ -30,7 +31,7 @@ from dworkers.master.journal.schema import LATEST
 from dworkers.master.leadership import LeadershipCheck
 from dworkers.master.service import MasterService
 from dworkers.master.shell import MasterShell
-from dworkers.v1 import master_pb2_grpc, work_pb2
+from dworkers.v1 import master_pb2, master_pb2_grpc, work_pb2
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class KindCatalog:
         self._stored: frozenset[str] = frozenset()
         self._declared: set[str] = set()  # declared here, maybe not stored yet
         self.kinds: frozenset[str] = frozenset()  # both
-        self._defaults: dict[str, tuple[int, float]] = {}
+        self._defaults: dict[str, master_pb2.KindDefaults] = {}
         self._read: set[str] = set()  # kinds whose stored defaults were read (or written) here
         zk.ChildrenFollower(client, self.path, self._update)
 
@@ -114,24 +115,25 @@ class KindCatalog:
     def _stored_defaults(self, kind: str, got) -> None:
         try:
             data, _stat = got.get()
-            stored = json.loads(data) if data else {}
-            attempts, timeout = int(stored.get("max_attempts", 0)), float(stored.get("timeout_seconds", 0.0))
-            if kind not in self._declared and 0 <= attempts <= validation.MAX_ATTEMPTS_LIMIT \
-                    and 0 <= timeout <= validation.MAX_TIMEOUT_SECONDS:  # a declaration here is newer
-                self._defaults[kind] = (attempts, timeout)
+            stored = json_format.ParseDict(json.loads(data) if data else {}, master_pb2.KindDefaults(kind=kind))
+            # what a worker could declare, and only that
+            validation.check_worker_message(master_pb2.WorkerMessage(register=master_pb2.RegisterWorker(
+                worker_ids=["catalog"], kinds=[kind], defaults=[stored])), registered=True)
+            if kind not in self._declared:  # a declaration here is newer
+                self._defaults[kind] = stored
         except Exception as exc:  # gone meanwhile, or written by hand: no defaults
             log.debug("no defaults for kind %r: %r", kind, exc)
 
-    def defaults(self, kind: str) -> tuple[int, float]:
-        """(max_attempts, timeout_seconds) of works of `kind` that set none (0: the cluster's)."""
-        return self._defaults.get(kind, (0, 0.0))
+    def defaults(self, kind: str) -> master_pb2.KindDefaults:
+        """The options of works of `kind` that set none (0 and unset: the cluster's)."""
+        return self._defaults.get(kind, validation.NO_DEFAULTS)
 
     def declare(self, kinds: frozenset[str], defaults=()) -> None:
         """Records kinds a worker declared, and their defaults (without waiting for ZooKeeper)."""
-        given = {d.kind: (d.max_attempts, d.timeout_seconds) for d in defaults}
+        given = {d.kind: d for d in defaults}
         for kind in sorted(kinds):
-            value = given.get(kind, (0, 0.0))
-            if kind in self.kinds and self._defaults.get(kind, (0, 0.0)) == value:
+            value = given.get(kind) or master_pb2.KindDefaults(kind=kind)
+            if kind in self.kinds and self._defaults.get(kind, master_pb2.KindDefaults(kind=kind)) == value:
                 continue
             if kind not in self.kinds and len(self.kinds) >= self.MAX_KINDS:
                 log.warning("kind %r not recorded: %d kinds are known already", kind, self.MAX_KINDS)
@@ -139,7 +141,7 @@ class KindCatalog:
             self._declared.add(kind)
             self._read.add(kind)
             self._defaults[kind] = value
-            data = json.dumps({"max_attempts": value[0], "timeout_seconds": value[1]}).encode()
+            data = json.dumps(json_format.MessageToDict(value, preserving_proto_field_name=True)).encode()
             path = f"{self.path}/{kind}"
             creating = self.client.create_async(path, data)
             creating.rawlink(lambda created, path=path, data=data: created.exception is None
@@ -193,6 +195,7 @@ class MasterNode:
         info = work_pb2.ClusterInfoResponse(
             pending=counts["pending"], in_progress=counts["in_progress"], done=counts["done"],
             failed=counts["failed"], last_sequence=counts["last_sequence"],
+            scheduled=counts["scheduled"], cancelled=counts["cancelled"],
             pending_without_worker=counts["pending_without_worker"], worker_slots=len(scheduler),
             unfinished_bytes=counts["unfinished_bytes"], retained_result_bytes=counts["result_bytes"],
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 
 import grpc
@@ -93,6 +94,8 @@ def _merge(into: master_pb2.MasterMessage, message: master_pb2.MasterMessage) ->
         into.ack.attempt_tokens.extend(message.ack.attempt_tokens)
     if message.HasField("works"):
         into.works.assignments.extend(message.works.assignments)
+    if message.HasField("cancel"):
+        into.cancel.attempt_tokens.extend(message.cancel.attempt_tokens)
     if message.HasField("work_is_ready"):
         into.work_is_ready.SetInParent()
 
@@ -127,10 +130,12 @@ class MasterService(master_pb2_grpc.MasterServicer):
 
     async def SubmitWorks(self, request, context):
         shell = self._shell(context)
+        now = time.time()  # delays become Unix times here, where they are journaled
         if request.each_on_its_own:
-            works, answers = validation.to_works_each(request.works, self.node.check_kinds, self.node.kinds.defaults)
+            works, answers = validation.to_works_each(request.works, self.node.check_kinds, self.node.kinds.defaults,
+                                                      now)
         else:
-            works, answers = validation.to_works(request.works, self.node.kinds.defaults), None
+            works, answers = validation.to_works(request.works, self.node.kinds.defaults, now), None
             self.node.check_kinds({w.kind for w in works})
         duplicates = await shell.submit(works, request.each_on_its_own, request.ByteSize()) if works else []
         if answers is None:  # all accepted (or the call failed)
@@ -170,6 +175,11 @@ class MasterService(master_pb2_grpc.MasterServicer):
                     results=batch, epoch=shell.epoch, cluster_id=shell.cluster_id)), limit)
             except asyncio.TimeoutError:
                 raise Overloaded(f"caller read nothing for {limit:g} s: dropped; call again") from None
+
+    async def CancelWork(self, request, context):
+        shell = self._shell(context)
+        work_ids = validation.check_work_ids(request.work_ids, "cancel")
+        return work_pb2.CancelWorkResponse(works=await shell.cancel(work_ids))
 
     async def ClusterInfo(self, request, context):
         return await self.node.cluster_info(self._shell(context))

@@ -247,11 +247,17 @@ class MasterShell:
         if not self.committer.has_room(MAX_EVENTS_PER_INPUT, MAX_STREAM_MESSAGE_BYTES * 8):
             log.warning("the journal is backed up: an input waits", extra={"epoch": self.epoch})
             return None
-        answer = decision(time.monotonic())
+        answer = decision(self._now())
         step = self.master.take()
         if step.events or step.effects or step.last_sequence > self.durable_sequence:
             self._commit(step)
         return answer
+
+    def _now(self) -> float:
+        """The decisions' clock (monotonic), with the Unix time's offset from it set."""
+        now = time.monotonic()
+        self.master.wall_offset = time.time() - now
+        return now
 
     async def _durable(self, future: asyncio.Future) -> None:
         try:
@@ -300,7 +306,7 @@ class MasterShell:
                              "retry later")
         if not committer.has_room(2 * len(works), 2 * (size or 0)):
             raise Overloaded(f"{committer.queued} events are waiting for the journal; retry later")
-        answers = self.master.submit(works, time.monotonic(), each_on_its_own, size)
+        answers = self.master.submit(works, self._now(), each_on_its_own, size)
         step = self.master.take()
         if self.state.payloads_apart:  # hand-outs in this step and soon after find them here
             for event in step.events:
@@ -312,6 +318,15 @@ class MasterShell:
         if self.metrics:
             self.metrics.accepted(accepted)
         return answers
+
+    async def cancel(self, work_ids: list[str]) -> list[work_pb2.WorkStatus]:
+        """Cancels works durably (see Master.cancel); their statuses after it."""
+        self.check_serving()
+        if not self._journal().has_room(len(work_ids), 0):
+            raise Overloaded(f"{self._journal().queued} events are waiting for the journal; retry later")
+        statuses = self.master.cancel(work_ids, self._now())
+        await self._durable(self._commit(self.master.take()))
+        return statuses
 
     async def status(self, work_id: str) -> work_pb2.WorkStatus | None:
         self.check_serving()
@@ -471,7 +486,11 @@ class MasterShell:
         interval = max(0.1, min(1.0, self.settings.work_timeout / 2))
         committer = self._journal()
         while self.closed is None:
-            await asyncio.sleep(interval)
+            due = self.master.next_due()  # a scheduled work may be due before the next tick
+            if due is None or committer.paused:
+                await asyncio.sleep(interval)
+            else:
+                await asyncio.sleep(min(interval, max(0.01, due - time.monotonic())))
             if committer.paused or committer.failed is not None:
                 continue
             overdue = self._decide(lambda now: self.master.tick(now, self.durable_sequence)) or []

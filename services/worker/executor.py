@@ -31,6 +31,7 @@ from dworkers.worker.jobs import Call
 # spawn, not fork: the parent runs gRPC and ZooKeeper threads.
 _CONTEXT = multiprocessing.get_context("spawn")
 PR_SET_PDEATHSIG = 1
+CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True)
@@ -40,29 +41,43 @@ class Outcome:
     error: str = ""
     seconds: float = 0.0
     content_type: str = ""  # of the result
+    permanent: bool = False  # a failure not worth retrying
+    cancelled: bool = False  # stopped because its work was cancelled
 
 
-def _describe(exc: BaseException) -> str:
-    last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
-    where = f" (at {last[0].filename}:{last[0].lineno})" if last else ""
-    return f"{type(exc).__name__}: {exc}{where}"
+TRACEBACK_FRAMES = 8  # the innermost frames an error keeps
+TRACEBACK_CHARS = 3000
+
+
+def describe(exc: BaseException) -> str:
+    """`Type: message (at file:line)`, then the innermost frames of its
+    traceback, bounded (the master keeps 4,096 characters of an error)."""
+    frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ else []
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    head = f"{type(exc).__name__}: {exc}"[:1000] + where
+    if not frames:
+        return head
+    stack = "".join(traceback.format_list(frames[-TRACEBACK_FRAMES:]))
+    if len(stack) > TRACEBACK_CHARS:
+        stack = "..." + stack[-TRACEBACK_CHARS:]
+    return f"{head}\nTraceback (innermost {min(len(frames), TRACEBACK_FRAMES)} of {len(frames)} frames):\n{stack}"
 
 
 def _run_job(registry, call: Call, loop: asyncio.AbstractEventLoop | None) -> tuple:
-    """(True, result, content type) or (False, error)."""
+    """(True, result, content type) or (False, error, permanent)."""
     registered = registry.get(call.kind)
     try:
         if registered is None:
             raise LookupError(f"this worker has no job of kind {call.kind!r}")
         return (True, *registered.run(call, loop))
     except Exception as exc:
-        return False, _describe(exc)
+        return False, describe(exc), registered is not None and not registered.retries(exc)
 
 
 def _outcome(reply: tuple, seconds: float) -> Outcome:
     if reply[0]:
         return Outcome(True, result=reply[1], content_type=reply[2], seconds=seconds)
-    return Outcome(False, error=reply[1], seconds=seconds)
+    return Outcome(False, error=reply[1], seconds=seconds, permanent=reply[2])
 
 
 def _die_with_parent() -> None:
@@ -162,6 +177,11 @@ class ProcessExecutor:
         return Outcome(False, error=f"timed out after {timeout:g} s; executor killed",
                        seconds=time.perf_counter() - self._started)
 
+    def cancelled(self) -> Outcome:
+        """Stops the running job: its child is killed (a new one starts for the next)."""
+        self.close()
+        return Outcome(False, error=CANCELLED, seconds=time.perf_counter() - self._started, cancelled=True)
+
     def _died(self) -> Outcome:
         process = self._process
         if process is not None:
@@ -223,6 +243,12 @@ class ThreadExecutor:
                 self.connection.recv()
         return Outcome(False, error=f"timed out after {timeout:g} s (the job's thread was abandoned)",
                        seconds=time.perf_counter() - self._started)
+
+    def cancelled(self) -> Outcome:
+        """A thread cannot be stopped: the job is abandoned (it runs on, unseen)."""
+        self.timed_out(0)
+        return Outcome(False, error=CANCELLED + " (the job's thread was abandoned)",
+                       seconds=time.perf_counter() - self._started, cancelled=True)
 
     def close(self) -> None:
         with self._lock:

@@ -20,7 +20,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from dworkers import codec
-from dworkers.common.limits import MAX_ATTEMPTS_LIMIT, MAX_TIMEOUT_SECONDS
+from dworkers.common.limits import (
+    MAX_ATTEMPTS_LIMIT,
+    MAX_BACKOFF_MULTIPLIER,
+    MAX_DELAY_SECONDS,
+    MAX_PRIORITY,
+    MAX_TIMEOUT_SECONDS,
+)
+
+
+class Permanent(Exception):
+    """Raised by a job (or raise ... from it) when retrying cannot help: the
+    work ends FAILED after this attempt, whatever attempts it has left."""
 
 
 @dataclass(frozen=True)
@@ -53,9 +64,12 @@ class Job:
     """A registered job: call it directly like the function, or `.submit(...)`
     it to a cluster through a client (see dworkers.Client)."""
 
-    def __init__(self, kind: str, func: Callable, max_attempts: int = 0, timeout: float = 0.0):
+    def __init__(self, kind: str, func: Callable, max_attempts: int = 0, timeout: float = 0.0,
+                 priority: int = 0, backoff: tuple[float, float, float] | None = None,
+                 retry_for: tuple[type[BaseException], ...] = (Exception,)):
         self.kind, self.func = kind, func
         self.max_attempts, self.timeout = max_attempts, timeout
+        self.priority, self.backoff, self.retry_for = priority, backoff, retry_for
         self.is_async = inspect.iscoroutinefunction(func)
         self.wants_context = "ctx" in inspect.signature(func).parameters
         self.__doc__, self.__name__ = func.__doc__, getattr(func, "__name__", kind)
@@ -72,6 +86,10 @@ class Job:
         from dworkers.client import default_client
 
         return (client or default_client()).submit(self.kind, *args, **kwargs)
+
+    def retries(self, error: BaseException) -> bool:
+        """Whether an attempt that raised `error` is worth retrying."""
+        return not isinstance(error, Permanent) and isinstance(error, self.retry_for)
 
     def run(self, call: Call, loop: asyncio.AbstractEventLoop | None = None) -> tuple[bytes, str]:
         """Runs one attempt; returns the result's bytes and content type."""
@@ -93,19 +111,29 @@ class Job:
 JOBS: dict[str, Job] = {}
 
 
-def job(kind: str, *, max_attempts: int = 0, timeout: float = 0.0):
-    """Registers the decorated function as the job for `kind`; `max_attempts`
-    and `timeout` (seconds per attempt) become the defaults of works of this
-    kind that set neither, however submitted: workers declare them to the
-    master (0: the cluster's defaults)."""
+def job(kind: str, *, max_attempts: int = 0, timeout: float = 0.0, priority: int = 0,
+        backoff: tuple[float, float, float] | tuple[float, float] | None = None,
+        retry_for: type[BaseException] | tuple[type[BaseException], ...] = Exception):
+    """Registers the decorated function as the job for `kind`. `max_attempts`,
+    `timeout` (seconds per attempt), `priority` (higher first) and `backoff`
+    ((initial, multiplier[, max]) seconds between failed attempts: the n-th
+    retry waits initial * multiplier^(n-1), at most max, jittered into its
+    upper half) become the defaults of works of this kind that set none,
+    however submitted: workers declare them to the master (0 and None: the
+    cluster's defaults, and retries at once). An attempt that raises an
+    error outside `retry_for`, or `Permanent`, is not retried."""
 
     if not 0 <= max_attempts <= MAX_ATTEMPTS_LIMIT:
         raise ValueError(f"@job({kind!r}): max_attempts must be between 0 and {MAX_ATTEMPTS_LIMIT}")
     if not 0 <= timeout <= MAX_TIMEOUT_SECONDS:  # NaN fails too
         raise ValueError(f"@job({kind!r}): timeout must be between 0 and {MAX_TIMEOUT_SECONDS:.0f} seconds")
+    if not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
+        raise ValueError(f"@job({kind!r}): priority must be between -{MAX_PRIORITY} and {MAX_PRIORITY}")
+    backoff_values = _backoff(kind, backoff)
+    retry_types = retry_for if isinstance(retry_for, tuple) else (retry_for,)
 
     def register(func) -> Job:
-        registered = Job(kind, func, max_attempts, timeout)
+        registered = Job(kind, func, max_attempts, timeout, priority, backoff_values, retry_types)
         JOBS[kind] = registered
         return registered
 
@@ -121,6 +149,20 @@ def load(modules: list[str]) -> dict[str, Job]:
     for name in modules:
         importlib.import_module(name)
     return JOBS
+
+
+def _backoff(kind: str, backoff) -> tuple[float, float, float] | None:
+    if backoff is None:
+        return None
+    values = tuple(float(v) for v in backoff)
+    if len(values) == 2:
+        values = (*values, 0.0)
+    if len(values) != 3 or not (0 < values[0] <= MAX_DELAY_SECONDS and 1 <= values[1] <= MAX_BACKOFF_MULTIPLIER
+                                and 0 <= values[2] <= MAX_DELAY_SECONDS):
+        raise ValueError(f"@job({kind!r}): backoff is (initial, multiplier[, max]) seconds: initial above 0, "
+                         f"multiplier from 1 to {MAX_BACKOFF_MULTIPLIER:g}, max 0 (none) or up to "
+                         f"{MAX_DELAY_SECONDS:.0f}")
+    return values
 
 
 def _text(value: bytes | str) -> str:

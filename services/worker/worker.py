@@ -14,6 +14,7 @@ gRPC's sender drains the outbox, merging what is queued into one message.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -152,9 +153,8 @@ class Worker:
         self.host = socket.gethostname()
         registry = jobs.load(settings.job_modules)
         self.kinds = sorted(registry)  # declared when registering, with their options
-        self.defaults = [master_pb2.KindDefaults(kind=kind, max_attempts=job.max_attempts,
-                                                 timeout_seconds=job.timeout)
-                         for kind, job in sorted(registry.items()) if job.max_attempts or job.timeout]
+        self.defaults = [kind_defaults(job) for _, job in sorted(registry.items())
+                         if job.max_attempts or job.timeout or job.priority or job.backoff]
         prefix = slot_prefix(self.host, os.getpid())
         executor = EXECUTORS[settings.executor]
         self.slots = {f"{prefix}-{i}": Slot(f"{prefix}-{i}", executor(settings.job_modules), 1 + settings.prefetch)
@@ -167,6 +167,7 @@ class Worker:
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._stream = None
+        self._cancelling: set[int] = set()  # tokens of running attempts to stop (by the dispatcher)
 
     # --- running jobs --------------------------------------------------------
 
@@ -218,6 +219,7 @@ class Worker:
                     continue
                 slot = by_connection[item]
                 self._finished(slot, slot.executor.collect())
+            self._stop_cancelled()
             now = time.monotonic()
             for slot in busy:
                 assignment = slot.assignment
@@ -225,6 +227,37 @@ class Worker:
                         and slot.executor.connection not in ready:
                     timeout_seconds = assignment.timeout_seconds or self.settings.default_timeout
                     self._finished(slot, slot.executor.timed_out(timeout_seconds))
+
+    def _cancel(self, tokens) -> None:
+        """The master cancelled these attempts' works: those held ahead are
+        dropped here; the dispatcher stops the running ones."""
+        wanted = set(tokens)
+        room = []
+        with self._lock:
+            for slot in self.slots.values():
+                kept = deque(a for a in slot.queued if a.attempt_token not in wanted)
+                if len(kept) < len(slot.queued):
+                    slot.queued = kept
+                    if not self._stopping.is_set():
+                        room.append(slot.worker_id)
+                if slot.assignment is not None and slot.assignment.attempt_token in wanted:
+                    self._cancelling.add(slot.assignment.attempt_token)
+        if room:  # the master freed their places: fill them
+            self._send(master_pb2.WorkerMessage(request_work=master_pb2.WorkerRequestsWork(worker_ids=room)))
+        os.write(self._wake_writer, b"x")
+
+    def _stop_cancelled(self) -> None:
+        """Stops running attempts whose works were cancelled (on the dispatcher's thread)."""
+        with self._lock:
+            cancelling, self._cancelling = self._cancelling, set()
+        if not cancelling:
+            return
+        for slot in list(self.slots.values()):
+            assignment = slot.assignment
+            if assignment is not None and assignment.attempt_token in cancelling:
+                log.info("work cancelled: stopping it", extra={"work_id": assignment.work.work_id,
+                                                              "worker_id": slot.worker_id})
+                self._finished(slot, slot.executor.cancelled())
 
     def _finished(self, slot: Slot, outcome: Outcome) -> None:
         with self._lock:
@@ -242,8 +275,9 @@ class Worker:
             outcome = Outcome(False, error=f"result of {len(outcome.result)} bytes exceeds the limit of "
                                            f"{MAX_RESULT_BYTES} bytes", seconds=outcome.seconds)
         if len(outcome.error) > MAX_ERROR_CHARS:
-            outcome = Outcome(False, error=outcome.error[:MAX_ERROR_CHARS] + "...", seconds=outcome.seconds)
-        self.metrics.executed(work.kind, "ok" if outcome.ok else "error", outcome.seconds)
+            outcome = dataclasses.replace(outcome, error=outcome.error[:MAX_ERROR_CHARS - 3] + "...")
+        self.metrics.executed(work.kind, "ok" if outcome.ok else "cancelled" if outcome.cancelled else "error",
+                              outcome.seconds)
         if outcome.ok:
             message = master_pb2.WorkerMessage(done=master_pb2.WorkIsDone(completions=[
                 master_pb2.Completion(worker_id=slot.worker_id, work_id=work.work_id, result=outcome.result,
@@ -253,8 +287,11 @@ class Worker:
         else:
             message = master_pb2.WorkerMessage(failed=master_pb2.WorkFailed(failures=[
                 master_pb2.Failure(worker_id=slot.worker_id, work_id=work.work_id, error=outcome.error,
-                                   attempt=assignment.attempt, attempt_token=assignment.attempt_token)]))
-            log.warning("work failed: %s", outcome.error, extra={"work_id": work.work_id, "worker_id": slot.worker_id})
+                                   attempt=assignment.attempt, attempt_token=assignment.attempt_token,
+                                   permanent=outcome.permanent)]))
+            if not outcome.cancelled:
+                log.warning("work failed: %s", outcome.error.split("\n", 1)[0],
+                            extra={"work_id": work.work_id, "worker_id": slot.worker_id})
         if not self._stopping.is_set() and slot.has_room:  # the same message asks for the next work
             message.request_work.worker_ids.append(slot.worker_id)
         with self._lock:
@@ -343,6 +380,8 @@ class Worker:
         if message.HasField("works"):
             for assignment in message.works.assignments:
                 self._take(assignment)
+        if message.HasField("cancel"):
+            self._cancel(message.cancel.attempt_tokens)
         if message.HasField("work_is_ready") and not self._stopping.is_set():
             self._send(self._request_idle())
 
@@ -448,6 +487,16 @@ class Worker:
     def _busy(self) -> bool:
         with self._lock:
             return any(s.busy for s in self.slots.values())
+
+
+def kind_defaults(job: jobs.Job) -> master_pb2.KindDefaults:
+    """A job's options, as its workers declare them to the master."""
+    defaults = master_pb2.KindDefaults(kind=job.kind, max_attempts=job.max_attempts, timeout_seconds=job.timeout,
+                                       priority=job.priority)
+    if job.backoff is not None:
+        b = defaults.backoff
+        b.initial_seconds, b.multiplier, b.max_seconds = job.backoff
+    return defaults
 
 
 def merge(messages: list[master_pb2.WorkerMessage]) -> master_pb2.WorkerMessage:

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 from collections import deque
 from dataclasses import dataclass
 
-from dworkers.common.errors import Conflict, Overloaded
+from dworkers.common.errors import Conflict, NotFound, Overloaded, WrongState
+from dworkers.common.limits import MAX_DELAY_SECONDS
 from dworkers.common.settings import setting
 from dworkers.common.validation import (
     MAX_ERROR_CHARS,
@@ -26,12 +28,23 @@ from dworkers.common.validation import (
 )
 from dworkers.master.domain.effects import DeclareKinds, Disconnect, HandOut, Send, Step
 from dworkers.master.domain.scheduler import Scheduler, Slot
-from dworkers.master.domain.state import WorkState, fingerprint
+from dworkers.master.domain.state import Entry, WorkState, fingerprint
 from dworkers.v1 import journal_pb2, master_pb2, work_pb2
 
 CONNECTION_LOST_ERROR = "worker connection lost"
 SILENT_ERROR = "worker went silent"
 MiB = 1024 * 1024
+READY_PER_TICK = 10_000  # scheduled works queued by one tick at most (the next tick comes at once)
+
+
+def backoff_delay(backoff: tuple[float, float, float], retry: int, draw: float) -> float:
+    """Seconds before the `retry`-th retry (1 for the first): the back-off's
+    initial delay times its multiplier per retry before, capped, then
+    jittered into its upper half by `draw` (0 to 1)."""
+    initial, multiplier, cap = backoff
+    delay = min(cap or MAX_DELAY_SECONDS, MAX_DELAY_SECONDS,
+                initial * (multiplier or 2.0) ** min(retry - 1, 64))
+    return delay / 2 + draw * delay / 2
 
 
 @dataclass(frozen=True)
@@ -92,13 +105,19 @@ def hand_outs(assignments: list[master_pb2.Assignment], epoch: int, cluster_id: 
 
 class Master:
     def __init__(self, state: WorkState, settings: CoreSettings, epoch: int = 0, cluster_id: str = "",
-                 new_token=None):
+                 new_token=None, rng: random.Random | None = None):
         self.state = state
         self.scheduler = Scheduler()
         self.settings = settings
         self.epoch = epoch
         self.cluster_id = cluster_id
         self.new_token = new_token or Tokens().new
+        self.rng = rng or random.Random()  # the jitter of back-offs (journaled: replays need none)
+        # Decisions get `now` from a monotonic clock (deadlines survive clock
+        # steps); times that outlive this master (a work's not_before, a
+        # retry's back-off) are Unix times: now + wall_offset. The shell sets
+        # it before each decision; with a fake clock it stays 0.
+        self.wall_offset = 0.0
         self._step = Step()
         self._finished_at: deque[tuple[int, float]] = deque()  # (sequence, when) for retention by age
 
@@ -121,6 +140,23 @@ class Master:
                 elif self.state.payloads_apart:  # the journal stores the result under its number
                     event.work_completed.sequence = result.sequence
         step.events += events
+
+    def _failed(self, entry: Entry, token: int, error: str, now: float,
+                permanent: bool = False) -> journal_pb2.Event:
+        """The event of a failed attempt: retried after its back-off, if it has one and attempts left."""
+        return journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(
+            work_id=entry.work_id, error=error, attempt_token=token, permanent=permanent,
+            retry_at=0.0 if permanent else self._retry_at(entry, now)))
+
+    def _timed_out(self, entry: Entry, token: int, now: float) -> journal_pb2.Event:
+        return journal_pb2.Event(worker_timed_out=journal_pb2.WorkerTimedOut(
+            work_id=entry.work_id, attempt_token=token, retry_at=self._retry_at(entry, now)))
+
+    def _retry_at(self, entry: Entry, now: float) -> float:
+        retry = entry.failures + 1  # the failure being recorded is the retry's cause
+        if entry.backoff is None or retry >= entry.max_attempts:
+            return 0.0
+        return now + self.wall_offset + backoff_delay(entry.backoff, retry, self.rng.random())
 
     def _send(self, connection, message: master_pb2.MasterMessage, size: int) -> None:
         self._step.effects.append(Send(connection, message, size))
@@ -192,7 +228,7 @@ class Master:
         known = len(self.scheduler)
         dropped = self.scheduler.register(connection, message.worker_ids, message.host, kinds, now,
                                           capacity=1 + message.prefetch, running=message.running)
-        self._record([e for slot in dropped for e in self._attempts_lost(slot, CONNECTION_LOST_ERROR)], now)
+        self._record([e for slot in dropped for e in self._attempts_lost(slot, CONNECTION_LOST_ERROR, now)], now)
         if len(self.scheduler) > known or dropped:
             self._step.effects.append(DeclareKinds(kinds, tuple(message.defaults)))
             self.announce(now)  # new idle slots: tell them work is ready
@@ -275,25 +311,23 @@ class Master:
                 result = report.result
                 if not valid_content_type(report.content_type):
                     if running:
-                        events.append(journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(
-                            work_id=work_id, attempt_token=token,
-                            error=f"the worker reported a malformed content type {report.content_type[:64]!r}")))
+                        events.append(self._failed(
+                            entry, token, f"the worker reported a malformed content type {report.content_type[:64]!r}",
+                            now))
                         requeued = True
                 elif len(result) <= MAX_RESULT_BYTES:
                     events.append(journal_pb2.Event(work_completed=journal_pb2.WorkCompleted(
                         work_id=work_id, result=result, attempt_token=token, content_type=report.content_type)))
                 elif running:  # it cannot be journaled: the attempt fails
-                    events.append(journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(
-                        work_id=work_id, attempt_token=token,
-                        error=f"result of {len(result)} bytes exceeds the limit of {MAX_RESULT_BYTES}")))
+                    events.append(self._failed(
+                        entry, token, f"result of {len(result)} bytes exceeds the limit of {MAX_RESULT_BYTES}", now))
                     requeued = True
             elif running and report.returned:
                 events.append(journal_pb2.Event(work_returned=journal_pb2.WorkReturned(
                     work_id=work_id, attempt_token=token)))
                 requeued = True
             elif running:
-                events.append(journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(
-                    work_id=work_id, error=report.error[:MAX_ERROR_CHARS], attempt_token=token)))
+                events.append(self._failed(entry, token, report.error[:MAX_ERROR_CHARS], now, report.permanent))
                 requeued = True
         self._record(events, now)
         if acks:  # tokens are varints of at most 10 bytes
@@ -304,12 +338,12 @@ class Master:
     def disconnected(self, connection, now: float) -> None:
         """A worker process's stream ended: its running work goes back to the queue."""
         lost = self.scheduler.forget(connection)
-        events = [e for slot in lost for e in self._attempts_lost(slot, CONNECTION_LOST_ERROR)]
+        events = [e for slot in lost for e in self._attempts_lost(slot, CONNECTION_LOST_ERROR, now)]
         if events:
             self._record(events, now)
             self.announce(now)
 
-    def _attempts_lost(self, slot: Slot, error: str) -> list[journal_pb2.Event]:
+    def _attempts_lost(self, slot: Slot, error: str, now: float) -> list[journal_pb2.Event]:
         """The events that end the attempts a dropped slot held, those that
         still count: the one it ran failed; those prefetched behind it never
         ran, so they go back to the queue as returned (not a failed attempt)."""
@@ -322,8 +356,7 @@ class Master:
                 events.append(journal_pb2.Event(work_returned=journal_pb2.WorkReturned(
                     work_id=held.work_id, attempt_token=held.token)))
             else:
-                events.append(journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(
-                    work_id=held.work_id, error=error, attempt_token=held.token)))
+                events.append(self._failed(entry, held.token, error, now))
         return events
 
     def announce(self, now: float) -> None:
@@ -342,10 +375,10 @@ class Master:
     # --- housekeeping ----------------------------------------------------------
 
     def tick(self, now: float, durable_sequence: int) -> list[tuple[Slot, str]]:
-        """Ends attempts past their deadline, drops silent slots, forgets old
-        results (up to `durable_sequence`, those already published); returns
-        the slots whose attempt timed out, with its work id (for the shell's
-        log and metrics)."""
+        """Ends attempts past their deadline, drops silent slots, queues
+        scheduled works whose time came, forgets old results (up to
+        `durable_sequence`, those already published); returns the slots whose
+        attempt timed out, with its work id (for the shell's log and metrics)."""
         scheduler, events = self.scheduler, []
         overdue = []
         for slot in scheduler.overdue(now):
@@ -358,12 +391,11 @@ class Master:
             overdue.append((slot, late.work_id))
             entry = self.state.in_progress.get(late.work_id)
             if entry is not None and entry.token == late.token:
-                events.append(journal_pb2.Event(worker_timed_out=journal_pb2.WorkerTimedOut(
-                    work_id=late.work_id, attempt_token=late.token)))
+                events.append(self._timed_out(entry, late.token, now))
         silent: dict = {}
         for slot in scheduler.silent(now, self.settings.worker_timeout):
             scheduler.drop(slot.worker_id)
-            events += self._attempts_lost(slot, SILENT_ERROR)
+            events += self._attempts_lost(slot, SILENT_ERROR, now)
             silent[id(slot.connection)] = slot.connection
         for connection in silent.values():
             self._step.effects.append(Disconnect(connection, SILENT_ERROR))
@@ -372,8 +404,10 @@ class Master:
         handled = {e.worker_timed_out.work_id or e.worker_failed.work_id or e.work_returned.work_id for e in events}
         for work_id, entry in self.state.in_progress.items():
             if entry.token not in scheduler.running and work_id not in handled:
-                events.append(journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(
-                    work_id=work_id, error=CONNECTION_LOST_ERROR, attempt_token=entry.token)))
+                events.append(self._failed(entry, entry.token, CONNECTION_LOST_ERROR, now))
+        due = self.state.scheduled.due(now + self.wall_offset, READY_PER_TICK)
+        if due:
+            events.append(journal_pb2.Event(works_ready=journal_pb2.WorksReady(work_ids=due)))
         self._record(events, now)
         self.announce(now)  # e.g. requests that waited while the journal was backed up
         self.forget_old_results(now, durable_sequence)
@@ -399,6 +433,50 @@ class Master:
             self._record([journal_pb2.Event(results_forgotten=journal_pb2.ResultsForgotten(up_to_sequence=cutoff))],
                          now)
 
+    def next_due(self) -> float | None:
+        """When (in `now`'s clock) the next scheduled work is due; None if none is."""
+        due = self.state.scheduled.next_time()
+        return None if due is None else due - self.wall_offset
+
+    # --- control ---------------------------------------------------------------
+
+    def cancel(self, work_ids: list[str], now: float) -> list[work_pb2.WorkStatus]:
+        """Cancels works (all or none): pending and scheduled ones end at
+        once; running ones too, and their slots are told to stop them (the
+        slot's next attempt runs from now). Cancelling a cancelled work again
+        is fine; an unknown or otherwise finished one refuses the call."""
+        state, scheduler = self.state, self.scheduler
+        work_ids = list(dict.fromkeys(work_ids))
+        unknown, finished = [], []
+        for work_id in work_ids:
+            if state.unfinished(work_id) is None:
+                result = state.finished.get(work_id)
+                if result is None:
+                    unknown.append(work_id)
+                elif result.state != work_pb2.CANCELLED:
+                    finished.append(result)
+        if unknown:
+            raise NotFound(f"no work {_listed(unknown)}: never accepted, or its result left the retention window")
+        if finished:
+            raise WrongState("cannot cancel " + ", ".join(
+                f"work {r.work_id!r}: it already finished {work_pb2.State.Name(r.state)}" for r in finished[:5]))
+        events = []
+        stops: dict[int, tuple] = {}  # by connection: (connection, tokens)
+        for work_id in work_ids:
+            if state.unfinished(work_id) is None:
+                continue  # cancelled already
+            entry = state.in_progress.get(work_id)
+            slot = scheduler.running.get(entry.token) if entry is not None else None
+            if entry is not None and slot is not None:
+                scheduler.finish(slot, entry.token, now)
+                stops.setdefault(id(slot.connection), (slot.connection, []))[1].append(entry.token)
+            events.append(journal_pb2.Event(work_cancelled=journal_pb2.WorkCancelled(work_id=work_id)))
+        self._record(events, now)
+        for connection, tokens in stops.values():
+            self._send(connection, self._message(cancel=master_pb2.Cancel(attempt_tokens=tokens)),
+                       11 * len(tokens) + 64)
+        return [state.status(work_id) for work_id in work_ids]
+
     # --- questions -------------------------------------------------------------
 
     def status(self, work_id: str) -> work_pb2.WorkStatus | None:
@@ -409,6 +487,7 @@ class Master:
         waiting = pending.counts()
         return {
             "pending": len(pending), "in_progress": len(self.state.in_progress),
+            "scheduled": len(self.state.scheduled), "cancelled": self.state.cancelled_count,
             "done": self.state.done_count, "failed": self.state.failed_count,
             "last_sequence": self.state.last_sequence,
             "workers_busy": scheduler.busy_count,
@@ -419,3 +498,8 @@ class Master:
             "unfinished_bytes": self.state.unfinished_bytes,
             "result_bytes": self.state.result_bytes,
         }
+
+
+def _listed(work_ids: list[str]) -> str:
+    shown = ", ".join(repr(w) for w in work_ids[:5])
+    return shown + (f" and {len(work_ids) - 5} more" if len(work_ids) > 5 else "")

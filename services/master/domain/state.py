@@ -10,9 +10,11 @@ raises ImpossibleEvent instead.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import heapq
+import itertools
 import operator
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from dworkers.v1 import journal_pb2, work_pb2
 
 TIMED_OUT_ERROR = "attempt timed out"
+CANCELLED_ERROR = "cancelled"
 STALE = -1  # the ticket of an entry no longer queued
 ENTRY_OVERHEAD_BYTES = 32  # what a work costs in a snapshot beyond its own bytes
 
@@ -42,6 +45,8 @@ _KINDS: dict[str, str] = {}
 _SIZES: dict[int, int] = {}
 _TIMEOUTS: dict[float, float] = {}
 _CONTENT_TYPES: dict[str, str] = {}
+_BACKOFFS: dict[tuple, tuple] = {}
+NOT_BEFORE_FIELD_BYTES = 9  # a double field: its tag and 8 bytes
 
 
 def _shared(value, table: dict):
@@ -67,26 +72,34 @@ class Entry:
     token: int = 0  # its latest attempt's token: only reports that carry it count
     ticket: int = STALE  # its place in the queue while pending
     content_type: str = ""  # of the payload
+    priority: int = 0  # higher first
+    ready_at: float = 0.0  # while scheduled: the Unix time it is queued at
+    backoff: tuple[float, float, float] | None = None  # (initial, multiplier, max) seconds between attempts
 
     @classmethod
     def of(cls, work: work_pb2.Work, keep_payload: bool = True, digest: bytes = b"") -> Entry:
         """The entry of an accepted work. Without its payload, its size is the
         work's without the payload (so an event stored without it gives the
-        same entry), and `digest` is the event's fingerprint if it has one."""
+        same entry), and `digest` is the event's fingerprint if it has one.
+        Its size leaves out not_before, which a snapshot keeps apart (ready_at)."""
         kind = _shared(work.kind, _KINDS)
         payload = work.payload
-        size = work.ByteSize() + ENTRY_OVERHEAD_BYTES
+        size = work.ByteSize() + ENTRY_OVERHEAD_BYTES - (NOT_BEFORE_FIELD_BYTES if work.not_before else 0)
         timeout = _shared(work.timeout_seconds, _TIMEOUTS) if work.timeout_seconds else 0.0
         content_type = _shared(work.content_type, _CONTENT_TYPES)
+        b = work.backoff
+        backoff = _shared((b.initial_seconds, b.multiplier, b.max_seconds), _BACKOFFS) \
+            if b.initial_seconds else None
         if keep_payload:
             return cls(work.work_id, kind, payload, work.max_attempts, timeout, _shared(size, _SIZES),
-                       content_type=content_type)
+                       content_type=content_type, priority=work.priority, ready_at=work.not_before, backoff=backoff)
         return cls(work.work_id, kind, None, work.max_attempts, timeout,
                    _shared(size - payload_field_bytes(len(payload)), _SIZES), digest or fingerprint(kind, payload),
-                   content_type=content_type)
+                   content_type=content_type, priority=work.priority, ready_at=work.not_before, backoff=backoff)
 
     def work(self) -> work_pb2.Work:
-        """The work as submitted (without its payload if the journal keeps it)."""
+        """The work as submitted (without its payload if the journal keeps it,
+        and without not_before: see ready_at)."""
         return self.fill(work_pb2.Work())
 
     def fill(self, work: work_pb2.Work) -> work_pb2.Work:
@@ -98,6 +111,11 @@ class Entry:
             work.timeout_seconds = self.timeout_seconds
         if self.content_type:
             work.content_type = self.content_type
+        if self.priority:
+            work.priority = self.priority
+        if self.backoff is not None:
+            b = work.backoff
+            b.initial_seconds, b.multiplier, b.max_seconds = self.backoff
         return work
 
     def fingerprint(self) -> bytes:
@@ -115,17 +133,20 @@ _TICKET = operator.attrgetter("ticket")
 
 
 class PendingQueue:
-    """Pending works in FIFO order, kept per kind: a slot finds the oldest
-    work it can run at a cost that grows with its kinds, not with the queue.
+    """Pending works, highest priority first and FIFO within a priority,
+    kept per kind and priority: a slot finds the next work it can run at a
+    cost that grows with its kinds and their distinct priorities, not with
+    the queue.
 
-    Each kind's queue is a deque of entries; an entry taken out of the middle
-    is marked stale and stays there until it reaches the front (an entry is
-    queued once: queueing a work again queues a fresh entry), which keeps a
-    pending work at the cost of one dict slot and one deque slot."""
+    Each (kind, priority) queue is a deque of entries; an entry taken out of
+    the middle is marked stale and stays there until it reaches the front
+    (an entry is queued once: queueing a work again queues a fresh entry),
+    which keeps a pending work at the cost of one dict slot and one deque slot."""
 
     def __init__(self) -> None:
         self._entries: dict[str, Entry] = {}
-        self._by_kind: dict[str, deque[Entry]] = {}
+        self._queues: dict[tuple[str, int], deque[Entry]] = {}
+        self._levels: dict[str, list[int]] = {}  # per kind: the priorities queued, highest first
         self._count_by_kind: dict[str, int] = {}
         self._next_ticket = 0
 
@@ -142,82 +163,153 @@ class PendingQueue:
         return self._entries.get(work_id)
 
     def __iter__(self) -> Iterator[str]:
-        """Work ids in queue order."""
+        """Work ids in the order they were queued."""
         return (entry.work_id for entry in self.entries())
 
     def entries(self) -> Iterator[Entry]:
-        """Entries in queue order (merged across kinds)."""
-        live = [[e for e in queue if e.ticket >= 0] for queue in self._by_kind.values()]
+        """Entries in the order they were queued (merged across queues)."""
+        live = [[e for e in queue if e.ticket >= 0] for queue in self._queues.values()]
         return iter(live[0]) if len(live) == 1 else heapq.merge(*live, key=_TICKET)
 
     def push(self, entry: Entry) -> Entry:
-        """Queues a work again, at the back, as a fresh entry (the old one may
-        still sit, stale, in its kind's queue); returns that entry."""
+        """Queues a work again, at the back of its priority, as a fresh entry
+        (the old one may still sit, stale, in a queue); returns that entry."""
         return self.push_new(dataclasses.replace(entry))
 
     def push_new(self, entry: Entry) -> Entry:
-        """Queues an entry that was never queued, at the back."""
-        entry.ticket = self._next_ticket
-        self._next_ticket += 1
-        kind = entry.kind
-        self._entries[entry.work_id] = entry
-        queue = self._by_kind.get(kind)
-        if queue is None:
-            queue = self._by_kind[kind] = deque()
-        queue.append(entry)
-        self._count_by_kind[kind] = self._count_by_kind.get(kind, 0) + 1
-        return entry
-
-    def pop(self, work_id: str) -> Entry | None:
-        entry = self._entries.pop(work_id, None)
-        if entry is not None:
-            entry.ticket = STALE  # if it is not at the front, its slot there is skipped later
-            kind = entry.kind
-            self._count_by_kind[kind] -= 1
-            if not self._count_by_kind[kind]:
-                del self._count_by_kind[kind], self._by_kind[kind]
-            else:
-                self._front(kind)
+        """Queues an entry that was never queued, at the back of its priority."""
+        self.extend((entry,))
         return entry
 
     def extend(self, entries: Iterable[Entry]) -> None:
         """Queues entries that were never queued, at the back, in order
-        (push_new for many: recovery loads a snapshot's queue this way)."""
-        by_id, by_kind, counts = self._entries, self._by_kind, self._count_by_kind
+        (recovery loads a snapshot's queue this way)."""
+        by_id, queues, counts = self._entries, self._queues, self._count_by_kind
         ticket = self._next_ticket
         for entry in entries:
             entry.ticket = ticket
             ticket += 1
             kind = entry.kind
             by_id[entry.work_id] = entry
-            queue = by_kind.get(kind)
+            key = (kind, entry.priority)
+            queue = queues.get(key)
             if queue is None:
-                queue = by_kind[kind] = deque()
+                queue = queues[key] = deque()
+                levels = self._levels.setdefault(kind, [])
+                bisect.insort(levels, -entry.priority)  # kept negated: ascending is highest first
             queue.append(entry)
             counts[kind] = counts.get(kind, 0) + 1
         self._next_ticket = ticket
 
-    def _front(self, kind: str) -> Entry | None:
-        """The oldest queued entry of a kind, dropping stale ones before it."""
-        queue = self._by_kind.get(kind)
+    def pop(self, work_id: str) -> Entry | None:
+        entry = self._entries.pop(work_id, None)
+        if entry is not None:
+            entry.ticket = STALE  # if it is not at the front, its place there is skipped later
+            kind = entry.kind
+            self._count_by_kind[kind] -= 1
+            if not self._count_by_kind[kind]:
+                del self._count_by_kind[kind]
+            self._front(kind, entry.priority)
+        return entry
+
+    def _front(self, kind: str, priority: int) -> Entry | None:
+        """The oldest queued entry of a kind and priority, dropping stale ones
+        before it (and the queue, once empty)."""
+        key = (kind, priority)
+        queue = self._queues.get(key)
         while queue:
             if queue[0].ticket >= 0:
                 return queue[0]
             queue.popleft()
+        if queue is not None:
+            del self._queues[key]
+            levels = self._levels[kind]
+            levels.remove(-priority)
+            if not levels:
+                del self._levels[kind]
+        return None
+
+    def _next(self, kind: str) -> Entry | None:
+        """The entry of a kind to hand out next: the oldest of its highest priority."""
+        levels = self._levels.get(kind)
+        while levels:
+            head = self._front(kind, -levels[0])
+            if head is not None:
+                return head
+            levels = self._levels.get(kind)
         return None
 
     def oldest(self, kinds: Iterable[str]) -> Entry | None:
-        """The oldest pending work of one of `kinds`."""
+        """The next pending work of one of `kinds`: the highest priority, the
+        oldest within it."""
         best = None
         for kind in kinds:
-            head = self._front(kind)
-            if head is not None and (best is None or head.ticket < best.ticket):
+            head = self._next(kind)
+            if head is not None and (best is None or head.priority > best.priority
+                                     or (head.priority == best.priority and head.ticket < best.ticket)):
                 best = head
         return best
 
     def counts(self) -> dict[str, int]:
         """Pending works per kind."""
         return dict(self._count_by_kind)
+
+
+class Schedule:
+    """Works waiting for their time (ready_at, Unix seconds): a dict and a
+    heap, so that finding the due ones costs in proportion to them, not to
+    all that wait. Heap items of works no longer scheduled (or scheduled
+    again for another time) are dropped lazily when they reach the top."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Entry] = {}
+        self._heap: list[tuple[float, int, Entry]] = []
+        self._counter = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, work_id: object) -> bool:
+        return work_id in self._entries
+
+    def get(self, work_id: str) -> Entry | None:
+        return self._entries.get(work_id)
+
+    def values(self) -> Iterable[Entry]:
+        return self._entries.values()
+
+    def add(self, entry: Entry) -> None:
+        self._entries[entry.work_id] = entry
+        heapq.heappush(self._heap, (entry.ready_at, next(self._counter), entry))
+
+    def pop(self, work_id: str) -> Entry | None:
+        return self._entries.pop(work_id, None)
+
+    def _live(self, item: tuple[float, int, Entry]) -> bool:
+        entry = item[2]
+        return self._entries.get(entry.work_id) is entry and entry.ready_at == item[0]
+
+    def next_time(self) -> float | None:
+        """When the next scheduled work is due (None: none is scheduled)."""
+        heap = self._heap
+        while heap and not self._live(heap[0]):
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def due(self, now: float, limit: int) -> list[str]:
+        """Up to `limit` ids of works due at `now`, earliest first. They stay
+        scheduled until WorksReady queues them (their heap items go now)."""
+        heap, found = self._heap, dict[str, None]()
+        while heap and len(found) < limit:
+            item = heap[0]
+            if not self._live(item):
+                heapq.heappop(heap)
+                continue
+            if item[0] > now:
+                break
+            heapq.heappop(heap)
+            found[item[2].work_id] = None
+        return list(found)
 
 
 class ImpossibleEvent(ValueError):
@@ -229,6 +321,7 @@ class WorkState:
         self.strict = strict
         self.payloads_apart = payloads_apart  # the journal keeps payloads: entries hold none
         self.pending = PendingQueue()
+        self.scheduled = Schedule()  # waiting for their time: delayed, or backing off between attempts
         self.in_progress: dict[str, Entry] = {}
         self.finished: dict[str, work_pb2.WorkResult] = {}  # by work id
         self.results: OrderedDict[int, work_pb2.WorkResult] = OrderedDict()  # by sequence
@@ -237,6 +330,7 @@ class WorkState:
         self.forgotten_up_to = 0  # results up to here left the retention window
         self.done_count = 0
         self.failed_count = 0
+        self.cancelled_count = 0
         self.unfinished_bytes = 0  # held by pending and in-progress works
         self.result_bytes = 0  # held by retained results
         self._handlers = {
@@ -248,6 +342,8 @@ class WorkState:
             "work_returned": self._on_work_returned,
             "work_in_progress_reset": self._on_work_in_progress_reset,
             "results_forgotten": self._on_results_forgotten,
+            "work_cancelled": self._on_work_cancelled,
+            "works_ready": self._on_works_ready,
         }
 
     # --- queries -----------------------------------------------------------
@@ -257,7 +353,8 @@ class WorkState:
         return self.next_sequence - 1
 
     def is_known(self, work_id: str) -> bool:
-        return work_id in self.pending or work_id in self.in_progress or work_id in self.finished
+        return (work_id in self.pending or work_id in self.in_progress or work_id in self.scheduled
+                or work_id in self.finished)
 
     def conflicts(self, work: work_pb2.Work) -> bool:
         """Whether a known id was accepted with a different kind or payload."""
@@ -268,8 +365,8 @@ class WorkState:
         return stored is not None and stored != fingerprint(work.kind, work.payload)
 
     def unfinished(self, work_id: str) -> Entry | None:
-        """The entry of a pending or in-progress work."""
-        return self.pending.get(work_id) or self.in_progress.get(work_id)
+        """The entry of a pending, scheduled or in-progress work."""
+        return self.pending.get(work_id) or self.in_progress.get(work_id) or self.scheduled.get(work_id)
 
     def head(self) -> str | None:
         """The id of the oldest pending work."""
@@ -283,15 +380,14 @@ class WorkState:
                 result=result.result, error=result.error, sequence=result.sequence,
                 content_type=result.content_type,
             )
-        if work_id in self.pending:
-            entry, state = self.pending[work_id], work_pb2.PENDING
-        elif work_id in self.in_progress:
-            entry, state = self.in_progress[work_id], work_pb2.IN_PROGRESS
-        else:
+        entry = self.unfinished(work_id)
+        if entry is None:
             return None
+        state = work_pb2.PENDING if work_id in self.pending else \
+            work_pb2.IN_PROGRESS if work_id in self.in_progress else work_pb2.SCHEDULED
         return work_pb2.WorkStatus(
-            work_id=work_id, kind=entry.kind, state=state,
-            attempts=entry.attempts, error=entry.error,
+            work_id=work_id, kind=entry.kind, state=state, attempts=entry.attempts, error=entry.error,
+            priority=entry.priority, not_before=entry.ready_at,
         )
 
     def results_after(self, sequence: int, limit: int, max_bytes: int = 1 << 62) -> list[work_pb2.WorkResult]:
@@ -329,7 +425,11 @@ class WorkState:
         work = e.work
         if self.is_known(work.work_id):
             return self._impossible(f"{work.work_id!r} accepted twice")
-        entry = self.pending.push_new(Entry.of(work, not self.payloads_apart, e.fingerprint))
+        entry = Entry.of(work, not self.payloads_apart, e.fingerprint)
+        if entry.ready_at:
+            self.scheduled.add(entry)
+        else:
+            self.pending.push_new(entry)
         self.unfinished_bytes += entry.size
 
     def _on_work_started(self, e: journal_pb2.WorkStarted) -> None:
@@ -352,12 +452,13 @@ class WorkState:
         entry = self.in_progress.get(work_id)
         if entry is not None and _same_attempt(entry, token):
             del self.in_progress[work_id]
-        else:
-            entry = self.pending.get(work_id)
+        else:  # re-queued, or scheduled to be retried
+            queue = self.pending if work_id in self.pending else self.scheduled
+            entry = queue.get(work_id)
             if entry is None or not _same_attempt(entry, token):
                 self._impossible(f"{work_id!r} completed, but not by its latest attempt")
                 return None
-            self.pending.pop(work_id)
+            queue.pop(work_id)
         if self.payloads_apart and e.sequence and e.sequence != self.next_sequence:
             self._impossible(f"{work_id!r} completed as result {e.sequence}, but the next is {self.next_sequence}")
         self.done_count += 1
@@ -366,10 +467,28 @@ class WorkState:
                             content_type=e.content_type)
 
     def _on_worker_failed(self, e: journal_pb2.WorkerFailed) -> work_pb2.WorkResult | None:
-        return self._fail_attempt(e.work_id, e.error, e.attempt_token)
+        return self._fail_attempt(e.work_id, e.error, e.attempt_token, e.retry_at, e.permanent)
 
     def _on_worker_timed_out(self, e: journal_pb2.WorkerTimedOut) -> work_pb2.WorkResult | None:
-        return self._fail_attempt(e.work_id, TIMED_OUT_ERROR, e.attempt_token)
+        return self._fail_attempt(e.work_id, TIMED_OUT_ERROR, e.attempt_token, e.retry_at)
+
+    def _on_work_cancelled(self, e: journal_pb2.WorkCancelled) -> work_pb2.WorkResult | None:
+        work_id = e.work_id
+        entry = self.pending.pop(work_id) or self.scheduled.pop(work_id) or self.in_progress.pop(work_id, None)
+        if entry is None:
+            self._impossible(f"{work_id!r} cancelled, but not pending, scheduled or in progress")
+            return None
+        self.cancelled_count += 1
+        return self._finish(entry, work_pb2.CANCELLED, error=CANCELLED_ERROR)
+
+    def _on_works_ready(self, e: journal_pb2.WorksReady) -> None:
+        for work_id in e.work_ids:
+            entry = self.scheduled.pop(work_id)
+            if entry is None:
+                self._impossible(f"{work_id!r} ready, but not scheduled")
+                continue
+            entry.ready_at = 0.0
+            self.pending.push(entry)
 
     def _on_work_returned(self, e: journal_pb2.WorkReturned) -> None:
         entry = self.in_progress.get(e.work_id)
@@ -395,7 +514,8 @@ class WorkState:
             self.fingerprints.pop(result.work_id, None)
         self.forgotten_up_to = max(self.forgotten_up_to, e.up_to_sequence)
 
-    def _fail_attempt(self, work_id: str, error: str, token: int) -> work_pb2.WorkResult | None:
+    def _fail_attempt(self, work_id: str, error: str, token: int, retry_at: float = 0.0,
+                      permanent: bool = False) -> work_pb2.WorkResult | None:
         entry = self.in_progress.get(work_id)
         if entry is None or not _same_attempt(entry, token):
             self._impossible(f"{work_id!r} failed, but not by its running attempt")
@@ -403,10 +523,14 @@ class WorkState:
         del self.in_progress[work_id]
         entry.failures += 1
         entry.error = error
-        if entry.failures >= entry.max_attempts:
+        if permanent or entry.failures >= entry.max_attempts:
             self.failed_count += 1
             return self._finish(entry, work_pb2.FAILED, error=error)
-        self.pending.push(entry)
+        if retry_at:
+            entry.ready_at = retry_at
+            self.scheduled.add(entry)
+        else:
+            self.pending.push(entry)
         return None
 
     def _finish(self, entry: Entry, state: int, result: bytes = b"", error: str = "",
@@ -428,14 +552,16 @@ class WorkState:
     def to_snapshot(self) -> journal_pb2.Snapshot:
         snapshot = journal_pb2.Snapshot(
             next_sequence=self.next_sequence, forgotten_up_to=self.forgotten_up_to,
-            done_count=self.done_count, failed_count=self.failed_count,
+            done_count=self.done_count, failed_count=self.failed_count, cancelled_count=self.cancelled_count,
             unfinished_bytes=self.unfinished_bytes, result_bytes=self.result_bytes,
         )
-        for in_progress, entries in ((False, self.pending.entries()), (True, self.in_progress.values())):
+        for in_progress, entries in ((False, self.pending.entries()), (False, self.scheduled.values()),
+                                     (True, self.in_progress.values())):
             for entry in entries:
                 snapshot.entries.add(
                     work=entry.work(), attempts=entry.attempts, failures=entry.failures, error=entry.error,
                     in_progress=in_progress, attempt_token=entry.token, fingerprint=entry.digest or b"",
+                    ready_at=entry.ready_at,
                 )
         snapshot.results.extend(self.results.values())
         snapshot.fingerprints.extend(self.fingerprints[r.work_id] for r in self.results.values())
@@ -448,18 +574,22 @@ class WorkState:
         state.forgotten_up_to = snapshot.forgotten_up_to
         state.done_count = snapshot.done_count
         state.failed_count = snapshot.failed_count
+        state.cancelled_count = snapshot.cancelled_count
         pending = []
         for e in snapshot.entries:
             entry = Entry.of(e.work, not payloads_apart, e.fingerprint)
             entry.attempts, entry.failures, entry.error, entry.token = e.attempts, e.failures, e.error, e.attempt_token
+            entry.ready_at = e.ready_at
             if e.in_progress:
                 state.in_progress[entry.work_id] = entry
+            elif entry.ready_at:
+                state.scheduled.add(entry)
             else:
                 pending.append(entry)
         state.pending.extend(pending)
         # Snapshots written before byte totals existed carry none: count them.
         state.unfinished_bytes = snapshot.unfinished_bytes or sum(
-            e.size for e in (*pending, *state.in_progress.values()))
+            e.size for e in (*pending, *state.in_progress.values(), *state.scheduled.values()))
         state.result_bytes = snapshot.result_bytes or sum(r.ByteSize() for r in snapshot.results)
         for result, print_ in zip(snapshot.results, snapshot.fingerprints):
             state.results[result.sequence] = result

@@ -136,6 +136,8 @@ def take_apart(batch: journal_pb2.JournalBatch, apart: Apart) -> bytes:
             apart.payloads[event.worker_failed.work_id] = None
         elif which == "worker_timed_out" and event.worker_timed_out.final:
             apart.payloads[event.worker_timed_out.work_id] = None
+        elif which == "work_cancelled":
+            apart.payloads[event.work_cancelled.work_id] = None
         elif which == "results_forgotten":
             apart.forgotten_up_to = max(apart.forgotten_up_to, event.results_forgotten.up_to_sequence)
     return (stored or batch).SerializeToString()
