@@ -19,7 +19,8 @@ import importlib
 
 _EXPORTS = {
     "Client": "dworkers.client", "Handle": "dworkers.client", "Result": "dworkers.client",
-    "WorkFailed": "dworkers.client", "SubmitError": "dworkers.client", "connect": "dworkers.client",
+    "WorkFailed": "dworkers.client", "WorkCancelled": "dworkers.client", "SubmitError": "dworkers.client",
+    "connect": "dworkers.client",
     "AsyncClient": "dworkers.aio", "AsyncHandle": "dworkers.aio",
     "job": "dworkers.worker.jobs", "Job": "dworkers.worker.jobs", "Context": "dworkers.worker.jobs",
     "Permanent": "dworkers.worker.jobs",

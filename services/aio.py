@@ -78,7 +78,14 @@ class AsyncHandle:
         return self._result.unwrap()
 
     async def status(self) -> work_pb2.WorkStatus:
+        """The work's state now (GetWork), once it is accepted."""
+        await self.accepted(self._client.timeout)
         return await self._client.status(self.id)
+
+    async def cancel(self) -> work_pb2.WorkStatus:
+        """Cancels the work (see Client.cancel)."""
+        await self.accepted()
+        return (await self._client.cancel(self.id))[0]
 
     def done(self) -> bool:
         return self._result is not None
@@ -219,6 +226,12 @@ class AsyncClient:
 
     async def status(self, work_id: str) -> work_pb2.WorkStatus:
         return await self.stub.GetWork(work_pb2.GetWorkRequest(work_id=work_id), timeout=self.timeout)
+
+    async def cancel(self, *works: str | AsyncHandle) -> list[work_pb2.WorkStatus]:
+        """As Client.cancel."""
+        ids = [w.id if isinstance(w, AsyncHandle) else w for w in works]
+        response = await self.stub.CancelWork(work_pb2.CancelWorkRequest(work_ids=ids), timeout=self.timeout)
+        return list(response.works)
 
     async def watch(self, after: int = 0) -> AsyncIterator[Result]:
         cursor = after

@@ -15,6 +15,7 @@ when submitted, so a batch retried after a failover is idempotent.
 from __future__ import annotations
 
 import concurrent.futures
+import datetime
 import os
 import threading
 import time
@@ -55,6 +56,14 @@ class WorkFailed(Exception):
         self.work_id, self.error, self.attempts, self.kind = work_id, error, attempts, kind
 
 
+class WorkCancelled(WorkFailed):
+    """The work was cancelled (CancelWork) before it finished."""
+
+    def __init__(self, work_id: str, attempts: int, kind: str = ""):
+        Exception.__init__(self, f"work {work_id} ({kind}) was cancelled")
+        self.work_id, self.error, self.attempts, self.kind = work_id, "cancelled", attempts, kind
+
+
 class SubmitError(Exception):
     """A work was not accepted: refused (e.g. INVALID_ARGUMENT, ALREADY_EXISTS
     with another payload) or not acknowledged within the submit timeout."""
@@ -88,6 +97,8 @@ class Result:
                    r.sequence)
 
     def unwrap(self) -> Any:
+        if self.state == "CANCELLED":
+            raise WorkCancelled(self.work_id, self.attempts, self.kind)
         if self.state != "DONE":
             raise WorkFailed(self.work_id, self.error, self.attempts, self.kind)
         return self.value
@@ -124,8 +135,14 @@ class Handle:
         return self._result.unwrap()
 
     def status(self) -> work_pb2.WorkStatus:
-        """The work's state now (GetWork)."""
+        """The work's state now (GetWork), once it is accepted."""
+        self.accepted(self._client.timeout)
         return self._client.status(self.id)
+
+    def cancel(self) -> work_pb2.WorkStatus:
+        """Cancels the work (see Client.cancel)."""
+        self.accepted()
+        return self._client.cancel(self.id)[0]
 
     def done(self) -> bool:
         return self._result is not None
@@ -201,9 +218,12 @@ class Client:
 
     def submit(self, kind: str, *args, payload: bytes | bytearray | str | None = None, **options) -> Handle:
         """Submits one work: JSON arguments (`*args, **kwargs`), or `payload`
-        bytes (or str, sent as text). Options: `work_id`, `max_attempts`,
-        `timeout`, `content_type`; unset, the cluster applies the job's
-        (`@job`) or its own defaults. Returns at once with a handle."""
+        bytes (or str, sent as text). Options (OPTIONS): `work_id`,
+        `max_attempts`, `timeout`, `content_type`, `priority` (higher first),
+        `delay` (seconds) or `not_before` (a Unix time or an aware datetime),
+        `backoff` ((initial, multiplier[, max]) seconds between failed
+        attempts); unset, the cluster applies the job's (`@job`) or its own
+        defaults. Returns at once with a handle."""
         request = submission(kind, args, payload, options)
         handle = Handle(self, request.work_id, kind)
         self._enqueue(_Pending(handle, request, request.ByteSize() + 8))
@@ -382,6 +402,14 @@ class Client:
     def status(self, work_id: str) -> work_pb2.WorkStatus:
         return self.stub.GetWork(work_pb2.GetWorkRequest(work_id=work_id), timeout=self.timeout)
 
+    def cancel(self, *works: str | Handle) -> list[work_pb2.WorkStatus]:
+        """Cancels works (ids or handles), all or none: pending and scheduled
+        ones end CANCELLED at once, running ones too and their jobs are
+        stopped. Raises if one is unknown (NOT_FOUND) or already finished
+        DONE or FAILED (FAILED_PRECONDITION); cancelling twice is fine."""
+        ids = [w.id if isinstance(w, Handle) else w for w in works]
+        return list(self.stub.CancelWork(work_pb2.CancelWorkRequest(work_ids=ids), timeout=self.timeout).works)
+
     def watch(self, after: int = 0) -> Iterator[Result]:
         """Every finished work in order, from after sequence `after`, for
         ever; resumes (from the last one seen) when its frontend goes away."""
@@ -433,7 +461,7 @@ class Client:
             pass
 
 
-OPTIONS = ("work_id", "max_attempts", "timeout", "content_type")
+OPTIONS = ("work_id", "max_attempts", "timeout", "content_type", "priority", "delay", "not_before", "backoff")
 
 
 def submission(kind: str, args: tuple, payload: bytes | bytearray | str | None,
@@ -451,10 +479,21 @@ def submission(kind: str, args: tuple, payload: bytes | bytearray | str | None,
         data, content_type = bytes(payload), codec.BYTES
     if len(data) > MAX_MESSAGE_BYTES // 2:  # could not even be sent; smaller ones the cluster judges
         raise ValueError(f"payload of {len(data):,} bytes exceeds the limit of {MAX_PAYLOAD_BYTES:,} bytes")
-    return work_pb2.SubmitWorkRequest(  # unset options: the job's (@job), else the cluster's
+    request = work_pb2.SubmitWorkRequest(  # unset options: the job's (@job), else the cluster's
         work_id=own.get("work_id") or new_work_id(), kind=kind, payload=data,
         content_type=own.get("content_type", content_type), max_attempts=own.get("max_attempts", 0),
-        timeout_seconds=own.get("timeout", 0.0))
+        timeout_seconds=own.get("timeout", 0.0), delay_seconds=own.get("delay", 0.0))
+    if own.get("priority") is not None:
+        request.priority = own["priority"]
+    not_before = own.get("not_before")
+    if not_before is not None:
+        request.not_before = not_before.timestamp() if isinstance(not_before, datetime.datetime) else not_before
+    backoff = own.get("backoff")
+    if backoff is not None:
+        b = request.backoff
+        b.initial_seconds, b.multiplier = backoff[0], backoff[1] if len(backoff) > 1 else 0.0
+        b.max_seconds = backoff[2] if len(backoff) > 2 else 0.0
+    return request
 
 
 def as_call(item: Any) -> tuple[tuple, bytes | bytearray | str | None, dict]:

@@ -3,6 +3,7 @@ submit, status, watch, cluster."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import sys
 import time
@@ -40,6 +41,10 @@ def add_parsers(sub) -> None:
                    help="failed attempts before the work ends FAILED (default 3)")
     p.add_argument("--work-timeout", type=in_range(float, low=0, high=24 * 3600), default=0.0,
                    help="seconds per attempt (default: the master's)")
+    p.add_argument("--priority", type=in_range(int, low=-1000, high=1000), default=None,
+                   help="higher first (default: the job's, else 0)")
+    p.add_argument("--delay", type=in_range(float, low=0, high=366 * 86400), default=0.0,
+                   help="seconds before the works may start (they wait SCHEDULED)")
     p.add_argument("--batch", type=in_range(int, low=1, high=10_000), default=500, help="works per call")
     p.add_argument("--wait", action="store_true", help="wait (within --timeout) for every work's result and print "
                                                        "it; exit 1 if any FAILED")
@@ -53,6 +58,11 @@ def add_parsers(sub) -> None:
                       "Stream finished works in order; resume with --after.")
     p.add_argument("--after", type=in_range(int, low=0), default=0, help="start after this result sequence number")
     p.add_argument("--count", type=in_range(int, low=0), default=0, help="stop after this many results (0: never)")
+
+    p = client_parser("cancel", "cancel works",
+                      "Cancel works: pending and scheduled ones end CANCELLED at once, running ones too (their jobs "
+                      "are stopped). All or none: an unknown or already finished work refuses the call.")
+    p.add_argument("work_ids", nargs="+")
 
     client_parser("cluster", "show the cluster",
                   "Show the active master, its epoch, standbys, workers and work counts.")
@@ -127,7 +137,8 @@ def submit(stub, args) -> None:
     started = time.monotonic()
     with Client(args.frontend, timeout=args.timeout, batch_works=args.batch) as client:
         handles = [client.submit(args.kind, payload=p, work_id=args.id or None, max_attempts=args.max_attempts,
-                                 timeout=args.work_timeout) for p in payloads]
+                                 timeout=args.work_timeout, priority=args.priority, delay=args.delay)
+                   for p in payloads]
         ids, duplicates, refused = [], 0, []
         for done, handle in enumerate(handles, 1):
             try:
@@ -216,14 +227,25 @@ def status(stub, args) -> None:
     s = stub.GetWork(work_pb2.GetWorkRequest(work_id=args.work_id), timeout=args.timeout)
     result = _shown(decode_result(s.result, s.content_type)) if s.state == work_pb2.DONE else ""
     info = {"work_id": s.work_id, "kind": s.kind, "state": STATE_NAMES[s.state], "attempts": s.attempts,
-            "result": result, "error": s.error, "sequence": s.sequence}
+            "result": result, "error": s.error, "sequence": s.sequence, "priority": s.priority}
+    if s.state == work_pb2.SCHEDULED:
+        info["not_before"] = datetime.datetime.fromtimestamp(s.not_before, datetime.timezone.utc).isoformat()
     if args.json:
         print(json.dumps(info))
     else:
         for key, value in info.items():
             print(f"{key:>9}: {value}")
-    if args.wait and s.state == work_pb2.FAILED:
-        raise WorksFailed(f"work {args.work_id} FAILED")
+    if args.wait and s.state in (work_pb2.FAILED, work_pb2.CANCELLED):
+        raise WorksFailed(f"work {args.work_id} {STATE_NAMES[s.state]}")
+
+
+def cancel(stub, args) -> None:
+    response = stub.CancelWork(work_pb2.CancelWorkRequest(work_ids=args.work_ids), timeout=args.timeout)
+    if args.json:
+        print(json.dumps({"cancelled": [s.work_id for s in response.works]}))
+    else:
+        for s in response.works:
+            print(f"{s.work_id}  {STATE_NAMES[s.state]}")
 
 
 def watch(stub, args) -> None:
@@ -253,6 +275,7 @@ def cluster(stub, args) -> None:
         "failed": info.failed, "last_sequence": info.last_sequence,
         "pending_without_worker": info.pending_without_worker, "worker_slots": info.worker_slots,
         "unfinished_bytes": info.unfinished_bytes, "retained_result_bytes": info.retained_result_bytes,
+        "scheduled": info.scheduled, "cancelled": info.cancelled,
     }
     if args.json:
         print(json.dumps(data, indent=2))
@@ -260,7 +283,8 @@ def cluster(stub, args) -> None:
     print(f"master     {info.master.address}  (epoch {info.master.epoch})")
     for s in info.standbys:
         print(f"standby    {s.address}  (epoch {s.epoch})")
-    print(f"works      pending {info.pending}  in progress {info.in_progress}  done {info.done}  failed {info.failed}")
+    print(f"works      pending {info.pending}  scheduled {info.scheduled}  in progress {info.in_progress}  "
+          f"done {info.done}  failed {info.failed}  cancelled {info.cancelled}")
     if info.pending_without_worker:
         print(f"waiting    {info.pending_without_worker} pending works have no live worker for their kind")
     for k in info.kinds:
@@ -273,4 +297,4 @@ def cluster(stub, args) -> None:
             print(f"  {w.worker_id:<{width}}  {w.status:<6}  {w.work_id}")
 
 
-COMMANDS = {"submit": submit, "status": status, "watch": watch, "cluster": cluster}
+COMMANDS = {"submit": submit, "status": status, "watch": watch, "cluster": cluster, "cancel": cancel}

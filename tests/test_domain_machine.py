@@ -1,8 +1,9 @@
 """The master's decisions under any interleaving (a Hypothesis state machine,
-in one process, with a fake clock): submissions and resubmissions, workers
-of different kinds (some prefetching works ahead) that register, ask, report
-done or failed, hand work back, resend old reports and vanish, attempts that
-time out, and failovers, some of them losing the last, undurable step.
+in one process, with a fake clock): submissions and resubmissions (with
+priorities, delays and back-offs), workers of different kinds (some
+prefetching works ahead) that register, ask, report done, failed or failed
+for good, hand work back, resend old reports and vanish, attempts that time
+out, cancels, and failovers, some of them losing the last, undurable step.
 
 Invariants: the state never meets an impossible event; the journal replays
 to exactly the live state; nothing acknowledged is lost; no work finishes
@@ -17,6 +18,7 @@ hand-out finds its work's payload, and a drained queue leaves none behind.
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 
 import pytest
@@ -24,7 +26,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from dworkers.common.errors import Conflict
+from dworkers.common.errors import Conflict, NotFound, WrongState
 from dworkers.master.domain.effects import Disconnect, HandOut, Send
 from dworkers.master.domain.master import CoreSettings, Master
 from dworkers.master.domain.state import WorkState
@@ -99,7 +101,7 @@ class MasterMachine(RuleBasedStateMachine):
         state = WorkState(strict=True, payloads_apart=self.APART)
         for recorded in self.journal:
             state.apply(recorded)
-        master = Master(state, SETTINGS, epoch=len(self.journal))
+        master = Master(state, SETTINGS, epoch=len(self.journal), rng=random.Random(len(self.journal)))
         if recover:
             master.recovered(self.now)
             self._commit(master)
@@ -137,6 +139,10 @@ class MasterMachine(RuleBasedStateMachine):
                 assignments = effect.assignments
             elif isinstance(effect, Send) and effect.message.HasField("works"):
                 assignments = effect.message.works.assignments
+            elif isinstance(effect, Send) and effect.message.HasField("cancel"):
+                worker = next(w for w in self.workers if w.connection is effect.connection)
+                self._stop(worker, set(effect.message.cancel.attempt_tokens), master or self.master)
+                continue
             else:
                 continue
             worker = next(w for w in self.workers if w.connection is effect.connection)
@@ -155,6 +161,18 @@ class MasterMachine(RuleBasedStateMachine):
             return step.events + self._commit(master)
         return step.events
 
+    def _stop(self, worker: Worker, tokens: set[int], master: Master) -> None:
+        """A worker told to stop attempts: it drops them (a killed job reports
+        failed, a report the master ignores)."""
+        for slot in list(worker.running):
+            for i, assignment in reversed(list(enumerate(worker.running[slot]))):
+                if assignment.attempt_token in tokens:
+                    worker.take(slot, i)
+                    if i == 0:
+                        master.report(worker.connection, [], [master_pb2.Failure(
+                            worker_id=slot, work_id=assignment.work.work_id, attempt_token=assignment.attempt_token,
+                            error="cancelled")], self.now)
+
     def _reconnect(self, worker: Worker, master: Master) -> None:
         """A new stream: it keeps running what it ran; what it held ahead went
         back to the queue with the old stream."""
@@ -168,9 +186,14 @@ class MasterMachine(RuleBasedStateMachine):
     # --- rules --------------------------------------------------------------------
 
     @rule(ids=st.lists(st.integers(0, 40), min_size=1, max_size=5), kind=st.sampled_from(KINDS),
-          variant=st.sampled_from([b"1", b"2"]))
-    def submit(self, ids, kind, variant) -> None:
-        works = [work_pb2.Work(work_id=f"w{i}", kind=kind, payload=variant, max_attempts=2) for i in dict.fromkeys(ids)]
+          variant=st.sampled_from([b"1", b"2"]), priority=st.sampled_from([0, 0, 1, 5, -2]),
+          delay=st.sampled_from([0.0, 0.0, 5.0, 50.0]), backoff=st.booleans())
+    def submit(self, ids, kind, variant, priority, delay, backoff) -> None:
+        works = [work_pb2.Work(work_id=f"w{i}", kind=kind, payload=variant, max_attempts=2, priority=priority,
+                               not_before=self.now + delay if delay else 0.0) for i in dict.fromkeys(ids)]
+        for work in works:
+            if backoff:
+                work.backoff.initial_seconds = 3.0
         try:
             duplicates = self.master.submit(works, self.now)
         except Conflict:
@@ -200,8 +223,25 @@ class MasterMachine(RuleBasedStateMachine):
         self.master.request_work(worker.connection, worker.idle(), self.now)
         self._commit()
 
+    @precondition(lambda self: self.acked)
+    @rule(data=st.data())
+    def client_cancels(self, data) -> None:
+        work_ids = data.draw(st.lists(st.sampled_from(sorted(self.acked)), min_size=1, max_size=3))
+        state = self.master.state
+        finished = [w for w in work_ids if w in state.finished and state.finished[w].state != work_pb2.CANCELLED]
+        try:
+            statuses = self.master.cancel(work_ids, self.now)
+        except (NotFound, WrongState) as exc:
+            assert finished or any(not state.is_known(w) for w in work_ids), exc
+            assert not self.master.take().events, "a refused cancel recorded something"
+            return
+        assert not finished
+        assert all(s.state == work_pb2.CANCELLED for s in statuses)
+        self._commit()
+
     @precondition(lambda self: any(w.running for w in self.workers))
-    @rule(data=st.data(), outcome=st.sampled_from(["done", "failed", "returned"]), ask=st.booleans())
+    @rule(data=st.data(), outcome=st.sampled_from(["done", "failed", "failed for good", "returned"]),
+          ask=st.booleans())
     def worker_reports(self, data, outcome, ask) -> None:
         """On the work a slot runs, or hands back one it holds ahead."""
         worker = data.draw(st.sampled_from([w for w in self.workers if w.running]))
@@ -216,7 +256,7 @@ class MasterMachine(RuleBasedStateMachine):
             completions, failures = [report], []
         else:
             report = master_pb2.Failure(worker_id=slot, work_id=work_id, attempt_token=token, error="boom",
-                                        returned=outcome == "returned")
+                                        returned=outcome == "returned", permanent=outcome == "failed for good")
             completions, failures = [], [report]
         worker.sent.append(report)
         self.master.report(worker.connection, completions, failures, self.now)
@@ -251,8 +291,11 @@ class MasterMachine(RuleBasedStateMachine):
         self.master.disconnected(worker.connection, self.now)
         self._commit()
         for work_id, before in failures.items():  # back in the queue, or handed out again already
-            entry = state.pending.get(work_id) or state.in_progress.get(work_id)
-            assert entry is not None and entry.failures == before, "a work held ahead counted a failed attempt"
+            entry = state.unfinished(work_id)
+            if entry is None:
+                assert state.finished[work_id].state == work_pb2.CANCELLED  # it was cancelled meanwhile
+                continue
+            assert entry.failures == before, "a work held ahead counted a failed attempt"
 
     @rule(seconds=st.sampled_from([1.0, 11.0, 40.0]))
     def time_passes(self, seconds) -> None:
@@ -320,7 +363,7 @@ class MasterMachine(RuleBasedStateMachine):
         self.workers.append(drainer)
         for _ in range(400):
             state = self.master.state
-            if not state.pending and not state.in_progress:
+            if not state.pending and not state.in_progress and not state.scheduled:
                 break
             self.now += 11.0  # lost attempts time out
             self.master.tick(self.now, state.last_sequence)
@@ -337,7 +380,7 @@ class MasterMachine(RuleBasedStateMachine):
                     result=b"drained")], [], self.now)
                 self._commit()
         state = self.master.state
-        assert not state.pending and not state.in_progress
+        assert not state.pending and not state.in_progress and not state.scheduled
         finished = Counter(r.work_id for r in state.results.values())
         assert finished == Counter(self.acked), "every acknowledged work finishes exactly once"
         assert not self.store, "payloads of finished works were left behind"

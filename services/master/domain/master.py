@@ -137,7 +137,8 @@ class Master:
                 if result.state == work_pb2.FAILED:  # the journal may drop the payload of a work that ended
                     failure = event.worker_failed if event.HasField("worker_failed") else event.worker_timed_out
                     failure.final = True
-                elif self.state.payloads_apart:  # the journal stores the result under its number
+                elif result.state == work_pb2.DONE and self.state.payloads_apart:
+                    # the journal stores the result under its number
                     event.work_completed.sequence = result.sequence
         step.events += events
 

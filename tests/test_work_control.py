@@ -1,0 +1,296 @@
+"""Control over work in the master's decisions (one process, a fake clock in
+which Unix time and the decisions' clock agree): priorities, delayed works,
+back-off between attempts, permanent failures and cancels."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from dworkers.common import validation
+from dworkers.common.errors import NotFound, WrongState
+from dworkers.master.domain.effects import Send
+from dworkers.master.domain.master import CoreSettings, Master, backoff_delay
+from dworkers.master.domain.state import WorkState
+from dworkers.v1 import master_pb2, work_pb2
+from dworkers.worker import jobs
+from dworkers.worker.executor import describe
+
+pytestmark = pytest.mark.unit
+
+NOW = 1_000.0
+SETTINGS = CoreSettings(worker_timeout=1e6)  # slots stay while the test's clock jumps
+
+
+class Connection:
+    def __init__(self) -> None:
+        self.sent: list[master_pb2.MasterMessage] = []
+
+    def send(self, message, size=0):
+        self.sent.append(message)
+
+    def close(self, reason):
+        pass
+
+
+def work(work_id: str, priority: int = 0, not_before: float = 0.0, backoff=None, attempts: int = 3,
+         kind: str = "square") -> work_pb2.Work:
+    w = work_pb2.Work(work_id=work_id, kind=kind, payload=work_id.encode(), max_attempts=attempts,
+                      priority=priority, not_before=not_before)
+    if backoff:
+        w.backoff.initial_seconds, w.backoff.multiplier, w.backoff.max_seconds = backoff
+    return w
+
+
+def master_with(works, strict: bool = True) -> Master:
+    master = Master(WorkState(strict=strict), SETTINGS, rng=random.Random(7))
+    master.submit(works, NOW)
+    master.take()
+    return master
+
+
+def connect(master: Master, slots: int = 1, prefetch: int = 0, kinds=("square",)) -> Connection:
+    connection = Connection()
+    master.register(connection, master_pb2.RegisterWorker(
+        worker_ids=[f"s{i}" for i in range(slots)], kinds=list(kinds), prefetch=prefetch), NOW)
+    return connection
+
+
+def handed(master: Master, connection: Connection, now: float = NOW, slots=("s0",)) -> list[master_pb2.Assignment]:
+    """What the slots get when they ask now."""
+    master.request_work(connection, list(slots), now)
+    out = []
+    for effect in master.take().effects:
+        if isinstance(effect, Send) and effect.connection is connection and effect.message.HasField("works"):
+            out += effect.message.works.assignments
+    return out
+
+
+def finish(master: Master, connection: Connection, a: master_pb2.Assignment, now: float = NOW, ok: bool = True,
+           permanent: bool = False) -> None:
+    if ok:
+        master.report(connection, [master_pb2.Completion(worker_id=a.worker_id, work_id=a.work.work_id,
+                                                         attempt_token=a.attempt_token, result=b"r")], [], now)
+    else:
+        master.report(connection, [], [master_pb2.Failure(worker_id=a.worker_id, work_id=a.work.work_id,
+                                                          attempt_token=a.attempt_token, error="boom",
+                                                          permanent=permanent)], now)
+    master.take()
+
+
+# --- priorities ------------------------------------------------------------------
+
+
+def test_higher_priority_first_and_fifo_within_a_priority_across_kinds():
+    master = master_with([work("low1", -1), work("mid1"), work("high1", 5), work("mid2"), work("high2", 5),
+                          work("blob", 5, kind="blob"), work("low2", -1)])
+    connection = connect(master, kinds=("square", "blob"))
+    order = []
+    for _ in range(7):
+        (a,) = handed(master, connection)
+        order.append(a.work.work_id)
+        finish(master, connection, a)
+    assert order == ["high1", "high2", "blob", "mid1", "mid2", "low1", "low2"]
+
+
+def test_priority_order_survives_a_snapshot_and_a_requeue():
+    master = master_with([work("a"), work("b", 3), work("c"), work("d", 3)])
+    connection = connect(master)
+    (first,) = handed(master, connection)
+    assert first.work.work_id == "b"
+    finish(master, connection, first, ok=False)  # b goes back, behind d within priority 3
+    state = WorkState.from_snapshot(master.state.to_snapshot())
+    again = Master(state, CoreSettings())
+    again_connection = connect(again)
+    order = []
+    for _ in range(4):
+        (a,) = handed(again, again_connection)
+        order.append(a.work.work_id)
+        finish(again, again_connection, a)
+    assert order == ["d", "b", "a", "c"]
+
+
+def test_picking_the_next_work_does_not_walk_the_backlog():
+    """A slot's pick looks at the head of each of its kinds' priorities, so
+    100,000 pending works cost the same pick as 10 (counted, not timed)."""
+    master = master_with([work(f"w{i}", priority=i % 10) for i in range(100_000)])
+    queue = master.state.pending
+    assert sum(len(levels) for levels in queue._levels.values()) == 10
+    assert queue.oldest(["square"]).work_id == "w9"
+
+
+# --- delayed works ---------------------------------------------------------------
+
+
+def test_a_delayed_work_waits_scheduled_then_is_handed_out_on_time():
+    master = master_with([work("later", not_before=NOW + 30), work("now")])
+    connection = connect(master)
+    status = master.status("later")
+    assert status.state == work_pb2.SCHEDULED and status.not_before == NOW + 30
+    assert master.counts()["scheduled"] == 1 and master.counts()["pending"] == 1
+    (a,) = handed(master, connection)
+    assert a.work.work_id == "now"  # the delayed one does not block the one behind it
+    finish(master, connection, a)
+    assert handed(master, connection) == []  # the slot keeps its credit
+    assert master.next_due() == NOW + 30
+    master.tick(NOW + 29.9, 0)
+    assert not any(e.HasField("works_ready") for e in master.take().events)
+    master.tick(NOW + 30, 0)
+    step = master.take()
+    assert [list(e.works_ready.work_ids) for e in step.events if e.HasField("works_ready")] == [["later"]]
+    (late,) = [a for e in step.effects if isinstance(e, Send) and e.message.HasField("works")
+               for a in e.message.works.assignments]
+    assert late.work.work_id == "later"
+
+
+def test_scheduled_works_survive_a_snapshot_and_a_replay():
+    master = master_with([work("x", not_before=NOW + 10), work("y", not_before=NOW + 5)])
+    state = WorkState.from_snapshot(master.state.to_snapshot())
+    assert state.status("x").state == work_pb2.SCHEDULED and state.scheduled.next_time() == NOW + 5
+    assert state.to_snapshot() == master.state.to_snapshot()
+    again = Master(state, CoreSettings())
+    again.tick(NOW + 11, 0)
+    ready = [list(e.works_ready.work_ids) for e in again.take().events if e.HasField("works_ready")]
+    assert ready == [["y", "x"]]  # earliest first
+
+
+def test_only_the_due_works_are_looked_at():
+    master = master_with([work(f"w{i}", not_before=NOW + 100 + i) for i in range(10_000)]
+                         + [work("soon", not_before=NOW + 1)])
+    assert master.state.scheduled.due(NOW + 2, 100) == ["soon"]
+
+
+# --- back-off and permanent failures ---------------------------------------------------
+
+
+def test_backoff_grows_by_its_multiplier_within_its_cap_with_jitter_in_the_upper_half():
+    assert [backoff_delay((2.0, 3.0, 0.0), n, 1.0) for n in (1, 2, 3)] == [2.0, 6.0, 18.0]
+    assert backoff_delay((2.0, 3.0, 10.0), 3, 1.0) == 10.0
+    assert backoff_delay((2.0, 3.0, 10.0), 3, 0.0) == 5.0
+    assert math.isfinite(backoff_delay((1.0, 100.0, 0.0), 100, 0.5))
+
+
+def test_a_failed_attempt_waits_its_backoff_before_the_retry():
+    master = master_with([work("f", backoff=(4.0, 2.0, 0.0), attempts=3)])
+    connection = connect(master)
+    (a,) = handed(master, connection)
+    finish(master, connection, a, now=NOW + 1, ok=False)
+    status = master.status("f")
+    assert status.state == work_pb2.SCHEDULED
+    assert NOW + 1 + 2.0 <= status.not_before <= NOW + 1 + 4.0
+    assert handed(master, connection, now=NOW + 1.5) == []
+    master.tick(status.not_before, 0)
+    (b,) = [a for e in master.take().effects if isinstance(e, Send) and e.message.HasField("works")
+            for a in e.message.works.assignments]
+    assert b.attempt == 2
+    finish(master, connection, b, now=status.not_before, ok=False)
+    assert handed(master, connection, now=status.not_before) == []  # it asks, and keeps its credit
+    second = master.status("f")
+    assert status.not_before + 4.0 <= second.not_before <= status.not_before + 8.0  # doubled
+    master.tick(second.not_before, 0)
+    (c,) = [a for e in master.take().effects if isinstance(e, Send) and e.message.HasField("works")
+            for a in e.message.works.assignments]
+    finish(master, connection, c, now=second.not_before, ok=False)
+    assert master.status("f").state == work_pb2.FAILED  # the last attempt waits for nothing
+
+
+def test_a_permanent_failure_ends_the_work_whatever_attempts_are_left():
+    master = master_with([work("p", attempts=5, backoff=(1.0, 2.0, 0.0))])
+    connection = connect(master)
+    (a,) = handed(master, connection)
+    finish(master, connection, a, ok=False, permanent=True)
+    status = master.status("p")
+    assert status.state == work_pb2.FAILED and status.attempts == 1 and status.error == "boom"
+
+
+def test_jobs_say_which_errors_are_worth_retrying():
+    plain = jobs.Job("k", lambda: None)
+    assert plain.retries(ValueError()) and not plain.retries(jobs.Permanent("no"))
+    narrow = jobs.Job("k", lambda: None, retry_for=(ConnectionError,))
+    assert narrow.retries(ConnectionResetError()) and not narrow.retries(ValueError())
+
+
+def test_an_error_keeps_its_type_and_a_bounded_traceback():
+    def deep(n):
+        if n == 0:
+            raise ValueError("x" * 10_000)
+        deep(n - 1)
+
+    try:
+        deep(50)
+    except ValueError as exc:
+        text = describe(exc)
+    first, rest = text.split("\n", 1)
+    assert first.startswith("ValueError: xxx") and "(at " in first and len(first) < 1200
+    assert "Traceback (innermost 8 of 52 frames)" in rest and "in deep" in rest
+    assert len(text) < 4096
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"priority": 2000}, "priority 2000 is outside"),
+    ({"delay_seconds": -1}, "delay_seconds must be between"),
+    ({"delay_seconds": math.nan}, "delay_seconds must be between"),
+    ({"delay_seconds": 5, "not_before": NOW + 5}, "not both"),
+    ({"not_before": 1e13}, "Unix time in seconds"),
+    ({"not_before": NOW + 400 * 86400}, "days ahead"),
+    ({"backoff": work_pb2.Backoff(initial_seconds=1, multiplier=0.5)}, "multiplier"),
+    ({"backoff": work_pb2.Backoff(initial_seconds=-1)}, "initial_seconds"),
+    ({"backoff": work_pb2.Backoff(initial_seconds=1, max_seconds=math.inf)}, "max_seconds"),
+])
+def test_submissions_with_options_out_of_range_are_refused_with_a_reason(options, message):
+    request = work_pb2.SubmitWorkRequest(work_id="a", kind="square", **options)
+    with pytest.raises(validation.InvalidWork, match=message):
+        validation.to_work(request, now=NOW)
+
+
+def test_a_delay_becomes_a_unix_time_and_defaults_come_from_the_job():
+    defaults = master_pb2.KindDefaults(kind="square", priority=7, backoff=work_pb2.Backoff(initial_seconds=2))
+    got = validation.to_work(work_pb2.SubmitWorkRequest(kind="square", delay_seconds=30), defaults=lambda k: defaults,
+                             now=NOW)
+    assert got.not_before == NOW + 30 and got.priority == 7 and got.backoff.initial_seconds == 2
+    explicit = validation.to_work(work_pb2.SubmitWorkRequest(kind="square", priority=0, not_before=NOW - 5),
+                                  defaults=lambda k: defaults, now=NOW)
+    assert explicit.priority == 0 and explicit.not_before == 0  # set to 0 on purpose; a past time is no delay
+
+
+# --- cancel ----------------------------------------------------------------------------
+
+
+def test_cancelling_pending_and_scheduled_works_ends_them_at_once():
+    master = master_with([work("p"), work("s", not_before=NOW + 60)])
+    statuses = master.cancel(["p", "s"], NOW)
+    step = master.take()
+    assert [s.state for s in statuses] == [work_pb2.CANCELLED] * 2
+    assert [r.sequence for r in step.results] == [1, 2] and all(r.state == work_pb2.CANCELLED for r in step.results)
+    assert master.counts()["cancelled"] == 2 and not master.state.pending and not master.state.scheduled
+    assert master.state.scheduled.next_time() is None
+    assert master.cancel(["p"], NOW)[0].state == work_pb2.CANCELLED  # again: fine, nothing recorded
+    assert not master.take().events
+
+
+def test_cancelling_a_running_work_tells_its_slot_and_frees_it():
+    master = master_with([work("r"), work("next")])
+    connection = connect(master, prefetch=1)
+    running, ahead = handed(master, connection)
+    master.cancel(["r"], NOW + 1)
+    step = master.take()
+    (stop,) = [e.message.cancel for e in step.effects if isinstance(e, Send) and e.message.HasField("cancel")]
+    assert list(stop.attempt_tokens) == [running.attempt_token]
+    slot = master.scheduler.get("s0")
+    assert slot.token == ahead.attempt_token and slot.deadline == NOW + 1 + CoreSettings().work_timeout
+    finish(master, connection, running)  # the killed job's late report: ignored
+    assert master.status("r").state == work_pb2.CANCELLED and master.state.done_count == 0
+
+
+def test_cancel_refuses_finished_and_unknown_works_and_then_cancels_nothing():
+    master = master_with([work("done"), work("p")])
+    connection = connect(master)
+    (a,) = handed(master, connection)
+    finish(master, connection, a)
+    with pytest.raises(WrongState, match="'done': it already finished DONE"):
+        master.cancel(["p", "done"], NOW)
+    with pytest.raises(NotFound, match="'ghost'"):
+        master.cancel(["p", "ghost"], NOW)
+    assert not master.take().events and master.status("p").state == work_pb2.PENDING

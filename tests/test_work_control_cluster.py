@@ -1,0 +1,154 @@
+"""Control over work on a real cluster: cancel (a running job's process is
+killed), delayed works across a kill -9 failover, priority order after a
+recovery, back-off measured between attempts, permanent errors, and the
+job's defaults."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+import dworkers
+from dworkers.v1 import work_pb2
+from tests.helpers import frontend, wait_kind, wait_running, wait_until
+from tests.test_cli import assert_one_line_error, ok
+from tests.test_cli import dworkers as cli
+
+pytestmark = pytest.mark.e2e
+JOBS = ("--jobs", "tests.jobs_control")
+
+
+def start(cluster, masters: int = 1, concurrency: int = 2, *worker_args: str):
+    cluster.start_master(None, wait=True)
+    for _ in range(masters - 1):
+        cluster.start_master(None)
+    front = cluster.start_frontend()
+    cluster.start_worker(concurrency, *JOBS, *worker_args)
+    stub = frontend(front.address)
+    wait_kind(stub, "nap")
+    return front, stub
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_cancelling_a_running_work_kills_its_job_process_and_frees_the_slot(cluster, tmp_path):
+    front, stub = start(cluster, concurrency=1)
+    pid_file = tmp_path / "nap.pid"
+    with dworkers.Client(front.address, timeout=30) as client:
+        napping = client.submit("nap", 30, str(pid_file))
+        queued = client.submit("stamp", "after")  # waits behind it: one slot
+        later = client.submit("stamp", "scheduled", delay=300)
+        pid = int(wait_until(lambda: pid_file.exists() and pid_file.read_text(), 30, "the job to start"))
+        assert alive(pid)
+        called = time.monotonic()
+        status = napping.cancel()
+        assert status.state == work_pb2.CANCELLED
+        wait_until(lambda: not alive(pid), 10, "the job's process to end")
+        stopped = time.monotonic() - called
+        print(f"cancel to job process gone: {stopped * 1000:.0f} ms")
+        with pytest.raises(dworkers.WorkCancelled):
+            napping.result(timeout=10)
+        assert queued.result(timeout=30)["label"] == "after"  # the slot runs the next work
+        assert later.status().state == work_pb2.SCHEDULED
+        assert [s.state for s in client.cancel(later, napping)] == [work_pb2.CANCELLED] * 2  # twice is fine
+        with pytest.raises(dworkers.WorkCancelled):
+            later.result(timeout=10)
+        with pytest.raises(grpc.RpcError) as refused:
+            client.cancel(queued.id)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "already finished DONE" in refused.value.details()
+        with pytest.raises(grpc.RpcError) as unknown:
+            client.cancel("never-submitted")
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        info = stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=10)
+        assert info.cancelled == 2 and info.scheduled == 0
+
+
+def test_a_delayed_work_runs_on_time_after_a_kill_9_failover(cluster):
+    front, stub = start(cluster, masters=2)
+    with dworkers.Client(front.address, timeout=60) as client:
+        submitted = time.time()
+        delayed = client.submit("stamp", "delayed", delay=6)
+        delayed.accepted(timeout=30)
+        status = client.status(delayed.id)
+        assert status.state == work_pb2.SCHEDULED and submitted + 6 <= status.not_before <= time.time() + 6
+        cluster.active_master().kill()
+        cluster.active_master(timeout=60)
+        ran = delayed.result(timeout=60)["at"]
+        assert ran >= status.not_before
+        # on time: within the session timeout (2 s) that the failover takes, and scheduling slack
+        print(f"ran {ran - status.not_before:.3f} s after its time")
+        assert ran - status.not_before < 2.0 + 8.0
+
+
+def test_priority_order_holds_after_a_recovery(cluster, tmp_path):
+    front, stub = start(cluster, 2, 1, "--prefetch", "0")
+    gate = tmp_path / "gate"
+    with dworkers.Client(front.address, timeout=60) as client:
+        blocker = client.submit("hold", str(gate))
+        wait_running(stub, 1)
+        priorities = [0, 5, -3, 5, 1, 0, 9, -3, 1, 9] * 3
+        handles = [client.submit("stamp", f"{i}:{p}", priority=p) for i, p in enumerate(priorities)]
+        for handle in handles:
+            handle.accepted(timeout=30)
+        cluster.active_master().kill()
+        cluster.active_master(timeout=60)
+        gate.touch()
+        assert blocker.result(timeout=60) == "released"
+        ran = sorted((h.result(timeout=60)["at"], h.result()["label"]) for h in handles)
+    order = [tuple(int(x) for x in label.split(":")) for _, label in ran]
+    expected = sorted(((i, p) for i, p in enumerate(priorities)), key=lambda ip: (-ip[1], ip[0]))
+    assert order == expected
+
+
+def test_failed_attempts_wait_their_backoff_and_permanent_errors_end_at_once(cluster, tmp_path):
+    front, stub = start(cluster)
+    log = tmp_path / "attempts"
+    with dworkers.Client(front.address, timeout=60) as client:
+        flaky = client.submit("always_fails", str(log), max_attempts=3, backoff=(1.0, 2.0))
+        hopeless = client.submit("hopeless", "this")
+        picky = client.submit("picky", "that")
+        with pytest.raises(dworkers.WorkFailed) as failed:
+            flaky.result(timeout=60)
+        assert failed.value.attempts == 3 and "ConnectionError: the service it needs is down" in failed.value.error
+        times = [float(line) for line in log.read_text().split()]
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        print(f"gaps between attempts: {[round(g, 3) for g in gaps]}")
+        assert len(times) == 3 and gaps[0] >= 0.5 and gaps[1] >= 1.0  # 1 s then 2 s, jittered into [half, all]
+        for handle, error in ((hopeless, "Permanent: this can never work"), (picky, "ValueError: bad input 'that'")):
+            with pytest.raises(dworkers.WorkFailed) as failed:
+                handle.result(timeout=60)
+            assert failed.value.attempts == 1, "not retried, with attempts left"
+            assert failed.value.error.startswith(error) and "Traceback (innermost" in failed.value.error
+
+
+def test_a_jobs_options_are_the_defaults_of_its_works(cluster):
+    front, stub = start(cluster)
+    with dworkers.Client(front.address, timeout=30) as client:
+        default = client.submit("urgent", delay=60)
+        chosen = client.submit("urgent", priority=-1, delay=60)
+        assert default.status().priority == 9 and chosen.status().priority == -1
+        client.cancel(default, chosen)
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.SubmitWork(work_pb2.SubmitWorkRequest(kind="urgent", priority=5000), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "priority 5000" in refused.value.details()
+
+
+def test_the_cli_submits_with_options_and_cancels(cluster):
+    front, stub = start(cluster)
+    address = ("--frontend", front.address)
+    work_id = ok(cli("submit", "stamp", "x", "--delay", "120", "--priority", "3", *address)).stdout.strip()
+    shown = ok(cli("status", work_id, *address)).stdout
+    assert "SCHEDULED" in shown and "priority: 3" in shown and "not_before" in shown
+    assert f"{work_id}  CANCELLED" in ok(cli("cancel", work_id, *address)).stdout
+    assert_one_line_error(cli("cancel", "nope", *address), "NOT_FOUND", "'nope'")
+    assert "cancelled 1" in ok(cli("cluster", *address)).stdout
