@@ -14,6 +14,7 @@ import pytest
 import dworkers
 from dworkers.v1 import work_pb2
 from tests.helpers import frontend, wait_kind, wait_running, wait_until
+from tests.journals import both_journals
 from tests.test_cli import assert_one_line_error, ok
 from tests.test_cli import dworkers as cli
 
@@ -40,6 +41,7 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+@both_journals
 def test_cancelling_a_running_work_kills_its_job_process_and_frees_the_slot(cluster, tmp_path):
     front, stub = start(cluster, concurrency=1)
     pid_file = tmp_path / "nap.pid"
@@ -73,6 +75,7 @@ def test_cancelling_a_running_work_kills_its_job_process_and_frees_the_slot(clus
         assert info.cancelled == 2 and info.scheduled == 0
 
 
+@both_journals
 def test_a_delayed_work_runs_on_time_after_a_kill_9_failover(cluster):
     front, stub = start(cluster, masters=2)
     with dworkers.Client(front.address, timeout=60) as client:
@@ -90,6 +93,7 @@ def test_a_delayed_work_runs_on_time_after_a_kill_9_failover(cluster):
         assert ran - status.not_before < 2.0 + 8.0
 
 
+@both_journals
 def test_priority_order_holds_after_a_recovery(cluster, tmp_path):
     front, stub = start(cluster, 2, 1, "--prefetch", "0")
     gate = tmp_path / "gate"

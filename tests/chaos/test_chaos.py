@@ -1,10 +1,12 @@
 """Chaos, on each journal: a load of works while random masters, workers and
 frontends are killed, stopped and paused, ZooKeeper restarts once and, with
 the PostgreSQL journal, PostgreSQL is killed and restarted once. Half the works
-carry payloads of 1-200 KiB and come back with results as large. Then: the
-acked works are exactly the finished works in the result stream, none twice,
-each large result is its work's payload, and a fresh replay of the journal
-gives the live master's results.
+carry payloads of 1-200 KiB and come back with results as large; the others
+have priorities, some are delayed, and a client cancels works as they flow.
+Then: the acked works are exactly the finished works in the result stream,
+none twice, each large result is its work's payload, every confirmed cancel
+ended its work CANCELLED (and nothing else was cancelled), and a fresh
+replay of the journal gives the live master's results.
 
 CI runs a bounded version; `make chaos` sets DWORKERS_CHAOS_SECONDS=300."""
 
@@ -44,9 +46,12 @@ class Clients:
         self.acked: list[str] = []
         self.digests: dict[str, bytes] = {}  # of each large work's payload: its result must match
         self.results: list[work_pb2.WorkResult] = []
+        self.cancels_tried: set[str] = set()  # whatever their answer (a lost answer may hide a cancel)
+        self.cancelled: set[str] = set()  # confirmed
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.threads = [threading.Thread(target=self._produce, args=(i,), daemon=True) for i in range(producers)]
+        self.threads.append(threading.Thread(target=self._cancel, daemon=True))
         self.threads.append(threading.Thread(target=self._subscribe, daemon=True))
         for thread in self.threads:
             thread.start()
@@ -59,7 +64,10 @@ class Clients:
         while not self.stopping.is_set():
             n += 1
             if n % 2:
-                request = work_pb2.SubmitWorkRequest(work_id=f"c{index}-{n}", kind="square", payload=str(n).encode())
+                request = work_pb2.SubmitWorkRequest(work_id=f"c{index}-{n}", kind="square", payload=str(n).encode(),
+                                                     priority=rng.randint(-2, 2))
+                if rng.random() < 0.2:
+                    request.delay_seconds = rng.uniform(0.2, 3.0)
             else:  # 1 KiB to 200 KiB, as many small as large
                 size = int(math.exp(rng.uniform(math.log(1024), math.log(200 * 1024))))
                 payload = rng.randbytes(size)
@@ -80,6 +88,26 @@ class Clients:
                 except grpc.RpcError:
                     time.sleep(0.05)
             time.sleep(random.uniform(0, 0.02))
+
+    def _cancel(self) -> None:
+        rng = random.Random(99)
+        while not self.stopping.is_set():
+            time.sleep(rng.uniform(0.05, 0.3))
+            candidates = self._frontends()
+            with self.lock:
+                recent = self.acked[-40:]
+            if not candidates or not recent:
+                continue
+            work_id = rng.choice(recent)
+            with self.lock:
+                self.cancels_tried.add(work_id)
+            try:
+                frontend(random.choice(candidates).address).CancelWork(
+                    work_pb2.CancelWorkRequest(work_ids=[work_id]), timeout=5)
+                with self.lock:
+                    self.cancelled.add(work_id)
+            except grpc.RpcError:
+                pass  # finished already, or no master now: either end is fine
 
     def _subscribe(self) -> None:
         while True:
@@ -204,16 +232,23 @@ def test_chaos(tmp_path, journal_kind):
         duplicated = sorted(i for i, c in counts.items() if c > 1)
         unacked = sorted(set(counts) - set(acked))
         large = sum(1 for i in acked if i in clients.digests)
-        print(f"\nchaos ({journal_kind} journal): works={len(acked)} large={large} "
+        states = Counter(work_pb2.State.Name(r.state) for r in streamed)
+        print(f"\nchaos ({journal_kind} journal): works={len(acked)} large={large} {dict(states)} "
+              f"cancels={len(clients.cancels_tried)} (confirmed {len(clients.cancelled)}) "
               f"faults={sum(chaos.faults.values())} ({dict(chaos.faults)}) "
               f"lost={len(missing)} duplicated={len(duplicated)} seconds={CHAOS_SECONDS:g}")
         assert not missing, f"acked works lost: {sorted(missing)[:10]}"
         assert not duplicated, f"works finished twice: {duplicated[:10]}"
         assert not unacked, f"results for works never acked: {unacked[:10]}"
         assert [r.sequence for r in streamed] == sorted(r.sequence for r in streamed)
-        wrong = [r.work_id for r in streamed if r.work_id in clients.digests and (
-            r.state != work_pb2.DONE or hashlib.sha256(r.result).digest() != clients.digests[r.work_id])]
+        wrong = [r.work_id for r in streamed if r.work_id in clients.digests and r.state == work_pb2.DONE
+                 and hashlib.sha256(r.result).digest() != clients.digests[r.work_id]]
         assert not wrong, f"large works with a wrong result: {wrong[:10]}"
+        ended = {r.work_id: r.state for r in streamed}
+        not_cancelled = [i for i in clients.cancelled if ended.get(i) != work_pb2.CANCELLED]
+        assert not not_cancelled, f"cancels confirmed, works not CANCELLED: {not_cancelled[:10]}"
+        strays = [i for i, state in ended.items() if state != work_pb2.DONE and i not in clients.cancels_tried]
+        assert not strays, f"works neither DONE nor cancelled by the client: {strays[:10]}"
 
         # A fresh replay of the journal gives what the live master streamed.
         # The masters stop first: a live one may compact what is being read.
@@ -231,7 +266,7 @@ def test_chaos(tmp_path, journal_kind):
         # Older results may have left the retention window (by bytes, with large results).
         assert set(replayed) == {r.sequence for r in streamed if r.sequence > state.forgotten_up_to}
         assert state.last_sequence == streamed[-1].sequence
-        assert not state.pending and not state.in_progress
+        assert not state.pending and not state.in_progress and not state.scheduled
     finally:
         cluster.stop()
         if database is not None:
