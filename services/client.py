@@ -222,7 +222,8 @@ class Client:
         `max_attempts`, `timeout`, `content_type`, `priority` (higher first),
         `delay` (seconds) or `not_before` (a Unix time or an aware datetime),
         `backoff` ((initial, multiplier[, max]) seconds between failed
-        attempts); unset, the cluster applies the job's (`@job`) or its own
+        attempts), `heartbeat_timeout` (seconds the job may go without
+        ctx.heartbeat(), instead of a timeout); unset, the cluster applies the job's (`@job`) or its own
         defaults. Returns at once with a handle."""
         request = submission(kind, args, payload, options)
         handle = Handle(self, request.work_id, kind)
@@ -461,7 +462,8 @@ class Client:
             pass
 
 
-OPTIONS = ("work_id", "max_attempts", "timeout", "content_type", "priority", "delay", "not_before", "backoff")
+OPTIONS = ("work_id", "max_attempts", "timeout", "content_type", "priority", "delay", "not_before", "backoff",
+           "heartbeat_timeout")
 
 
 def submission(kind: str, args: tuple, payload: bytes | bytearray | str | None,
@@ -482,7 +484,8 @@ def submission(kind: str, args: tuple, payload: bytes | bytearray | str | None,
     request = work_pb2.SubmitWorkRequest(  # unset options: the job's (@job), else the cluster's
         work_id=own.get("work_id") or new_work_id(), kind=kind, payload=data,
         content_type=own.get("content_type", content_type), max_attempts=own.get("max_attempts", 0),
-        timeout_seconds=own.get("timeout", 0.0), delay_seconds=own.get("delay", 0.0))
+        timeout_seconds=own.get("timeout", 0.0), delay_seconds=own.get("delay", 0.0),
+        heartbeat_timeout=own.get("heartbeat_timeout", 0.0))
     if own.get("priority") is not None:
         request.priority = own["priority"]
     not_before = own.get("not_before")

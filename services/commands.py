@@ -53,6 +53,8 @@ def add_parsers(sub) -> None:
     p.add_argument("work_id")
     p.add_argument("--wait", action="store_true", help="wait (within --timeout) until it finishes; exit 1 if it "
                                                        "FAILED")
+    p.add_argument("--follow", action="store_true", help="print its state and progress as they change, until it "
+                                                         "finishes (within --timeout); exit 1 if it FAILED")
 
     p = client_parser("watch", "stream results as they finish",
                       "Stream finished works in order; resume with --after.")
@@ -216,7 +218,37 @@ def _print_result(args, r: Result) -> None:
         print(f"{r.sequence:>8}  {r.work_id}  {r.state:<6}  {text}", flush=True)
 
 
+def _progress_line(s: work_pb2.WorkStatus) -> str:
+    line = f"{STATE_NAMES[s.state]:<11} attempt {s.attempts}"
+    if s.HasField("progress"):
+        line += f"  {s.progress:6.1%}"
+    return line + (f"  {s.progress_details}" if s.progress_details else "")
+
+
+def follow(stub, args) -> work_pb2.WorkStatus:
+    """Prints a work's state and progress as they change, until it finishes."""
+    deadline, last = time.monotonic() + args.timeout, ""
+    while True:
+        s = stub.GetWork(work_pb2.GetWorkRequest(work_id=args.work_id), timeout=args.timeout)
+        line = _progress_line(s)
+        if line != last:
+            print(json.dumps({"state": STATE_NAMES[s.state], "attempts": s.attempts,
+                              "progress": s.progress if s.HasField("progress") else None,
+                              "details": s.progress_details}) if args.json else line, flush=True)
+            last = line
+        if s.sequence:  # finished
+            return s
+        if time.monotonic() > deadline:
+            raise ClientError(f"work {args.work_id} did not finish within --timeout {args.timeout:g} s")
+        time.sleep(0.5)
+
+
 def status(stub, args) -> None:
+    if args.follow:
+        s = follow(stub, args)
+        if s.state in (work_pb2.FAILED, work_pb2.CANCELLED):
+            raise WorksFailed(f"work {args.work_id} {STATE_NAMES[s.state]}")
+        return
     if args.wait:
         with Client(args.frontend, timeout=args.timeout) as client:
             try:
@@ -228,6 +260,9 @@ def status(stub, args) -> None:
     result = _shown(decode_result(s.result, s.content_type)) if s.state == work_pb2.DONE else ""
     info = {"work_id": s.work_id, "kind": s.kind, "state": STATE_NAMES[s.state], "attempts": s.attempts,
             "result": result, "error": s.error, "sequence": s.sequence, "priority": s.priority}
+    if s.HasField("progress") or s.progress_details:
+        info["progress"] = f"{s.progress:.1%} {s.progress_details}".strip() if s.HasField("progress") \
+            else s.progress_details
     if s.state == work_pb2.SCHEDULED:
         info["not_before"] = datetime.datetime.fromtimestamp(s.not_before, datetime.timezone.utc).isoformat()
     if args.json:

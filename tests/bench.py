@@ -18,6 +18,8 @@ Scenarios (--only NAME[,NAME]):
              master RSS per pending work)
   backlog    1,000,000 pending works of 1 KiB on the PostgreSQL journal: submit rate, master RSS per
              work, ZooKeeper's data before/after, the database's size; kill -9 -> standby serving
+  control    master CPU per dispatched work with 10,000 and with 1,000,000 pending works across 10
+             priorities (and a tenth as many delayed); cancel latency: call -> job process gone
   scale      1,000 worker slots on one master: idle master CPU, dispatch latency p99 under load
 
 The machine has 2 cores and may be shared: every scenario reports the CPU its
@@ -56,7 +58,8 @@ from dworkers.worker.worker import WorkerSettings
 from tests.bench_support import clients, procstat, profiling
 from tests.bench_support.clients import Submitters, Subscriber, percentile
 
-SCENARIOS = ("submit", "sdk", "peers", "e2e", "roundtrip", "postgresql", "failover", "replay", "backlog", "scale")
+SCENARIOS = ("submit", "sdk", "peers", "e2e", "roundtrip", "postgresql", "failover", "replay", "backlog", "control",
+             "scale")
 ALIASES = {"memory": "replay", "rtt": "roundtrip", "pg": "postgresql"}
 SESSION_TIMEOUT = 4.0  # the master's default --session-timeout
 MASTER_SERVICE = "dworkers.v1.Master"
@@ -68,9 +71,9 @@ PEERS = {"dramatiq_e2e": 480, "celery_e2e": 310, "dramatiq_enqueue": 3160, "cele
 
 # Rough seconds each scenario needs (to skip rather than overrun the budget).
 ESTIMATE = {"submit": 25, "sdk": 30, "peers": 120, "e2e": 200, "roundtrip": 20, "postgresql": 60, "failover": 30, "replay": 40,
-            "backlog": 240, "scale": 100}
+            "backlog": 240, "control": 150, "scale": 100}
 ESTIMATE_QUICK = {"submit": 15, "sdk": 20, "peers": 40, "e2e": 30, "roundtrip": 15, "postgresql": 30, "failover": 25, "replay": 20,
-                  "backlog": 60, "scale": 30}
+                  "backlog": 60, "control": 50, "scale": 30}
 
 
 def ms(seconds: float) -> float:
@@ -943,6 +946,99 @@ class Bench:
                  f"{pending:,} pending after recovery; replay itself {recovered:.2f} s (the standby's log); "
                  f"session timeout {SESSION_TIMEOUT:g} s")
 
+    # --- 5c. control over work ----------------------------------------------------
+
+    def dispatch_cost(self, c: LocalCluster, stub, master: Service, count: int) -> tuple[float, float]:
+        """Runs `count` of the pending works with a worker (2 thread slots);
+        returns the master's CPU seconds per work and the works/s, measured
+        after a warm-up of 200."""
+        def done() -> int:
+            return stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=30).done
+
+        def wait_done(target: int) -> None:
+            end = time.monotonic() + 300
+            while done() < target:
+                if time.monotonic() > end:
+                    raise TimeoutError(f"control: {done()} of {target} works done within 300 s")
+                time.sleep(0.05)
+
+        start = done()
+        worker = c.start_worker(2, "--executor", "thread", *self.worker_args)
+        try:
+            wait_done(start + 200)
+            cpu0, t0 = procstat.cpu_seconds(master.pid), time.monotonic()
+            wait_done(start + 200 + count)
+            cpu1, t1 = procstat.cpu_seconds(master.pid), time.monotonic()
+        finally:
+            worker.stop()
+        return (cpu1 - cpu0) / count, count / (t1 - t0)
+
+    def cancel_latency(self, c: LocalCluster, front: Service, rounds: int) -> list[float]:
+        """Seconds from CancelWork's call to the end of the job's process, for
+        `rounds` running works on a process executor."""
+        import dworkers
+
+        c.start_worker(1, "--jobs", "tests.jobs_control", *self.worker_args, cwd=Path(__file__).resolve().parent.parent)
+        self.wait_workers(self.frontend_stub(front), 1, 60)
+        latencies = []
+        with dworkers.Client(front.address, timeout=60) as client:
+            for i in range(rounds):
+                pid_file = self.workdir / f"nap-{i}.pid"
+                handle = client.submit("nap", 60, str(pid_file))
+                end = time.monotonic() + 60
+                while not (pid_file.exists() and pid_file.read_text()):
+                    if time.monotonic() > end:
+                        raise TimeoutError("control: the nap job did not start within 60 s")
+                    time.sleep(0.01)
+                pid = int(pid_file.read_text())
+                t0 = time.monotonic()
+                handle.cancel()
+                while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
+                    if time.monotonic() - t0 > 30:
+                        raise TimeoutError("control: a cancelled job's process still ran after 30 s")
+                    time.sleep(0.001)
+                latencies.append(time.monotonic() - t0)
+        return latencies
+
+    def scenario_control(self) -> None:
+        big = self.args.control_works or (100_000 if self.quick else 1_000_000)
+        small, runs = 10_000, 2_000 if self.quick else 5_000
+
+        def works(prefix: str, count: int) -> list:
+            """`count` pending works across 10 priorities, and a tenth as many delayed by an hour."""
+            pending = [work_pb2.SubmitWorkRequest(work_id=f"{prefix}{i}", kind="square", payload=b"7", priority=i % 10)
+                       for i in range(count)]
+            return pending + [work_pb2.SubmitWorkRequest(work_id=f"{prefix}d{i}", kind="square", payload=b"7",
+                                                         delay_seconds=3600 + i % 600) for i in range(count // 10)]
+
+        with self.cluster("control", self.pg_url()) as c:
+            room = ("--max-pending", str(2 * big))
+            master = c.start_master(None, *room, *self.master_args, wait=True)
+            front = c.start_frontend()
+            stub = self.frontend_stub(front)
+            self.fill(stub, works("s", small + runs + 200), "control")
+            cost_small, rate_small = self.dispatch_cost(c, stub, master, runs)
+            self.log(f"control: {cost_small * 1e6:.0f} us of master CPU per work with {small:,} pending; "
+                     f"filling to {big:,}")
+            self.fill(stub, works("b", big), "control")
+            self.wait_quiet([master.pid], 10, 120)
+            cost_big, rate_big = self.dispatch_cost(c, stub, master, runs)
+        with self.cluster("cancel") as c:
+            c.start_master(None, *self.master_args, wait=True)
+            latencies = self.cancel_latency(c, c.start_frontend(), 5 if self.quick else 20)
+        self.details["control"] = {"pending_small": small, "pending_big": big, "works_measured": runs,
+                                   "cpu_per_work_small_us": round(cost_small * 1e6),
+                                   "cpu_per_work_big_us": round(cost_big * 1e6),
+                                   "rate_small": round(rate_small), "rate_big": round(rate_big),
+                                   "cancel_ms": [round(ms(x), 1) for x in latencies]}
+        self.row("control.dispatch", f"master CPU per dispatched work, {big:,} vs {small:,} pending",
+                 cost_big / cost_small, "x", 1.5, "<=",
+                 f"{cost_big * 1e6:.0f} vs {cost_small * 1e6:.0f} us/work ({rate_big:,.0f} vs {rate_small:,.0f} "
+                 f"works/s; 10 priorities, a tenth as many delayed; PostgreSQL journal; 2 thread slots)")
+        self.row("control.cancel", "cancel: call -> job process gone, p50", ms(percentile(latencies, 50)), "ms",
+                 1000, "<=", f"max {ms(max(latencies)):.0f} ms over {len(latencies)} running `nap` works "
+                 "(process executor)")
+
     # --- 6. scale ----------------------------------------------------------------
 
     def scenario_scale(self) -> None:
@@ -1107,6 +1203,8 @@ def parse_args(argv=None):
     p.add_argument("--replay-works", type=int, default=0, help="replay: pending works (default 100,000; quick 20,000)")
     p.add_argument("--backlog-works", type=int, default=0,
                    help="backlog: pending works of 1 KiB (default 1,000,000; quick 100,000)")
+    p.add_argument("--control-works", type=int, default=0,
+                   help="control: pending works of the large backlog (default 1,000,000; quick 100,000)")
     p.add_argument("--scale-procs", type=int, default=None, help="scale: worker processes (default 4)")
     p.add_argument("--scale-slots", type=int, default=None, help="scale: slots per worker process (default 250)")
     p.add_argument("--scale-rate", type=int, default=200, help="scale: works/s of the dispatch-latency load")

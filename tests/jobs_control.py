@@ -53,3 +53,22 @@ def picky(what: str) -> None:
 @dworkers.job("urgent", priority=9, backoff=(2.0, 3.0, 60.0))
 def urgent() -> str:
     return "handled"
+
+
+@dworkers.job("beating", heartbeat_timeout=1.5)
+def beating(seconds: float, gate: str = "", *, ctx) -> str:
+    """Runs for `seconds` (or until the file `gate` exists), saying how far it got."""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds or (gate and not os.path.exists(gate)):
+        ctx.heartbeat(progress=min(1.0, (time.monotonic() - started) / seconds), details="working")
+        time.sleep(0.1)
+        if gate and os.path.exists(gate):
+            break
+    return f"beat for {time.monotonic() - started:.1f} s"
+
+
+@dworkers.job("silent", heartbeat_timeout=1.0, max_attempts=1)
+def silent(seconds: float) -> str:
+    """Never says it is alive."""
+    time.sleep(seconds)
+    return "woke up"

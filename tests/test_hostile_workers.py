@@ -149,3 +149,27 @@ def test_a_result_with_a_malformed_content_type_fails_its_attempt(cluster):
     assert failed.attempts == 1 and "malformed content type" in failed.error
     probe.close()
     assert "stepping down" not in master.log()
+
+
+def test_heartbeats_about_other_attempts_are_ignored_and_garbage_ones_refused(cluster):
+    """A stream may only speak of what it was handed: a heartbeat naming
+    another slot's attempt is ignored, a malformed one closes the stream."""
+    master, stub = setup_without_workers(cluster)
+    submit_until_acked(stub, "square", b"4", "victim")
+    probe = ProtocolWorker(master.address)
+    probe.send(register=master_pb2.RegisterWorker(worker_ids=[probe.worker_id], host="probe", kinds=["square"]),
+               request_work=master_pb2.WorkerRequestsWork(worker_ids=[probe.worker_id]))
+    handed = probe.wait("works").works.assignments[0]
+    probe.send(heartbeats=master_pb2.Heartbeats(heartbeats=[
+        master_pb2.Heartbeat(worker_id="someone-else-0", attempt_token=handed.attempt_token, progress=0.9),
+        master_pb2.Heartbeat(worker_id=probe.worker_id, attempt_token=handed.attempt_token + 1, progress=0.9)]))
+    probe.send(heartbeats=master_pb2.Heartbeats(heartbeats=[
+        master_pb2.Heartbeat(worker_id=probe.worker_id, attempt_token=handed.attempt_token, progress=0.25)]))
+    wait_until(lambda: status(stub, "victim").progress == 0.25, 10, "its own heartbeat's progress")
+    probe.send(heartbeats=master_pb2.Heartbeats(heartbeats=[
+        master_pb2.Heartbeat(worker_id=probe.worker_id, attempt_token=handed.attempt_token, progress=float("inf"))]))
+    error = stream_error(probe)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "progress" in error.details()
+    probe.close()
+    submit_until_acked(stub, "square", b"2", "still-serving")
+    assert "stepping down" not in master.log()

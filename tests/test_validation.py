@@ -75,6 +75,25 @@ def register(**fields) -> master_pb2.WorkerMessage:
     (register(kinds=[f"k{i}" for i in range(1001)]), False, "1001 kinds"),
     (master_pb2.WorkerMessage(request_work=master_pb2.WorkerRequestsWork(worker_ids=["s"] * 1025)), True,
      "1025 slots"),
+    (register(prefetch=17), False, "prefetch of 17"),
+    (register(running=[master_pb2.RunningAttempt(worker_id="elsewhere-0", work_id="w", attempt_token=1)]), False,
+     "running"),
+    (register(running=[master_pb2.RunningAttempt(worker_id="h-1-0", work_id="w", attempt_token=0)]), False,
+     "running"),
+    (register(running=[master_pb2.RunningAttempt(worker_id="h-1-0", work_id="w", attempt_token=1,
+                                                 seconds_left=float("nan"))]), False, "running"),
+    (register(defaults=[master_pb2.KindDefaults(kind="square", priority=5000)]), False, "priority out of range"),
+    (register(defaults=[master_pb2.KindDefaults(kind="square", heartbeat_timeout=-1)]), False, "out of range"),
+    (register(defaults=[master_pb2.KindDefaults(kind="square", backoff=work_pb2.Backoff(
+        initial_seconds=1, multiplier=1e9))]), False, "multiplier"),
+    (master_pb2.WorkerMessage(heartbeats=master_pb2.Heartbeats(heartbeats=[
+        master_pb2.Heartbeat(worker_id="h-1-0", attempt_token=1, progress=float("nan"))])), True, "progress"),
+    (master_pb2.WorkerMessage(heartbeats=master_pb2.Heartbeats(heartbeats=[
+        master_pb2.Heartbeat(worker_id="h-1-0", attempt_token=1, progress=2.0)])), True, "progress"),
+    (master_pb2.WorkerMessage(heartbeats=master_pb2.Heartbeats(heartbeats=[
+        master_pb2.Heartbeat(worker_id="h-1-0", attempt_token=1, details="d" * 2000)])), True, "details"),
+    (master_pb2.WorkerMessage(heartbeats=master_pb2.Heartbeats(heartbeats=[
+        master_pb2.Heartbeat(worker_id="h-1-0", attempt_token=1)] * 10_001)), True, "10001 reports"),
 ])
 def test_a_worker_message_that_breaks_the_protocol_is_refused(message, registered, fragment):
     with pytest.raises(ProtocolError, match=fragment):

@@ -294,3 +294,53 @@ def test_cancel_refuses_finished_and_unknown_works_and_then_cancels_nothing():
     with pytest.raises(NotFound, match="'ghost'"):
         master.cancel(["p", "ghost"], NOW)
     assert not master.take().events and master.status("p").state == work_pb2.PENDING
+
+
+# --- heartbeats --------------------------------------------------------------------------
+
+
+def beat(master: Master, connection: Connection, a: master_pb2.Assignment, now: float, progress=None,
+         details: str = "") -> None:
+    heartbeat = master_pb2.Heartbeat(worker_id=a.worker_id, attempt_token=a.attempt_token, details=details)
+    if progress is not None:
+        heartbeat.progress = progress
+    master.heartbeat(connection, [heartbeat], now)
+    assert not master.take().events, "a heartbeat is not journaled"
+
+
+def test_heartbeats_renew_a_lease_and_carry_progress_without_a_journal_write():
+    leased = work("leased")
+    leased.heartbeat_timeout, leased.timeout_seconds = 5.0, 2.0
+    master = master_with([leased, work("plain")])
+    connection = connect(master, slots=2)
+    a, b = handed(master, connection, slots=("s0", "s1"))
+    assert {a.work.work_id, b.work.work_id} == {"leased", "plain"}
+    a, b = (a, b) if a.work.work_id == "leased" else (b, a)
+    slot = master.scheduler.get(a.worker_id)
+    assert slot.deadline == NOW + 5.0  # the lease, not the timeout
+    for t in (4.0, 8.0, 12.0):
+        beat(master, connection, a, NOW + t, progress=t / 20, details=f"at {t:g}")
+    assert slot.deadline == NOW + 17.0
+    status = master.status("leased")
+    assert status.progress == 0.6 and status.progress_details == "at 12"
+    other = master.scheduler.get(b.worker_id)
+    beat(master, connection, b, NOW + 1.0)  # no lease: the timeout stands
+    assert other.deadline == NOW + CoreSettings().work_timeout
+    stale = master_pb2.Assignment(worker_id=a.worker_id, attempt_token=a.attempt_token + 1)
+    beat(master, connection, stale, NOW + 13.0)  # another attempt's: ignored
+    assert slot.deadline == NOW + 17.0
+    master.tick(NOW + 16.9, 0)
+    assert not master.take().events
+    master.tick(NOW + 17.0, 0)
+    assert [e.WhichOneof("event") for e in master.take().events] == ["worker_timed_out"]
+
+
+def test_a_jobs_heartbeats_are_checked_and_thinned_out():
+    sent = []
+    ctx = jobs.Context("w", "k", 1, deadline=0.0, heartbeat_timeout=10.0, _beat=lambda p, d: sent.append((p, d)))
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        ctx.heartbeat(progress=50)
+    for i in range(100):
+        ctx.heartbeat(progress=i / 100, details="x" * 5000)
+    assert len(sent) == 1 and len(sent[0][1]) == 1024  # the rest came within 0.2 s
+    assert ctx.remaining > 9  # renewed here too

@@ -156,3 +156,24 @@ def test_the_cli_submits_with_options_and_cancels(cluster):
     assert f"{work_id}  CANCELLED" in ok(cli("cancel", work_id, *address)).stdout
     assert_one_line_error(cli("cancel", "nope", *address), "NOT_FOUND", "'nope'")
     assert "cancelled 1" in ok(cli("cluster", *address)).stdout
+
+
+def test_heartbeats_keep_a_long_job_alive_show_its_progress_and_a_silent_one_times_out(cluster, tmp_path):
+    front, stub = start(cluster, 1, 2, "--prefetch", "0")
+    gate = tmp_path / "gate"
+    with dworkers.Client(front.address, timeout=30) as client:
+        # its timeout is 1 s, its lease 1.5 s: it runs 4 s on heartbeats
+        long = client.submit("beating", 4, str(gate), timeout=1)
+        silent = client.submit("silent", 30)
+        status = wait_until(lambda: (s := long.status()).HasField("progress") and s.progress > 0.1 and s, 30,
+                            "its progress")
+        assert status.state == work_pb2.IN_PROGRESS and status.progress_details == "working"
+        info = stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=10)
+        assert any(w.work_id == long.id and w.HasField("progress") for w in info.workers)
+        with pytest.raises(dworkers.WorkFailed) as failed:
+            silent.result(timeout=30)
+        assert "timed out" in failed.value.error
+        gate.touch()
+        ran = float(long.result(timeout=30).split()[2])
+        assert ran > 2.5, "it outlived its timeout (1 s) and its lease (1.5 s) on heartbeats"
+        assert long.status().attempts == 1, "the heartbeating job was never timed out"

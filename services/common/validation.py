@@ -37,6 +37,7 @@ MAX_PREFETCH = 16  # works a slot may hold beyond the one it runs
 MAX_KINDS_PER_WORKER = 1000
 MAX_HOST_CHARS = 255
 MAX_REPORTS_PER_MESSAGE = 10_000
+MAX_DETAILS_CHARS = 1024  # of a heartbeat's details
 
 
 INVALID_ARGUMENT_CODE = 3  # google.rpc.Code, as in SubmitWorkResponse.code
@@ -85,6 +86,8 @@ def to_work(request: work_pb2.SubmitWorkRequest, index: int | None = None,
         timeout = request.timeout_seconds
         if math.isnan(timeout) or timeout < 0 or timeout > MAX_TIMEOUT_SECONDS:
             raise InvalidWork(f"timeout_seconds must be between 0 and {MAX_TIMEOUT_SECONDS:.0f}")
+        if not 0 <= request.heartbeat_timeout <= MAX_TIMEOUT_SECONDS:
+            raise InvalidWork(f"heartbeat_timeout must be between 0 and {MAX_TIMEOUT_SECONDS:.0f}")
         check_content_type(request.content_type)
         if not -MAX_PRIORITY <= request.priority <= MAX_PRIORITY:
             raise InvalidWork(f"priority {request.priority} is outside -{MAX_PRIORITY} to {MAX_PRIORITY}")
@@ -105,6 +108,7 @@ def to_work(request: work_pb2.SubmitWorkRequest, index: int | None = None,
         max_attempts=request.max_attempts or job.max_attempts or DEFAULT_MAX_ATTEMPTS,
         timeout_seconds=timeout or job.timeout_seconds, content_type=request.content_type,
         priority=request.priority if request.HasField("priority") else job.priority,
+        heartbeat_timeout=request.heartbeat_timeout or job.heartbeat_timeout,
     )
     backoff = request.backoff if request.backoff.initial_seconds else job.backoff
     if backoff.initial_seconds:
@@ -230,7 +234,8 @@ def check_worker_message(message, registered: bool) -> None:
         for d in r.defaults:
             timeout = d.timeout_seconds
             if d.kind not in r.kinds or d.max_attempts > MAX_ATTEMPTS_LIMIT or math.isnan(timeout) \
-                    or not 0 <= timeout <= MAX_TIMEOUT_SECONDS or not -MAX_PRIORITY <= d.priority <= MAX_PRIORITY:
+                    or not 0 <= timeout <= MAX_TIMEOUT_SECONDS or not -MAX_PRIORITY <= d.priority <= MAX_PRIORITY \
+                    or not 0 <= d.heartbeat_timeout <= MAX_TIMEOUT_SECONDS:
                 raise InvalidWorkerMessage(f"defaults of kind {d.kind[:64]!r}: a kind it does not declare, or "
                                            f"max_attempts above {MAX_ATTEMPTS_LIMIT}, a timeout or a priority out "
                                            "of range")
@@ -245,9 +250,13 @@ def check_worker_message(message, registered: bool) -> None:
     if len(message.request_work.worker_ids) > MAX_SLOTS_PER_CONNECTION:
         raise InvalidWorkerMessage(f"WorkerRequestsWork names {len(message.request_work.worker_ids)} slots; "
                                    f"the limit is {MAX_SLOTS_PER_CONNECTION} per stream")
-    reports = len(message.done.completions) + len(message.failed.failures)
+    reports = len(message.done.completions) + len(message.failed.failures) + len(message.heartbeats.heartbeats)
     if reports > MAX_REPORTS_PER_MESSAGE:
         raise InvalidWorkerMessage(f"{reports} reports in one message; the limit is {MAX_REPORTS_PER_MESSAGE}")
+    for beat in message.heartbeats.heartbeats:
+        if len(beat.details) > MAX_DETAILS_CHARS or (beat.HasField("progress") and not 0 <= beat.progress <= 1):
+            raise InvalidWorkerMessage(f"a heartbeat with progress outside 0 to 1, or details over "
+                                       f"{MAX_DETAILS_CHARS} characters")
 
 
 def _check_slots(worker_ids, where: str) -> None:

@@ -211,9 +211,11 @@ class MasterNode:
                 info.standbys.append(backend)
         now = time.monotonic()
         for slot in itertools.islice(scheduler.slots.values(), MAX_LISTED_WORKERS):
-            info.workers.add(worker_id=slot.worker_id, status="busy" if slot.busy else "idle",
-                             work_id=slot.work_id, host=slot.host,
-                             seconds_since_seen=round(now - slot.last_seen, 3))
+            worker = info.workers.add(worker_id=slot.worker_id, status="busy" if slot.busy else "idle",
+                                      work_id=slot.work_id, host=slot.host,
+                                      seconds_since_seen=round(now - slot.last_seen, 3))
+            if slot.held and slot.held[0].progress is not None:
+                worker.progress = slot.held[0].progress
         return info
 
     # --- life ------------------------------------------------------------

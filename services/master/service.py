@@ -211,6 +211,8 @@ class MasterService(master_pb2_grpc.MasterServicer):
                 if message.HasField("register"):
                     connection.registered = True
                     shell.register(connection, message.register)
+                if message.HasField("heartbeats"):
+                    shell.heartbeat(connection, message.heartbeats.heartbeats)
                 if message.HasField("done") or message.HasField("failed"):
                     shell.report(connection, message.done.completions, message.failed.failures)
                 if message.HasField("request_work"):

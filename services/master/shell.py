@@ -477,6 +477,9 @@ class MasterShell:
     def report(self, connection, completions, failures) -> None:
         self._decide(lambda now: self.master.report(connection, completions, failures, now))
 
+    def heartbeat(self, connection, heartbeats) -> None:
+        self._decide(lambda now: self.master.heartbeat(connection, heartbeats, now))
+
     def disconnected(self, connection) -> None:
         self._decide(lambda now: self.master.disconnected(connection, now))
 

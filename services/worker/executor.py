@@ -45,6 +45,15 @@ class Outcome:
     cancelled: bool = False  # stopped because its work was cancelled
 
 
+@dataclass(frozen=True)
+class Beat:
+    """A running job's heartbeat (ctx.heartbeat): it is alive, this far along."""
+
+    progress: float | None
+    details: str
+
+
+BEAT = "beat"  # first item of a heartbeat's message on an executor's pipe
 TRACEBACK_FRAMES = 8  # the innermost frames an error keeps
 TRACEBACK_CHARS = 3000
 
@@ -63,18 +72,20 @@ def describe(exc: BaseException) -> str:
     return f"{head}\nTraceback (innermost {min(len(frames), TRACEBACK_FRAMES)} of {len(frames)} frames):\n{stack}"
 
 
-def _run_job(registry, call: Call, loop: asyncio.AbstractEventLoop | None) -> tuple:
+def _run_job(registry, call: Call, loop: asyncio.AbstractEventLoop | None, beat=None) -> tuple:
     """(True, result, content type) or (False, error, permanent)."""
     registered = registry.get(call.kind)
     try:
         if registered is None:
             raise LookupError(f"this worker has no job of kind {call.kind!r}")
-        return (True, *registered.run(call, loop))
+        return (True, *registered.run(call, loop, beat))
     except Exception as exc:
         return False, describe(exc), registered is not None and not registered.retries(exc)
 
 
-def _outcome(reply: tuple, seconds: float) -> Outcome:
+def _outcome(reply: tuple, seconds: float) -> Outcome | Beat:
+    if reply[0] == BEAT:
+        return Beat(reply[1], reply[2])
     if reply[0]:
         return Outcome(True, result=reply[1], content_type=reply[2], seconds=seconds)
     return Outcome(False, error=reply[1], seconds=seconds, permanent=reply[2])
@@ -94,12 +105,20 @@ def _child_main(connection, job_modules: list[str]) -> None:
     _die_with_parent()
     registry = jobs.load(job_modules)
     loop = asyncio.new_event_loop()  # one for the child's life: async jobs may keep loop-bound clients
+    sending = threading.Lock()  # a job may beat from its own threads
+
+    def beat(progress, details) -> None:
+        with sending:
+            connection.send((BEAT, progress, details))
+
     while True:
         try:
             call = connection.recv()
         except (EOFError, KeyboardInterrupt):
             return
-        connection.send(_run_job(registry, call, loop))
+        reply = _run_job(registry, call, loop, beat)
+        with sending:
+            connection.send(reply)
 
 
 _MAIN_LOCK = threading.Lock()
@@ -161,8 +180,9 @@ class ProcessExecutor:
             return self._died()
         return None
 
-    def collect(self) -> Outcome:
-        """The finished job's outcome (call when `connection` is readable)."""
+    def collect(self) -> Outcome | Beat:
+        """The finished job's outcome, or a heartbeat of the running one (call
+        when `connection` is readable)."""
         connection = self.connection
         if connection is None:
             return self._died()
@@ -221,19 +241,21 @@ class ThreadExecutor:
         self._generation += 1
         generation = self._generation
 
-        def run() -> None:
-            outcome = _run_job(self.registry, call, None)
+        def send(message) -> None:
             with self._lock:
                 if generation == self._generation:
                     try:
-                        self._sender.send(outcome)
+                        self._sender.send(message)
                     except OSError:
                         pass
+
+        def run() -> None:
+            send(_run_job(self.registry, call, None, lambda progress, details: send((BEAT, progress, details))))
 
         threading.Thread(target=run, daemon=True, name=f"job-{call.kind}").start()
         return None
 
-    def collect(self) -> Outcome:
+    def collect(self) -> Outcome | Beat:
         return _outcome(self.connection.recv(), time.perf_counter() - self._started)
 
     def timed_out(self, timeout: float) -> Outcome:

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dworkers import codec
@@ -34,18 +34,41 @@ class Permanent(Exception):
     work ends FAILED after this attempt, whatever attempts it has left."""
 
 
-@dataclass(frozen=True)
+HEARTBEAT_INTERVAL = 0.2  # a job's heartbeats leave at most this often (the others are dropped)
+MAX_DETAILS_CHARS = 1024
+
+
+@dataclass
 class Context:
-    """What a running job may know about its work."""
+    """What a running job may know about its work, and how it says it is alive."""
 
     work_id: str
     kind: str
     attempt: int  # 1 for the first attempt
-    deadline: float  # time.time() past which the attempt counts as timed out
+    deadline: float  # time.time() past which the attempt counts as timed out (renewed by heartbeats)
+    heartbeat_timeout: float = 0.0  # > 0: the lease each heartbeat renews
+    _beat: Callable[[float | None, str], None] | None = field(default=None, repr=False)
+    _last_beat: float = field(default=0.0, repr=False)
 
     @property
     def remaining(self) -> float:
         return max(0.0, self.deadline - time.time())
+
+    def heartbeat(self, progress: float | None = None, details: str = "") -> None:
+        """Says the job is alive, and how far it got (`progress` from 0 to 1,
+        `details` up to 1,024 characters): GetWork, ClusterInfo and `dworkers
+        status` show them. With a heartbeat_timeout, each one renews the
+        attempt's lease, so a long job needs no long timeout. Cheap: at most
+        five a second leave the job's process; the others are dropped."""
+        if progress is not None and not 0 <= progress <= 1:
+            raise ValueError(f"progress must be between 0 and 1, not {progress!r}")
+        now = time.monotonic()
+        if self._beat is None or now - self._last_beat < HEARTBEAT_INTERVAL:
+            return
+        self._last_beat = now
+        if self.heartbeat_timeout:
+            self.deadline = max(self.deadline, time.time() + self.heartbeat_timeout)
+        self._beat(progress, str(details)[:MAX_DETAILS_CHARS])
 
 
 @dataclass(frozen=True)
@@ -58,6 +81,7 @@ class Call:
     work_id: str = ""
     attempt: int = 1
     deadline: float = 0.0
+    heartbeat_timeout: float = 0.0
 
 
 class Job:
@@ -66,9 +90,9 @@ class Job:
 
     def __init__(self, kind: str, func: Callable, max_attempts: int = 0, timeout: float = 0.0,
                  priority: int = 0, backoff: tuple[float, float, float] | None = None,
-                 retry_for: tuple[type[BaseException], ...] = (Exception,)):
+                 retry_for: tuple[type[BaseException], ...] = (Exception,), heartbeat_timeout: float = 0.0):
         self.kind, self.func = kind, func
-        self.max_attempts, self.timeout = max_attempts, timeout
+        self.max_attempts, self.timeout, self.heartbeat_timeout = max_attempts, timeout, heartbeat_timeout
         self.priority, self.backoff, self.retry_for = priority, backoff, retry_for
         self.is_async = inspect.iscoroutinefunction(func)
         self.wants_context = "ctx" in inspect.signature(func).parameters
@@ -91,11 +115,14 @@ class Job:
         """Whether an attempt that raised `error` is worth retrying."""
         return not isinstance(error, Permanent) and isinstance(error, self.retry_for)
 
-    def run(self, call: Call, loop: asyncio.AbstractEventLoop | None = None) -> tuple[bytes, str]:
-        """Runs one attempt; returns the result's bytes and content type."""
+    def run(self, call: Call, loop: asyncio.AbstractEventLoop | None = None,
+            beat: Callable[[float | None, str], None] | None = None) -> tuple[bytes, str]:
+        """Runs one attempt; returns the result's bytes and content type.
+        `beat` carries the job's heartbeats to its worker."""
         args, kwargs = codec.decode_call(call.payload, call.content_type)
         if self.wants_context:
-            kwargs["ctx"] = Context(call.work_id, call.kind, call.attempt, call.deadline)
+            kwargs["ctx"] = Context(call.work_id, call.kind, call.attempt, call.deadline, call.heartbeat_timeout,
+                                    beat)
         if self.is_async:
             if loop is None:
                 value = asyncio.run(self.func(*args, **kwargs))
@@ -113,27 +140,32 @@ JOBS: dict[str, Job] = {}
 
 def job(kind: str, *, max_attempts: int = 0, timeout: float = 0.0, priority: int = 0,
         backoff: tuple[float, float, float] | tuple[float, float] | None = None,
-        retry_for: type[BaseException] | tuple[type[BaseException], ...] = Exception):
+        retry_for: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+        heartbeat_timeout: float = 0.0):
     """Registers the decorated function as the job for `kind`. `max_attempts`,
     `timeout` (seconds per attempt), `priority` (higher first) and `backoff`
     ((initial, multiplier[, max]) seconds between failed attempts: the n-th
     retry waits initial * multiplier^(n-1), at most max, jittered into its
-    upper half) become the defaults of works of this kind that set none,
-    however submitted: workers declare them to the master (0 and None: the
-    cluster's defaults, and retries at once). An attempt that raises an
-    error outside `retry_for`, or `Permanent`, is not retried."""
+    upper half) and `heartbeat_timeout` (seconds an attempt may go without
+    ctx.heartbeat(), instead of a timeout) become the defaults of works of
+    this kind that set none, however submitted: workers declare them to the
+    master (0 and None: the cluster's defaults, and retries at once). An
+    attempt that raises an error outside `retry_for`, or `Permanent`, is
+    not retried."""
 
     if not 0 <= max_attempts <= MAX_ATTEMPTS_LIMIT:
         raise ValueError(f"@job({kind!r}): max_attempts must be between 0 and {MAX_ATTEMPTS_LIMIT}")
     if not 0 <= timeout <= MAX_TIMEOUT_SECONDS:  # NaN fails too
         raise ValueError(f"@job({kind!r}): timeout must be between 0 and {MAX_TIMEOUT_SECONDS:.0f} seconds")
+    if not 0 <= heartbeat_timeout <= MAX_TIMEOUT_SECONDS:
+        raise ValueError(f"@job({kind!r}): heartbeat_timeout must be between 0 and {MAX_TIMEOUT_SECONDS:.0f} seconds")
     if not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
         raise ValueError(f"@job({kind!r}): priority must be between -{MAX_PRIORITY} and {MAX_PRIORITY}")
     backoff_values = _backoff(kind, backoff)
     retry_types = retry_for if isinstance(retry_for, tuple) else (retry_for,)
 
     def register(func) -> Job:
-        registered = Job(kind, func, max_attempts, timeout, priority, backoff_values, retry_types)
+        registered = Job(kind, func, max_attempts, timeout, priority, backoff_values, retry_types, heartbeat_timeout)
         JOBS[kind] = registered
         return registered
 

@@ -42,7 +42,7 @@ from dworkers.common.validation import (
 from dworkers.common.wire import MASTER_KEY, metadata_value
 from dworkers.v1 import master_pb2
 from dworkers.worker import jobs
-from dworkers.worker.executor import EXECUTORS, Outcome
+from dworkers.worker.executor import EXECUTORS, Beat, Outcome
 from dworkers.worker.jobs import Call
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class Worker:
         registry = jobs.load(settings.job_modules)
         self.kinds = sorted(registry)  # declared when registering, with their options
         self.defaults = [kind_defaults(job) for _, job in sorted(registry.items())
-                         if job.max_attempts or job.timeout or job.priority or job.backoff]
+                         if job.max_attempts or job.timeout or job.priority or job.backoff or job.heartbeat_timeout]
         prefix = slot_prefix(self.host, os.getpid())
         executor = EXECUTORS[settings.executor]
         self.slots = {f"{prefix}-{i}": Slot(f"{prefix}-{i}", executor(settings.job_modules), 1 + settings.prefetch)
@@ -188,14 +188,20 @@ class Worker:
 
     def _running(self, slot: Slot, assignment: master_pb2.Assignment) -> None:
         slot.assignment = assignment
-        slot.deadline = time.monotonic() + (assignment.timeout_seconds or self.settings.default_timeout)
+        slot.deadline = time.monotonic() + self._allowed(assignment)
+
+    def _allowed(self, assignment: master_pb2.Assignment) -> float:
+        """Seconds the attempt may run: its lease if it has one (renewed by
+        heartbeats), else its timeout."""
+        return assignment.work.heartbeat_timeout or assignment.timeout_seconds or self.settings.default_timeout
 
     def _run(self, slot: Slot, assignment: master_pb2.Assignment) -> None:
         work = assignment.work
         log.debug("got work", extra={"work_id": work.work_id, "worker_id": slot.worker_id})
-        timeout = assignment.timeout_seconds or self.settings.default_timeout
+        allowed = self._allowed(assignment)
         failed_to_start = slot.executor.submit(Call(work.kind, work.payload, work.content_type, work.work_id,
-                                                    assignment.attempt, time.time() + timeout))
+                                                    assignment.attempt, time.time() + allowed,
+                                                    work.heartbeat_timeout))
         if failed_to_start is not None:
             self._finished(slot, failed_to_start)
         os.write(self._wake_writer, b"x")
@@ -218,15 +224,34 @@ class Worker:
                     os.read(wake, 4096)
                     continue
                 slot = by_connection[item]
-                self._finished(slot, slot.executor.collect())
+                outcome = slot.executor.collect()
+                if isinstance(outcome, Beat):
+                    self._beat(slot, outcome)
+                else:
+                    self._finished(slot, outcome)
             self._stop_cancelled()
             now = time.monotonic()
             for slot in busy:
                 assignment = slot.assignment
                 if assignment is not None and slot.deadline <= now and slot.executor.connection is not None \
                         and slot.executor.connection not in ready:
-                    timeout_seconds = assignment.timeout_seconds or self.settings.default_timeout
-                    self._finished(slot, slot.executor.timed_out(timeout_seconds))
+                    self._finished(slot, slot.executor.timed_out(self._allowed(assignment)))
+
+    def _beat(self, slot: Slot, beat: Beat) -> None:
+        """The running job is alive: its lease (if it has one) is renewed
+        here and at the master, which also learns its progress."""
+        with self._lock:
+            assignment = slot.assignment
+            if assignment is None:
+                return
+            lease = assignment.work.heartbeat_timeout
+            if lease:
+                slot.deadline = max(slot.deadline, time.monotonic() + lease)
+        heartbeat = master_pb2.Heartbeat(worker_id=slot.worker_id, attempt_token=assignment.attempt_token,
+                                         details=beat.details)
+        if beat.progress is not None:
+            heartbeat.progress = beat.progress
+        self._send(master_pb2.WorkerMessage(heartbeats=master_pb2.Heartbeats(heartbeats=[heartbeat])))
 
     def _cancel(self, tokens) -> None:
         """The master cancelled these attempts' works: those held ahead are
@@ -492,7 +517,7 @@ class Worker:
 def kind_defaults(job: jobs.Job) -> master_pb2.KindDefaults:
     """A job's options, as its workers declare them to the master."""
     defaults = master_pb2.KindDefaults(kind=job.kind, max_attempts=job.max_attempts, timeout_seconds=job.timeout,
-                                       priority=job.priority)
+                                       priority=job.priority, heartbeat_timeout=job.heartbeat_timeout)
     if job.backoff is not None:
         b = defaults.backoff
         b.initial_seconds, b.multiplier, b.max_seconds = job.backoff
@@ -504,6 +529,7 @@ def merge(messages: list[master_pb2.WorkerMessage]) -> master_pb2.WorkerMessage:
     and the union of requesting slots (the master reads reports before requests)."""
     merged = master_pb2.WorkerMessage()
     requested: dict[str, None] = {}
+    beats: dict[int, master_pb2.Heartbeat] = {}  # the latest per attempt
     for message in messages:
         if message.HasField("register"):
             merged.register.CopyFrom(message.register)
@@ -513,6 +539,10 @@ def merge(messages: list[master_pb2.WorkerMessage]) -> master_pb2.WorkerMessage:
             merged.failed.failures.extend(message.failed.failures)
         if message.HasField("request_work"):
             requested.update(dict.fromkeys(message.request_work.worker_ids))
+        for beat in message.heartbeats.heartbeats:
+            beats[beat.attempt_token] = beat
+    if beats:
+        merged.heartbeats.heartbeats.extend(beats.values())
     if requested:
         merged.request_work.worker_ids.extend(requested)
     return merged

@@ -264,10 +264,11 @@ class Master:
                 worker_id, token = slot.worker_id, self.new_token()
                 work_id = entry.work_id
                 timeout = entry.timeout_seconds or self.settings.work_timeout
+                lease = entry.heartbeat_timeout or timeout  # what the slot's clock runs on
                 events.append(journal_pb2.Event(work_started=journal_pb2.WorkStarted(
                     work_id=work_id, worker_id=worker_id, attempt_token=token)))
                 state.start(work_id, token)  # as the event does: the next pick must not see it
-                scheduler.start(slot, work_id, token, timeout, now)
+                scheduler.start(slot, work_id, token, lease, now)
                 scheduler.want(slot)  # its turn again after the others, if it has room
                 assignment = master_pb2.Assignment(worker_id=worker_id, timeout_seconds=timeout,
                                                    attempt=entry.attempts, attempt_token=token)
@@ -335,6 +336,21 @@ class Master:
             self._send(connection, self._message(ack=master_pb2.Ack(attempt_tokens=acks)), 11 * len(acks) + 64)
         if requeued:
             self.announce(now)
+
+    def heartbeat(self, connection, heartbeats, now: float) -> None:
+        """Jobs said they are alive: their attempts' leases are renewed (no
+        event: after a failover the worker's registration tells the new
+        master how long each attempt has left)."""
+        scheduler, running = self.scheduler, self.state.in_progress
+        for beat in heartbeats:
+            slot = scheduler.on(connection, beat.worker_id)
+            if slot is None:
+                continue
+            slot.last_seen = now
+            entry = running.get(slot.work_id)
+            lease = entry.heartbeat_timeout if entry is not None and entry.token == beat.attempt_token else 0.0
+            scheduler.heartbeat(slot, beat.attempt_token, lease, now,
+                                beat.progress if beat.HasField("progress") else None, beat.details)
 
     def disconnected(self, connection, now: float) -> None:
         """A worker process's stream ended: its running work goes back to the queue."""
@@ -481,7 +497,16 @@ class Master:
     # --- questions -------------------------------------------------------------
 
     def status(self, work_id: str) -> work_pb2.WorkStatus | None:
-        return self.state.status(work_id)
+        status = self.state.status(work_id)
+        if status is not None and status.state == work_pb2.IN_PROGRESS:
+            entry = self.state.in_progress[work_id]
+            slot = self.scheduler.running.get(entry.token)
+            if slot is not None and slot.token == entry.token:
+                running = slot.held[0]
+                if running.progress is not None:
+                    status.progress = running.progress
+                status.progress_details = running.details
+        return status
 
     def counts(self) -> dict:
         scheduler, pending = self.scheduler, self.state.pending

@@ -26,7 +26,9 @@ class Held:
     """An attempt a slot holds."""
     work_id: str
     token: int
-    timeout: float  # seconds it may run once it runs
+    timeout: float  # seconds it may run once it runs (or go without a heartbeat, if it has a lease)
+    progress: float | None = None  # what its job last said (ctx.heartbeat), while it runs
+    details: str = ""
 
 
 @dataclass(slots=True)
@@ -172,6 +174,18 @@ class Scheduler:
         if not slot.has_room:
             self.unwait(slot)
             self._less_room(slot.connection)
+
+    def heartbeat(self, slot: Slot, token: int, lease: float, now: float, progress: float | None,
+                  details: str) -> bool:
+        """The job of the attempt a slot runs is alive: its lease (if it has
+        one) runs `lease` seconds from now, and its progress is noted."""
+        if not slot.held or slot.held[0].token != token:
+            return False
+        running = slot.held[0]
+        running.progress, running.details = progress, details
+        if lease:
+            slot.deadline = max(slot.deadline, now + lease)
+        return True
 
     def finish(self, slot: Slot, token: int, now: float) -> bool:
         """The slot reported on the attempt `token`: it no longer holds it,

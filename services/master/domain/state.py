@@ -75,6 +75,7 @@ class Entry:
     priority: int = 0  # higher first
     ready_at: float = 0.0  # while scheduled: the Unix time it is queued at
     backoff: tuple[float, float, float] | None = None  # (initial, multiplier, max) seconds between attempts
+    heartbeat_timeout: float = 0.0  # > 0: its attempts hold a lease renewed by heartbeats, not a timeout
 
     @classmethod
     def of(cls, work: work_pb2.Work, keep_payload: bool = True, digest: bytes = b"") -> Entry:
@@ -90,12 +91,15 @@ class Entry:
         b = work.backoff
         backoff = _shared((b.initial_seconds, b.multiplier, b.max_seconds), _BACKOFFS) \
             if b.initial_seconds else None
+        lease = _shared(work.heartbeat_timeout, _TIMEOUTS) if work.heartbeat_timeout else 0.0
         if keep_payload:
             return cls(work.work_id, kind, payload, work.max_attempts, timeout, _shared(size, _SIZES),
-                       content_type=content_type, priority=work.priority, ready_at=work.not_before, backoff=backoff)
+                       content_type=content_type, priority=work.priority, ready_at=work.not_before, backoff=backoff,
+                       heartbeat_timeout=lease)
         return cls(work.work_id, kind, None, work.max_attempts, timeout,
                    _shared(size - payload_field_bytes(len(payload)), _SIZES), digest or fingerprint(kind, payload),
-                   content_type=content_type, priority=work.priority, ready_at=work.not_before, backoff=backoff)
+                   content_type=content_type, priority=work.priority, ready_at=work.not_before, backoff=backoff,
+                   heartbeat_timeout=lease)
 
     def work(self) -> work_pb2.Work:
         """The work as submitted (without its payload if the journal keeps it,
@@ -116,6 +120,8 @@ class Entry:
         if self.backoff is not None:
             b = work.backoff
             b.initial_seconds, b.multiplier, b.max_seconds = self.backoff
+        if self.heartbeat_timeout:
+            work.heartbeat_timeout = self.heartbeat_timeout
         return work
 
     def fingerprint(self) -> bytes:
