@@ -403,6 +403,15 @@ class Client:
     def status(self, work_id: str) -> work_pb2.WorkStatus:
         return self.stub.GetWork(work_pb2.GetWorkRequest(work_id=work_id), timeout=self.timeout)
 
+    def set_rate_limit(self, kind: str, per_second: float | None) -> work_pb2.KindInfo:
+        """At most `per_second` works of `kind` start per second across the
+        cluster (0: no limit), overriding the job's rate_limit; None removes
+        this override."""
+        request = work_pb2.SetRateLimitRequest(kind=kind)
+        if per_second is not None:
+            request.per_second = per_second
+        return self.stub.SetRateLimit(request, timeout=self.timeout)
+
     def cancel(self, *works: str | Handle) -> list[work_pb2.WorkStatus]:
         """Cancels works (ids or handles), all or none: pending and scheduled
         ones end CANCELLED at once, running ones too and their jobs are

@@ -66,6 +66,13 @@ def add_parsers(sub) -> None:
                       "are stopped). All or none: an unknown or already finished work refuses the call.")
     p.add_argument("work_ids", nargs="+")
 
+    p = client_parser("rate-limit", "limit how often works of a kind start",
+                      "At most PER_SECOND works of KIND start per second across the cluster (0: no limit), "
+                      "whatever the job's rate_limit says; --clear lets the job's apply again.")
+    p.add_argument("kind")
+    p.add_argument("per_second", nargs="?", type=in_range(float, low=0, high=1e6), default=None)
+    p.add_argument("--clear", action="store_true", help="remove the limit set here")
+
     client_parser("cluster", "show the cluster",
                   "Show the active master, its epoch, standbys, workers and work counts.")
 
@@ -274,6 +281,18 @@ def status(stub, args) -> None:
         raise WorksFailed(f"work {args.work_id} {STATE_NAMES[s.state]}")
 
 
+def rate_limit(stub, args) -> None:
+    if (args.per_second is None) != args.clear:
+        raise ClientError("give PER_SECOND, or --clear")
+    request = work_pb2.SetRateLimitRequest(kind=args.kind)
+    if args.per_second is not None:
+        request.per_second = args.per_second
+    info = stub.SetRateLimit(request, timeout=args.timeout)
+    limit = f"{info.rate_limit:g}/s" if info.rate_limit else "none"
+    source = "set by an admin" if info.rate_limit_set_by_admin else "the job's own"
+    print(f"{info.kind}: rate limit {limit} ({source})")
+
+
 def cancel(stub, args) -> None:
     response = stub.CancelWork(work_pb2.CancelWorkRequest(work_ids=args.work_ids), timeout=args.timeout)
     if args.json:
@@ -304,8 +323,8 @@ def cluster(stub, args) -> None:
         "standbys": [{"address": s.address, "epoch": s.epoch} for s in info.standbys],
         "workers": [{"worker_id": w.worker_id, "status": w.status, "work_id": w.work_id, "host": w.host}
                     for w in info.workers],
-        "kinds": [{"kind": k.kind, "slots": k.slots, "idle_slots": k.idle_slots, "pending": k.pending}
-                  for k in info.kinds],
+        "kinds": [{"kind": k.kind, "slots": k.slots, "idle_slots": k.idle_slots, "pending": k.pending,
+                   "rate_limit": k.rate_limit} for k in info.kinds],
         "pending": info.pending, "in_progress": info.in_progress, "done": info.done,
         "failed": info.failed, "last_sequence": info.last_sequence,
         "pending_without_worker": info.pending_without_worker, "worker_slots": info.worker_slots,
@@ -323,7 +342,8 @@ def cluster(stub, args) -> None:
     if info.pending_without_worker:
         print(f"waiting    {info.pending_without_worker} pending works have no live worker for their kind")
     for k in info.kinds:
-        print(f"kind       {k.kind:<20} slots {k.slots:>4} ({k.idle_slots} idle)  pending {k.pending}")
+        limit = f"  at most {k.rate_limit:g}/s" if k.rate_limit else ""
+        print(f"kind       {k.kind:<20} slots {k.slots:>4} ({k.idle_slots} idle)  pending {k.pending}{limit}")
     print(f"workers    {info.worker_slots}")
     if info.workers:
         width = max(len(w.worker_id) for w in info.workers)
@@ -332,4 +352,5 @@ def cluster(stub, args) -> None:
             print(f"  {w.worker_id:<{width}}  {w.status:<6}  {w.work_id}")
 
 
-COMMANDS = {"submit": submit, "status": status, "watch": watch, "cluster": cluster, "cancel": cancel}
+COMMANDS = {"submit": submit, "status": status, "watch": watch, "cluster": cluster, "cancel": cancel,
+            "rate-limit": rate_limit}

@@ -72,3 +72,8 @@ def silent(seconds: float) -> str:
     """Never says it is alive."""
     time.sleep(seconds)
     return "woke up"
+
+
+@dworkers.job("throttled", rate_limit=4)
+def throttled() -> float:
+    return time.time()

@@ -344,3 +344,36 @@ def test_a_jobs_heartbeats_are_checked_and_thinned_out():
         ctx.heartbeat(progress=i / 100, details="x" * 5000)
     assert len(sent) == 1 and len(sent[0][1]) == 1024  # the rest came within 0.2 s
     assert ctx.remaining > 9  # renewed here too
+
+
+# --- rate limits ---------------------------------------------------------------------------
+
+
+def test_a_rate_limit_spaces_the_starts_of_its_kind_and_leaves_others_alone():
+    limits = {"square": 5.0}
+    master = Master(WorkState(strict=True), SETTINGS, rng=random.Random(1), rate_limits=limits)
+    master.submit([work(f"q{i}") for i in range(40)] + [work(f"b{i}", kind="blob") for i in range(3)], NOW)
+    master.take()
+    connection = connect(master, slots=4, prefetch=16, kinds=("square", "blob"))
+    slots = [f"s{i}" for i in range(4)]
+
+    def started_now() -> int:
+        return sum(len(e.message.works.assignments) for e in master.take().effects
+                   if isinstance(e, Send) and e.message.HasField("works"))
+
+    first = handed(master, connection, NOW, slots)
+    assert sorted(a.work.kind for a in first) == ["blob", "blob", "blob", "square"]
+    started = [NOW]
+    while True:  # the master wakes when the next one may start
+        t = master.next_due()
+        assert t is not None and t > started[-1]
+        if t > NOW + 2.0 + 1e-6:
+            break
+        master.tick(t, 0)
+        started += [t] * started_now()
+    gaps = [b - a for a, b in zip(started, started[1:])]
+    assert len(started) == 11 and all(g == pytest.approx(0.2) for g in gaps)  # 5 a second, evenly
+    del limits["square"]  # the limit goes: the rest start at once
+    master.announce(t)
+    assert started_now() == 40 - 11
+    assert master.next_due() is None

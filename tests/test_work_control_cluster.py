@@ -177,3 +177,30 @@ def test_heartbeats_keep_a_long_job_alive_show_its_progress_and_a_silent_one_tim
         ran = float(long.result(timeout=30).split()[2])
         assert ran > 2.5, "it outlived its timeout (1 s) and its lease (1.5 s) on heartbeats"
         assert long.status().attempts == 1, "the heartbeating job was never timed out"
+
+
+def test_a_rate_limit_holds_across_idle_slots_and_is_set_by_the_job_or_an_admin(cluster):
+    front, stub = start(cluster, 1, 4)
+
+    def kind(name: str) -> work_pb2.KindInfo:
+        info = stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=10)
+        return next(k for k in info.kinds if k.kind == name)
+
+    with dworkers.Client(front.address, timeout=60) as client:
+        assert kind("throttled").rate_limit == 4 and not kind("throttled").rate_limit_set_by_admin
+        info = client.set_rate_limit("stamp", 5)
+        assert info.rate_limit == 5 and info.rate_limit_set_by_admin
+        times = sorted(h.result(timeout=60)["at"] for h in [client.submit("stamp", str(i)) for i in range(16)])
+        span = times[-1] - times[0]
+        print(f"16 starts at 5/s with 4 idle slots: {span:.2f} s from first to last")
+        assert span >= 15 * 0.2 * 0.8, "more than 5 a second"
+        assert client.set_rate_limit("stamp", None).rate_limit == 0  # the job sets none
+        started = time.monotonic()
+        for h in [client.submit("stamp", str(i)) for i in range(16)]:
+            h.result(timeout=60)
+        assert time.monotonic() - started < span, "no limit any more"
+        client.set_rate_limit("throttled", 0)  # an admin lifts the job's own limit
+        assert kind("throttled").rate_limit == 0 and kind("throttled").rate_limit_set_by_admin
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.SetRateLimit(work_pb2.SetRateLimitRequest(kind="no-such-kind", per_second=1), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown kind" in refused.value.details()

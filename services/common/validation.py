@@ -15,6 +15,7 @@ from dworkers.common.limits import (
     MAX_BACKOFF_MULTIPLIER,
     MAX_DELAY_SECONDS,
     MAX_PRIORITY,
+    MAX_RATE_LIMIT,
     MAX_TIMEOUT_SECONDS,
 )
 from dworkers.v1 import master_pb2, work_pb2
@@ -129,6 +130,17 @@ def check_backoff(backoff: work_pb2.Backoff, where: str = "backoff") -> None:
                           f"{MAX_DELAY_SECONDS:.0f}, multiplier 0 (2) or between 1 and {MAX_BACKOFF_MULTIPLIER:g}")
 
 
+def check_rate_limit(request: work_pb2.SetRateLimitRequest) -> float | None:
+    """The limit a SetRateLimit call sets (None: the admin's limit goes)."""
+    if not KIND_PATTERN.fullmatch(request.kind):
+        raise InvalidWork(f"malformed kind {request.kind[:64]!r}")
+    if not request.HasField("per_second"):
+        return None
+    if not 0 <= request.per_second <= MAX_RATE_LIMIT:
+        raise InvalidWork(f"per_second must be between 0 (no limit) and {MAX_RATE_LIMIT:,.0f}")
+    return request.per_second
+
+
 def check_wait(request: work_pb2.WaitWorksRequest) -> list[str]:
     """The ids of a WaitWorks call: 1 to MAX_BATCH_WORKS well-formed ids."""
     return check_work_ids(request.work_ids, "wait for")
@@ -235,10 +247,11 @@ def check_worker_message(message, registered: bool) -> None:
             timeout = d.timeout_seconds
             if d.kind not in r.kinds or d.max_attempts > MAX_ATTEMPTS_LIMIT or math.isnan(timeout) \
                     or not 0 <= timeout <= MAX_TIMEOUT_SECONDS or not -MAX_PRIORITY <= d.priority <= MAX_PRIORITY \
-                    or not 0 <= d.heartbeat_timeout <= MAX_TIMEOUT_SECONDS:
+                    or not 0 <= d.heartbeat_timeout <= MAX_TIMEOUT_SECONDS \
+                    or not 0 <= d.rate_limit <= MAX_RATE_LIMIT:
                 raise InvalidWorkerMessage(f"defaults of kind {d.kind[:64]!r}: a kind it does not declare, or "
-                                           f"max_attempts above {MAX_ATTEMPTS_LIMIT}, a timeout or a priority out "
-                                           "of range")
+                                           f"max_attempts above {MAX_ATTEMPTS_LIMIT}, a timeout, a priority or a "
+                                           "rate limit out of range")
             try:
                 check_backoff(d.backoff, f"defaults of kind {d.kind[:64]!r}: backoff")
             except InvalidWork as exc:

@@ -80,7 +80,10 @@ class KindCatalog:
 
     A kind's znode holds its defaults (the job's @job options, as its workers
     last declared them; JSON): a submission that leaves max_attempts or the
-    timeout unset gets them, whoever submits it."""
+    timeout unset gets them, whoever submits it. It also holds the rate limit
+    an admin set (SetRateLimit), which overrides the job's."""
+
+    ADMIN_RATE_LIMIT = "admin_rate_limit"  # the znode's JSON key
 
     MAX_KINDS = 10_000
 
@@ -91,6 +94,8 @@ class KindCatalog:
         self._declared: set[str] = set()  # declared here, maybe not stored yet
         self.kinds: frozenset[str] = frozenset()  # both
         self._defaults: dict[str, master_pb2.KindDefaults] = {}
+        self._admin_limits: dict[str, float] = {}
+        self.rate_limits: dict[str, float] = {}  # in force, per kind: the admin's, else the job's (0: none)
         self._read: set[str] = set()  # kinds whose stored defaults were read (or written) here
         zk.ChildrenFollower(client, self.path, self._update)
 
@@ -115,12 +120,19 @@ class KindCatalog:
     def _stored_defaults(self, kind: str, got) -> None:
         try:
             data, _stat = got.get()
-            stored = json_format.ParseDict(json.loads(data) if data else {}, master_pb2.KindDefaults(kind=kind))
+            fields = json.loads(data) if data else {}
+            admin = fields.pop(self.ADMIN_RATE_LIMIT, None)
+            stored = json_format.ParseDict(fields, master_pb2.KindDefaults(kind=kind))
             # what a worker could declare, and only that
             validation.check_worker_message(master_pb2.WorkerMessage(register=master_pb2.RegisterWorker(
                 worker_ids=["catalog"], kinds=[kind], defaults=[stored])), registered=True)
             if kind not in self._declared:  # a declaration here is newer
                 self._defaults[kind] = stored
+            if admin is None:
+                self._admin_limits.pop(kind, None)
+            elif 0 <= float(admin) <= validation.MAX_RATE_LIMIT:
+                self._admin_limits[kind] = float(admin)
+            self._limit_in_force(kind)
         except Exception as exc:  # gone meanwhile, or written by hand: no defaults
             log.debug("no defaults for kind %r: %r", kind, exc)
 
@@ -141,12 +153,44 @@ class KindCatalog:
             self._declared.add(kind)
             self._read.add(kind)
             self._defaults[kind] = value
-            data = json.dumps(json_format.MessageToDict(value, preserving_proto_field_name=True)).encode()
-            path = f"{self.path}/{kind}"
-            creating = self.client.create_async(path, data)
-            creating.rawlink(lambda created, path=path, data=data: created.exception is None
-                             or self.client.set_async(path, data))  # there already: its defaults change
+            self._limit_in_force(kind)
+            self._store(kind)
         self.kinds = self._stored | self._declared
+
+    def _store(self, kind: str) -> None:
+        fields = json_format.MessageToDict(self._defaults.get(kind, master_pb2.KindDefaults(kind=kind)),
+                                           preserving_proto_field_name=True)
+        if kind in self._admin_limits:
+            fields[self.ADMIN_RATE_LIMIT] = self._admin_limits[kind]
+        data = json.dumps(fields).encode()
+        path = f"{self.path}/{kind}"
+        creating = self.client.create_async(path, data)
+        creating.rawlink(lambda created, path=path, data=data: created.exception is None
+                         or self.client.set_async(path, data))  # there already: its defaults change
+
+    def _limit_in_force(self, kind: str) -> None:
+        limit = self._admin_limits.get(kind)
+        if limit is None:
+            limit = self._defaults[kind].rate_limit if kind in self._defaults else 0.0
+        if limit:
+            self.rate_limits[kind] = limit
+        else:
+            self.rate_limits.pop(kind, None)
+
+    def set_rate_limit(self, kind: str, per_second: float | None) -> None:
+        """An admin's limit for a kind (None: the job's applies again)."""
+        self.check({kind})
+        if per_second is None:
+            self._admin_limits.pop(kind, None)
+        else:
+            self._admin_limits[kind] = per_second
+        self._read.add(kind)
+        self._limit_in_force(kind)
+        self._store(kind)
+
+    def kind_info(self, kind: str) -> work_pb2.KindInfo:
+        return work_pb2.KindInfo(kind=kind, rate_limit=self.rate_limits.get(kind, 0.0),
+                                 rate_limit_set_by_admin=kind in self._admin_limits)
 
     def check(self, kinds: set[str]) -> None:
         unknown = sorted(kinds - self.kinds)
@@ -202,7 +246,9 @@ class MasterNode:
         idle = scheduler.idle_per_kind()
         pending, slots = counts["pending_by_kind"], counts["slots_by_kind"]
         for kind in sorted(set(pending) | set(slots)):
-            info.kinds.add(kind=kind, slots=slots.get(kind, 0), idle_slots=idle[kind], pending=pending.get(kind, 0))
+            known = info.kinds.add()
+            known.CopyFrom(self.kinds.kind_info(kind))
+            known.slots, known.idle_slots, known.pending = slots.get(kind, 0), idle[kind], pending.get(kind, 0)
         for i, (name, epoch, address) in enumerate(members):
             backend = work_pb2.BackendInfo(address=address, epoch=epoch, node=name)
             if i == 0:
@@ -320,7 +366,7 @@ class MasterNode:
             journal, cluster_id = await self.loop.run_in_executor(None, self._open_journal, node)
             shell = MasterShell(journal, view.epoch, self.settings.core, on_failure=self._journal_failed,
                                 metrics=self.metrics, confirm_leadership=lambda: self.leadership.confirm(node),
-                                on_kinds=self.kinds.declare, cluster_id=cluster_id)
+                                on_kinds=self.kinds.declare, cluster_id=cluster_id, rate_limits=self.kinds.rate_limits)
             shell.node = node
             await shell.recover()
         except Exception as exc:

@@ -181,6 +181,13 @@ class MasterService(master_pb2_grpc.MasterServicer):
         work_ids = validation.check_work_ids(request.work_ids, "cancel")
         return work_pb2.CancelWorkResponse(works=await shell.cancel(work_ids))
 
+    async def SetRateLimit(self, request, context):
+        shell = self._shell(context)
+        per_second = validation.check_rate_limit(request)
+        self.node.kinds.set_rate_limit(request.kind, per_second)
+        shell.rate_limits_changed()
+        return self.node.kinds.kind_info(request.kind)
+
     async def ClusterInfo(self, request, context):
         return await self.node.cluster_info(self._shell(context))
 

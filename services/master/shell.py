@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from dworkers.common.errors import Forgotten, NotFound, NotServing, Overloaded
@@ -59,13 +59,15 @@ class MasterShell:
     def __init__(self, journal: Journal, epoch: int, settings: CoreSettings,
                  on_failure: Callable[[Exception], None], metrics=None,
                  confirm_leadership: Callable[[], Awaitable[None]] | None = None,
-                 on_kinds: Callable[[frozenset[str], tuple], None] | None = None, cluster_id: str = ""):
+                 on_kinds: Callable[[frozenset[str], tuple], None] | None = None, cluster_id: str = "",
+                 rate_limits: Mapping[str, float] | None = None):
         self.journal = journal
         self.epoch = epoch
         self.cluster_id = cluster_id
         self.settings = settings
         self.metrics = metrics
-        self.master = Master(WorkState(), settings, epoch, cluster_id)
+        self.rate_limits = rate_limits
+        self.master = Master(WorkState(), settings, epoch, cluster_id, rate_limits=rate_limits)
         self.durable_sequence = 0  # results up to here are durable: they may be streamed
         self.node = ""  # the election znode that fences this master's writes
         self.closed: str | None = None  # why it stopped acting
@@ -99,7 +101,7 @@ class MasterShell:
         loop = asyncio.get_running_loop()
         state, position, count = await loop.run_in_executor(None, recover_state, self.journal)
         release_free_memory()  # what reading the snapshot and the batches took
-        self.master = Master(state, self.settings, self.epoch, self.cluster_id)
+        self.master = Master(state, self.settings, self.epoch, self.cluster_id, rate_limits=self.rate_limits)
         self.durable_sequence = state.last_sequence
         await loop.run_in_executor(None, self.journal.discard_after, position)
         self.committer = GroupCommitter(self.journal, self.epoch, self._journal_failed,
@@ -476,6 +478,10 @@ class MasterShell:
 
     def report(self, connection, completions, failures) -> None:
         self._decide(lambda now: self.master.report(connection, completions, failures, now))
+
+    def rate_limits_changed(self) -> None:
+        """Works held back by a limit that was raised or removed may start now."""
+        self._decide(lambda now: self.master.announce(now))
 
     def heartbeat(self, connection, heartbeats) -> None:
         self._decide(lambda now: self.master.heartbeat(connection, heartbeats, now))

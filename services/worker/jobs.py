@@ -25,6 +25,7 @@ from dworkers.common.limits import (
     MAX_BACKOFF_MULTIPLIER,
     MAX_DELAY_SECONDS,
     MAX_PRIORITY,
+    MAX_RATE_LIMIT,
     MAX_TIMEOUT_SECONDS,
 )
 
@@ -90,10 +91,12 @@ class Job:
 
     def __init__(self, kind: str, func: Callable, max_attempts: int = 0, timeout: float = 0.0,
                  priority: int = 0, backoff: tuple[float, float, float] | None = None,
-                 retry_for: tuple[type[BaseException], ...] = (Exception,), heartbeat_timeout: float = 0.0):
+                 retry_for: tuple[type[BaseException], ...] = (Exception,), heartbeat_timeout: float = 0.0,
+                 rate_limit: float = 0.0):
         self.kind, self.func = kind, func
         self.max_attempts, self.timeout, self.heartbeat_timeout = max_attempts, timeout, heartbeat_timeout
         self.priority, self.backoff, self.retry_for = priority, backoff, retry_for
+        self.rate_limit = rate_limit
         self.is_async = inspect.iscoroutinefunction(func)
         self.wants_context = "ctx" in inspect.signature(func).parameters
         self.__doc__, self.__name__ = func.__doc__, getattr(func, "__name__", kind)
@@ -141,7 +144,7 @@ JOBS: dict[str, Job] = {}
 def job(kind: str, *, max_attempts: int = 0, timeout: float = 0.0, priority: int = 0,
         backoff: tuple[float, float, float] | tuple[float, float] | None = None,
         retry_for: type[BaseException] | tuple[type[BaseException], ...] = Exception,
-        heartbeat_timeout: float = 0.0):
+        heartbeat_timeout: float = 0.0, rate_limit: float = 0.0):
     """Registers the decorated function as the job for `kind`. `max_attempts`,
     `timeout` (seconds per attempt), `priority` (higher first) and `backoff`
     ((initial, multiplier[, max]) seconds between failed attempts: the n-th
@@ -151,12 +154,15 @@ def job(kind: str, *, max_attempts: int = 0, timeout: float = 0.0, priority: int
     this kind that set none, however submitted: workers declare them to the
     master (0 and None: the cluster's defaults, and retries at once). An
     attempt that raises an error outside `retry_for`, or `Permanent`, is
-    not retried."""
+    not retried. `rate_limit`: at most this many works of the kind start
+    per second across the cluster (an admin's SetRateLimit overrides it)."""
 
     if not 0 <= max_attempts <= MAX_ATTEMPTS_LIMIT:
         raise ValueError(f"@job({kind!r}): max_attempts must be between 0 and {MAX_ATTEMPTS_LIMIT}")
     if not 0 <= timeout <= MAX_TIMEOUT_SECONDS:  # NaN fails too
         raise ValueError(f"@job({kind!r}): timeout must be between 0 and {MAX_TIMEOUT_SECONDS:.0f} seconds")
+    if not 0 <= rate_limit <= MAX_RATE_LIMIT:
+        raise ValueError(f"@job({kind!r}): rate_limit must be between 0 (none) and {MAX_RATE_LIMIT:.0f} per second")
     if not 0 <= heartbeat_timeout <= MAX_TIMEOUT_SECONDS:
         raise ValueError(f"@job({kind!r}): heartbeat_timeout must be between 0 and {MAX_TIMEOUT_SECONDS:.0f} seconds")
     if not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
@@ -165,7 +171,8 @@ def job(kind: str, *, max_attempts: int = 0, timeout: float = 0.0, priority: int
     retry_types = retry_for if isinstance(retry_for, tuple) else (retry_for,)
 
     def register(func) -> Job:
-        registered = Job(kind, func, max_attempts, timeout, priority, backoff_values, retry_types, heartbeat_timeout)
+        registered = Job(kind, func, max_attempts, timeout, priority, backoff_values, retry_types, heartbeat_timeout,
+                         rate_limit)
         JOBS[kind] = registered
         return registered
 

@@ -154,7 +154,8 @@ class Worker:
         registry = jobs.load(settings.job_modules)
         self.kinds = sorted(registry)  # declared when registering, with their options
         self.defaults = [kind_defaults(job) for _, job in sorted(registry.items())
-                         if job.max_attempts or job.timeout or job.priority or job.backoff or job.heartbeat_timeout]
+                         if job.max_attempts or job.timeout or job.priority or job.backoff or job.heartbeat_timeout
+                         or job.rate_limit]
         prefix = slot_prefix(self.host, os.getpid())
         executor = EXECUTORS[settings.executor]
         self.slots = {f"{prefix}-{i}": Slot(f"{prefix}-{i}", executor(settings.job_modules), 1 + settings.prefetch)
@@ -517,7 +518,8 @@ class Worker:
 def kind_defaults(job: jobs.Job) -> master_pb2.KindDefaults:
     """A job's options, as its workers declare them to the master."""
     defaults = master_pb2.KindDefaults(kind=job.kind, max_attempts=job.max_attempts, timeout_seconds=job.timeout,
-                                       priority=job.priority, heartbeat_timeout=job.heartbeat_timeout)
+                                       priority=job.priority, heartbeat_timeout=job.heartbeat_timeout,
+                                       rate_limit=job.rate_limit)
     if job.backoff is not None:
         b = defaults.backoff
         b.initial_seconds, b.multiplier, b.max_seconds = job.backoff

@@ -15,6 +15,7 @@ import itertools
 import os
 import random
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from dworkers.common.errors import Conflict, NotFound, Overloaded, WrongState
@@ -105,7 +106,7 @@ def hand_outs(assignments: list[master_pb2.Assignment], epoch: int, cluster_id: 
 
 class Master:
     def __init__(self, state: WorkState, settings: CoreSettings, epoch: int = 0, cluster_id: str = "",
-                 new_token=None, rng: random.Random | None = None):
+                 new_token=None, rng: random.Random | None = None, rate_limits: Mapping[str, float] | None = None):
         self.state = state
         self.scheduler = Scheduler()
         self.settings = settings
@@ -118,6 +119,10 @@ class Master:
         # retry's back-off) are Unix times: now + wall_offset. The shell sets
         # it before each decision; with a fake clock it stays 0.
         self.wall_offset = 0.0
+        # Starts per second allowed per kind (kept up to date by the kind
+        # catalog; not journaled: a setting), and when each last started.
+        self.rate_limits: Mapping[str, float] = rate_limits if rate_limits is not None else {}
+        self._last_start: dict[str, float] = {}
         self._step = Step()
         self._finished_at: deque[tuple[int, float]] = deque()  # (sequence, when) for retention by age
 
@@ -255,11 +260,16 @@ class Master:
             return
         by_connection: dict = {}
         events = []
+        limits, last_start = self.rate_limits, self._last_start
+        held_back = self._held_back(now) if last_start else set()
         for kinds in list(scheduler.waiting):
             while kinds in scheduler.waiting:
-                entry = pending.oldest(kinds)
+                entry = pending.oldest(kinds, held_back)
                 if entry is None:
                     break  # these slots keep their credit
+                if limits and limits.get(entry.kind):  # starts evenly spaced: the next one 1/rate later
+                    last_start[entry.kind] = now
+                    held_back.add(entry.kind)
                 slot = scheduler.next_waiting(kinds)
                 worker_id, token = slot.worker_id, self.new_token()
                 work_id = entry.work_id
@@ -451,9 +461,27 @@ class Master:
                          now)
 
     def next_due(self) -> float | None:
-        """When (in `now`'s clock) the next scheduled work is due; None if none is."""
+        """When (in `now`'s clock) the next scheduled work is due, or a kind
+        held back by its rate limit may start again while its works wait for
+        waiting slots; None if neither."""
         due = self.state.scheduled.next_time()
-        return None if due is None else due - self.wall_offset
+        times = [] if due is None else [due - self.wall_offset]
+        if self._last_start and self.scheduler.waiting:
+            counts, limits = self.state.pending.counts(), self.rate_limits
+            for kind, last in self._last_start.items():
+                rate = limits.get(kind)  # read once: the catalog may change it meanwhile
+                if rate and kind in counts:
+                    times.append(last + 1.0 / rate)
+        return min(times, default=None)
+
+    def _held_back(self, now: float) -> set[str]:
+        """Kinds that may not start now: their last start was less than 1/rate ago."""
+        held = set()
+        for kind, last in self._last_start.items():
+            rate = self.rate_limits.get(kind)  # read once: the catalog may change it meanwhile
+            if rate and now < last + 1.0 / rate:
+                held.add(kind)
+        return held
 
     # --- control ---------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import heapq
 import itertools
 import operator
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass
 
 from dworkers.v1 import journal_pb2, work_pb2
@@ -245,11 +245,13 @@ class PendingQueue:
             levels = self._levels.get(kind)
         return None
 
-    def oldest(self, kinds: Iterable[str]) -> Entry | None:
-        """The next pending work of one of `kinds`: the highest priority, the
-        oldest within it."""
+    def oldest(self, kinds: Iterable[str], held_back: Container[str] = ()) -> Entry | None:
+        """The next pending work of one of `kinds` (but those `held_back`):
+        the highest priority, the oldest within it."""
         best = None
         for kind in kinds:
+            if kind in held_back:
+                continue
             head = self._next(kind)
             if head is not None and (best is None or head.priority > best.priority
                                      or (head.priority == best.priority and head.ticket < best.ticket)):
