@@ -82,7 +82,8 @@ def register(**fields) -> master_pb2.WorkerMessage:
      "running"),
     (register(running=[master_pb2.RunningAttempt(worker_id="h-1-0", work_id="w", attempt_token=1,
                                                  seconds_left=float("nan"))]), False, "running"),
-    (register(defaults=[master_pb2.KindDefaults(kind="square", priority=5000)]), False, "a priority or a rate limit out of range"),
+    (register(defaults=[master_pb2.KindDefaults(kind="square", priority=5000)]), False,
+     "a priority or a rate limit out of range"),
     (register(defaults=[master_pb2.KindDefaults(kind="square", heartbeat_timeout=-1)]), False, "out of range"),
     (register(defaults=[master_pb2.KindDefaults(kind="square", rate_limit=float("inf"))]), False, "out of range"),
     (register(defaults=[master_pb2.KindDefaults(kind="square", backoff=work_pb2.Backoff(
