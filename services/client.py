@@ -403,6 +403,20 @@ class Client:
     def status(self, work_id: str) -> work_pb2.WorkStatus:
         return self.stub.GetWork(work_pb2.GetWorkRequest(work_id=work_id), timeout=self.timeout)
 
+    def list_works(self, state: str | int, kind: str = "", page_size: int = 100) -> Iterator[work_pb2.WorkStatus]:
+        """Every work in one state ("PENDING", "SCHEDULED", "IN_PROGRESS",
+        "DONE", "FAILED" or "CANCELLED"), of `kind` if given, page by page
+        (one ListWorks call per page; see ListWorksRequest for the order)."""
+        which = work_pb2.State.Value(state.upper()) if isinstance(state, str) else state
+        token = ""
+        while True:
+            page = self.stub.ListWorks(work_pb2.ListWorksRequest(state=which, kind=kind, page_token=token,
+                                                                 page_size=page_size), timeout=self.timeout)
+            yield from page.works
+            token = page.next_page_token
+            if not token:
+                return
+
     def set_rate_limit(self, kind: str, per_second: float | None) -> work_pb2.KindInfo:
         """At most `per_second` works of `kind` start per second across the
         cluster (0: no limit), overriding the job's rate_limit; None removes

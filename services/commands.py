@@ -66,6 +66,14 @@ def add_parsers(sub) -> None:
                       "are stopped). All or none: an unknown or already finished work refuses the call.")
     p.add_argument("work_ids", nargs="+")
 
+    p = client_parser("list", "list works in one state",
+                      "List works in one state, oldest first (queued, scheduled, running or finished), with their "
+                      "attempts and last error.")
+    p.add_argument("state", type=str.upper, choices=("PENDING", "SCHEDULED", "IN_PROGRESS", "DONE", "FAILED",
+                                                     "CANCELLED"))
+    p.add_argument("--kind", default="", help="only works of this kind")
+    p.add_argument("--limit", type=in_range(int, low=1), default=100, help="at most this many (default 100)")
+
     p = client_parser("rate-limit", "limit how often works of a kind start",
                       "At most PER_SECOND works of KIND start per second across the cluster (0: no limit), "
                       "whatever the job's rate_limit says; --clear lets the job's apply again.")
@@ -293,6 +301,27 @@ def rate_limit(stub, args) -> None:
     print(f"{info.kind}: rate limit {limit} ({source})")
 
 
+def list_works(stub, args) -> None:
+    token, shown = "", 0
+    while shown < args.limit:
+        page = stub.ListWorks(work_pb2.ListWorksRequest(
+            state=work_pb2.State.Value(args.state), kind=args.kind, page_token=token,
+            page_size=min(1000, args.limit - shown)), timeout=args.timeout)
+        for s in page.works:
+            if args.json:
+                print(json.dumps({"work_id": s.work_id, "kind": s.kind, "state": STATE_NAMES[s.state],
+                                  "attempts": s.attempts, "priority": s.priority, "error": s.error,
+                                  "sequence": s.sequence}), flush=True)
+            else:
+                error = s.error.split("\n", 1)[0]
+                print(f"{s.work_id}  {s.kind}  {STATE_NAMES[s.state]}  attempts {s.attempts}"
+                      + (f"  {error}" if error else ""), flush=True)
+        shown += len(page.works)
+        token = page.next_page_token
+        if not token:
+            break
+
+
 def cancel(stub, args) -> None:
     response = stub.CancelWork(work_pb2.CancelWorkRequest(work_ids=args.work_ids), timeout=args.timeout)
     if args.json:
@@ -353,4 +382,4 @@ def cluster(stub, args) -> None:
 
 
 COMMANDS = {"submit": submit, "status": status, "watch": watch, "cluster": cluster, "cancel": cancel,
-            "rate-limit": rate_limit}
+            "rate-limit": rate_limit, "list": list_works}

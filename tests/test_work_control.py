@@ -377,3 +377,58 @@ def test_a_rate_limit_spaces_the_starts_of_its_kind_and_leaves_others_alone():
     master.announce(t)
     assert started_now() == 40 - 11
     assert master.next_due() is None
+
+
+# --- listing ------------------------------------------------------------------------------
+
+
+def page_all(master: Master, which: int, kind: str = "", size: int = 7, between=None) -> list[str]:
+    ids, token = [], ""
+    while True:
+        statuses, token = master.list_works(which, kind, token, size)
+        assert len(statuses) <= size and all(s.state == which for s in statuses)
+        ids += [s.work_id for s in statuses]
+        if not token:
+            return ids
+        if between is not None:
+            between()
+
+
+def test_listing_pages_each_state_in_a_stable_order_while_works_move():
+    master = master_with([work(f"p{i:02}", kind="blob" if i % 3 == 0 else "square") for i in range(30)]
+                         + [work(f"s{i}", not_before=NOW + 100 - i) for i in range(5)])
+    connection = connect(master, slots=3)
+    running = handed(master, connection, slots=("s0", "s1", "s2"))
+    assert {a.work.work_id for a in running} == {"p01", "p02", "p04"}
+    assert page_all(master, work_pb2.IN_PROGRESS) == ["p01", "p02", "p04"]
+    assert page_all(master, work_pb2.SCHEDULED) == ["s4", "s3", "s2", "s1", "s0"]  # by their time
+    assert page_all(master, work_pb2.PENDING, kind="blob") == [f"p{i:02}" for i in range(0, 30, 3)]
+    for a in running:
+        finish(master, connection, a, ok=a.work.work_id != "p02", permanent=True)
+    left = iter(handed(master, connection, slots=("s0", "s1", "s2")) for _ in range(100))
+
+    def works_move() -> None:  # between pages: three start and finish
+        for a in next(left):
+            finish(master, connection, a)
+
+    listed = page_all(master, work_pb2.PENDING, size=4, between=works_move)
+    assert listed == sorted(listed) and len(set(listed)) == len(listed)  # queue order, none twice
+    done = page_all(master, work_pb2.DONE, size=5)
+    assert done[:2] == ["p01", "p04"] and len(set(done)) == len(done) == master.state.done_count
+    assert page_all(master, work_pb2.FAILED) == ["p02"]
+    statuses, _ = master.list_works(work_pb2.DONE, size=1)
+    assert statuses[0].result == b""  # results are GetWork's
+
+
+@pytest.mark.parametrize(("which", "token", "message"), [
+    (work_pb2.PENDING, "6:5", "another state|not one this listing gave"),
+    (work_pb2.PENDING, "1:x", "malformed"),
+    (work_pb2.SCHEDULED, "6:nan/x", "malformed"),
+    (work_pb2.STATE_UNSPECIFIED, "", "choose"),
+])
+def test_listing_refuses_tokens_it_did_not_give(which, token, message):
+    from dworkers.common.errors import InvalidInput
+
+    master = master_with([work("a")])
+    with pytest.raises(InvalidInput, match=message):
+        master.list_works(which, "", token, 10)

@@ -204,3 +204,41 @@ def test_a_rate_limit_holds_across_idle_slots_and_is_set_by_the_job_or_an_admin(
     with pytest.raises(grpc.RpcError) as refused:
         stub.SetRateLimit(work_pb2.SetRateLimitRequest(kind="no-such-kind", per_second=1), timeout=10)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown kind" in refused.value.details()
+
+
+def test_listing_pages_through_10000_works_without_gaps_or_repeats_while_they_finish(cluster):
+    cluster.start_master(None, wait=True)
+    front = cluster.start_frontend()
+    stub = frontend(front.address)
+    declarer = cluster.start_worker(1, *JOBS)
+    wait_kind(stub, "stamp")
+    declarer.stop()
+    count = 10_000
+    with dworkers.Client(front.address, timeout=60) as client:
+        handles = [client.submit("stamp", str(i), work_id=f"l{i:05}") for i in range(count)]
+        client.flush()
+        queued = [s.work_id for s in client.list_works("PENDING", page_size=1000)]  # the queue's order
+        assert sorted(queued) == sorted(h.id for h in handles)
+        order = {work_id: i for i, work_id in enumerate(queued)}
+        cluster.start_worker(2, *JOBS, "--executor", "thread")
+
+        def done_count() -> int:
+            return stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=10).done
+
+        wait_until(lambda: done_count() >= 100, 60, "the worker to get going")
+        before = done_count()
+        pending = [s.work_id for s in client.list_works("PENDING", kind="stamp", page_size=100)]
+        done_while = [s.sequence for s in client.list_works("DONE", page_size=100)]
+        moved = done_count() - before
+        assert moved > 0, "no work finished while the listing ran: the test proves nothing"
+        positions = [order[w] for w in pending]
+        assert positions == sorted(set(positions)), "pending works listed out of queue order, or twice"
+        assert done_while == sorted(set(done_while)), "finished works listed out of order, or twice"
+        wait_until(lambda: stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=10).done >= count, 120,
+                   "every work to finish")
+        done = [s.work_id for s in client.list_works("DONE", page_size=333)]
+    print(f"listed {len(pending)} pending and {len(done_while)} done while {moved} finished")
+    assert sorted(done) == sorted(order) and len(done) == count, "a gap or a repeat in the finished works"
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.ListWorks(work_pb2.ListWorksRequest(state=work_pb2.DONE, page_token="1:garbage"), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT

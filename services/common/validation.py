@@ -130,6 +130,16 @@ def check_backoff(backoff: work_pb2.Backoff, where: str = "backoff") -> None:
                           f"{MAX_DELAY_SECONDS:.0f}, multiplier 0 (2) or between 1 and {MAX_BACKOFF_MULTIPLIER:g}")
 
 
+def check_list(request: work_pb2.ListWorksRequest) -> None:
+    """The fields of a ListWorks call that can be checked without the state."""
+    if request.kind and not KIND_PATTERN.fullmatch(request.kind):
+        raise InvalidWork(f"malformed kind {request.kind[:64]!r}")
+    if len(request.page_token) > 300:
+        raise InvalidWork("page_token: not one this listing gave")
+    if request.page_size > 1000:
+        raise InvalidWork(f"page_size {request.page_size} is above the limit of 1000")
+
+
 def check_rate_limit(request: work_pb2.SetRateLimitRequest) -> float | None:
     """The limit a SetRateLimit call sets (None: the admin's limit goes)."""
     if not KIND_PATTERN.fullmatch(request.kind):

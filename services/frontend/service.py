@@ -140,6 +140,10 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
     def ClusterInfo(self, request, context):
         return self._forward("ClusterInfo", request, context)
 
+    def ListWorks(self, request, context):
+        validation.check_list(request)
+        return self._forward("ListWorks", request, context)
+
     def SetRateLimit(self, request, context):
         validation.check_rate_limit(request)
         return self._forward("SetRateLimit", request, context)

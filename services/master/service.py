@@ -181,6 +181,11 @@ class MasterService(master_pb2_grpc.MasterServicer):
         work_ids = validation.check_work_ids(request.work_ids, "cancel")
         return work_pb2.CancelWorkResponse(works=await shell.cancel(work_ids))
 
+    async def ListWorks(self, request, context):
+        shell = self._shell(context)
+        validation.check_list(request)
+        return await shell.list_works(request.state, request.kind, request.page_token, request.page_size)
+
     async def SetRateLimit(self, request, context):
         shell = self._shell(context)
         per_second = validation.check_rate_limit(request)

@@ -372,6 +372,13 @@ class MasterShell:
             filled.append(copy)
         return filled
 
+    async def list_works(self, which: int, kind: str, token: str, size: int) -> work_pb2.ListWorksResponse:
+        """A page of works in one state, answered like any read: from durable state."""
+        self.check_serving()
+        works, next_token = self.master.list_works(which, kind, token, size)
+        await self._answerable()
+        return work_pb2.ListWorksResponse(works=works, next_page_token=next_token)
+
     async def cluster_counts(self) -> dict:
         """Counts for ClusterInfo, answered like any read: from durable state."""
         self.check_serving()

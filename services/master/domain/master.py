@@ -28,6 +28,7 @@ from dworkers.common.validation import (
     valid_content_type,
 )
 from dworkers.master.domain.effects import DeclareKinds, Disconnect, HandOut, Send, Step
+from dworkers.master.domain.listing import list_works
 from dworkers.master.domain.scheduler import Scheduler, Slot
 from dworkers.master.domain.state import Entry, WorkState, fingerprint
 from dworkers.v1 import journal_pb2, master_pb2, work_pb2
@@ -523,6 +524,14 @@ class Master:
         return [state.status(work_id) for work_id in work_ids]
 
     # --- questions -------------------------------------------------------------
+
+    def list_works(self, which: int, kind: str = "", token: str = "", size: int = 0
+                   ) -> tuple[list[work_pb2.WorkStatus], str]:
+        """A page of works in one state (see listing.py), with the progress of running ones."""
+        statuses, next_token = list_works(self.state, which, kind, token, size)
+        if which == work_pb2.IN_PROGRESS:
+            statuses = [self.status(s.work_id) or s for s in statuses]
+        return statuses, next_token
 
     def status(self, work_id: str) -> work_pb2.WorkStatus | None:
         status = self.state.status(work_id)
