@@ -227,6 +227,36 @@ class AsyncClient:
     async def status(self, work_id: str) -> work_pb2.WorkStatus:
         return await self.stub.GetWork(work_pb2.GetWorkRequest(work_id=work_id), timeout=self.timeout)
 
+    async def retry(self, *works: str | AsyncHandle) -> list[work_pb2.WorkStatus]:
+        """As Client.retry."""
+        ids = [w.id if isinstance(w, AsyncHandle) else w for w in works]
+        response = await self.stub.RetryWork(work_pb2.RetryWorkRequest(work_ids=ids), timeout=self.timeout)
+        for work in works:
+            if isinstance(work, AsyncHandle):
+                work._result = None
+        return list(response.works)
+
+    async def list_works(self, state: str | int, kind: str = "", page_size: int = 100
+                         ) -> AsyncIterator[work_pb2.WorkStatus]:
+        """As Client.list_works."""
+        which = work_pb2.State.Value(state.upper()) if isinstance(state, str) else state
+        token = ""
+        while True:
+            page = await self.stub.ListWorks(work_pb2.ListWorksRequest(state=which, kind=kind, page_token=token,
+                                                                       page_size=page_size), timeout=self.timeout)
+            for work in page.works:
+                yield work
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def set_rate_limit(self, kind: str, per_second: float | None) -> work_pb2.KindInfo:
+        """As Client.set_rate_limit."""
+        request = work_pb2.SetRateLimitRequest(kind=kind)
+        if per_second is not None:
+            request.per_second = per_second
+        return await self.stub.SetRateLimit(request, timeout=self.timeout)
+
     async def cancel(self, *works: str | AsyncHandle) -> list[work_pb2.WorkStatus]:
         """As Client.cancel."""
         ids = [w.id if isinstance(w, AsyncHandle) else w for w in works]

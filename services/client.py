@@ -417,6 +417,17 @@ class Client:
             if not token:
                 return
 
+    def retry(self, *works: str | Handle) -> list[work_pb2.WorkStatus]:
+        """Queues FAILED or CANCELLED works (ids or handles) again, with fresh
+        attempts; all or none (NOT_FOUND, FAILED_PRECONDITION otherwise).
+        A handle whose result was read waits for the new one."""
+        ids = [w.id if isinstance(w, Handle) else w for w in works]
+        statuses = list(self.stub.RetryWork(work_pb2.RetryWorkRequest(work_ids=ids), timeout=self.timeout).works)
+        for work in works:
+            if isinstance(work, Handle):
+                work._result = None
+        return statuses
+
     def set_rate_limit(self, kind: str, per_second: float | None) -> work_pb2.KindInfo:
         """At most `per_second` works of `kind` start per second across the
         cluster (0: no limit), overriding the job's rate_limit; None removes

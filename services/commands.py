@@ -66,6 +66,11 @@ def add_parsers(sub) -> None:
                       "are stopped). All or none: an unknown or already finished work refuses the call.")
     p.add_argument("work_ids", nargs="+")
 
+    p = client_parser("retry", "retry failed or cancelled works",
+                      "Queue FAILED or CANCELLED works again, with fresh attempts. All or none: an unknown work, or "
+                      "one in another state, refuses the call.")
+    p.add_argument("work_ids", nargs="+")
+
     p = client_parser("list", "list works in one state",
                       "List works in one state, oldest first (queued, scheduled, running or finished), with their "
                       "attempts and last error.")
@@ -322,6 +327,15 @@ def list_works(stub, args) -> None:
             break
 
 
+def retry(stub, args) -> None:
+    response = stub.RetryWork(work_pb2.RetryWorkRequest(work_ids=args.work_ids), timeout=args.timeout)
+    if args.json:
+        print(json.dumps({"retried": [s.work_id for s in response.works]}))
+    else:
+        for s in response.works:
+            print(f"{s.work_id}  {STATE_NAMES[s.state]}")
+
+
 def cancel(stub, args) -> None:
     response = stub.CancelWork(work_pb2.CancelWorkRequest(work_ids=args.work_ids), timeout=args.timeout)
     if args.json:
@@ -382,4 +396,4 @@ def cluster(stub, args) -> None:
 
 
 COMMANDS = {"submit": submit, "status": status, "watch": watch, "cluster": cluster, "cancel": cancel,
-            "rate-limit": rate_limit, "list": list_works}
+            "rate-limit": rate_limit, "list": list_works, "retry": retry}

@@ -88,6 +88,7 @@ class MasterMachine(RuleBasedStateMachine):
         self.now = 1000.0
         self.journal: list = []  # every durable event, in order
         self.acked: set[str] = set()  # work ids a client was told are accepted
+        self.retried: Counter = Counter()  # times each work was queued again after it ended
         self.payloads: dict[str, bytes] = {}
         self.reported: dict[str, set[bytes]] = {}  # the results workers reported for each work
         self.workers: list[Worker] = []
@@ -239,6 +240,23 @@ class MasterMachine(RuleBasedStateMachine):
         assert all(s.state == work_pb2.CANCELLED for s in statuses)
         self._commit()
 
+    @precondition(lambda self: self.acked)
+    @rule(data=st.data())
+    def client_retries(self, data) -> None:
+        work_ids = list(dict.fromkeys(data.draw(st.lists(st.sampled_from(sorted(self.acked)), min_size=1,
+                                                         max_size=3))))
+        state = self.master.state
+        retryable = all(w in state.retryable for w in work_ids)
+        try:
+            statuses = self.master.retry(work_ids, self.now)
+        except (NotFound, WrongState) as exc:
+            assert not retryable, exc
+            assert not self.master.take().events, "a refused retry recorded something"
+            return
+        assert retryable and all(s.state in (work_pb2.PENDING, work_pb2.IN_PROGRESS) for s in statuses)
+        self._commit()
+        self.retried.update(work_ids)
+
     @precondition(lambda self: any(w.running for w in self.workers))
     @rule(data=st.data(), outcome=st.sampled_from(["done", "failed", "failed for good", "returned"]),
           ask=st.booleans())
@@ -353,7 +371,7 @@ class MasterMachine(RuleBasedStateMachine):
         state = self.master.state
         assert all(state.is_known(work_id) for work_id in self.acked)
         finished = Counter(r.work_id for r in state.results.values())
-        assert not [w for w, n in finished.items() if n > 1]
+        assert not [w for w, n in finished.items() if n > 1 + self.retried[w]]
         assert set(finished) <= self.acked
 
     def teardown(self) -> None:
@@ -382,8 +400,10 @@ class MasterMachine(RuleBasedStateMachine):
         state = self.master.state
         assert not state.pending and not state.in_progress and not state.scheduled
         finished = Counter(r.work_id for r in state.results.values())
-        assert finished == Counter(self.acked), "every acknowledged work finishes exactly once"
-        assert not self.store, "payloads of finished works were left behind"
+        assert finished == Counter(self.acked) + self.retried, "every acknowledged work finishes exactly once " \
+            "(and once more per retry)"
+        assert not self.APART or set(self.store) == set(state.retryable), "payloads of finished works were left " \
+            "behind, or the payloads of failed works, which may be retried, were not kept"
         event(f"acknowledged works: {len(self.acked) // 5 * 5}+")
         event(f"failovers: {min(self.failovers, 3)}{'+' if self.failovers >= 3 else ''}")
 

@@ -59,6 +59,10 @@ def test_a_golden_journal_replays_to_the_state_it_was_written_from(zookeeper, ve
         client.close()
     expected = journal_pb2.Snapshot.FromString((GOLDEN / version / "expected.snapshot").read_bytes())
     assert replayed > 0
-    # Compared as today's code writes a state (fields added since are filled in).
+    # Works that failed after the snapshot are kept to be retried now (RetryWork): the
+    # version that wrote the journal kept nothing of them. Compared without those,
+    state.result_bytes -= sum(entry.size for _, entry in state.retryable.values())
+    state.retryable.clear()
+    # as today's code writes a state (fields added since are filled in).
     assert state.to_snapshot() == WorkState.from_snapshot(expected).to_snapshot()
     assert [e.work.work_id for e in state.to_snapshot().entries] == [e.work.work_id for e in expected.entries]

@@ -194,9 +194,12 @@ def test_the_pending_queue_is_fifo_per_kind_and_overall_under_any_operations():
 
 
 def test_byte_totals_are_what_the_works_and_results_hold_live_and_after_a_snapshot():
+    """Unfinished works, and retained results with the failed works kept to be retried."""
     for seed in range(10):
         state = apply_all(random_history(seed))
         for candidate in (state, WorkState.from_snapshot(state.to_snapshot())):
             entries = [*candidate.pending.entries(), *candidate.in_progress.values()]
             assert candidate.unfinished_bytes == sum(e.size for e in entries)
-            assert candidate.result_bytes == sum(r.ByteSize() for r in candidate.results.values())
+            # failed works are kept to be retried: their bytes count with their results
+            assert candidate.result_bytes == sum(r.ByteSize() for r in candidate.results.values()) + sum(
+                e.size for _, e in candidate.retryable.values())

@@ -432,3 +432,44 @@ def test_listing_refuses_tokens_it_did_not_give(which, token, message):
     master = master_with([work("a")])
     with pytest.raises(InvalidInput, match=message):
         master.list_works(which, "", token, 10)
+
+
+# --- retry ---------------------------------------------------------------------------------
+
+
+def test_failed_and_cancelled_works_can_be_retried_with_fresh_attempts_until_forgotten():
+    master = master_with([work("f", attempts=1), work("c", priority=4), work("d")])
+    connection = connect(master)
+    (f,) = handed(master, connection)
+    assert f.work.work_id == "c"  # the highest priority first
+    master.cancel(["c"], NOW)
+    master.take()
+    (f,) = handed(master, connection)
+    finish(master, connection, f, ok=False)
+    (d,) = handed(master, connection)
+    finish(master, connection, d)
+    assert master.status("f").state == work_pb2.FAILED and master.status("c").state == work_pb2.CANCELLED
+    with pytest.raises(WrongState, match="'d' is DONE"):
+        master.retry(["f", "d"], NOW)
+    with pytest.raises(NotFound, match="'ghost'"):
+        master.retry(["f", "ghost"], NOW)
+    statuses = master.retry(["f", "c"], NOW)
+    step = master.take()
+    assert [s.state for s in statuses] == [work_pb2.PENDING] * 2 and len(step.events) == 2
+    assert master.status("f").attempts == 0 and master.status("c").priority == 4
+    again = WorkState.from_snapshot(master.state.to_snapshot())
+    assert again.to_snapshot() == master.state.to_snapshot()
+    (c,) = handed(master, connection)
+    assert c.work.work_id == "c" and c.attempt == 1 and c.work.payload == b"c"
+    finish(master, connection, c)
+    assert [r.state for r in master.state.results.values()] == [work_pb2.CANCELLED, work_pb2.FAILED, work_pb2.DONE,
+                                                               work_pb2.DONE]  # the old results stay in the stream
+    (f,) = handed(master, connection)
+    finish(master, connection, f, ok=False)  # fails again: retryable again, under its new result
+    assert master.state.retryable["f"][0] == 5
+    master.forget_old_results(NOW + 10**6, master.state.last_sequence)
+    (forgotten,) = [e.results_forgotten for e in master.take().events if e.HasField("results_forgotten")]
+    assert sorted(forgotten.retryable_work_ids) == ["f"]  # c was retried and is DONE: its old result held none
+    assert not master.state.retryable and not master.state.finished
+    with pytest.raises(NotFound):
+        master.retry(["f"], NOW)

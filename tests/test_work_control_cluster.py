@@ -242,3 +242,28 @@ def test_listing_pages_through_10000_works_without_gaps_or_repeats_while_they_fi
     with pytest.raises(grpc.RpcError) as refused:
         stub.ListWorks(work_pb2.ListWorksRequest(state=work_pb2.DONE, page_token="1:garbage"), timeout=10)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@both_journals
+def test_a_failed_work_is_retried_with_its_payload_and_a_cancelled_one_too(cluster, tmp_path):
+    front, stub = start(cluster)
+    with dworkers.Client(front.address, timeout=60) as client:
+        hopeless = client.submit("hopeless", "x" * 100_000)  # a 100 KB payload, kept while it may be retried
+        delayed = client.submit("stamp", "later", delay=600)
+        with pytest.raises(dworkers.WorkFailed):
+            hopeless.result(timeout=30)
+        delayed.cancel()
+        failed = [s.work_id for s in client.list_works("FAILED")]
+        assert failed == [hopeless.id] and [s.work_id for s in client.list_works("CANCELLED")] == [delayed.id]
+        statuses = client.retry(hopeless, delayed)
+        assert [s.state for s in statuses] == [work_pb2.PENDING] * 2 and statuses[0].attempts == 0
+        assert delayed.result(timeout=30)["label"] == "later"  # no delay the second time
+        with pytest.raises(dworkers.WorkFailed) as again:
+            hopeless.result(timeout=30)
+        assert again.value.attempts == 1 and ("x" * 100) in again.value.error  # the same payload reached the job
+        with pytest.raises(grpc.RpcError) as refused:
+            client.retry(delayed)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "is DONE" in refused.value.details()
+    assert_one_line_error(cli("retry", "nope", "--frontend", front.address), "NOT_FOUND")
+    listed = ok(cli("list", "failed", "--frontend", front.address)).stdout
+    assert hopeless.id in listed and "Permanent" in listed

@@ -140,6 +140,10 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
     def ClusterInfo(self, request, context):
         return self._forward("ClusterInfo", request, context)
 
+    def RetryWork(self, request, context):
+        validation.check_work_ids(request.work_ids, "retry")
+        return self._forward("RetryWork", request, context)
+
     def ListWorks(self, request, context):
         validation.check_list(request)
         return self._forward("ListWorks", request, context)

@@ -181,6 +181,11 @@ class MasterService(master_pb2_grpc.MasterServicer):
         work_ids = validation.check_work_ids(request.work_ids, "cancel")
         return work_pb2.CancelWorkResponse(works=await shell.cancel(work_ids))
 
+    async def RetryWork(self, request, context):
+        shell = self._shell(context)
+        work_ids = validation.check_work_ids(request.work_ids, "retry")
+        return work_pb2.RetryWorkResponse(works=await shell.retry(work_ids))
+
     async def ListWorks(self, request, context):
         shell = self._shell(context)
         validation.check_list(request)

@@ -321,6 +321,15 @@ class MasterShell:
             self.metrics.accepted(accepted)
         return answers
 
+    async def retry(self, work_ids: list[str]) -> list[work_pb2.WorkStatus]:
+        """Queues failed and cancelled works again, durably (see Master.retry)."""
+        self.check_serving()
+        if not self._journal().has_room(2 * len(work_ids), 0):
+            raise Overloaded(f"{self._journal().queued} events are waiting for the journal; retry later")
+        statuses = self.master.retry(work_ids, self._now())
+        await self._durable(self._commit(self.master.take()))
+        return statuses
+
     async def cancel(self, work_ids: list[str]) -> list[work_pb2.WorkStatus]:
         """Cancels works durably (see Master.cancel); their statuses after it."""
         self.check_serving()

@@ -458,8 +458,31 @@ class Master:
                 cutoff = max(cutoff, sequence)
         cutoff = min(cutoff, durable_sequence)
         if cutoff > state.forgotten_up_to:
-            self._record([journal_pb2.Event(results_forgotten=journal_pb2.ResultsForgotten(up_to_sequence=cutoff))],
-                         now)
+            forgotten = journal_pb2.ResultsForgotten(up_to_sequence=cutoff)
+            for sequence in range(state.forgotten_up_to + 1, cutoff + 1):  # the journal drops their payloads
+                result = state.results.get(sequence)
+                kept = state.retryable.get(result.work_id) if result is not None else None
+                if kept is not None and kept[0] == sequence:
+                    forgotten.retryable_work_ids.append(result.work_id)
+            self._record([journal_pb2.Event(results_forgotten=forgotten)], now)
+
+    def retry(self, work_ids: list[str], now: float) -> list[work_pb2.WorkStatus]:
+        """Queues FAILED and CANCELLED works again with fresh attempts (all or
+        none): an id unknown or past the retention window, or a work in any
+        other state, refuses the call."""
+        state = self.state
+        work_ids = list(dict.fromkeys(work_ids))
+        unknown = [w for w in work_ids if not state.is_known(w)]
+        if unknown:
+            raise NotFound(f"no work {_listed(unknown)}: never accepted, or its result left the retention window")
+        wrong = [(w, state.status(w)) for w in work_ids if w not in state.retryable]
+        if wrong:
+            raise WrongState("only FAILED and CANCELLED works can be retried: " + ", ".join(
+                f"work {w!r} is {work_pb2.State.Name(s.state) if s else 'unknown'}" for w, s in wrong[:5]))
+        self._record([journal_pb2.Event(work_retried=journal_pb2.WorkRetried(work_id=w)) for w in work_ids], now)
+        queued = [state.status(w) for w in work_ids]  # as they are queued, before a slot takes them
+        self.announce(now)
+        return queued
 
     def next_due(self) -> float | None:
         """When (in `now`'s clock) the next scheduled work is due, or a kind

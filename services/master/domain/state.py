@@ -334,6 +334,9 @@ class WorkState:
         self.finished: dict[str, work_pb2.WorkResult] = {}  # by work id
         self.results: OrderedDict[int, work_pb2.WorkResult] = OrderedDict()  # by sequence
         self.fingerprints: dict[str, bytes] = {}  # of finished works, to tell a resubmission from a conflict
+        # FAILED and CANCELLED works, kept to be retried (RetryWork) until
+        # their result (this sequence) is forgotten; their bytes count as the result's
+        self.retryable: dict[str, tuple[int, Entry]] = {}
         self.next_sequence = 1
         self.forgotten_up_to = 0  # results up to here left the retention window
         self.done_count = 0
@@ -352,6 +355,7 @@ class WorkState:
             "results_forgotten": self._on_results_forgotten,
             "work_cancelled": self._on_work_cancelled,
             "works_ready": self._on_works_ready,
+            "work_retried": self._on_work_retried,
         }
 
     # --- queries -----------------------------------------------------------
@@ -489,6 +493,18 @@ class WorkState:
         self.cancelled_count += 1
         return self._finish(entry, work_pb2.CANCELLED, error=CANCELLED_ERROR)
 
+    def _on_work_retried(self, e: journal_pb2.WorkRetried) -> None:
+        kept = self.retryable.pop(e.work_id, None)
+        if kept is None:
+            return self._impossible(f"{e.work_id!r} retried, but not FAILED or CANCELLED within the retention window")
+        _sequence, entry = kept
+        del self.finished[e.work_id]  # its result stays in the stream; a new one comes when it finishes again
+        self.result_bytes -= entry.size
+        self.unfinished_bytes += entry.size
+        entry.attempts = entry.failures = 0
+        entry.error, entry.ready_at = "", 0.0
+        self.pending.push(entry)
+
     def _on_works_ready(self, e: journal_pb2.WorksReady) -> None:
         for work_id in e.work_ids:
             entry = self.scheduled.pop(work_id)
@@ -518,8 +534,16 @@ class WorkState:
                 break
             del self.results[sequence]
             self.result_bytes -= result.ByteSize()
-            self.finished.pop(result.work_id, None)
-            self.fingerprints.pop(result.work_id, None)
+            work_id = result.work_id
+            kept = self.retryable.get(work_id)
+            if kept is not None and kept[0] == sequence:
+                del self.retryable[work_id]
+                self.result_bytes -= kept[1].size
+            current = self.finished.get(work_id)
+            if current is None or current.sequence == sequence:  # not a later result of the work, retried
+                self.finished.pop(work_id, None)
+                if work_id not in self.pending and work_id not in self.scheduled and work_id not in self.in_progress:
+                    self.fingerprints.pop(work_id, None)
         self.forgotten_up_to = max(self.forgotten_up_to, e.up_to_sequence)
 
     def _fail_attempt(self, work_id: str, error: str, token: int, retry_at: float = 0.0,
@@ -553,6 +577,9 @@ class WorkState:
         self.finished[finished.work_id] = finished
         self.results[finished.sequence] = finished
         self.fingerprints[finished.work_id] = entry.fingerprint()
+        if state != work_pb2.DONE:
+            self.retryable[entry.work_id] = (finished.sequence, entry)
+            self.result_bytes += entry.size
         return finished
 
     # --- snapshots ---------------------------------------------------------
@@ -563,13 +590,15 @@ class WorkState:
             done_count=self.done_count, failed_count=self.failed_count, cancelled_count=self.cancelled_count,
             unfinished_bytes=self.unfinished_bytes, result_bytes=self.result_bytes,
         )
-        for in_progress, entries in ((False, self.pending.entries()), (False, self.scheduled.values()),
-                                     (True, self.in_progress.values())):
-            for entry in entries:
+        retryable = ((sequence, entry) for sequence, entry in self.retryable.values())
+        for in_progress, entries in ((False, ((0, e) for e in self.pending.entries())),
+                                     (False, ((0, e) for e in self.scheduled.values())),
+                                     (True, ((0, e) for e in self.in_progress.values())), (False, retryable)):
+            for sequence, entry in entries:
                 snapshot.entries.add(
                     work=entry.work(), attempts=entry.attempts, failures=entry.failures, error=entry.error,
                     in_progress=in_progress, attempt_token=entry.token, fingerprint=entry.digest or b"",
-                    ready_at=entry.ready_at,
+                    ready_at=entry.ready_at, retryable_until_forgotten=sequence,
                 )
         snapshot.results.extend(self.results.values())
         snapshot.fingerprints.extend(self.fingerprints[r.work_id] for r in self.results.values())
@@ -588,7 +617,9 @@ class WorkState:
             entry = Entry.of(e.work, not payloads_apart, e.fingerprint)
             entry.attempts, entry.failures, entry.error, entry.token = e.attempts, e.failures, e.error, e.attempt_token
             entry.ready_at = e.ready_at
-            if e.in_progress:
+            if e.retryable_until_forgotten:
+                state.retryable[entry.work_id] = (e.retryable_until_forgotten, entry)
+            elif e.in_progress:
                 state.in_progress[entry.work_id] = entry
             elif entry.ready_at:
                 state.scheduled.add(entry)
@@ -601,7 +632,8 @@ class WorkState:
         state.result_bytes = snapshot.result_bytes or sum(r.ByteSize() for r in snapshot.results)
         for result, print_ in zip(snapshot.results, snapshot.fingerprints):
             state.results[result.sequence] = result
-            state.finished[result.work_id] = result
+            if state.unfinished(result.work_id) is None:  # else retried since: its result is to come
+                state.finished[result.work_id] = result
             state.fingerprints[result.work_id] = print_
         return state
 

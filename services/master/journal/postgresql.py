@@ -132,14 +132,11 @@ def take_apart(batch: journal_pb2.JournalBatch, apart: Apart) -> bytes:
             if completed.sequence:
                 apart.results[completed.sequence] = (completed.work_id, completed.result)
                 stored_event(i).work_completed.ClearField("result")
-        elif which == "worker_failed" and event.worker_failed.final:
-            apart.payloads[event.worker_failed.work_id] = None
-        elif which == "worker_timed_out" and event.worker_timed_out.final:
-            apart.payloads[event.worker_timed_out.work_id] = None
-        elif which == "work_cancelled":
-            apart.payloads[event.work_cancelled.work_id] = None
-        elif which == "results_forgotten":
-            apart.forgotten_up_to = max(apart.forgotten_up_to, event.results_forgotten.up_to_sequence)
+        elif which == "results_forgotten":  # FAILED and CANCELLED works keep theirs until then: RetryWork
+            forgotten = event.results_forgotten
+            apart.forgotten_up_to = max(apart.forgotten_up_to, forgotten.up_to_sequence)
+            for work_id in forgotten.retryable_work_ids:
+                apart.payloads[work_id] = None
     return (stored or batch).SerializeToString()
 
 
