@@ -157,7 +157,8 @@ def test_recovery_from_a_snapshot_and_the_batches_after_it_is_the_live_state(kin
     assert [p for p, _ in kind.reader().read()] == list(range(covered + 1, position + 1))
 
 
-def test_payloads_kept_apart_live_until_the_event_that_ends_their_work(postgresql):
+def test_payloads_kept_apart_live_until_their_work_is_done_or_its_failure_forgotten(postgresql):
+    """A failed (or cancelled) work may be retried: its payload stays until its result is forgotten."""
     kind = PostgreSQLKind(postgresql)
     try:
         journal = kind.writer()
@@ -172,15 +173,18 @@ def test_payloads_kept_apart_live_until_the_event_that_ends_their_work(postgresq
             journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(work_id="w3", error="last", final=True)),
             journal_pb2.Event(worker_timed_out=journal_pb2.WorkerTimedOut(work_id="w4", final=True)),
         )).result(timeout=10)
+        assert journal.payloads(list(works)) == {"w0": b"", "w2": works["w2"], "w3": works["w3"], "w4": works["w4"]}
+        journal.append(2, batch(journal_pb2.Event(results_forgotten=journal_pb2.ResultsForgotten(
+            up_to_sequence=9, retryable_work_ids=["w3", "w4"])))).result(timeout=10)
         assert journal.payloads(list(works)) == {"w0": b"", "w2": works["w2"]}
         # An id accepted again (its result forgotten) keeps its new payload.
-        journal.append(2, batch(journal_pb2.Event(work_accepted=journal_pb2.WorkAccepted(
+        journal.append(3, batch(journal_pb2.Event(work_accepted=journal_pb2.WorkAccepted(
             work=work_pb2.Work(work_id="w1", kind="square", payload=b"again"))))).result(timeout=10)
         assert journal.payloads(["w1"]) == {"w1": b"again"}
         deposed = journal
         kind.depose(deposed)
         with pytest.raises(FencedError):
-            deposed.append(3, batch(journal_pb2.Event(work_completed=journal_pb2.WorkCompleted(
+            deposed.append(4, batch(journal_pb2.Event(work_completed=journal_pb2.WorkCompleted(
                 work_id="w2")))).result(timeout=10)
         assert kind.reader().payloads(["w2"]) == {"w2": works["w2"]}
     finally:
@@ -196,7 +200,7 @@ def test_results_kept_apart_live_until_they_are_forgotten(postgresql):
         journal.append(0, batch(*done)).result(timeout=10)
         assert journal.results([1, 3, 5, 9]) == {s: bytes([s]) * 100_000 for s in (1, 3, 5)}
         assert all(not e.work_completed.result for _, b in journal.read() for e in b.events)
-        journal.append(1, batch(journal_pb2.Event(results_forgotten=journal_pb2.ResultsForgotten(
+        journal.append(2, batch(journal_pb2.Event(results_forgotten=journal_pb2.ResultsForgotten(
             up_to_sequence=3)))).result(timeout=10)
         assert set(journal.results(list(range(1, 6)))) == {4, 5}
         kind.depose(journal)
