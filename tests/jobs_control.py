@@ -67,7 +67,7 @@ def beating(seconds: float, gate: str = "", *, ctx) -> str:
     return f"beat for {time.monotonic() - started:.1f} s"
 
 
-@dworkers.job("silent", heartbeat_timeout=1.0, max_attempts=1)
+@dworkers.job("silent", heartbeat_timeout=1.0, max_attempts=2)
 def silent(seconds: float) -> str:
     """Never says it is alive."""
     time.sleep(seconds)

@@ -124,15 +124,30 @@ def random_history(seed: int, count: int = 400) -> list[journal_pb2.Event]:
         roll = rng.random()
         if roll < 0.3:
             next_id += 1
-            emit(accepted(f"w{next_id}", max_attempts=rng.randint(1, 3)))
-        elif roll < 0.55 and state.pending:
+            event = accepted(f"w{next_id}", max_attempts=rng.randint(1, 3))
+            event.work_accepted.work.priority = rng.choice([0, 0, 1, 5])
+            if rng.random() < 0.1:
+                event.work_accepted.work.not_before = 1000.0 + next_id
+            emit(event)
+        elif roll < 0.5 and state.pending:
             emit(started(state.head(), f"worker{rng.randint(1, 4)}"))
-        elif roll < 0.75 and state.in_progress:
+        elif roll < 0.65 and state.in_progress:
             emit(completed(rng.choice(list(state.in_progress)), str(rng.random()).encode()))
-        elif roll < 0.85 and state.in_progress:
-            emit(failed(rng.choice(list(state.in_progress)), "error"))
-        elif roll < 0.92 and state.in_progress:
+        elif roll < 0.75 and state.in_progress:
+            event = failed(rng.choice(list(state.in_progress)), "error")
+            event.worker_failed.permanent = rng.random() < 0.2
+            event.worker_failed.retry_at = rng.choice([0.0, 0.0, 2000.0 + rng.random()])
+            emit(event)
+        elif roll < 0.8 and state.in_progress:
             emit(timed_out(rng.choice(list(state.in_progress))))
+        elif roll < 0.84 and state.scheduled:
+            emit(journal_pb2.Event(works_ready=journal_pb2.WorksReady(
+                work_ids=state.scheduled.due(float("inf"), rng.randint(1, 3)))))
+        elif roll < 0.88 and (state.pending or state.in_progress or state.scheduled):
+            unfinished = [*state.pending, *state.in_progress, *(e.work_id for e in state.scheduled.values())]
+            emit(journal_pb2.Event(work_cancelled=journal_pb2.WorkCancelled(work_id=rng.choice(unfinished))))
+        elif roll < 0.92 and state.retryable:
+            emit(journal_pb2.Event(work_retried=journal_pb2.WorkRetried(work_id=rng.choice(sorted(state.retryable)))))
         elif roll < 0.95:
             emit(RESET)
         elif state.last_sequence > 5:
@@ -198,7 +213,7 @@ def test_byte_totals_are_what_the_works_and_results_hold_live_and_after_a_snapsh
     for seed in range(10):
         state = apply_all(random_history(seed))
         for candidate in (state, WorkState.from_snapshot(state.to_snapshot())):
-            entries = [*candidate.pending.entries(), *candidate.in_progress.values()]
+            entries = [*candidate.pending.entries(), *candidate.in_progress.values(), *candidate.scheduled.values()]
             assert candidate.unfinished_bytes == sum(e.size for e in entries)
             # failed works are kept to be retried: their bytes count with their results
             assert candidate.result_bytes == sum(r.ByteSize() for r in candidate.results.values()) + sum(
