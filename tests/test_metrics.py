@@ -20,6 +20,7 @@ import grpc
 import pytest
 
 from dworkers.common.zkserver import free_port
+from dworkers.v1 import work_pb2
 from tests.helpers import ResultCollector, frontend, submit_until_acked
 
 pytestmark = pytest.mark.e2e
@@ -242,6 +243,29 @@ def test_metrics_lint_clean_and_scraped_by_prometheus(cluster, tmp_path):
             f'dworkers_journal_append_seconds_bucket{{le="+Inf",instance="{active_instance}"}}',
             lambda r: len(r) == 1 and float(r[0]["value"][1]) > 0,
             "journal appends observed on the active master")
+
+        # a fresh cluster's first master took over from no one
+        assert value_of(prometheus.query("dworkers_failovers_total"), active_instance) == 0
+        # streams are counted: those open, and those that ended, with their code
+        prometheus.wait_for(
+            f'dworkers_grpc_streams{{method="Connect",instance="{active_instance}"}}',
+            lambda r: len(r) == 1 and float(r[0]["value"][1]) >= 1, "the worker's stream open on the active master")
+        for _ in stub.WaitWorks(work_pb2.WaitWorksRequest(work_ids=submitted[:3]), timeout=30):
+            pass
+        prometheus.wait_for(
+            f'dworkers_grpc_requests_total{{method="WaitWorks",code="OK",instance="{instance["frontend"]}"}}',
+            lambda r: len(r) == 1 and float(r[0]["value"][1]) >= 1, "a WaitWorks stream counted when it ended")
+        # a timeout counts as one on the worker, and the work's end by kind on the master
+        submit_until_acked(stub, "sleep", b"30", "metrics-timeout", timeout_seconds=1, max_attempts=1)
+        assert not collector.wait_for(["metrics-timeout"], timeout=60)
+        prometheus.wait_for(
+            f'dworkers_executions_total{{kind="sleep",outcome="timeout",instance="{instance["worker"]}"}}',
+            lambda r: len(r) == 1 and float(r[0]["value"][1]) >= 1, "the worker's timed-out execution")
+        prometheus.wait_for(
+            f'dworkers_works_failed_total{{kind="sleep",instance="{active_instance}"}}',
+            lambda r: len(r) == 1 and float(r[0]["value"][1]) >= 1, "the master's failed work of kind sleep")
+        for port in ports.values():  # no `_created` series beside every counter and histogram
+            assert "_created" not in http_get(f"http://127.0.0.1:{port}/metrics")
 
         assert all(s.alive() for s in cluster.services), "a service died during the test"
     except BaseException:

@@ -15,11 +15,16 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
     start_http_server,
 )
 
 from dworkers.common.errors import ConfigError
 from dworkers.v1 import work_pb2
+
+# Counters and histograms get no `<name>_created` series: a series per metric
+# that dashboards and alerts never use.
+disable_created_metrics()
 
 
 def process_registry() -> CollectorRegistry:
@@ -43,7 +48,7 @@ def serve_metrics(port: int, registry: CollectorRegistry, addr: str = "0.0.0.0")
 
 class ServerMetrics:
     """gRPC calls by method and status code, and their latency (streams
-    count when they end)."""
+    count when they end, however they end; those open are a gauge)."""
 
     def __init__(self, registry: CollectorRegistry):
         self.requests = Counter("dworkers_grpc_requests", "gRPC calls handled, by method and status code",
@@ -52,9 +57,20 @@ class ServerMetrics:
                                  ["method"], registry=registry,
                                  buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
 
+        self.streams = Gauge("dworkers_grpc_streams", "streaming gRPC calls open now, by method", ["method"],
+                             registry=registry)
+
     def observe(self, method: str, code: grpc.StatusCode, started: float) -> None:
         self.requests.labels(method, code.name).inc()
         self.seconds.labels(method).observe(time.perf_counter() - started)
+
+    def stream_opened(self, method: str) -> float:
+        self.streams.labels(method).inc()
+        return time.perf_counter()
+
+    def stream_closed(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        self.streams.labels(method).dec()
+        self.observe(method, code, started)
 
 
 _FINISHED_AS = {work_pb2.DONE: "completed", work_pb2.CANCELLED: "cancelled"}  # the rest: failed
@@ -66,7 +82,8 @@ class MasterMetrics:
             return Gauge(name, text, labels, registry=registry)
 
         self.works = {
-            name: Counter(f"dworkers_works_{name}", f"works {name.replace('_', ' ')}", registry=registry)
+            name: Counter(f"dworkers_works_{name}", f"works {name.replace('_', ' ')}, by kind", ["kind"],
+                          registry=registry)
             for name in ("accepted", "started", "completed", "failed", "timed_out", "cancelled")
         }
         self.pending = gauge("dworkers_pending_works", "works waiting for a worker")
@@ -89,31 +106,32 @@ class MasterMetrics:
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000))
         self.active = gauge("dworkers_master_active", "1 while this backend is the active, recovered master")
         self.epoch = gauge("dworkers_master_epoch", "this backend's epoch (election sequence number)")
-        self.failovers = Counter("dworkers_failovers", "times this backend became the active master",
-                                 registry=registry)
+        self.failovers = Counter("dworkers_failovers", "times this backend took over as the active master from "
+                                 "another (a fresh cluster's first master is none)", registry=registry)
         self.recovery_seconds = gauge("dworkers_recovery_seconds", "duration of the last journal replay")
 
     def journal_batch(self, events: int, seconds: float) -> None:
         self.events_per_append.observe(events)
         self.append_seconds.observe(seconds)
 
-    def recovered(self, seconds: float) -> None:
+    def recovered(self, seconds: float, failover: bool) -> None:
         self.recovery_seconds.set(seconds)
-        self.failovers.inc()
+        if failover:
+            self.failovers.inc()
 
-    def accepted(self, n: int) -> None:
-        self.works["accepted"].inc(n)
+    def accepted(self, by_kind: dict[str, int]) -> None:
+        for kind, n in by_kind.items():
+            self.works["accepted"].labels(kind).inc(n)
 
-    def recorded(self, step) -> None:
+    def recorded(self, step, started_by_kind: dict[str, int]) -> None:
         """Counts what a durable step of the master's decisions did."""
-        started = sum(1 for e in step.events if e.HasField("work_started"))
-        if started:
-            self.works["started"].inc(started)
+        for kind, n in started_by_kind.items():
+            self.works["started"].labels(kind).inc(n)
         for result in step.results:
-            self.works[_FINISHED_AS.get(result.state, "failed")].inc()
+            self.works[_FINISHED_AS.get(result.state, "failed")].labels(result.kind).inc()
 
-    def timed_out(self) -> None:
-        self.works["timed_out"].inc()
+    def timed_out(self, kind: str) -> None:
+        self.works["timed_out"].labels(kind).inc()
 
     def update(self, counts: dict | None, active: bool, epoch: int) -> None:
         counts = counts or {}

@@ -85,14 +85,18 @@ class SyncInterceptor(grpc.ServerInterceptor):
 
         def streaming(behavior):
             def wrapped(request, context):
-                started = time.perf_counter()
+                started, code = metrics.stream_opened(method), None
                 try:
                     yield from behavior(request, context)
                 except Exception as error:
-                    metrics.observe(method, _code(context, error), started)
+                    code = _code(context, error)
                     abort(context, error)
                     raise
-                metrics.observe(method, _code(context, None), started)
+                except BaseException:  # the caller went away
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                finally:
+                    metrics.stream_closed(method, code or _code(context, None), started)
             return wrapped
 
         return _rewrap(handler, unary, streaming)
@@ -134,15 +138,19 @@ class AsyncInterceptor(grpc.aio.ServerInterceptor):
                 return unary(behavior)
 
             async def wrapped(request, context):
-                started = time.perf_counter()
+                started, code = metrics.stream_opened(method), None
                 try:
                     async for item in behavior(request, context):
                         yield item
                 except Exception as error:
-                    metrics.observe(method, _code(context, error), started)
+                    code = _code(context, error)
                     await abort(context, error)
                     raise
-                metrics.observe(method, _code(context, None), started)
+                except BaseException:  # the caller went away (cancelled)
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                finally:
+                    metrics.stream_closed(method, code or _code(context, None), started)
             return wrapped
 
         return _rewrap(handler, unary, streaming)

@@ -113,8 +113,8 @@ class MasterShell:
         log.info("recovered %d events in %.3f s: %d pending, %d results", count,
                  time.monotonic() - started, len(state.pending), state.last_sequence,
                  extra={"epoch": self.epoch})
-        if self.metrics:
-            self.metrics.recovered(time.monotonic() - started)
+        if self.metrics:  # a failover if a master wrote the journal before
+            self.metrics.recovered(time.monotonic() - started, failover=position >= 0)
 
     def close(self, reason: str) -> None:
         if self.closed is not None:
@@ -172,10 +172,22 @@ class MasterShell:
                     self._results.put(event.work_completed.sequence, event.work_completed.result)
         durable = committer.append(step.events) if step.events else committer.barrier()
         self._events_since_snapshot += len(step.events)
-        durable.add_done_callback(lambda f: None if f.cancelled() or f.exception() else self._perform(step))
+        started = self._started_by_kind(step) if self.metrics else {}
+        durable.add_done_callback(lambda f: None if f.cancelled() or f.exception() else self._perform(step, started))
         return durable
 
-    def _perform(self, step: Step) -> None:
+    def _started_by_kind(self, step: Step) -> dict[str, int]:
+        """The step's hand-outs by kind (for metrics; read now, while the state has them running)."""
+        started: dict[str, int] = {}
+        running = self.state.in_progress
+        for event in step.events:
+            if event.HasField("work_started"):
+                entry = running.get(event.work_started.work_id)
+                kind = entry.kind if entry is not None else ""
+                started[kind] = started.get(kind, 0) + 1
+        return started
+
+    def _perform(self, step: Step, started_by_kind: dict[str, int] | None = None) -> None:
         hand_outs_apart = []
         for effect in step.effects:
             if isinstance(effect, Send):
@@ -194,7 +206,7 @@ class MasterShell:
             self.durable_sequence = step.last_sequence
             self._wake_results()
         if self.metrics:
-            self.metrics.recorded(step)
+            self.metrics.recorded(step, started_by_kind or {})
 
     def _hand_out_with_payloads(self, effects: list[HandOut]) -> None:
         """Sends hand-outs whose payloads the journal keeps: at once from the
@@ -315,7 +327,11 @@ class MasterShell:
                 if event.HasField("work_accepted"):
                     work = event.work_accepted.work
                     self._payloads.put(work.work_id, work.payload)
-        accepted = sum(1 for e in step.events if e.HasField("work_accepted"))
+        accepted: dict[str, int] = {}
+        for event in step.events:
+            if event.HasField("work_accepted"):
+                kind = event.work_accepted.work.kind
+                accepted[kind] = accepted.get(kind, 0) + 1
         await self._durable(self._commit(step))
         if self.metrics:
             self.metrics.accepted(accepted)
@@ -522,7 +538,9 @@ class MasterShell:
             for slot, work_id in overdue:
                 log.warning("work timed out on its worker", extra={"work_id": work_id, "worker_id": slot.worker_id})
                 if self.metrics:
-                    self.metrics.timed_out()
+                    entry = self.state.unfinished(work_id)
+                    result = self.state.finished.get(work_id)
+                    self.metrics.timed_out(entry.kind if entry else result.kind if result else "")
             self._maybe_snapshot(time.monotonic())
 
     def _maybe_snapshot(self, now: float) -> None:

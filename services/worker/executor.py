@@ -43,6 +43,7 @@ class Outcome:
     content_type: str = ""  # of the result
     permanent: bool = False  # a failure not worth retrying
     cancelled: bool = False  # stopped because its work was cancelled
+    timed_out: bool = False  # stopped at its timeout (or lease)
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ class ProcessExecutor:
     def timed_out(self, timeout: float) -> Outcome:
         self.close()
         return Outcome(False, error=f"timed out after {timeout:g} s; executor killed",
-                       seconds=time.perf_counter() - self._started)
+                       seconds=time.perf_counter() - self._started, timed_out=True)
 
     def cancelled(self) -> Outcome:
         """Stops the running job: its child is killed (a new one starts for the next)."""
@@ -264,7 +265,7 @@ class ThreadExecutor:
             while self.connection.poll():
                 self.connection.recv()
         return Outcome(False, error=f"timed out after {timeout:g} s (the job's thread was abandoned)",
-                       seconds=time.perf_counter() - self._started)
+                       seconds=time.perf_counter() - self._started, timed_out=True)
 
     def cancelled(self) -> Outcome:
         """A thread cannot be stopped: the job is abandoned (it runs on, unseen)."""

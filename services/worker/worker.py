@@ -302,8 +302,8 @@ class Worker:
                                            f"{MAX_RESULT_BYTES} bytes", seconds=outcome.seconds)
         if len(outcome.error) > MAX_ERROR_CHARS:
             outcome = dataclasses.replace(outcome, error=outcome.error[:MAX_ERROR_CHARS - 3] + "...")
-        self.metrics.executed(work.kind, "ok" if outcome.ok else "cancelled" if outcome.cancelled else "error",
-                              outcome.seconds)
+        self.metrics.executed(work.kind, "ok" if outcome.ok else "cancelled" if outcome.cancelled
+                              else "timeout" if outcome.timed_out else "error", outcome.seconds)
         if outcome.ok:
             message = master_pb2.WorkerMessage(done=master_pb2.WorkIsDone(completions=[
                 master_pb2.Completion(worker_id=slot.worker_id, work_id=work.work_id, result=outcome.result,
