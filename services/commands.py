@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import sys
+import textwrap
 import time
 
 import grpc
@@ -234,7 +235,9 @@ def _print_result(args, r: Result) -> None:
         print(json.dumps(_result_dict(r)), flush=True)
     else:
         shown = _shown(r.value)
-        text = (shown if isinstance(shown, str) else json.dumps(shown)) if r.state == "DONE" else r.error
+        # one line per result: an error's traceback is in --json and in `status`
+        text = (shown if isinstance(shown, str) else json.dumps(shown)) if r.state == "DONE" \
+            else r.error.split("\n", 1)[0]
         print(f"{r.sequence:>8}  {r.work_id}  {r.state:<6}  {text}", flush=True)
 
 
@@ -288,8 +291,12 @@ def status(stub, args) -> None:
     if args.json:
         print(json.dumps(info))
     else:
+        error, _, traceback = s.error.partition("\n")
+        info["error"] = error
         for key, value in info.items():
             print(f"{key:>9}: {value}")
+        if traceback:
+            print(textwrap.indent(traceback.rstrip("\n"), " " * 11))
     if args.wait and s.state in (work_pb2.FAILED, work_pb2.CANCELLED):
         raise WorksFailed(f"work {args.work_id} {STATE_NAMES[s.state]}")
 

@@ -221,7 +221,8 @@ def test_cluster_prints_a_readable_table(live):
     standby_line = rf"standby\s+{re.escape(standby)}\s+\(epoch {standby_epoch}\)"
     assert any(re.fullmatch(standby_line, line) for line in lines), out
     assert re.search(rf"^workers\s+{WORKER_SLOTS}$", out, re.M), out
-    assert re.search(r"^works\s+pending \d+\s+in progress \d+\s+done \d+\s+failed \d+$", out, re.M), out
+    assert re.search(r"^works\s+pending \d+\s+scheduled \d+\s+in progress \d+\s+done \d+\s+failed \d+"
+                     r"\s+cancelled \d+$", out, re.M), out
     for worker_id in live.worker_ids():
         assert re.search(rf"^\s+{re.escape(worker_id)}\s+(idle|busy)", out, re.M), out
 
@@ -334,7 +335,7 @@ def test_status_shows_done_and_the_result(live):
     assert int(fields["sequence"]) > 0
     data = json.loads(ok(dworkers("status", work_id, "--json", *live.fe(), timeout=30)).stdout)
     assert data == {"work_id": work_id, "kind": "square", "state": "DONE", "attempts": 1,
-                    "result": "11 * 11 = 121", "error": "", "sequence": int(fields["sequence"])}
+                    "result": "11 * 11 = 121", "error": "", "sequence": int(fields["sequence"]), "priority": 0}
 
 
 def test_watch_from_the_start_prints_results_in_sequence_order(live):

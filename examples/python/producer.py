@@ -29,7 +29,7 @@ def main() -> int:
     try:
         price.submit([{"quantity": -1, "unit_price": 5.0}], max_attempts=1).result(timeout=30)
     except dworkers.WorkFailed as failed:
-        print("refused order:", failed.error)
+        print("refused order:", failed.error.splitlines()[0])  # then its traceback
     client.close()
     return 0
 
