@@ -29,13 +29,18 @@ except ModuleNotFoundError:  # Python 3.10
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
-KUSTOMIZATIONS = [K8S / "base", K8S / "overlays" / "dev", K8S / "overlays" / "production"]
+KUSTOMIZATIONS = [K8S / "base", K8S / "overlays" / "dev", K8S / "overlays" / "production",
+                  K8S / "overlays" / "operators"]
+# Custom resources of operators (Prometheus Operator, KEDA): no schema in kubernetes_validate.
+OPERATOR_GROUPS = {"monitoring.coreos.com", "keda.sh"}
 
 # The services' contract.
 GRPC_PORTS = {"master": 7100, "frontend": 7000}
 METRICS_PORTS = {"master": 9100, "worker": 9101, "frontend": 9102}
 ROLES = set(METRICS_PORTS)
-IMAGE = "dworkers:latest"
+VERSION = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)[1]
+IMAGE = f"dworkers:{VERSION}"  # Kubernetes runs a version, never `latest`
+COMPOSE_IMAGE = "dworkers:latest"  # compose builds it locally
 HEALTH_SERVICES = {"master": "dworkers.v1.Master", "frontend": "dworkers.v1.Frontend"}
 METRICS = {
     # counters
@@ -45,6 +50,7 @@ METRICS = {
     "dworkers_executions_total", "dworkers_grpc_requests_total",
     # gauges
     "dworkers_pending_works", "dworkers_in_progress_works", "dworkers_workers",
+    "dworkers_pending_works_without_worker", "dworkers_oldest_pending_seconds",
     "dworkers_master_active", "dworkers_master_epoch", "dworkers_recovery_seconds",
 }
 HISTOGRAMS = {
@@ -174,6 +180,8 @@ def test_kustomization_files_exist_and_parse(directory):
 def test_manifests_match_kubernetes_schemas(rendered, version):
     errors = []
     for doc in rendered:
+        if doc["apiVersion"].split("/")[0] in OPERATOR_GROUPS:
+            continue  # test_operator_resources
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as e:
@@ -224,7 +232,9 @@ def test_dworkers_workloads_follow_the_contract(rendered):
         assert {"configMapRef": {"name": config_map(rendered, "dworkers-config")}} in container["envFrom"], role
         if role in HEALTH_SERVICES:
             ready, live = container["readinessProbe"], container["livenessProbe"]
-            assert ready["grpc"] == {"port": GRPC_PORTS[role], "service": HEALTH_SERVICES[role]}
+            # a master is ready as a backend, standby or active (see test_a_drain_can_evict_the_active_master)
+            assert ready["grpc"] == {"port": GRPC_PORTS[role], "service": "" if role == "master" else
+                                     HEALTH_SERVICES[role]}
             assert live["grpc"]["port"] == GRPC_PORTS[role]
             assert live["grpc"].get("service", "") == "", role
         else:
@@ -363,7 +373,7 @@ def test_compose_runs_every_role_from_one_image(compose):
     assert sorted(roles.values()) == ["frontend", "master", "master", "worker"]
     for name in roles:
         svc = compose["services"][name]
-        assert svc["image"] == IMAGE, name
+        assert svc["image"] == COMPOSE_IMAGE, name
         context = (DEPLOY / svc["build"]["context"]).resolve()
         assert context == ROOT and (context / svc["build"]["dockerfile"]).is_file(), name
         assert svc["environment"]["DWORKERS_ZK"] == "zookeeper:2181"
@@ -511,3 +521,93 @@ def test_dockerfile_copies_what_the_package_needs():
     for needed in (readme.get("file") if isinstance(readme, dict) else readme,
                    license_.get("file") if isinstance(license_, dict) else None):
         assert needed is None or needed in sources, f"pyproject.toml needs {needed}; COPY it"
+
+
+# --- drains, rollouts, network policies, operators ---------------------------------
+
+
+def test_a_drain_can_evict_the_active_master_and_a_rollout_never_takes_both_down(base):
+    """The standby is ready (readiness is being a backend, not leading), so the
+    budget of one unavailable lets the active master be evicted; a rollout
+    adds a ready backend before it removes one."""
+    master = base[find(base, "Deployment", "dworkers-master")]
+    budget = base[find(base, "PodDisruptionBudget", "dworkers-master")]["spec"]
+    assert master["spec"]["replicas"] >= 2
+    assert budget.get("maxUnavailable") == 1 and "minAvailable" not in budget
+    (container,) = master["spec"]["template"]["spec"]["containers"]
+    assert container["readinessProbe"]["grpc"].get("service", "") == ""
+    rolling = master["spec"]["strategy"]["rollingUpdate"]
+    assert rolling["maxUnavailable"] == 0 and rolling["maxSurge"] == 1
+
+
+def test_the_image_is_a_version_that_matches_the_package(base):
+    (entry,) = kustomization(K8S / "base")["images"]
+    assert entry["newTag"] == VERSION and entry["newTag"] != "latest"
+
+
+def _allowed(policies: list[dict], labels: dict, port) -> list[dict]:
+    """The ingress rules of the policies selecting a pod with `labels` that open `port` (to someone)."""
+    rules = []
+    for policy in policies:
+        selector = policy["spec"]["podSelector"]
+        if not all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items()):
+            continue
+        for rule in policy["spec"].get("ingress", []):
+            if any(p["port"] == port for p in rule.get("ports", [])):
+                rules.append(rule)
+    return rules
+
+
+def test_network_policies_deny_by_default_and_open_only_what_each_role_serves(rendered):
+    policies = [d for d in rendered if d["kind"] == "NetworkPolicy"]
+    deny = [p for p in policies if p["spec"]["podSelector"] == {} and not p["spec"].get("ingress")]
+    assert deny and deny[0]["spec"]["policyTypes"] == ["Ingress"], "no default deny"
+    for workload in workloads(rendered):
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        name = workload["metadata"]["name"]
+        metrics = [p for c in workload["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])
+                   if p["name"] == "metrics"]
+        assert metrics and all(_allowed(policies, labels, "metrics") or _allowed(policies, labels, p["containerPort"])
+                               for p in metrics), f"{name}: Prometheus cannot scrape it"
+    master = {"app.kubernetes.io/name": "dworkers", "app.kubernetes.io/component": "master"}
+    (rule,) = _allowed(policies, master, "grpc")
+    (peers,) = rule["from"]
+    components = next(e["values"] for e in peers["podSelector"]["matchExpressions"]
+                      if e["key"] == "app.kubernetes.io/component")
+    assert sorted(components) == ["frontend", "worker"], "only frontends and workers reach a master"
+    frontend = {"app.kubernetes.io/name": "dworkers", "app.kubernetes.io/component": "frontend"}
+    assert any("from" not in r for r in _allowed(policies, frontend, "grpc")), "clients cannot reach the frontends"
+
+
+@pytest.fixture(scope="module")
+def operators() -> list[dict]:
+    return render(K8S / "overlays" / "operators")
+
+
+def test_operator_resources_watch_the_metrics_that_exist(operators, tmp_path):
+    kinds = {d["kind"]: d for d in operators if d["apiVersion"].split("/")[0] in OPERATOR_GROUPS}
+    assert set(kinds) == {"ServiceMonitor", "PrometheusRule", "ScaledObject"}
+    assert not [d for d in operators if d["kind"] == "HorizontalPodAutoscaler"], "KEDA owns the worker count"
+    # the ServiceMonitor selects a Service that selects every dworkers pod, on its `metrics` port
+    monitor = kinds["ServiceMonitor"]["spec"]
+    service = next(d for d in operators if d["kind"] == "Service" and all(
+        d["metadata"].get("labels", {}).get(k) == v for k, v in monitor["selector"]["matchLabels"].items()))
+    assert service["spec"]["selector"] == {"app.kubernetes.io/name": "dworkers"}
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["metrics"]
+    assert [e["port"] for e in monitor["endpoints"]] == ["metrics"]
+    # the alerting rules load in Prometheus, and name only metrics dworkers serves
+    rules = tmp_path / "rules.yml"
+    rules.write_text(yaml.safe_dump({"groups": kinds["PrometheusRule"]["spec"]["groups"]}))
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool (Debian's prometheus package) is installed by `make test`"
+    check = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    alerts = {r["alert"]: r["expr"] for g in kinds["PrometheusRule"]["spec"]["groups"] for r in g["rules"]}
+    assert {"DworkersNoActiveMaster", "DworkersFailovers", "DworkersOldestPendingWork", "DworkersJournalSlow",
+            "DworkersWorkersGone"} <= set(alerts)
+    scaled = kinds["ScaledObject"]["spec"]
+    assert scaled["scaleTargetRef"]["name"] == "dworkers-worker"
+    queries = [*alerts.values(), *(t["metadata"]["query"] for t in scaled["triggers"])]
+    named = {m for q in queries for m in re.findall(r"\bdworkers_[a-z_]+", q)}
+    known = METRICS | {f"{h}_bucket" for h in HISTOGRAMS}
+    assert named <= known, f"unknown metrics: {sorted(named - known)}"

@@ -473,3 +473,22 @@ def test_failed_and_cancelled_works_can_be_retried_with_fresh_attempts_until_for
     assert not master.state.retryable and not master.state.finished
     with pytest.raises(NotFound):
         master.retry(["f"], NOW)
+
+
+def test_the_oldest_pending_work_s_age_is_known_to_within_a_tick():
+    master = master_with([work("a"), work("b")])
+    master.recovered(NOW)
+    master.take()
+    assert master.oldest_pending_age(NOW + 3) == 3
+    for t in range(1, 6):
+        master.tick(NOW + t, 0)
+    master.submit([work("c")], NOW + 5.5)
+    master.take()
+    master.tick(NOW + 6, 0)
+    connection = connect(master, slots=2)
+    handed(master, connection, NOW + 8, slots=("s0", "s1"))  # a and b go: c is the oldest
+    assert 2.5 <= master.oldest_pending_age(NOW + 8) <= 3.0
+    assert len(master._ticket_times) <= 3, "samples before the oldest pending work are dropped"
+    handed(master, connection, NOW + 9, slots=())
+    master.state.pending.pop("c")
+    assert master.oldest_pending_age(NOW + 9) == 0

@@ -89,6 +89,8 @@ class MasterMetrics:
         self.pending = gauge("dworkers_pending_works", "works waiting for a worker")
         self.in_progress = gauge("dworkers_in_progress_works", "works handed to a worker")
         self.scheduled = gauge("dworkers_scheduled_works", "works waiting for their time (delayed, or backing off)")
+        self.oldest_pending = gauge("dworkers_oldest_pending_seconds",
+                                    "how long the oldest pending work has waited in the queue (to within a second)")
         self.workers = gauge("dworkers_workers", "registered worker slots", ["status"])
         self.pending_by_kind = gauge("dworkers_pending_works_by_kind", "works waiting for a worker, by kind", ["kind"])
         self.slots_by_kind = gauge("dworkers_worker_slots_by_kind", "live worker slots that run a kind", ["kind"])
@@ -138,6 +140,7 @@ class MasterMetrics:
         self.pending.set(counts.get("pending", 0))
         self.in_progress.set(counts.get("in_progress", 0))
         self.scheduled.set(counts.get("scheduled", 0))
+        self.oldest_pending.set(counts.get("oldest_pending_seconds", 0))
         self.workers.labels("busy").set(counts.get("workers_busy", 0))
         self.workers.labels("idle").set(counts.get("workers_idle", 0))
         self.without_worker.set(counts.get("pending_without_worker", 0))

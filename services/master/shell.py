@@ -598,4 +598,6 @@ class MasterShell:
             self.journal.compact()
 
     def counts(self) -> dict:
-        return self.master.counts()
+        counts = self.master.counts()
+        counts["oldest_pending_seconds"] = self.master.oldest_pending_age(time.monotonic())
+        return counts

@@ -37,6 +37,7 @@ CONNECTION_LOST_ERROR = "worker connection lost"
 SILENT_ERROR = "worker went silent"
 MiB = 1024 * 1024
 READY_PER_TICK = 10_000  # scheduled works queued by one tick at most (the next tick comes at once)
+MAX_TICKET_SAMPLES = 4096
 
 
 def backoff_delay(backoff: tuple[float, float, float], retry: int, draw: float) -> float:
@@ -124,6 +125,10 @@ class Master:
         # catalog; not journaled: a setting), and when each last started.
         self.rate_limits: Mapping[str, float] = rate_limits if rate_limits is not None else {}
         self._last_start: dict[str, float] = {}
+        # When queue tickets were issued, sampled once a tick: how long the
+        # oldest pending work has waited, to within a tick, without a time
+        # per work (since it was queued on this master: recovery queues anew).
+        self._ticket_times: deque[tuple[int, float]] = deque()
         self._step = Step()
         self._finished_at: deque[tuple[int, float]] = deque()  # (sequence, when) for retention by age
 
@@ -177,6 +182,7 @@ class Master:
         """After replaying the journal: work in progress goes back to the
         queue (its workers may still report on it), and results' ages restart."""
         self._finished_at.extend((sequence, now) for sequence in self.state.results)
+        self._ticket_times.append((0, now))  # what it replayed counts as queued now
         if self.state.in_progress:
             self._record([journal_pb2.Event(work_in_progress_reset=journal_pb2.WorkInProgressReset())], now)
 
@@ -433,6 +439,7 @@ class Master:
         for work_id, entry in self.state.in_progress.items():
             if entry.token not in scheduler.running and work_id not in handled:
                 events.append(self._failed(entry, entry.token, CONNECTION_LOST_ERROR, now))
+        self._sample_tickets(now)
         due = self.state.scheduled.due(now + self.wall_offset, READY_PER_TICK)
         if due:
             events.append(journal_pb2.Event(works_ready=journal_pb2.WorksReady(work_ids=due)))
@@ -483,6 +490,32 @@ class Master:
         queued = [state.status(w) for w in work_ids]  # as they are queued, before a slot takes them
         self.announce(now)
         return queued
+
+    def _sample_tickets(self, now: float) -> None:
+        """Notes that the tickets from the next one on are issued from now on."""
+        times, pending = self._ticket_times, self.state.pending
+        if times and times[-1][0] == pending.next_ticket:
+            times[-1] = (pending.next_ticket, now)  # none issued since: the later time is as true and tighter
+        else:
+            times.append((pending.next_ticket, now))
+        oldest = pending.oldest_ticket()
+        while len(times) > 1 and (oldest is None or times[1][0] <= oldest):
+            times.popleft()  # no pending work was queued before the next sample
+        if len(times) > MAX_TICKET_SAMPLES:  # coarser for the oldest: an age too high by up to a gap
+            del times[1]
+
+    def oldest_pending_age(self, now: float) -> float:
+        """Seconds the oldest pending work has waited in the queue (0: none
+        pending), to within a tick: from the last sample taken before its ticket."""
+        oldest = self.state.pending.oldest_ticket()
+        if oldest is None or not self._ticket_times:
+            return 0.0
+        since = self._ticket_times[0][1]
+        for ticket, when in self._ticket_times:
+            if ticket > oldest:
+                break
+            since = when
+        return max(0.0, now - since)
 
     def next_due(self) -> float | None:
         """When (in `now`'s clock) the next scheduled work is due, or a kind

@@ -262,6 +262,16 @@ class PendingQueue:
         """Pending works per kind."""
         return dict(self._count_by_kind)
 
+    @property
+    def next_ticket(self) -> int:
+        return self._next_ticket
+
+    def oldest_ticket(self) -> int | None:
+        """The ticket of the work queued longest ago (None: none is pending);
+        costs one step per kind and priority."""
+        heads = [self._front(kind, priority) for kind, priority in list(self._queues)]
+        return min((h.ticket for h in heads if h is not None), default=None)
+
 
 class Schedule:
     """Works waiting for their time (ready_at, Unix seconds): a dict and a
