@@ -22,6 +22,9 @@ from dworkers.v1 import frontend_pb2_grpc, work_pb2
 log = logging.getLogger("dworkers.demo")
 
 MASTER_PORTS = (7100, 7101)
+# Prometheus /metrics of the demo's processes (the services' defaults; the
+# second master the next free one), each only if free.
+MASTER_METRICS_PORTS, WORKER_METRICS_PORT, FRONTEND_METRICS_PORT = (9100, 9103), 9101, 9102
 
 
 def _port_free(address: str) -> bool:
@@ -89,10 +92,20 @@ def run(args) -> None:
             raise ConfigError(str(exc)) from None
         log.info("local ZooKeeper at %s (data in %s)", cluster.zk, workdir)
         trace = ("--log-level", "DEBUG", "--log-format", args.log_format)
-        cluster.start_worker(args.workers, *trace)
-        for port in MASTER_PORTS:
-            cluster.start_master(port, *trace, wait=True)
-        front = cluster.start_frontend(int(args.frontend_listen.rsplit(":", 1)[1]), "--log-format", args.log_format)
+        served: list[str] = []
+
+        def metrics(role: str, port: int) -> tuple[str, ...]:
+            if not _port_free(f"127.0.0.1:{port}"):
+                return ()
+            served.append(f"{role} http://127.0.0.1:{port}/metrics")
+            return ("--metrics-port", str(port))
+
+        cluster.start_worker(args.workers, *trace, *metrics("worker", WORKER_METRICS_PORT))
+        for port, metrics_port in zip(MASTER_PORTS, MASTER_METRICS_PORTS):
+            cluster.start_master(port, *trace, *metrics(f"master {port}", metrics_port), wait=True)
+        front = cluster.start_frontend(int(args.frontend_listen.rsplit(":", 1)[1]), "--log-format", args.log_format,
+                                       *metrics("frontend", FRONTEND_METRICS_PORT))
+        log.info("Prometheus metrics: %s", ", ".join(served) or "none (their ports are taken)")
         log.info("frontend at %s: try `dworkers cluster` or `dworkers submit square 12 --wait` in another terminal",
                  front.address)
         stub = frontend_pb2_grpc.FrontendStub(grpc.insecure_channel(front.address))
