@@ -3,7 +3,7 @@ of many clients leave together, and each client gets its own answer."""
 
 from __future__ import annotations
 
-import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -18,17 +18,19 @@ pytestmark = pytest.mark.unit
 
 class Master:
     """Answers SubmitWorks like the master: each work on its own; ids that
-    start with 'bad' conflict. Holds each call until released, so that
-    callers pile up into batches."""
+    start with 'bad' conflict. Holds each call until `ready()` says the
+    other callers piled up behind it (however slow the machine is)."""
 
     def __init__(self):
         self.calls: list[work_pb2.SubmitWorksRequest] = []
-        self.release = threading.Event()
+        self.ready = lambda: True
 
     def call(self, method, request, timeout=None):
         assert method == "SubmitWorks" and request.each_on_its_own
         self.calls.append(request)
-        self.release.wait(10)
+        end = time.monotonic() + 10
+        while not self.ready() and time.monotonic() < end:
+            time.sleep(0.002)
         return work_pb2.SubmitWorksResponse(works=[
             work_pb2.SubmitWorkResponse(work_id=w.work_id, code=6, message="conflict")
             if w.work_id.startswith("bad") else work_pb2.SubmitWorkResponse(work_id=w.work_id)
@@ -46,10 +48,15 @@ def test_one_clients_refused_work_does_not_hold_up_the_others():
         except Conflict as refusal:
             return refusal.status
 
+    # A call is answered once every other client waits behind it (the 20
+    # threads, but those whose works it holds), or all the works left do.
+    def piled_up() -> bool:
+        held, sent = len(master.calls[-1].works), sum(len(c.works) for c in master.calls)
+        return len(batcher._waiting) >= min(20 - held, len(ids) - sent)
+
+    master.ready = piled_up
     with ThreadPoolExecutor(20) as pool:
-        answers = pool.map(submit, ids)
-        threading.Timer(0.2, master.release.set).start()
-        answers = list(answers)
+        answers = list(pool.map(submit, ids))
     assert answers == ["ALREADY_EXISTS" if i.startswith("bad") else i for i in ids]
     assert len(master.calls) < len(ids) / 2  # merged: no call per work, no retry work by work
     batcher.close()
