@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/dworkers/v1/*.proto)
 GEN_STAMP := gen/.generated
 
-.PHONY: setup proto run test test-fast lint bench chaos zookeeper postgresql test-tools clean
+.PHONY: setup proto run test test-fast lint bench chaos zookeeper postgresql test-tools clean lock
 
 setup: $(STAMP) zookeeper postgresql
 
@@ -26,9 +26,14 @@ $(GEN_STAMP): $(PROTOS) $(TOOLS_STAMP)
 	@rm -f $@
 	$(PY) setup.py --name > /dev/null
 
-$(STAMP): pyproject.toml setup.py $(GEN_STAMP)
-	$(PY) -m pip install --quiet -e '.[dev]'
+$(STAMP): pyproject.toml setup.py constraints.txt $(GEN_STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	@touch $@
+
+# Pins every dependency at the versions installed now (after changing pyproject.toml's).
+lock: $(STAMP)
+	@{ sed -n '1,2p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^dworkers' | sort -f; } \
+		> constraints.txt.new && mv constraints.txt.new constraints.txt
 
 zookeeper:
 	@scripts/ensure-zookeeper.sh

@@ -492,7 +492,7 @@ def test_dockerfile_builds_a_slim_non_root_image():
     assert bases[0] == bases[-1] == "python:3.11-slim"
     build, final = stages[0], stages[-1]
     # the package's build generates the gRPC code (setup.py), in the build stage only
-    assert any("pip install ." in rest for kw, rest in build if kw == "RUN")
+    assert any("pip install --no-deps ." in rest for kw, rest in build if kw == "RUN")
     final_text = " ".join(rest for _, rest in final)
     assert "grpcio-tools" not in final_text and "protoc" not in final_text
     (entrypoint,) = [rest for kw, rest in final if kw == "ENTRYPOINT"]
@@ -611,3 +611,25 @@ def test_operator_resources_watch_the_metrics_that_exist(operators, tmp_path):
     named = {m for q in queries for m in re.findall(r"\bdworkers_[a-z_]+", q)}
     known = METRICS | {f"{h}_bucket" for h in HISTOGRAMS}
     assert named <= known, f"unknown metrics: {sorted(named - known)}"
+
+
+def test_the_lock_pins_every_dependency_and_the_generator():
+    """`make setup` and the image install with `-c constraints.txt`: every
+    runtime and development dependency (and the code generator) is pinned there."""
+    if tomllib is None:
+        pytest.skip("tomllib needs Python 3.11")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pinned = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pinned[re.sub(r"[-_.]+", "-", name).lower()] = version
+    wanted = [*project["project"]["dependencies"], *project["project"]["optional-dependencies"]["dev"],
+              *project["build-system"]["requires"]]
+    for requirement in wanted:
+        name = re.sub(r"[-_.]+", "-", re.split(r"[\[<>=!~ ]", requirement)[0]).lower()
+        if name == "setuptools":
+            continue  # pip's own build tooling
+        assert name in pinned, f"{requirement} is not pinned in constraints.txt"
+    tools = next(r for r in project["build-system"]["requires"] if r.startswith("grpcio-tools"))
+    assert tools == f"grpcio-tools=={pinned['grpcio-tools']}", "the generator's pin differs from the lock"
