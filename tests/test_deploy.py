@@ -55,7 +55,7 @@ METRICS = {
 }
 HISTOGRAMS = {
     "dworkers_journal_append_seconds", "dworkers_journal_events_per_append",
-    "dworkers_execution_seconds", "dworkers_grpc_request_seconds",
+    "dworkers_execution_seconds", "dworkers_grpc_request_seconds", "dworkers_queue_wait_seconds",
 }
 
 # Oldest Kubernetes the manifests target, and the newest the schemas know.

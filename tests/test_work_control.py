@@ -475,7 +475,7 @@ def test_failed_and_cancelled_works_can_be_retried_with_fresh_attempts_until_for
         master.retry(["f"], NOW)
 
 
-def test_the_oldest_pending_work_s_age_is_known_to_within_a_tick():
+def test_the_oldest_pending_work_s_age_and_each_work_s_wait_in_the_queue_are_known():
     master = master_with([work("a"), work("b")])
     master.recovered(NOW)
     master.take()
@@ -486,9 +486,10 @@ def test_the_oldest_pending_work_s_age_is_known_to_within_a_tick():
     master.take()
     master.tick(NOW + 6, 0)
     connection = connect(master, slots=2)
-    handed(master, connection, NOW + 8, slots=("s0", "s1"))  # a and b go: c is the oldest
-    assert 2.5 <= master.oldest_pending_age(NOW + 8) <= 3.0
-    assert len(master._ticket_times) <= 3, "samples before the oldest pending work are dropped"
-    handed(master, connection, NOW + 9, slots=())
+    master.request_work(connection, ["s0", "s1"], NOW + 8)
+    assert master.take().queue_waits == [8.0, 8.0]  # a and b, queued at recovery
+    assert master.oldest_pending_age(NOW + 8) == 2.5  # c is the oldest now
+    master.tick(NOW + 9, 0)
+    assert len(master._sampled) <= 2, "samples before the oldest pending work are dropped"
     master.state.pending.pop("c")
     assert master.oldest_pending_age(NOW + 9) == 0

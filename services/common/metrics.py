@@ -89,6 +89,9 @@ class MasterMetrics:
         self.pending = gauge("dworkers_pending_works", "works waiting for a worker")
         self.in_progress = gauge("dworkers_in_progress_works", "works handed to a worker")
         self.scheduled = gauge("dworkers_scheduled_works", "works waiting for their time (delayed, or backing off)")
+        self.queue_wait = Histogram("dworkers_queue_wait_seconds", "time works waited in the queue before a "
+                                    "slot took them (since queued, or queued again; not while scheduled)",
+                                    registry=registry, buckets=(.001, .005, .01, .05, .1, .5, 1, 5, 10, 60, 300, 3600))
         self.oldest_pending = gauge("dworkers_oldest_pending_seconds",
                                     "how long the oldest pending work has waited in the queue (to within a second)")
         self.workers = gauge("dworkers_workers", "registered worker slots", ["status"])
@@ -129,6 +132,8 @@ class MasterMetrics:
         """Counts what a durable step of the master's decisions did."""
         for kind, n in started_by_kind.items():
             self.works["started"].labels(kind).inc(n)
+        for seconds in step.queue_waits:
+            self.queue_wait.observe(seconds)
         for result in step.results:
             self.works[_FINISHED_AS.get(result.state, "failed")].labels(result.kind).inc()
 

@@ -63,4 +63,5 @@ class Step:
     events: list[journal_pb2.Event] = field(default_factory=list)
     effects: list[Effect] = field(default_factory=list)
     results: list[work_pb2.WorkResult] = field(default_factory=list)
+    queue_waits: list[float] = field(default_factory=list)  # seconds each work handed out waited in the queue
     last_sequence: int = 0  # the state's last result sequence after these events

@@ -11,6 +11,7 @@ decided on them is ever seen.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import os
 import random
@@ -125,10 +126,12 @@ class Master:
         # catalog; not journaled: a setting), and when each last started.
         self.rate_limits: Mapping[str, float] = rate_limits if rate_limits is not None else {}
         self._last_start: dict[str, float] = {}
-        # When queue tickets were issued, sampled once a tick: how long the
-        # oldest pending work has waited, to within a tick, without a time
-        # per work (since it was queued on this master: recovery queues anew).
-        self._ticket_times: deque[tuple[int, float]] = deque()
+        # When queue tickets were issued, sampled at each decision: how long a
+        # pending work has waited, without a time per work (since it was
+        # queued on this master: recovery queues anew). Parallel lists:
+        # tickets from _sampled[i] on were issued at or after _sampled_at[i].
+        self._sampled: list[int] = []
+        self._sampled_at: list[float] = []
         self._step = Step()
         self._finished_at: deque[tuple[int, float]] = deque()  # (sequence, when) for retention by age
 
@@ -139,6 +142,7 @@ class Master:
         return step
 
     def _record(self, events: list[journal_pb2.Event], now: float) -> None:
+        self._sample_tickets(now)
         step = self._step
         for event in events:
             result = self.state.apply(event)
@@ -182,7 +186,7 @@ class Master:
         """After replaying the journal: work in progress goes back to the
         queue (its workers may still report on it), and results' ages restart."""
         self._finished_at.extend((sequence, now) for sequence in self.state.results)
-        self._ticket_times.append((0, now))  # what it replayed counts as queued now
+        self._sampled, self._sampled_at = [0], [now]  # what it replayed counts as queued now
         if self.state.in_progress:
             self._record([journal_pb2.Event(work_in_progress_reset=journal_pb2.WorkInProgressReset())], now)
 
@@ -284,6 +288,9 @@ class Master:
                 lease = entry.heartbeat_timeout or timeout  # what the slot's clock runs on
                 events.append(journal_pb2.Event(work_started=journal_pb2.WorkStarted(
                     work_id=work_id, worker_id=worker_id, attempt_token=token)))
+                queued_at = self._queued_at(entry.ticket)
+                if queued_at is not None:
+                    self._step.queue_waits.append(now - queued_at)
                 state.start(work_id, token)  # as the event does: the next pick must not see it
                 scheduler.start(slot, work_id, token, lease, now)
                 scheduler.want(slot)  # its turn again after the others, if it has room
@@ -439,7 +446,7 @@ class Master:
         for work_id, entry in self.state.in_progress.items():
             if entry.token not in scheduler.running and work_id not in handled:
                 events.append(self._failed(entry, entry.token, CONNECTION_LOST_ERROR, now))
-        self._sample_tickets(now)
+        self._trim_samples()
         due = self.state.scheduled.due(now + self.wall_offset, READY_PER_TICK)
         if due:
             events.append(journal_pb2.Event(works_ready=journal_pb2.WorksReady(work_ids=due)))
@@ -493,29 +500,35 @@ class Master:
 
     def _sample_tickets(self, now: float) -> None:
         """Notes that the tickets from the next one on are issued from now on."""
-        times, pending = self._ticket_times, self.state.pending
-        if times and times[-1][0] == pending.next_ticket:
-            times[-1] = (pending.next_ticket, now)  # none issued since: the later time is as true and tighter
+        tickets, times, ticket = self._sampled, self._sampled_at, self.state.pending.next_ticket
+        if tickets and tickets[-1] == ticket:
+            times[-1] = now  # none issued since: the later time is as true, and tighter
         else:
-            times.append((pending.next_ticket, now))
-        oldest = pending.oldest_ticket()
-        while len(times) > 1 and (oldest is None or times[1][0] <= oldest):
-            times.popleft()  # no pending work was queued before the next sample
-        if len(times) > MAX_TICKET_SAMPLES:  # coarser for the oldest: an age too high by up to a gap
-            del times[1]
+            tickets.append(ticket)
+            times.append(now)
+
+    def _trim_samples(self) -> None:
+        """Drops the samples before the oldest pending work's; thins the rest
+        out if there are many (a wait then reads high by up to a gap)."""
+        tickets, oldest = self._sampled, self.state.pending.oldest_ticket()
+        drop = len(tickets) - 1 if oldest is None else bisect.bisect_right(tickets, oldest) - 1
+        if drop > 0:
+            del tickets[:drop], self._sampled_at[:drop]
+        if len(tickets) > MAX_TICKET_SAMPLES:
+            keep = [0, *range(1, len(tickets) - 1, 2), len(tickets) - 1]
+            self._sampled = [tickets[i] for i in keep]
+            self._sampled_at = [self._sampled_at[i] for i in keep]
+
+    def _queued_at(self, ticket: int) -> float | None:
+        """When the work with this ticket was queued, at the latest (None: unknown)."""
+        i = bisect.bisect_right(self._sampled, ticket) - 1
+        return self._sampled_at[i] if i >= 0 else None
 
     def oldest_pending_age(self, now: float) -> float:
-        """Seconds the oldest pending work has waited in the queue (0: none
-        pending), to within a tick: from the last sample taken before its ticket."""
+        """Seconds the oldest pending work has waited in the queue (0: none pending)."""
         oldest = self.state.pending.oldest_ticket()
-        if oldest is None or not self._ticket_times:
-            return 0.0
-        since = self._ticket_times[0][1]
-        for ticket, when in self._ticket_times:
-            if ticket > oldest:
-                break
-            since = when
-        return max(0.0, now - since)
+        since = None if oldest is None else self._queued_at(oldest)
+        return 0.0 if since is None else max(0.0, now - since)
 
     def next_due(self) -> float | None:
         """When (in `now`'s clock) the next scheduled work is due, or a kind
