@@ -440,15 +440,21 @@ def test_metric_names_parser():
 def test_grafana_dashboard_uses_dworkers_metrics():
     dashboard = json.loads((DEPLOY / "grafana" / "dworkers-dashboard.json").read_text())
     assert dashboard["schemaVersion"] >= 36
-    assert [i["name"] for i in dashboard["__inputs"]] == ["DS_PROMETHEUS"]
+    # file-provisionable: no import-time inputs, the data source is a variable
+    assert "__inputs" not in dashboard
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert variables["instance"]["includeAll"] and variables["instance"]["multi"]
     panels = [p for p in dashboard["panels"] if p["type"] != "row"]
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
     used = set()
     for panel in panels:
-        assert panel["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
             expr = target["expr"]
+            selectors = re.findall(r"\bdworkers_[a-z_]+(\{[^}]*\})?", expr)
+            assert all('instance=~"$instance"' in sel for sel in selectors), f"not scoped to $instance: {expr}"
             names = metric_names(expr)
             assert names and all(n.startswith("dworkers_") for n in names), expr
             for counter in (n for n in names if n.endswith("_total")):
