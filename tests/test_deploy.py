@@ -49,7 +49,8 @@ METRICS = {
     "dworkers_works_timed_out_total", "dworkers_failovers_total",
     "dworkers_executions_total", "dworkers_grpc_requests_total",
     # gauges
-    "dworkers_pending_works", "dworkers_in_progress_works", "dworkers_workers",
+    "dworkers_pending_works", "dworkers_in_progress_works", "dworkers_worker_slots",
+    "dworkers_worker_processes",
     "dworkers_pending_works_without_worker", "dworkers_oldest_pending_seconds",
     "dworkers_master_active", "dworkers_master_epoch", "dworkers_recovery_seconds",
 }

@@ -244,6 +244,12 @@ def test_metrics_lint_clean_and_scraped_by_prometheus(cluster, tmp_path):
             lambda r: len(r) == 1 and float(r[0]["value"][1]) > 0,
             "journal appends observed on the active master")
 
+        # slots and processes are told apart: one worker process, 2 slots
+        prometheus.wait_for(
+            f'dworkers_worker_processes{{instance="{active_instance}"}}',
+            lambda r: len(r) == 1 and float(r[0]["value"][1]) == 1, "one worker process on the active master")
+        slots = prometheus.query(f'sum(dworkers_worker_slots{{instance="{active_instance}"}})')
+        assert slots and float(slots[0]["value"][1]) == 2, slots
         # a fresh cluster's first master took over from no one
         assert value_of(prometheus.query("dworkers_failovers_total"), active_instance) == 0
         # streams are counted: those open, and those that ended, with their code

@@ -94,7 +94,9 @@ class MasterMetrics:
                                     registry=registry, buckets=(.001, .005, .01, .05, .1, .5, 1, 5, 10, 60, 300, 3600))
         self.oldest_pending = gauge("dworkers_oldest_pending_seconds",
                                     "how long the oldest pending work has waited in the queue (to within a second)")
-        self.workers = gauge("dworkers_workers", "registered worker slots", ["status"])
+        self.workers = gauge("dworkers_worker_slots", "registered worker slots (each runs one job at a time)",
+                             ["status"])
+        self.worker_processes = gauge("dworkers_worker_processes", "worker processes connected to this master")
         self.pending_by_kind = gauge("dworkers_pending_works_by_kind", "works waiting for a worker, by kind", ["kind"])
         self.slots_by_kind = gauge("dworkers_worker_slots_by_kind", "live worker slots that run a kind", ["kind"])
         self.without_worker = gauge("dworkers_pending_works_without_worker",
@@ -148,6 +150,7 @@ class MasterMetrics:
         self.oldest_pending.set(counts.get("oldest_pending_seconds", 0))
         self.workers.labels("busy").set(counts.get("workers_busy", 0))
         self.workers.labels("idle").set(counts.get("workers_idle", 0))
+        self.worker_processes.set(counts.get("worker_processes", 0))
         self.without_worker.set(counts.get("pending_without_worker", 0))
         self.unfinished_bytes.set(counts.get("unfinished_bytes", 0))
         self.result_bytes.set(counts.get("result_bytes", 0))

@@ -623,6 +623,7 @@ class Master:
             "done": self.state.done_count, "failed": self.state.failed_count,
             "last_sequence": self.state.last_sequence,
             "workers_busy": scheduler.busy_count,
+            "worker_processes": scheduler.connection_count,
             "workers_idle": len(scheduler) - scheduler.busy_count,
             "pending_by_kind": waiting,
             "pending_without_worker": sum(n for kind, n in waiting.items() if kind not in scheduler.kind_slots),

@@ -79,6 +79,11 @@ class Scheduler:
     def __len__(self) -> int:
         return len(self.slots)
 
+    @property
+    def connection_count(self) -> int:
+        """Worker processes (streams) with slots registered."""
+        return len(self._kinds_of)
+
     def get(self, worker_id: str) -> Slot | None:
         return self.slots.get(worker_id)
 
