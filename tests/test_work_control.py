@@ -134,7 +134,7 @@ def test_a_delayed_work_waits_scheduled_then_is_handed_out_on_time():
     assert a.work.work_id == "now"  # the delayed one does not block the one behind it
     finish(master, connection, a)
     assert handed(master, connection) == []  # the slot keeps its credit
-    assert master.next_due() == NOW + 30
+    assert master.next_due(NOW) == NOW + 30
     master.tick(NOW + 29.9, 0)
     assert not any(e.HasField("works_ready") for e in master.take().events)
     master.tick(NOW + 30, 0)
@@ -365,7 +365,7 @@ def test_a_rate_limit_spaces_the_starts_of_its_kind_and_leaves_others_alone():
     assert sorted(a.work.kind for a in first) == ["blob", "blob", "blob", "square"]
     started = [NOW]
     while True:  # the master wakes when the next one may start
-        t = master.next_due()
+        t = master.next_due(started[-1])
         assert t is not None and t > started[-1]
         if t > NOW + 2.0 + 1e-6:
             break
@@ -376,7 +376,7 @@ def test_a_rate_limit_spaces_the_starts_of_its_kind_and_leaves_others_alone():
     del limits["square"]  # the limit goes: the rest start at once
     master.announce(t)
     assert started_now() == 40 - 11
-    assert master.next_due() is None
+    assert master.next_due(t) is None
 
 
 # --- listing ------------------------------------------------------------------------------
@@ -493,3 +493,85 @@ def test_the_oldest_pending_work_s_age_and_each_work_s_wait_in_the_queue_are_kno
     assert len(master._sampled) <= 2, "samples before the oldest pending work are dropped"
     master.state.pending.pop("c")
     assert master.oldest_pending_age(NOW + 9) == 0
+
+
+# --- regressions: bounded memory, stale reports, failover --------------------------------------------
+
+
+def test_works_cancelled_behind_a_head_that_does_not_move_do_not_stay_in_memory():
+    master = master_with([work("stuck", not_before=NOW + 3600), work("head", kind="nobody-runs-it")])
+    for i in range(2000):  # submit and cancel, far ahead and behind the stuck head
+        master.submit([work(f"s{i}", not_before=NOW + 86400), work(f"q{i}", kind="nobody-runs-it")], NOW)
+        master.cancel([f"s{i}", f"q{i}"], NOW)
+        master.take()
+    assert len(master.state.scheduled._heap) < 200
+    assert sum(len(q) for q in master.state.pending._queues.values()) < 200
+    assert master.state.scheduled.next_time() == NOW + 3600 and master.state.pending.oldest(["nobody-runs-it"])
+
+
+def test_retention_by_bytes_counts_failed_works_kept_to_be_retried_and_forgets_no_more_than_needed():
+    settings = CoreSettings(worker_timeout=1e6, retention_bytes=1024 * 1024)
+    master = Master(WorkState(strict=True), settings)
+    big = [work_pb2.Work(work_id=f"big{i}", kind="square", payload=b"x" * 250_000, max_attempts=1) for i in range(5)]
+    master.submit(big + [work(f"d{i}") for i in range(200)], NOW)
+    master.take()
+    connection = connect(master, slots=1)
+    for _ in range(205):
+        (a,) = handed(master, connection)
+        finish(master, connection, a, ok=not a.work.work_id.startswith("big"))
+    master.forget_old_results(NOW, master.state.last_sequence)
+    master.take()
+    assert master.state.result_bytes <= settings.retention_bytes
+    assert master.state.forgotten_up_to <= 5 and master.status("d199") is not None
+
+
+def test_a_late_report_of_an_attempt_before_a_retry_counts_for_nothing():
+    master = master_with([work("w")])
+    connection = connect(master)
+    (a,) = handed(master, connection)
+    master.cancel(["w"], NOW)
+    master.retry(["w"], NOW)
+    master.take()
+    finish(master, connection, a)  # the cancelled attempt's completion, in flight
+    assert master.status("w").state in (work_pb2.PENDING, work_pb2.IN_PROGRESS) and master.state.done_count == 0
+
+
+def test_a_cancel_after_a_failover_stops_the_attempt_its_slot_still_runs():
+    master = master_with([work("w")])
+    connection = connect(master)
+    (a,) = handed(master, connection)
+    again = Master(WorkState.from_snapshot(master.state.to_snapshot()), SETTINGS)
+    again.recovered(NOW)  # the work is queued again; its worker still runs it and says so
+    again.take()
+    connection = Connection()
+    again.register(connection, master_pb2.RegisterWorker(worker_ids=["s0"], kinds=["square"], running=[
+        master_pb2.RunningAttempt(worker_id="s0", work_id="w", attempt_token=a.attempt_token, seconds_left=5)]), NOW)
+    again.take()
+    again.cancel(["w"], NOW)
+    stops = [e.message.cancel for e in again.take().effects if isinstance(e, Send) and e.message.HasField("cancel")]
+    assert [list(s.attempt_tokens) for s in stops] == [[a.attempt_token]] and not again.scheduler.get("s0").busy
+
+
+def test_a_rate_limited_kind_that_no_waiting_slot_runs_wakes_nothing():
+    master = Master(WorkState(strict=True), SETTINGS, rate_limits={"square": 1.0})
+    master.submit([work("a1"), work("a2"), work("b", kind="blob")], NOW)
+    master.take()
+    squares, blobs = connect(master, kinds=("square",)), Connection()
+    master.register(blobs, master_pb2.RegisterWorker(worker_ids=["b0"], kinds=["blob"]), NOW)
+    handed(master, squares, NOW)  # a1 starts; the square slot is full
+    master.request_work(blobs, ["b0"], NOW)
+    master.take()  # b starts; the blob slot waits again with nothing of its kind
+    master.request_work(blobs, ["b0"], NOW)
+    assert master.next_due(NOW + 5) is None, "a wake-up in the past would spin the ticker"
+
+
+def test_a_listing_of_finished_works_shows_each_work_s_latest_end_once():
+    master = master_with([work("v", attempts=1)])
+    connection = connect(master)
+    (a,) = handed(master, connection)
+    finish(master, connection, a, ok=False)
+    master.retry(["v"], NOW)
+    master.take()
+    (b,) = handed(master, connection)
+    finish(master, connection, b)
+    assert page_all(master, work_pb2.FAILED) == [] and page_all(master, work_pb2.DONE) == ["v"]

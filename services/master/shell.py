@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from dworkers.common.errors import Forgotten, NotFound, NotServing, Overloaded
+from dworkers.common.errors import Forgotten, NotFound, NotServing, Overloaded, WrongState
 from dworkers.common.memory import release_free_memory
 from dworkers.common.validation import MAX_BATCH_WORKS, MAX_REPORTS_PER_MESSAGE, MAX_STREAM_MESSAGE_BYTES
 from dworkers.master.domain.effects import DeclareKinds, Disconnect, HandOut, Send, Step
@@ -240,7 +240,10 @@ class MasterShell:
     def _send_hand_outs(self, effects: list[HandOut], payloads: dict[str, bytes]) -> None:
         for effect in effects:
             ready = []
+            running = self.master.scheduler.running
             for assignment in effect.assignments:
+                if assignment.attempt_token not in running:
+                    continue  # cancelled (or lost) while its payload was read: the slot no longer holds it
                 payload = payloads.get(assignment.work.work_id)
                 if payload is None:  # the attempt times out and is retried
                     log.error("no payload stored for a work handed out", extra={
@@ -342,7 +345,11 @@ class MasterShell:
         self.check_serving()
         if not self._journal().has_room(2 * len(work_ids), 0):
             raise Overloaded(f"{self._journal().queued} events are waiting for the journal; retry later")
-        statuses = self.master.retry(work_ids, self._now())
+        try:
+            statuses = self.master.retry(work_ids, self._now())
+        except (NotFound, WrongState):
+            await self._answerable()  # a refusal says what the journal holds, not what it may lose
+            raise
         await self._durable(self._commit(self.master.take()))
         return statuses
 
@@ -351,7 +358,11 @@ class MasterShell:
         self.check_serving()
         if not self._journal().has_room(len(work_ids), 0):
             raise Overloaded(f"{self._journal().queued} events are waiting for the journal; retry later")
-        statuses = self.master.cancel(work_ids, self._now())
+        try:
+            statuses = self.master.cancel(work_ids, self._now())
+        except (NotFound, WrongState):
+            await self._answerable()  # a refusal says what the journal holds, not what it may lose
+            raise
         await self._durable(self._commit(self.master.take()))
         return statuses
 
@@ -527,7 +538,7 @@ class MasterShell:
         interval = max(0.1, min(1.0, self.settings.work_timeout / 2))
         committer = self._journal()
         while self.closed is None:
-            due = self.master.next_due()  # a scheduled work may be due before the next tick
+            due = self.master.next_due(time.monotonic())  # a scheduled work may be due before the next tick
             if due is None or committer.paused:
                 await asyncio.sleep(interval)
             else:

@@ -47,8 +47,10 @@ def list_works(state: WorkState, which: int, kind: str = "", token: str = "", si
     else:
         first = max(int(cursor or 0), state.forgotten_up_to) + 1
         results = (state.results.get(s) for s in range(first, state.last_sequence + 1))
+        finished = state.finished  # a work's latest result only: one retried since has a later one, or none yet
         places = ((r.work_id, str(r.sequence)) for r in results
-                  if r is not None and r.state == which and (not kind or r.kind == kind))
+                  if r is not None and r.state == which and (not kind or r.kind == kind)
+                  and finished.get(r.work_id) is r)
     page = list(itertools.islice(places, size + 1))
     statuses = []
     for work_id, _ in page[:size]:

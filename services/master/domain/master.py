@@ -469,6 +469,9 @@ class Master:
                 if excess <= 0:
                     break
                 excess -= result.ByteSize()
+                kept = state.retryable.get(result.work_id)
+                if kept is not None and kept[0] == sequence:  # a failed work kept to be retried goes with it
+                    excess -= kept[1].size
                 cutoff = max(cutoff, sequence)
         cutoff = min(cutoff, durable_sequence)
         if cutoff > state.forgotten_up_to:
@@ -489,6 +492,9 @@ class Master:
         unknown = [w for w in work_ids if not state.is_known(w)]
         if unknown:
             raise NotFound(f"no work {_listed(unknown)}: never accepted, or its result left the retention window")
+        if len(state.pending) + len(work_ids) > self.settings.max_pending:
+            raise Overloaded(f"{len(state.pending)} works are pending (limit --max-pending "
+                             f"{self.settings.max_pending}); retry later")
         wrong = [(w, state.status(w)) for w in work_ids if w not in state.retryable]
         if wrong:
             raise WrongState("only FAILED and CANCELLED works can be retried: " + ", ".join(
@@ -530,17 +536,18 @@ class Master:
         since = None if oldest is None else self._queued_at(oldest)
         return 0.0 if since is None else max(0.0, now - since)
 
-    def next_due(self) -> float | None:
+    def next_due(self, now: float) -> float | None:
         """When (in `now`'s clock) the next scheduled work is due, or a kind
         held back by its rate limit may start again while its works wait for
-        waiting slots; None if neither."""
+        a waiting slot that runs it; None if neither."""
         due = self.state.scheduled.next_time()
         times = [] if due is None else [due - self.wall_offset]
         if self._last_start and self.scheduler.waiting:
             counts, limits = self.state.pending.counts(), self.rate_limits
             for kind, last in self._last_start.items():
                 rate = limits.get(kind)  # read once: the catalog may change it meanwhile
-                if rate and kind in counts:
+                if rate and kind in counts and last + 1.0 / rate > now \
+                        and any(kind in kinds for kinds in self.scheduler.waiting):
                     times.append(last + 1.0 / rate)
         return min(times, default=None)
 
@@ -578,11 +585,12 @@ class Master:
         events = []
         stops: dict[int, tuple] = {}  # by connection: (connection, tokens)
         for work_id in work_ids:
-            if state.unfinished(work_id) is None:
+            entry = state.unfinished(work_id)
+            if entry is None:
                 continue  # cancelled already
-            entry = state.in_progress.get(work_id)
-            slot = scheduler.running.get(entry.token) if entry is not None else None
-            if entry is not None and slot is not None:
+            # running, or queued again by a failover while its slot still runs it
+            slot = scheduler.running.get(entry.token) if entry.token else None
+            if slot is not None:
                 scheduler.finish(slot, entry.token, now)
                 stops.setdefault(id(slot.connection), (slot.connection, []))[1].append(entry.token)
             events.append(journal_pb2.Event(work_cancelled=journal_pb2.WorkCancelled(work_id=work_id)))

@@ -154,6 +154,7 @@ class PendingQueue:
         self._queues: dict[tuple[str, int], deque[Entry]] = {}
         self._levels: dict[str, list[int]] = {}  # per kind: the priorities queued, highest first
         self._count_by_kind: dict[str, int] = {}
+        self._stale: dict[tuple[str, int], int] = {}  # entries taken out of a queue's middle, still in it
         self._next_ticket = 0
 
     def __len__(self) -> int:
@@ -211,12 +212,23 @@ class PendingQueue:
         entry = self._entries.pop(work_id, None)
         if entry is not None:
             entry.ticket = STALE  # if it is not at the front, its place there is skipped later
-            kind = entry.kind
+            kind, key = entry.kind, (entry.kind, entry.priority)
             self._count_by_kind[kind] -= 1
             if not self._count_by_kind[kind]:
                 del self._count_by_kind[kind]
-            self._front(kind, entry.priority)
+            self._stale[key] = self._stale.get(key, 0) + 1
+            if self._front(kind, entry.priority) is not None:
+                self._compact(key)
         return entry
+
+    def _compact(self, key: tuple[str, int]) -> None:
+        """Drops a queue's stale entries once they outnumber its live ones (a
+        head that does not move, e.g. of a kind no worker runs, must not keep
+        every work cancelled behind it in memory)."""
+        queue, stale = self._queues[key], self._stale.get(key, 0)
+        if stale > len(queue) - stale + 64:
+            self._queues[key] = deque(e for e in queue if e.ticket >= 0)
+            self._stale.pop(key, None)
 
     def _front(self, kind: str, priority: int) -> Entry | None:
         """The oldest queued entry of a kind and priority, dropping stale ones
@@ -227,8 +239,10 @@ class PendingQueue:
             if queue[0].ticket >= 0:
                 return queue[0]
             queue.popleft()
+            self._stale[key] = self._stale.get(key, 1) - 1
         if queue is not None:
             del self._queues[key]
+            self._stale.pop(key, None)
             levels = self._levels[kind]
             levels.remove(-priority)
             if not levels:
@@ -301,7 +315,13 @@ class Schedule:
         heapq.heappush(self._heap, (entry.ready_at, next(self._counter), entry))
 
     def pop(self, work_id: str) -> Entry | None:
-        return self._entries.pop(work_id, None)
+        entry = self._entries.pop(work_id, None)
+        if entry is not None and len(self._heap) > 2 * len(self._entries) + 64:
+            # Items of works no longer scheduled wait for the top to be dropped: when
+            # they outnumber the live ones (cancels of works due far ahead), rebuild.
+            self._heap = [item for item in self._heap if self._live(item)]
+            heapq.heapify(self._heap)
+        return entry
 
     def _live(self, item: tuple[float, int, Entry]) -> bool:
         entry = item[2]
@@ -513,6 +533,7 @@ class WorkState:
         self.unfinished_bytes += entry.size
         entry.attempts = entry.failures = 0
         entry.error, entry.ready_at = "", 0.0
+        entry.token = 0  # no earlier attempt's report counts (0 matches no report: reports carry a token)
         self.pending.push(entry)
 
     def _on_works_ready(self, e: journal_pb2.WorksReady) -> None:
