@@ -162,7 +162,7 @@ def test_workers_started_before_any_master(cluster):
 
 def test_timed_out_work_is_requeued_and_completed_by_another_worker(cluster, tmp_path):
     cluster.start_master(wait=True)
-    stuck = cluster.start_worker(1, "--jobs", "tests.jobs_for_tests")
+    stuck = cluster.start_worker(1, "--jobs", "tests.jobs_for_tests", "--shutdown-grace", "1")  # it stops promptly
     stub = frontend(cluster.start_frontend().address)
     wait_kind(stub, "hang_once")
     marker = tmp_path / "hang-marker"
