@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dworkers import commands, demo
+from dworkers import commands, demo, healthcheck
 from dworkers.common import logs
 from dworkers.common.errors import DworkersError
 from dworkers.common.lifecycle import StopRequest
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(p, "--log-level", "INFO", help="logging level")
 
     commands.add_parsers(sub)
+    healthcheck.add_parser(sub)
     return parser
 
 
@@ -80,6 +81,8 @@ def main(argv=None) -> int:
             role.main(settings, stop)
         elif args.command == "demo":
             demo.run(args)
+        elif args.command == "healthcheck":
+            healthcheck.main(args)
         else:
             commands.main(args)
     except DworkersError as exc:

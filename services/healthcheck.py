@@ -1,0 +1,109 @@
+"""`dworkers healthcheck`: is a dworkers process serving? For a container's
+HEALTHCHECK (exit 0 healthy, 1 not), and for people.
+
+Masters and frontends answer gRPC health (the empty service: the process
+serves, as a standby too); a worker serves its Prometheus metrics. Without
+an address, it checks the container's main process (PID 1): its command line
+and environment say its role and ports."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dworkers.common.errors import ConfigError, DworkersError
+
+DEFAULT_LISTEN = {"master": "0.0.0.0:7100", "frontend": "0.0.0.0:7000"}
+DEFAULT_METRICS_PORT = {"master": 9100, "worker": 9101, "frontend": 9102}
+
+
+class Unhealthy(DworkersError):
+    """The process does not serve (exit status 1, as HEALTHCHECK expects)."""
+
+    exit_status = 1
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("healthcheck", help="check that a dworkers process serves (for a container HEALTHCHECK)",
+                       description="Exit 0 if the process serves, 1 if not. Without --address or --metrics, checks "
+                                   "the container's main process (PID 1), found from its command line.")
+    p.add_argument("--address", help="gRPC health of a master or frontend at HOST:PORT")
+    p.add_argument("--metrics", help="the /metrics URL of a worker")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    p.set_defaults(func=main, log_format="text", log_level="WARNING")
+
+
+def main(args) -> None:
+    if args.address:
+        target = ("grpc", args.address)
+    elif args.metrics:
+        target = ("http", args.metrics)
+    else:
+        target = target_of(_read_nul(Path("/proc/1/cmdline")), _environ(Path("/proc/1/environ")))
+    kind, where = target
+    if kind == "grpc":
+        _grpc_health(where, args.timeout)
+    elif kind == "http":
+        _http_ok(where, args.timeout)
+    print(f"healthy: {where}")
+
+
+def target_of(argv: list[str], env: dict[str, str]) -> tuple[str, str]:
+    """What to check for a process started as `argv` with `env`: ("grpc",
+    address), ("http", url), or ("none", why) when there is nothing to ask."""
+    role = next((a for a in argv if a in DEFAULT_METRICS_PORT), None)
+    if role is None:
+        raise ConfigError(f"not a dworkers service process: {' '.join(argv)[:200]!r}")
+    if role in DEFAULT_LISTEN:
+        listen = _flag(argv, "--listen") or env.get("DWORKERS_LISTEN") or DEFAULT_LISTEN[role]
+        host, _, port = listen.rpartition(":")
+        return "grpc", f"{'127.0.0.1' if host in ('', '0.0.0.0', '[::]') else host}:{port}"
+    metrics_port = int(_flag(argv, "--metrics-port") or env.get("DWORKERS_METRICS_PORT") or DEFAULT_METRICS_PORT[role])
+    if not metrics_port:
+        return "none", "a worker without a metrics port: its process runs"
+    return "http", f"http://127.0.0.1:{metrics_port}/metrics"
+
+
+def _flag(argv: list[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _read_nul(path: Path) -> list[str]:
+    try:
+        return [part for part in path.read_bytes().decode(errors="replace").split("\0") if part]
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path} ({exc.strerror}): give --address or --metrics") from None
+
+
+def _environ(path: Path) -> dict[str, str]:
+    pairs = (item.split("=", 1) for item in _read_nul(path) if "=" in item)
+    return {key: value for key, value in pairs}
+
+
+def _grpc_health(address: str, timeout: float) -> None:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
+                                                              timeout=timeout)
+        except grpc.RpcError as error:
+            raise Unhealthy(f"{address}: {error.code().name} {error.details() or ''}".strip()) from None
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        raise Unhealthy(f"{address}: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
+
+
+def _http_ok(url: str, timeout: float) -> None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            if response.status != 200:
+                raise Unhealthy(f"{url}: HTTP {response.status}")
+    except (urllib.error.URLError, OSError) as exc:
+        raise Unhealthy(f"{url}: {getattr(exc, 'reason', exc)}") from None
