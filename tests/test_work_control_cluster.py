@@ -5,6 +5,7 @@ job's defaults."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import grpc
 import pytest
 
 import dworkers
+from dworkers.client import Result
 from dworkers.v1 import work_pb2
 from tests.helpers import frontend, wait_kind, wait_running, wait_until
 from tests.journals import both_journals
@@ -101,14 +103,19 @@ def test_priority_order_holds_after_a_recovery(cluster, tmp_path):
         blocker = client.submit("hold", str(gate))
         wait_running(stub, 1)
         priorities = [0, 5, -3, 5, 1, 0, 9, -3, 1, 9] * 3
-        handles = [client.submit("stamp", f"{i}:{p}", priority=p) for i, p in enumerate(priorities)]
-        for handle in handles:
-            handle.accepted(timeout=30)
+        # one call, so that they are queued in this order (the SDK's pipelined calls may be accepted in any)
+        stub.SubmitWorks(work_pb2.SubmitWorksRequest(works=[
+            work_pb2.SubmitWorkRequest(work_id=f"prio-{i}", kind="stamp", priority=p,
+                                       payload=json.dumps({"args": [f"{i}:{p}"], "kwargs": {}}).encode(),
+                                       content_type="application/json")
+            for i, p in enumerate(priorities)]), timeout=30)
         cluster.active_master().kill()
         cluster.active_master(timeout=60)
         gate.touch()
         assert blocker.result(timeout=60) == "released"
-        ran = sorted((h.result(timeout=60)["at"], h.result()["label"]) for h in handles)
+        values = [Result.of(r).unwrap() for response in stub.WaitWorks(work_pb2.WaitWorksRequest(
+            work_ids=[f"prio-{i}" for i in range(len(priorities))]), timeout=60) for r in response.results]
+        ran = sorted((v["at"], v["label"]) for v in values)
     order = [tuple(int(x) for x in label.split(":")) for _, label in ran]
     expected = sorted(((i, p) for i, p in enumerate(priorities)), key=lambda ip: (-ip[1], ip[0]))
     assert order == expected
