@@ -336,19 +336,19 @@ def list_works(stub, args) -> None:
 
 def retry(stub, args) -> None:
     response = stub.RetryWork(work_pb2.RetryWorkRequest(work_ids=args.work_ids), timeout=args.timeout)
-    if args.json:
-        print(json.dumps({"retried": [s.work_id for s in response.works]}))
-    else:
-        for s in response.works:
-            print(f"{s.work_id}  {STATE_NAMES[s.state]}")
+    _print_statuses(args, "retried", response.works)
 
 
 def cancel(stub, args) -> None:
     response = stub.CancelWork(work_pb2.CancelWorkRequest(work_ids=args.work_ids), timeout=args.timeout)
+    _print_statuses(args, "cancelled", response.works)
+
+
+def _print_statuses(args, done: str, statuses) -> None:
     if args.json:
-        print(json.dumps({"cancelled": [s.work_id for s in response.works]}))
+        print(json.dumps({done: [s.work_id for s in statuses]}))
     else:
-        for s in response.works:
+        for s in statuses:
             print(f"{s.work_id}  {STATE_NAMES[s.state]}")
 
 

@@ -342,24 +342,20 @@ class MasterShell:
 
     async def retry(self, work_ids: list[str]) -> list[work_pb2.WorkStatus]:
         """Queues failed and cancelled works again, durably (see Master.retry)."""
-        self.check_serving()
-        if not self._journal().has_room(2 * len(work_ids), 0):
-            raise Overloaded(f"{self._journal().queued} events are waiting for the journal; retry later")
-        try:
-            statuses = self.master.retry(work_ids, self._now())
-        except (NotFound, WrongState):
-            await self._answerable()  # a refusal says what the journal holds, not what it may lose
-            raise
-        await self._durable(self._commit(self.master.take()))
-        return statuses
+        return await self._control(self.master.retry, work_ids, 2 * len(work_ids))  # each retried, maybe started
 
     async def cancel(self, work_ids: list[str]) -> list[work_pb2.WorkStatus]:
         """Cancels works durably (see Master.cancel); their statuses after it."""
+        return await self._control(self.master.cancel, work_ids, len(work_ids))
+
+    async def _control(self, decision, work_ids: list[str], events: int) -> list[work_pb2.WorkStatus]:
+        """Runs a decision about given works and answers once it is durable;
+        a refusal is answered from durable state too."""
         self.check_serving()
-        if not self._journal().has_room(len(work_ids), 0):
+        if not self._journal().has_room(events, 0):
             raise Overloaded(f"{self._journal().queued} events are waiting for the journal; retry later")
         try:
-            statuses = self.master.cancel(work_ids, self._now())
+            statuses = decision(work_ids, self._now())
         except (NotFound, WrongState):
             await self._answerable()  # a refusal says what the journal holds, not what it may lose
             raise
