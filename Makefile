@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/dworkers/v1/*.proto)
 GEN_STAMP := gen/.generated
 
-.PHONY: setup proto run test test-fast lint bench chaos zookeeper postgresql test-tools clean lock
+.PHONY: setup proto run test test-fast lint bench chaos zookeeper postgresql test-tools clean lock image image-test
 
 setup: $(STAMP) zookeeper postgresql
 
@@ -48,7 +48,7 @@ run: setup
 # Everything: unit, integration (a real ZooKeeper), end-to-end (real
 # processes) and a short chaos run.
 test: setup test-tools
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q --durations=15 -m "not container" tests
 
 # The quick loop while developing: lint, types, and the tests that start no
 # service process (a ZooKeeper at most), in about half a minute.
@@ -64,6 +64,20 @@ bench: setup
 
 chaos: setup
 	DWORKERS_CHAOS_SECONDS=$${DWORKERS_CHAOS_SECONDS:-300} $(PY) -m pytest -q -s tests/chaos
+
+# The container image (deploy/Dockerfile) built with podman, and the test of
+# it in containers (tests/test_image.py). The base of both stages is made
+# here from Debian's packages (no registry needed); BASE_IMAGE= builds on
+# the Dockerfile's pinned python:3.11-slim instead.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= localhost/dworkers:$(VERSION)
+BASE_IMAGE ?= localhost/dworkers-base:bookworm
+
+image:
+	@IMAGE=$(IMAGE) BASE_IMAGE=$(BASE_IMAGE) scripts/image.sh
+
+image-test: setup
+	@IMAGE=$(IMAGE) BASE_IMAGE=$(BASE_IMAGE) scripts/image.sh test
 
 clean:
 	rm -rf $(VENV) gen .run *.egg-info

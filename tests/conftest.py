@@ -53,12 +53,13 @@ def cluster(zookeeper, tmp_path, request, journal):
         c.print_logs()
 
 
-LEVELS = ("unit", "integration", "e2e", "chaos")
+LEVELS = ("unit", "integration", "e2e", "chaos", "container")
 
 
 def pytest_collection_modifyitems(config, items):
     """Every test says what it needs (its module's pytestmark): `make
-    test-fast` runs the unit and integration ones."""
+    test-fast` runs the unit and integration ones, `make image-test` the
+    container ones (`make test` all but those)."""
     unmarked = [item.nodeid for item in items if not any(item.get_closest_marker(level) for level in LEVELS)]
     if unmarked:
         raise pytest.UsageError(f"tests without a level marker ({', '.join(LEVELS)}): {unmarked[:5]}")

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.e2e
     (["/opt/venv/bin/python", "/opt/venv/bin/dworkers", "frontend"], {"DWORKERS_LISTEN": "0.0.0.0:7001"},
      ("grpc", "127.0.0.1:7001")),
     (["dworkers", "worker", "--metrics-port=9201"], {}, ("http", "http://127.0.0.1:9201/metrics")),
+    (["tini", "--", "dworkers", "master", "--listen=0.0.0.0:7300"], {}, ("grpc", "127.0.0.1:7300")),
     (["dworkers", "worker"], {"DWORKERS_METRICS_PORT": "0"},
      ("none", "a worker without a metrics port: its process runs")),
 ])
