@@ -40,7 +40,7 @@ METRICS_PORTS = {"master": 9100, "worker": 9101, "frontend": 9102}
 ROLES = set(METRICS_PORTS)
 VERSION = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)[1]
 IMAGE = f"dworkers:{VERSION}"  # Kubernetes runs a version, never `latest`
-COMPOSE_IMAGE = "dworkers:latest"  # compose builds it locally
+COMPOSE_IMAGE = IMAGE  # compose builds it locally, tagged with the version too
 HEALTH_SERVICES = {"master": "dworkers.v1.Master", "frontend": "dworkers.v1.Frontend"}
 METRICS = {
     # counters
