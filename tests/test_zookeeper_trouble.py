@@ -67,6 +67,10 @@ def test_every_service_stops_on_sigterm_while_zookeeper_is_gone(own_cluster):
         except subprocess.TimeoutExpired:
             pytest.fail(f"{service.role} {service.pid} ignored SIGTERM while ZooKeeper was gone:\n"
                         f"{service.log()[-2000:]}")
+    # Stopped by itself, not cut short by its deadline (exit status 1, "did
+    # not stop within"): nothing waits for the ZooKeeper that is gone.
+    for service in services:
+        assert service.process.returncode == 0, f"{service.role}: {service.log()[-2000:]}"
 
 
 def test_everyone_follows_a_zookeeper_that_lost_its_data(own_cluster):

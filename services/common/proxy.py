@@ -101,6 +101,9 @@ class ZooKeeperLocator:
     def others_to_try(self, cut_off: set[str]) -> bool:
         return False  # ZooKeeper names the master: no other backend would do better
 
+    def close(self) -> None:
+        zk.stop(self.client)
+
 
 class StaticLocator:
     """A fixed list of backend addresses (like the sample's contact points)."""
@@ -132,6 +135,9 @@ class StaticLocator:
 
     def others_to_try(self, cut_off: set[str]) -> bool:
         return any(a not in cut_off for a in self.addresses)
+
+    def close(self) -> None:
+        pass
 
 
 class EpochGuard:
@@ -207,6 +213,7 @@ class MasterProxy:
                 channel.close()
             self._channels.clear()
             self._stubs.clear()
+        self.locator.close()
 
     def observe_epoch(self, epoch: int, cluster_id: str = "") -> bool:
         """Records an epoch seen on the wire; False if it is older than one seen before."""

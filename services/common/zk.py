@@ -54,6 +54,17 @@ def connect(hosts: str, session_timeout: float = 4.0, connect_timeout: float = 1
     return client
 
 
+def stop(client: KazooClient) -> None:
+    """Ends the client's session (its ephemeral znodes go at once). Needed
+    cut off from ZooKeeper too: a client never stopped keeps retrying, and
+    its watch callbacks, blocked on that, hold the process at exit."""
+    try:
+        client.stop()
+        client.close()
+    except Exception as exc:  # a shutdown path: log, never raise
+        log.warning("closing the ZooKeeper client: %r", exc)
+
+
 class ForgetfulReconnect:
     """A ZooKeeper that lost its data refuses every client that has seen a
     newer transaction than its own ("client must try another server"), so

@@ -329,12 +329,7 @@ class MasterNode:
             shell.close("master is shutting down")
         await self.loop.run_in_executor(None, self.election.resign)
         await self.server.stop(self.settings.shutdown_grace)
-        if self.client.connected:  # stopping a client cut off from ZooKeeper waits for it: let exit end it
-            await self.loop.run_in_executor(None, self._close_client)
-
-    def _close_client(self) -> None:
-        self.client.stop()
-        self.client.close()
+        await self.loop.run_in_executor(None, zk.stop, self.client)
 
     async def _update_metrics(self) -> None:
         while True:
