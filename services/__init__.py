@@ -24,6 +24,7 @@ _EXPORTS = {
     "AsyncClient": "dworkers.aio", "AsyncHandle": "dworkers.aio",
     "job": "dworkers.worker.jobs", "Job": "dworkers.worker.jobs", "Context": "dworkers.worker.jobs",
     "Permanent": "dworkers.worker.jobs",
+    "Tls": "dworkers.credentials",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

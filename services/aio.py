@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from dworkers import credentials
 from dworkers.client import (
     BATCH_BYTES,
     BATCH_WORKS,
@@ -37,7 +38,7 @@ from dworkers.client import (
 )
 from dworkers.common.errors import status_name
 from dworkers.common.validation import MAX_BATCH_WORKS
-from dworkers.common.wire import CHANNEL_OPTIONS
+from dworkers.credentials import Tls
 from dworkers.v1 import frontend_pb2_grpc, work_pb2
 
 
@@ -92,10 +93,11 @@ class AsyncHandle:
 
 
 class AsyncClient:
-    def __init__(self, target: str | None = None, *, timeout: float = 30.0):
+    def __init__(self, target: str | None = None, *, timeout: float = 30.0, tls: Tls | bool | None = None):
+        """`tls` as for Client."""
         self.target = target or os.environ.get("DWORKERS_FRONTEND", DEFAULT_TARGET)
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        self._channel = credentials.channel(self.target, tls, aio=True)
         self.stub = frontend_pb2_grpc.FrontendStub(self._channel)
         self._queue: asyncio.Queue[tuple[AsyncHandle, work_pb2.SubmitWorkRequest]] = asyncio.Queue(MAX_QUEUED_WORKS)
         self._in_flight = asyncio.Semaphore(CALLS_IN_FLIGHT)

@@ -28,10 +28,11 @@ from typing import Any
 
 import grpc
 
-from dworkers import codec
+from dworkers import codec, credentials
 from dworkers.common.errors import status_name
 from dworkers.common.validation import MAX_BATCH_WORKS, MAX_PAYLOAD_BYTES, new_work_id
-from dworkers.common.wire import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES
+from dworkers.common.wire import MAX_MESSAGE_BYTES
+from dworkers.credentials import Tls
 from dworkers.v1 import frontend_pb2_grpc, work_pb2
 
 DEFAULT_TARGET = "127.0.0.1:7000"
@@ -198,11 +199,13 @@ class Client:
     """A connection to a frontend (thread-safe). Close it, or use `with`."""
 
     def __init__(self, target: str | None = None, *, timeout: float = 30.0, batch_works: int = BATCH_WORKS,
-                 channel: grpc.Channel | None = None):
+                 channel: grpc.Channel | None = None, tls: Tls | bool | None = None):
+        """`tls`: a dworkers.Tls, True (the system's CAs), False (plaintext),
+        or None: from the environment (dworkers.credentials)."""
         self.target = target or os.environ.get("DWORKERS_FRONTEND", DEFAULT_TARGET)
         self.timeout = timeout  # per call, and for a submission to be acknowledged
         self.batch_works = max(1, min(batch_works, MAX_BATCH_WORKS))  # per SubmitWorks call (and BATCH_BYTES)
-        self._channel = channel or grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        self._channel = channel or credentials.channel(self.target, tls)
         self.stub = frontend_pb2_grpc.FrontendStub(self._channel)
         self._queue: deque[_Pending] = deque()
         self._queued_bytes = 0

@@ -11,11 +11,12 @@ import time
 
 import grpc
 
+from dworkers import credentials
 from dworkers.client import Client, Result, SubmitError
 from dworkers.codec import decode_result
 from dworkers.common.errors import ConfigError
-from dworkers.common.settings import add, in_range
-from dworkers.common.wire import CHANNEL_OPTIONS
+from dworkers.common.settings import add, boolean, in_range
+from dworkers.credentials import Tls
 from dworkers.v1 import frontend_pb2_grpc, work_pb2
 
 STATE_NAMES = {v: k for k, v in work_pb2.State.items()}
@@ -26,6 +27,7 @@ def add_parsers(sub) -> None:
         p = sub.add_parser(name, help=help, description=description)
         add(p, "--frontend", "127.0.0.1:7000", help="frontend address")
         add(p, "--timeout", 30.0, type=float, help="seconds to wait for each call, and for --wait")
+        add_tls_flags(p, "the frontend")
         add(p, "--log-format", "text", help="text or json", choices=("text", "json"))
         add(p, "--log-level", "WARNING", help="logging level")
         p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -108,8 +110,22 @@ def _unreachable(address: str, code: str, details: str) -> str | None:
     return None
 
 
+def add_tls_flags(p, server: str) -> None:
+    add(p, "--tls", False, type=boolean, help=f"TLS to {server} (on too with any --tls-* file)")
+    add(p, "--tls-ca", "", help=f"PEM CA bundle to trust for {server} (empty: the system's)")
+    add(p, "--tls-cert", "", help=f"PEM client certificate, for {server} if it requires one")
+    add(p, "--tls-key", "", help="PEM private key of --tls-cert")
+    add(p, "--tls-server-name", "", help=f"the name in {server}'s certificate, if not its host")
+
+
+def tls_of(args) -> Tls | bool:
+    """The TLS the flags of add_tls_flags ask for (their environment variables included)."""
+    files = Tls(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name)
+    return files if args.tls or files != Tls() else False
+
+
 def main(args) -> None:
-    channel = grpc.insecure_channel(args.frontend, options=CHANNEL_OPTIONS)
+    channel = credentials.channel(args.frontend, tls_of(args))
     stub = frontend_pb2_grpc.FrontendStub(channel)
     try:
         COMMANDS[args.command](stub, args)
@@ -158,7 +174,7 @@ def submit(stub, args) -> None:
     fixed before any retry (idempotent)."""
     payloads = _payloads(args)
     started = time.monotonic()
-    with Client(args.frontend, timeout=args.timeout, batch_works=args.batch) as client:
+    with Client(args.frontend, timeout=args.timeout, batch_works=args.batch, tls=tls_of(args)) as client:
         handles = [client.submit(args.kind, payload=p, work_id=args.id or None, max_attempts=args.max_attempts,
                                  timeout=args.work_timeout, priority=args.priority, delay=args.delay)
                    for p in payloads]
@@ -273,7 +289,7 @@ def status(stub, args) -> None:
             raise WorksFailed(f"work {args.work_id} {STATE_NAMES[s.state]}")
         return
     if args.wait:
-        with Client(args.frontend, timeout=args.timeout) as client:
+        with Client(args.frontend, timeout=args.timeout, tls=tls_of(args)) as client:
             try:
                 for _ in client._wait([args.work_id], time.monotonic() + args.timeout):
                     pass

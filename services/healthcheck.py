@@ -4,7 +4,8 @@ HEALTHCHECK (exit 0 healthy, 1 not), and for people.
 Masters and frontends answer gRPC health (the empty service: the process
 serves, as a standby too); a worker serves its Prometheus metrics. Without
 an address, it checks the container's main process (PID 1): its command line
-and environment say its role and ports."""
+and environment say its role, ports and TLS files (it then checks over TLS,
+presenting the process's own certificate, expecting the name it carries)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dworkers import credentials
+from dworkers.commands import add_tls_flags, tls_of
 from dworkers.common.errors import ConfigError, DworkersError
+from dworkers.credentials import Tls
 
 DEFAULT_LISTEN = {"master": "0.0.0.0:7100", "frontend": "0.0.0.0:7000"}
 DEFAULT_METRICS_PORT = {"master": 9100, "worker": 9101, "frontend": 9102}
@@ -34,19 +38,22 @@ def add_parser(sub) -> None:
     p.add_argument("--address", help="gRPC health of a master or frontend at HOST:PORT")
     p.add_argument("--metrics", help="the /metrics URL of a worker")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    add_tls_flags(p, "the master or frontend")
     p.set_defaults(func=main, log_format="text", log_level="WARNING")
 
 
 def main(args) -> None:
+    tls: Tls | bool = tls_of(args)
     if args.address:
         target = ("grpc", args.address)
     elif args.metrics:
         target = ("http", args.metrics)
     else:
-        target = target_of(_read_nul(Path("/proc/1/cmdline")), _environ(Path("/proc/1/environ")))
+        argv, env = _read_nul(Path("/proc/1/cmdline")), _environ(Path("/proc/1/environ"))
+        target, tls = target_of(argv, env), tls_of_process(argv, env)
     kind, where = target
     if kind == "grpc":
-        _grpc_health(where, args.timeout)
+        _grpc_health(where, args.timeout, tls)
     elif kind == "http":
         _http_ok(where, args.timeout)
     print(f"healthy: {where}")
@@ -66,6 +73,29 @@ def target_of(argv: list[str], env: dict[str, str]) -> tuple[str, str]:
     if not metrics_port:
         return "none", "a worker without a metrics port: its process runs"
     return "http", f"http://127.0.0.1:{metrics_port}/metrics"
+
+
+def tls_of_process(argv: list[str], env: dict[str, str]) -> Tls | bool:
+    """The TLS a process started as `argv` with `env` serves: its own
+    certificate (as a client certificate too) and CA; the name expected is
+    the first its certificate carries."""
+    def value(name: str) -> str:
+        return _flag(argv, "--" + name.replace("_", "-")) or env.get("DWORKERS_" + name.upper(), "")
+    cert, key, ca = value("tls_cert"), value("tls_key"), value("tls_ca")
+    if not (cert or ca):
+        return False
+    return Tls(ca=ca, cert=cert, key=key, server_name=_name_in(cert) if cert else "")
+
+
+def _name_in(cert_path: str) -> str:
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(credentials.read_file(cert_path))
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return (names.get_values_for_type(x509.DNSName) or [""])[0]
+    except (ValueError, x509.ExtensionNotFound):
+        return ""
 
 
 def _flag(argv: list[str], name: str) -> str | None:
@@ -89,8 +119,8 @@ def _environ(path: Path) -> dict[str, str]:
     return {key: value for key, value in pairs}
 
 
-def _grpc_health(address: str, timeout: float) -> None:
-    with grpc.insecure_channel(address) as channel:
+def _grpc_health(address: str, timeout: float, tls: Tls | bool) -> None:
+    with credentials.channel(address, tls) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
                                                               timeout=timeout)

@@ -16,7 +16,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dworkers import credentials, devcerts
 from dworkers.common.zkserver import ZooKeeperServer, free_port
+from dworkers.credentials import Tls
 
 
 @dataclass
@@ -56,10 +58,10 @@ class Service:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
 
 
-def wait_serving(address: str, service: str = "", timeout: float = 30.0) -> bool:
+def wait_serving(address: str, service: str = "", timeout: float = 30.0, tls: Tls | None = None) -> bool:
     """Waits until the gRPC health service at `address` says SERVING."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    with credentials.channel(address, tls or False) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             try:
@@ -75,7 +77,10 @@ def wait_serving(address: str, service: str = "", timeout: float = 30.0) -> bool
 class LocalCluster:
     def __init__(self, workdir: str | Path | None = None, root: str = "/dworkers",
                  session_timeout: float = 4.0, log_to_files: bool = True, extra_env: dict | None = None,
-                 zookeeper: ZooKeeperServer | None = None, journal: str = ""):
+                 zookeeper: ZooKeeperServer | None = None, journal: str = "", tls: bool = False):
+        """`tls`: every service serves and calls TLS (certificates from
+        `dworkers dev-certs` in the workdir), and requires client
+        certificates; `client_tls` is what a client needs."""
         self.journal = journal  # a PostgreSQL URL for the masters' journal; empty: ZooKeeper
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="dworkers-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -83,6 +88,14 @@ class LocalCluster:
         self.session_timeout = session_timeout
         self.log_to_files = log_to_files
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        self.client_tls: Tls | None = None
+        if tls:
+            certs = self.workdir / "tls"
+            devcerts.make(certs)
+            self.env.update(DWORKERS_TLS_CERT=str(certs / "server.pem"), DWORKERS_TLS_KEY=str(certs / "server-key.pem"),
+                            DWORKERS_TLS_CA=str(certs / "ca.pem"), DWORKERS_TLS_CLIENT_AUTH="require")
+            self.client_tls = Tls(ca=str(certs / "ca.pem"), cert=str(certs / "admin.pem"),
+                                  key=str(certs / "admin-key.pem"))
         self.own_zookeeper = zookeeper is None
         self.zookeeper = zookeeper or ZooKeeperServer(self.workdir / "zookeeper")
         self.services: list[Service] = []
@@ -119,7 +132,7 @@ class LocalCluster:
         service = self._spawn("master", ["--listen", address, "--metrics-port", "0",
                                          "--session-timeout", str(self.session_timeout), *journal, *args],
                               address, prefix)
-        if wait and not wait_serving(address):
+        if wait and not wait_serving(address, tls=self.client_tls):
             raise RuntimeError(f"backend {address} did not start:\n{service.log()[-3000:]}")
         return service
 
@@ -130,7 +143,7 @@ class LocalCluster:
     def start_frontend(self, port: int | None = None, *args: str, wait: bool = True) -> Service:
         address = f"127.0.0.1:{port or free_port()}"
         service = self._spawn("frontend", ["--listen", address, "--metrics-port", "0", *args], address)
-        if wait and not wait_serving(address):
+        if wait and not wait_serving(address, tls=self.client_tls):
             raise RuntimeError(f"frontend {address} did not start:\n{service.log()[-3000:]}")
         return service
 
@@ -148,7 +161,7 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for service in self.masters():
-                if wait_serving(service.address, "dworkers.v1.Master", timeout=0.2):
+                if wait_serving(service.address, "dworkers.v1.Master", timeout=0.2, tls=self.client_tls):
                     return service
             time.sleep(0.05)
         raise TimeoutError("no active master")

@@ -20,6 +20,7 @@ from kazoo.handlers.threading import KazooTimeoutError
 
 from dworkers.common import zk
 from dworkers.common.errors import ConfigError, NoMaster
+from dworkers.common.tls import TlsFiles
 from dworkers.common.wire import CHANNEL_OPTIONS, CLUSTER_KEY, EPOCH_KEY, MASTER_KEY, UNREACHABLE_KEY, metadata_value
 from dworkers.v1 import master_pb2_grpc, work_pb2
 
@@ -187,8 +188,9 @@ class StreamHandle:
 
 
 class MasterProxy:
-    def __init__(self, locator, timeout: float = 10.0, attempt_timeout: float = 3.0):
+    def __init__(self, locator, timeout: float = 10.0, attempt_timeout: float = 3.0, tls: TlsFiles | None = None):
         self.locator = locator
+        self.tls = tls
         self.timeout = timeout
         # A paused or cut-off master must not eat the whole deadline: each
         # attempt gets at most this long, then the call is retried (calls are idempotent).
@@ -196,22 +198,47 @@ class MasterProxy:
         self.epochs = EpochGuard()
         self._stubs: dict[str, master_pb2_grpc.MasterStub] = {}
         self._channels: dict[str, grpc.Channel] = {}
+        self._tls_generation = tls.generation() if tls is not None else None
+        self._retired: list[grpc.Channel] = []  # made with TLS files since replaced: closed with the proxy
         self._lock = threading.Lock()
 
     def stub(self, address: str) -> master_pb2_grpc.MasterStub:
+        if self.tls is not None:
+            self._renew_if_rotated(self.tls)
         with self._lock:
             stub = self._stubs.get(address)
             if stub is None:
-                channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+                channel = self._new_channel(address)
                 self._channels[address] = channel
                 stub = self._stubs[address] = master_pb2_grpc.MasterStub(channel)
             return stub
 
+    def _new_channel(self, address: str) -> grpc.Channel:
+        if self.tls is None:
+            return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return grpc.secure_channel(address, self.tls.channel_credentials(),
+                                   options=CHANNEL_OPTIONS + self.tls.channel_options())
+
+    def _renew_if_rotated(self, tls: TlsFiles) -> None:
+        """New TLS files: new calls get new channels. Calls on the old ones
+        (a worker's stream) go on; those channels close at the next rotation."""
+        generation = tls.generation()
+        if generation == self._tls_generation:
+            return
+        with self._lock:
+            self._tls_generation = generation
+            retired, self._retired = self._retired, list(self._channels.values())
+            self._channels.clear()
+            self._stubs.clear()
+        for channel in retired:
+            channel.close()
+
     def close(self) -> None:
         with self._lock:
-            for channel in self._channels.values():
+            for channel in [*self._channels.values(), *self._retired]:
                 channel.close()
             self._channels.clear()
+            self._retired.clear()
             self._stubs.clear()
         self.locator.close()
 
@@ -361,12 +388,15 @@ class MasterProxy:
             delay = min(delay * 2, 0.5)
 
 
-def build_proxy(contact, timeout: float = 10.0, zk_connect_timeout: float = 10.0) -> MasterProxy:
-    """A proxy from the Contact settings: backend addresses, or ZooKeeper."""
+def build_proxy(contact, timeout: float = 10.0, zk_connect_timeout: float = 10.0,
+                tls: TlsFiles | None = None) -> MasterProxy:
+    """A proxy from the Contact settings: backend addresses, or ZooKeeper;
+    it calls masters over TLS with `tls`."""
     if contact.masters:
-        return MasterProxy(StaticLocator([a.strip() for a in contact.masters.split(",") if a.strip()]), timeout)
+        return MasterProxy(StaticLocator([a.strip() for a in contact.masters.split(",") if a.strip()]), timeout,
+                           tls=tls)
     try:
         client = zk.connect(contact.zk, connect_timeout=zk_connect_timeout)
     except KazooTimeoutError:
         raise ConfigError(f"cannot reach ZooKeeper at {contact.zk}") from None
-    return MasterProxy(ZooKeeperLocator(client, zk.Paths(contact.root)), timeout)
+    return MasterProxy(ZooKeeperLocator(client, zk.Paths(contact.root)), timeout, tls=tls)

@@ -189,10 +189,11 @@ def _rewrap(handler, unary, streaming):
 
 
 def build(servicers: Iterable[tuple[object, Callable, str]], address: str, metrics: ServerMetrics,
-          reflection_on: bool = True, aio: bool = False, **options):
+          reflection_on: bool = True, aio: bool = False, tls=None, **options):
     """A server with `servicers` ((servicer, add_to_server, full service
-    name) each), health checking and, if on, reflection, bound to `address`.
-    Returns (server, health servicer, port)."""
+    name) each), health checking and, if on, reflection, bound to `address`
+    (serving TLS from `tls`, a TlsFiles, when given). Returns (server,
+    health servicer, port)."""
     interceptor = AsyncInterceptor(metrics) if aio else SyncInterceptor(metrics)
     if aio:
         server = grpc.aio.server(interceptors=[interceptor], options=SERVER_OPTIONS, **options)
@@ -215,6 +216,6 @@ def build(servicers: Iterable[tuple[object, Callable, str]], address: str, metri
     if reflection_on:
         reflection.enable_server_reflection(
             (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    port = listen(server, address)
+    port = listen(server, address, tls.server_credentials() if tls is not None else None)
     return server, health, port
 

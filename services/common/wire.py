@@ -33,9 +33,12 @@ class AddressInUse(ConfigError):
     """A server could not listen on its address."""
 
 
-def listen(server, address: str) -> int:
-    """Binds a gRPC server (sync or asyncio) to `address`; returns the port."""
+def listen(server, address: str, credentials=None) -> int:
+    """Binds a gRPC server (sync or asyncio) to `address` (TLS with
+    `credentials`); returns the port."""
     try:
+        if credentials is not None:
+            return server.add_secure_port(address, credentials)
         return server.add_insecure_port(address)
     except RuntimeError:
         raise AddressInUse(f"cannot listen on {address}: the address is in use or not available") from None

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2
 
-from dworkers.common import server, validation
+from dworkers.common import server, tls, validation
 from dworkers.common.errors import NotServing, Overloaded, TimedOut
 from dworkers.common.lifecycle import StopRequest
 from dworkers.common.metrics import FrontendMetrics, ServerMetrics, process_registry, serve_metrics
 from dworkers.common.proxy import MasterProxy, StreamHandle, build_proxy
 from dworkers.common.settings import Contact, Logging, group, setting
+from dworkers.common.tls import ServingTlsSettings, TlsFiles
 from dworkers.frontend.batcher import SubmitBatcher
 from dworkers.v1 import frontend_pb2_grpc, work_pb2
 
@@ -29,6 +30,7 @@ SERVICE_NAME = "dworkers.v1.Frontend"
 class FrontendSettings:
     contact: Contact = group(Contact)
     logging: Logging = group(Logging)
+    tls: ServingTlsSettings = group(ServingTlsSettings)
     listen: str = setting("0.0.0.0:7000", "gRPC address to listen on")
     metrics_port: int = setting(9102, "Prometheus /metrics port (0: off)", low=0, high=65535)
     call_timeout: float = setting(10.0, "seconds a call may wait for a master", above=0, high=3600)
@@ -199,13 +201,13 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
 
 
 def serve(proxy: MasterProxy, settings: FrontendSettings, stop: StopRequest, registry,
-          ready: threading.Event | None = None) -> None:
+          ready: threading.Event | None = None, tls_files: TlsFiles | None = None) -> None:
     threads = settings.threads + settings.max_watchers
     grpc_server, health, _port = server.build(
         [(FrontendService(proxy, settings, FrontendMetrics(registry)), frontend_pb2_grpc.add_FrontendServicer_to_server,
           SERVICE_NAME)],
         settings.listen, ServerMetrics(registry), reflection_on=settings.reflection, threads=threads,
-        maximum_concurrent_rpcs=threads + settings.queued_calls)
+        maximum_concurrent_rpcs=threads + settings.queued_calls, tls=tls_files)
     grpc_server.start()
     for name in ("", SERVICE_NAME):
         health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -223,4 +225,6 @@ def main(settings: FrontendSettings, stop: StopRequest) -> None:
     """Serves the public API until a stop request."""
     registry = process_registry()
     serve_metrics(settings.metrics_port, registry)
-    serve(build_proxy(settings.contact, timeout=settings.call_timeout), settings, stop, registry)
+    tls_files = tls.serving_files(settings.tls, "a frontend")
+    serve(build_proxy(settings.contact, timeout=settings.call_timeout, tls=tls_files), settings, stop, registry,
+          tls_files=tls_files)

@@ -32,6 +32,7 @@ from dworkers.common.lifecycle import StopRequest
 from dworkers.common.metrics import WorkerMetrics, process_registry, serve_metrics
 from dworkers.common.proxy import MasterProxy, build_proxy
 from dworkers.common.settings import Contact, Logging, group, setting
+from dworkers.common.tls import TlsSettings, files
 from dworkers.common.validation import (
     MAX_ERROR_CHARS,
     MAX_PREFETCH,
@@ -55,6 +56,7 @@ OUTBOX_BYTES = 64 * 1024 * 1024
 class WorkerSettings:
     contact: Contact = group(Contact)
     logging: Logging = group(Logging)
+    tls: TlsSettings = group(TlsSettings)
     concurrency: int = setting(2, "worker slots (each with its own executor)", low=1, high=MAX_SLOTS_PER_CONNECTION)
     prefetch: int = setting(4, "works each slot holds beyond the one it runs, so that the next starts at once "
                             "(0: ask for the next work only when one ends; keep it low for long jobs, as a "
@@ -554,7 +556,7 @@ def main(settings: WorkerSettings, stop: StopRequest) -> None:
     """Runs a worker process until a stop request, then finishes its work."""
     registry = process_registry()
     serve_metrics(settings.metrics_port, registry)
-    master_proxy = build_proxy(settings.contact)
+    master_proxy = build_proxy(settings.contact, tls=files(settings.tls))
     try:
         worker = Worker(master_proxy, settings, WorkerMetrics(registry))
     except ImportError as exc:
