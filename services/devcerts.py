@@ -56,6 +56,7 @@ def main(args) -> None:
 
 def make(directory: Path, hosts: Sequence[str] = (), clients: Sequence[str] = DEFAULT_CLIENTS,
          days: int = 365) -> list[Path]:
+    """A new CA in `directory`, a server certificate and client certificates."""
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -70,28 +71,41 @@ def make(directory: Path, hosts: Sequence[str] = (), clients: Sequence[str] = DE
           .sign(ca_key, hashes.SHA256()))
     written = [_write(directory / "ca.pem", ca.public_bytes(serialization.Encoding.PEM)),
                _write_key(directory / "ca-key.pem", ca_key)]
-
-    def issue(stem: str, common_name: str, names: list[str], server: bool) -> None:
-        key = ec.generate_private_key(ec.SECP256R1())
-        usages = [ExtendedKeyUsageOID.CLIENT_AUTH] + ([ExtendedKeyUsageOID.SERVER_AUTH] if server else [])
-        builder = (x509.CertificateBuilder()
-                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-                   .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(days=days))
-                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                   .add_extension(x509.ExtendedKeyUsage(usages), critical=False))
-        if names:
-            builder = builder.add_extension(x509.SubjectAlternativeName([_general_name(n) for n in names]),
-                                            critical=False)
-        cert = builder.sign(ca_key, hashes.SHA256())
-        written.append(_write(directory / f"{stem}.pem", cert.public_bytes(serialization.Encoding.PEM)))
-        written.append(_write_key(directory / f"{stem}-key.pem", key))
-
-    issue("server", "dworkers", list(dict.fromkeys([*SERVER_NAMES, *hosts])), server=True)
+    written += _issue(directory, "server", "dworkers", [*SERVER_NAMES, *hosts], ca, ca_key, days, server=True)
     for name in clients:
-        issue(name, name, [], server=False)
+        written += _issue(directory, name, name, [], ca, ca_key, days, server=False)
     return written
+
+
+def make_server(directory: Path, ca_pem: Path, ca_key_pem: Path, hosts: Sequence[str] = (),
+                days: int = 365) -> list[Path]:
+    """A new server certificate and key from an existing CA (a renewal)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = x509.load_pem_x509_certificate(ca_pem.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca_key_pem.read_bytes(), password=None)
+    return _issue(directory, "server", "dworkers", [*SERVER_NAMES, *hosts], ca, ca_key, days, server=True)
+
+
+def _issue(directory: Path, stem: str, common_name: str, names: list[str], ca: x509.Certificate, ca_key,
+           days: int, server: bool) -> list[Path]:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    key = ec.generate_private_key(ec.SECP256R1())
+    usages = [ExtendedKeyUsageOID.CLIENT_AUTH] + ([ExtendedKeyUsageOID.SERVER_AUTH] if server else [])
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+               .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=days))
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+               .add_extension(x509.ExtendedKeyUsage(usages), critical=False))
+    if names:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([_general_name(n) for n in dict.fromkeys(names)]), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    # The key first: a process reloading in between sees a new key with the
+    # old certificate, a mismatch it ignores until the certificate arrives.
+    return [_write_key(directory / f"{stem}-key.pem", key),
+            _write(directory / f"{stem}.pem", cert.public_bytes(serialization.Encoding.PEM))]
 
 
 def _general_name(name: str) -> x509.GeneralName:
