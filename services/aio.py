@@ -93,11 +93,12 @@ class AsyncHandle:
 
 
 class AsyncClient:
-    def __init__(self, target: str | None = None, *, timeout: float = 30.0, tls: Tls | bool | None = None):
-        """`tls` as for Client."""
+    def __init__(self, target: str | None = None, *, timeout: float = 30.0, tls: Tls | bool | None = None,
+                 token: str | None = None):
+        """`tls` and `token` as for Client."""
         self.target = target or os.environ.get("DWORKERS_FRONTEND", DEFAULT_TARGET)
         self.timeout = timeout
-        self._channel = credentials.channel(self.target, tls, aio=True)
+        self._channel = credentials.channel(self.target, tls, aio=True, token=token)
         self.stub = frontend_pb2_grpc.FrontendStub(self._channel)
         self._queue: asyncio.Queue[tuple[AsyncHandle, work_pb2.SubmitWorkRequest]] = asyncio.Queue(MAX_QUEUED_WORKS)
         self._in_flight = asyncio.Semaphore(CALLS_IN_FLIGHT)

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dworkers import commands, demo, devcerts, healthcheck
+from dworkers import access, commands, demo, devcerts, healthcheck
 from dworkers.common import logs
 from dworkers.common.errors import DworkersError
 from dworkers.common.lifecycle import StopRequest
@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parsers(sub)
     healthcheck.add_parser(sub)
     devcerts.add_parser(sub)
+    access.add_parser(sub)
     return parser
 
 
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
             role.main(settings, stop)
         elif args.command == "demo":
             demo.run(args)
-        elif args.command in ("healthcheck", "dev-certs"):
+        elif args.command in ("healthcheck", "dev-certs", "token"):
             args.func(args)
         else:
             commands.main(args)

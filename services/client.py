@@ -199,13 +199,15 @@ class Client:
     """A connection to a frontend (thread-safe). Close it, or use `with`."""
 
     def __init__(self, target: str | None = None, *, timeout: float = 30.0, batch_works: int = BATCH_WORKS,
-                 channel: grpc.Channel | None = None, tls: Tls | bool | None = None):
+                 channel: grpc.Channel | None = None, tls: Tls | bool | None = None, token: str | None = None):
         """`tls`: a dworkers.Tls, True (the system's CAs), False (plaintext),
-        or None: from the environment (dworkers.credentials)."""
+        or None: from the environment. `token`: a bearer token for frontends
+        that check access; None: DWORKERS_TOKEN or DWORKERS_TOKEN_FILE
+        (dworkers.credentials)."""
         self.target = target or os.environ.get("DWORKERS_FRONTEND", DEFAULT_TARGET)
         self.timeout = timeout  # per call, and for a submission to be acknowledged
         self.batch_works = max(1, min(batch_works, MAX_BATCH_WORKS))  # per SubmitWorks call (and BATCH_BYTES)
-        self._channel = channel or credentials.channel(self.target, tls)
+        self._channel = channel or credentials.channel(self.target, tls, token=token)
         self.stub = frontend_pb2_grpc.FrontendStub(self._channel)
         self._queue: deque[_Pending] = deque()
         self._queued_bytes = 0

@@ -28,6 +28,8 @@ def add_parsers(sub) -> None:
         add(p, "--frontend", "127.0.0.1:7000", help="frontend address")
         add(p, "--timeout", 30.0, type=float, help="seconds to wait for each call, and for --wait")
         add_tls_flags(p, "the frontend")
+        add(p, "--token-file", "", help="a file holding the bearer token for a frontend that checks access "
+                                        "(or the token itself in DWORKERS_TOKEN)")
         add(p, "--log-format", "text", help="text or json", choices=("text", "json"))
         add(p, "--log-level", "WARNING", help="logging level")
         p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -124,8 +126,12 @@ def tls_of(args) -> Tls | bool:
     return files if args.tls or files != Tls() else False
 
 
+def token_of(args) -> str | None:
+    return credentials.read_token(args.token_file) if args.token_file else None
+
+
 def main(args) -> None:
-    channel = credentials.channel(args.frontend, tls_of(args))
+    channel = credentials.channel(args.frontend, tls_of(args), token=token_of(args))
     stub = frontend_pb2_grpc.FrontendStub(channel)
     try:
         COMMANDS[args.command](stub, args)
@@ -174,7 +180,8 @@ def submit(stub, args) -> None:
     fixed before any retry (idempotent)."""
     payloads = _payloads(args)
     started = time.monotonic()
-    with Client(args.frontend, timeout=args.timeout, batch_works=args.batch, tls=tls_of(args)) as client:
+    with Client(args.frontend, timeout=args.timeout, batch_works=args.batch, tls=tls_of(args),
+                token=token_of(args)) as client:
         handles = [client.submit(args.kind, payload=p, work_id=args.id or None, max_attempts=args.max_attempts,
                                  timeout=args.work_timeout, priority=args.priority, delay=args.delay)
                    for p in payloads]
@@ -289,7 +296,7 @@ def status(stub, args) -> None:
             raise WorksFailed(f"work {args.work_id} {STATE_NAMES[s.state]}")
         return
     if args.wait:
-        with Client(args.frontend, timeout=args.timeout, tls=tls_of(args)) as client:
+        with Client(args.frontend, timeout=args.timeout, tls=tls_of(args), token=token_of(args)) as client:
             try:
                 for _ in client._wait([args.work_id], time.monotonic() + args.timeout):
                     pass

@@ -58,12 +58,91 @@ def resolve(tls: Tls | bool | None) -> Tls | None:
     return tls or None
 
 
-def channel(target: str, tls: Tls | bool | None = None, aio: bool = False, options=()):
-    """A channel to `target` (grpc.aio's with `aio`), over TLS per `resolve(tls)`."""
-    chosen = resolve(tls)
+def token_of(token: str | None) -> str | None:
+    """None: DWORKERS_TOKEN, or the file DWORKERS_TOKEN_FILE names; "": none."""
+    if token is None:
+        token = os.environ.get("DWORKERS_TOKEN") or None
+        if token is None and os.environ.get("DWORKERS_TOKEN_FILE"):
+            token = read_token(os.environ["DWORKERS_TOKEN_FILE"])
+    return token or None
+
+
+def read_token(path: str) -> str:
+    token = read_file(path).decode(errors="replace").strip()
+    if not token:
+        raise ConfigError(f"{path} holds no token")
+    return token
+
+
+def channel(target: str, tls: Tls | bool | None = None, aio: bool = False, options=(), token: str | None = None):
+    """A channel to `target` (grpc.aio's with `aio`), over TLS per
+    `resolve(tls)`, presenting `token` (token_of) as a bearer token on every call."""
+    chosen, bearer = resolve(tls), token_of(token)
     module = grpc.aio if aio else grpc
     all_options = [*CHANNEL_OPTIONS, *options]
     if chosen is None:
-        return module.insecure_channel(target, options=all_options)
-    return module.secure_channel(target, chosen.credentials(), options=[*all_options, *chosen.options()])
+        if bearer is None:
+            return module.insecure_channel(target, options=all_options)
+        # gRPC sends call credentials over TLS only: here the metadata is added by hand.
+        if aio:
+            return module.insecure_channel(target, options=all_options, interceptors=_aio_bearer(bearer))
+        return with_bearer(module.insecure_channel(target, options=all_options), bearer)
+    credentials = chosen.credentials()
+    if bearer is not None:
+        credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(bearer))
+    return module.secure_channel(target, credentials, options=[*all_options, *chosen.options()])
 
+
+def with_bearer(channel: grpc.Channel, token: str) -> grpc.Channel:
+    """A plaintext channel whose every call presents `token`."""
+    return grpc.intercept_channel(channel, _Bearer(token))
+
+
+def _with_bearer(details, token: str):
+    metadata = [*(details.metadata or ()), ("authorization", f"Bearer {token}")]
+    return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, details, metadata):
+        self.method, self.timeout, self.metadata = details.method, details.timeout, metadata
+        self.credentials = details.credentials
+        self.wait_for_ready = getattr(details, "wait_for_ready", None)
+        self.compression = getattr(details, "compression", None)
+
+
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+              grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call of a plaintext channel."""
+
+    def __init__(self, token: str):
+        self.token = token
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(_with_bearer(details, self.token), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(_with_bearer(details, self.token), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(_with_bearer(details, self.token), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(_with_bearer(details, self.token), requests)
+
+
+def _aio_bearer(token: str) -> list:
+    class Bearer(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
+                 grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
+        async def intercept_unary_unary(self, continuation, details, request):
+            return await continuation(_with_bearer(details, token), request)
+
+        async def intercept_unary_stream(self, continuation, details, request):
+            return await continuation(_with_bearer(details, token), request)
+
+        async def intercept_stream_unary(self, continuation, details, requests):
+            return await continuation(_with_bearer(details, token), requests)
+
+        async def intercept_stream_stream(self, continuation, details, requests):
+            return await continuation(_with_bearer(details, token), requests)
+    return [Bearer()]

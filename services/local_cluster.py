@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dworkers import credentials, devcerts
+from dworkers.common.auth import hash_token, new_token
 from dworkers.common.zkserver import ZooKeeperServer, free_port
 from dworkers.credentials import Tls
 
@@ -77,10 +78,15 @@ def wait_serving(address: str, service: str = "", timeout: float = 30.0, tls: Tl
 class LocalCluster:
     def __init__(self, workdir: str | Path | None = None, root: str = "/dworkers",
                  session_timeout: float = 4.0, log_to_files: bool = True, extra_env: dict | None = None,
-                 zookeeper: ZooKeeperServer | None = None, journal: str = "", tls: bool = False):
+                 zookeeper: ZooKeeperServer | None = None, journal: str = "", tls: bool = False,
+                 access: bool = False):
         """`tls`: every service serves and calls TLS (certificates from
         `dworkers dev-certs` in the workdir), and requires client
-        certificates; `client_tls` is what a client needs."""
+        certificates; `client_tls` is what a client needs. `access`: masters
+        and frontends check an access file; the services present a token
+        with the roles worker and frontend (and, with TLS, their certificate
+        is named too), clients one of `tokens` (admin, producer: submit,
+        reader: read)."""
         self.journal = journal  # a PostgreSQL URL for the masters' journal; empty: ZooKeeper
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="dworkers-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -96,6 +102,20 @@ class LocalCluster:
                             DWORKERS_TLS_CA=str(certs / "ca.pem"), DWORKERS_TLS_CLIENT_AUTH="require")
             self.client_tls = Tls(ca=str(certs / "ca.pem"), cert=str(certs / "admin.pem"),
                                   key=str(certs / "admin-key.pem"))
+        self.tokens: dict[str, str] = {}
+        if access:
+            self.access_file = self.workdir / "access"
+            services = new_token()
+            self.tokens = {name: new_token() for name in ("admin", "producer", "reader")}
+            lines = [f"services worker,frontend {hash_token(services)}",
+                     *(f"{name} {roles} {hash_token(self.tokens[name])}"
+                       for name, roles in (("admin", "admin"), ("producer", "submit"), ("reader", "read")))]
+            if tls:
+                lines.append("services-certificate worker,frontend cert:dworkers")
+            self.access_file.write_text("\n".join(lines) + "\n")
+            token_file = self.workdir / "services-token"
+            token_file.write_text(services + "\n")
+            self.env.update(DWORKERS_ACCESS_FILE=str(self.access_file), DWORKERS_TOKEN_FILE=str(token_file))
         self.own_zookeeper = zookeeper is None
         self.zookeeper = zookeeper or ZooKeeperServer(self.workdir / "zookeeper")
         self.services: list[Service] = []

@@ -69,6 +69,18 @@ class Overloaded(DworkersError):
     status = "RESOURCE_EXHAUSTED"
 
 
+class Unauthenticated(DworkersError):
+    """No credentials, or none this server knows."""
+
+    status = "UNAUTHENTICATED"
+
+
+class PermissionDenied(DworkersError):
+    """Known credentials without the role the call needs."""
+
+    status = "PERMISSION_DENIED"
+
+
 class NotServing(DworkersError):
     """This backend cannot act now (electing, recovering, stepped down):
     another one, or this one a little later, can."""
@@ -125,7 +137,7 @@ class ConfigError(DworkersError):
 # The status table, the other way: a status (from another process) as the
 # error a caller here would have raised.
 BY_STATUS = {cls.status: cls for cls in (InvalidInput, Conflict, NotFound, Forgotten, Overloaded, NotServing,
-                                        TimedOut, WrongState)}
+                                        TimedOut, WrongState, Unauthenticated, PermissionDenied)}
 
 
 def status_name(code: int) -> str:

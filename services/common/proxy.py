@@ -18,6 +18,7 @@ import grpc
 from kazoo.exceptions import KazooException, NoNodeError
 from kazoo.handlers.threading import KazooTimeoutError
 
+from dworkers import credentials
 from dworkers.common import zk
 from dworkers.common.errors import ConfigError, NoMaster
 from dworkers.common.tls import TlsFiles
@@ -188,9 +189,11 @@ class StreamHandle:
 
 
 class MasterProxy:
-    def __init__(self, locator, timeout: float = 10.0, attempt_timeout: float = 3.0, tls: TlsFiles | None = None):
+    def __init__(self, locator, timeout: float = 10.0, attempt_timeout: float = 3.0, tls: TlsFiles | None = None,
+                 token: str | None = None):
         self.locator = locator
         self.tls = tls
+        self.token = token  # presented on every call, for masters that check access
         self.timeout = timeout
         # A paused or cut-off master must not eat the whole deadline: each
         # attempt gets at most this long, then the call is retried (calls are idempotent).
@@ -215,9 +218,12 @@ class MasterProxy:
 
     def _new_channel(self, address: str) -> grpc.Channel:
         if self.tls is None:
-            return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        return grpc.secure_channel(address, self.tls.channel_credentials(),
-                                   options=CHANNEL_OPTIONS + self.tls.channel_options())
+            channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+            return credentials.with_bearer(channel, self.token) if self.token else channel
+        creds = self.tls.channel_credentials()
+        if self.token:
+            creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(self.token))
+        return grpc.secure_channel(address, creds, options=CHANNEL_OPTIONS + self.tls.channel_options())
 
     def _renew_if_rotated(self, tls: TlsFiles) -> None:
         """New TLS files: new calls get new channels. Calls on the old ones
@@ -391,12 +397,13 @@ class MasterProxy:
 def build_proxy(contact, timeout: float = 10.0, zk_connect_timeout: float = 10.0,
                 tls: TlsFiles | None = None) -> MasterProxy:
     """A proxy from the Contact settings: backend addresses, or ZooKeeper;
-    it calls masters over TLS with `tls`."""
+    it calls masters over TLS with `tls`, with the token of --token-file."""
+    token = credentials.read_token(contact.token_file) if contact.token_file else None
     if contact.masters:
         return MasterProxy(StaticLocator([a.strip() for a in contact.masters.split(",") if a.strip()]), timeout,
-                           tls=tls)
+                           tls=tls, token=token)
     try:
         client = zk.connect(contact.zk, connect_timeout=zk_connect_timeout)
     except KazooTimeoutError:
         raise ConfigError(f"cannot reach ZooKeeper at {contact.zk}") from None
-    return MasterProxy(ZooKeeperLocator(client, zk.Paths(contact.root)), timeout, tls=tls)
+    return MasterProxy(ZooKeeperLocator(client, zk.Paths(contact.root)), timeout, tls=tls, token=token)

@@ -21,6 +21,7 @@ from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from dworkers.common.auth import Authorizer
 from dworkers.common.errors import DworkersError
 from dworkers.common.metrics import ServerMetrics
 from dworkers.common.wire import SERVER_OPTIONS, listen
@@ -53,16 +54,19 @@ def _method(details) -> str:
 
 
 class SyncInterceptor(grpc.ServerInterceptor):
-    """Errors to statuses, and calls counted by method and code (threaded server)."""
+    """Errors to statuses, calls counted by method and code, and checked
+    against the access file when there is one (threaded server)."""
 
-    def __init__(self, metrics: ServerMetrics):
+    def __init__(self, metrics: ServerMetrics, authorizer: Authorizer | None = None):
         self.metrics = metrics
+        self.authorizer = authorizer
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
         method, metrics = _method(handler_call_details), self.metrics
+        check = _checker(self.authorizer, handler_call_details.method)
 
         def abort(context, error):
             status = status_of(error)
@@ -74,6 +78,7 @@ class SyncInterceptor(grpc.ServerInterceptor):
             def wrapped(request, context):
                 started = time.perf_counter()
                 try:
+                    check(context)
                     response = behavior(request, context)
                 except Exception as error:
                     metrics.observe(method, _code(context, error), started)
@@ -87,6 +92,7 @@ class SyncInterceptor(grpc.ServerInterceptor):
             def wrapped(request, context):
                 started, code = metrics.stream_opened(method), None
                 try:
+                    check(context)
                     yield from behavior(request, context)
                 except Exception as error:
                     code = _code(context, error)
@@ -105,14 +111,16 @@ class SyncInterceptor(grpc.ServerInterceptor):
 class AsyncInterceptor(grpc.aio.ServerInterceptor):
     """The same for an asyncio server."""
 
-    def __init__(self, metrics: ServerMetrics):
+    def __init__(self, metrics: ServerMetrics, authorizer: Authorizer | None = None):
         self.metrics = metrics
+        self.authorizer = authorizer
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
         method, metrics = _method(handler_call_details), self.metrics
+        check = _checker(self.authorizer, handler_call_details.method)
 
         async def abort(context, error):
             status = status_of(error)
@@ -124,6 +132,7 @@ class AsyncInterceptor(grpc.aio.ServerInterceptor):
             async def wrapped(request, context):
                 started = time.perf_counter()
                 try:
+                    check(context)
                     response = await behavior(request, context)
                 except Exception as error:
                     metrics.observe(method, _code(context, error), started)
@@ -140,6 +149,7 @@ class AsyncInterceptor(grpc.aio.ServerInterceptor):
             async def wrapped(request, context):
                 started, code = metrics.stream_opened(method), None
                 try:
+                    check(context)
                     async for item in behavior(request, context):
                         yield item
                 except Exception as error:
@@ -154,6 +164,17 @@ class AsyncInterceptor(grpc.aio.ServerInterceptor):
             return wrapped
 
         return _rewrap(handler, unary, streaming)
+
+
+def _checker(authorizer: Authorizer | None, full_method: str) -> Callable[[object], object]:
+    """What runs first in every call: the access check, or nothing."""
+    if authorizer is None:
+        return _anyone
+    return lambda context: authorizer.check(full_method, context)
+
+
+def _anyone(context) -> None:
+    return None
 
 
 def _abort_with(context, status) -> None:
@@ -189,12 +210,13 @@ def _rewrap(handler, unary, streaming):
 
 
 def build(servicers: Iterable[tuple[object, Callable, str]], address: str, metrics: ServerMetrics,
-          reflection_on: bool = True, aio: bool = False, tls=None, **options):
+          reflection_on: bool = True, aio: bool = False, tls=None, authorizer: Authorizer | None = None,
+          **options):
     """A server with `servicers` ((servicer, add_to_server, full service
     name) each), health checking and, if on, reflection, bound to `address`
-    (serving TLS from `tls`, a TlsFiles, when given). Returns (server,
-    health servicer, port)."""
-    interceptor = AsyncInterceptor(metrics) if aio else SyncInterceptor(metrics)
+    (serving TLS from `tls`, a TlsFiles, when given; each call checked by
+    `authorizer`, when given). Returns (server, health servicer, port)."""
+    interceptor = AsyncInterceptor(metrics, authorizer) if aio else SyncInterceptor(metrics, authorizer)
     if aio:
         server = grpc.aio.server(interceptors=[interceptor], options=SERVER_OPTIONS, **options)
         from grpc_health.v1._async import HealthServicer as AsyncHealth

@@ -149,3 +149,5 @@ class Cluster:
 @dataclasses.dataclass(frozen=True)
 class Contact(Cluster):
     masters: str = setting("", "comma-separated backend addresses instead of ZooKeeper discovery")
+    token_file: str = setting("", "a file holding the bearer token this process presents to masters that check "
+                                  "access (see --access-file)")

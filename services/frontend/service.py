@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2
 
-from dworkers.common import server, tls, validation
+from dworkers.common import auth, server, tls, validation
+from dworkers.common.auth import AuthSettings
 from dworkers.common.errors import NotServing, Overloaded, TimedOut
 from dworkers.common.lifecycle import StopRequest
 from dworkers.common.metrics import FrontendMetrics, ServerMetrics, process_registry, serve_metrics
@@ -31,6 +32,7 @@ class FrontendSettings:
     contact: Contact = group(Contact)
     logging: Logging = group(Logging)
     tls: ServingTlsSettings = group(ServingTlsSettings)
+    auth: AuthSettings = group(AuthSettings)
     listen: str = setting("0.0.0.0:7000", "gRPC address to listen on")
     metrics_port: int = setting(9102, "Prometheus /metrics port (0: off)", low=0, high=65535)
     call_timeout: float = setting(10.0, "seconds a call may wait for a master", above=0, high=3600)
@@ -207,7 +209,8 @@ def serve(proxy: MasterProxy, settings: FrontendSettings, stop: StopRequest, reg
         [(FrontendService(proxy, settings, FrontendMetrics(registry)), frontend_pb2_grpc.add_FrontendServicer_to_server,
           SERVICE_NAME)],
         settings.listen, ServerMetrics(registry), reflection_on=settings.reflection, threads=threads,
-        maximum_concurrent_rpcs=threads + settings.queued_calls, tls=tls_files)
+        maximum_concurrent_rpcs=threads + settings.queued_calls, tls=tls_files,
+        authorizer=auth.authorizer(settings.auth, auth.FRONTEND_METHODS))
     grpc_server.start()
     for name in ("", SERVICE_NAME):
         health.set(name, health_pb2.HealthCheckResponse.SERVING)

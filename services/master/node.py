@@ -17,7 +17,8 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2
 from kazoo.protocol.states import KazooState
 
-from dworkers.common import server, tls, validation, zk
+from dworkers.common import auth, server, tls, validation, zk
+from dworkers.common.auth import AuthSettings
 from dworkers.common.errors import ConfigError
 from dworkers.common.lifecycle import StopRequest
 from dworkers.common.metrics import MasterMetrics, ServerMetrics, process_registry, serve_metrics
@@ -45,6 +46,7 @@ class MasterSettings:
     cluster: Cluster = group(Cluster)
     logging: Logging = group(Logging)
     tls: ServingTlsSettings = group(ServingTlsSettings)
+    auth: AuthSettings = group(AuthSettings)
     listen: str = setting("0.0.0.0:7100", "gRPC address to listen on")
     advertise: str = setting("", "address others use to reach this backend (default: hostname:port)")
     metrics_port: int = setting(9100, "Prometheus /metrics port (0: off)", low=0, high=65535)
@@ -299,7 +301,8 @@ class MasterNode:
         self.server, self.health, port = server.build(
             [(MasterService(self), master_pb2_grpc.add_MasterServicer_to_server, SERVICE_NAME)],
             s.listen, ServerMetrics(self.registry), reflection_on=s.reflection, aio=True,
-            tls=tls.serving_files(s.tls, "a master"))
+            tls=tls.serving_files(s.tls, "a master"),
+            authorizer=auth.authorizer(s.auth, auth.MASTER_METHODS, default_role="frontend"))
         host = s.listen.rsplit(":", 1)[0]
         if host in ("0.0.0.0", "[::]", ""):
             host = socket.gethostname()

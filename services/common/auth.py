@@ -1,0 +1,196 @@
+"""Who may call what. An access file names identities — a bearer token
+(kept as its SHA-256 only) or a client certificate's common name (proven by
+mutual TLS) — and their roles; every call of a dworkers service needs a
+role, health checks and reflection none. The file is read again when it
+changes (a Secret update), so access is granted and revoked without a
+restart.
+
+    # name          roles           credential
+    ci-producer     submit,read     sha256:5e884898da28047151d0e56f8dc62927...
+    ops             admin           cert:alice
+    worker          worker          cert:worker
+    frontend        frontend        sha256:...
+
+`dworkers token NAME --roles ...` makes a token and prints its line."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+
+from dworkers.common.errors import ConfigError, PermissionDenied, Unauthenticated
+from dworkers.common.settings import setting
+
+log = logging.getLogger(__name__)
+
+# Roles, and what each lets an identity call.
+CLIENT_ROLES = ("submit", "read", "admin")  # the public API (frontends)
+SERVICE_ROLES = ("worker", "frontend")  # the masters' port
+ROLES = CLIENT_ROLES + SERVICE_ROLES
+IMPLIED = {"admin": {"submit", "read"}}  # an admin may do what the others may
+FRONTEND_METHODS = {
+    "SubmitWork": "submit", "SubmitWorks": "submit",
+    "GetWork": "read", "WaitWorks": "read", "WatchResults": "read", "ClusterInfo": "read", "ListWorks": "read",
+    "CancelWork": "admin", "RetryWork": "admin", "SetRateLimit": "admin",
+}
+MASTER_METHODS = {"Connect": "worker"}  # every other master call: "frontend"
+OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes and tools, no credentials
+
+AUTHORIZATION = "authorization"  # the metadata key: "Bearer <token>"
+CHECK_INTERVAL = 1.0  # seconds between looks at the file's modification time
+LINE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._@-]{0,127})\s+(?P<roles>[a-z,]+)\s+"
+                  r"(?P<kind>sha256|cert):(?P<value>\S{1,256})$")
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthSettings:
+    access_file: str = setting("", "who may call this service, with which roles (a file of tokens' hashes and "
+                                   "certificate names, read again when it changes); empty: anyone may")
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    name: str
+    roles: frozenset[str]
+
+    def may(self, role: str) -> bool:
+        return role in self.roles or any(role in IMPLIED.get(r, ()) for r in self.roles)
+
+
+def hash_token(token: str) -> str:
+    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return "dwk_" + secrets.token_urlsafe(32)
+
+
+def parse(text: str, source: str) -> tuple[dict[str, Identity], dict[str, Identity]]:
+    """(by token hash, by certificate name) from an access file's text."""
+    tokens: dict[str, Identity] = {}
+    certs: dict[str, Identity] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = LINE.match(line)
+        if match is None:
+            raise ConfigError(f"{source}:{number}: expected `NAME ROLES sha256:HEX` or `NAME ROLES cert:NAME`")
+        roles = frozenset(match["roles"].split(","))
+        unknown = roles - set(ROLES)
+        if unknown or not roles:
+            raise ConfigError(f"{source}:{number}: unknown role {', '.join(sorted(unknown)) or '(none)'} "
+                              f"(roles: {', '.join(ROLES)})")
+        identity = Identity(match["name"], roles)
+        if match["kind"] == "sha256":
+            if not re.fullmatch(r"[0-9a-f]{64}", match["value"]):
+                raise ConfigError(f"{source}:{number}: sha256: takes the token's 64 hex digit SHA-256")
+            tokens["sha256:" + match["value"]] = identity
+        else:
+            certs[match["value"]] = identity
+    return tokens, certs
+
+
+class AccessFile:
+    """An access file, read again (at most once a second) when it changes;
+    a file that became unreadable or malformed leaves the last good one in force."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._lock = threading.Lock()
+        self._stamp: tuple | None = None
+        self._checked = 0.0
+        self._tokens: dict[str, Identity] = {}
+        self._certs: dict[str, Identity] = {}
+        self._refresh(initial=True)
+
+    def _refresh(self, initial: bool = False) -> None:
+        now = time.monotonic()
+        if not initial and now - self._checked < CHECK_INTERVAL:
+            return
+        self._checked = now
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if stamp == self._stamp:
+                return
+            with open(self.path, encoding="utf-8") as f:
+                tokens, certs = parse(f.read(), self.path)
+        except (OSError, UnicodeDecodeError, ConfigError) as exc:
+            message = exc if isinstance(exc, ConfigError) else f"cannot read {self.path}: {exc}"
+            if initial:
+                raise ConfigError(str(message)) from None
+            log.warning("access file not reloaded (the last one read stays in force): %s", message)
+            return
+        with self._lock:
+            self._stamp, self._tokens, self._certs = stamp, tokens, certs
+        if not initial:
+            log.info("access file reloaded: %d tokens, %d certificate names", len(tokens), len(certs))
+
+    def by_token(self, token: str) -> Identity | None:
+        self._refresh()
+        return self._tokens.get(hash_token(token))
+
+    def by_certificate(self, common_name: str) -> Identity | None:
+        self._refresh()
+        return self._certs.get(common_name)
+
+
+class Authorizer:
+    """Checks each call of one service against an access file."""
+
+    def __init__(self, access: AccessFile, methods: dict[str, str], default_role: str | None = None):
+        self.access = access
+        self.methods = methods
+        self.default_role = default_role
+
+    def check(self, full_method: str, context) -> Identity | None:
+        """The caller's identity; raises Unauthenticated or PermissionDenied."""
+        if full_method.startswith(OPEN_SERVICES):
+            return None
+        method = full_method.rsplit("/", 1)[-1]
+        role = self.methods.get(method, self.default_role)
+        identity = self._identify(context)
+        if role is None or not identity.may(role):
+            needed = f"the role {role!r}" if role else "a role no one has"
+            raise PermissionDenied(f"{identity.name} may not call {method}: it needs {needed} "
+                                   f"(it has {', '.join(sorted(identity.roles))})")
+        return identity
+
+    def _identify(self, context) -> Identity:
+        token = None
+        for key, value in context.invocation_metadata() or ():
+            if key == AUTHORIZATION:
+                token = value if isinstance(value, str) else value.decode(errors="replace")
+                break
+        if token is not None:
+            scheme, _, secret = token.partition(" ")
+            if scheme.lower() != "bearer" or not secret.strip():
+                raise Unauthenticated("the authorization metadata must be `Bearer <token>`")
+            identity = self.access.by_token(secret.strip())
+            if identity is None:
+                raise Unauthenticated("unknown token (revoked, mistyped, or for another cluster)")
+            return identity
+        names = [n.decode(errors="replace") if isinstance(n, bytes) else n
+                 for n in (context.auth_context() or {}).get("x509_common_name") or []]
+        for name in names:
+            identity = self.access.by_certificate(name)
+            if identity is not None:
+                return identity
+        if names:
+            raise Unauthenticated(f"no access for the client certificate {names[0]!r} and no token given")
+        raise Unauthenticated("credentials needed: a bearer token (authorization metadata) or a client "
+                              "certificate named in the access file")
+
+
+def authorizer(settings: AuthSettings, methods: dict[str, str], default_role: str | None = None
+               ) -> Authorizer | None:
+    if not settings.access_file:
+        return None
+    return Authorizer(AccessFile(settings.access_file), methods, default_role)

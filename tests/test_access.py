@@ -1,0 +1,213 @@
+"""Access control on a real cluster: masters and frontends check an access
+file of token hashes and certificate names with roles. Each refusal says
+why; health stays open; a line removed from the file revokes at once;
+tokens appear in no log."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import dworkers
+from dworkers import credentials
+from dworkers.common.auth import AccessFile, Authorizer, parse
+from dworkers.common.errors import ConfigError, PermissionDenied, Unauthenticated
+from dworkers.local_cluster import LocalCluster
+from dworkers.v1 import master_pb2, master_pb2_grpc, work_pb2
+from tests.helpers import wait_until
+from tests.test_cli import assert_one_line_error, clean_env, ok
+from tests.test_cli import dworkers as cli
+
+pytestmark = pytest.mark.e2e
+
+
+def cluster_with(zookeeper, tmp_path, request, tls: bool = False) -> LocalCluster:
+    c = LocalCluster(workdir=tmp_path, root=f"/access-{uuid.uuid4().hex[:8]}", session_timeout=2.0,
+                     zookeeper=zookeeper, tls=tls, access=True)
+    request.addfinalizer(lambda: stop(c, request))
+    return c
+
+
+def stop(c: LocalCluster, request) -> None:
+    c.stop()
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        c.print_logs()
+
+
+@pytest.fixture
+def guarded(zookeeper, tmp_path, request):
+    """A cluster that checks access (plaintext), its frontend's address."""
+    c = cluster_with(zookeeper, tmp_path, request)
+    c.start_master(wait=True)
+    c.start_worker(2, "--jobs", "tests.jobs_for_tests")
+    front = c.start_frontend()
+    with dworkers.Client(front.address, token=c.tokens["admin"], timeout=60) as client:
+        assert client.submit("square", 2).result(timeout=60) == 4
+    return c, front.address
+
+
+def call(address: str, method: str, request, token: str | None, tls=False):
+    from dworkers.v1 import frontend_pb2_grpc
+
+    with credentials.channel(address, tls, token=token or "") as channel:
+        return getattr(frontend_pb2_grpc.FrontendStub(channel), method)(request, timeout=30)
+
+
+@contextlib.contextmanager
+def refused(code: grpc.StatusCode, *fragments: str):
+    """The block's call fails with `code`, its message holding `fragments`."""
+    with pytest.raises(grpc.RpcError) as info:
+        yield
+    error = info.value
+    assert error.code() == code, (error.code(), error.details())
+    for fragment in fragments:
+        assert fragment in error.details(), error.details()
+
+
+def test_each_role_may_call_what_it_needs_and_is_told_why_when_not(guarded):
+    cluster, address = guarded
+    submit = work_pb2.SubmitWorkRequest(work_id="access-1", kind="sleep", payload=b"30")
+    with refused(grpc.StatusCode.UNAUTHENTICATED, "credentials needed"):
+        call(address, "SubmitWork", submit, None)
+    with refused(grpc.StatusCode.UNAUTHENTICATED, "unknown token"):
+        call(address, "SubmitWork", submit, "dwk_not-a-token")
+    with refused(grpc.StatusCode.PERMISSION_DENIED, "reader may not call SubmitWork", "'submit'"):
+        call(address, "SubmitWork", submit, cluster.tokens["reader"])
+    assert call(address, "SubmitWork", submit, cluster.tokens["producer"]).work_id == "access-1"
+    get = work_pb2.GetWorkRequest(work_id="access-1")
+    with refused(grpc.StatusCode.PERMISSION_DENIED, "producer may not call GetWork", "'read'"):
+        call(address, "GetWork", get, cluster.tokens["producer"])
+    assert call(address, "GetWork", get, cluster.tokens["reader"]).work_id == "access-1"
+    cancel = work_pb2.CancelWorkRequest(work_ids=["access-1"])
+    for name in ("producer", "reader"):
+        with refused(grpc.StatusCode.PERMISSION_DENIED, f"{name} may not call CancelWork", "'admin'"):
+            call(address, "CancelWork", cancel, cluster.tokens[name])
+    assert call(address, "CancelWork", cancel, cluster.tokens["admin"]).works[0].state == work_pb2.CANCELLED
+    # Probes need no credentials.
+    with credentials.channel(address, False) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_masters_port_takes_only_workers_and_frontends(guarded):
+    cluster, _address = guarded
+    master = cluster.active_master().address
+    with credentials.channel(master, False, token=cluster.tokens["admin"]) as channel:
+        stub = master_pb2_grpc.MasterStub(channel)
+        with refused(grpc.StatusCode.PERMISSION_DENIED, "admin may not call ClusterInfo", "'frontend'"):
+            stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=30)
+        stream = stub.Connect(iter([master_pb2.WorkerMessage()]), timeout=30)
+        with refused(grpc.StatusCode.PERMISSION_DENIED, "admin may not call Connect", "'worker'"):
+            next(stream)
+    with credentials.channel(master, False, token="") as channel:
+        with refused(grpc.StatusCode.UNAUTHENTICATED, "credentials needed"):
+            master_pb2_grpc.MasterStub(channel).ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=30)
+
+
+def test_a_line_removed_from_the_access_file_revokes_its_token_without_a_restart(guarded):
+    cluster, address = guarded
+    info = work_pb2.ClusterInfoRequest()
+    assert call(address, "ClusterInfo", info, cluster.tokens["reader"]).workers
+    text = cluster.access_file.read_text()
+    cluster.access_file.write_text("".join(line + "\n" for line in text.splitlines() if not line.startswith("reader ")))
+
+    def revoked() -> bool:
+        try:
+            call(address, "ClusterInfo", info, cluster.tokens["reader"])
+        except grpc.RpcError as error:
+            return error.code() == grpc.StatusCode.UNAUTHENTICATED
+        return False
+    wait_until(revoked, 30, "the reader's token to be revoked")
+    assert call(address, "ClusterInfo", info, cluster.tokens["admin"]).workers  # the others still work
+
+
+def test_the_cli_presents_a_token_and_says_in_one_line_when_it_has_none(guarded, tmp_path):
+    cluster, address = guarded
+    token_file = tmp_path / "producer-token"
+    token_file.write_text(cluster.tokens["admin"] + "\n")
+    done = ok(cli("submit", "square", "9", "--wait", "--frontend", address, "--token-file", str(token_file),
+                  timeout=60))
+    assert "81" in done.stdout
+    env = {**clean_env(), "DWORKERS_TOKEN": cluster.tokens["reader"]}
+    ok(cli("cluster", "--frontend", address, env=env, timeout=60))
+    assert_one_line_error(cli("cluster", "--frontend", address, timeout=60), "UNAUTHENTICATED", "credentials needed")
+    assert_one_line_error(cli("cancel", "x", "--frontend", address, env=env, timeout=60),
+                          "PERMISSION_DENIED", "reader may not call CancelWork")
+
+
+def test_no_token_appears_in_any_log(guarded):
+    cluster, address = guarded
+    for name in ("reader", "producer"):
+        try:
+            call(address, "CancelWork", work_pb2.CancelWorkRequest(work_ids=["x"]), cluster.tokens[name])
+        except grpc.RpcError:
+            pass
+    services_token = (cluster.workdir / "services-token").read_text().strip()
+    for service in cluster.services:
+        for token in (*cluster.tokens.values(), services_token):
+            assert token not in service.log(), f"{service.role} logged a token"
+
+
+def test_client_certificates_are_identities_too(zookeeper, tmp_path, request):
+    cluster = cluster_with(zookeeper, tmp_path, request, tls=True)
+    with cluster.access_file.open("a") as f:
+        f.write("alice admin cert:admin\n")
+    cluster.start_master(wait=True)
+    cluster.start_worker(1)  # as the services' certificate, with the services' token
+    front = cluster.start_frontend()
+    certs = cluster.workdir / "tls"
+    with dworkers.Client(front.address, tls=cluster.client_tls, token="", timeout=60) as client:  # cert "admin"
+        assert client.submit("square", 5).result(timeout=60) == 25
+    unnamed = dworkers.Tls(ca=str(certs / "ca.pem"), cert=str(certs / "frontend.pem"),
+                           key=str(certs / "frontend-key.pem"))
+    with refused(grpc.StatusCode.UNAUTHENTICATED, "no access for the client certificate 'frontend'"):
+        call(front.address, "ClusterInfo", work_pb2.ClusterInfoRequest(), "", tls=unnamed)
+
+
+@pytest.mark.unit
+def test_access_files_that_cannot_work_are_refused_with_the_line_that_is_wrong(tmp_path):
+    good = "ci submit,read sha256:" + "a" * 64 + "  # a comment\n\nops admin cert:alice\n"
+    tokens, certs = parse(good, "access")
+    assert tokens["sha256:" + "a" * 64].roles == {"submit", "read"} and certs["alice"].may("read")
+    for text, fragment in [("ci submit", "access:1: expected"), ("ci boss sha256:" + "a" * 64, "unknown role boss"),
+                           ("ok read cert:x\nci submit sha256:abc", "access:2: sha256: takes")]:
+        with pytest.raises(ConfigError) as error:
+            parse(text, "access")
+        assert fragment in str(error.value)
+    missing = tmp_path / "missing"
+    with pytest.raises(ConfigError, match="cannot read"):
+        AccessFile(str(missing))
+
+
+@pytest.mark.unit
+def test_a_broken_access_file_leaves_the_last_good_one_in_force(tmp_path):
+    path = tmp_path / "access"
+    path.write_text("ops admin cert:alice\n")
+    authorizer = Authorizer(AccessFile(str(path)), {"CancelWork": "admin"})
+
+    class Context:
+        def __init__(self, name):
+            self.name = name
+
+        def invocation_metadata(self):
+            return ()
+
+        def auth_context(self):
+            return {"x509_common_name": [self.name.encode()]}
+
+    assert authorizer.check("/dworkers.v1.Frontend/CancelWork", Context("alice")).name == "ops"
+    path.write_text("this is not an access file\n")
+    authorizer.access._checked = 0.0
+    assert authorizer.check("/dworkers.v1.Frontend/CancelWork", Context("alice")).name == "ops"
+    path.write_text("ops read cert:alice\n")
+    authorizer.access._checked = 0.0
+    with pytest.raises(PermissionDenied):
+        authorizer.check("/dworkers.v1.Frontend/CancelWork", Context("alice"))
+    with pytest.raises(Unauthenticated):
+        authorizer.check("/dworkers.v1.Frontend/CancelWork", Context("mallory"))
+    assert authorizer.check("/grpc.health.v1.Health/Check", Context("mallory")) is None
