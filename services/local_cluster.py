@@ -79,14 +79,15 @@ class LocalCluster:
     def __init__(self, workdir: str | Path | None = None, root: str = "/dworkers",
                  session_timeout: float = 4.0, log_to_files: bool = True, extra_env: dict | None = None,
                  zookeeper: ZooKeeperServer | None = None, journal: str = "", tls: bool = False,
-                 access: bool = False):
+                 access: bool = False, zk_auth: bool = False):
         """`tls`: every service serves and calls TLS (certificates from
         `dworkers dev-certs` in the workdir), and requires client
         certificates; `client_tls` is what a client needs. `access`: masters
         and frontends check an access file; the services present a token
         with the roles worker and frontend (and, with TLS, their certificate
         is named too), clients one of `tokens` (admin, producer: submit,
-        reader: read)."""
+        reader: read). `zk_auth`: the services authenticate to ZooKeeper, and
+        only they may read or write what they create there."""
         self.journal = journal  # a PostgreSQL URL for the masters' journal; empty: ZooKeeper
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="dworkers-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -103,6 +104,12 @@ class LocalCluster:
             self.client_tls = Tls(ca=str(certs / "ca.pem"), cert=str(certs / "admin.pem"),
                                   key=str(certs / "admin-key.pem"))
         self.tokens: dict[str, str] = {}
+        self.zk_auth = f"dworkers:{new_token()}" if zk_auth else None
+        if self.zk_auth:
+            auth_file = self.workdir / "zk-auth"
+            auth_file.write_text(self.zk_auth + "\n")
+            auth_file.chmod(0o600)
+            self.env.update(DWORKERS_ZK_AUTH_FILE=str(auth_file))
         if access:
             self.access_file = self.workdir / "access"
             services = new_token()

@@ -403,7 +403,12 @@ def build_proxy(contact, timeout: float = 10.0, zk_connect_timeout: float = 10.0
         return MasterProxy(StaticLocator([a.strip() for a in contact.masters.split(",") if a.strip()]), timeout,
                            tls=tls, token=token)
     try:
-        client = zk.connect(contact.zk, connect_timeout=zk_connect_timeout)
+        client = zk.connect(contact.zk, connect_timeout=zk_connect_timeout, auth=contact.zk_auth())
     except KazooTimeoutError:
         raise ConfigError(f"cannot reach ZooKeeper at {contact.zk}") from None
+    try:
+        zk.check_access(client, contact.root)
+    except ConfigError:
+        zk.stop(client)
+        raise
     return MasterProxy(ZooKeeperLocator(client, zk.Paths(contact.root)), timeout, tls=tls, token=token)

@@ -144,6 +144,13 @@ class Logging:
 class Cluster:
     zk: str = setting("127.0.0.1:2181", "ZooKeeper connect string")
     root: str = setting("/dworkers", "ZooKeeper root of this cluster")
+    zk_auth_file: str = setting("", "a file holding user:password: this process authenticates to ZooKeeper by "
+                                    "digest, and what it creates there only that user may read or write")
+
+    def zk_auth(self) -> str | None:
+        from dworkers.common.zk import read_auth
+
+        return read_auth(self.zk_auth_file) if self.zk_auth_file else None
 
 
 @dataclasses.dataclass(frozen=True)

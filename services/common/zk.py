@@ -10,10 +10,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import NodeExistsError
+from kazoo.exceptions import NoAuthError, NodeExistsError
 from kazoo.protocol.states import KazooState
 from kazoo.recipe.watchers import ChildrenWatch, DataWatch
 from kazoo.retry import KazooRetry
+from kazoo.security import make_digest_acl
+
+from dworkers.common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +44,22 @@ class Paths:
         return f"{self.root}/cluster"
 
 
-def connect(hosts: str, session_timeout: float = 4.0, connect_timeout: float = 10.0) -> KazooClient:
-    """A started client that keeps reconnecting (bounded per try, forever in all)."""
+def connect(hosts: str, session_timeout: float = 4.0, connect_timeout: float = 10.0,
+            auth: str | None = None) -> KazooClient:
+    """A started client that keeps reconnecting (bounded per try, forever in
+    all). With `auth` ("user:password"), it authenticates by digest and every
+    znode it creates is readable and writable by that user only."""
+    acl = None
+    if auth is not None:
+        user, _, password = auth.partition(":")
+        acl = [make_digest_acl(user, password, all=True)]
     client = KazooClient(
         hosts=hosts,
         timeout=session_timeout,
         connection_retry=KazooRetry(max_tries=-1, delay=0.1, max_delay=1.0),
         command_retry=KazooRetry(max_tries=3, delay=0.1, max_delay=0.5),
+        auth_data=[("digest", auth)] if auth is not None else None,
+        default_acl=acl,
     )
     client.start(timeout=connect_timeout)
     ForgetfulReconnect(client, session_timeout)
@@ -63,6 +75,30 @@ def stop(client: KazooClient) -> None:
         client.close()
     except Exception as exc:  # a shutdown path: log, never raise
         log.warning("closing the ZooKeeper client: %r", exc)
+
+
+def read_auth(path: str) -> str:
+    """The `user:password` a --zk-auth-file holds."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            auth = f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read --zk-auth-file {path}: {getattr(exc, 'strerror', exc)}") from None
+    user, sep, password = auth.partition(":")
+    if not (user and sep and password) or any(c.isspace() for c in auth):
+        raise ConfigError(f"--zk-auth-file {path} must hold `user:password` (one line, no spaces)")
+    return auth
+
+
+def check_access(client: KazooClient, root: str) -> None:
+    """Fails in one line when ZooKeeper refuses this process the cluster's
+    root (its ACL is for credentials this process does not have)."""
+    try:
+        if client.exists(root) is not None:
+            client.get_children(root)
+    except NoAuthError:
+        raise ConfigError(f"ZooKeeper refuses this process access to {root}: its ACL wants other credentials "
+                          "(--zk-auth-file)") from None
 
 
 class ForgetfulReconnect:

@@ -286,7 +286,8 @@ class MasterNode:
         serve_metrics(s.metrics_port, self.registry)
         if s.journal:
             await self.loop.run_in_executor(None, self._migrate_journal)
-        connecting = self.loop.run_in_executor(None, zk.connect, s.cluster.zk, s.session_timeout)
+        connecting = self.loop.run_in_executor(None, zk.connect, s.cluster.zk, s.session_timeout, 10.0,
+                                               s.cluster.zk_auth())
         stopping = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait([connecting, stopping], return_when=asyncio.FIRST_COMPLETED)
         if self._stop.is_set():
@@ -294,6 +295,7 @@ class MasterNode:
             return
         stopping.cancel()
         self.client = connecting.result()
+        await self.loop.run_in_executor(None, zk.check_access, self.client, s.cluster.root)
         self.client.add_listener(lambda state: self.loop.call_soon_threadsafe(self._on_zk_state, state))
         self.kinds = await self.loop.run_in_executor(None, KindCatalog, self.client, self.paths)
         self.leadership = LeadershipCheck(self.client)

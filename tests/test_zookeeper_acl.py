@@ -1,0 +1,82 @@
+"""ZooKeeper locked down: services authenticate by digest, and what they
+create (election, journal, kinds, cluster id) only they may read or write.
+An anonymous client, or one with the wrong password, can neither read the
+cluster's root nor join the election; a service with the wrong password
+says so in one line."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from kazoo.exceptions import NoAuthError
+
+import dworkers
+from dworkers.common import zk
+from dworkers.local_cluster import LocalCluster
+from tests.test_cli import assert_one_line_error
+from tests.test_cli import dworkers as cli
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def locked(zookeeper, tmp_path, request):
+    c = LocalCluster(workdir=tmp_path, root=f"/acl-{uuid.uuid4().hex[:8]}", session_timeout=2.0,
+                     zookeeper=zookeeper, zk_auth=True)
+    yield c
+    c.stop()
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        c.print_logs()
+
+
+def test_only_the_services_credentials_open_the_clusters_znodes(locked, tmp_path):
+    locked.start_master(wait=True)
+    locked.start_master(wait=True)
+    locked.start_worker(2)
+    front = locked.start_frontend()
+    with dworkers.Client(front.address, timeout=60) as client:
+        assert [h.result(timeout=60) for h in [client.submit("square", n) for n in range(20)]] == \
+            [n * n for n in range(20)]
+    paths = zk.Paths(locked.root)
+    trusted = zk.connect(locked.zk, auth=locked.zk_auth)
+    try:
+        names = set(trusted.get_children(locked.root))
+        assert {"election", "journal", "cluster"} <= names, names
+        assert len(trusted.get_children(paths.election)) == 2
+        for path in (locked.root, paths.election, paths.journal, paths.cluster):
+            acl, _ = trusted.get_acls(path)
+            assert [entry.id.scheme for entry in acl] == ["digest"], (path, acl)
+    finally:
+        zk.stop(trusted)
+    for auth in (None, "dworkers:wrong-password", "mallory:secret"):
+        outsider = zk.connect(locked.zk, auth=auth)
+        try:
+            for read in (lambda: outsider.get_children(locked.root), lambda: outsider.get(paths.cluster),
+                         lambda: outsider.get_children(paths.election)):
+                with pytest.raises(NoAuthError):
+                    read()
+            # An election znode with a low number would redirect everyone: refused.
+            with pytest.raises(NoAuthError):
+                outsider.create(f"{paths.election}/backend-", b'{"address": "10.6.6.6:7100"}', ephemeral=True,
+                                sequence=True)
+            with pytest.raises(NoAuthError):
+                outsider.delete(paths.cluster)
+        finally:
+            zk.stop(outsider)
+
+
+def test_a_service_with_the_wrong_password_says_so_in_one_line(locked, tmp_path):
+    locked.start_master(wait=True)
+    wrong = tmp_path / "wrong-auth"
+    wrong.write_text("dworkers:not-the-password\n")
+    for role, args in (("frontend", ["--listen", "127.0.0.1:0"]), ("master", ["--listen", "127.0.0.1:0"])):
+        proc = cli(role, "--zk", locked.zk, "--root", locked.root, "--zk-auth-file", str(wrong), "--metrics-port",
+                   "0", *args, timeout=60)
+        assert_one_line_error(proc, "ZooKeeper refuses this process access to", locked.root, ignore_log_lines=True)
+    malformed = tmp_path / "malformed-auth"
+    malformed.write_text("no colon here\n")
+    proc = cli("worker", "--zk", locked.zk, "--root", locked.root, "--zk-auth-file", str(malformed),
+               "--metrics-port", "0", timeout=60)
+    assert_one_line_error(proc, "must hold `user:password`", ignore_log_lines=True)
