@@ -8,6 +8,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from dworkers.common.validation import MAX_HAND_BACKS
 from dworkers.v1 import master_pb2, work_pb2
 from tests.helpers import (
     ProtocolWorker,
@@ -173,3 +174,27 @@ def test_heartbeats_about_other_attempts_are_ignored_and_garbage_ones_refused(cl
     probe.close()
     submit_until_acked(stub, "square", b"2", "still-serving")
     assert "stepping down" not in master.log()
+
+
+def test_a_work_handed_back_forever_ends_failed_instead_of_bouncing(cluster):
+    """Hand-backs are free (a worker leaving returns what it holds), up to a
+    bound per work: past it, one counts as a failed attempt."""
+    master, stub = setup_without_workers(cluster)
+    probe = ProtocolWorker(master.address, "bouncer-0")
+    probe.send(register=master_pb2.RegisterWorker(worker_ids=["bouncer-0"], host="probe", kinds=["square"]),
+               request_work=master_pb2.WorkerRequestsWork(worker_ids=["bouncer-0"]))
+    submit_until_acked(stub, "square", b"3", "bounced", max_attempts=1)
+    for returned in range(1, MAX_HAND_BACKS + 2):
+        handed = probe.wait("works", timeout=30).works.assignments[0]
+        assert handed.work.work_id == "bounced"
+        probe.send(failed=master_pb2.WorkFailed(failures=[master_pb2.Failure(
+            worker_id="bouncer-0", work_id="bounced", attempt_token=handed.attempt_token, returned=True)]))
+        probe.wait("ack", timeout=30)
+        probe.send(request_work=master_pb2.WorkerRequestsWork(worker_ids=["bouncer-0"]))
+        if returned <= MAX_HAND_BACKS:
+            wait_until(lambda: status(stub, "bounced").state in (work_pb2.PENDING, work_pb2.IN_PROGRESS), 30,
+                       "the hand-back to be recorded")
+            assert status(stub, "bounced").state != work_pb2.FAILED
+    wait_until(lambda: status(stub, "bounced").state == work_pb2.FAILED, 30, "the work to fail")
+    assert f"handed back unfinished more than {MAX_HAND_BACKS} times" in status(stub, "bounced").error
+    probe.close()

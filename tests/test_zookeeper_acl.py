@@ -53,10 +53,10 @@ def test_only_the_services_credentials_open_the_clusters_znodes(locked, tmp_path
     for auth in (None, "dworkers:wrong-password", "mallory:secret"):
         outsider = zk.connect(locked.zk, auth=auth)
         try:
-            for read in (lambda: outsider.get_children(locked.root), lambda: outsider.get(paths.cluster),
-                         lambda: outsider.get_children(paths.election)):
+            for read, path in ((outsider.get_children, locked.root), (outsider.get, paths.cluster),
+                               (outsider.get_children, paths.election)):
                 with pytest.raises(NoAuthError):
-                    read()
+                    read(path)
             # An election znode with a low number would redirect everyone: refused.
             with pytest.raises(NoAuthError):
                 outsider.create(f"{paths.election}/backend-", b'{"address": "10.6.6.6:7100"}', ephemeral=True,

@@ -34,6 +34,10 @@ MAX_CONTENT_TYPE_CHARS = 100
 CONTENT_TYPE_PATTERN = re.compile(r"([A-Za-z0-9][\x21-\x7e]*(; ?[\x21-\x7e]+)*)?")  # type/subtype; params
 WORKER_ID_PATTERN = WORK_ID_PATTERN
 MAX_SLOTS_PER_CONNECTION = 1024  # worker slots one worker process may register
+# Hand-backs (a worker leaving returns what it holds) are free, up to this
+# many per work: a worker that hands the same work back forever would keep
+# it from ever running or failing; past it, a hand-back is a failed attempt.
+MAX_HAND_BACKS = 20
 MAX_PREFETCH = 16  # works a slot may hold beyond the one it runs
 MAX_KINDS_PER_WORKER = 1000
 MAX_HOST_CHARS = 255

@@ -24,6 +24,7 @@ from dworkers.common.limits import MAX_DELAY_SECONDS
 from dworkers.common.settings import setting
 from dworkers.common.validation import (
     MAX_ERROR_CHARS,
+    MAX_HAND_BACKS,
     MAX_RESULT_BYTES,
     MAX_STREAM_MESSAGE_BYTES,
     valid_content_type,
@@ -349,8 +350,13 @@ class Master:
                         entry, token, f"result of {len(result)} bytes exceeds the limit of {MAX_RESULT_BYTES}", now))
                     requeued = True
             elif running and report.returned:
-                events.append(journal_pb2.Event(work_returned=journal_pb2.WorkReturned(
-                    work_id=work_id, attempt_token=token)))
+                if entry.attempts - entry.failures > MAX_HAND_BACKS:  # the hand-outs that did not fail, this one too
+                    events.append(self._failed(
+                        entry, token, f"handed back unfinished more than {MAX_HAND_BACKS} times: this time counts "
+                        "as a failed attempt", now))
+                else:
+                    events.append(journal_pb2.Event(work_returned=journal_pb2.WorkReturned(
+                        work_id=work_id, attempt_token=token)))
                 requeued = True
             elif running:
                 events.append(self._failed(entry, token, report.error[:MAX_ERROR_CHARS], now, report.permanent))
