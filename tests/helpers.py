@@ -12,6 +12,7 @@ from collections import Counter
 
 import grpc
 
+from dworkers import credentials
 from dworkers.v1 import frontend_pb2_grpc, master_pb2, master_pb2_grpc, work_pb2
 
 
@@ -97,11 +98,11 @@ def wait_until(predicate, timeout: float, what: str = "condition", interval: flo
 class ProtocolWorker:
     """Speaks the worker protocol directly to a master, as a worker process would."""
 
-    def __init__(self, address: str, worker_id: str = "probe-0"):
+    def __init__(self, address: str, worker_id: str = "probe-0", token: str = ""):
         self.worker_id = worker_id
         self.outbox: list = []
         self.cond = threading.Condition()
-        self.channel = grpc.insecure_channel(address)
+        self.channel = credentials.channel(address, False, token=token)
         self.received: list[master_pb2.MasterMessage] = []
         self.error: grpc.RpcError | None = None  # how the master ended the stream
         self.done = threading.Event()

@@ -14,11 +14,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import dworkers
 from dworkers import credentials
-from dworkers.common.auth import AccessFile, Authorizer, parse
+from dworkers.common.auth import AccessFile, Authorizer, hash_token, new_token, parse
 from dworkers.common.errors import ConfigError, PermissionDenied, Unauthenticated
 from dworkers.local_cluster import LocalCluster
 from dworkers.v1 import master_pb2, master_pb2_grpc, work_pb2
-from tests.helpers import wait_until
+from tests.helpers import ProtocolWorker, wait_until
 from tests.test_cli import assert_one_line_error, clean_env, ok
 from tests.test_cli import dworkers as cli
 
@@ -211,3 +211,29 @@ def test_a_broken_access_file_leaves_the_last_good_one_in_force(tmp_path):
     with pytest.raises(Unauthenticated):
         authorizer.check("/dworkers.v1.Frontend/CancelWork", Context("mallory"))
     assert authorizer.check("/grpc.health.v1.Health/Check", Context("mallory")) is None
+
+
+def test_a_worker_identity_limited_to_some_kinds_cannot_register_others(guarded):
+    cluster, _address = guarded
+    limited = new_token()
+    with cluster.access_file.open("a") as f:
+        f.write(f"echo-box worker {hash_token(limited)} kinds=echo,digest\n")
+    master = cluster.active_master().address
+
+    def refused_registration() -> str:
+        probe = ProtocolWorker(master, "limited-0", token=limited)
+        probe.send(register=master_pb2.RegisterWorker(worker_ids=["limited-0"], host="probe",
+                                                      kinds=["echo", "square"]))
+        probe.done.wait(30)
+        probe.close()
+        return "" if probe.error is None else f"{probe.error.code().name}: {probe.error.details()}"
+    wait_until(lambda: refused_registration().startswith("PERMISSION_DENIED"), 30, "the access file to be read again")
+    assert "may run only digest, echo; not square" in refused_registration()
+    allowed = ProtocolWorker(master, "limited-1", token=limited)
+    allowed.send(register=master_pb2.RegisterWorker(worker_ids=["limited-1"], host="probe", kinds=["echo"]))
+    info = work_pb2.ClusterInfoRequest()
+    wait_until(lambda: any(w.worker_id == "limited-1" for w in call(_address, "ClusterInfo", info,
+                                                                     cluster.tokens["reader"]).workers),
+               30, "the limited worker to register its allowed kind")
+    assert allowed.error is None
+    allowed.close()

@@ -9,9 +9,12 @@ restart.
     ci-producer     submit,read     sha256:5e884898da28047151d0e56f8dc62927...
     ops             admin           cert:alice
     worker          worker          cert:worker
+    gpu-box         worker          cert:gpu-box    kinds=render,encode
     frontend        frontend        sha256:...
 
-`dworkers token NAME --roles ...` makes a token and prints its line."""
+A worker identity may be limited to some kinds (`kinds=...`): it cannot
+register slots for others. `dworkers token NAME --roles ...` makes a token
+and prints its line."""
 
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes and t
 AUTHORIZATION = "authorization"  # the metadata key: "Bearer <token>"
 CHECK_INTERVAL = 1.0  # seconds between looks at the file's modification time
 LINE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._@-]{0,127})\s+(?P<roles>[a-z,]+)\s+"
-                  r"(?P<kind>sha256|cert):(?P<value>\S{1,256})$")
+                  r"(?P<kind>sha256|cert):(?P<value>\S{1,256})(\s+kinds=(?P<kinds>[^\s]{1,4096}))?$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +61,7 @@ class AuthSettings:
 class Identity:
     name: str
     roles: frozenset[str]
+    kinds: frozenset[str] | None = None  # a worker's allowed kinds; None: any
 
     def may(self, role: str) -> bool:
         return role in self.roles or any(role in IMPLIED.get(r, ()) for r in self.roles)
@@ -81,13 +85,15 @@ def parse(text: str, source: str) -> tuple[dict[str, Identity], dict[str, Identi
             continue
         match = LINE.match(line)
         if match is None:
-            raise ConfigError(f"{source}:{number}: expected `NAME ROLES sha256:HEX` or `NAME ROLES cert:NAME`")
+            raise ConfigError(f"{source}:{number}: expected `NAME ROLES sha256:HEX` or `NAME ROLES cert:NAME`, "
+                              "then optionally `kinds=KIND,...`")
         roles = frozenset(match["roles"].split(","))
         unknown = roles - set(ROLES)
         if unknown or not roles:
             raise ConfigError(f"{source}:{number}: unknown role {', '.join(sorted(unknown)) or '(none)'} "
                               f"(roles: {', '.join(ROLES)})")
-        identity = Identity(match["name"], roles)
+        kinds = frozenset(k for k in (match["kinds"] or "").split(",") if k) or None
+        identity = Identity(match["name"], roles, kinds)
         if match["kind"] == "sha256":
             if not re.fullmatch(r"[0-9a-f]{64}", match["value"]):
                 raise ConfigError(f"{source}:{number}: sha256: takes the token's 64 hex digit SHA-256")
@@ -156,14 +162,15 @@ class Authorizer:
             return None
         method = full_method.rsplit("/", 1)[-1]
         role = self.methods.get(method, self.default_role)
-        identity = self._identify(context)
+        identity = self.identify(context)
         if role is None or not identity.may(role):
             needed = f"the role {role!r}" if role else "a role no one has"
             raise PermissionDenied(f"{identity.name} may not call {method}: it needs {needed} "
                                    f"(it has {', '.join(sorted(identity.roles))})")
         return identity
 
-    def _identify(self, context) -> Identity:
+    def identify(self, context) -> Identity:
+        """Who calls (by token, else by client certificate); raises Unauthenticated."""
         token = None
         for key, value in context.invocation_metadata() or ():
             if key == AUTHORIZATION:

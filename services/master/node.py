@@ -210,6 +210,7 @@ class MasterNode:
         self._journal_password = settings.journal_password()
         self.paths = zk.Paths(settings.cluster.root)
         self.shell: MasterShell | None = None  # while this backend is the active master
+        self.authorizer: auth.Authorizer | None = None  # who may call, when an access file is given
         self.view: ElectionView | None = None
         self.registry = process_registry()
         self.metrics = MasterMetrics(self.registry)
@@ -300,11 +301,12 @@ class MasterNode:
         self.kinds = await self.loop.run_in_executor(None, KindCatalog, self.client, self.paths)
         self.leadership = LeadershipCheck(self.client)
 
+        self.authorizer = auth.authorizer(s.auth, auth.MASTER_METHODS, default_role="frontend")
         self.server, self.health, port = server.build(
             [(MasterService(self), master_pb2_grpc.add_MasterServicer_to_server, SERVICE_NAME)],
             s.listen, ServerMetrics(self.registry), reflection_on=s.reflection, aio=True,
             tls=tls.serving_files(s.tls, "a master"),
-            authorizer=auth.authorizer(s.auth, auth.MASTER_METHODS, default_role="frontend"))
+            authorizer=self.authorizer)
         host = s.listen.rsplit(":", 1)[0]
         if host in ("0.0.0.0", "[::]", ""):
             host = socket.gethostname()

@@ -19,6 +19,7 @@ from dworkers.common.errors import (
     NotServing,
     NotTheMaster,
     Overloaded,
+    PermissionDenied,
     ProtocolError,
 )
 from dworkers.common.validation import MAX_STREAM_MESSAGE_BYTES
@@ -43,6 +44,8 @@ class WorkerConnection:
         self.closed: str | None = None
         self.registered = False  # the stream must register before anything else
         self.protocol_error = ""  # why the master refused the stream
+        self.denied = ""  # why the worker's identity may not do what it asked
+        self.allowed_kinds: frozenset[str] | None = None  # its identity's kinds, if limited
 
     def send(self, message: master_pb2.MasterMessage, size: int = 0) -> None:
         """Queues a message; `size` is its size if the caller knows it (within
@@ -105,6 +108,17 @@ def _answer(work: work_pb2.Work, outcome) -> work_pb2.SubmitWorkResponse:
         return work_pb2.SubmitWorkResponse(work_id=work.work_id, code=grpc.StatusCode.ALREADY_EXISTS.value[0],
                                            message=str(outcome))
     return work_pb2.SubmitWorkResponse(work_id=work.work_id, duplicate=outcome)
+
+
+def _check_kinds_allowed(connection: WorkerConnection, register: master_pb2.RegisterWorker) -> None:
+    """A worker identity limited to some kinds registers slots for those only."""
+    allowed = connection.allowed_kinds
+    if allowed is None:
+        return
+    others = sorted({*register.kinds, *(d.kind for d in register.defaults)} - allowed)
+    if others:
+        raise PermissionDenied(f"this worker may run only {', '.join(sorted(allowed))}; not "
+                               f"{', '.join(others[:10])}{' ...' if len(others) > 10 else ''}")
 
 
 class MasterService(master_pb2_grpc.MasterServicer):
@@ -204,6 +218,8 @@ class MasterService(master_pb2_grpc.MasterServicer):
     async def Connect(self, request_iterator, context):
         shell = self._shell(context)
         connection = WorkerConnection()
+        identity = self.node.authorizer.identify(context) if self.node.authorizer is not None else None
+        connection.allowed_kinds = identity.kinds if identity is not None else None
         reader = asyncio.create_task(self._read_worker(shell, connection, request_iterator))
         try:
             while True:
@@ -216,6 +232,8 @@ class MasterService(master_pb2_grpc.MasterServicer):
             shell.disconnected(connection)
         if connection.protocol_error:
             raise ProtocolError(connection.protocol_error)
+        if connection.denied:
+            raise PermissionDenied(connection.denied)
         if connection.closed:
             raise NotServing(connection.closed)
 
@@ -226,6 +244,7 @@ class MasterService(master_pb2_grpc.MasterServicer):
                     break
                 validation.check_worker_message(message, connection.registered)
                 if message.HasField("register"):
+                    _check_kinds_allowed(connection, message.register)
                     connection.registered = True
                     shell.register(connection, message.register)
                 if message.HasField("heartbeats"):
@@ -239,6 +258,9 @@ class MasterService(master_pb2_grpc.MasterServicer):
         except ProtocolError as exc:
             log.warning("worker stream refused: %s", exc)
             connection.protocol_error = str(exc)
+        except PermissionDenied as exc:
+            log.warning("worker stream refused: %s", exc)
+            connection.denied = str(exc)
         except Exception as exc:  # a broken stream
             log.info("worker stream ended: %r", exc)
         connection.close("worker stream ended")
