@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import platform
+import signal
+import subprocess
 
 import grpc
 import pytest
@@ -49,3 +54,28 @@ def test_json_logs_carry_stable_keys(cluster):
     assert entries and all({"ts", "level", "logger", "msg"} <= set(e) for e in entries)
     assert any(e.get("epoch") is not None and "active master" in e["msg"] for e in entries)
     assert any("dworkers master starting" in e["msg"] and "session_timeout=" in e["msg"] for e in entries)
+
+
+def test_sigterm_caught_by_any_thread_stops_every_service(cluster):
+    """The kernel may hand a process's signal to any of its threads; Python
+    handles it only when the main thread runs: a main thread waiting with
+    no timeout would never stop (a worker thawed after SIGSTOP did not)."""
+    cluster.start_master(wait=True)
+    cluster.start_worker(1)
+    cluster.start_frontend()
+    for service in list(cluster.services):
+        threads = [int(t) for t in os.listdir(f"/proc/{service.pid}/task") if int(t) != service.pid]
+        assert threads, f"{service.role} has no thread but its main one"
+        assert _tgkill(service.pid, threads[-1], signal.SIGTERM) == 0
+    for service in cluster.services:
+        try:
+            service.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{service.role} {service.pid} ignored a SIGTERM caught by another thread")
+        assert service.process.returncode == 0, f"{service.role}: {service.log()[-2000:]}"
+
+
+def _tgkill(pid: int, tid: int, sig: int) -> int:
+    """Sends `sig` to one thread of a process (Linux's tgkill)."""
+    number = {"x86_64": 234, "aarch64": 131}[platform.machine()]  # SYS_tgkill
+    return ctypes.CDLL(None, use_errno=True).syscall(number, pid, tid, int(sig))

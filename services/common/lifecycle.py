@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 EXIT_OVERDUE = 1
 REPEAT_SECONDS = 1.0  # a signal sooner than this after the first is the same request
+WAKE_UP_SECONDS = 0.2  # how late a signal caught by another thread may be handled
 
 
 class StopRequest:
@@ -44,7 +45,16 @@ class StopRequest:
             callback()
 
     def wait(self, timeout: float | None = None) -> bool:
-        return self.requested.wait(timeout)
+        """Waits for a stop request. Wakes up every so often: a signal the
+        kernel delivered to another thread is handled only once the main
+        thread runs Python code, which a wait with no timeout never does."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            step = WAKE_UP_SECONDS if deadline is None else min(WAKE_UP_SECONDS, deadline - time.monotonic())
+            if step <= 0:
+                return self.requested.is_set()
+            if self.requested.wait(step):
+                return True
 
     def _on_signal(self, signum: int, _frame) -> None:
         if self.requested.is_set():
