@@ -17,7 +17,7 @@ from dworkers import credentials
 from dworkers.common.auth import AccessFile, Authorizer, hash_token, new_token, parse
 from dworkers.common.errors import ConfigError, PermissionDenied, Unauthenticated
 from dworkers.local_cluster import LocalCluster
-from dworkers.v1 import master_pb2, master_pb2_grpc, work_pb2
+from dworkers.v1 import frontend_pb2_grpc, master_pb2, master_pb2_grpc, work_pb2
 from tests.helpers import ProtocolWorker, wait_until
 from tests.test_cli import assert_one_line_error, clean_env, ok
 from tests.test_cli import dworkers as cli
@@ -52,8 +52,6 @@ def guarded(zookeeper, tmp_path, request):
 
 
 def call(address: str, method: str, request, token: str | None, tls=False):
-    from dworkers.v1 import frontend_pb2_grpc
-
     with credentials.channel(address, tls, token=token or "") as channel:
         return getattr(frontend_pb2_grpc.FrontendStub(channel), method)(request, timeout=30)
 
@@ -237,3 +235,47 @@ def test_a_worker_identity_limited_to_some_kinds_cannot_register_others(guarded)
                30, "the limited worker to register its allowed kind")
     assert allowed.error is None
     allowed.close()
+
+
+def test_each_identity_is_held_to_its_submission_rate_and_stream_count(zookeeper, tmp_path, request):
+    cluster = cluster_with(zookeeper, tmp_path, request)
+    cluster.start_master(wait=True)
+    cluster.start_worker(2)
+    front = cluster.start_frontend(None, "--identity-submit-rate", "50", "--identity-streams", "1").address
+    producer, reader = cluster.tokens["producer"], cluster.tokens["reader"]
+    with dworkers.Client(front, token=cluster.tokens["admin"], timeout=60) as client:
+        assert client.submit("square", 2).result(timeout=60) == 4  # a master, and a worker for square
+    batch = work_pb2.SubmitWorksRequest(works=[work_pb2.SubmitWorkRequest(kind="square", payload=b"2")
+                                               for _ in range(100)])
+    wait_until(lambda: _accepted(front, batch, producer), 60, "a first batch (a full bucket lets it pass)")
+    with refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "producer submits above its limit of 50 works per second"):
+        call(front, "SubmitWork", work_pb2.SubmitWorkRequest(kind="square", payload=b"3"), producer)
+    # another identity has a bucket of its own
+    assert call(front, "SubmitWork", work_pb2.SubmitWorkRequest(kind="square", payload=b"3"),
+                cluster.tokens["admin"]).work_id
+    with credentials.channel(front, False, token=reader) as channel:
+        stub = frontend_pb2_grpc.FrontendStub(channel)
+        first = stub.WatchResults(work_pb2.WatchResultsRequest(after_sequence=0), timeout=60)
+        assert next(first).results  # open, and serving
+        with refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "reader already has 1 result streams open"):
+            next(stub.WatchResults(work_pb2.WatchResultsRequest(after_sequence=0), timeout=60))
+        first.cancel()
+
+        def second_opens() -> bool:
+            try:
+                stream = stub.WatchResults(work_pb2.WatchResultsRequest(after_sequence=0), timeout=60)
+                next(stream)
+                stream.cancel()
+                return True
+            except grpc.RpcError:
+                return False
+        wait_until(second_opens, 30, "the closed stream to be released")
+
+
+def _accepted(front: str, batch, token: str) -> bool:
+    try:
+        return len(call(front, "SubmitWorks", batch, token).works) == len(batch.works)
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.UNAVAILABLE:  # no master yet
+            raise
+        return False

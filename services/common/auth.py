@@ -26,8 +26,9 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Callable
 
-from dworkers.common.errors import ConfigError, PermissionDenied, Unauthenticated
+from dworkers.common.errors import ConfigError, Overloaded, PermissionDenied, Unauthenticated
 from dworkers.common.settings import setting
 
 log = logging.getLogger(__name__)
@@ -148,13 +149,75 @@ class AccessFile:
         return self._certs.get(common_name)
 
 
-class Authorizer:
-    """Checks each call of one service against an access file."""
+class IdentityLimits:
+    """What one identity may hold of a frontend: works submitted per second
+    (a bucket of a second's worth; a batch larger than that passes when the
+    bucket is full, and leaves it in debt) and result streams open at once.
+    0: no limit."""
 
-    def __init__(self, access: AccessFile, methods: dict[str, str], default_role: str | None = None):
+    SUBMITS = ("SubmitWork", "SubmitWorks")
+    STREAMS = ("WatchResults", "WaitWorks")
+
+    def __init__(self, works_per_second: float = 0.0, streams: int = 0):
+        self.rate = works_per_second
+        self.capacity = works_per_second
+        self.streams = streams
+        self._lock = threading.Lock()
+        self._buckets: dict[str, tuple[float, float]] = {}  # name -> (tokens, monotonic time)
+        self._open: dict[str, int] = {}
+
+    def admit(self, identity: Identity, method: str, request) -> Callable[[], None] | None:
+        if method in self.SUBMITS and self.rate > 0:
+            self._take(identity.name, len(request.works) if method == "SubmitWorks" else 1)
+        elif method in self.STREAMS and self.streams > 0:
+            return self._open_stream(identity.name)
+        return None
+
+    def _take(self, name: str, count: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            tokens, then = self._buckets.get(name, (self.capacity, now))
+            tokens = min(self.capacity, tokens + (now - then) * self.rate)
+            if tokens < min(count, self.capacity):
+                self._buckets[name] = (tokens, now)
+                raise Overloaded(f"{name} submits above its limit of {self.rate:g} works per second: "
+                                 "retry in a moment")
+            self._buckets[name] = (tokens - count, now)
+
+    def _open_stream(self, name: str) -> Callable[[], None]:
+        with self._lock:
+            if self._open.get(name, 0) >= self.streams:
+                raise Overloaded(f"{name} already has {self.streams} result streams open, its limit: "
+                                 "close one first")
+            self._open[name] = self._open.get(name, 0) + 1
+
+        def release() -> None:
+            with self._lock:
+                left = self._open[name] - 1
+                if left:
+                    self._open[name] = left
+                else:
+                    del self._open[name]
+        return release
+
+
+class Authorizer:
+    """Checks each call of one service against an access file (and the
+    caller's limits, if any)."""
+
+    def __init__(self, access: AccessFile, methods: dict[str, str], default_role: str | None = None,
+                 limits: IdentityLimits | None = None):
         self.access = access
         self.methods = methods
         self.default_role = default_role
+        self.limits = limits
+
+    def admit(self, full_method: str, context, request) -> Callable[[], None] | None:
+        """check(), then the identity's limits: what ends a stream's hold on them."""
+        identity = self.check(full_method, context)
+        if identity is None or self.limits is None:
+            return None
+        return self.limits.admit(identity, full_method.rsplit("/", 1)[-1], request)
 
     def check(self, full_method: str, context) -> Identity | None:
         """The caller's identity; raises Unauthenticated or PermissionDenied."""
@@ -196,8 +259,8 @@ class Authorizer:
                               "certificate named in the access file")
 
 
-def authorizer(settings: AuthSettings, methods: dict[str, str], default_role: str | None = None
-               ) -> Authorizer | None:
+def authorizer(settings: AuthSettings, methods: dict[str, str], default_role: str | None = None,
+               limits: IdentityLimits | None = None) -> Authorizer | None:
     if not settings.access_file:
         return None
-    return Authorizer(AccessFile(settings.access_file), methods, default_role)
+    return Authorizer(AccessFile(settings.access_file), methods, default_role, limits)

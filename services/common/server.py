@@ -78,7 +78,7 @@ class SyncInterceptor(grpc.ServerInterceptor):
             def wrapped(request, context):
                 started = time.perf_counter()
                 try:
-                    check(context)
+                    check(context, request)
                     response = behavior(request, context)
                 except Exception as error:
                     metrics.observe(method, _code(context, error), started)
@@ -90,9 +90,9 @@ class SyncInterceptor(grpc.ServerInterceptor):
 
         def streaming(behavior):
             def wrapped(request, context):
-                started, code = metrics.stream_opened(method), None
+                started, code, release = metrics.stream_opened(method), None, None
                 try:
-                    check(context)
+                    release = check(context, request)
                     yield from behavior(request, context)
                 except Exception as error:
                     code = _code(context, error)
@@ -102,6 +102,8 @@ class SyncInterceptor(grpc.ServerInterceptor):
                     code = grpc.StatusCode.CANCELLED
                     raise
                 finally:
+                    if release is not None:
+                        release()
                     metrics.stream_closed(method, code or _code(context, None), started)
             return wrapped
 
@@ -132,7 +134,7 @@ class AsyncInterceptor(grpc.aio.ServerInterceptor):
             async def wrapped(request, context):
                 started = time.perf_counter()
                 try:
-                    check(context)
+                    check(context, request)
                     response = await behavior(request, context)
                 except Exception as error:
                     metrics.observe(method, _code(context, error), started)
@@ -147,9 +149,9 @@ class AsyncInterceptor(grpc.aio.ServerInterceptor):
                 return unary(behavior)
 
             async def wrapped(request, context):
-                started, code = metrics.stream_opened(method), None
+                started, code, release = metrics.stream_opened(method), None, None
                 try:
-                    check(context)
+                    release = check(context, request)
                     async for item in behavior(request, context):
                         yield item
                 except Exception as error:
@@ -160,20 +162,23 @@ class AsyncInterceptor(grpc.aio.ServerInterceptor):
                     code = grpc.StatusCode.CANCELLED
                     raise
                 finally:
+                    if release is not None:
+                        release()
                     metrics.stream_closed(method, code or _code(context, None), started)
             return wrapped
 
         return _rewrap(handler, unary, streaming)
 
 
-def _checker(authorizer: Authorizer | None, full_method: str) -> Callable[[object], object]:
-    """What runs first in every call: the access check, or nothing."""
+def _checker(authorizer: Authorizer | None, full_method: str) -> Callable[[object, object], Callable | None]:
+    """What runs first in every call: the access check and the caller's
+    limits (returning what ends a stream's hold on them), or nothing."""
     if authorizer is None:
         return _anyone
-    return lambda context: authorizer.check(full_method, context)
+    return lambda context, request: authorizer.admit(full_method, context, request)
 
 
-def _anyone(context) -> None:
+def _anyone(context, request) -> None:
     return None
 
 

@@ -43,6 +43,10 @@ class FrontendSettings:
     shutdown_grace: float = setting(5.0, "seconds in-flight calls may take to finish on SIGTERM", low=0, high=3600)
     subscriber_timeout: float = setting(30.0, "a result subscriber that reads nothing this long is dropped", above=0)
     reflection: bool = setting(True, "serve gRPC server reflection")
+    identity_submit_rate: float = setting(0.0, "works per second one caller (an identity of --access-file) may "
+                                               "submit; beyond: RESOURCE_EXHAUSTED (0: no limit)", low=0)
+    identity_streams: int = setting(0, "WatchResults and WaitWorks streams one caller may hold open at once "
+                                       "(0: no limit but --max-watchers)", low=0, high=100_000)
 
 
 class Once:
@@ -210,7 +214,8 @@ def serve(proxy: MasterProxy, settings: FrontendSettings, stop: StopRequest, reg
           SERVICE_NAME)],
         settings.listen, ServerMetrics(registry), reflection_on=settings.reflection, threads=threads,
         maximum_concurrent_rpcs=threads + settings.queued_calls, tls=tls_files,
-        authorizer=auth.authorizer(settings.auth, auth.FRONTEND_METHODS))
+        authorizer=auth.authorizer(settings.auth, auth.FRONTEND_METHODS, limits=auth.IdentityLimits(
+            settings.identity_submit_rate, settings.identity_streams)))
     grpc_server.start()
     for name in ("", SERVICE_NAME):
         health.set(name, health_pb2.HealthCheckResponse.SERVING)
