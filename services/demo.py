@@ -102,9 +102,10 @@ def run(args) -> None:
 
         cluster.start_worker(args.workers, *trace, *metrics("worker", WORKER_METRICS_PORT))
         for port, metrics_port in zip(MASTER_PORTS, MASTER_METRICS_PORTS):
-            cluster.start_master(port, *trace, *metrics(f"master {port}", metrics_port), wait=True)
+            cluster.start_master(port, *trace, *metrics(f"master {port}", metrics_port), "--reflection", "on",
+                                 wait=True)
         front = cluster.start_frontend(int(args.frontend_listen.rsplit(":", 1)[1]), "--log-format", args.log_format,
-                                       *metrics("frontend", FRONTEND_METRICS_PORT))
+                                       *metrics("frontend", FRONTEND_METRICS_PORT), "--reflection", "on")
         log.info("Prometheus metrics: %s", ", ".join(served) or "none (their ports are taken)")
         log.info("frontend at %s: try `dworkers cluster` or `dworkers submit square 12 --wait` in another terminal",
                  front.address)

@@ -33,12 +33,15 @@ def health(address: str, service: str) -> int:
             health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
 
-def test_reflection_and_health_on_every_grpc_service(cluster):
-    active = cluster.start_master(wait=True)
+def test_reflection_where_enabled_and_health_on_every_grpc_service(cluster):
+    active = cluster.start_master(None, "--reflection", "on", wait=True)
     standby = cluster.start_master(wait=True)
-    front = cluster.start_frontend()
+    front = cluster.start_frontend(None, "--reflection", "on")
     assert {"dworkers.v1.Master", "grpc.health.v1.Health"} <= listed_services(active.address)
     assert {"dworkers.v1.Frontend", "grpc.health.v1.Health"} <= listed_services(front.address)
+    with pytest.raises(grpc.RpcError) as off:  # off unless enabled
+        listed_services(standby.address)
+    assert off.value.code() == grpc.StatusCode.UNIMPLEMENTED
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     assert health(active.address, "dworkers.v1.Master") == serving
     assert health(standby.address, "dworkers.v1.Master") == not_serving  # readiness routes to the master only

@@ -42,7 +42,7 @@ class FrontendSettings:
     queued_calls: int = setting(256, "calls waiting for a thread before RESOURCE_EXHAUSTED", low=0, high=100_000)
     shutdown_grace: float = setting(5.0, "seconds in-flight calls may take to finish on SIGTERM", low=0, high=3600)
     subscriber_timeout: float = setting(30.0, "a result subscriber that reads nothing this long is dropped", above=0)
-    reflection: bool = setting(True, "serve gRPC server reflection")
+    reflection: bool = setting(False, "serve gRPC server reflection (lists the API to anyone who asks)")
     identity_submit_rate: float = setting(0.0, "works per second one caller (an identity of --access-file) may "
                                                "submit; beyond: RESOURCE_EXHAUSTED (0: no limit)", low=0)
     identity_streams: int = setting(0, "WatchResults and WaitWorks streams one caller may hold open at once "

@@ -54,7 +54,7 @@ class MasterSettings:
                                      low=1, high=60)
     shutdown_grace: float = setting(5.0, "seconds in-flight calls may take to finish on SIGTERM", low=0, high=3600)
     subscriber_timeout: float = setting(30.0, "a result subscriber that reads nothing this long is dropped", above=0)
-    reflection: bool = setting(True, "serve gRPC server reflection")
+    reflection: bool = setting(False, "serve gRPC server reflection (lists the API to anyone who asks)")
     journal: str = setting("", "where the journal lives: empty for ZooKeeper (under --root), or a PostgreSQL URL "
                            "(postgresql://user@host:port/database; the password in the URL, PGPASSWORD or "
                            "--journal-password-file)")
