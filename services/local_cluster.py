@@ -60,9 +60,10 @@ class Service:
 
 
 def wait_serving(address: str, service: str = "", timeout: float = 30.0, tls: Tls | None = None) -> bool:
-    """Waits until the gRPC health service at `address` says SERVING."""
+    """Waits until the gRPC health service at `address` says SERVING (TLS per
+    `tls`, else as the environment says: see dworkers.credentials)."""
     deadline = time.monotonic() + timeout
-    with credentials.channel(address, tls or False) as channel:
+    with credentials.channel(address, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             try:
@@ -86,7 +87,7 @@ class LocalCluster:
         and frontends check an access file; the services present a token
         with the roles worker and frontend (and, with TLS, their certificate
         is named too), clients one of `tokens` (admin, producer: submit,
-        reader: read). `zk_auth`: the services authenticate to ZooKeeper, and
+        reader: read; tester: admin, worker and frontend). `zk_auth`: the services authenticate to ZooKeeper, and
         only they may read or write what they create there."""
         self.journal = journal  # a PostgreSQL URL for the masters' journal; empty: ZooKeeper
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="dworkers-"))
@@ -113,10 +114,10 @@ class LocalCluster:
         if access:
             self.access_file = self.workdir / "access"
             services = new_token()
-            self.tokens = {name: new_token() for name in ("admin", "producer", "reader")}
+            roles_of = {"admin": "admin", "producer": "submit", "reader": "read", "tester": "admin,worker,frontend"}
+            self.tokens = {name: new_token() for name in roles_of}
             lines = [f"services worker,frontend {hash_token(services)}",
-                     *(f"{name} {roles} {hash_token(self.tokens[name])}"
-                       for name, roles in (("admin", "admin"), ("producer", "submit"), ("reader", "read")))]
+                     *(f"{name} {roles} {hash_token(self.tokens[name])}" for name, roles in roles_of.items())]
             if tls:
                 lines.append("services-certificate worker,frontend cert:dworkers")
             self.access_file.write_text("\n".join(lines) + "\n")

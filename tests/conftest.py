@@ -3,6 +3,7 @@ data dir); each cluster test gets its own ZooKeeper root and real processes."""
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
@@ -42,10 +43,22 @@ def journal(request) -> str:
     return request.getfixturevalue("postgresql").url()
 
 
+def pytest_addoption(parser):
+    parser.addoption("--secure", action="store_true", default=os.environ.get("DWORKERS_TEST_SECURE") == "1",
+                     help="run every `cluster` test with TLS (mutual), access control and ZooKeeper ACLs on "
+                          "(tests marked `secure` always do)")
+
+
 @pytest.fixture
-def cluster(zookeeper, tmp_path, request, journal):
+def cluster(zookeeper, tmp_path, request, journal, monkeypatch):
+    secure = request.config.getoption("--secure") or request.node.get_closest_marker("secure") is not None
     c = LocalCluster(workdir=tmp_path, root=f"/test-{uuid.uuid4().hex[:8]}", session_timeout=2.0,
-                     zookeeper=zookeeper, journal=journal)
+                     zookeeper=zookeeper, journal=journal, tls=secure, access=secure, zk_auth=secure)
+    if secure:  # the test's own clients (SDK, stubs) take TLS and a token from the environment
+        assert c.client_tls is not None
+        for name, value in (("CA", c.client_tls.ca), ("CERT", c.client_tls.cert), ("KEY", c.client_tls.key)):
+            monkeypatch.setenv(f"DWORKERS_TLS_{name}", value)
+        monkeypatch.setenv("DWORKERS_TOKEN", c.tokens["tester"])
     yield c
     c.stop()
     report = getattr(request.node, "report_call", None)

@@ -17,7 +17,8 @@ from dworkers.v1 import frontend_pb2_grpc, master_pb2, master_pb2_grpc, work_pb2
 
 
 def frontend(address: str) -> frontend_pb2_grpc.FrontendStub:
-    return frontend_pb2_grpc.FrontendStub(grpc.insecure_channel(address))
+    """A stub (TLS and token from the environment, as the SDK's: see conftest's --secure)."""
+    return frontend_pb2_grpc.FrontendStub(credentials.channel(address))
 
 
 def submit_until_acked(stub, kind: str, payload: bytes, work_id: str | None = None, deadline: float = 60.0,
@@ -98,11 +99,11 @@ def wait_until(predicate, timeout: float, what: str = "condition", interval: flo
 class ProtocolWorker:
     """Speaks the worker protocol directly to a master, as a worker process would."""
 
-    def __init__(self, address: str, worker_id: str = "probe-0", token: str = ""):
+    def __init__(self, address: str, worker_id: str = "probe-0", token: str | None = None):
         self.worker_id = worker_id
         self.outbox: list = []
         self.cond = threading.Condition()
-        self.channel = credentials.channel(address, False, token=token)
+        self.channel = credentials.channel(address, token=token)
         self.received: list[master_pb2.MasterMessage] = []
         self.error: grpc.RpcError | None = None  # how the master ended the stream
         self.done = threading.Event()

@@ -31,7 +31,7 @@ def journal_reader(cluster) -> Iterator[Journal]:
         finally:
             journal.close()
         return
-    client = zk.connect(cluster.zk)
+    client = zk.connect(cluster.zk, auth=cluster.zk_auth)
     try:
         yield ZooKeeperJournal(client, zk.Paths(cluster.root).journal)
     finally:

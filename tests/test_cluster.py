@@ -11,6 +11,7 @@ import grpc
 import pytest
 from grpc_status import rpc_status
 
+from dworkers import credentials
 from dworkers.local_cluster import wait_serving
 from dworkers.v1 import master_pb2, master_pb2_grpc, work_pb2
 from tests.helpers import (
@@ -25,7 +26,9 @@ from tests.helpers import (
 )
 from tests.journals import both_journals
 
-pytestmark = pytest.mark.e2e
+# With TLS (mutual), access control and ZooKeeper ACLs on (conftest.py): the
+# rest of the suite runs plaintext.
+pytestmark = [pytest.mark.e2e, pytest.mark.secure]
 
 
 @both_journals
@@ -210,7 +213,7 @@ def test_bad_input_is_refused_and_changes_nothing(cluster, request_fields, fragm
     stub = frontend(cluster.start_frontend().address)
     wait_kind(stub, "square")
     request = work_pb2.SubmitWorkRequest(**{"payload": b"2", **request_fields})
-    for target in (stub, master_pb2_grpc.MasterStub(grpc.insecure_channel(master.address))):
+    for target in (stub, master_pb2_grpc.MasterStub(credentials.channel(master.address))):
         with pytest.raises(grpc.RpcError) as error:
             if isinstance(target, master_pb2_grpc.MasterStub):
                 target.SubmitWorks(work_pb2.SubmitWorksRequest(works=[request]), timeout=10)
@@ -227,7 +230,7 @@ def test_standby_refuses_with_the_masters_address(cluster):
     active = cluster.start_master(wait=True)
     standby = cluster.start_master(wait=True)
     assert cluster.active_master() is active
-    stub = master_pb2_grpc.MasterStub(grpc.insecure_channel(standby.address))
+    stub = master_pb2_grpc.MasterStub(credentials.channel(standby.address))
 
     def refusal():
         try:

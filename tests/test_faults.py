@@ -12,6 +12,7 @@ import uuid
 import grpc
 import pytest
 
+from dworkers import credentials
 from dworkers.local_cluster import LocalCluster, wait_serving
 from dworkers.v1 import master_pb2_grpc, work_pb2
 from tests.helpers import (
@@ -25,7 +26,9 @@ from tests.helpers import (
 )
 from tests.journals import both_journals, read_journal
 
-pytestmark = pytest.mark.e2e
+# With TLS (mutual), access control and ZooKeeper ACLs on (conftest.py): the
+# rest of the suite runs plaintext.
+pytestmark = [pytest.mark.e2e, pytest.mark.secure]
 
 
 class Producer:
@@ -142,7 +145,7 @@ def test_a_subscriber_that_stops_reading_is_dropped(cluster):
     stub = frontend(cluster.start_frontend().address)
     wait_kind(stub, "blob")
 
-    channel = grpc.insecure_channel(master.address)
+    channel = credentials.channel(master.address)
     stalled = master_pb2_grpc.MasterStub(channel).WatchResults(work_pb2.WatchResultsRequest())
     reader = ResultCollector(stub)
     ids = [submit_until_acked(stub, "blob", b"200000").work_id for _ in range(60)]  # 12 MB of results

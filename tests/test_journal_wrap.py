@@ -29,7 +29,7 @@ def test_a_journal_past_the_32_bit_limit_keeps_every_acked_work_through_failover
     cluster.start_zookeeper()
     try:
         path = zk.Paths(cluster.root).journal
-        client = zk.connect(cluster.zk)
+        client = zk.connect(cluster.zk, auth=cluster.zk_auth)
         try:
             journal = ZooKeeperJournal(client, path)
             old = WorkState()
@@ -60,7 +60,7 @@ def test_a_journal_past_the_32_bit_limit_keeps_every_acked_work_through_failover
         assert not results.wait_for(more, timeout=60)
         assert sorted(Counter(results.ids()).values()) == [1] * len(acked + more)
         results.stop()
-        client = zk.connect(cluster.zk)
+        client = zk.connect(cluster.zk, auth=cluster.zk_auth)
         try:
             journal = ZooKeeperJournal(client, path)
 

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.e2e
 
 
 def znode_count(cluster, path: str) -> int:
-    client = zk.connect(cluster.zk)
+    client = zk.connect(cluster.zk, auth=cluster.zk_auth)
     try:
         def count(p):
             return 1 + sum(count(f"{p}/{c}") for c in client.get_children(p))
@@ -37,7 +37,7 @@ def compacted(cluster) -> int:
     """Once the journal holds no batch a snapshot covers (a snapshot was taken
     and compacted): the cluster's znode count without the batches written
     since the snapshot (their number depends on timing, not on history); else 0."""
-    client = zk.connect(cluster.zk)
+    client = zk.connect(cluster.zk, auth=cluster.zk_auth)
     try:
         journal = ZooKeeperJournal(client, zk.Paths(cluster.root).journal)
         snapshot = journal.read_snapshot()
