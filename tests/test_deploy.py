@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 KUSTOMIZATIONS = [K8S / "base", K8S / "overlays" / "dev", K8S / "overlays" / "production",
-                  K8S / "overlays" / "operators"]
-# Custom resources of operators (Prometheus Operator, KEDA): no schema in kubernetes_validate.
-OPERATOR_GROUPS = {"monitoring.coreos.com", "keda.sh"}
+                  K8S / "overlays" / "operators", K8S / "overlays" / "secure"]
+# Custom resources of operators (Prometheus Operator, KEDA, cert-manager): no schema in kubernetes_validate.
+OPERATOR_GROUPS = {"monitoring.coreos.com", "keda.sh", "cert-manager.io"}
 
 # The services' contract.
 GRPC_PORTS = {"master": 7100, "frontend": 7000}
@@ -231,7 +231,12 @@ def test_dworkers_workloads_follow_the_contract(rendered):
         notes = workload["spec"]["template"]["metadata"]["annotations"]
         assert notes["prometheus.io/port"] == str(METRICS_PORTS[role]), role
         assert {"configMapRef": {"name": config_map(rendered, "dworkers-config")}} in container["envFrom"], role
-        if role in HEALTH_SERVICES:
+        if role in HEALTH_SERVICES and "DWORKERS_TLS_CERT" in env(container):
+            # gRPC probes cannot speak TLS: the health check with the process's own files
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert container[probe]["exec"]["command"] == ["dworkers", "healthcheck"], (role, probe)
+                assert "grpc" not in container[probe], (role, probe)
+        elif role in HEALTH_SERVICES:
             ready, live = container["readinessProbe"], container["livenessProbe"]
             # a master is ready as a backend, standby or active (see test_a_drain_can_evict_the_active_master)
             assert ready["grpc"] == {"port": GRPC_PORTS[role], "service": "" if role == "master" else
@@ -253,6 +258,45 @@ def test_dworkers_workloads_follow_the_contract(rendered):
     # SIGKILL must not cut a worker's shutdown grace short.
     grace = float(env(by_role["worker"][1])["DWORKERS_SHUTDOWN_GRACE"])
     assert worker["template"]["spec"]["terminationGracePeriodSeconds"] > grace
+
+
+def secret_mounted_at(workload: dict, container: dict):
+    """path -> the name of the Secret the container reads that file from."""
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    pod = workload["spec"]["template"]["spec"]
+    volumes = {v["name"]: v.get("secret", {}).get("secretName") for v in pod["volumes"]}
+
+    def secret_of(path: str) -> str:
+        directory = path.rsplit("/", 1)[0]
+        assert directory in mounts, path
+        return volumes[mounts[directory]]
+    return secret_of
+
+
+def test_the_secure_overlay_locks_every_hop():
+    docs = render(K8S / "overlays" / "secure")
+    by_role = dworkers_containers(docs)
+    certificates = {d["spec"]["secretName"]: d for d in docs if d["kind"] == "Certificate"}
+    (issuer,) = [d for d in docs if d["kind"] == "Issuer"]
+    master_names = certificates["dworkers-master-tls"]["spec"]["dnsNames"]
+    for role, (workload, container) in by_role.items():
+        settings = env(container)
+        secret_of = secret_mounted_at(workload, container)
+        tls_secret = secret_of(settings["DWORKERS_TLS_CERT"])
+        assert {secret_of(settings[k]) for k in ("DWORKERS_TLS_KEY", "DWORKERS_TLS_CA")} == {tls_secret}
+        certificate = certificates[tls_secret]["spec"]  # each role its own, from the CA's Issuer
+        assert certificate["issuerRef"] == {"name": issuer["metadata"]["name"], "kind": "Issuer"}
+        assert certificate["commonName"] == f"dworkers-{role}"
+        assert "client auth" in certificate["usages"]
+        assert ("server auth" in certificate["usages"]) == (role in GRPC_PORTS), role
+        assert secret_of(settings["DWORKERS_ZK_AUTH_FILE"]) == "dworkers-zookeeper"
+        if role in GRPC_PORTS:
+            assert secret_of(settings["DWORKERS_ACCESS_FILE"]) == "dworkers-access"
+        if role != "master":  # masters advertise pod IPs: their certificate carries this name
+            assert settings["DWORKERS_TLS_SERVER_NAME"] in master_names
+    assert env(by_role["master"][1])["DWORKERS_TLS_CLIENT_AUTH"] == "require"
+    assert env(by_role["frontend"][1])["DWORKERS_TLS_CLIENT_AUTH"] in ("optional", "require")
+    assert issuer["spec"]["ca"]["secretName"] == "dworkers-ca"
 
 
 def test_services_and_budgets_select_pods(rendered):
@@ -398,7 +442,11 @@ def test_compose_ports_and_grace_periods_match_kubernetes(compose, base):
         assert exposed | published == set(ports(by_role[role][1]).values()), name
         grace = by_role[role][0]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         assert seconds(svc["stop_grace_period"]) == grace, name
-    assert "7000:7000" in compose["services"]["frontend"]["ports"]
+    # published on this machine's loopback only, unless someone means otherwise
+    for name, svc in compose["services"].items():
+        for port in svc.get("ports", []):
+            assert port.startswith("127.0.0.1:"), (name, port)
+    assert "127.0.0.1:7000:7000" in compose["services"]["frontend"]["ports"]
 
 
 def test_prometheus_scrapes_every_compose_service(compose):
