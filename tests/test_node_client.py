@@ -3,14 +3,18 @@ it loads the protos from protos/ at run time, submits, and waits for results."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
+import dworkers
 from dworkers.common.zkserver import free_port
+from dworkers.local_cluster import LocalCluster
 from tests.helpers import frontend, wait_kind
 
 pytestmark = pytest.mark.e2e
@@ -46,9 +50,9 @@ def node_client():
     return CLIENT
 
 
-def run_client(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def run_client(*args: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([NODE, str(CLIENT), *args], cwd=ROOT, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=timeout)
+                          stdin=subprocess.DEVNULL, timeout=timeout, env=env)
 
 
 def assert_one_clear_line(done: subprocess.CompletedProcess) -> str:
@@ -96,3 +100,25 @@ def test_node_client_reports_an_unreachable_frontend_in_one_line(node_client):
     done = run_client("--frontend", f"127.0.0.1:{free_port()}", "--kind", "square", "1")
     line = assert_one_clear_line(done)
     assert "UNAVAILABLE" in line, line
+
+
+def test_node_client_over_mutual_tls_with_a_token(zookeeper, tmp_path, node_client, request):
+    cluster = LocalCluster(workdir=tmp_path, root=f"/node-tls-{uuid.uuid4().hex[:8]}", session_timeout=2.0,
+                           zookeeper=zookeeper, tls=True, access=True)
+    request.addfinalizer(cluster.stop)
+    cluster.start_master(wait=True)
+    cluster.start_worker(2)
+    front = cluster.start_frontend()
+    tls = cluster.client_tls
+    with dworkers.Client(front.address, tls=tls, token=cluster.tokens["admin"], timeout=60) as client:
+        assert client.submit("square", 2).result(timeout=60) == 4
+    # a name, not 127.0.0.1: Node.js warns about TLS server names that are IP addresses
+    flags = ["--frontend", front.address, "--tls-ca", tls.ca, "--tls-cert", tls.cert, "--tls-key", tls.key,
+             "--tls-server-name", "localhost"]
+    env = {**os.environ, "DWORKERS_TOKEN": cluster.tokens["admin"]}
+    done = run_client(*flags, "--kind", "square", "--timeout", "45", "6", "7", env=env)
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    assert sorted(line.split(" ", 2)[2] for line in done.stdout.strip().splitlines()) == ["6 * 6 = 36", "7 * 7 = 49"]
+    without_token = {k: v for k, v in os.environ.items() if k != "DWORKERS_TOKEN"}
+    line = assert_one_clear_line(run_client(*flags, "--kind", "square", "1", env=without_token))
+    assert "UNAUTHENTICATED" in line or "credentials needed" in line, line

@@ -17,7 +17,8 @@ const path = require("node:path");
 const { parseArgs } = require("node:util");
 
 const USAGE = `usage: node client.js [--frontend HOST:PORT] [--kind KIND] [--timeout SECONDS]
-                      [--max-attempts N] [--protos DIR] PAYLOAD...
+                      [--max-attempts N] [--protos DIR] [--tls-ca FILE]
+                      [--tls-cert FILE --tls-key FILE] [--token-file FILE] PAYLOAD...
 
 Submits one work per PAYLOAD (sent as UTF-8) in a single SubmitWorks call and
 prints "<work_id> <STATE> <result or error>" for each as its result arrives.
@@ -26,7 +27,13 @@ prints "<work_id> <STATE> <result or error>" for each as its result arrives.
   --kind       the job to run (default: square)
   --timeout    seconds to wait for everything, submission included (default: 30)
   --max-attempts  failed attempts after which a work ends FAILED (default: the server's, 3)
-  --protos     the directory holding dworkers/v1/*.proto (default: ../../protos next to this file)`;
+  --protos     the directory holding dworkers/v1/*.proto (default: ../../protos next to this file)
+  --tls-ca     TLS to the frontend, trusting this CA (PEM; default $DWORKERS_TLS_CA)
+  --tls-cert, --tls-key  a client certificate, for a frontend that asks for one
+               (default $DWORKERS_TLS_CERT, $DWORKERS_TLS_KEY)
+  --tls-server-name  the name in the frontend's certificate, if not its host
+  --token-file a file holding a bearer token, for a frontend that checks access
+               (default: the token in $DWORKERS_TOKEN)`;
 
 // Codes worth sending the same request again for: the work ids are fixed
 // before the first try, so a resend is answered duplicate=true, never twice.
@@ -60,6 +67,11 @@ function parseOptions(argv) {
         timeout: { type: "string", default: "30" },
         "max-attempts": { type: "string", default: "0" },
         protos: { type: "string", default: path.resolve(__dirname, "..", "..", "protos") },
+        "tls-ca": { type: "string", default: process.env.DWORKERS_TLS_CA || "" },
+        "tls-cert": { type: "string", default: process.env.DWORKERS_TLS_CERT || "" },
+        "tls-key": { type: "string", default: process.env.DWORKERS_TLS_KEY || "" },
+        "tls-server-name": { type: "string", default: process.env.DWORKERS_TLS_SERVER_NAME || "" },
+        "token-file": { type: "string", default: "" },
         help: { type: "boolean", short: "h", default: false },
       },
     });
@@ -82,6 +94,9 @@ function parseOptions(argv) {
   if (positionals.length === 0) {
     throw new UsageError("no payloads: give one argument per work, e.g. `--kind square 1 2 3`");
   }
+  if (Boolean(values["tls-cert"]) !== Boolean(values["tls-key"])) {
+    throw new UsageError("--tls-cert and --tls-key go together");
+  }
   return {
     frontend: values.frontend,
     kind: values.kind,
@@ -89,7 +104,34 @@ function parseOptions(argv) {
     maxAttempts,
     protos: values.protos,
     payloads: positionals,
+    tls: { ca: values["tls-ca"], cert: values["tls-cert"], key: values["tls-key"],
+      serverName: values["tls-server-name"] },
+    tokenFile: values["token-file"],
   };
+}
+
+function readFile(file, what) {
+  try {
+    return fs.readFileSync(file);
+  } catch (err) {
+    throw new ClientError(`cannot read ${what} ${file}: ${err.code || err.message}`);
+  }
+}
+
+// TLS when a CA or a client certificate is given; the bearer token (if any)
+// travels as metadata on every call, which works over TLS and plaintext alike.
+function connection(grpc, options) {
+  const { ca, cert, key, serverName } = options.tls;
+  const credentials = ca || cert
+    ? grpc.credentials.createSsl(ca ? readFile(ca, "--tls-ca") : null, key ? readFile(key, "--tls-key") : null,
+      cert ? readFile(cert, "--tls-cert") : null)
+    : grpc.credentials.createInsecure();
+  const channelOptions = serverName ? { "grpc.ssl_target_name_override": serverName } : {};
+  const token = options.tokenFile ? readFile(options.tokenFile, "--token-file").toString("utf8").trim()
+    : (process.env.DWORKERS_TOKEN || "");
+  const metadata = new grpc.Metadata();
+  if (token) metadata.set("authorization", `Bearer ${token}`);
+  return { credentials, channelOptions, metadata };
 }
 
 function loadFrontend(grpc, protoLoader, protosDir) {
@@ -133,7 +175,7 @@ async function callWithRetry(grpc, client, method, request, deadlineAt) {
     if (remaining <= 0) break;
     try {
       return await new Promise((resolve, reject) => {
-        client[method](request, { deadline: Date.now() + Math.min(CALL_TIMEOUT_MS, remaining) },
+        client[method](request, client.metadata, { deadline: Date.now() + Math.min(CALL_TIMEOUT_MS, remaining) },
           (err, response) => (err ? reject(err) : resolve(response)));
       });
     } catch (err) {
@@ -191,7 +233,7 @@ function watchUntilDone(grpc, client, afterSequence, pending, deadlineAt, timeou
 
     const open = () => {
       if (settled) return;
-      const stream = client.WatchResults({ after_sequence: cursor.toString() });
+      const stream = client.WatchResults({ after_sequence: cursor.toString() }, client.metadata);
       call = stream;
       stream.on("data", (batch) => {
         attempt = 0;
@@ -244,8 +286,10 @@ async function main() {
   const grpc = require("@grpc/grpc-js");
   const protoLoader = require("@grpc/proto-loader");
   const Frontend = loadFrontend(grpc, protoLoader, options.protos);
-  const client = new Frontend(options.frontend, grpc.credentials.createInsecure());
+  const { credentials, channelOptions, metadata } = connection(grpc, options);
+  const client = new Frontend(options.frontend, credentials, channelOptions);
   client.address = options.frontend;
+  client.metadata = metadata;
   const deadlineAt = Date.now() + options.timeoutMs;
 
   try {
