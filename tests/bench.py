@@ -49,6 +49,7 @@ import psycopg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kazoo.client import KazooClient
 
+from dworkers import credentials
 from dworkers.common import zk as zkpaths
 from dworkers.common.pgserver import PostgreSQLServer
 from dworkers.common.zkserver import ZooKeeperServer
@@ -122,7 +123,7 @@ class HealthWatch:
         self._thread.start()
 
     def _run(self) -> None:
-        with grpc.insecure_channel(self.address) as channel:
+        with credentials.channel(self.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while not self._stop.is_set() and time.monotonic() < self._end:
                 try:
@@ -206,11 +207,19 @@ class Bench:
     @contextlib.contextmanager
     def cluster(self, name: str, journal: str = ""):
         root = f"/bench-{name}-{uuid.uuid4().hex[:6]}"
+        secure = self.args.secure
         cluster = LocalCluster(workdir=self.workdir / name, root=root, session_timeout=SESSION_TIMEOUT,
-                               zookeeper=self.zookeeper, journal=journal)
+                               zookeeper=self.zookeeper, journal=journal, tls=secure, access=secure, zk_auth=secure)
         self.clusters.append(cluster)
+        if secure:  # the bench's own clients (stubs, SDK) take TLS and a token from the environment
+            assert cluster.client_tls is not None
+            os.environ.update(DWORKERS_TLS_CA=cluster.client_tls.ca, DWORKERS_TLS_CERT=cluster.client_tls.cert,
+                              DWORKERS_TLS_KEY=cluster.client_tls.key, DWORKERS_TOKEN=cluster.tokens["tester"])
         # Workers declare their kinds; scenarios without workers need `square` declared.
-        self.kz.ensure_path(f"{zkpaths.Paths(root).kinds}/square")
+        declarer = zkpaths.connect(self.zookeeper.hosts, auth=cluster.zk_auth) if secure else self.kz
+        declarer.ensure_path(f"{zkpaths.Paths(root).kinds}/square")
+        if declarer is not self.kz:
+            zkpaths.stop(declarer)
         try:
             yield cluster
         finally:
@@ -1216,6 +1225,8 @@ def parse_args(argv=None):
     p.add_argument("--worker-args", default="", help="extra flags for every worker, e.g. '--log-level WARNING'")
     p.add_argument("--workdir", default=None, help="keep logs and data here (default: a temporary dir, removed)")
     p.add_argument("--keep", action="store_true", help="keep the temporary work dir (logs)")
+    p.add_argument("--secure", action="store_true",
+                   help="clusters with mutual TLS, access control (clients with a token) and ZooKeeper ACLs")
     args = p.parse_args(argv)
     args.scale_explicit = args.scale_procs is not None or args.scale_slots is not None
     args.scale_procs = args.scale_procs or 4

@@ -10,14 +10,15 @@ import uuid
 
 import grpc
 
-from dworkers.common.wire import CHANNEL_OPTIONS
+from dworkers import credentials
 from dworkers.v1 import frontend_pb2_grpc, work_pb2
 
 RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 def stub(address: str) -> tuple[grpc.Channel, frontend_pb2_grpc.FrontendStub]:
-    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    """A stub (TLS and a token from the environment, as the SDK's: bench --secure sets them)."""
+    channel = credentials.channel(address)
     return channel, frontend_pb2_grpc.FrontendStub(channel)
 
 
