@@ -80,15 +80,17 @@ class LocalCluster:
     def __init__(self, workdir: str | Path | None = None, root: str = "/dworkers",
                  session_timeout: float = 4.0, log_to_files: bool = True, extra_env: dict | None = None,
                  zookeeper: ZooKeeperServer | None = None, journal: str = "", tls: bool = False,
-                 access: bool = False, zk_auth: bool = False):
+                 access: bool = False, zk_auth: bool = False, zk_tls: bool = False):
         """`tls`: every service serves and calls TLS (certificates from
         `dworkers dev-certs` in the workdir), and requires client
         certificates; `client_tls` is what a client needs. `access`: masters
         and frontends check an access file; the services present a token
         with the roles worker and frontend (and, with TLS, their certificate
         is named too), clients one of `tokens` (admin, producer: submit,
-        reader: read; tester: admin, worker and frontend). `zk_auth`: the services authenticate to ZooKeeper, and
-        only they may read or write what they create there."""
+        reader: read; tester: admin, worker and frontend). `zk_auth`: the
+        services authenticate to ZooKeeper, and only they may read or write
+        what they create there. `zk_tls`: they reach ZooKeeper on its TLS
+        port (a ZooKeeperServer with a tls_dir)."""
         self.journal = journal  # a PostgreSQL URL for the masters' journal; empty: ZooKeeper
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="dworkers-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -96,7 +98,18 @@ class LocalCluster:
         self.session_timeout = session_timeout
         self.log_to_files = log_to_files
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        self.own_zookeeper = zookeeper is None
+        self.zookeeper = zookeeper or ZooKeeperServer(self.workdir / "zookeeper")
+        self.services: list[Service] = []
+        self._count = 0
         self.client_tls: Tls | None = None
+        self.tokens: dict[str, str] = {}
+        self.zk_tls = zk_tls
+        self.zk_auth: str | None = None
+        self._lock_down(tls, access, zk_auth, zk_tls)
+
+    def _lock_down(self, tls: bool, access: bool, zk_auth: bool, zk_tls: bool) -> None:
+        """Files and environment for the services' TLS, access file and ZooKeeper credentials."""
         if tls:
             certs = self.workdir / "tls"
             devcerts.make(certs)
@@ -104,9 +117,11 @@ class LocalCluster:
                             DWORKERS_TLS_CA=str(certs / "ca.pem"), DWORKERS_TLS_CLIENT_AUTH="require")
             self.client_tls = Tls(ca=str(certs / "ca.pem"), cert=str(certs / "admin.pem"),
                                   key=str(certs / "admin-key.pem"))
-        self.tokens: dict[str, str] = {}
-        self.zk_auth = f"dworkers:{new_token()}" if zk_auth else None
-        if self.zk_auth:
+        if zk_tls:
+            assert self.zookeeper.tls_dir is not None, "zk_tls needs a ZooKeeperServer with a tls_dir"
+            self.env.update(DWORKERS_ZK_TLS_CA=str(self.zookeeper.tls_dir / "ca.pem"))
+        if zk_auth:
+            self.zk_auth = f"dworkers:{new_token()}"
             auth_file = self.workdir / "zk-auth"
             auth_file.write_text(self.zk_auth + "\n")
             auth_file.chmod(0o600)
@@ -124,14 +139,10 @@ class LocalCluster:
             token_file = self.workdir / "services-token"
             token_file.write_text(services + "\n")
             self.env.update(DWORKERS_ACCESS_FILE=str(self.access_file), DWORKERS_TOKEN_FILE=str(token_file))
-        self.own_zookeeper = zookeeper is None
-        self.zookeeper = zookeeper or ZooKeeperServer(self.workdir / "zookeeper")
-        self.services: list[Service] = []
-        self._count = 0
 
     @property
     def zk(self) -> str:
-        return self.zookeeper.hosts
+        return self.zookeeper.secure_hosts if self.zk_tls else self.zookeeper.hosts
 
     def start_zookeeper(self) -> LocalCluster:
         self.zookeeper.start()

@@ -2,7 +2,7 @@
 create (election, journal, kinds, cluster id) only they may read or write.
 An anonymous client, or one with the wrong password, can neither read the
 cluster's root nor join the election; a service with the wrong password
-says so in one line."""
+says so in one line. Optionally, they reach ZooKeeper over TLS."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ import uuid
 
 import pytest
 from kazoo.exceptions import NoAuthError
+from kazoo.handlers.threading import KazooTimeoutError
 
 import dworkers
+from dworkers import devcerts
 from dworkers.common import zk
+from dworkers.common.zkserver import ZooKeeperServer
 from dworkers.local_cluster import LocalCluster
 from tests.test_cli import assert_one_line_error
 from tests.test_cli import dworkers as cli
@@ -80,3 +83,25 @@ def test_a_service_with_the_wrong_password_says_so_in_one_line(locked, tmp_path)
     proc = cli("worker", "--zk", locked.zk, "--root", locked.root, "--zk-auth-file", str(malformed),
                "--metrics-port", "0", timeout=60)
     assert_one_line_error(proc, "must hold `user:password`", ignore_log_lines=True)
+
+
+def test_a_cluster_reaches_zookeeper_over_tls_only_with_the_ca(tmp_path, request):
+    certs = tmp_path / "zk-tls"
+    devcerts.make(certs)
+    server = ZooKeeperServer(tmp_path / "zookeeper", tls_dir=certs).start()
+    request.addfinalizer(server.stop)
+    cluster = LocalCluster(workdir=tmp_path / "cluster", root="/over-tls", session_timeout=2.0, zookeeper=server,
+                           zk_tls=True, zk_auth=True)
+    request.addfinalizer(cluster.stop)
+    cluster.start_master(wait=True)
+    cluster.start_worker(1)
+    front = cluster.start_frontend()
+    with dworkers.Client(front.address, timeout=60) as client:
+        assert client.submit("square", 11).result(timeout=60) == 121
+    assert f"zk={server.secure_hosts}" in cluster.masters()[0].log()
+    with pytest.raises(KazooTimeoutError):  # plaintext on the TLS port: no session
+        zk.connect(server.secure_hosts, connect_timeout=3)
+    other = tmp_path / "other-ca"
+    devcerts.make(other)
+    with pytest.raises(KazooTimeoutError):  # a server this CA did not sign
+        zk.connect(server.secure_hosts, connect_timeout=3, tls=zk.ZkTls(str(other / "ca.pem")))

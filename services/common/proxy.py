@@ -403,7 +403,8 @@ def build_proxy(contact, timeout: float = 10.0, zk_connect_timeout: float = 10.0
         return MasterProxy(StaticLocator([a.strip() for a in contact.masters.split(",") if a.strip()]), timeout,
                            tls=tls, token=token)
     try:
-        client = zk.connect(contact.zk, connect_timeout=zk_connect_timeout, auth=contact.zk_auth())
+        client = zk.connect(contact.zk, connect_timeout=zk_connect_timeout, auth=contact.zk_auth(),
+                            tls=contact.zk_tls())
     except KazooTimeoutError:
         raise ConfigError(f"cannot reach ZooKeeper at {contact.zk}") from None
     try:

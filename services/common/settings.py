@@ -20,6 +20,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from dworkers.common.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 SECRET_WORDS = ("password", "secret", "token")
@@ -147,10 +149,25 @@ class Cluster:
     zk_auth_file: str = setting("", "a file holding user:password: this process authenticates to ZooKeeper by "
                                     "digest, and what it creates there only that user may read or write")
 
+    zk_tls_ca: str = setting("", "PEM CA bundle of ZooKeeper's secure port: TLS to ZooKeeper, checking its "
+                                 "certificate and name (--zk then lists secure ports)")
+    zk_tls_cert: str = setting("", "PEM client certificate, for a ZooKeeper that asks for one (with --zk-tls-ca)")
+    zk_tls_key: str = setting("", "PEM private key of --zk-tls-cert")
+
     def zk_auth(self) -> str | None:
         from dworkers.common.zk import read_auth
 
         return read_auth(self.zk_auth_file) if self.zk_auth_file else None
+
+    def zk_tls(self):
+        """A ZkTls, or None for plaintext."""
+        from dworkers.common.zk import ZkTls
+
+        if (self.zk_tls_cert or self.zk_tls_key) and not self.zk_tls_ca:
+            raise ConfigError("--zk-tls-cert and --zk-tls-key need --zk-tls-ca")
+        if bool(self.zk_tls_cert) != bool(self.zk_tls_key):
+            raise ConfigError("--zk-tls-cert and --zk-tls-key go together")
+        return ZkTls(self.zk_tls_ca, self.zk_tls_cert, self.zk_tls_key) if self.zk_tls_ca else None
 
 
 @dataclasses.dataclass(frozen=True)

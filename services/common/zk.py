@@ -44,11 +44,22 @@ class Paths:
         return f"{self.root}/cluster"
 
 
+@dataclass(frozen=True)
+class ZkTls:
+    """TLS to ZooKeeper's secure port: the CA to trust, and a client
+    certificate for a server that asks for one."""
+
+    ca: str
+    cert: str = ""
+    key: str = ""
+
+
 def connect(hosts: str, session_timeout: float = 4.0, connect_timeout: float = 10.0,
-            auth: str | None = None) -> KazooClient:
+            auth: str | None = None, tls: ZkTls | None = None) -> KazooClient:
     """A started client that keeps reconnecting (bounded per try, forever in
     all). With `auth` ("user:password"), it authenticates by digest and every
-    znode it creates is readable and writable by that user only."""
+    znode it creates is readable and writable by that user only. With `tls`,
+    it speaks TLS and checks the server's certificate and name."""
     acl = None
     if auth is not None:
         user, _, password = auth.partition(":")
@@ -60,6 +71,8 @@ def connect(hosts: str, session_timeout: float = 4.0, connect_timeout: float = 1
         command_retry=KazooRetry(max_tries=3, delay=0.1, max_delay=0.5),
         auth_data=[("digest", auth)] if auth is not None else None,
         default_acl=acl,
+        **({"use_ssl": True, "ca": tls.ca, "certfile": tls.cert or None, "keyfile": tls.key or None,
+            "verify_certs": True, "check_hostname": True} if tls is not None else {}),
     )
     client.start(timeout=connect_timeout)
     ForgetfulReconnect(client, session_timeout)

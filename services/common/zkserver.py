@@ -15,6 +15,9 @@ from pathlib import Path
 
 ZOOKEEPER_JAR = "/usr/share/java/zookeeper.jar"
 SLF4J_BINDING = "/usr/share/java/slf4j-simple.jar"
+# The TLS port's Netty needs its codec, which Debian's zookeeper.jar leaves
+# off its manifest's class path.
+NETTY_CODEC = "/usr/share/java/netty-codec.jar"
 
 
 class ZooKeeperNotInstalled(RuntimeError):
@@ -48,10 +51,14 @@ class ZooKeeperServer:
     on the same data dir, and hosts for clients."""
 
     def __init__(self, workdir: str | Path, port: int | None = None, tick_ms: int = 500,
-                 address: str = "127.0.0.1", heap_mb: int = 512):
+                 address: str = "127.0.0.1", heap_mb: int = 512, tls_dir: Path | None = None):
+        """`tls_dir`: certificates from `dworkers dev-certs`; the server then
+        also serves TLS on `secure_port` (`secure_hosts`), with server.pem."""
         self.workdir = Path(workdir)
         self.address = address
         self.port = port or free_port()
+        self.tls_dir = tls_dir
+        self.secure_port = free_port() if tls_dir is not None else 0
         self.tick_ms = tick_ms
         self.heap_mb = heap_mb  # as deploy/ gives ZooKeeper
         self.process: subprocess.Popen | None = None
@@ -59,6 +66,10 @@ class ZooKeeperServer:
     @property
     def hosts(self) -> str:
         return f"{self.address}:{self.port}"
+
+    @property
+    def secure_hosts(self) -> str:
+        return f"localhost:{self.secure_port}"  # a name its certificate carries
 
     def _write_config(self) -> Path:
         data = self.workdir / "data"
@@ -78,8 +89,26 @@ class ZooKeeperServer:
             "autopurge.purgeInterval=1\n"
             # Journal batches are kept well below the default 1 MB limit.
             "jute.maxbuffer=1048575\n"
+            + (self._tls_config() if self.tls_dir is not None else "")
         )
         return cfg
+
+    def _tls_config(self) -> str:
+        assert self.tls_dir is not None
+        keystore = self.workdir / "keystore.pem"  # the key and its certificate, as ZooKeeper reads PEM
+        keystore.write_bytes((self.tls_dir / "server-key.pem").read_bytes()
+                             + (self.tls_dir / "server.pem").read_bytes())
+        keystore.chmod(0o600)
+        return (
+            f"secureClientPort={self.secure_port}\n"
+            f"secureClientPortAddress={self.address}\n"
+            "serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory\n"
+            f"ssl.keyStore.location={keystore}\n"
+            "ssl.keyStore.type=PEM\n"
+            f"ssl.trustStore.location={self.tls_dir / 'ca.pem'}\n"
+            "ssl.trustStore.type=PEM\n"
+            "ssl.clientAuth=want\n"
+        )
 
     def start(self, timeout: float = 60.0) -> ZooKeeperServer:
         jar = os.environ.get("DWORKERS_ZOOKEEPER_JAR", ZOOKEEPER_JAR)
@@ -90,7 +119,7 @@ class ZooKeeperServer:
                 "(scripts/ensure-zookeeper.sh) or set DWORKERS_ZOOKEEPER_JAR"
             )
         cfg = self._write_config()
-        classpath = jar + (":" + SLF4J_BINDING if os.path.exists(SLF4J_BINDING) else "")
+        classpath = ":".join([jar, *(p for p in (SLF4J_BINDING, NETTY_CODEC) if os.path.exists(p))])
         log = open(self.workdir / "zookeeper.log", "ab")
         self.process = subprocess.Popen(
             [java, f"-Xmx{self.heap_mb}m", "-XX:+UseSerialGC", "-cp", classpath,

@@ -288,7 +288,7 @@ class MasterNode:
         if s.journal:
             await self.loop.run_in_executor(None, self._migrate_journal)
         connecting = self.loop.run_in_executor(None, zk.connect, s.cluster.zk, s.session_timeout, 10.0,
-                                               s.cluster.zk_auth())
+                                               s.cluster.zk_auth(), s.cluster.zk_tls())
         stopping = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait([connecting, stopping], return_when=asyncio.FIRST_COMPLETED)
         if self._stop.is_set():
