@@ -19,6 +19,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from dworkers import devcerts
+
 pytestmark = pytest.mark.unit
 
 try:
@@ -691,3 +693,31 @@ def test_the_lock_pins_every_dependency_and_the_generator():
         assert name in pinned, f"{requirement} is not pinned in constraints.txt"
     tools = next(r for r in project["build-system"]["requires"] if r.startswith("grpcio-tools"))
     assert tools == f"grpcio-tools=={pinned['grpcio-tools']}", "the generator's pin differs from the lock"
+
+
+def test_the_secure_compose_file_gives_every_service_tls_and_its_secrets(compose, tmp_path):
+    secure = yaml.safe_load((DEPLOY / "docker-compose.secure.yml").read_text())
+    roles = compose_roles(compose)
+    assert set(secure["services"]) == set(roles)
+    declared = secure["secrets"]
+    for name, role in roles.items():
+        svc = secure["services"][name]
+        environment = svc["environment"]
+        mounted = {s["target"]: s["source"] for s in svc["secrets"]}
+        for key in ("DWORKERS_TLS_CERT", "DWORKERS_TLS_KEY", "DWORKERS_TLS_CA", "DWORKERS_ZK_AUTH_FILE"):
+            target = environment[key].removeprefix("/run/secrets/")
+            assert mounted[target] in declared, (name, key)
+        assert all(s["uid"] == "10001" for s in svc["secrets"]), name  # readable by the image's user
+        if role in GRPC_PORTS:
+            assert environment["DWORKERS_ACCESS_FILE"].removeprefix("/run/secrets/") in mounted, name
+        if role == "master":
+            assert environment["DWORKERS_TLS_CLIENT_AUTH"] == "require"
+            # masters advertise their service name: the certificate must carry it
+            assert compose["services"][name]["environment"]["DWORKERS_ADVERTISE"].startswith(name + ":")
+    # The files are the ones `dworkers dev-certs` writes (as the file's header says to run it).
+    written = {p.name for p in devcerts.make(tmp_path, hosts=["master-1", "master-2", "frontend"])}
+    made_by_hand = {"access", "zk-auth"}
+    for secret in declared.values():
+        name = Path(secret["file"]).name
+        assert name in written or name in made_by_hand, name
+    assert "deploy/secrets/" in (ROOT / ".gitignore").read_text().split()
