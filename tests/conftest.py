@@ -50,20 +50,36 @@ def pytest_addoption(parser):
 
 
 @pytest.fixture
-def cluster(zookeeper, tmp_path, request, journal, monkeypatch):
+def make_cluster(zookeeper, tmp_path, request):
+    """Makes LocalClusters (options: tls=, access=, zk_auth=, journal=, ...)
+    on the session's ZooKeeper unless given another; each is stopped at the
+    end, and its services' logs printed if the test failed."""
+    made: list[LocalCluster] = []
+
+    def make(**options) -> LocalCluster:
+        options.setdefault("zookeeper", zookeeper)
+        c = LocalCluster(workdir=tmp_path / f"cluster-{len(made)}" if made else tmp_path,
+                         root=f"/test-{uuid.uuid4().hex[:8]}", session_timeout=2.0, **options)
+        made.append(c)
+        return c
+    yield make
+    report = getattr(request.node, "report_call", None)
+    for c in made:
+        c.stop()
+        if report is not None and report.failed:
+            c.print_logs()
+
+
+@pytest.fixture
+def cluster(make_cluster, request, journal, monkeypatch):
     secure = request.config.getoption("--secure") or request.node.get_closest_marker("secure") is not None
-    c = LocalCluster(workdir=tmp_path, root=f"/test-{uuid.uuid4().hex[:8]}", session_timeout=2.0,
-                     zookeeper=zookeeper, journal=journal, tls=secure, access=secure, zk_auth=secure)
+    c = make_cluster(journal=journal, tls=secure, access=secure, zk_auth=secure)
     if secure:  # the test's own clients (SDK, stubs) take TLS and a token from the environment
         assert c.client_tls is not None
         for name, value in (("CA", c.client_tls.ca), ("CERT", c.client_tls.cert), ("KEY", c.client_tls.key)):
             monkeypatch.setenv(f"DWORKERS_TLS_{name}", value)
         monkeypatch.setenv("DWORKERS_TOKEN", c.tokens["tester"])
-    yield c
-    c.stop()
-    report = getattr(request.node, "report_call", None)
-    if report is not None and report.failed:
-        c.print_logs()
+    return c
 
 
 LEVELS = ("unit", "integration", "e2e", "chaos", "container")

@@ -6,7 +6,6 @@ tokens appear in no log."""
 from __future__ import annotations
 
 import contextlib
-import uuid
 
 import grpc
 import pytest
@@ -16,7 +15,6 @@ import dworkers
 from dworkers import credentials
 from dworkers.common.auth import AccessFile, Authorizer, hash_token, new_token, parse
 from dworkers.common.errors import ConfigError, PermissionDenied, Unauthenticated
-from dworkers.local_cluster import LocalCluster
 from dworkers.v1 import frontend_pb2_grpc, master_pb2, master_pb2_grpc, work_pb2
 from tests.helpers import ProtocolWorker, wait_until
 from tests.test_cli import assert_one_line_error, clean_env, ok
@@ -25,24 +23,10 @@ from tests.test_cli import dworkers as cli
 pytestmark = pytest.mark.e2e
 
 
-def cluster_with(zookeeper, tmp_path, request, tls: bool = False) -> LocalCluster:
-    c = LocalCluster(workdir=tmp_path, root=f"/access-{uuid.uuid4().hex[:8]}", session_timeout=2.0,
-                     zookeeper=zookeeper, tls=tls, access=True)
-    request.addfinalizer(lambda: stop(c, request))
-    return c
-
-
-def stop(c: LocalCluster, request) -> None:
-    c.stop()
-    report = getattr(request.node, "report_call", None)
-    if report is not None and report.failed:
-        c.print_logs()
-
-
 @pytest.fixture
-def guarded(zookeeper, tmp_path, request):
+def guarded(make_cluster):
     """A cluster that checks access (plaintext), its frontend's address."""
-    c = cluster_with(zookeeper, tmp_path, request)
+    c = make_cluster(access=True)
     c.start_master(wait=True)
     c.start_worker(2, "--jobs", "tests.jobs_for_tests")
     front = c.start_frontend()
@@ -151,8 +135,8 @@ def test_no_token_appears_in_any_log(guarded):
             assert token not in service.log(), f"{service.role} logged a token"
 
 
-def test_client_certificates_are_identities_too(zookeeper, tmp_path, request):
-    cluster = cluster_with(zookeeper, tmp_path, request, tls=True)
+def test_client_certificates_are_identities_too(make_cluster):
+    cluster = make_cluster(tls=True, access=True)
     with cluster.access_file.open("a") as f:
         f.write("alice admin cert:admin\n")
     cluster.start_master(wait=True)
@@ -237,8 +221,8 @@ def test_a_worker_identity_limited_to_some_kinds_cannot_register_others(guarded)
     allowed.close()
 
 
-def test_each_identity_is_held_to_its_submission_rate_and_stream_count(zookeeper, tmp_path, request):
-    cluster = cluster_with(zookeeper, tmp_path, request)
+def test_each_identity_is_held_to_its_submission_rate_and_stream_count(make_cluster):
+    cluster = make_cluster(access=True)
     cluster.start_master(wait=True)
     cluster.start_worker(2)
     front = cluster.start_frontend(None, "--identity-submit-rate", "50", "--identity-streams", "1").address

@@ -7,14 +7,12 @@ import os
 import shutil
 import subprocess
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
 import dworkers
 from dworkers.common.zkserver import free_port
-from dworkers.local_cluster import LocalCluster
 from tests.helpers import frontend, wait_kind
 
 pytestmark = pytest.mark.e2e
@@ -102,10 +100,8 @@ def test_node_client_reports_an_unreachable_frontend_in_one_line(node_client):
     assert "UNAVAILABLE" in line, line
 
 
-def test_node_client_over_mutual_tls_with_a_token(zookeeper, tmp_path, node_client, request):
-    cluster = LocalCluster(workdir=tmp_path, root=f"/node-tls-{uuid.uuid4().hex[:8]}", session_timeout=2.0,
-                           zookeeper=zookeeper, tls=True, access=True)
-    request.addfinalizer(cluster.stop)
+def test_node_client_over_mutual_tls_with_a_token(make_cluster, node_client):
+    cluster = make_cluster(tls=True, access=True)
     cluster.start_master(wait=True)
     cluster.start_worker(2)
     front = cluster.start_frontend()

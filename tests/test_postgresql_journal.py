@@ -382,7 +382,7 @@ def test_migrations_run_once_under_concurrent_starts_and_a_newer_schema_is_refus
         cluster.stop()
 
 
-def test_the_journal_runs_as_a_role_that_owns_one_schema_and_can_touch_nothing_else(zookeeper, postgresql, tmp_path):
+def test_the_journal_runs_as_a_role_that_owns_one_schema_and_can_touch_nothing_else(make_cluster, postgresql):
     """The least-privilege set-up of the README: a login role owning one
     schema; the journal migrates and serves there, and the role cannot read
     or write outside it."""
@@ -396,22 +396,18 @@ def test_the_journal_runs_as_a_role_that_owns_one_schema_and_can_touch_nothing_e
         admin.execute(f"CREATE SCHEMA {role} AUTHORIZATION {role}")
         admin.execute("CREATE TABLE public.payroll (amount int)")
     url = f"postgresql://{role}:{password}@127.0.0.1:{postgresql.port}/{database}"
-    cluster = LocalCluster(workdir=tmp_path, root=f"/pgrole-{uuid.uuid4().hex[:6]}", session_timeout=2.0,
-                           zookeeper=zookeeper, journal=url)
-    try:
-        cluster.start_master(wait=True)
-        cluster.start_master(wait=True)
-        cluster.start_worker(2)
-        stub = frontend(cluster.start_frontend().address)
-        wait_kind(stub, "square")
-        results = ResultCollector(stub)
-        acked = [submit_until_acked(stub, "square", str(n).encode()).work_id for n in range(50)]
-        cluster.active_master().kill()  # the standby replays as that role too
-        acked += [submit_until_acked(stub, "square", str(n).encode(), deadline=60).work_id for n in range(50, 60)]
-        assert_exactly_once(results, acked, stub)
-        results.stop()
-    finally:
-        cluster.stop()
+    cluster = make_cluster(journal=url)
+    cluster.start_master(wait=True)
+    cluster.start_master(wait=True)
+    cluster.start_worker(2)
+    stub = frontend(cluster.start_frontend().address)
+    wait_kind(stub, "square")
+    results = ResultCollector(stub)
+    acked = [submit_until_acked(stub, "square", str(n).encode()).work_id for n in range(50)]
+    cluster.active_master().kill()  # the standby replays as that role too
+    acked += [submit_until_acked(stub, "square", str(n).encode(), deadline=60).work_id for n in range(50, 60)]
+    assert_exactly_once(results, acked, stub)
+    results.stop()
     with psycopg.connect(url, autocommit=True) as conn:
         tables = {r[0] for r in conn.execute("SELECT table_schema || '.' || table_name FROM "
                                              "information_schema.tables WHERE table_name LIKE 'dworkers_%'")}

@@ -11,7 +11,6 @@ import shutil
 import socket
 import ssl
 import threading
-import uuid
 
 import grpc
 import pytest
@@ -30,14 +29,8 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def tls_cluster(zookeeper, tmp_path, request):
-    c = LocalCluster(workdir=tmp_path, root=f"/tls-{uuid.uuid4().hex[:8]}", session_timeout=2.0,
-                     zookeeper=zookeeper, tls=True)
-    yield c
-    c.stop()
-    report = getattr(request.node, "report_call", None)
-    if report is not None and report.failed:
-        c.print_logs()
+def tls_cluster(make_cluster):
+    return make_cluster(tls=True)
 
 
 def started(cluster: LocalCluster, workers: int = 1) -> str:

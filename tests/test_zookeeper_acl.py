@@ -6,8 +6,6 @@ says so in one line. Optionally, they reach ZooKeeper over TLS."""
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 from kazoo.exceptions import NoAuthError
 from kazoo.handlers.threading import KazooTimeoutError
@@ -16,7 +14,6 @@ import dworkers
 from dworkers import devcerts
 from dworkers.common import zk
 from dworkers.common.zkserver import ZooKeeperServer
-from dworkers.local_cluster import LocalCluster
 from tests.test_cli import assert_one_line_error
 from tests.test_cli import dworkers as cli
 
@@ -24,14 +21,8 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def locked(zookeeper, tmp_path, request):
-    c = LocalCluster(workdir=tmp_path, root=f"/acl-{uuid.uuid4().hex[:8]}", session_timeout=2.0,
-                     zookeeper=zookeeper, zk_auth=True)
-    yield c
-    c.stop()
-    report = getattr(request.node, "report_call", None)
-    if report is not None and report.failed:
-        c.print_logs()
+def locked(make_cluster):
+    return make_cluster(zk_auth=True)
 
 
 def test_only_the_services_credentials_open_the_clusters_znodes(locked, tmp_path):
@@ -85,14 +76,12 @@ def test_a_service_with_the_wrong_password_says_so_in_one_line(locked, tmp_path)
     assert_one_line_error(proc, "must hold `user:password`", ignore_log_lines=True)
 
 
-def test_a_cluster_reaches_zookeeper_over_tls_only_with_the_ca(tmp_path, request):
+def test_a_cluster_reaches_zookeeper_over_tls_only_with_the_ca(make_cluster, tmp_path, request):
     certs = tmp_path / "zk-tls"
     devcerts.make(certs)
     server = ZooKeeperServer(tmp_path / "zookeeper", tls_dir=certs).start()
     request.addfinalizer(server.stop)
-    cluster = LocalCluster(workdir=tmp_path / "cluster", root="/over-tls", session_timeout=2.0, zookeeper=server,
-                           zk_tls=True, zk_auth=True)
-    request.addfinalizer(cluster.stop)
+    cluster = make_cluster(zookeeper=server, zk_tls=True, zk_auth=True)
     cluster.start_master(wait=True)
     cluster.start_worker(1)
     front = cluster.start_frontend()
