@@ -80,21 +80,25 @@ def channel(target: str, tls: Tls | bool | None = None, aio: bool = False, optio
     chosen, bearer = resolve(tls), token_of(token)
     module = grpc.aio if aio else grpc
     all_options = [*CHANNEL_OPTIONS, *options]
+    # The token is metadata added to each call by an interceptor, over TLS and
+    # plaintext alike: gRPC's call credentials would run a plugin per call on
+    # another thread (and refuse plaintext).
     if chosen is None:
-        if bearer is None:
-            return module.insecure_channel(target, options=all_options)
-        # gRPC sends call credentials over TLS only: here the metadata is added by hand.
         if aio:
-            return module.insecure_channel(target, options=all_options, interceptors=_aio_bearer(bearer))
-        return with_bearer(module.insecure_channel(target, options=all_options), bearer)
-    credentials = chosen.credentials()
-    if bearer is not None:
-        credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(bearer))
-    return module.secure_channel(target, credentials, options=[*all_options, *chosen.options()])
+            return module.insecure_channel(target, options=all_options,
+                                           interceptors=_aio_bearer(bearer) if bearer else None)
+        channel = module.insecure_channel(target, options=all_options)
+    else:
+        secure = [*all_options, *chosen.options()]
+        if aio:
+            return module.secure_channel(target, chosen.credentials(), options=secure,
+                                         interceptors=_aio_bearer(bearer) if bearer else None)
+        channel = module.secure_channel(target, chosen.credentials(), options=secure)
+    return with_bearer(channel, bearer) if bearer else channel
 
 
 def with_bearer(channel: grpc.Channel, token: str) -> grpc.Channel:
-    """A plaintext channel whose every call presents `token`."""
+    """The channel, every call of which presents `token`."""
     return grpc.intercept_channel(channel, _Bearer(token))
 
 

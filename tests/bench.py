@@ -48,6 +48,7 @@ import grpc
 import psycopg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kazoo.client import KazooClient
+from kazoo.security import make_digest_acl
 
 from dworkers import credentials
 from dworkers.common import zk as zkpaths
@@ -216,10 +217,12 @@ class Bench:
             os.environ.update(DWORKERS_TLS_CA=cluster.client_tls.ca, DWORKERS_TLS_CERT=cluster.client_tls.cert,
                               DWORKERS_TLS_KEY=cluster.client_tls.key, DWORKERS_TOKEN=cluster.tokens["tester"])
         # Workers declare their kinds; scenarios without workers need `square` declared.
-        declarer = zkpaths.connect(self.zookeeper.hosts, auth=cluster.zk_auth) if secure else self.kz
-        declarer.ensure_path(f"{zkpaths.Paths(root).kinds}/square")
-        if declarer is not self.kz:
-            zkpaths.stop(declarer)
+        acl = None
+        if cluster.zk_auth is not None:  # the bench reads the cluster's znodes as the services would
+            self.kz.add_auth("digest", cluster.zk_auth)
+            user, _, password = cluster.zk_auth.partition(":")
+            acl = [make_digest_acl(user, password, all=True)]
+        self.kz.ensure_path(f"{zkpaths.Paths(root).kinds}/square", acl=acl)
         try:
             yield cluster
         finally:

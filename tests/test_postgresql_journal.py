@@ -16,6 +16,7 @@ import grpc
 import psycopg
 import pytest
 
+from dworkers import devcerts
 from dworkers.common import zk
 from dworkers.common.pgserver import PostgreSQLServer
 from dworkers.local_cluster import LocalCluster, wait_serving
@@ -415,3 +416,33 @@ def test_the_journal_runs_as_a_role_that_owns_one_schema_and_can_touch_nothing_e
         for statement in ("SELECT * FROM public.payroll", "CREATE TABLE public.mine (x int)"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(statement)
+
+
+def test_the_journal_can_insist_on_a_verified_tls_connection(make_cluster, tmp_path):
+    """libpq's own options in the URL: sslmode=verify-full checks the
+    server's certificate and name; a server the CA did not sign is refused."""
+    certs, other = tmp_path / "pg-tls", tmp_path / "other-ca"
+    devcerts.make(certs)
+    devcerts.make(other)
+    server = PostgreSQLServer(tmp_path / "postgresql", tls_dir=certs).start()
+    try:
+        verified = f"{server.url()}?sslmode=verify-full&sslrootcert={certs / 'ca.pem'}"
+        with psycopg.connect(verified) as conn:
+            assert conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone() == (True,)
+        cluster = make_cluster(journal=verified)
+        cluster.start_master(wait=True)
+        cluster.start_worker(1)
+        stub = frontend(cluster.start_frontend().address)
+        wait_kind(stub, "square")
+        results = ResultCollector(stub)
+        assert_exactly_once(results, [submit_until_acked(stub, "square", b"5").work_id], stub)
+        results.stop()
+        # A server the CA did not sign: the master never acts, and says why
+        # (it keeps trying, as for any journal it cannot reach).
+        wrong_ca = f"{server.url()}?sslmode=verify-full&sslrootcert={other / 'ca.pem'}"
+        refused = make_cluster(journal=wrong_ca).start_master()
+        wait_until(lambda: "SSL error" in refused.log(), 60, "the master to report the TLS failure")
+        assert refused.alive() and not wait_serving(refused.address, "dworkers.v1.Master", timeout=1)
+        assert "Traceback" not in refused.log() and server.password not in refused.log()
+    finally:
+        server.remove()

@@ -43,8 +43,12 @@ class PostgreSQLServer:
     """One server: start(), stop() (kill -9 or clean), start again on the same
     data dir; `url` for clients (with the password)."""
 
-    def __init__(self, workdir: str | Path, port: int | None = None, password: str | None = None):
+    def __init__(self, workdir: str | Path, port: int | None = None, password: str | None = None,
+                 tls_dir: Path | None = None):
+        """`tls_dir`: certificates from `dworkers dev-certs`; the server then
+        offers TLS with server.pem (clients choose with sslmode)."""
         self._user = pwd.getpwnam("postgres") if os.geteuid() == 0 else None
+        self.tls_dir = tls_dir
         self.workdir = Path(workdir)
         if self._user is not None and not self._reachable(self.workdir):
             # e.g. under pytest's 0700 temp root: the server user could not reach it
@@ -113,7 +117,8 @@ class PostgreSQLServer:
         self.process = subprocess.Popen(
             self._as_server_user([str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port),
                                   "-h", "127.0.0.1", "-k", str(self.sockets), "-c", "max_connections=200",
-                                  "-c", "shared_buffers=128MB", "-c", "log_min_messages=warning"]),
+                                  "-c", "shared_buffers=128MB", "-c", "log_min_messages=warning",
+                                  *self._tls_options()]),
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout
@@ -126,6 +131,19 @@ class PostgreSQLServer:
             time.sleep(0.1)
         self.stop(kill=True)
         raise TimeoutError(f"PostgreSQL did not start within {timeout:.0f} s")
+
+    def _tls_options(self) -> list[str]:
+        if self.tls_dir is None:
+            return []
+        # The server reads its key only if the server user owns it, unreadable by others.
+        for name in ("server.pem", "server-key.pem"):
+            copy = self.workdir / name
+            copy.write_bytes((self.tls_dir / name).read_bytes())
+            copy.chmod(0o600)
+            if self._user is not None:
+                os.chown(copy, self._user.pw_uid, self._user.pw_gid)
+        return ["-c", "ssl=on", "-c", f"ssl_cert_file={self.workdir / 'server.pem'}",
+                "-c", f"ssl_key_file={self.workdir / 'server-key.pem'}"]
 
     def _log_tail(self, lines: int = 20) -> str:
         try:

@@ -219,11 +219,10 @@ class MasterProxy:
     def _new_channel(self, address: str) -> grpc.Channel:
         if self.tls is None:
             channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-            return credentials.with_bearer(channel, self.token) if self.token else channel
-        creds = self.tls.channel_credentials()
-        if self.token:
-            creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(self.token))
-        return grpc.secure_channel(address, creds, options=CHANNEL_OPTIONS + self.tls.channel_options())
+        else:
+            channel = grpc.secure_channel(address, self.tls.channel_credentials(),
+                                          options=CHANNEL_OPTIONS + self.tls.channel_options())
+        return credentials.with_bearer(channel, self.token) if self.token else channel
 
     def _renew_if_rotated(self, tls: TlsFiles) -> None:
         """New TLS files: new calls get new channels. Calls on the old ones
