@@ -16,7 +16,7 @@ from dworkers import credentials
 from dworkers.common.auth import AccessFile, Authorizer, hash_token, new_token, parse
 from dworkers.common.errors import ConfigError, PermissionDenied, Unauthenticated
 from dworkers.v1 import frontend_pb2_grpc, master_pb2, master_pb2_grpc, work_pb2
-from tests.helpers import ProtocolWorker, wait_until
+from tests.helpers import ProtocolWorker, wait_kind, wait_until
 from tests.test_cli import assert_one_line_error, clean_env, ok
 from tests.test_cli import dworkers as cli
 
@@ -30,8 +30,8 @@ def guarded(make_cluster):
     c.start_master(wait=True)
     c.start_worker(2, "--jobs", "tests.jobs_for_tests")
     front = c.start_frontend()
-    with dworkers.Client(front.address, token=c.tokens["admin"], timeout=60) as client:
-        assert client.submit("square", 2).result(timeout=60) == 4
+    wait_kind(frontend_pb2_grpc.FrontendStub(credentials.channel(front.address, False, token=c.tokens["admin"])),
+              "square")
     return c, front.address
 
 
@@ -157,7 +157,10 @@ def test_access_files_that_cannot_work_are_refused_with_the_line_that_is_wrong(t
     tokens, certs = parse(good, "access")
     assert tokens["sha256:" + "a" * 64].roles == {"submit", "read"} and certs["alice"].may("read")
     for text, fragment in [("ci submit", "access:1: expected"), ("ci boss sha256:" + "a" * 64, "unknown role boss"),
-                           ("ok read cert:x\nci submit sha256:abc", "access:2: sha256: takes")]:
+                           ("ok read cert:x\nci submit sha256:abc", "access:2: sha256: takes"),
+                           ("gpu worker cert:gpu#1 kinds=render", "access:1: expected"),
+                           ("gpu worker cert:gpu kinds=,", "kinds= names one or more kinds"),
+                           ("ops admin cert:ops kinds=render", "for a worker identity")]:
         with pytest.raises(ConfigError) as error:
             parse(text, "access")
         assert fragment in str(error.value)
@@ -227,8 +230,8 @@ def test_each_identity_is_held_to_its_submission_rate_and_stream_count(make_clus
     cluster.start_worker(2)
     front = cluster.start_frontend(None, "--identity-submit-rate", "50", "--identity-streams", "1").address
     producer, reader = cluster.tokens["producer"], cluster.tokens["reader"]
-    with dworkers.Client(front, token=cluster.tokens["admin"], timeout=60) as client:
-        assert client.submit("square", 2).result(timeout=60) == 4  # a master, and a worker for square
+    wait_kind(frontend_pb2_grpc.FrontendStub(credentials.channel(front, False, token=cluster.tokens["admin"])),
+              "square")
     batch = work_pb2.SubmitWorksRequest(works=[work_pb2.SubmitWorkRequest(kind="square", payload=b"2")
                                                for _ in range(100)])
     wait_until(lambda: _accepted(front, batch, producer), 60, "a first batch (a full bucket lets it pass)")
@@ -263,3 +266,73 @@ def _accepted(front: str, batch, token: str) -> bool:
         if error.code() != grpc.StatusCode.UNAVAILABLE:  # no master yet
             raise
         return False
+
+
+def test_health_watch_and_reflection_streams_need_an_identity(guarded):
+    cluster, address = guarded
+    with credentials.channel(address, False, token="") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=30).status  # probes stay open
+        with refused(grpc.StatusCode.UNAUTHENTICATED, "credentials needed"):
+            next(health.Watch(health_pb2.HealthCheckRequest(), timeout=30))
+    with credentials.channel(address, False, token=cluster.tokens["reader"]) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=30)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+
+
+def test_a_slot_cannot_be_taken_over_by_another_worker_identity(guarded):
+    cluster, _address = guarded
+    first, second = new_token(), new_token()
+    with cluster.access_file.open("a") as f:
+        f.write(f"box-a worker {hash_token(first)}\nbox-b worker {hash_token(second)}\n")
+    master = cluster.active_master().address
+    owners: list[ProtocolWorker] = []
+
+    def owner_registers() -> bool:  # once the master has read the new lines
+        owners.append(ProtocolWorker(master, "shared-0", token=first))
+        return _registers(owners[-1], "shared-0")
+    wait_until(owner_registers, 30, "the access file to be read again")
+    thief = ProtocolWorker(master, "shared-0", token=second)
+    thief.send(register=master_pb2.RegisterWorker(worker_ids=["shared-0"], host="thief", kinds=["square"]))
+    thief.done.wait(30)
+    assert thief.error is not None and thief.error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "belongs to another worker identity" in thief.error.details()
+    again = ProtocolWorker(master, "shared-0", token=first)  # the same identity reconnecting may
+    assert _registers(again, "shared-0")
+    for probe in (*owners, thief, again):
+        probe.close()
+
+
+def _registers(probe: ProtocolWorker, worker_id: str) -> bool:
+    probe.send(register=master_pb2.RegisterWorker(worker_ids=[worker_id], host="probe", kinds=["square"]),
+               request_work=master_pb2.WorkerRequestsWork(worker_ids=[worker_id]))
+    return not probe.done.wait(1.0)  # refused streams end at once
+
+
+def test_a_revoked_token_ends_the_stream_it_holds_open(guarded):
+    cluster, address = guarded
+    with dworkers.Client(address, token=cluster.tokens["admin"], timeout=60) as client:
+        assert client.submit("square", 2).result(timeout=60) == 4  # a first result to watch
+    with credentials.channel(address, False, token=cluster.tokens["reader"]) as channel:
+        stream = frontend_pb2_grpc.FrontendStub(channel).WatchResults(
+            work_pb2.WatchResultsRequest(after_sequence=0), timeout=120)
+        assert next(stream).results
+        text = cluster.access_file.read_text()
+        kept = [line for line in text.splitlines() if not line.startswith("reader ")]
+        cluster.access_file.write_text("".join(line + "\n" for line in kept))
+        with dworkers.Client(address, token=cluster.tokens["admin"], timeout=60) as client:
+            with refused(grpc.StatusCode.UNAUTHENTICATED, "unknown token"):
+                for _ in range(200):  # results keep flowing until the stream ends
+                    client.submit("square", 3).result(timeout=60)
+                    next(stream)
+
+
+def test_a_frontend_whose_own_credentials_are_refused_says_so_without_blaming_the_client(guarded, tmp_path):
+    cluster, _address = guarded
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text(new_token() + "\n")
+    front = cluster.start_frontend(None, "--token-file", str(wrong))
+    with refused(grpc.StatusCode.UNAVAILABLE, "a master refused its credentials"):
+        call(front.address, "ClusterInfo", work_pb2.ClusterInfoRequest(), cluster.tokens["admin"])
+    wait_until(lambda: "a master refused this process's credentials" in front.log(), 30, "the frontend to log it")

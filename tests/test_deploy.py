@@ -297,7 +297,7 @@ def test_the_secure_overlay_locks_every_hop():
         if role != "master":  # masters advertise pod IPs: their certificate carries this name
             assert settings["DWORKERS_TLS_SERVER_NAME"] in master_names
     assert env(by_role["master"][1])["DWORKERS_TLS_CLIENT_AUTH"] == "require"
-    assert env(by_role["frontend"][1])["DWORKERS_TLS_CLIENT_AUTH"] in ("optional", "require")
+    assert env(by_role["frontend"][1])["DWORKERS_TLS_CLIENT_AUTH"] in ("none", "require")
     assert issuer["spec"]["ca"]["secretName"] == "dworkers-ca"
 
 

@@ -44,12 +44,15 @@ FRONTEND_METHODS = {
     "CancelWork": "admin", "RetryWork": "admin", "SetRateLimit": "admin",
 }
 MASTER_METHODS = {"Connect": "worker"}  # every other master call: "frontend"
-OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes and tools, no credentials
+OPEN_METHODS = ("/grpc.health.v1.Health/Check",)  # probes: no credentials
+# Streams that hold a thread for as long as the caller likes: any known
+# identity, never an anonymous caller.
+ANY_IDENTITY = ("/grpc.health.v1.Health/Watch", "/grpc.reflection.")
 
 AUTHORIZATION = "authorization"  # the metadata key: "Bearer <token>"
 CHECK_INTERVAL = 1.0  # seconds between looks at the file's modification time
 LINE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._@-]{0,127})\s+(?P<roles>[a-z,]+)\s+"
-                  r"(?P<kind>sha256|cert):(?P<value>\S{1,256})(\s+kinds=(?P<kinds>[^\s]{1,4096}))?$")
+                  r"(?P<kind>sha256|cert):(?P<value>[^\s#]{1,256})(\s+kinds=(?P<kinds>[^\s#]{1,4096}))?$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +84,7 @@ def parse(text: str, source: str) -> tuple[dict[str, Identity], dict[str, Identi
     tokens: dict[str, Identity] = {}
     certs: dict[str, Identity] = {}
     for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
+        line = re.sub(r"(^|\s)#.*$", "", raw).strip()  # a comment: `#` at the start or after a space
         if not line:
             continue
         match = LINE.match(line)
@@ -93,7 +96,12 @@ def parse(text: str, source: str) -> tuple[dict[str, Identity], dict[str, Identi
         if unknown or not roles:
             raise ConfigError(f"{source}:{number}: unknown role {', '.join(sorted(unknown)) or '(none)'} "
                               f"(roles: {', '.join(ROLES)})")
-        kinds = frozenset(k for k in (match["kinds"] or "").split(",") if k) or None
+        kinds = None
+        if match["kinds"] is not None:
+            kinds = frozenset(match["kinds"].split(","))
+            if "" in kinds or roles != {"worker"}:
+                raise ConfigError(f"{source}:{number}: kinds= names one or more kinds, for a worker identity "
+                                  "(roles: worker) only")
         identity = Identity(match["name"], roles, kinds)
         if match["kind"] == "sha256":
             if not re.fullmatch(r"[0-9a-f]{64}", match["value"]):
@@ -221,7 +229,10 @@ class Authorizer:
 
     def check(self, full_method: str, context) -> Identity | None:
         """The caller's identity; raises Unauthenticated or PermissionDenied."""
-        if full_method.startswith(OPEN_SERVICES):
+        if full_method in OPEN_METHODS:
+            return None
+        if full_method.startswith(ANY_IDENTITY):
+            self.identify(context)
             return None
         method = full_method.rsplit("/", 1)[-1]
         role = self.methods.get(method, self.default_role)

@@ -231,6 +231,8 @@ class MasterProxy:
         if generation == self._tls_generation:
             return
         with self._lock:
+            if generation == self._tls_generation:
+                return  # another thread renewed them first
             self._tls_generation = generation
             retired, self._retired = self._retired, list(self._channels.values())
             self._channels.clear()

@@ -12,6 +12,7 @@ details. No handler calls context.abort itself.
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from collections.abc import Callable, Iterable
 
@@ -27,6 +28,8 @@ from dworkers.common.metrics import ServerMetrics
 from dworkers.common.wire import SERVER_OPTIONS, listen
 
 DETAILS_KEY = "grpc-status-details-bin"  # where gRPC carries a google.rpc.Status
+RECHECK_SECONDS = 1.0  # a stream's caller is checked again at most this often, as items flow
+log = logging.getLogger(__name__)
 
 
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str, tuple] | None:
@@ -45,6 +48,12 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str, tuple] | None
             trailers += ((DETAILS_KEY, status.SerializeToString()),)
         return code, error.message, trailers
     if isinstance(error, grpc.RpcError) and isinstance(error, grpc.Call):
+        if error.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            # This server's own credentials, not the caller's: the caller can only wait.
+            log.error("a master refused this process's credentials (--token-file, --tls-cert): %s %s",
+                      error.code().name, error.details())
+            return (grpc.StatusCode.UNAVAILABLE, "this frontend cannot act for you now: a master refused its "
+                    "credentials (its operator must fix them)", ())
         return error.code(), error.details() or "", ()  # a call this server made: its answer, passed on
     return None
 
@@ -67,6 +76,7 @@ class SyncInterceptor(grpc.ServerInterceptor):
             return None
         method, metrics = _method(handler_call_details), self.metrics
         check = _checker(self.authorizer, handler_call_details.method)
+        recheck = _rechecker(self.authorizer, handler_call_details.method)
 
         def abort(context, error):
             status = status_of(error)
@@ -93,7 +103,12 @@ class SyncInterceptor(grpc.ServerInterceptor):
                 started, code, release = metrics.stream_opened(method), None, None
                 try:
                     release = check(context, request)
-                    yield from behavior(request, context)
+                    checked = time.monotonic()
+                    for item in behavior(request, context):
+                        if recheck is not None and time.monotonic() - checked > RECHECK_SECONDS:
+                            recheck(context)  # a credential revoked meanwhile ends the stream
+                            checked = time.monotonic()
+                        yield item
                 except Exception as error:
                     code = _code(context, error)
                     abort(context, error)
@@ -123,6 +138,7 @@ class AsyncInterceptor(grpc.aio.ServerInterceptor):
             return None
         method, metrics = _method(handler_call_details), self.metrics
         check = _checker(self.authorizer, handler_call_details.method)
+        recheck = _rechecker(self.authorizer, handler_call_details.method)
 
         async def abort(context, error):
             status = status_of(error)
@@ -152,7 +168,11 @@ class AsyncInterceptor(grpc.aio.ServerInterceptor):
                 started, code, release = metrics.stream_opened(method), None, None
                 try:
                     release = check(context, request)
+                    checked = time.monotonic()
                     async for item in behavior(request, context):
+                        if recheck is not None and time.monotonic() - checked > RECHECK_SECONDS:
+                            recheck(context)  # a credential revoked meanwhile ends the stream
+                            checked = time.monotonic()
                         yield item
                 except Exception as error:
                     code = _code(context, error)
@@ -180,6 +200,13 @@ def _checker(authorizer: Authorizer | None, full_method: str) -> Callable[[objec
 
 def _anyone(context, request) -> None:
     return None
+
+
+def _rechecker(authorizer: Authorizer | None, full_method: str) -> Callable[[object], object] | None:
+    """The access check again, for a stream that outlives a change of the access file."""
+    if authorizer is None:
+        return None
+    return lambda context: authorizer.check(full_method, context)
 
 
 def _abort_with(context, status) -> None:

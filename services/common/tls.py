@@ -24,7 +24,9 @@ from dworkers.common.settings import setting
 
 log = logging.getLogger(__name__)
 
-CLIENT_AUTH = ("none", "optional", "require")
+# gRPC Python's servers either require a client certificate or never ask for
+# one: there is no "ask, but let in without".
+CLIENT_AUTH = ("none", "require")
 CHECK_INTERVAL = 1.0  # seconds between looks at the files' modification times
 
 
@@ -51,8 +53,9 @@ class TlsSettings:
 @dataclasses.dataclass(frozen=True)
 class ServingTlsSettings(TlsSettings):
     """A process that serves gRPC (masters, frontends) serves TLS when on."""
-    tls_client_auth: str = setting("none", "ask clients for a certificate signed by --tls-ca (optional) or refuse "
-                                           "those without one (require)", choices=CLIENT_AUTH)
+    tls_client_auth: str = setting("none", "require: refuse clients without a certificate signed by --tls-ca "
+                                           "(their identity for --access-file's cert: lines); none: do not ask",
+                                   choices=CLIENT_AUTH)
 
     @property
     def client_auth(self) -> str:
