@@ -218,3 +218,14 @@ def test_byte_totals_are_what_the_works_and_results_hold_live_and_after_a_snapsh
             # failed works are kept to be retried: their bytes count with their results
             assert candidate.result_bytes == sum(r.ByteSize() for r in candidate.results.values()) + sum(
                 e.size for _, e in candidate.retryable.values())
+
+
+def test_only_hand_backs_by_the_worker_count_and_a_snapshot_keeps_them():
+    def returned(by_worker: bool) -> journal_pb2.Event:
+        return journal_pb2.Event(work_returned=journal_pb2.WorkReturned(work_id="a", by_worker=by_worker))
+    events = [accepted("a")]
+    for by_worker in (False, True, False, True, True):  # lost with a stream, or handed back
+        events += [started("a"), returned(by_worker)]
+    state = apply_all(events)
+    assert state.unfinished("a").hand_backs == 3
+    assert WorkState.from_snapshot(state.to_snapshot()).unfinished("a").hand_backs == 3

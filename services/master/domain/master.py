@@ -350,13 +350,13 @@ class Master:
                         entry, token, f"result of {len(result)} bytes exceeds the limit of {MAX_RESULT_BYTES}", now))
                     requeued = True
             elif running and report.returned:
-                if entry.attempts - entry.failures > MAX_HAND_BACKS:  # the hand-outs that did not fail, this one too
+                if entry.hand_backs >= MAX_HAND_BACKS:
                     events.append(self._failed(
                         entry, token, f"handed back unfinished more than {MAX_HAND_BACKS} times: this time counts "
                         "as a failed attempt", now))
                 else:
                     events.append(journal_pb2.Event(work_returned=journal_pb2.WorkReturned(
-                        work_id=work_id, attempt_token=token)))
+                        work_id=work_id, attempt_token=token, by_worker=True)))
                 requeued = True
             elif running:
                 events.append(self._failed(entry, token, report.error[:MAX_ERROR_CHARS], now, report.permanent))

@@ -68,6 +68,7 @@ class Entry:
     digest: bytes | None = None  # fingerprint(kind, payload) when the payload is not here
     attempts: int = 0  # times handed to a worker
     failures: int = 0  # failed or timed-out attempts
+    hand_backs: int = 0  # attempts handed back unfinished (a worker leaving)
     error: str = ""  # the last failed attempt's error
     token: int = 0  # its latest attempt's token: only reports that carry it count
     ticket: int = STALE  # its place in the queue while pending
@@ -531,7 +532,7 @@ class WorkState:
         del self.finished[e.work_id]  # its result stays in the stream; a new one comes when it finishes again
         self.result_bytes -= entry.size
         self.unfinished_bytes += entry.size
-        entry.attempts = entry.failures = 0
+        entry.attempts = entry.failures = entry.hand_backs = 0
         entry.error, entry.ready_at = "", 0.0
         entry.token = 0  # no earlier attempt's report counts (0 matches no report: reports carry a token)
         self.pending.push(entry)
@@ -550,6 +551,7 @@ class WorkState:
         if entry is None or not _same_attempt(entry, e.attempt_token):
             return self._impossible(f"{e.work_id!r} returned, but not by its running attempt")
         del self.in_progress[e.work_id]
+        entry.hand_backs += e.by_worker
         self.pending.push(entry)
 
     def _on_work_in_progress_reset(self, _e: journal_pb2.WorkInProgressReset) -> None:
@@ -629,7 +631,7 @@ class WorkState:
                 snapshot.entries.add(
                     work=entry.work(), attempts=entry.attempts, failures=entry.failures, error=entry.error,
                     in_progress=in_progress, attempt_token=entry.token, fingerprint=entry.digest or b"",
-                    ready_at=entry.ready_at, retryable_until_forgotten=sequence,
+                    ready_at=entry.ready_at, retryable_until_forgotten=sequence, hand_backs=entry.hand_backs,
                 )
         snapshot.results.extend(self.results.values())
         snapshot.fingerprints.extend(self.fingerprints[r.work_id] for r in self.results.values())
@@ -647,7 +649,7 @@ class WorkState:
         for e in snapshot.entries:
             entry = Entry.of(e.work, not payloads_apart, e.fingerprint)
             entry.attempts, entry.failures, entry.error, entry.token = e.attempts, e.failures, e.error, e.attempt_token
-            entry.ready_at = e.ready_at
+            entry.ready_at, entry.hand_backs = e.ready_at, e.hand_backs
             if e.retryable_until_forgotten:
                 state.retryable[entry.work_id] = (e.retryable_until_forgotten, entry)
             elif e.in_progress:
