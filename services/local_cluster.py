@@ -106,6 +106,8 @@ class LocalCluster:
         self.tokens: dict[str, str] = {}
         self.zk_tls = zk_tls
         self.zk_auth: str | None = None
+        self.zk_reader_auth: str | None = None
+        self.role_env: dict[str, dict[str, str]] = {}  # role -> environment beyond env
         self._lock_down(tls, access, zk_auth, zk_tls)
 
     def _lock_down(self, tls: bool, access: bool, zk_auth: bool, zk_tls: bool) -> None:
@@ -120,12 +122,16 @@ class LocalCluster:
         if zk_tls:
             assert self.zookeeper.tls_dir is not None, "zk_tls needs a ZooKeeperServer with a tls_dir"
             self.env.update(DWORKERS_ZK_TLS_CA=str(self.zookeeper.tls_dir / "ca.pem"))
-        if zk_auth:
+        if zk_auth:  # masters write; workers and frontends log in as a user that may only read
             self.zk_auth = f"dworkers:{new_token()}"
-            auth_file = self.workdir / "zk-auth"
-            auth_file.write_text(self.zk_auth + "\n")
-            auth_file.chmod(0o600)
-            self.env.update(DWORKERS_ZK_AUTH_FILE=str(auth_file))
+            self.zk_reader_auth = f"reader:{new_token()}"
+            auth_file, reader_file = self.workdir / "zk-auth", self.workdir / "zk-reader"
+            for path, auth in ((auth_file, self.zk_auth), (reader_file, self.zk_reader_auth)):
+                path.write_text(auth + "\n")
+                path.chmod(0o600)
+            self.role_env["master"] = {"DWORKERS_ZK_AUTH_FILE": str(auth_file),
+                                       "DWORKERS_ZK_READERS_FILE": str(reader_file)}
+            self.env.update(DWORKERS_ZK_AUTH_FILE=str(reader_file))
         if access:
             self.access_file = self.workdir / "access"
             services = new_token()
@@ -155,7 +161,7 @@ class LocalCluster:
         log_path = self.workdir / f"{role}-{self._count}.log" if self.log_to_files else None
         out = open(log_path, "ab") if log_path else None
         process = subprocess.Popen(command, stdout=out or None, stderr=subprocess.STDOUT if out else None,
-                                   stdin=subprocess.DEVNULL, env=self.env,
+                                   stdin=subprocess.DEVNULL, env={**self.env, **self.role_env.get(role, {})},
                                    cwd=cwd or Path(__file__).resolve().parent.parent)
         if out:
             out.close()

@@ -292,6 +292,15 @@ def test_the_secure_overlay_locks_every_hop():
         assert "client auth" in certificate["usages"]
         assert ("server auth" in certificate["usages"]) == (role in GRPC_PORTS), role
         assert secret_of(settings["DWORKERS_ZK_AUTH_FILE"]) == "dworkers-zookeeper"
+        # masters write in ZooKeeper; the others get only the read-only user's key
+        key = settings["DWORKERS_ZK_AUTH_FILE"].rsplit("/", 1)[1]
+        assert key == ("auth" if role == "master" else "reader"), role
+        if role == "master":
+            assert settings["DWORKERS_ZK_READERS_FILE"].endswith("/reader")
+        else:
+            (volume,) = [v for v in workload["spec"]["template"]["spec"]["volumes"]
+                         if v.get("secret", {}).get("secretName") == "dworkers-zookeeper"]
+            assert volume["secret"]["items"] == [{"key": "reader", "path": "reader"}], role
         if role in GRPC_PORTS:
             assert secret_of(settings["DWORKERS_ACCESS_FILE"]) == "dworkers-access"
         if role != "master":  # masters advertise pod IPs: their certificate carries this name
@@ -710,13 +719,17 @@ def test_the_secure_compose_file_gives_every_service_tls_and_its_secrets(compose
         assert all(s["uid"] == "10001" for s in svc["secrets"]), name  # readable by the image's user
         if role in GRPC_PORTS:
             assert environment["DWORKERS_ACCESS_FILE"].removeprefix("/run/secrets/") in mounted, name
+        zk_secret = mounted[environment["DWORKERS_ZK_AUTH_FILE"].removeprefix("/run/secrets/")]
+        assert zk_secret == ("zk-auth" if role == "master" else "zk-reader"), name  # the others only read
+        if role != "master":
+            assert "zk-auth" not in mounted.values(), name
         if role == "master":
             assert environment["DWORKERS_TLS_CLIENT_AUTH"] == "require"
             # masters advertise their service name: the certificate must carry it
             assert compose["services"][name]["environment"]["DWORKERS_ADVERTISE"].startswith(name + ":")
     # The files are the ones `dworkers dev-certs` writes (as the file's header says to run it).
     written = {p.name for p in devcerts.make(tmp_path, hosts=["master-1", "master-2", "frontend"])}
-    made_by_hand = {"access", "zk-auth"}
+    made_by_hand = {"access", "zk-auth", "zk-reader"}
     for secret in declared.values():
         name = Path(secret["file"]).name
         assert name in written or name in made_by_hand, name

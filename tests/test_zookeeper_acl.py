@@ -41,9 +41,23 @@ def test_only_the_services_credentials_open_the_clusters_znodes(locked, tmp_path
         assert len(trusted.get_children(paths.election)) == 2
         for path in (locked.root, paths.election, paths.journal, paths.cluster):
             acl, _ = trusted.get_acls(path)
-            assert [entry.id.scheme for entry in acl] == ["digest"], (path, acl)
+            # the masters' user may do anything, the workers' and frontends' only read
+            assert {(entry.id.id.split(":")[0], entry.acl_list[0]) for entry in acl} == \
+                {("dworkers", "ALL"), ("reader", "READ")}, (path, acl)
     finally:
         zk.stop(trusted)
+    # Workers and frontends log in as a user that may read, and nothing more:
+    # one of them compromised cannot plant an election znode or touch the journal.
+    reader = zk.connect(locked.zk, auth=locked.zk_reader_auth)
+    try:
+        assert len(reader.get_children(paths.election)) == 2 and reader.get(paths.cluster)[0]
+        for write in (lambda: reader.create(f"{paths.election}/backend-", b"{}", ephemeral=True, sequence=True),
+                      lambda: reader.set(paths.cluster, b"forged"), lambda: reader.delete(paths.cluster),
+                      lambda: reader.create(f"{paths.journal}/b-forged", b"")):
+            with pytest.raises(NoAuthError):
+                write()
+    finally:
+        zk.stop(reader)
     for auth in (None, "dworkers:wrong-password", "mallory:secret"):
         outsider = zk.connect(locked.zk, auth=auth)
         try:

@@ -45,7 +45,7 @@ class ZooKeeperLocator:
         self._children: list[str] = []
         self._resolved: tuple[str, str] | None = None  # (znode, address)
         self._listeners: list = []
-        zk.ChildrenFollower(client, self.path, self._on_children)
+        zk.ChildrenFollower(client, self.path, self._on_children, create=False)
 
     def _on_children(self, children) -> None:
         with self._cond:

@@ -55,15 +55,20 @@ class ZkTls:
 
 
 def connect(hosts: str, session_timeout: float = 4.0, connect_timeout: float = 10.0,
-            auth: str | None = None, tls: ZkTls | None = None) -> KazooClient:
+            auth: str | None = None, tls: ZkTls | None = None, readers: str | None = None) -> KazooClient:
     """A started client that keeps reconnecting (bounded per try, forever in
     all). With `auth` ("user:password"), it authenticates by digest and every
     znode it creates is readable and writable by that user only. With `tls`,
-    it speaks TLS and checks the server's certificate and name."""
+    it speaks TLS and checks the server's certificate and name. With
+    `readers` ("user:password" too), what it creates is readable by that
+    user as well (workers and frontends, which write nothing there)."""
     acl = None
     if auth is not None:
         user, _, password = auth.partition(":")
         acl = [make_digest_acl(user, password, all=True)]
+        if readers is not None:
+            reader, _, reader_password = readers.partition(":")
+            acl.append(make_digest_acl(reader, reader_password, read=True))
     client = KazooClient(
         hosts=hosts,
         timeout=session_timeout,
@@ -180,13 +185,16 @@ class ChildrenFollower:
     a ZooKeeper that lost its data): kazoo's ChildrenWatch ends for good when
     its node disappears, so a DataWatch, which outlives it, starts a new one."""
 
-    def __init__(self, client: KazooClient, path: str, func: Callable[[list[str]], None]):
+    def __init__(self, client: KazooClient, path: str, func: Callable[[list[str]], None], create: bool = True):
+        """`create`: make the node if missing (masters); workers and frontends,
+        which may only read, wait for it instead."""
         self.client = client
         self.path = path
         self.func = func
         self._generation = 0
         self._lock = threading.Lock()
-        client.ensure_path(path)
+        if create:
+            client.ensure_path(path)
         DataWatch(client, path, self._node_changed)
 
     def _node_changed(self, _data, stat) -> None:

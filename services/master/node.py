@@ -59,6 +59,9 @@ class MasterSettings:
                            "(postgresql://user@host:port/database; the password in the URL, PGPASSWORD or "
                            "--journal-password-file)")
     journal_password_file: str = setting("", "a file holding the PostgreSQL journal's password")
+    zk_readers_file: str = setting("", "a file holding user:password of the read-only ZooKeeper user that workers "
+                                       "and frontends log in as (their --zk-auth-file): what masters create there "
+                                       "is readable by it (with --zk-auth-file)")
 
     def __post_init__(self) -> None:
         if self.journal and not self.journal.startswith(("postgresql://", "postgres://")):
@@ -287,8 +290,9 @@ class MasterNode:
         serve_metrics(s.metrics_port, self.registry)
         if s.journal:
             await self.loop.run_in_executor(None, self._migrate_journal)
+        readers = zk.read_auth(s.zk_readers_file) if s.zk_readers_file else None
         connecting = self.loop.run_in_executor(None, zk.connect, s.cluster.zk, s.session_timeout, 10.0,
-                                               s.cluster.zk_auth(), s.cluster.zk_tls())
+                                               s.cluster.zk_auth(), s.cluster.zk_tls(), readers)
         stopping = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait([connecting, stopping], return_when=asyncio.FIRST_COMPLETED)
         if self._stop.is_set():
