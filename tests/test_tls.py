@@ -21,7 +21,8 @@ from dworkers import credentials, devcerts
 from dworkers.common.errors import ConfigError
 from dworkers.common.tls import ServingTlsSettings, TlsFiles
 from dworkers.local_cluster import LocalCluster
-from tests.helpers import wait_until
+from dworkers.v1 import frontend_pb2_grpc
+from tests.helpers import wait_kind, wait_until
 from tests.test_cli import assert_one_line_error, clean_env, ok
 from tests.test_cli import dworkers as cli
 
@@ -39,8 +40,7 @@ def started(cluster: LocalCluster, workers: int = 1) -> str:
     for _ in range(workers):
         cluster.start_worker(2, "--jobs", "tests.jobs_for_tests")
     front = cluster.start_frontend()
-    with dworkers.Client(front.address, tls=cluster.client_tls, timeout=60) as client:
-        assert client.submit("square", 2).result(timeout=60) == 4
+    wait_kind(frontend_pb2_grpc.FrontendStub(credentials.channel(front.address, cluster.client_tls)), "square")
     return front.address
 
 

@@ -14,6 +14,7 @@ import dworkers
 from dworkers import devcerts
 from dworkers.common import zk
 from dworkers.common.zkserver import ZooKeeperServer
+from tests.helpers import frontend, wait_kind
 from tests.test_cli import assert_one_line_error
 from tests.test_cli import dworkers as cli
 
@@ -30,6 +31,7 @@ def test_only_the_services_credentials_open_the_clusters_znodes(locked, tmp_path
     locked.start_master(wait=True)
     locked.start_worker(2)
     front = locked.start_frontend()
+    wait_kind(frontend(front.address), "square")
     with dworkers.Client(front.address, timeout=60) as client:
         assert [h.result(timeout=60) for h in [client.submit("square", n) for n in range(20)]] == \
             [n * n for n in range(20)]
@@ -99,6 +101,7 @@ def test_a_cluster_reaches_zookeeper_over_tls_only_with_the_ca(make_cluster, tmp
     cluster.start_master(wait=True)
     cluster.start_worker(1)
     front = cluster.start_frontend()
+    wait_kind(frontend(front.address), "square")
     with dworkers.Client(front.address, timeout=60) as client:
         assert client.submit("square", 11).result(timeout=60) == 121
     assert f"zk={server.secure_hosts}" in cluster.masters()[0].log()

@@ -50,12 +50,23 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str, tuple] | None
     if isinstance(error, grpc.RpcError) and isinstance(error, grpc.Call):
         if error.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             # This server's own credentials, not the caller's: the caller can only wait.
-            log.error("a master refused this process's credentials (--token-file, --tls-cert): %s %s",
-                      error.code().name, error.details())
+            _log_refused(error)
             return (grpc.StatusCode.UNAVAILABLE, "this frontend cannot act for you now: a master refused its "
                     "credentials (its operator must fix them)", ())
         return error.code(), error.details() or "", ()  # a call this server made: its answer, passed on
     return None
+
+
+_refused_logged = [0.0]
+
+
+def _log_refused(error) -> None:
+    """Once every ten seconds at most (status_of runs more than once per call)."""
+    now = time.monotonic()
+    if now - _refused_logged[0] >= 10.0:
+        _refused_logged[0] = now
+        log.error("a master refused this process's credentials (--token-file, --tls-cert): %s %s",
+                  error.code().name, error.details())
 
 
 def _method(details) -> str:

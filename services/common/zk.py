@@ -95,16 +95,16 @@ def stop(client: KazooClient) -> None:
         log.warning("closing the ZooKeeper client: %r", exc)
 
 
-def read_auth(path: str) -> str:
-    """The `user:password` a --zk-auth-file holds."""
+def read_auth(path: str, flag: str = "--zk-auth-file") -> str:
+    """The `user:password` a --zk-auth-file (or `flag`) holds."""
     try:
         with open(path, encoding="utf-8") as f:
             auth = f.read().strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read --zk-auth-file {path}: {getattr(exc, 'strerror', exc)}") from None
+        raise ConfigError(f"cannot read {flag} {path}: {getattr(exc, 'strerror', exc)}") from None
     user, sep, password = auth.partition(":")
     if not (user and sep and password) or any(c.isspace() for c in auth):
-        raise ConfigError(f"--zk-auth-file {path} must hold `user:password` (one line, no spaces)")
+        raise ConfigError(f"{flag} {path} must hold `user:password` (one line, no spaces)")
     return auth
 
 

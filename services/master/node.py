@@ -64,6 +64,8 @@ class MasterSettings:
                                        "is readable by it (with --zk-auth-file)")
 
     def __post_init__(self) -> None:
+        if self.zk_readers_file and not self.cluster.zk_auth_file:
+            raise ConfigError("--zk-readers-file needs --zk-auth-file: without it znodes get no ACL at all")
         if self.journal and not self.journal.startswith(("postgresql://", "postgres://")):
             raise ConfigError(f"--journal {redact(self.journal)!r}: expected empty (ZooKeeper) or a "
                               "postgresql:// URL")
@@ -290,7 +292,7 @@ class MasterNode:
         serve_metrics(s.metrics_port, self.registry)
         if s.journal:
             await self.loop.run_in_executor(None, self._migrate_journal)
-        readers = zk.read_auth(s.zk_readers_file) if s.zk_readers_file else None
+        readers = zk.read_auth(s.zk_readers_file, "--zk-readers-file") if s.zk_readers_file else None
         connecting = self.loop.run_in_executor(None, zk.connect, s.cluster.zk, s.session_timeout, 10.0,
                                                s.cluster.zk_auth(), s.cluster.zk_tls(), readers)
         stopping = asyncio.ensure_future(self._stop.wait())
