@@ -103,16 +103,7 @@ def with_bearer(channel: grpc.Channel, token: str) -> grpc.Channel:
 
 
 def _with_bearer(details, token: str):
-    metadata = [*(details.metadata or ()), ("authorization", f"Bearer {token}")]
-    return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
-
-
-class _Details(grpc.ClientCallDetails):
-    def __init__(self, details, metadata):
-        self.method, self.timeout, self.metadata = details.method, details.timeout, metadata
-        self.credentials = details.credentials
-        self.wait_for_ready = getattr(details, "wait_for_ready", None)
-        self.compression = getattr(details, "compression", None)
+    return details._replace(metadata=[*(details.metadata or ()), ("authorization", f"Bearer {token}")])
 
 
 class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
@@ -135,18 +126,33 @@ class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercepto
         return continuation(_with_bearer(details, self.token), requests)
 
 
+class _AioBearer:
+    def __init__(self, token: str):
+        self.token = token
+
+
+# grpc.aio files an interceptor under the first call type it implements
+# only: one class per type.
+class _AioBearerUU(_AioBearer, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(_with_bearer(details, self.token), request)
+
+
+class _AioBearerUS(_AioBearer, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(_with_bearer(details, self.token), request)
+
+
+class _AioBearerSU(_AioBearer, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation, details, requests):
+        return await continuation(_with_bearer(details, self.token), requests)
+
+
+class _AioBearerSS(_AioBearer, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation, details, requests):
+        return await continuation(_with_bearer(details, self.token), requests)
+
+
 def _aio_bearer(token: str) -> list:
-    class Bearer(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
-                 grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
-        async def intercept_unary_unary(self, continuation, details, request):
-            return await continuation(_with_bearer(details, token), request)
-
-        async def intercept_unary_stream(self, continuation, details, request):
-            return await continuation(_with_bearer(details, token), request)
-
-        async def intercept_stream_unary(self, continuation, details, requests):
-            return await continuation(_with_bearer(details, token), requests)
-
-        async def intercept_stream_stream(self, continuation, details, requests):
-            return await continuation(_with_bearer(details, token), requests)
-    return [Bearer()]
+    """Interceptors adding `authorization: Bearer <token>` to every call of a grpc.aio channel."""
+    return [cls(token) for cls in (_AioBearerUU, _AioBearerUS, _AioBearerSU, _AioBearerSS)]

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from dworkers import credentials
 from dworkers.commands import add_tls_flags, tls_of
 from dworkers.common.errors import ConfigError, DworkersError
+from dworkers.common.tls import read_file
 from dworkers.credentials import Tls
 
 DEFAULT_LISTEN = {"master": "0.0.0.0:7100", "frontend": "0.0.0.0:7000"}
@@ -91,7 +92,7 @@ def _name_in(cert_path: str) -> str:
     from cryptography import x509
 
     try:
-        cert = x509.load_pem_x509_certificate(credentials.read_file(cert_path))
+        cert = x509.load_pem_x509_certificate(read_file(cert_path))
         names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         return (names.get_values_for_type(x509.DNSName) or [""])[0]
     except (ValueError, x509.ExtensionNotFound):

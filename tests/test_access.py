@@ -5,6 +5,7 @@ tokens appear in no log."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 import grpc
@@ -336,3 +337,12 @@ def test_a_frontend_whose_own_credentials_are_refused_says_so_without_blaming_th
     with refused(grpc.StatusCode.UNAVAILABLE, "a master refused its credentials"):
         call(front.address, "ClusterInfo", work_pb2.ClusterInfoRequest(), cluster.tokens["admin"])
     wait_until(lambda: "a master refused this process's credentials" in front.log(), 30, "the frontend to log it")
+
+
+def test_the_async_client_presents_its_token_on_every_kind_of_call(guarded):
+    cluster, address = guarded
+
+    async def roundtrip():
+        async with dworkers.AsyncClient(address, token=cluster.tokens["admin"], timeout=60) as client:
+            return await (await client.submit("square", 6)).result(timeout=60)  # unary, then a stream
+    assert asyncio.run(roundtrip()) == 36
