@@ -282,8 +282,11 @@ def test_health_watch_and_reflection_streams_need_an_identity(guarded):
         watch.cancel()
 
 
-def test_a_slot_cannot_be_taken_over_by_another_worker_identity(guarded):
-    cluster, _address = guarded
+def test_another_worker_identity_using_the_same_slot_id_cannot_take_over_its_attempt(guarded):
+    """Slot ids are named within their identity: another one registering
+    the same id gets a slot of its own; the first keeps its stream and its
+    attempt, and a report sent on the other slot counts for nothing."""
+    cluster, address = guarded
     first, second = new_token(), new_token()
     with cluster.access_file.open("a") as f:
         f.write(f"box-a worker {hash_token(first)}\nbox-b worker {hash_token(second)}\n")
@@ -292,26 +295,45 @@ def test_a_slot_cannot_be_taken_over_by_another_worker_identity(guarded):
 
     def owner_registers() -> bool:  # once the master has read the new lines
         owners.append(ProtocolWorker(master, "shared-0", token=first))
-        return _registers(owners[-1], "shared-0")
+        return _registers(owners[-1], "shared-0", "slot-probe")
     wait_until(owner_registers, 30, "the access file to be read again")
-    thief = ProtocolWorker(master, "shared-0", token=second)
-    thief.send(register=master_pb2.RegisterWorker(worker_ids=["shared-0"], host="thief", kinds=["square"]))
-    thief.done.wait(30)
-    assert thief.error is not None and thief.error.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "belongs to another worker identity" in thief.error.details()
-    again = ProtocolWorker(master, "shared-0", token=first)  # the same identity reconnecting may
-    assert _registers(again, "shared-0")
-    for probe in (*owners, thief, again):
+    owner = owners[-1]
+    with dworkers.Client(address, token=cluster.tokens["admin"], timeout=60) as client:
+        handle = client.submit("slot-probe", payload=b"mine")
+        (assignment,) = owner.wait("works", 30).works.assignments
+        other = ProtocolWorker(master, "shared-0", token=second)
+        assert _registers(other, "shared-0", "slot-probe")  # a slot of its own, not a refusal
+        other.send(failed=master_pb2.WorkFailed(failures=[master_pb2.Failure(
+            worker_id="shared-0", work_id=assignment.work.work_id, attempt_token=assignment.attempt_token,
+            error="not yours", permanent=True)]))
+        other.wait("ack", 30)
+        assert not owner.done.is_set()  # the first keeps its stream
+        owner.send(done=master_pb2.WorkIsDone(completions=[master_pb2.Completion(
+            worker_id="shared-0", work_id=assignment.work.work_id, attempt_token=assignment.attempt_token,
+            result=b"from its owner")]))
+        assert handle.result(timeout=60) == b"from its owner"
+    for probe in (*owners, other):
         probe.close()
 
 
-def _registers(probe: ProtocolWorker, worker_id: str) -> bool:
-    probe.send(register=master_pb2.RegisterWorker(worker_ids=[worker_id], host="probe", kinds=["square"]),
+def _registers(probe: ProtocolWorker, worker_id: str, kind: str = "square") -> bool:
+    probe.send(register=master_pb2.RegisterWorker(worker_ids=[worker_id], host="probe", kinds=[kind]),
                request_work=master_pb2.WorkerRequestsWork(worker_ids=[worker_id]))
     return not probe.done.wait(1.0)  # refused streams end at once
 
 
-def test_a_revoked_token_ends_the_stream_it_holds_open(guarded):
+def _drop_line(cluster, name: str) -> None:
+    kept = [line for line in cluster.access_file.read_text().splitlines() if not line.startswith(name + " ")]
+    cluster.access_file.write_text("".join(line + "\n" for line in kept))
+
+
+def _add_line(cluster, line: str) -> None:
+    with cluster.access_file.open("a") as f:
+        f.write(line + "\n")
+
+
+def test_a_revoked_token_ends_the_idle_streams_it_holds_open(guarded):
+    """Nothing flows on the streams when the line goes: they end anyway, with the reason."""
     cluster, address = guarded
     with dworkers.Client(address, token=cluster.tokens["admin"], timeout=60) as client:
         assert client.submit("square", 2).result(timeout=60) == 4  # a first result to watch
@@ -319,14 +341,62 @@ def test_a_revoked_token_ends_the_stream_it_holds_open(guarded):
         stream = frontend_pb2_grpc.FrontendStub(channel).WatchResults(
             work_pb2.WatchResultsRequest(after_sequence=0), timeout=120)
         assert next(stream).results
-        text = cluster.access_file.read_text()
-        kept = [line for line in text.splitlines() if not line.startswith("reader ")]
-        cluster.access_file.write_text("".join(line + "\n" for line in kept))
-        with dworkers.Client(address, token=cluster.tokens["admin"], timeout=60) as client:
+        health = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=120)
+        assert next(health).status == health_pb2.HealthCheckResponse.SERVING
+        _drop_line(cluster, "reader")
+        for idle in (stream, health):
             with refused(grpc.StatusCode.UNAUTHENTICATED, "unknown token"):
-                for _ in range(200):  # results keep flowing until the stream ends
-                    client.submit("square", 3).result(timeout=60)
-                    next(stream)
+                next(idle)
+
+
+def test_a_revoked_worker_or_one_whose_kinds_changed_is_disconnected(guarded):
+    cluster, _address = guarded
+    revoked, narrowed = new_token(), new_token()
+    _add_line(cluster, f"box-gone worker {hash_token(revoked)}")
+    _add_line(cluster, f"box-narrow worker {hash_token(narrowed)} kinds=square,echo")
+    master = cluster.active_master().address
+    probes: dict[str, ProtocolWorker] = {}
+
+    def both_register() -> bool:  # once the master has read the new lines
+        for name, token in (("gone", revoked), ("narrow", narrowed)):
+            if name not in probes or probes[name].done.is_set():
+                probes[name] = ProtocolWorker(master, f"{name}-0", token=token)
+        return all(_registers(probes[name], f"{name}-0") for name in probes)
+    wait_until(both_register, 30, "the access file to be read again")
+    _drop_line(cluster, "box-gone")
+    text = cluster.access_file.read_text().replace("kinds=square,echo", "kinds=echo")
+    cluster.access_file.write_text(text)
+    for name, code, words in (("gone", grpc.StatusCode.UNAUTHENTICATED, "unknown token"),
+                              ("narrow", grpc.StatusCode.PERMISSION_DENIED, "changed what box-narrow may do")):
+        assert probes[name].done.wait(30), f"the {name} worker's stream is still open"
+        assert probes[name].error.code() == code and words in probes[name].error.details(), probes[name].error
+        probes[name].close()
+
+
+def test_a_master_ends_the_result_stream_of_a_frontend_identity_it_no_longer_knows(guarded):
+    cluster, address = guarded
+    with dworkers.Client(address, token=cluster.tokens["admin"], timeout=60) as client:
+        assert client.submit("square", 2).result(timeout=60) == 4  # a first result to watch
+    token = new_token()
+    _add_line(cluster, f"front-b frontend {hash_token(token)}")
+    master = cluster.active_master().address
+
+    def watch():
+        channel = credentials.channel(master, False, token=token)
+        stream = master_pb2_grpc.MasterStub(channel).WatchResults(work_pb2.WatchResultsRequest(after_sequence=0),
+                                                                  timeout=120)
+        try:
+            return channel, stream, next(stream)
+        except grpc.RpcError:
+            channel.close()
+            return None
+    opened = wait_until(watch, 30, "the master to take the new frontend identity")
+    channel, stream, _first = opened
+    _drop_line(cluster, "front-b")
+    with refused(grpc.StatusCode.UNAUTHENTICATED, "unknown token"):
+        for _ in range(1000):  # what the master had already sent, then the end
+            next(stream)
+    channel.close()
 
 
 def test_a_frontend_whose_own_credentials_are_refused_says_so_without_blaming_the_client(guarded, tmp_path):

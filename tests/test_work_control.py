@@ -25,8 +25,9 @@ SETTINGS = CoreSettings(worker_timeout=1e6)  # slots stay while the test's clock
 
 
 class Connection:
-    def __init__(self) -> None:
+    def __init__(self, identity: str = "") -> None:
         self.sent: list[master_pb2.MasterMessage] = []
+        self.identity = identity
 
     def send(self, message, size=0):
         self.sent.append(message)
@@ -550,6 +551,43 @@ def test_a_cancel_after_a_failover_stops_the_attempt_its_slot_still_runs():
     again.cancel(["w"], NOW)
     stops = [e.message.cancel for e in again.take().effects if isinstance(e, Send) and e.message.HasField("cancel")]
     assert [list(s.attempt_tokens) for s in stops] == [[a.attempt_token]] and not again.scheduler.get("s0").busy
+
+
+def test_after_a_failover_another_identity_cannot_squat_a_slot_id():
+    """The new master has not met either worker: one that registers the
+    other's slot id first gets a slot of its own, and the owner's attempt
+    still counts when it comes back and reports it."""
+    master = master_with([work("w")])
+    owner = Connection("box-a")
+    master.register(owner, master_pb2.RegisterWorker(worker_ids=["s0"], kinds=["square"]), NOW)
+    (a,) = handed(master, owner)
+    again = Master(WorkState.from_snapshot(master.state.to_snapshot()), SETTINGS)
+    again.recovered(NOW)
+    again.take()
+    squatter = Connection("box-b")
+    again.register(squatter, master_pb2.RegisterWorker(worker_ids=["s0"], kinds=["square"]), NOW)
+    again.take()
+    owner = Connection("box-a")
+    again.register(owner, master_pb2.RegisterWorker(worker_ids=["s0"], kinds=["square"], running=[
+        master_pb2.RunningAttempt(worker_id="s0", work_id="w", attempt_token=a.attempt_token, seconds_left=5)]), NOW)
+    again.take()
+    assert again.scheduler.get("s0", "box-a").token == a.attempt_token and not again.scheduler.get("s0", "box-b").busy
+    finish(again, owner, a)
+    assert again.status("w").state == work_pb2.DONE and handed(again, squatter) == []
+
+
+def test_a_slot_cannot_report_on_an_attempt_another_slot_holds_even_with_its_token():
+    master = master_with([work("w")])
+    owner, other = Connection("box-a"), Connection("box-b")
+    for connection in (owner, other):
+        master.register(connection, master_pb2.RegisterWorker(worker_ids=["s0"], kinds=["square"]), NOW)
+    (a,) = handed(master, owner)
+    stolen = master_pb2.Assignment()
+    stolen.CopyFrom(a)  # the token leaked (say, read from the journal)
+    finish(master, other, stolen, ok=False, permanent=True)
+    assert master.status("w").state == work_pb2.IN_PROGRESS
+    finish(master, owner, a)
+    assert master.status("w").state == work_pb2.DONE
 
 
 def test_a_rate_limited_kind_that_no_waiting_slot_runs_wakes_nothing():

@@ -19,7 +19,7 @@ def test_idle_connections_follow_slots_through_start_finish_and_drop():
     assert registry.finish(registry.get("b0"), 7, now=1.0)
     assert {c for c, _ in registry.idle_connections()} == {a, b} and registry.busy_count == 0
     registry.start(registry.get("a0"), "w2", token=8, timeout=5.0, now=0.0)
-    registry.drop("a1")
+    registry.drop(registry.get("a1"))
     assert {c for c, _ in registry.idle_connections()} == {b}
     assert [s.worker_id for s in registry.overdue(now=6.0)] == ["a0"]
     registry.register(b, ["a0"], "host-b", SQUARE, now=1.0)  # the slot moved to another process
@@ -77,7 +77,7 @@ def test_waiting_slots_are_grouped_by_kinds_and_served_in_order():
     assert registry.next_waiting(frozenset({"blob"})).worker_id == "a1"
     registry.start(registry.get("a0"), "w", token=1, timeout=9.0, now=0.0)  # full: no longer waiting
     assert frozenset({"blob"}) not in registry.waiting and registry.waiting_count == 1
-    registry.drop("b0")
+    registry.drop(registry.get("b0"))
     assert not registry.waiting and registry.waiting_count == 0
 
 
@@ -100,3 +100,22 @@ def test_an_ack_of_one_attempt_keeps_the_report_of_another_attempt_of_the_same_w
         worker._finished(slot, Outcome(True, result=b"r"))
     worker._handle(master_pb2.MasterMessage(ack=master_pb2.Ack(work_ids=["same"], attempt_tokens=[11])))
     assert list(worker._unacked) == [22]
+
+
+class _Stream:
+    def __init__(self, identity: str) -> None:
+        self.identity = identity
+
+
+def test_slot_ids_are_named_within_their_worker_identity():
+    """Another identity registering the same slot id gets a slot of its own:
+    it neither takes over nor drops the first one's slot and attempts."""
+    registry, owner, other = Scheduler(), _Stream("box-a"), _Stream("box-b")
+    registry.register(owner, ["s0"], "host-a", SQUARE, now=0.0)
+    registry.start(registry.on(owner, "s0"), "w1", token=7, timeout=10.0, now=0.0)
+    dropped = registry.register(other, ["s0"], "host-b", SQUARE, now=1.0)
+    assert dropped == [] and len(registry) == 2
+    assert registry.on(other, "s0") is not registry.on(owner, "s0")
+    assert not registry.on(other, "s0").busy and registry.on(owner, "s0").token == 7
+    assert not registry.finish(registry.on(other, "s0"), 7, now=2.0)  # not its attempt
+    assert registry.finish(registry.on(owner, "s0"), 7, now=2.0)

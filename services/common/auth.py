@@ -220,12 +220,13 @@ class Authorizer:
         self.default_role = default_role
         self.limits = limits
 
-    def admit(self, full_method: str, context, request) -> Callable[[], None] | None:
-        """check(), then the identity's limits: what ends a stream's hold on them."""
+    def admit(self, full_method: str, context, request) -> tuple[Identity | None, Callable[[], None] | None]:
+        """check(), then the identity's limits: the identity, and what ends
+        a stream's hold on its limits."""
         identity = self.check(full_method, context)
         if identity is None or self.limits is None:
-            return None
-        return self.limits.admit(identity, full_method.rsplit("/", 1)[-1], request)
+            return identity, None
+        return identity, self.limits.admit(identity, full_method.rsplit("/", 1)[-1], request)
 
     def check(self, full_method: str, context) -> Identity | None:
         """The caller's identity; raises Unauthenticated or PermissionDenied."""

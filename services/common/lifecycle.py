@@ -85,3 +85,19 @@ def _exit(code: int) -> None:
         except Exception:
             pass
     os._exit(code)
+
+
+class Once:
+    """Calls `func` the first time it is called, never again (from any thread)."""
+
+    def __init__(self, func: Callable[[], object]) -> None:
+        self._func = func
+        self._lock = threading.Lock()
+        self._done = False
+
+    def __call__(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        self._func()

@@ -11,6 +11,7 @@ details. No handler calls context.abort itself.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -25,10 +26,10 @@ from grpc_reflection.v1alpha import reflection
 from dworkers.common.auth import Authorizer
 from dworkers.common.errors import DworkersError
 from dworkers.common.metrics import ServerMetrics
+from dworkers.common.streamguard import ThreadGuard, Watched, guard_task
 from dworkers.common.wire import SERVER_OPTIONS, listen
 
 DETAILS_KEY = "grpc-status-details-bin"  # where gRPC carries a google.rpc.Status
-RECHECK_SECONDS = 1.0  # a stream's caller is checked again at most this often, as items flow
 log = logging.getLogger(__name__)
 
 
@@ -80,14 +81,14 @@ class SyncInterceptor(grpc.ServerInterceptor):
     def __init__(self, metrics: ServerMetrics, authorizer: Authorizer | None = None):
         self.metrics = metrics
         self.authorizer = authorizer
+        self.guard = ThreadGuard()  # ends the streams of callers who lost access
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        method, metrics = _method(handler_call_details), self.metrics
-        check = _checker(self.authorizer, handler_call_details.method)
-        recheck = _rechecker(self.authorizer, handler_call_details.method)
+        method, metrics, authorizer = _method(handler_call_details), self.metrics, self.authorizer
+        full_method = handler_call_details.method
 
         def abort(context, error):
             status = status_of(error)
@@ -99,7 +100,8 @@ class SyncInterceptor(grpc.ServerInterceptor):
             def wrapped(request, context):
                 started = time.perf_counter()
                 try:
-                    check(context, request)
+                    if authorizer is not None:
+                        authorizer.admit(full_method, context, request)
                     response = behavior(request, context)
                 except Exception as error:
                     metrics.observe(method, _code(context, error), started)
@@ -111,16 +113,21 @@ class SyncInterceptor(grpc.ServerInterceptor):
 
         def streaming(behavior):
             def wrapped(request, context):
-                started, code, release = metrics.stream_opened(method), None, None
+                started, code, release, watched = metrics.stream_opened(method), None, None, None
                 try:
-                    release = check(context, request)
-                    checked = time.monotonic()
-                    for item in behavior(request, context):
-                        if recheck is not None and time.monotonic() - checked > RECHECK_SECONDS:
-                            recheck(context)  # a credential revoked meanwhile ends the stream
-                            checked = time.monotonic()
+                    handler_context = context
+                    if authorizer is not None:
+                        identity, release = authorizer.admit(full_method, context, request)
+                        watched = Watched(authorizer, full_method, context, identity)
+                        handler_context = self.guard.watch(watched)
+                    for item in behavior(request, handler_context):
+                        if watched is not None and watched.denied is not None:
+                            raise watched.denied
                         yield item
+                    if watched is not None and watched.denied is not None:
+                        raise watched.denied  # its handler ended because the guard stopped it
                 except Exception as error:
+                    error = watched.denied if watched is not None and watched.denied is not None else error
                     code = _code(context, error)
                     abort(context, error)
                     raise
@@ -128,6 +135,8 @@ class SyncInterceptor(grpc.ServerInterceptor):
                     code = grpc.StatusCode.CANCELLED
                     raise
                 finally:
+                    if watched is not None:
+                        self.guard.forget(watched)
                     if release is not None:
                         release()
                     metrics.stream_closed(method, code or _code(context, None), started)
@@ -147,9 +156,8 @@ class AsyncInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        method, metrics = _method(handler_call_details), self.metrics
-        check = _checker(self.authorizer, handler_call_details.method)
-        recheck = _rechecker(self.authorizer, handler_call_details.method)
+        method, metrics, authorizer = _method(handler_call_details), self.metrics, self.authorizer
+        full_method = handler_call_details.method
 
         async def abort(context, error):
             status = status_of(error)
@@ -161,7 +169,8 @@ class AsyncInterceptor(grpc.aio.ServerInterceptor):
             async def wrapped(request, context):
                 started = time.perf_counter()
                 try:
-                    check(context, request)
+                    if authorizer is not None:
+                        authorizer.admit(full_method, context, request)
                     response = await behavior(request, context)
                 except Exception as error:
                     metrics.observe(method, _code(context, error), started)
@@ -172,52 +181,54 @@ class AsyncInterceptor(grpc.aio.ServerInterceptor):
             return wrapped
 
         def streaming(behavior):
-            if not inspect.isasyncgenfunction(behavior):  # writes with context.write
-                return unary(behavior)
+            writes = not inspect.isasyncgenfunction(behavior)  # with context.write, returning at the end
 
-            async def wrapped(request, context):
-                started, code, release = metrics.stream_opened(method), None, None
+            async def run(request, context):
+                """The handler's items, under the guard's eye."""
+                started, code, release, watched, guard = metrics.stream_opened(method), None, None, None, None
                 try:
-                    release = check(context, request)
-                    checked = time.monotonic()
-                    async for item in behavior(request, context):
-                        if recheck is not None and time.monotonic() - checked > RECHECK_SECONDS:
-                            recheck(context)  # a credential revoked meanwhile ends the stream
-                            checked = time.monotonic()
-                        yield item
+                    if authorizer is not None:
+                        identity, release = authorizer.admit(full_method, context, request)
+                        watched = Watched(authorizer, full_method, context, identity)
+                        guard = guard_task(watched)
+                    if writes:
+                        await behavior(request, context)
+                    else:
+                        async for item in behavior(request, context):
+                            yield item
+                except asyncio.CancelledError:
+                    if watched is None or watched.denied is None:
+                        code = grpc.StatusCode.CANCELLED  # the caller went away
+                        raise
+                    _uncancel()
+                    code = _code(context, watched.denied)
+                    await abort(context, watched.denied)
                 except Exception as error:
                     code = _code(context, error)
                     await abort(context, error)
                     raise
-                except BaseException:  # the caller went away (cancelled)
-                    code = grpc.StatusCode.CANCELLED
-                    raise
                 finally:
+                    if guard is not None:
+                        guard.cancel()
                     if release is not None:
                         release()
                     metrics.stream_closed(method, code or _code(context, None), started)
-            return wrapped
+
+            if writes:
+                async def written(request, context):
+                    async for _ in run(request, context):
+                        pass
+                return written
+            return run
 
         return _rewrap(handler, unary, streaming)
 
 
-def _checker(authorizer: Authorizer | None, full_method: str) -> Callable[[object, object], Callable | None]:
-    """What runs first in every call: the access check and the caller's
-    limits (returning what ends a stream's hold on them), or nothing."""
-    if authorizer is None:
-        return _anyone
-    return lambda context, request: authorizer.admit(full_method, context, request)
-
-
-def _anyone(context, request) -> None:
-    return None
-
-
-def _rechecker(authorizer: Authorizer | None, full_method: str) -> Callable[[object], object] | None:
-    """The access check again, for a stream that outlives a change of the access file."""
-    if authorizer is None:
-        return None
-    return lambda context: authorizer.check(full_method, context)
+def _uncancel() -> None:
+    """The cancel was the guard's, handled: the task goes on to answer."""
+    task = asyncio.current_task()
+    if task is not None and hasattr(task, "uncancel"):  # Python 3.11+
+        task.uncancel()
 
 
 def _abort_with(context, status) -> None:

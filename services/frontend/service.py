@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2
 from dworkers.common import auth, server, tls, validation
 from dworkers.common.auth import AuthSettings
 from dworkers.common.errors import NotServing, Overloaded, TimedOut
-from dworkers.common.lifecycle import StopRequest
+from dworkers.common.lifecycle import Once, StopRequest
 from dworkers.common.metrics import FrontendMetrics, ServerMetrics, process_registry, serve_metrics
 from dworkers.common.proxy import MasterProxy, StreamHandle, build_proxy
 from dworkers.common.settings import Contact, Logging, group, setting
@@ -47,22 +47,6 @@ class FrontendSettings:
                                                "submit; beyond: RESOURCE_EXHAUSTED (0: no limit)", low=0)
     identity_streams: int = setting(0, "WatchResults and WaitWorks streams one caller may hold open at once "
                                        "(0: no limit but --max-watchers)", low=0, high=100_000)
-
-
-class Once:
-    """Calls `func` the first time it is called, never again (from any thread)."""
-
-    def __init__(self, func) -> None:
-        self._func = func
-        self._lock = threading.Lock()
-        self._done = False
-
-    def __call__(self) -> None:
-        with self._lock:
-            if self._done:
-                return
-            self._done = True
-        self._func()
 
 
 class StallWatch:

@@ -46,7 +46,7 @@ class WorkerConnection:
         self.protocol_error = ""  # why the master refused the stream
         self.denied = ""  # why the worker's identity may not do what it asked
         self.allowed_kinds: frozenset[str] | None = None  # its identity's kinds, if limited
-        self.identity = ""  # who it is, when an access file is checked
+        self.identity = ""  # who it is, when an access file is checked: its slots are named within it
 
     def send(self, message: master_pb2.MasterMessage, size: int = 0) -> None:
         """Queues a message; `size` is its size if the caller knows it (within
@@ -122,28 +122,6 @@ def _check_kinds_allowed(connection: WorkerConnection, register: master_pb2.Regi
                                f"{', '.join(others[:10])}{' ...' if len(others) > 10 else ''}")
 
 
-class SlotOwners:
-    """Which worker identity holds each registered slot id. A slot id
-    registered again moves to the new stream (a worker reconnecting), but
-    only for the same identity: another one cannot take over a slot and the
-    attempt running there."""
-
-    def __init__(self) -> None:
-        self._owners: dict[str, tuple[str, WorkerConnection]] = {}
-
-    def claim(self, connection: WorkerConnection, worker_ids) -> None:
-        for worker_id in worker_ids:
-            owner = self._owners.get(worker_id)
-            if owner is not None and owner[0] != connection.identity:
-                raise PermissionDenied(f"slot {worker_id[:128]!r} belongs to another worker identity")
-        for worker_id in worker_ids:
-            self._owners[worker_id] = (connection.identity, connection)
-
-    def release(self, connection: WorkerConnection) -> None:
-        for worker_id in [w for w, (_, c) in self._owners.items() if c is connection]:
-            del self._owners[worker_id]
-
-
 class MasterService(master_pb2_grpc.MasterServicer):
     """Thin handlers: check, call the shell, shape the answer. Errors are
     raised (services/common/errors.py); the server's interceptor turns them
@@ -151,7 +129,6 @@ class MasterService(master_pb2_grpc.MasterServicer):
 
     def __init__(self, node) -> None:
         self.node = node  # the MasterNode: who is master, the shell, known kinds
-        self.slot_owners = SlotOwners()
 
     def _shell(self, context) -> MasterShell:
         if not self.node.in_contact_with_zookeeper():
@@ -255,7 +232,6 @@ class MasterService(master_pb2_grpc.MasterServicer):
         finally:
             reader.cancel()
             shell.disconnected(connection)
-            self.slot_owners.release(connection)
         if connection.protocol_error:
             raise ProtocolError(connection.protocol_error)
         if connection.denied:
@@ -271,8 +247,6 @@ class MasterService(master_pb2_grpc.MasterServicer):
                 validation.check_worker_message(message, connection.registered)
                 if message.HasField("register"):
                     _check_kinds_allowed(connection, message.register)
-                    if connection.identity:
-                        self.slot_owners.claim(connection, message.register.worker_ids)
                     connection.registered = True
                     shell.register(connection, message.register)
                 if message.HasField("heartbeats"):

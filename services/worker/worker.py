@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 OUTBOX_MESSAGES = 10_000
 OUTBOX_BYTES = 64 * 1024 * 1024
+REFUSED_RETRY_SECONDS = 5.0  # between attempts to connect while the master refuses this worker's credentials
 
 
 @dataclass(frozen=True)
@@ -457,15 +458,19 @@ class Worker:
                     break
                 if time.monotonic() - started > 5:
                     delay = 0.05
-                log.info("stream to master ended: %s %s", exc.code().name, exc.details())
+                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    # Its credentials were refused or revoked: an operator must act; try again now and then.
+                    log.warning("the master refused this worker: %s %s", exc.code().name, exc.details())
+                    delay = REFUSED_RETRY_SECONDS
+                else:
+                    log.info("stream to master ended: %s %s", exc.code().name, exc.details())
                 hint = metadata_value(exc.trailing_metadata(), MASTER_KEY)
                 if hint:
                     self.proxy.locator.hint(hint)
                 else:  # it died, or is no master: with contact points, try the next one
                     self.proxy.locator.invalidate(address)
-            if self._stopped.is_set():
+            if self._stopped.wait(delay):
                 break
-            time.sleep(delay)
             delay = min(delay * 2, 1.0)
 
     def stop(self) -> None:

@@ -11,6 +11,8 @@ from dworkers.v1 import journal_pb2, master_pb2, work_pb2
 class Connection(Protocol):
     """A worker process's stream, as the domain sees it."""
 
+    identity: str  # the worker's proven identity ("" if none is checked): slot ids are its own
+
     def send(self, message: master_pb2.MasterMessage, size: int = 0) -> None: ...
 
     def close(self, reason: str) -> None: ...

@@ -312,10 +312,10 @@ class Master:
     def report(self, connection, completions, failures, now: float) -> None:
         """Records what slots of this stream report on the attempts they were
         handed. A report counts only if it carries the token of the work's
-        latest attempt; anything else (resent, stale, about an earlier work
-        with the same id) is acked and ignored. Reports of slots not
-        registered on this stream are ignored unacked: the worker registers
-        and resends them."""
+        latest attempt and no other slot holds that attempt; anything else
+        (resent, stale, about an earlier work with the same id, another
+        slot's) is acked and ignored. Reports of slots not registered on this
+        stream are ignored unacked: the worker registers and resends them."""
         events, acks, seen = [], [], set()
         requeued = False
         state, scheduler = self.state, self.scheduler
@@ -324,6 +324,10 @@ class Master:
             if slot is None:
                 continue
             token = report.attempt_token
+            holder = scheduler.running.get(token)
+            if holder is not None and holder is not slot:
+                acks.append(token)
+                continue  # a slot that was not handed it (one that was would hold it)
             scheduler.finish(slot, token, now)
             if isinstance(report, master_pb2.Failure) and report.returned:
                 scheduler.unwait(slot)  # its worker is leaving: hand it nothing more
@@ -441,7 +445,7 @@ class Master:
                 events.append(self._timed_out(entry, late.token, now))
         silent: dict = {}
         for slot in scheduler.silent(now, self.settings.worker_timeout):
-            scheduler.drop(slot.worker_id)
+            scheduler.drop(slot)
             events += self._attempts_lost(slot, SILENT_ERROR, now)
             silent[id(slot.connection)] = slot.connection
         for connection in silent.values():

@@ -3,7 +3,10 @@ slot holds which attempts. It is the one owner of "who runs what" on the
 master (WorkState only knows each work's latest attempt token). Not event
 sourced: workers re-register periodically, so a new master learns them again.
 
-A slot belongs to the stream its process opened, runs the kinds its process
+A slot is named by its worker id within its worker's identity (when the
+master checks identities): two identities' slots never collide, so no
+identity can take over another's slot, even on a new master that has not
+met either yet. It belongs to the stream its process opened, runs the kinds its process
 declared, and holds up to `capacity` attempts: the one it runs and those
 prefetched behind it (its process declares how many), which it runs in the
 order they were handed out. Only the running attempt has a deadline; the
@@ -41,6 +44,11 @@ class Slot:
     capacity: int = 1  # attempts it may hold: the one it runs and those prefetched
     held: deque[Held] = field(default_factory=deque)  # the first one runs
     deadline: float = 0.0  # when the attempt it runs times out
+    owner: str = ""  # its worker's identity ("" when identities are not checked)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.owner, self.worker_id
 
     @property
     def busy(self) -> bool:
@@ -63,7 +71,7 @@ class Slot:
 
 class Scheduler:
     def __init__(self) -> None:
-        self.slots: dict[str, Slot] = {}
+        self.slots: dict[tuple[str, str], Slot] = {}  # by key: (owner, worker id)
         self.running: dict[int, Slot] = {}  # attempt token -> the slot holding it (running or prefetched)
         self.busy_count = 0  # slots holding at least one attempt
         self.kind_slots: Counter[str] = Counter()  # live slots per kind
@@ -73,7 +81,7 @@ class Scheduler:
         self.room_count = 0
         self._kinds_of: dict[object, frozenset[str]] = {}  # per connection
         # slots with room holding a request (credit), by the kinds they run
-        self.waiting: dict[frozenset[str], OrderedDict[str, None]] = {}
+        self.waiting: dict[frozenset[str], OrderedDict[tuple[str, str], None]] = {}
         self.waiting_count = 0
 
     def __len__(self) -> int:
@@ -84,12 +92,12 @@ class Scheduler:
         """Worker processes (streams) with slots registered."""
         return len(self._kinds_of)
 
-    def get(self, worker_id: str) -> Slot | None:
-        return self.slots.get(worker_id)
+    def get(self, worker_id: str, owner: str = "") -> Slot | None:
+        return self.slots.get((owner, worker_id))
 
     def on(self, connection, worker_id: str) -> Slot | None:
         """The slot `worker_id` if it is registered on `connection`."""
-        slot = self.slots.get(worker_id)
+        slot = self.slots.get((owner_of(connection), worker_id))
         return slot if slot is not None and slot.connection is connection else None
 
     # --- slots come and go ---------------------------------------------------
@@ -101,16 +109,18 @@ class Scheduler:
         kinds or capacity changed). A new slot starts out holding what it
         still runs from an earlier stream (`running`: RunningAttempt)."""
         self._kinds_of[connection] = kinds
+        owner = owner_of(connection)
         dropped = []
         for worker_id in worker_ids:
-            slot = self.slots.get(worker_id)
+            slot = self.slots.get((owner, worker_id))
             if slot is not None and slot.connection is connection and slot.kinds == kinds \
                     and slot.capacity == capacity:
                 slot.last_seen = now
                 continue
             if slot is not None:
-                dropped.append(self.drop(worker_id))
-            slot = self.slots[worker_id] = Slot(worker_id, connection, host, kinds, now, capacity)
+                dropped.append(self.drop(slot))
+            slot = Slot(worker_id, connection, host, kinds, now, capacity, owner=owner)
+            self.slots[slot.key] = slot
             self._more_room(connection)
             self.kind_slots.update(kinds)
             still = next((a for a in running if a.worker_id == worker_id), None)
@@ -118,9 +128,9 @@ class Scheduler:
                 self.start(slot, still.work_id, still.attempt_token, still.seconds_left, now)
         return dropped
 
-    def drop(self, worker_id: str) -> Slot:
+    def drop(self, slot: Slot) -> Slot:
         """Forgets a slot (it keeps the attempts it held, for the caller to settle)."""
-        slot = self.slots.pop(worker_id)
+        del self.slots[slot.key]
         self.unwait(slot)
         self.kind_slots.subtract(slot.kinds)
         for kind in slot.kinds:
@@ -136,7 +146,7 @@ class Scheduler:
 
     def forget(self, connection) -> list[Slot]:
         """Drops every slot of a connection that ended; returns them."""
-        dropped = [self.drop(s.worker_id) for s in self.of_connection(connection)]
+        dropped = [self.drop(s) for s in self.of_connection(connection)]
         self._kinds_of.pop(connection, None)
         return dropped
 
@@ -147,24 +157,24 @@ class Scheduler:
         if not slot.has_room:
             return
         queue = self.waiting.setdefault(slot.kinds, OrderedDict())
-        if slot.worker_id not in queue:
-            queue[slot.worker_id] = None
+        if slot.key not in queue:
+            queue[slot.key] = None
             self.waiting_count += 1
 
     def next_waiting(self, kinds: frozenset[str]) -> Slot:
         """Takes the slot of this group that asked first (it no longer waits)."""
         queue = self.waiting[kinds]
-        worker_id, _ = queue.popitem(last=False)
+        key, _ = queue.popitem(last=False)
         self.waiting_count -= 1
         if not queue:
             del self.waiting[kinds]
-        return self.slots[worker_id]
+        return self.slots[key]
 
     def unwait(self, slot: Slot) -> None:
         """The slot no longer holds a credit."""
         queue = self.waiting.get(slot.kinds)
-        if queue is not None and slot.worker_id in queue:
-            del queue[slot.worker_id]
+        if queue is not None and slot.key in queue:
+            del queue[slot.key]
             self.waiting_count -= 1
             if not queue:
                 del self.waiting[slot.kinds]
@@ -227,10 +237,10 @@ class Scheduler:
 
     def overdue(self, now: float) -> list[Slot]:
         """Busy slots whose running attempt is past its deadline."""
-        found: dict[str, Slot] = {}
+        found: dict[tuple[str, str], Slot] = {}
         for slot in self.running.values():
             if slot.deadline <= now:
-                found[slot.worker_id] = slot
+                found[slot.key] = slot
         return list(found.values())
 
     def silent(self, now: float, timeout: float) -> list[Slot]:
@@ -249,3 +259,8 @@ class Scheduler:
             if not slot.busy:
                 idle.update(slot.kinds)
         return idle
+
+
+def owner_of(connection) -> str:
+    """The identity a connection's worker proved ("" when none is checked)."""
+    return getattr(connection, "identity", "")
