@@ -35,5 +35,5 @@ generate()
 setup(
     package_dir={"dworkers": "services", "dworkers.v1": "gen/dworkers/v1"},
     packages=["dworkers", *(f"dworkers.{name}" for name in find_packages("services")), "dworkers.v1"],
-    package_data={"dworkers": ["py.typed"], "dworkers.v1": ["*.pyi"]},
+    package_data={"dworkers": ["py.typed"], "dworkers.dashboard": ["static/*"], "dworkers.v1": ["*.pyi"]},
 )

@@ -1,5 +1,6 @@
 #!/bin/sh
-# Installs what the tests need beyond Python packages: the Node.js example's
+# Installs what the tests need beyond Python packages: Debian's chromium and
+# chromium-driver (the dashboard's browser tests), the Node.js example's
 # packages (and Node.js itself when missing), kubectl (tests/test_deploy.py),
 # and the tools the metrics test needs (tests/test_metrics.py):
 # promtool and prometheus, from Debian's prometheus package, when promtool is
@@ -28,6 +29,16 @@ fi
 if ! command -v npm >/dev/null 2>&1; then
     "$(dirname "$0")/ensure-packages.sh" nodejs npm
     (cd "$ROOT/examples/node" && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
+# axe-core, the accessibility checker the dashboard's browser tests run in the page.
+if [ ! -f "$ROOT/tests/browser/node_modules/axe-core/axe.min.js" ]; then
+    (cd "$ROOT/tests/browser" && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
+# A headless browser for the dashboard's tests (tests/test_dashboard.py).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    "$(dirname "$0")/ensure-packages.sh" chromium chromium-driver
 fi
 
 if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then exit 0; fi

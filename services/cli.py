@@ -18,6 +18,7 @@ from dworkers.common.errors import DworkersError
 from dworkers.common.lifecycle import StopRequest
 from dworkers.common.settings import add, add_flags, describe, from_args, in_range
 from dworkers.common.validation import MAX_SLOTS_PER_CONNECTION
+from dworkers.dashboard import app as dashboard
 from dworkers.frontend import service as frontend
 from dworkers.master import node as master
 from dworkers.worker import worker
@@ -42,6 +43,9 @@ SERVICES = {
                    "Run worker slots that pull work from the active master and run jobs in child processes."),
     "frontend": Role(frontend.FrontendSettings, frontend.main, "run the public gRPC API",
                      "Run a stateless frontend serving the dworkers.v1.Frontend API."),
+    "dashboard": Role(dashboard.DashboardSettings, dashboard.main, "serve the web dashboard",
+                      "Serve the web dashboard: the cluster at a glance, works, and a live tail of results, "
+                      "from a frontend, with each visitor's token."),
 }
 
 

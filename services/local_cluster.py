@@ -10,6 +10,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,7 +159,8 @@ class LocalCluster:
     def _spawn(self, role: str, args: list[str], address: str = "", prefix: tuple[str, ...] = (),
                cwd: Path | None = None) -> Service:
         self._count += 1
-        command = [*prefix, sys.executable, "-m", "dworkers.cli", role, "--zk", self.zk, "--root", self.root, *args]
+        cluster = ["--zk", self.zk, "--root", self.root] if role != "dashboard" else []  # it talks to a frontend only
+        command = [*prefix, sys.executable, "-m", "dworkers.cli", role, *cluster, *args]
         log_path = self.workdir / f"{role}-{self._count}.log" if self.log_to_files else None
         out = open(log_path, "ab") if log_path else None
         process = subprocess.Popen(command, stdout=out or None, stderr=subprocess.STDOUT if out else None,
@@ -190,6 +193,20 @@ class LocalCluster:
         service = self._spawn("frontend", ["--listen", address, "--metrics-port", "0", *args], address)
         if wait and not wait_serving(address, tls=self.client_tls):
             raise RuntimeError(f"frontend {address} did not start:\n{service.log()[-3000:]}")
+        return service
+
+    def start_dashboard(self, frontend: str, *args: str, port: int | None = None, wait: bool = True) -> Service:
+        """A dashboard calling `frontend`; its URL is http://<address>/. It
+        presents no token of its own (visitors log in) unless `args` give one."""
+        address = f"127.0.0.1:{port or free_port()}"
+        env = {"DWORKERS_TOKEN_FILE": ""}  # not the services' token: visitors act as themselves
+        if self.client_tls is not None:
+            tls = self.client_tls
+            env.update(DWORKERS_TLS_CA=tls.ca, DWORKERS_TLS_CERT=tls.cert, DWORKERS_TLS_KEY=tls.key)
+        self.role_env["dashboard"] = env
+        service = self._spawn("dashboard", ["--listen", address, "--frontend", frontend, *args], address)
+        if wait and not wait_http(f"http://{address}/healthz"):
+            raise RuntimeError(f"dashboard {address} did not start:\n{service.log()[-3000:]}")
         return service
 
     def restart(self, service: Service) -> Service:
@@ -229,3 +246,17 @@ class LocalCluster:
                 service.kill()
         if self.own_zookeeper:
             self.zookeeper.stop()
+
+
+def wait_http(url: str, timeout: float = 30.0) -> bool:
+    """Waits until `url` answers 200."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.1)
+    return False

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import time
 
 import grpc
 import pytest
@@ -170,6 +172,13 @@ def test_access_files_that_cannot_work_are_refused_with_the_line_that_is_wrong(t
         AccessFile(str(missing))
 
 
+def _write_settled(path, text: str, seconds_ago: float) -> None:
+    """Writes `text` as if it had been written `seconds_ago`."""
+    path.write_text(text)
+    then = time.time() - seconds_ago
+    os.utime(path, (then, then))
+
+
 @pytest.mark.unit
 def test_a_broken_access_file_leaves_the_last_good_one_in_force(tmp_path):
     path = tmp_path / "access"
@@ -187,10 +196,13 @@ def test_a_broken_access_file_leaves_the_last_good_one_in_force(tmp_path):
             return {"x509_common_name": [self.name.encode()]}
 
     assert authorizer.check("/dworkers.v1.Frontend/CancelWork", Context("alice")).name == "ops"
-    path.write_text("this is not an access file\n")
+    _write_settled(path, "this is not an access file\n", 3)
     authorizer.access._checked = 0.0
     assert authorizer.check("/dworkers.v1.Frontend/CancelWork", Context("alice")).name == "ops"
-    path.write_text("ops read cert:alice\n")
+    path.write_text("")  # being written (truncated, not yet filled): not read until it settles
+    authorizer.access._checked = 0.0
+    assert authorizer.check("/dworkers.v1.Frontend/CancelWork", Context("alice")).name == "ops"
+    _write_settled(path, "ops read cert:alice\n", 2)
     authorizer.access._checked = 0.0
     with pytest.raises(PermissionDenied):
         authorizer.check("/dworkers.v1.Frontend/CancelWork", Context("alice"))

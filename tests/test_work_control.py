@@ -576,6 +576,34 @@ def test_after_a_failover_another_identity_cannot_squat_a_slot_id():
     assert again.status("w").state == work_pb2.DONE and handed(again, squatter) == []
 
 
+def test_after_a_failover_another_identity_cannot_claim_or_report_an_attempt_with_its_token():
+    """The token leaked (say, read from the ZooKeeper journal): on a new
+    master no slot holds the attempt yet, but the journal says whose it is."""
+    master = master_with([work("w")])
+    owner = Connection("box-a")
+    master.register(owner, master_pb2.RegisterWorker(worker_ids=["s0"], kinds=["square"]), NOW)
+    (a,) = handed(master, owner)
+    again = Master(WorkState.from_snapshot(master.state.to_snapshot()), SETTINGS)
+    again.recovered(NOW)
+    again.take()
+    thief = Connection("box-b")
+    claim = master_pb2.RunningAttempt(worker_id="t0", work_id="w", attempt_token=a.attempt_token, seconds_left=5)
+    again.register(thief, master_pb2.RegisterWorker(worker_ids=["t0"], kinds=["square"], running=[claim]), NOW)
+    again.take()
+    assert not again.scheduler.get("t0", "box-b").busy  # not adopted
+    stolen = master_pb2.Assignment()
+    stolen.CopyFrom(a)
+    stolen.worker_id = "t0"
+    finish(again, thief, stolen, ok=False, permanent=True)  # reported before the owner is back
+    assert again.status("w").state != work_pb2.FAILED
+    owner = Connection("box-a")
+    again.register(owner, master_pb2.RegisterWorker(worker_ids=["s0"], kinds=["square"], running=[
+        master_pb2.RunningAttempt(worker_id="s0", work_id="w", attempt_token=a.attempt_token, seconds_left=5)]), NOW)
+    again.take()
+    finish(again, owner, a)
+    assert again.status("w").state == work_pb2.DONE
+
+
 def test_a_slot_cannot_report_on_an_attempt_another_slot_holds_even_with_its_token():
     master = master_with([work("w")])
     owner, other = Connection("box-a"), Connection("box-b")

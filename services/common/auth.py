@@ -45,12 +45,13 @@ FRONTEND_METHODS = {
 }
 MASTER_METHODS = {"Connect": "worker"}  # every other master call: "frontend"
 OPEN_METHODS = ("/grpc.health.v1.Health/Check",)  # probes: no credentials
-# Streams that hold a thread for as long as the caller likes: any known
-# identity, never an anonymous caller.
-ANY_IDENTITY = ("/grpc.health.v1.Health/Watch", "/grpc.reflection.")
+# Any known identity, never an anonymous caller: streams that hold a thread
+# for as long as the caller likes, and the question of who one is.
+ANY_IDENTITY = ("/grpc.health.v1.Health/Watch", "/grpc.reflection.", "/dworkers.v1.Frontend/WhoAmI")
 
 AUTHORIZATION = "authorization"  # the metadata key: "Bearer <token>"
 CHECK_INTERVAL = 1.0  # seconds between looks at the file's modification time
+SETTLE_SECONDS = 0.25  # a file changed more recently than this is read once it has settled
 LINE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._@-]{0,127})\s+(?P<roles>[a-z,]+)\s+"
                   r"(?P<kind>sha256|cert):(?P<value>[^\s#]{1,256})(\s+kinds=(?P<kinds>[^\s#]{1,4096}))?$")
 
@@ -134,6 +135,11 @@ class AccessFile:
             st = os.stat(self.path)
             stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
             if stamp == self._stamp:
+                return
+            if not initial and time.time() - st.st_mtime < SETTLE_SECONDS:
+                # Being written (an editor truncates, then writes): a half-written
+                # file would revoke whoever is not in it yet. Look again soon.
+                self._checked = now - CHECK_INTERVAL + SETTLE_SECONDS
                 return
             with open(self.path, encoding="utf-8") as f:
                 tokens, certs = parse(f.read(), self.path)

@@ -181,47 +181,60 @@ class AsyncInterceptor(grpc.aio.ServerInterceptor):
             return wrapped
 
         def streaming(behavior):
-            writes = not inspect.isasyncgenfunction(behavior)  # with context.write, returning at the end
+            """Always a coroutine handler that writes each item itself: a
+            cancel (the guard's, or the caller's) then lands in this `try`,
+            never in gRPC's own loop around an async generator, which would
+            swallow it and send no status."""
+            generates = inspect.isasyncgenfunction(behavior)
 
-            async def run(request, context):
-                """The handler's items, under the guard's eye."""
+            async def wrapped(request, context):
                 started, code, release, watched, guard = metrics.stream_opened(method), None, None, None, None
                 try:
                     if authorizer is not None:
                         identity, release = authorizer.admit(full_method, context, request)
                         watched = Watched(authorizer, full_method, context, identity)
-                        guard = guard_task(watched)
-                    if writes:
-                        await behavior(request, context)
-                    else:
+                        guard = guard_task(watched, context)
+                    if generates:
                         async for item in behavior(request, context):
-                            yield item
+                            await context.write(item)
+                            if watched is not None and watched.denied is not None:
+                                raise watched.denied
+                    else:
+                        await behavior(request, context)  # it writes with context.write
+                    if watched is not None and watched.denied is not None:
+                        raise watched.denied  # the handler swallowed the guard's cancel
                 except asyncio.CancelledError:
                     if watched is None or watched.denied is None:
                         code = grpc.StatusCode.CANCELLED  # the caller went away
                         raise
+                    _stop(guard)  # no second cancel while the status goes out
                     _uncancel()
                     code = _code(context, watched.denied)
                     await abort(context, watched.denied)
                 except Exception as error:
-                    code = _code(context, error)
-                    await abort(context, error)
+                    failure: BaseException = error
+                    if watched is not None and watched.denied is not None:
+                        _stop(guard)
+                        failure = watched.denied
+                    code = _code(context, failure)
+                    await abort(context, failure)
+                    raise
+                except BaseException:
+                    code = grpc.StatusCode.CANCELLED
                     raise
                 finally:
-                    if guard is not None:
-                        guard.cancel()
+                    _stop(guard)
                     if release is not None:
                         release()
                     metrics.stream_closed(method, code or _code(context, None), started)
-
-            if writes:
-                async def written(request, context):
-                    async for _ in run(request, context):
-                        pass
-                return written
-            return run
+            return wrapped
 
         return _rewrap(handler, unary, streaming)
+
+
+def _stop(guard: asyncio.Task | None) -> None:
+    if guard is not None:
+        guard.cancel()
 
 
 def _uncancel() -> None:

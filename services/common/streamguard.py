@@ -43,7 +43,9 @@ class Watched:
         except DworkersError as error:
             return error
         was = self.admitted
-        if was is not None and (identity is None or (identity.name, identity.kinds) != (was.name, was.kinds)):
+        if was is None:
+            return None
+        if identity is None or identity.name != was.name or not _covers(identity.kinds, was.kinds):
             return PermissionDenied(f"the access file changed what {was.name} may do: call again")
         return None
 
@@ -51,6 +53,12 @@ class Watched:
         self.denied = reason
         for callback in list(self.callbacks):
             callback()
+
+
+def _covers(kinds: frozenset[str] | None, before: frozenset[str] | None) -> bool:
+    """A worker's allowed kinds still allow all it was allowed (a wider list
+    keeps its stream; a narrower one makes it register again)."""
+    return kinds is None or (before is not None and before <= kinds)
 
 
 class ThreadGuard:
@@ -80,13 +88,18 @@ class ThreadGuard:
             with self._lock:
                 streams = list(self._open)
             for watched in streams:
-                if watched.denied is not None:
-                    continue
-                reason = watched.denial()
-                if reason is not None:
-                    self.forget(watched)
-                    log.info("stream %s ended: %s", watched.full_method, reason)
-                    watched.end(reason)
+                try:
+                    if watched.denied is None:
+                        self._check(watched)
+                except Exception:  # one stream's trouble must not end the checks of all
+                    log.exception("checking the caller of %s failed", watched.full_method)
+
+    def _check(self, watched: Watched) -> None:
+        reason = watched.denial()
+        if reason is not None:
+            self.forget(watched)
+            log.info("stream %s ended: %s", watched.full_method, reason)
+            watched.end(reason)
 
 
 class _GuardedContext:
@@ -109,20 +122,26 @@ class _GuardedContext:
         return added
 
 
-def guard_task(watched: Watched) -> asyncio.Task:
-    """Checks a stream of an asyncio server; cancels the calling task (the
-    handler's) when the caller lost access. Cancel the returned task when
-    the stream ends."""
+def guard_task(watched: Watched, context) -> asyncio.Task:
+    """Checks a stream of an asyncio server; once the caller lost access,
+    cancels the calling task (the handler's) every RECHECK_SECONDS until the
+    call ends (a handler may swallow one cancel). Ends with the call."""
     handler = asyncio.current_task()
     assert handler is not None  # called from the handler's task
 
     async def check_forever() -> None:
         while True:
             await asyncio.sleep(RECHECK_SECONDS)
-            reason = watched.denial()
-            if reason is not None:
-                log.info("stream %s ended: %s", watched.full_method, reason)
-                watched.denied = reason
+            if watched.denied is None:
+                try:
+                    watched.denied = watched.denial()
+                except Exception:
+                    log.exception("checking the caller of %s failed", watched.full_method)
+                    continue
+                if watched.denied is not None:
+                    log.info("stream %s ended: %s", watched.full_method, watched.denied)
+            if watched.denied is not None:
                 handler.cancel()
-                return
-    return asyncio.ensure_future(check_forever())
+    task = asyncio.ensure_future(check_forever())
+    context.add_done_callback(lambda _call: task.cancel())  # whatever becomes of the handler
+    return task

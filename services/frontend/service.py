@@ -85,9 +85,11 @@ class StallWatch:
 
 
 class FrontendService(frontend_pb2_grpc.FrontendServicer):
-    def __init__(self, proxy: MasterProxy, settings: FrontendSettings, metrics: FrontendMetrics):
+    def __init__(self, proxy: MasterProxy, settings: FrontendSettings, metrics: FrontendMetrics,
+                 authorizer: auth.Authorizer | None = None):
         self.proxy = proxy
         self.settings = settings
+        self.authorizer = authorizer  # the same one that checks each call; None: anyone may call
         self.batcher = SubmitBatcher(proxy, timeout=settings.call_timeout)
         # Result streams are long-lived: bound them so unary calls keep threads.
         self._watchers = threading.BoundedSemaphore(settings.max_watchers)
@@ -148,6 +150,13 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         validation.check_work_ids(request.work_ids, "cancel")
         return self._forward("CancelWork", request, context)
 
+    def WhoAmI(self, request, context):
+        if self.authorizer is None:
+            return work_pb2.WhoAmIResponse(roles=auth.CLIENT_ROLES)
+        identity = self.authorizer.identify(context)
+        roles = [role for role in auth.CLIENT_ROLES if identity.may(role)]
+        return work_pb2.WhoAmIResponse(name=identity.name, roles=roles, access_checked=True)
+
     def _release_watcher(self) -> None:
         self._watchers.release()
         self.metrics.result_streams.dec()
@@ -193,13 +202,13 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
 def serve(proxy: MasterProxy, settings: FrontendSettings, stop: StopRequest, registry,
           ready: threading.Event | None = None, tls_files: TlsFiles | None = None) -> None:
     threads = settings.threads + settings.max_watchers
+    authorizer = auth.authorizer(settings.auth, auth.FRONTEND_METHODS, limits=auth.IdentityLimits(
+        settings.identity_submit_rate, settings.identity_streams))
     grpc_server, health, _port = server.build(
-        [(FrontendService(proxy, settings, FrontendMetrics(registry)), frontend_pb2_grpc.add_FrontendServicer_to_server,
-          SERVICE_NAME)],
+        [(FrontendService(proxy, settings, FrontendMetrics(registry), authorizer),
+          frontend_pb2_grpc.add_FrontendServicer_to_server, SERVICE_NAME)],
         settings.listen, ServerMetrics(registry), reflection_on=settings.reflection, threads=threads,
-        maximum_concurrent_rpcs=threads + settings.queued_calls, tls=tls_files,
-        authorizer=auth.authorizer(settings.auth, auth.FRONTEND_METHODS, limits=auth.IdentityLimits(
-            settings.identity_submit_rate, settings.identity_streams)))
+        maximum_concurrent_rpcs=threads + settings.queued_calls, tls=tls_files, authorizer=authorizer)
     grpc_server.start()
     for name in ("", SERVICE_NAME):
         health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -252,6 +252,7 @@ class MasterNode:
             scheduled=counts["scheduled"], cancelled=counts["cancelled"],
             pending_without_worker=counts["pending_without_worker"], worker_slots=len(scheduler),
             unfinished_bytes=counts["unfinished_bytes"], retained_result_bytes=counts["result_bytes"],
+            oldest_pending_seconds=round(shell.master.oldest_pending_age(time.monotonic()), 3),
         )
         idle = scheduler.idle_per_kind()
         pending, slots = counts["pending_by_kind"], counts["slots_by_kind"]
@@ -269,7 +270,8 @@ class MasterNode:
         for slot in itertools.islice(scheduler.slots.values(), MAX_LISTED_WORKERS):
             worker = info.workers.add(worker_id=slot.worker_id, status="busy" if slot.busy else "idle",
                                       work_id=slot.work_id, host=slot.host,
-                                      seconds_since_seen=round(now - slot.last_seen, 3))
+                                      seconds_since_seen=round(now - slot.last_seen, 3), kinds=sorted(slot.kinds),
+                                      identity=slot.owner)
             if slot.held and slot.held[0].progress is not None:
                 worker.progress = slot.held[0].progress
         return info

@@ -459,11 +459,13 @@ class Worker:
                 if time.monotonic() - started > 5:
                     delay = 0.05
                 if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-                    # Its credentials were refused or revoked: an operator must act; try again now and then.
+                    # The master is fine; this worker's credentials were refused or changed: connect
+                    # again (now allowed, perhaps) after a while, to the same master.
                     log.warning("the master refused this worker: %s %s", exc.code().name, exc.details())
-                    delay = REFUSED_RETRY_SECONDS
-                else:
-                    log.info("stream to master ended: %s %s", exc.code().name, exc.details())
+                    if self._stopped.wait(REFUSED_RETRY_SECONDS):
+                        break
+                    continue
+                log.info("stream to master ended: %s %s", exc.code().name, exc.details())
                 hint = metadata_value(exc.trailing_metadata(), MASTER_KEY)
                 if hint:
                     self.proxy.locator.hint(hint)

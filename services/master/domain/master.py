@@ -31,7 +31,7 @@ from dworkers.common.validation import (
 )
 from dworkers.master.domain.effects import DeclareKinds, Disconnect, HandOut, Send, Step
 from dworkers.master.domain.listing import list_works
-from dworkers.master.domain.scheduler import Scheduler, Slot
+from dworkers.master.domain.scheduler import Scheduler, Slot, owner_of
 from dworkers.master.domain.state import Entry, WorkState, fingerprint
 from dworkers.v1 import journal_pb2, master_pb2, work_pb2
 
@@ -244,12 +244,20 @@ class Master:
     def register(self, connection, message: master_pb2.RegisterWorker, now: float) -> None:
         kinds = frozenset(message.kinds)
         known = len(self.scheduler)
+        owner = owner_of(connection)
+        running = [a for a in message.running if self._may_hold(a.work_id, a.attempt_token, owner)]
         dropped = self.scheduler.register(connection, message.worker_ids, message.host, kinds, now,
-                                          capacity=1 + message.prefetch, running=message.running)
+                                          capacity=1 + message.prefetch, running=running)
         self._record([e for slot in dropped for e in self._attempts_lost(slot, CONNECTION_LOST_ERROR, now)], now)
         if len(self.scheduler) > known or dropped:
             self._step.effects.append(DeclareKinds(kinds, tuple(message.defaults)))
             self.announce(now)  # new idle slots: tell them work is ready
+
+    def _may_hold(self, work_id: str, token: int, owner: str) -> bool:
+        """Whether a worker of identity `owner` may say it holds this attempt:
+        not if it is the latest attempt of a work handed to another identity."""
+        entry = self.state.unfinished(work_id)
+        return entry is None or entry.token != token or entry.owner == owner
 
     def request_work(self, connection, worker_ids, now: float) -> None:
         """Records the credit of idle slots that ask for work, and serves them;
@@ -288,11 +296,11 @@ class Master:
                 timeout = entry.timeout_seconds or self.settings.work_timeout
                 lease = entry.heartbeat_timeout or timeout  # what the slot's clock runs on
                 events.append(journal_pb2.Event(work_started=journal_pb2.WorkStarted(
-                    work_id=work_id, worker_id=worker_id, attempt_token=token)))
+                    work_id=work_id, worker_id=worker_id, attempt_token=token, worker_owner=slot.owner)))
                 queued_at = self._queued_at(entry.ticket)
                 if queued_at is not None:
                     self._step.queue_waits.append(now - queued_at)
-                state.start(work_id, token)  # as the event does: the next pick must not see it
+                state.start(work_id, token, slot.owner)  # as the event does: the next pick must not see it
                 scheduler.start(slot, work_id, token, lease, now)
                 scheduler.want(slot)  # its turn again after the others, if it has room
                 assignment = master_pb2.Assignment(worker_id=worker_id, timeout_seconds=timeout,
@@ -312,9 +320,9 @@ class Master:
     def report(self, connection, completions, failures, now: float) -> None:
         """Records what slots of this stream report on the attempts they were
         handed. A report counts only if it carries the token of the work's
-        latest attempt and no other slot holds that attempt; anything else
-        (resent, stale, about an earlier work with the same id, another
-        slot's) is acked and ignored. Reports of slots not registered on this
+        latest attempt, handed to this slot (or, when no slot holds it any
+        more, to its worker identity); anything else (resent, stale, about an
+        earlier work with the same id, another slot's) is acked and ignored. Reports of slots not registered on this
         stream are ignored unacked: the worker registers and resends them."""
         events, acks, seen = [], [], set()
         requeued = False
@@ -325,9 +333,10 @@ class Master:
                 continue
             token = report.attempt_token
             holder = scheduler.running.get(token)
-            if holder is not None and holder is not slot:
+            if (holder is not None and holder is not slot) or \
+                    (holder is None and not self._may_hold(report.work_id, token, slot.owner)):
                 acks.append(token)
-                continue  # a slot that was not handed it (one that was would hold it)
+                continue  # not handed to this slot (the one it was handed to holds it) or to its identity
             scheduler.finish(slot, token, now)
             if isinstance(report, master_pb2.Failure) and report.returned:
                 scheduler.unwait(slot)  # its worker is leaving: hand it nothing more

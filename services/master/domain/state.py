@@ -16,6 +16,7 @@ import hashlib
 import heapq
 import itertools
 import operator
+import sys
 from collections import OrderedDict, deque
 from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass
@@ -71,6 +72,7 @@ class Entry:
     hand_backs: int = 0  # attempts handed back unfinished (a worker leaving)
     error: str = ""  # the last failed attempt's error
     token: int = 0  # its latest attempt's token: only reports that carry it count
+    owner: str = ""  # the worker identity its latest attempt was handed to ("" when none is checked)
     ticket: int = STALE  # its place in the queue while pending
     content_type: str = ""  # of the payload
     priority: int = 0  # higher first
@@ -476,15 +478,16 @@ class WorkState:
         self.unfinished_bytes += entry.size
 
     def _on_work_started(self, e: journal_pb2.WorkStarted) -> None:
-        self.start(e.work_id, e.attempt_token)
+        self.start(e.work_id, e.attempt_token, e.worker_owner)
 
-    def start(self, work_id: str, token: int) -> None:
+    def start(self, work_id: str, token: int, owner: str = "") -> None:
         """What WorkStarted does (the master applies it while building the event)."""
         entry = self.pending.pop(work_id)
         if entry is None:
             return self._impossible(f"{work_id!r} started but not pending")
         entry.attempts += 1
         entry.token = token
+        entry.owner = sys.intern(owner)
         self.in_progress[work_id] = entry
 
     def _on_work_completed(self, e: journal_pb2.WorkCompleted) -> work_pb2.WorkResult | None:
@@ -632,6 +635,7 @@ class WorkState:
                     work=entry.work(), attempts=entry.attempts, failures=entry.failures, error=entry.error,
                     in_progress=in_progress, attempt_token=entry.token, fingerprint=entry.digest or b"",
                     ready_at=entry.ready_at, retryable_until_forgotten=sequence, hand_backs=entry.hand_backs,
+                    worker_owner=entry.owner,
                 )
         snapshot.results.extend(self.results.values())
         snapshot.fingerprints.extend(self.fingerprints[r.work_id] for r in self.results.values())
@@ -649,7 +653,7 @@ class WorkState:
         for e in snapshot.entries:
             entry = Entry.of(e.work, not payloads_apart, e.fingerprint)
             entry.attempts, entry.failures, entry.error, entry.token = e.attempts, e.failures, e.error, e.attempt_token
-            entry.ready_at, entry.hand_backs = e.ready_at, e.hand_backs
+            entry.ready_at, entry.hand_backs, entry.owner = e.ready_at, e.hand_backs, sys.intern(e.worker_owner)
             if e.retryable_until_forgotten:
                 state.retryable[entry.work_id] = (e.retryable_until_forgotten, entry)
             elif e.in_progress:
