@@ -58,10 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
         add_flags(sub.add_parser(name, help=role.help, description=role.description), role.settings)
 
     p = sub.add_parser("demo", help="run a local demo cluster (ZooKeeper, 2 masters, workers, a frontend, "
-                                    "a producer and a consumer)",
+                                    "the dashboard, a producer and a consumer)",
                        description="Start a local ZooKeeper, two backends, workers and a frontend, then produce "
                                    "work at random intervals and log results. Ctrl-C stops everything.")
     add(p, "--frontend-listen", "127.0.0.1:7000", help="where the demo's frontend listens")
+    add(p, "--dashboard-listen", "127.0.0.1:8080", help="where the demo's web dashboard listens")
     add(p, "--workers", 3, type=in_range(int, low=1, high=MAX_SLOTS_PER_CONNECTION), help="worker slots")
     add(p, "--interval", 1.0, type=in_range(float, above=0), help="mean seconds between produced works")
     add(p, "--log-format", "text", help="text or json", choices=("text", "json"))

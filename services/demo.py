@@ -106,6 +106,12 @@ def run(args) -> None:
                                  wait=True)
         front = cluster.start_frontend(int(args.frontend_listen.rsplit(":", 1)[1]), "--log-format", args.log_format,
                                        *metrics("frontend", FRONTEND_METRICS_PORT), "--reflection", "on")
+        board_port = int(args.dashboard_listen.rsplit(":", 1)[1])
+        if _port_free(args.dashboard_listen):
+            cluster.start_dashboard(front.address, "--log-format", args.log_format, port=board_port)
+            log.info("dashboard: http://localhost:%d/ (open it in a browser)", board_port)
+        else:
+            log.warning("no dashboard: port %s is in use (--dashboard-listen to move it)", args.dashboard_listen)
         log.info("Prometheus metrics: %s", ", ".join(served) or "none (their ports are taken)")
         log.info("frontend at %s: try `dworkers cluster` or `dworkers submit square 12 --wait` in another terminal",
                  front.address)

@@ -2,13 +2,15 @@
 HEALTHCHECK (exit 0 healthy, 1 not), and for people.
 
 Masters and frontends answer gRPC health (the empty service: the process
-serves, as a standby too); a worker serves its Prometheus metrics. Without
+serves, as a standby too); a worker serves its Prometheus metrics, a
+dashboard its /healthz. Without
 an address, it checks the container's main process (PID 1): its command line
 and environment say its role, ports and TLS files (it then checks over TLS,
 presenting the process's own certificate, expecting the name it carries)."""
 
 from __future__ import annotations
 
+import ssl
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,6 +26,7 @@ from dworkers.credentials import Tls
 
 DEFAULT_LISTEN = {"master": "0.0.0.0:7100", "frontend": "0.0.0.0:7000"}
 DEFAULT_METRICS_PORT = {"master": 9100, "worker": 9101, "frontend": 9102}
+DASHBOARD_LISTEN = "127.0.0.1:8080"
 
 
 class Unhealthy(DworkersError):
@@ -63,13 +66,18 @@ def main(args) -> None:
 def target_of(argv: list[str], env: dict[str, str]) -> tuple[str, str]:
     """What to check for a process started as `argv` with `env`: ("grpc",
     address), ("http", url), or ("none", why) when there is nothing to ask."""
-    role = next((a for a in argv if a in DEFAULT_METRICS_PORT), None)
+    role = next((a for a in argv if a in DEFAULT_METRICS_PORT or a == "dashboard"), None)
     if role is None:
         raise ConfigError(f"not a dworkers service process: {' '.join(argv)[:200]!r}")
+    if role == "dashboard":
+        listen = _flag(argv, "--listen") or env.get("DWORKERS_LISTEN") or DASHBOARD_LISTEN
+        host, _, port = listen.rpartition(":")
+        https = _flag(argv, "--https-cert") or env.get("DWORKERS_HTTPS_CERT")
+        return "http", f"{'https' if https else 'http'}://{_local(host)}:{port}/healthz"
     if role in DEFAULT_LISTEN:
         listen = _flag(argv, "--listen") or env.get("DWORKERS_LISTEN") or DEFAULT_LISTEN[role]
         host, _, port = listen.rpartition(":")
-        return "grpc", f"{'127.0.0.1' if host in ('', '0.0.0.0', '[::]') else host}:{port}"
+        return "grpc", f"{_local(host)}:{port}"
     metrics_port = int(_flag(argv, "--metrics-port") or env.get("DWORKERS_METRICS_PORT") or DEFAULT_METRICS_PORT[role])
     if not metrics_port:
         return "none", "a worker without a metrics port: its process runs"
@@ -131,9 +139,17 @@ def _grpc_health(address: str, timeout: float, tls: Tls | bool) -> None:
         raise Unhealthy(f"{address}: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
 
 
+def _local(host: str) -> str:
+    """Where to reach a process listening on `host`, from its own machine."""
+    return "127.0.0.1" if host in ("", "0.0.0.0", "[::]") else host
+
+
 def _http_ok(url: str, timeout: float) -> None:
+    # Over HTTPS the question is whether the process answers, from its own
+    # container: its certificate names the host clients use, not this one.
+    context = ssl._create_unverified_context() if url.startswith("https:") else None
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
             if response.status != 200:
                 raise Unhealthy(f"{url}: HTTP {response.status}")
     except (urllib.error.URLError, OSError) as exc:

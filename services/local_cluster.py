@@ -204,7 +204,8 @@ class LocalCluster:
             tls = self.client_tls
             env.update(DWORKERS_TLS_CA=tls.ca, DWORKERS_TLS_CERT=tls.cert, DWORKERS_TLS_KEY=tls.key)
         self.role_env["dashboard"] = env
-        service = self._spawn("dashboard", ["--listen", address, "--frontend", frontend, *args], address)
+        service = self._spawn("dashboard", ["--listen", address, "--frontend", frontend, "--metrics-port", "0", *args],
+                              address)
         if wait and not wait_http(f"http://{address}/healthz"):
             raise RuntimeError(f"dashboard {address} did not start:\n{service.log()[-3000:]}")
         return service

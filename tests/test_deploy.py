@@ -38,7 +38,8 @@ OPERATOR_GROUPS = {"monitoring.coreos.com", "keda.sh", "cert-manager.io"}
 
 # The services' contract.
 GRPC_PORTS = {"master": 7100, "frontend": 7000}
-METRICS_PORTS = {"master": 9100, "worker": 9101, "frontend": 9102}
+METRICS_PORTS = {"master": 9100, "worker": 9101, "frontend": 9102, "dashboard": 9103}
+HTTP_PORTS = {"dashboard": 8080}  # the web dashboard; it talks to frontends only (no ZooKeeper)
 ROLES = set(METRICS_PORTS)
 VERSION = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)[1]
 IMAGE = f"dworkers:{VERSION}"  # Kubernetes runs a version, never `latest`
@@ -245,6 +246,12 @@ def test_dworkers_workloads_follow_the_contract(rendered):
                                      HEALTH_SERVICES[role]}
             assert live["grpc"]["port"] == GRPC_PORTS[role]
             assert live["grpc"].get("service", "") == "", role
+        elif role in HTTP_PORTS:
+            assert found.get("http") == HTTP_PORTS[role], role
+            scheme = "HTTPS" if "DWORKERS_HTTPS_CERT" in env(container) else "HTTP"
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                get = container[probe]["httpGet"]
+                assert (get["path"], get["port"], get.get("scheme", "HTTP")) == ("/healthz", "http", scheme), probe
         else:
             for probe in ("readinessProbe", "livenessProbe"):
                 assert container[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}
@@ -281,8 +288,17 @@ def test_the_secure_overlay_locks_every_hop():
     certificates = {d["spec"]["secretName"]: d for d in docs if d["kind"] == "Certificate"}
     (issuer,) = [d for d in docs if d["kind"] == "Issuer"]
     master_names = certificates["dworkers-master-tls"]["spec"]["dnsNames"]
+    frontend_names = certificates["dworkers-frontend-tls"]["spec"]["dnsNames"]
     for role, (workload, container) in by_role.items():
         settings = env(container)
+        if role in HTTP_PORTS:  # the dashboard: HTTPS with its own certificate, TLS to frontends, no ZooKeeper
+            secret_of = secret_mounted_at(workload, container)
+            files = ("DWORKERS_HTTPS_CERT", "DWORKERS_HTTPS_KEY", "DWORKERS_TLS_CA")
+            assert {secret_of(settings[k]) for k in files} == {"dworkers-dashboard-tls"}
+            assert "server auth" in certificates["dworkers-dashboard-tls"]["spec"]["usages"]
+            assert settings["DWORKERS_TLS_SERVER_NAME"] in frontend_names
+            assert not any(k.startswith("DWORKERS_ZK") for k in settings), role
+            continue
         secret_of = secret_mounted_at(workload, container)
         tls_secret = secret_of(settings["DWORKERS_TLS_CERT"])
         assert {secret_of(settings[k]) for k in ("DWORKERS_TLS_KEY", "DWORKERS_TLS_CA")} == {tls_secret}
@@ -426,13 +442,16 @@ def compose_roles(compose: dict) -> dict[str, str]:
 
 def test_compose_runs_every_role_from_one_image(compose):
     roles = compose_roles(compose)
-    assert sorted(roles.values()) == ["frontend", "master", "master", "worker"]
-    for name in roles:
+    assert sorted(roles.values()) == ["dashboard", "frontend", "master", "master", "worker"]
+    for name, role in roles.items():
         svc = compose["services"][name]
         assert svc["image"] == COMPOSE_IMAGE, name
         context = (DEPLOY / svc["build"]["context"]).resolve()
         assert context == ROOT and (context / svc["build"]["dockerfile"]).is_file(), name
-        assert svc["environment"]["DWORKERS_ZK"] == "zookeeper:2181"
+        if role in HTTP_PORTS:
+            assert svc["command"][svc["command"].index("--frontend") + 1] == "frontend:7000"
+        else:
+            assert svc["environment"]["DWORKERS_ZK"] == "zookeeper:2181"
     assert compose["services"]["zookeeper"]["image"] == "zookeeper:3.8"
     for name in (n for n, r in roles.items() if r == "master"):
         advertise = compose["services"][name]["environment"]["DWORKERS_ADVERTISE"]
@@ -569,7 +588,7 @@ def test_dockerfile_builds_a_slim_non_root_image():
     users = [rest.split(":")[0] for kw, rest in final if kw == "USER"]
     assert users and users[-1] not in ("root", "0")
     exposed = {int(p) for kw, rest in final if kw == "EXPOSE" for p in rest.split()}
-    assert exposed == set(GRPC_PORTS.values()) | set(METRICS_PORTS.values())
+    assert exposed == set(GRPC_PORTS.values()) | set(METRICS_PORTS.values()) | set(HTTP_PORTS.values())
 
 
 def test_dockerfile_copies_what_the_package_needs():
@@ -713,6 +732,12 @@ def test_the_secure_compose_file_gives_every_service_tls_and_its_secrets(compose
         svc = secure["services"][name]
         environment = svc["environment"]
         mounted = {s["target"]: s["source"] for s in svc["secrets"]}
+        if role in HTTP_PORTS:  # the dashboard: HTTPS, TLS to the frontend, no ZooKeeper, no access file
+            for key in ("DWORKERS_HTTPS_CERT", "DWORKERS_HTTPS_KEY", "DWORKERS_TLS_CA"):
+                assert mounted[environment[key].removeprefix("/run/secrets/")] in declared, (name, key)
+            assert environment["DWORKERS_TLS_SERVER_NAME"] == "frontend"
+            assert set(mounted.values()) == {"tls-cert", "tls-key", "tls-ca"}, name
+            continue
         for key in ("DWORKERS_TLS_CERT", "DWORKERS_TLS_KEY", "DWORKERS_TLS_CA", "DWORKERS_ZK_AUTH_FILE"):
             target = environment[key].removeprefix("/run/secrets/")
             assert mounted[target] in declared, (name, key)
@@ -728,7 +753,7 @@ def test_the_secure_compose_file_gives_every_service_tls_and_its_secrets(compose
             # masters advertise their service name: the certificate must carry it
             assert compose["services"][name]["environment"]["DWORKERS_ADVERTISE"].startswith(name + ":")
     # The files are the ones `dworkers dev-certs` writes (as the file's header says to run it).
-    written = {p.name for p in devcerts.make(tmp_path, hosts=["master-1", "master-2", "frontend"])}
+    written = {p.name for p in devcerts.make(tmp_path, hosts=["master-1", "master-2", "frontend", "localhost"])}
     made_by_hand = {"access", "zk-auth", "zk-reader"}
     for secret in declared.values():
         name = Path(secret["file"]).name

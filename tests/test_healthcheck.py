@@ -21,6 +21,10 @@ pytestmark = pytest.mark.e2e
      ("grpc", "127.0.0.1:7001")),
     (["dworkers", "worker", "--metrics-port=9201"], {}, ("http", "http://127.0.0.1:9201/metrics")),
     (["tini", "--", "dworkers", "master", "--listen=0.0.0.0:7300"], {}, ("grpc", "127.0.0.1:7300")),
+    (["tini", "--", "dworkers", "dashboard", "--listen", "0.0.0.0:8080"], {},
+     ("http", "http://127.0.0.1:8080/healthz")),
+    (["dworkers", "dashboard"], {"DWORKERS_HTTPS_CERT": "/run/secrets/tls-cert"},
+     ("http", "https://127.0.0.1:8080/healthz")),
     (["dworkers", "worker"], {"DWORKERS_METRICS_PORT": "0"},
      ("none", "a worker without a metrics port: its process runs")),
 ])

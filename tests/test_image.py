@@ -1,14 +1,16 @@
 """The image, as `make image-test` runs it after `make image`: containers of
-two masters, a worker and a frontend on the test's ZooKeeper (host network,
+two masters, a worker, a frontend and a dashboard on the test's ZooKeeper (host network,
 free loopback ports); works of 1 to 256 KiB through them; the active master
 stopped with `podman stop` (SIGTERM through tini), the standby takes over
 and nothing is lost. Everything started is removed at the end."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import threading
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -44,11 +46,12 @@ class Containers:
 
     def run(self, name: str, role: str, *args: str, volumes: tuple[str, ...] = ()) -> str:
         full = f"{self.prefix}-{name}"
+        common = self.common if role != "dashboard" else []  # it talks to a frontend, not to ZooKeeper
         # No systemd here for podman's health timers: the test runs the
         # image's HEALTHCHECK itself (podman healthcheck run).
         podman("run", "--detach", "--name", full, "--network", "host", "--health-interval", "disable",
                *(arg for volume in volumes for arg in ("--volume", volume)),
-               IMAGE, role, *self.common, *args)
+               IMAGE, role, *common, *args)
         self.names.append(full)
         return full
 
@@ -99,10 +102,13 @@ def test_the_image_serves_works_and_fails_over_when_the_active_master_is_stopped
     front = containers.run("frontend", "frontend", "--listen", front_address, "--metrics-port", str(free_port()))
     assert wait_serving(front_address, timeout=60), "the frontend never served"
     wait_kind(frontend(front_address), "echo", timeout=60)
+    board_address = f"127.0.0.1:{free_port()}"
+    board = containers.run("dashboard", "dashboard", "--listen", board_address, "--frontend", front_address,
+                           "--metrics-port", str(free_port()))
 
     # The image's HEALTHCHECK finds each container's role through tini (PID 1).
     assert podman("exec", worker, "cat", "/proc/1/comm").stdout.strip() == "tini"
-    for name in (first, second, worker, front):
+    for name in (first, second, worker, front, board):
         wait_until(lambda name=name: containers.healthy(name), 30, f"{name} healthy")
 
     sizes = [1 << (10 + i % 9) for i in range(90)]  # 1 KiB .. 256 KiB
@@ -121,5 +127,8 @@ def test_the_image_serves_works_and_fails_over_when_the_active_master_is_stopped
         assert client.submit("square", 12).result(timeout=60) == 144
     assert containers.exit_code(first) == 0, "the stopped master did not exit cleanly on SIGTERM"
 
-    podman("stop", "--time", "30", worker, front)
-    assert (containers.exit_code(worker), containers.exit_code(front)) == (0, 0)
+    with urllib.request.urlopen(f"http://{board_address}/api/overview", timeout=30) as response:
+        assert json.loads(response.read())["master"]["address"] == second_address  # the dashboard's page data
+
+    podman("stop", "--time", "30", worker, front, board)
+    assert [containers.exit_code(c) for c in (worker, front, board)] == [0, 0, 0]

@@ -172,6 +172,15 @@ class FrontendMetrics:
                                            "result subscribers dropped for reading nothing", registry=registry)
 
 
+class DashboardMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.requests = Counter("dworkers_dashboard_requests", "dashboard HTTP requests by route and status",
+                                ["route", "status"], registry=registry)
+        self.streams = Gauge("dworkers_dashboard_streams", "live streams (overview, result tails) served now "
+                             "(bounded by --max-streams)", registry=registry)
+        self.sessions = Gauge("dworkers_dashboard_sessions", "visitors logged in now", registry=registry)
+
+
 class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.executions = Counter("dworkers_executions", "job executions by kind and outcome", ["kind", "outcome"],

@@ -28,6 +28,7 @@ from aiohttp import web
 from dworkers import credentials
 from dworkers.common.errors import ConfigError
 from dworkers.common.lifecycle import StopRequest
+from dworkers.common.metrics import DashboardMetrics, process_registry, serve_metrics
 from dworkers.common.settings import Logging, group, setting
 from dworkers.common.tls import read_file
 from dworkers.dashboard import views
@@ -72,6 +73,7 @@ class DashboardSettings:
     session_hours: float = setting(12.0, "hours a login lasts", above=0, high=24 * 365)
     max_streams: int = setting(256, "live streams (overview and result tails) served at once", low=1,
                                high=100_000)
+    metrics_port: int = setting(9103, "Prometheus /metrics port (0: off)", low=0, high=65535)
     call_timeout: float = setting(10.0, "seconds a call to the frontend may take", above=0, high=3600)
     shutdown_grace: float = setting(5.0, "seconds open requests may take to finish on SIGTERM", low=0, high=3600)
 
@@ -117,15 +119,19 @@ class Sessions:
     def close(self, session_id: str | None) -> None:
         self._by_id.pop(session_id or "", None)
 
+    def __len__(self) -> int:
+        return len(self._by_id)
+
 
 class Dashboard:
     def __init__(self, settings: DashboardSettings, stub: frontend_pb2_grpc.FrontendStub,
-                 own_token: str | None, secure_cookies: bool):
+                 own_token: str | None, secure_cookies: bool, metrics: DashboardMetrics):
         self.settings = settings
         self.stub = stub
         self.own_token = own_token
         self.secure_cookies = secure_cookies
         self.sessions = Sessions(settings.session_hours * 3600)
+        self.metrics = metrics
         self.streams = 0
 
     # --- who asks ------------------------------------------------------------
@@ -259,7 +265,8 @@ class Dashboard:
     # --- the app ---------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[self._errors, self._guard])
+        app = web.Application(client_max_size=MAX_REQUEST_BYTES,
+                              middlewares=[self._count, self._errors, self._guard])
         for path in PAGES:  # one page; its script shows the view the path names
             app.router.add_get(path, _page)
         app.router.add_static("/static/", STATIC, append_version=False)
@@ -275,6 +282,23 @@ class Dashboard:
         app.router.add_get("/api/results/stream", self.results_stream)
         app.router.add_get("/healthz", _healthz)
         return app
+
+    @web.middleware
+    async def _count(self, request: web.Request, handler):
+        """Requests by route (its pattern, not the path: ids are not labels) and status."""
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as refused:
+            status = refused.status
+            raise
+        finally:
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.sessions.set(len(self.sessions))
 
     @web.middleware
     async def _guard(self, request: web.Request, handler):
@@ -321,10 +345,12 @@ class _EventStream:
         if self.dashboard.streams >= self.dashboard.settings.max_streams:
             raise _error(429, f"this dashboard already serves {self.dashboard.settings.max_streams} live streams")
         self.dashboard.streams += 1
+        self.dashboard.metrics.streams.inc()
         try:
             await self.response.prepare(self.request)
         except BaseException:
             self.dashboard.streams -= 1
+            self.dashboard.metrics.streams.dec()
             raise
         self._beat = asyncio.ensure_future(self._heartbeat())
         return self
@@ -340,6 +366,7 @@ class _EventStream:
 
     async def __aexit__(self, kind, error, trace) -> bool:
         self.dashboard.streams -= 1
+        self.dashboard.metrics.streams.dec()
         if self._beat is not None:
             self._beat.cancel()
         if isinstance(error, grpc.aio.AioRpcError):  # the frontend refused or went away: the page says why
@@ -421,7 +448,10 @@ async def serve(settings: DashboardSettings, stopped: asyncio.Event, ready=None)
     https = _https(settings)
     host, port = _host_port(settings.listen)
     channel = credentials.channel(settings.frontend, use_tls, aio=True, token="")
-    dashboard = Dashboard(settings, frontend_pb2_grpc.FrontendStub(channel), own_token, https is not None)
+    registry = process_registry()
+    serve_metrics(settings.metrics_port, registry)
+    dashboard = Dashboard(settings, frontend_pb2_grpc.FrontendStub(channel), own_token, https is not None,
+                          DashboardMetrics(registry))
     runner = web.AppRunner(dashboard.app(), access_log=None, shutdown_timeout=settings.shutdown_grace)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=https)

@@ -324,6 +324,7 @@ function showLogin(main) {
     e.preventDefault();
     try {
       me = await api("/api/login", {method: "POST", body: {token: this.elements.token.value}});
+      showWho();
       const next = new URLSearchParams(location.search).get("next") || "/";
       go(next.startsWith("/") && !next.startsWith("//") ? next : "/");
     } catch (err) {
@@ -352,9 +353,13 @@ async function whoAmI() {
         notice(`The frontend cannot answer now: ${e.message}. Reload the page to try again.`, true));
     }
   }
-  const who = document.getElementById("who");
-  who.hidden = !(me && me.access_checked);
-  if (me) document.getElementById("who-name").textContent = me.name;
+  showWho();
+}
+
+// Who is looking, in the header (when the cluster checks who calls it).
+function showWho() {
+  document.getElementById("who").hidden = !(me && me.access_checked);
+  document.getElementById("who-name").textContent = me ? me.name : "";
   document.getElementById("logout").hidden = !(me && me.logged_in);
 }
 
@@ -391,6 +396,7 @@ window.addEventListener("popstate", route);
 document.getElementById("logout").addEventListener("click", async () => {
   await api("/api/logout", {method: "POST"});
   me = null;
+  showWho();
   go("/login");
 });
 route();
