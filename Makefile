@@ -48,7 +48,7 @@ run: setup
 # Everything: unit, integration (a real ZooKeeper), end-to-end (real
 # processes) and a short chaos run.
 test: setup test-tools
-	$(PY) -m pytest -q --durations=15 -m "not container" tests
+	$(PY) -m pytest -q --durations=25 -m "not container" tests
 
 # The quick loop while developing: lint, types, and the tests that start no
 # service process (a ZooKeeper at most), in about half a minute.

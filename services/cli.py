@@ -18,7 +18,7 @@ from dworkers.common.errors import DworkersError
 from dworkers.common.lifecycle import StopRequest
 from dworkers.common.settings import add, add_flags, describe, from_args, in_range
 from dworkers.common.validation import MAX_SLOTS_PER_CONNECTION
-from dworkers.dashboard import app as dashboard
+from dworkers.dashboard import settings as dashboard
 from dworkers.frontend import service as frontend
 from dworkers.master import node as master
 from dworkers.worker import worker

@@ -125,6 +125,8 @@ def test_each_role_may_do_what_its_token_may_and_actions_need_the_dashboards_hea
     assert status == 200 and body["state"] == "CANCELLED" and body["retryable"]
     status, _, body = admin.post(f"/api/works/{running.id}/retry")
     assert status == 200 and body["state"] in ("PENDING", "IN_PROGRESS")
+    gate.touch()  # the retried work ends (rather than hold its worker at the test's end)
+    wait_until(lambda: reader.get(f"/api/works/{running.id}")[2]["state"] == "DONE", 60, "the retried work to end")
     status, _, body = admin.post("/api/works/no-such-work/cancel")
     assert status == 404 and "no-such-work" in body["error"]
 

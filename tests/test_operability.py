@@ -67,8 +67,9 @@ def test_sigterm_caught_by_any_thread_stops_every_service(cluster):
     cluster.start_worker(1)
     cluster.start_frontend()
     for service in list(cluster.services):
-        threads = [int(t) for t in os.listdir(f"/proc/{service.pid}/task") if int(t) != service.pid]
-        assert threads, f"{service.role} has no thread but its main one"
+        def others(pid=service.pid) -> list[int]:
+            return [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
+        threads = wait_until(others, 30, f"{service.role} to start a thread besides its main one")
         assert _tgkill(service.pid, threads[-1], signal.SIGTERM) == 0
     for service in cluster.services:
         try:

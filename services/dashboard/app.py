@@ -29,9 +29,9 @@ from dworkers import credentials
 from dworkers.common.errors import ConfigError
 from dworkers.common.lifecycle import StopRequest
 from dworkers.common.metrics import DashboardMetrics, process_registry, serve_metrics
-from dworkers.common.settings import Logging, group, setting
 from dworkers.common.tls import read_file
 from dworkers.dashboard import views
+from dworkers.dashboard.settings import DashboardSettings
 from dworkers.v1 import frontend_pb2_grpc, work_pb2
 
 log = logging.getLogger(__name__)
@@ -53,29 +53,6 @@ HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.OUT_OF_RANGE: 400,
     grpc.StatusCode.FAILED_PRECONDITION: 409, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
 }
-
-
-@dataclass(frozen=True)
-class DashboardSettings:
-    logging: Logging = group(Logging)
-    listen: str = setting("127.0.0.1:8080", "HTTP address to listen on")
-    frontend: str = setting("127.0.0.1:7000", "the frontend the dashboard calls")
-    tls: bool = setting(False, "TLS to the frontend (on too with any --tls-* file)")
-    tls_ca: str = setting("", "PEM CA bundle to trust for the frontend (empty: the system's)")
-    tls_cert: str = setting("", "PEM client certificate, for a frontend that requires one")
-    tls_key: str = setting("", "PEM private key of --tls-cert")
-    tls_server_name: str = setting("", "the name in the frontend's certificate, if not its host")
-    token_file: str = setting("", "a token the dashboard presents for visitors who have not logged in (a read "
-                                  "token makes an open, read-only dashboard); empty: visitors log in with "
-                                  "their own token when the frontend checks access")
-    https_cert: str = setting("", "PEM certificate chain: serve HTTPS (read again when it changes)")
-    https_key: str = setting("", "PEM private key of --https-cert")
-    session_hours: float = setting(12.0, "hours a login lasts", above=0, high=24 * 365)
-    max_streams: int = setting(256, "live streams (overview and result tails) served at once", low=1,
-                               high=100_000)
-    metrics_port: int = setting(9103, "Prometheus /metrics port (0: off)", low=0, high=65535)
-    call_timeout: float = setting(10.0, "seconds a call to the frontend may take", above=0, high=3600)
-    shutdown_grace: float = setting(5.0, "seconds open requests may take to finish on SIGTERM", low=0, high=3600)
 
 
 @dataclass
@@ -452,7 +429,9 @@ async def serve(settings: DashboardSettings, stopped: asyncio.Event, ready=None)
     serve_metrics(settings.metrics_port, registry)
     dashboard = Dashboard(settings, frontend_pb2_grpc.FrontendStub(channel), own_token, https is not None,
                           DashboardMetrics(registry))
-    runner = web.AppRunner(dashboard.app(), access_log=None, shutdown_timeout=settings.shutdown_grace)
+    # A browser that goes away cancels its handler: a live stream frees its place at once.
+    runner = web.AppRunner(dashboard.app(), access_log=None, shutdown_timeout=settings.shutdown_grace,
+                           handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=https)
     try:
