@@ -222,6 +222,9 @@ class Bench:
             self.kz.add_auth("digest", cluster.zk_auth)
             user, _, password = cluster.zk_auth.partition(":")
             acl = [make_digest_acl(user, password, all=True)]
+            if cluster.zk_reader_auth is not None:  # as the masters do: workers and frontends may read
+                reader, _, reader_password = cluster.zk_reader_auth.partition(":")
+                acl.append(make_digest_acl(reader, reader_password, read=True))
         self.kz.ensure_path(f"{zkpaths.Paths(root).kinds}/square", acl=acl)
         try:
             yield cluster
