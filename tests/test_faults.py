@@ -128,7 +128,7 @@ def test_a_client_retrying_through_another_frontend_gets_one_work(cluster):
     for work_id in ids:
         request = work_pb2.SubmitWorkRequest(work_id=work_id, kind="square", payload=b"2")
         try:
-            stub_a.SubmitWork(request, timeout=5)
+            stub_a.SubmitWork(request, timeout=2)
         except grpc.RpcError:
             pass  # the frontend died: was it accepted? the client cannot know
         # so it retries the same id through the other frontend

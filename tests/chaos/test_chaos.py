@@ -35,7 +35,7 @@ from tests.journals import KINDS, journal_reader
 
 pytestmark = pytest.mark.chaos
 
-CHAOS_SECONDS = float(os.environ.get("DWORKERS_CHAOS_SECONDS", "30"))
+CHAOS_SECONDS = float(os.environ.get("DWORKERS_CHAOS_SECONDS", "20"))
 SESSION_TIMEOUT = 2.0
 
 
