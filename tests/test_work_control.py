@@ -553,10 +553,8 @@ def test_a_cancel_after_a_failover_stops_the_attempt_its_slot_still_runs():
     assert [list(s.attempt_tokens) for s in stops] == [[a.attempt_token]] and not again.scheduler.get("s0").busy
 
 
-def test_after_a_failover_another_identity_cannot_squat_a_slot_id():
-    """The new master has not met either worker: one that registers the
-    other's slot id first gets a slot of its own, and the owner's attempt
-    still counts when it comes back and reports it."""
+def handed_to_box_a_then_failed_over() -> tuple[master_pb2.Assignment, Master]:
+    """Work "w" handed to slot s0 of identity box-a; then a new master, recovered from the state."""
     master = master_with([work("w")])
     owner = Connection("box-a")
     master.register(owner, master_pb2.RegisterWorker(worker_ids=["s0"], kinds=["square"]), NOW)
@@ -564,13 +562,27 @@ def test_after_a_failover_another_identity_cannot_squat_a_slot_id():
     again = Master(WorkState.from_snapshot(master.state.to_snapshot()), SETTINGS)
     again.recovered(NOW)
     again.take()
-    squatter = Connection("box-b")
-    again.register(squatter, master_pb2.RegisterWorker(worker_ids=["s0"], kinds=["square"]), NOW)
-    again.take()
+    return a, again
+
+
+def box_a_comes_back(again: Master, a: master_pb2.Assignment) -> Connection:
+    """box-a registers s0 again on the new master, saying it still runs `a`."""
     owner = Connection("box-a")
     again.register(owner, master_pb2.RegisterWorker(worker_ids=["s0"], kinds=["square"], running=[
         master_pb2.RunningAttempt(worker_id="s0", work_id="w", attempt_token=a.attempt_token, seconds_left=5)]), NOW)
     again.take()
+    return owner
+
+
+def test_after_a_failover_another_identity_cannot_squat_a_slot_id():
+    """The new master has not met either worker: one that registers the
+    other's slot id first gets a slot of its own, and the owner's attempt
+    still counts when it comes back and reports it."""
+    a, again = handed_to_box_a_then_failed_over()
+    squatter = Connection("box-b")
+    again.register(squatter, master_pb2.RegisterWorker(worker_ids=["s0"], kinds=["square"]), NOW)
+    again.take()
+    owner = box_a_comes_back(again, a)
     assert again.scheduler.get("s0", "box-a").token == a.attempt_token and not again.scheduler.get("s0", "box-b").busy
     finish(again, owner, a)
     assert again.status("w").state == work_pb2.DONE and handed(again, squatter) == []
@@ -579,13 +591,7 @@ def test_after_a_failover_another_identity_cannot_squat_a_slot_id():
 def test_after_a_failover_another_identity_cannot_claim_or_report_an_attempt_with_its_token():
     """The token leaked (say, read from the ZooKeeper journal): on a new
     master no slot holds the attempt yet, but the journal says whose it is."""
-    master = master_with([work("w")])
-    owner = Connection("box-a")
-    master.register(owner, master_pb2.RegisterWorker(worker_ids=["s0"], kinds=["square"]), NOW)
-    (a,) = handed(master, owner)
-    again = Master(WorkState.from_snapshot(master.state.to_snapshot()), SETTINGS)
-    again.recovered(NOW)
-    again.take()
+    a, again = handed_to_box_a_then_failed_over()
     thief = Connection("box-b")
     claim = master_pb2.RunningAttempt(worker_id="t0", work_id="w", attempt_token=a.attempt_token, seconds_left=5)
     again.register(thief, master_pb2.RegisterWorker(worker_ids=["t0"], kinds=["square"], running=[claim]), NOW)
@@ -596,10 +602,7 @@ def test_after_a_failover_another_identity_cannot_claim_or_report_an_attempt_wit
     stolen.worker_id = "t0"
     finish(again, thief, stolen, ok=False, permanent=True)  # reported before the owner is back
     assert again.status("w").state != work_pb2.FAILED
-    owner = Connection("box-a")
-    again.register(owner, master_pb2.RegisterWorker(worker_ids=["s0"], kinds=["square"], running=[
-        master_pb2.RunningAttempt(worker_id="s0", work_id="w", attempt_token=a.attempt_token, seconds_left=5)]), NOW)
-    again.take()
+    owner = box_a_comes_back(again, a)
     finish(again, owner, a)
     assert again.status("w").state == work_pb2.DONE
 

@@ -70,6 +70,10 @@ class Visitor:
     session_id: str | None = None
     session: Session | None = field(default=None, repr=False)
 
+    def metadata(self) -> tuple | None:
+        """What a call to the frontend carries for this visitor."""
+        return (("authorization", f"Bearer {self.token}"),) if self.token else None
+
 
 class Sessions:
     """Logged-in visitors: a random id (the cookie) to the token they gave,
@@ -121,8 +125,8 @@ class Dashboard:
         return Visitor(self.own_token)
 
     async def call(self, visitor: Visitor, method: str, message):
-        metadata = (("authorization", f"Bearer {visitor.token}"),) if visitor.token else None
-        return await getattr(self.stub, method)(message, timeout=self.settings.call_timeout, metadata=metadata)
+        return await getattr(self.stub, method)(message, timeout=self.settings.call_timeout,
+                                                metadata=visitor.metadata())
 
     # --- endpoints -----------------------------------------------------------
 
@@ -208,8 +212,7 @@ class Dashboard:
             start = int(after)
         else:
             raise _error(400, "after is a result sequence number")
-        metadata = (("authorization", f"Bearer {visitor.token}"),) if visitor.token else None
-        call = self.stub.WatchResults(work_pb2.WatchResultsRequest(after_sequence=start), metadata=metadata)
+        call = self.stub.WatchResults(work_pb2.WatchResultsRequest(after_sequence=start), metadata=visitor.metadata())
         latest: deque = deque(maxlen=TAIL_PER_FLUSH)
         skipped = 0
         stream = _EventStream(self, request)
