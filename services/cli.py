@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dworkers import access, commands, demo, devcerts, healthcheck
-from dworkers.common import logs
+from dworkers.common import logs, memory
 from dworkers.common.errors import DworkersError
 from dworkers.common.lifecycle import StopRequest
 from dworkers.common.settings import add, add_flags, describe, from_args, in_range
@@ -84,6 +84,7 @@ def main(argv=None) -> int:
             settings = from_args(role.settings, args)
             # First thing: a stop request must work whatever the process waits for.
             stop = StopRequest(grace=settings.shutdown_grace, margin=STOP_MARGIN)
+            memory.tune_collector()
             log.info("dworkers %s starting: %s", args.command, describe(settings))
             role.main(settings, stop)
         elif args.command == "demo":

@@ -229,3 +229,25 @@ def test_only_hand_backs_by_the_worker_count_and_a_snapshot_keeps_them():
     state = apply_all(events)
     assert state.unfinished("a").hand_backs == 3
     assert WorkState.from_snapshot(state.to_snapshot()).unfinished("a").hand_backs == 3
+
+
+def test_a_captured_snapshot_is_the_state_at_its_capture_whatever_happens_while_its_parts_are_written(
+        monkeypatch):
+    """The master captures the state at a journal cut and serializes it in
+    parts while it goes on applying events: the parts make one snapshot of
+    the state as captured."""
+    from dworkers.master.domain.state import SnapshotCapture
+
+    for seed in range(10):
+        events = random_history(seed, 800)
+        state = apply_all(events[:400])
+        expected = state.to_snapshot()  # in one part per field: these states hold fewer than 1,000 of each
+        assert len(list(state.capture().parts())) <= 3
+        monkeypatch.setattr(SnapshotCapture, "PART_ITEMS", 2)
+        capture = state.capture()
+        for event in events[400:]:  # attempts, errors, tokens and results change under the capture
+            state.apply(event)
+        parts = list(capture.parts())
+        assert len(parts) > 4  # the header, and several parts of entries and of results
+        assert journal_pb2.Snapshot.FromString(b"".join(parts)) == expected
+        monkeypatch.undo()

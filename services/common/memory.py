@@ -1,13 +1,28 @@
-"""Giving freed memory back to the system.
+"""Memory of a service process: freed memory given back to the system, and
+a garbage collector that does not stall calls.
 
 glibc keeps memory freed by Python in its heaps; after a large transient
 allocation (a snapshot of a million pending works is ~100 MB of protobuf)
-the process would stay that much bigger. `malloc_trim` returns it."""
+the process would stay that much bigger. `malloc_trim` returns it.
+
+CPython's collector stops the process to walk every object of a generation.
+With its default thresholds a master taking 800 works/s ran a full
+collection about twice a second, 25 ms each (80 ms with 40,000 results
+kept): each one a stall of every call in flight. Two changes keep the walks
+short and rare: what exists once a service is up (modules, classes, a
+recovered state) goes to the permanent generation, which collections skip
+(it is still freed by reference counting); and the youngest generation is
+collected every 5,000 allocations instead of 700, so that objects of calls in
+flight die young instead of being promoted and counted toward a full walk.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
+
+YOUNG_COLLECTION_THRESHOLD = 5_000  # allocations between collections of the youngest generation
 
 _libc = None
 try:
@@ -22,3 +37,19 @@ except (OSError, AttributeError):
 def release_free_memory() -> None:
     if _libc is not None:
         _libc.malloc_trim(0)
+
+
+def tune_collector() -> None:
+    """First thing in a service process."""
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, older, oldest)
+
+
+def freeze_survivors(collect: bool = True) -> None:
+    """Once a service is up: what lives now lives as long as the process (or
+    is freed by reference counting), so collections need not walk it again.
+    `collect` first frees the start-up's cyclic garbage; a master that just
+    recovered a large state skips that walk (its recovery made little)."""
+    if collect:
+        gc.collect()
+    gc.freeze()

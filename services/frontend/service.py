@@ -15,6 +15,7 @@ from dworkers.common import auth, server, tls, validation
 from dworkers.common.auth import AuthSettings
 from dworkers.common.errors import NotServing, Overloaded, TimedOut
 from dworkers.common.lifecycle import Once, StopRequest
+from dworkers.common.memory import freeze_survivors
 from dworkers.common.metrics import FrontendMetrics, ServerMetrics, process_registry, serve_metrics
 from dworkers.common.proxy import MasterProxy, StreamHandle, build_proxy
 from dworkers.common.settings import Contact, Logging, group, setting
@@ -213,6 +214,7 @@ def serve(proxy: MasterProxy, settings: FrontendSettings, stop: StopRequest, reg
     for name in ("", SERVICE_NAME):
         health.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("frontend listening on %s", settings.listen)
+    freeze_survivors()
     if ready is not None:
         ready.set()
     stop.wait()

@@ -21,6 +21,7 @@ from dworkers.common import auth, server, tls, validation, zk
 from dworkers.common.auth import AuthSettings
 from dworkers.common.errors import ConfigError
 from dworkers.common.lifecycle import StopRequest
+from dworkers.common.memory import freeze_survivors
 from dworkers.common.metrics import MasterMetrics, ServerMetrics, process_registry, serve_metrics
 from dworkers.common.settings import Cluster, Logging, group, setting
 from dworkers.common.tls import ServingTlsSettings
@@ -328,6 +329,7 @@ class MasterNode:
                                  lambda view: self.loop.call_soon_threadsafe(self._on_view, view))
         await self.loop.run_in_executor(None, self.election.start)
         log.info("backend listening on %s (advertised as %s)", s.listen, self.address)
+        freeze_survivors()
         metrics_task = asyncio.create_task(self._update_metrics())
         await self._stop.wait()
         metrics_task.cancel()

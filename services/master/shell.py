@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from dworkers.common.errors import Forgotten, NotFound, NotServing, Overloaded, WrongState
-from dworkers.common.memory import release_free_memory
+from dworkers.common.memory import freeze_survivors, release_free_memory
 from dworkers.common.validation import MAX_BATCH_WORKS, MAX_REPORTS_PER_MESSAGE, MAX_STREAM_MESSAGE_BYTES
 from dworkers.master.domain.effects import DeclareKinds, Disconnect, HandOut, Send, Step
 from dworkers.master.domain.master import CoreSettings, Master, hand_outs
@@ -101,6 +101,7 @@ class MasterShell:
         loop = asyncio.get_running_loop()
         state, position, count = await loop.run_in_executor(None, recover_state, self.journal)
         release_free_memory()  # what reading the snapshot and the batches took
+        freeze_survivors(collect=False)  # the recovered state: no collection walks it again
         self.master = Master(state, self.settings, self.epoch, self.cluster_id, rate_limits=self.rate_limits)
         self.durable_sequence = state.last_sequence
         await loop.run_in_executor(None, self.journal.discard_after, position)
@@ -572,7 +573,7 @@ class MasterShell:
         committer = self._journal()
         try:
             covered = committer.cut()
-            snapshot = self.state.to_snapshot()  # the state as of the cut: same loop step
+            capture = self.state.capture()  # the state as of the cut: same loop step
             cut_bytes = committer.bytes_appended
             self._events_since_snapshot = 0
             self._batches_at_snapshot = committer.batches_written
@@ -580,10 +581,17 @@ class MasterShell:
             self._last_snapshot = time.monotonic()
             position = await covered
             started = time.monotonic()
-            await asyncio.get_running_loop().run_in_executor(None, self._store_snapshot, position, snapshot)
-            entries, results = len(snapshot.entries), len(snapshot.results)
-            del snapshot
-            release_free_memory()  # the snapshot's memory, back to the system
+            parts = []
+            for part in capture.parts():
+                parts.append(part)
+                await asyncio.sleep(0)  # calls and worker messages go on between parts
+            entries, results = capture.counts()
+            del capture
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, self._store_snapshot, position, parts)
+            del parts
+            # The snapshot's memory, back to the system; off the loop, as that walks the heap.
+            await loop.run_in_executor(None, release_free_memory)
             self._bytes_at_last_complete = cut_bytes
             log.info("snapshot at journal position %d: %d pending, %d results, %.2f s", position,
                      entries, results, time.monotonic() - started,
@@ -597,10 +605,10 @@ class MasterShell:
         finally:
             self._snapshotting = False
 
-    def _store_snapshot(self, position: int, snapshot: journal_pb2.Snapshot) -> None:
+    def _store_snapshot(self, position: int, parts: list[bytes]) -> None:
         if self.closed is not None:
             return
-        self.journal.write_snapshot(position, snapshot.SerializeToString())
+        self.journal.write_snapshot(position, b"".join(parts))
         if self.closed is None:
             self.journal.compact()
 

@@ -29,6 +29,7 @@ import grpc
 
 from dworkers.common.errors import ConfigError, NoMaster
 from dworkers.common.lifecycle import StopRequest
+from dworkers.common.memory import freeze_survivors
 from dworkers.common.metrics import WorkerMetrics, process_registry, serve_metrics
 from dworkers.common.proxy import MasterProxy, build_proxy
 from dworkers.common.settings import Contact, Logging, group, setting
@@ -571,6 +572,7 @@ def main(settings: WorkerSettings, stop: StopRequest) -> None:
     log.info("worker with %d slots (prefetch %d) for kinds %s", settings.concurrency, settings.prefetch,
              ", ".join(worker.kinds))
     threading.Thread(target=worker.run, name="worker", daemon=True).start()
+    freeze_survivors()
     stop.wait()
     log.info("worker stopping: finishing current work")
     worker.stop()

@@ -353,6 +353,47 @@ class Schedule:
         return list(found)
 
 
+class SnapshotCapture:
+    """A state captured at a journal cut, serialized later in parts of
+    `PART_ITEMS` entries or results: a snapshot message is the concatenation
+    of its parts (repeated fields append; the header's scalars come first and
+    parts leave them unset), so the master's loop serves calls between parts
+    instead of stopping for the whole state."""
+
+    PART_ITEMS = 1_000
+
+    def __init__(self, header: journal_pb2.Snapshot, entries: list[tuple], results: list[work_pb2.WorkResult],
+                 fingerprints: list[bytes]):
+        self.header = header
+        self.entries = entries  # (entry, in_progress, retryable_until_forgotten, then its changing fields)
+        self.results = results
+        self.fingerprints = fingerprints
+
+    def parts(self) -> Iterator[bytes]:
+        yield self.header.SerializeToString()
+        step = self.PART_ITEMS
+        for first in range(0, len(self.entries), step):
+            part = journal_pb2.Snapshot()
+            add = part.entries.add
+            for (entry, in_progress, until, attempts, failures, hand_backs, error, token, owner,
+                 ready_at) in self.entries[first:first + step]:
+                entry.fill(add(
+                    attempts=attempts, failures=failures, error=error, in_progress=in_progress,
+                    attempt_token=token, fingerprint=entry.digest or b"", ready_at=ready_at,
+                    retryable_until_forgotten=until, hand_backs=hand_backs, worker_owner=owner).work)
+            yield part.SerializeToString()
+        for first in range(0, len(self.results), step):
+            yield journal_pb2.Snapshot(results=self.results[first:first + step],
+                                       fingerprints=self.fingerprints[first:first + step]).SerializeToString()
+
+    def message(self) -> journal_pb2.Snapshot:
+        return journal_pb2.Snapshot.FromString(b"".join(self.parts()))
+
+    def counts(self) -> tuple[int, int]:
+        """Entries and results held."""
+        return len(self.entries), len(self.results)
+
+
 class ImpossibleEvent(ValueError):
     """An event that cannot apply to this state (raised only when strict)."""
 
@@ -621,25 +662,24 @@ class WorkState:
     # --- snapshots ---------------------------------------------------------
 
     def to_snapshot(self) -> journal_pb2.Snapshot:
-        snapshot = journal_pb2.Snapshot(
+        return self.capture().message()
+
+    def capture(self) -> SnapshotCapture:
+        """The state as it is now, taken in one pass that copies references
+        and the few fields that change (a fraction of building the snapshot)."""
+        header = journal_pb2.Snapshot(
             next_sequence=self.next_sequence, forgotten_up_to=self.forgotten_up_to,
             done_count=self.done_count, failed_count=self.failed_count, cancelled_count=self.cancelled_count,
             unfinished_bytes=self.unfinished_bytes, result_bytes=self.result_bytes,
         )
-        retryable = ((sequence, entry) for sequence, entry in self.retryable.values())
-        for in_progress, entries in ((False, ((0, e) for e in self.pending.entries())),
-                                     (False, ((0, e) for e in self.scheduled.values())),
-                                     (True, ((0, e) for e in self.in_progress.values())), (False, retryable)):
-            for sequence, entry in entries:
-                snapshot.entries.add(
-                    work=entry.work(), attempts=entry.attempts, failures=entry.failures, error=entry.error,
-                    in_progress=in_progress, attempt_token=entry.token, fingerprint=entry.digest or b"",
-                    ready_at=entry.ready_at, retryable_until_forgotten=sequence, hand_backs=entry.hand_backs,
-                    worker_owner=entry.owner,
-                )
-        snapshot.results.extend(self.results.values())
-        snapshot.fingerprints.extend(self.fingerprints[r.work_id] for r in self.results.values())
-        return snapshot
+        entries = [(e, False, 0, e.attempts, e.failures, e.hand_backs, e.error, e.token, e.owner, e.ready_at)
+                   for e in itertools.chain(self.pending.entries(), self.scheduled.values())]
+        entries += [(e, True, 0, e.attempts, e.failures, e.hand_backs, e.error, e.token, e.owner, e.ready_at)
+                    for e in self.in_progress.values()]
+        entries += [(e, False, s, e.attempts, e.failures, e.hand_backs, e.error, e.token, e.owner, e.ready_at)
+                    for s, e in self.retryable.values()]
+        results = list(self.results.values())  # results never change once made
+        return SnapshotCapture(header, entries, results, [self.fingerprints[r.work_id] for r in results])
 
     @classmethod
     def from_snapshot(cls, snapshot: journal_pb2.Snapshot, payloads_apart: bool = False) -> WorkState:
