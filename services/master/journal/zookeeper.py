@@ -39,7 +39,7 @@ MANIFEST_PREFIX = "m-"
 SNAPSHOT_PREFIX = "s-"
 CHUNK_PREFIX = "c-"
 DELETES_PER_TXN = 200
-WRITE_WINDOW = 16  # snapshot chunks in flight at once
+WRITE_WINDOW = 2  # snapshot chunks in flight at once
 
 
 def position_of(name: str) -> int:
