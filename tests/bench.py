@@ -68,13 +68,34 @@ ALIASES = {"memory": "replay", "rtt": "roundtrip", "pg": "postgresql"}
 SESSION_TIMEOUT = 4.0  # the master's default --session-timeout
 MASTER_SERVICE = "dworkers.v1.Master"
 
-# Peers measured on this machine (/work/shared/reference/measurements.md).
-PEERS = {"dramatiq_e2e": 480, "celery_e2e": 310, "dramatiq_enqueue": 3160, "celery_enqueue": 780,
-         "celery_rtt_p50": 5.2}
+# Peers measured on this machine on 2026-11-29 (the peers' harness, no Redis persistence; PgQueuer on
+# PostgreSQL with fsync); --peers-results takes them from a run of the harness next to this one instead.
+PEERS = {"dramatiq_e2e": 480, "celery_e2e": 310, "pgqueuer_e2e": 380, "dramatiq_enqueue": 3160,
+         "celery_enqueue": 780, "pgqueuer_enqueue": 980, "celery_rtt_p50": 5.2, "celery_rtt_p99": 9.4,
+         "pgqueuer_rtt_p50": 6.5, "pgqueuer_rtt_p99": 13.0}
+
+
+def load_peers(directory: str) -> tuple[dict, str]:
+    """The peers' figures from the harness's result files (one JSON row per
+    peer and Redis mode; rows without Redis persistence first), and where
+    they come from."""
+    peers, seen = dict(PEERS), []
+    rows = [json.loads(path.read_text()) for path in sorted(Path(directory).glob("*.json"))]
+    rows = [row for row in rows if row.get("peer")]  # not calibration.json
+    for row in sorted(rows, key=lambda r: r.get("redis_mode") != "default", reverse=True):
+        name = row.get("peer", "").replace("-", "_")
+        for key, field in (("e2e", "e2e_per_s"), ("enqueue", "enqueue_per_s"), ("rtt_p50", "p50_ms"),
+                           ("rtt_p99", "p99_ms")):
+            if row.get(field) is not None and not row.get("errors"):
+                peers[f"{name}_{key}"] = round(row[field], 1)
+        seen.append(f"{row.get('peer')}/{row.get('redis_mode')} {row.get('started', '')}")
+    if not seen:
+        raise SystemExit(f"--peers-results: no result files (*.json) in {directory}")
+    return peers, f"peers measured by their harness: {', '.join(seen)}"
 
 
 # Rough seconds each scenario needs (to skip rather than overrun the budget).
-ESTIMATE = {"submit": 25, "sdk": 30, "peers": 120, "e2e": 200, "roundtrip": 20, "postgresql": 60, "failover": 30, "replay": 40,
+ESTIMATE = {"submit": 25, "sdk": 30, "peers": 170, "e2e": 200, "roundtrip": 20, "postgresql": 60, "failover": 30, "replay": 40,
             "backlog": 240, "control": 150, "scale": 100}
 ESTIMATE_QUICK = {"submit": 15, "sdk": 20, "peers": 40, "e2e": 30, "roundtrip": 15, "postgresql": 30, "failover": 25, "replay": 20,
                   "backlog": 60, "control": 50, "scale": 30}
@@ -176,6 +197,9 @@ class Bench:
         self.rows: list[dict] = []
         self.details: dict = {}
         self.notes: list[str] = []
+        self.peers, source = load_peers(args.peers_results) if args.peers_results else (
+            dict(PEERS), "peers as measured on 2026-11-29 (--peers-results takes a fresh run's)")
+        self.notes.append(source)
         self.profiles: dict = {}
         self.failed: dict[str, str] = {}
         self.channels: list[grpc.Channel] = []
@@ -395,7 +419,7 @@ class Bench:
                           f"cpu % of a core: master {cpu_a.get('master')} frontend {cpu_a.get('frontend')} "
                           f"zk {cpu_a.get('zookeeper')} bench {cpu_a.get('bench')} other {cpu_a.get('other')}; "
                           f"{self.details['submit_single']['journal_batches']:,} journal writes; peers' enqueue: "
-                          f"Dramatiq ~{PEERS['dramatiq_enqueue']:,}/s, Celery ~{PEERS['celery_enqueue']}/s")
+                          f"Dramatiq {self.peers['dramatiq_enqueue']:,.0f}/s, Celery {self.peers['celery_enqueue']:,.0f}/s")
             # (b) 500 works per SubmitWorks call, 4 threads
             self.log(f"submit: SubmitWorks x500 from 4 threads for {duration:g} s")
             size = 500
@@ -500,12 +524,15 @@ class Bench:
             c.start_master(None, *self.master_args, wait=True)
             frontend = c.start_frontend()
             stub = self.frontend_stub(frontend)
-            c.start_worker(1, *self.worker_args)
-            self.wait_workers(stub, 1, 60)
             with dworkers.Client(frontend.address, timeout=60) as client:
                 for _ in range(500):  # warm up connections and code paths
-                    client.submit("square", payload=b"3")
-                client.flush(60)
+                    client.submit("square", payload=b"3").accepted(60)
+                # No worker yet: the peers' enqueue rates are measured with none running.
+                self.log(f"sdk: {single:,} submits one at a time, no worker running")
+                alone = self.single_submits(client, single)
+                c.start_worker(1, *self.worker_args)
+                self.wait_workers(stub, 1, 60)
+                wait_until(lambda: self.unfinished(stub) == 0, 300, "the warm-up's works to finish")
                 self.log(f"sdk: {pipelined:,} submit() calls from one thread, then {single:,} one at a time")
                 meter = self.cpu_meter(c).start()
                 started = time.perf_counter()
@@ -516,26 +543,29 @@ class Bench:
                 rate = pipelined / (time.perf_counter() - started)
                 cpu = meter.stop()
                 loaded = self.single_submits(client, single // 2)  # while the worker drains the 20,000
-                self.log("sdk: waiting for the backlog to drain, then submits on an idle cluster")
+                self.log("sdk: waiting for the backlog to drain, then submits with the worker running each")
                 wait_until(lambda: self.unfinished(stub) == 0, 300, "the SDK backlog to drain")
-                latencies = self.single_submits(client, single)
-        p50, p99 = ms(percentile(latencies, 50)), ms(percentile(latencies, 99))
-        loaded_p50, loaded_p99 = ms(percentile(loaded, 50)), ms(percentile(loaded, 99))
-        self.details["sdk"] = {"pipelined": pipelined, "pipelined_rate": round(rate), "queue_seconds": round(queued, 3),
-                               "single": single, "single_rate": round(single / sum(latencies)),
-                               "single_ms_p50": round(p50, 2), "single_ms_p99": round(p99, 2),
-                               "single_ms_max": round(ms(max(latencies)), 2), "cpu_percent_of_core": cpu,
-                               "single_while_draining_ms_p50": round(loaded_p50, 2),
-                               "single_while_draining_ms_p99": round(loaded_p99, 2)}
+                running = self.single_submits(client, single)
+        p50, p99 = ms(percentile(alone, 50)), ms(percentile(alone, 99))
+        figures = {"pipelined": pipelined, "pipelined_rate": round(rate), "queue_seconds": round(queued, 3),
+                   "single": single, "single_rate": round(single / sum(alone)), "cpu_percent_of_core": cpu}
+        for name, latencies in (("single", alone), ("single_with_worker", running), ("single_while_draining", loaded)):
+            figures.update({f"{name}_ms_p50": round(ms(percentile(latencies, 50)), 2),
+                            f"{name}_ms_p99": round(ms(percentile(latencies, 99)), 2),
+                            f"{name}_ms_max": round(ms(max(latencies)), 2)})
+        self.details["sdk"] = figures
         self.row("sdk.pipelined", "SDK submit() from one thread, pipelined", round(rate), "works/s", 5000, ">=",
                  f"{pipelined:,} works acknowledged (submit() itself returned after {queued:.2f} s); peers' "
-                 "enqueue, one call per work: Dramatiq ~3,500/s, PgQueuer ~980/s, Celery ~870/s")
-        self.row("sdk.single", "SDK submit, one acknowledged at a time", round(single / sum(latencies)), "works/s",
-                 None, "", f"{single:,} works; each waits for its durable write")
+                 f"enqueue, one call per work: Dramatiq {self.peers['dramatiq_enqueue']:,.0f}/s, PgQueuer "
+                 f"{self.peers['pgqueuer_enqueue']:,.0f}/s, Celery {self.peers['celery_enqueue']:,.0f}/s")
+        self.row("sdk.single", "SDK submit, one acknowledged at a time", round(single / sum(alone)), "works/s",
+                 None, "", f"{single:,} works; each waits for its durable write; no worker running")
         self.row("sdk.single.p50", "SDK single submit p50", p50, "ms", 2.5, "<=",
-                 f"p99 {p99:.1f} ms, max {ms(max(latencies)):.1f} ms, on an idle cluster; while a worker drains "
-                 f"the pipelined backlog: p50 {loaded_p50:.1f} ms, p99 {loaded_p99:.1f} ms; "
-                 "client -> frontend -> master -> journal")
+                 f"p99 {p99:.1f} ms, max {ms(max(alone)):.1f} ms, no worker running (as the peers' enqueue); "
+                 f"with a worker running each work: p50 {figures['single_with_worker_ms_p50']:.1f} ms, "
+                 f"p99 {figures['single_with_worker_ms_p99']:.1f} ms; while a worker drains the pipelined "
+                 f"backlog: p50 {figures['single_while_draining_ms_p50']:.1f} ms, "
+                 f"p99 {figures['single_while_draining_ms_p99']:.1f} ms; client -> frontend -> master -> journal")
 
     @staticmethod
     def single_submits(client, count: int) -> list[float]:
@@ -568,17 +598,26 @@ class Bench:
             figures = self._like_peers(journal_name, journal, n, samples)
             self.details[f"peers_{journal_name}"] = figures
             self.log(f"peers ({journal_name}): {figures}")
+            self.row(f"peers.{journal_name}.enqueue", f"like the peers, enqueue, SDK submit() per work ({journal_name})",
+                     figures["enqueue_rate"], "works/s", self.peers["pgqueuer_enqueue"], ">=",
+                     f"{n:,} works, one producer thread, no worker running, every one acknowledged durable; "
+                     f"target PgQueuer's; peers: Dramatiq {self.peers['dramatiq_enqueue']:,.0f}, PgQueuer "
+                     f"{self.peers['pgqueuer_enqueue']:,.0f}, Celery {self.peers['celery_enqueue']:,.0f}")
             self.row(f"peers.{journal_name}.sdk", f"like the peers, SDK submit() per work ({journal_name})",
-                     figures["sdk_rate"], "works/s", 2 * PEERS["dramatiq_e2e"], ">=",
+                     figures["sdk_rate"], "works/s", round(2 * self.peers["dramatiq_e2e"]), ">=",
                      f"{n:,} works, one producer thread, results read in order; 2 job processes; "
-                     f"worker prefetch {figures['prefetch']}; peers here: Dramatiq ~480, PgQueuer ~380, Celery ~350")
+                     f"worker prefetch {figures['prefetch']}; target 2 x Dramatiq; peers: Dramatiq "
+                     f"{self.peers['dramatiq_e2e']:,.0f}, PgQueuer {self.peers['pgqueuer_e2e']:,.0f}, "
+                     f"Celery {self.peers['celery_e2e']:,.0f}")
             self.row(f"peers.{journal_name}.submitworks", f"like the peers, SubmitWorks x100 ({journal_name})",
-                     figures["batch_rate"], "works/s", 2 * PEERS["dramatiq_e2e"], ">=",
+                     figures["batch_rate"], "works/s", round(2 * self.peers["dramatiq_e2e"]), ">=",
                      f"{n:,} works in calls of 100 from one thread, then WaitWorks in order; 2 job processes")
             self.row(f"peers.{journal_name}.rtt.p50", f"like the peers, round trip p50 ({journal_name})",
-                     figures["rtt_ms_p50"], "ms", PEERS["celery_rtt_p50"], "<=",
+                     figures["rtt_ms_p50"], "ms", self.peers["celery_rtt_p50"], "<=",
                      f"{samples} SDK submit(...).result() one at a time; p99 {figures['rtt_ms_p99']} ms, "
-                     f"max {figures['rtt_ms_max']} ms; Celery p50 ~5.2 ms")
+                     f"max {figures['rtt_ms_max']} ms; target Celery's p50; p50 / p99: Celery "
+                     f"{self.peers['celery_rtt_p50']} / {self.peers['celery_rtt_p99']} ms, PgQueuer "
+                     f"{self.peers['pgqueuer_rtt_p50']} / {self.peers['pgqueuer_rtt_p99']} ms")
             self.row(f"peers.{journal_name}.rtt.p99", f"like the peers, round trip p99 ({journal_name})",
                      figures["rtt_ms_p99"], "ms", round(2 * figures["rtt_ms_p50"], 2), "<=", "target: 2 x this p50")
 
@@ -589,8 +628,19 @@ class Bench:
             c.start_master(None, *self.master_args, wait=True)
             frontend = c.start_frontend()
             stub = self.frontend_stub(frontend)
+            with dworkers.Client(frontend.address, timeout=60) as client:
+                for _ in range(200):  # warm up connections and code paths
+                    client.submit("square", payload=b"3")
+                client.flush(60)
+                self.log(f"peers ({name}): {n:,} submit() calls from one thread, no worker running (enqueue)")
+                started = time.perf_counter()
+                for i in range(n):
+                    client.submit("square", payload=str(i % 1000))
+                client.flush(120)
+                enqueue_rate = n / (time.perf_counter() - started)
             workers = [c.start_worker(1, "--executor", "process", *self.worker_args) for _ in range(2)]
             self.wait_workers(stub, 2, 60)
+            wait_until(lambda: self.unfinished(stub) == 0, 300, "the enqueued works to finish")
             self.warm_up(stub, 200)
             self.wait_quiet([w.pid for w in workers], 20, 15)
             with dworkers.Client(frontend.address, timeout=60) as client:
@@ -627,7 +677,8 @@ class Bench:
                     t0 = time.perf_counter()
                     client.submit("square", payload=str(i)).result(30)
                     rtts.append(time.perf_counter() - t0)
-        return {"works": n, "sdk_rate": round(sdk_rate), "batch_rate": round(batch_rate),
+        return {"works": n, "enqueue_rate": round(enqueue_rate), "sdk_rate": round(sdk_rate),
+                "batch_rate": round(batch_rate),
                 "rtt_ms_p50": round(ms(percentile(rtts, 50)), 2), "rtt_ms_p99": round(ms(percentile(rtts, 99)), 2),
                 "rtt_ms_max": round(ms(max(rtts)), 2), "samples": samples, "prefetch": self._prefetch(),
                 "cpu_percent_of_core": cpu}
@@ -670,7 +721,8 @@ class Bench:
             runs["single"] = runs["single_sweep"]
         self.details["e2e"] = runs
         for mode, target, peer in (("batched", 3000, "6 x Dramatiq's 480/s"),
-                                   ("single", 2 * PEERS["celery_e2e"], "2 x Celery's 310/s")):
+                                   ("single", round(2 * self.peers["celery_e2e"]),
+                                    f"2 x Celery's {self.peers['celery_e2e']:,.0f}/s")):
             if not runs[mode]:
                 continue
             best = max(runs[mode], key=lambda r: r["rate"])
@@ -1231,6 +1283,9 @@ def parse_args(argv=None):
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--json-out", metavar="FILE", default="", help="also write the JSON object to FILE")
     p.add_argument("--quick", action="store_true", help="smaller counts, for a smoke run")
+    p.add_argument("--peers-results", metavar="DIR", default="",
+                   help="targets from the peers' figures in DIR (the *.json rows of ../shared/peers/run_all.sh "
+                        "run next to this one)")
     p.add_argument("--only", default="", help="comma-separated scenarios: " + ", ".join(SCENARIOS) + " (memory = replay)")
     p.add_argument("--profile", metavar="DIR", default="",
                    help="also run py-spy (--gil) on master, frontend and workers during an extra batched e2e run; raw stacks go to DIR")

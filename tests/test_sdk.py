@@ -72,6 +72,13 @@ def test_failures_raise_work_failed_with_the_remote_error(live):
     with pytest.raises(SubmitError) as refused:
         client.submit("add", 1, 2, work_id="bad id!").accepted(timeout=30)
     assert refused.value.code == "INVALID_ARGUMENT" and "malformed work_id" in refused.value.message
+    # result() waits from the start, before the ack: the submission's refusal is what it raises
+    with pytest.raises(SubmitError) as refused:
+        client.submit("add", 1, 2, work_id="bad id!").result(timeout=30)
+    assert refused.value.code == "INVALID_ARGUMENT"
+    with pytest.raises(SubmitError) as refused:
+        client.submit("no-such-kind", 1).result(timeout=30)
+    assert refused.value.code == "INVALID_ARGUMENT" and "unknown kind" in refused.value.message
     napping = client.submit("nap", 5)
     with pytest.raises(TimeoutError):
         napping.result(timeout=0.5)
