@@ -326,6 +326,11 @@ class PostgreSQLJournal(Journal):
         leaves nothing behind."""
 
     def write_snapshot(self, position: int, data: bytes) -> None:
+        """The data in one transaction, the pointer to it in a second: the
+        pointer's row is the fence every append holds in share mode, and an
+        update of it holds appends back until its transaction commits, which
+        for a snapshot of megabytes waits for their flush. A crash between the
+        two leaves a snapshot nothing points to, which compaction removes."""
         def store(conn: psycopg.Connection) -> None:
             with conn.transaction():
                 self._hold_fence(conn)
@@ -333,10 +338,15 @@ class PostgreSQLJournal(Journal):
                     cursor.execute("INSERT INTO dworkers_snapshot (journal, position, data) VALUES (%s, %s, %s) "
                                    "ON CONFLICT (journal, position) DO UPDATE SET data = excluded.data",
                                    (self.name, position, data))
+
+        def point(conn: psycopg.Connection) -> None:
+            with conn.transaction():
+                self._hold_fence(conn)
                 conn.execute("UPDATE dworkers_journal SET snapshot_position = %s WHERE name = %s",
                              (position, self.name))
 
         self._run("snapshot", store)
+        self._run("snapshot pointer", point)
 
     def read_snapshot(self) -> tuple[int, bytes] | None:
         def load(conn: psycopg.Connection) -> tuple[int, bytes] | None:
