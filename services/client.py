@@ -21,7 +21,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -178,14 +178,91 @@ class Unresolved:
                     ids.append(work_id)
         return ids
 
-    def store(self, results: list[Result], handle) -> None:
+    def store(self, results: list[Result], handle=None) -> None:
         """Gives each result to its handle (`handle`, or another one still alive)."""
         for result in results:
             with self._lock:
                 ref = self._handles.pop(result.work_id, None)
-            other = handle if result.work_id == handle.id else ref() if ref is not None else None
+            other = handle if handle is not None and result.work_id == handle.id else \
+                ref() if ref is not None else None
             if other is not None and other._result is None:
                 other._result = result
+
+
+class Feeds:
+    """Result streams read ahead for a client's handles. Waiting for a
+    handle not yet covered starts a stream (WaitWorks, on a thread of its
+    own) for it and the oldest other unresolved handles, up to 10,000; the
+    stream gives results to their handles until all came, whoever waits. A
+    producer reading results in order thus opens one stream per 10,000
+    works (one that cancelled its stream once its own result came opened a
+    new one at almost every result, each naming thousands of ids)."""
+
+    MAX_STREAMS = 8  # read ahead at once; beyond, a waiter reads its own result itself
+
+    def __init__(self, unresolved: Unresolved, stream: Callable[[list[str], float | None], Iterator[list[Result]]]):
+        self._unresolved = unresolved
+        self._stream = stream  # the results of ids as they finish (by a deadline), resumed across failovers
+        self._cond = threading.Condition()
+        self._covering: dict[str, _Feed] = {}  # id -> the running feed that waits for it
+        self._feeds = 0
+
+    def wait(self, handle, deadline: float | None) -> None:
+        with self._cond:
+            while handle._result is None:
+                feed = self._covering.get(handle.id)
+                if feed is None:
+                    if self._feeds >= self.MAX_STREAMS:
+                        break
+                    self._unresolved.add(handle)  # a handle retried since its first result is there again
+                    ids = [i for i in self._unresolved.ids_with(handle) if i not in self._covering]
+                    if len(ids) == 1:
+                        break  # nothing to read ahead
+                    feed = self._start(ids)
+                while handle._result is None and not feed.ended:
+                    remaining = left(deadline)
+                    if remaining == 0:
+                        raise TimeoutError(f"work {handle.id} not finished in time")
+                    self._cond.wait(remaining)
+                if handle._result is None and feed.error is not None:
+                    break  # perhaps another id made the call fail (e.g. past retention): ask alone
+        if handle._result is None:  # alone (or every feed is busy): read its result here, by its deadline
+            for results in self._stream([handle.id], deadline):
+                self._unresolved.store(results, handle)
+
+    def _start(self, ids: list[str]) -> _Feed:
+        feed = _Feed(ids)
+        for work_id in ids:
+            self._covering[work_id] = feed
+        self._feeds += 1
+        threading.Thread(target=self._read, args=(feed,), name="dworkers-results", daemon=True).start()
+        return feed
+
+    def _read(self, feed: _Feed) -> None:
+        try:
+            for results in self._stream(feed.ids, None):
+                self._unresolved.store(results)
+                with self._cond:
+                    for result in results:
+                        if self._covering.get(result.work_id) is feed:
+                            del self._covering[result.work_id]
+                    self._cond.notify_all()
+        except Exception as exc:  # noqa: BLE001 - raised to whoever waits for these ids
+            feed.error = exc
+        with self._cond:
+            feed.ended = True
+            self._feeds -= 1
+            for work_id in feed.ids:
+                if self._covering.get(work_id) is feed:
+                    del self._covering[work_id]
+            self._cond.notify_all()
+
+
+class _Feed:
+    def __init__(self, ids: list[str]):
+        self.ids = ids
+        self.ended = False
+        self.error: Exception | None = None
 
 
 @dataclass
@@ -216,6 +293,7 @@ class Client:
         self._cond = threading.Condition()
         self._closed = False
         self._unresolved = Unresolved()
+        self._feeds = Feeds(self._unresolved, self._wait_responses)
         self._sender = threading.Thread(target=self._send_forever, name="dworkers-submit", daemon=True)
         self._sender.start()
 
@@ -355,12 +433,8 @@ class Client:
     # --- results -----------------------------------------------------------
 
     def _resolve(self, handle: Handle, deadline: float | None) -> None:
-        """Waits for one handle's result, and takes those of the client's
-        other handles that come with it (see Unresolved)."""
-        for results in self._wait_responses(self._unresolved.ids_with(handle), deadline):
-            self._unresolved.store(results, handle)
-            if handle._result is not None:
-                return
+        """Waits for one handle's result (see Feeds)."""
+        self._feeds.wait(handle, deadline)
 
     def _wait(self, work_ids: list[str], deadline: float | None) -> Iterator[Result]:
         """Results of `work_ids` as they finish (WaitWorks; the frontend
@@ -486,7 +560,7 @@ class Client:
                 pending.handle._accepted.set_exception(SubmitError(pending.handle.id, "CANCELLED",
                                                                    "the client was closed before sending it"))
             self._sender.join(timeout=5)
-            self._channel.close()
+            self._channel.close()  # ends the feeds' streams too
 
     def __enter__(self) -> Client:
         return self

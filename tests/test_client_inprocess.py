@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -24,15 +25,21 @@ class Frontend(frontend_pb2_grpc.FrontendServicer):
         self.release = threading.Event()
         self.calls: list[list[str]] = []
         self.waits: list[list[str]] = []
+        self.per_message = 7  # results per message, as the master batches them
+        self.trickle = 0.0  # seconds between messages: works finishing one after another
+        self.unknown: set[str] = set()  # ids WaitWorks refuses, NOT_FOUND (past retention)
 
     def WaitWorks(self, request, context):
-        """Every asked work finished already, "done"; the results come in
-        messages of 7 (as the master batches them)."""
+        """Every asked work finished already (or `trickle` apart), "done"."""
         self.waits.append(list(request.work_ids))
+        unknown = self.unknown.intersection(request.work_ids)
+        if unknown:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no work {sorted(unknown)[0]!r}")
         results = [work_pb2.WorkResult(work_id=w, state=work_pb2.DONE, result=b'"done"',
                                        content_type="application/json") for w in request.work_ids]
-        for i in range(0, len(results), 7):
-            yield work_pb2.WatchResultsResponse(results=results[i:i + 7])
+        for i in range(0, len(results), self.per_message):
+            time.sleep(self.trickle)
+            yield work_pb2.WatchResultsResponse(results=results[i:i + self.per_message])
 
     def SubmitWorks(self, request, context):
         self.calls.append([w.work_id for w in request.works])
@@ -87,9 +94,47 @@ def test_reading_results_in_order_takes_the_finished_ones_of_other_handles_in_th
         assert [h.result(5) for h in handles] == ["done"] * 100
         kept = client.submit("k", 1)
         assert kept.result(5) == "done"
-    assert len(servicer.waits) <= 1 + 100 // 7 + 1, "at most one call per message of results, not one per work"
+    assert len(servicer.waits) == 2, "one call for the 100, read ahead; one for the work submitted later"
     assert set(servicer.waits[0]) == {h.id for h in handles}
     assert servicer.waits[-1] == [kept.id]  # the others have their results
+
+
+def test_results_read_in_order_as_works_finish_one_by_one_come_on_one_stream(frontend):
+    """The stream goes on after the first handle's result: the next handles'
+    results come on it (a call per result would name every waiting id again)."""
+    servicer, address = frontend
+    servicer.release.set()
+    servicer.per_message, servicer.trickle = 1, 0.002
+    with dworkers.Client(address, timeout=5) as client:
+        handles = [client.submit("k", n) for n in range(300)]
+        client.flush(10)
+        assert [h.result(10) for h in handles] == ["done"] * 300
+    assert len(servicer.waits) == 1
+
+
+def test_a_work_past_retention_fails_only_its_own_wait(frontend):
+    servicer, address = frontend
+    servicer.release.set()
+    with dworkers.Client(address, timeout=5) as client:
+        kept, forgotten = client.submit("k", 1), client.submit("k", 2)
+        client.flush(10)
+        servicer.unknown.add(forgotten.id)
+        assert kept.result(5) == "done"  # asked with the other, refused; then alone
+        with pytest.raises(grpc.RpcError) as refused:
+            forgotten.result(5)
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_waiting_threads_share_the_streams_and_each_gets_its_own_result(frontend):
+    servicer, address = frontend
+    servicer.release.set()
+    servicer.per_message, servicer.trickle = 3, 0.001
+    with dworkers.Client(address, timeout=5) as client:
+        handles = [client.submit("k", n) for n in range(400)]
+        client.flush(10)
+        with futures.ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(lambda h: h.result(10), reversed(handles))) == ["done"] * 400
+    assert len(servicer.waits) <= 8 + 1
 
 
 def test_the_async_client_reads_ahead_the_same_way(frontend):
