@@ -446,3 +446,44 @@ def test_the_journal_can_insist_on_a_verified_tls_connection(make_cluster, tmp_p
         assert "Traceback" not in refused.log() and server.password not in refused.log()
     finally:
         server.remove()
+
+
+def test_a_snapshot_cut_short_leaves_the_last_complete_one_which_a_later_snapshot_replaces(postgresql,
+                                                                                         monkeypatch):
+    """Snapshots are written a part per transaction, then pointed to: a
+    writer that dies between two parts leaves the previous snapshot in force,
+    and the parts it left are replaced or compacted away."""
+    from dworkers.master.journal import postgresql as journal_module
+
+    monkeypatch.setattr(journal_module, "SNAPSHOT_PART_BYTES", 1000)
+    name = f"/cut-{uuid.uuid4().hex[:8]}"
+    journal = PostgreSQLJournal(postgresql.url(), name, holder="a")
+    journal.take_over()
+    first, second = bytes(range(256)) * 20, bytes(reversed(range(256))) * 30  # 6 and 8 parts
+    journal.write_snapshot(0, first)
+    assert journal.read_snapshot() == (0, first)
+
+    written = []
+    real_run = journal._run
+
+    def dies_after_three_parts(what, action):
+        if what == "snapshot" and len(written) == 4:  # the check that it is new, then three parts
+            raise RuntimeError("the writer died")
+        written.append(what)
+        return real_run(what, action)
+
+    monkeypatch.setattr(journal, "_run", dies_after_three_parts)
+    with pytest.raises(RuntimeError):
+        journal.write_snapshot(5, second)
+    monkeypatch.setattr(journal, "_run", real_run)
+    assert journal.read_snapshot() == (0, first)
+    journal.write_snapshot(5, second)  # again, whole: the parts left behind are replaced
+    assert journal.read_snapshot() == (5, second)
+    journal.write_snapshot(5, b"not written: the state at a position is one")
+    assert journal.read_snapshot() == (5, second)
+    journal.compact()
+    with psycopg.connect(postgresql.url()) as conn:
+        kept = conn.execute("SELECT position, count(*) FROM dworkers_snapshot WHERE journal = %s GROUP BY position",
+                            (name,)).fetchall()
+    assert kept == [(5, 8)]
+    journal.close()

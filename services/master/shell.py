@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 RESULTS_PER_MESSAGE = 500
 RESULTS_PER_READ = 64  # results read from a journal that keeps them apart, at once (at most 16 MiB)
 RESULT_CACHE_BYTES = 32 * 1024 * 1024
+TRIM_AFTER_SNAPSHOT_BYTES = 32 * 1024 * 1024  # smaller snapshots leave too little to give back to be worth it
 # The most events one input can record (a full SubmitWorks with its starts, a
 # worker message full of reports, a tick that ends every attempt): the shell
 # takes an input only if the journal's buffer has room for it.
@@ -555,9 +556,12 @@ class MasterShell:
         s, committer, state = self.settings, self._journal(), self.state
         if self._snapshotting or not self._events_since_snapshot:
             return
-        if state.payloads_apart and self._events_since_snapshot < (len(state.pending) + len(state.in_progress)) // 4:
-            # A snapshot costs the loop time in proportion to the state: with
-            # a large backlog (on disk), take one only per quarter of it in events.
+        if state.payloads_apart and self._events_since_snapshot < self._state_size() // 4:
+            # A snapshot costs time and writes in proportion to the state (a
+            # backlog, kept results): take one only per quarter of it in
+            # events. Replaying PostgreSQL's batches is one streamed query,
+            # so their count need not be kept low (ZooKeeper reads a znode
+            # per batch, and holds them in its heap: its bounds stay).
             return
         if (self._events_since_snapshot >= s.snapshot_every
                 or committer.batches_written - self._batches_at_snapshot >= s.snapshot_batches
@@ -565,6 +569,10 @@ class MasterShell:
                 or now - self._last_snapshot >= s.snapshot_interval):
             self._snapshotting = True
             asyncio.create_task(self.snapshot())
+
+    def _state_size(self) -> int:
+        state = self.state
+        return len(state.pending) + len(state.scheduled) + len(state.in_progress) + len(state.results)
 
     async def snapshot(self) -> int:
         """Writes a snapshot of the state and compacts the journal it covers.
@@ -588,10 +596,11 @@ class MasterShell:
             entries, results = capture.counts()
             del capture
             loop = asyncio.get_running_loop()
+            size = sum(map(len, parts))
             await loop.run_in_executor(None, self._store_snapshot, position, parts)
             del parts
-            # The snapshot's memory, back to the system; off the loop, as that walks the heap.
-            await loop.run_in_executor(None, release_free_memory)
+            if size >= TRIM_AFTER_SNAPSHOT_BYTES:  # its memory, back to the system; off the loop, as that walks
+                await loop.run_in_executor(None, release_free_memory)  # the heap (holding malloc's locks)
             self._bytes_at_last_complete = cut_bytes
             log.info("snapshot at journal position %d: %d pending, %d results, %.2f s", position,
                      entries, results, time.monotonic() - started,

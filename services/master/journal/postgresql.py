@@ -65,6 +65,7 @@ SELECT %(name)s, r.sequence, r.work_id, r.result
 DELETE_RESULTS = "DELETE FROM dworkers_result WHERE journal = %(name)s AND sequence <= %(up_to)s"
 DELETE_PAYLOADS = "DELETE FROM dworkers_payload WHERE journal = %(name)s AND work_id = ANY(%(ids)s)"
 HOLD_FENCE = "SELECT dworkers_hold_fence(%(name)s, %(fence)s)"
+SNAPSHOT_PART_BYTES = 256 * 1024  # written per transaction
 FENCED = "DWF01"  # the SQLSTATE dworkers_hold_fence raises
 
 
@@ -326,18 +327,26 @@ class PostgreSQLJournal(Journal):
         leaves nothing behind."""
 
     def write_snapshot(self, position: int, data: bytes) -> None:
-        """The data in one transaction, the pointer to it in a second: the
-        pointer's row is the fence every append holds in share mode, and an
-        update of it holds appends back until its transaction commits, which
-        for a snapshot of megabytes waits for their flush. A crash between the
-        two leaves a snapshot nothing points to, which compaction removes."""
-        def store(conn: psycopg.Connection) -> None:
-            with conn.transaction():
-                self._hold_fence(conn)
-                with conn.cursor(binary=True) as cursor:
-                    cursor.execute("INSERT INTO dworkers_snapshot (journal, position, data) VALUES (%s, %s, %s) "
-                                   "ON CONFLICT (journal, position) DO UPDATE SET data = excluded.data",
-                                   (self.name, position, data))
+        """In parts of SNAPSHOT_PART_BYTES, each in a transaction of its own,
+        then the pointer to them in another: an append commits between two
+        parts, not after the flush of the whole snapshot, and never waits for
+        a transaction that wrote megabytes while holding the pointer's row
+        (the fence every append holds in share mode). A crash before the
+        pointer moved leaves parts nothing points to, which compaction
+        removes (or a snapshot at the same position replaces)."""
+        parts = [data[i:i + SNAPSHOT_PART_BYTES] for i in range(0, len(data), SNAPSHOT_PART_BYTES)] or [b""]
+
+        def store(number: int):
+            def write(conn: psycopg.Connection) -> None:
+                with conn.transaction():
+                    self._hold_fence(conn)
+                    if number == 0:  # what an unfinished snapshot at this position left
+                        conn.execute("DELETE FROM dworkers_snapshot WHERE journal = %s AND position = %s",
+                                     (self.name, position))
+                    with conn.cursor(binary=True) as cursor:
+                        cursor.execute("INSERT INTO dworkers_snapshot (journal, position, part, data) "
+                                       "VALUES (%s, %s, %s, %s)", (self.name, position, number, parts[number]))
+            return write
 
         def point(conn: psycopg.Connection) -> None:
             with conn.transaction():
@@ -345,17 +354,27 @@ class PostgreSQLJournal(Journal):
                 conn.execute("UPDATE dworkers_journal SET snapshot_position = %s WHERE name = %s",
                              (position, self.name))
 
-        self._run("snapshot", store)
+        def pointed(conn: psycopg.Connection) -> bool:
+            with conn.transaction():
+                self._hold_fence(conn)
+                row = conn.execute("SELECT snapshot_position FROM dworkers_journal WHERE name = %s",
+                                   (self.name,)).fetchone()
+            return row is not None and row[0] == position
+
+        if self._run("snapshot", pointed):
+            return  # the state at a position is one: that snapshot is this one, and complete
+        for number in range(len(parts)):
+            self._run("snapshot", store(number))
         self._run("snapshot pointer", point)
 
     def read_snapshot(self) -> tuple[int, bytes] | None:
         def load(conn: psycopg.Connection) -> tuple[int, bytes] | None:
             with conn.transaction(), conn.cursor(binary=True) as cursor:
                 cursor.execute("SELECT s.position, s.data FROM dworkers_journal j JOIN dworkers_snapshot s "
-                               "ON s.journal = j.name AND s.position = j.snapshot_position WHERE j.name = %s",
-                               (self.name,))
-                row = cursor.fetchone()
-            return (row[0], bytes(row[1])) if row else None
+                               "ON s.journal = j.name AND s.position = j.snapshot_position WHERE j.name = %s "
+                               "ORDER BY s.part", (self.name,))
+                rows = cursor.fetchall()
+            return (rows[0][0], b"".join(bytes(row[1]) for row in rows)) if rows else None
 
         return self._run("reading the snapshot", load)
 

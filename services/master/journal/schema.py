@@ -75,6 +75,13 @@ BEGIN
 END
 $$;
 """),
+    (5, """
+-- A snapshot in parts, each written in a transaction of its own: appends
+-- commit between them instead of waiting for the flush of megabytes.
+ALTER TABLE dworkers_snapshot ADD COLUMN part integer NOT NULL DEFAULT 0;
+ALTER TABLE dworkers_snapshot DROP CONSTRAINT dworkers_snapshot_pkey;
+ALTER TABLE dworkers_snapshot ADD PRIMARY KEY (journal, position, part);
+"""),
 ]
 LATEST = MIGRATIONS[-1][0]
 
