@@ -28,6 +28,7 @@ from dworkers.client import (
     MAX_QUEUED_WORKS,
     RETRYABLE,
     STREAM_RETRYABLE,
+    Feeds,
     Result,
     SubmitError,
     Unresolved,
@@ -105,6 +106,8 @@ class AsyncClient:
         self._calls: set[asyncio.Task] = set()
         self._unacked: dict[asyncio.Future, str] = {}  # -> its work id
         self._unresolved = Unresolved()
+        self._covering: dict[str, asyncio.Future] = {}  # id -> resolved when a feed gave results (Feeds)
+        self._feeds: set[asyncio.Task] = set()
         self._closed = False
         self._sender = asyncio.get_running_loop().create_task(self._send_forever())
 
@@ -179,11 +182,67 @@ class AsyncClient:
             await asyncio.wait(list(self._unacked))
 
     async def _resolve(self, handle: AsyncHandle, deadline: float | None) -> None:
-        """As Client._resolve."""
-        async for results in self._wait_responses(self._unresolved.ids_with(handle), deadline):
-            self._unresolved.store(results, handle)
-            if handle._result is not None:
-                return
+        """As Client._resolve: waits on a stream read ahead by a task (see
+        dworkers.client.Feeds), or reads a lone handle's result itself."""
+        while handle._result is None:
+            feed = self._covering.get(handle.id)
+            if feed is None:
+                if len(self._feeds) >= Feeds.MAX_STREAMS:
+                    break
+                self._unresolved.add(handle)  # a handle retried since its first result is there again
+                ids = [i for i in self._unresolved.ids_with(handle) if i not in self._covering]
+                if len(ids) == 1:
+                    break  # nothing to read ahead
+                feed = self._start_feed(ids)
+            try:
+                await asyncio.wait_for(asyncio.shield(feed), left(deadline))
+            except asyncio.TimeoutError:
+                if handle._result is None:
+                    raise TimeoutError(f"work {handle.id} not finished in time") from None
+            except Exception:  # noqa: BLE001 - perhaps another id made it fail (e.g. past retention): ask alone
+                break
+        if handle._result is None:
+            async for results in self._wait_responses([handle.id], deadline):
+                self._unresolved.store(results, handle)
+
+    def _start_feed(self, ids: list[str]) -> asyncio.Future:
+        """A task giving the results of `ids` to their handles as they come;
+        it resolves when one of them came (then a new one takes its place
+        for the others), or when the stream ended."""
+        feed = asyncio.get_running_loop().create_future()
+        for work_id in ids:
+            self._covering[work_id] = feed
+
+        async def read() -> None:
+            current = feed
+            try:
+                async for results in self._wait_responses(ids, None):
+                    self._unresolved.store(results)
+                    for result in results:
+                        if self._covering.get(result.work_id) is current:
+                            del self._covering[result.work_id]
+                    # wake the waiters: those whose results came are done, the others wait on a new future
+                    woken, current = current, asyncio.get_running_loop().create_future()
+                    for work_id, covering in self._covering.items():
+                        if covering is woken:
+                            self._covering[work_id] = current
+                    woken.set_result(None)
+                current.set_result(None)
+            except BaseException as exc:  # raised to whoever waits for these ids (cancelled: the client closed)
+                if not current.done():
+                    current.set_exception(exc if isinstance(exc, Exception) else RuntimeError("the client was closed"))
+                    current.exception()  # retrieved: nobody may wait
+                if not isinstance(exc, Exception):
+                    raise
+            finally:
+                for work_id in ids:
+                    if self._covering.get(work_id) is current:
+                        del self._covering[work_id]
+                self._feeds.discard(task)
+
+        task = asyncio.get_running_loop().create_task(read())
+        self._feeds.add(task)
+        return feed
 
     async def _wait(self, work_ids: list[str], deadline: float | None) -> AsyncIterator[Result]:
         async for results in self._wait_responses(work_ids, deadline):
@@ -290,7 +349,7 @@ class AsyncClient:
             await asyncio.wait_for(self.flush(), self.timeout)
         finally:
             self._sender.cancel()
-            for call in list(self._calls):
+            for call in [*self._calls, *self._feeds]:
                 call.cancel()
             await self._channel.close()
             while not self._queue.empty():  # never sent

@@ -150,3 +150,26 @@ def test_the_async_client_reads_ahead_the_same_way(frontend):
     assert asyncio.run(main()) == ["done"] * 50
     assert len(servicer.waits) <= 1 + 50 // 7, "at most one call per message of results, not one per work"
     assert len(servicer.waits[0]) == 50
+
+
+def test_the_async_client_reads_results_as_they_come_on_one_stream(frontend):
+    servicer, address = frontend
+    servicer.release.set()
+    servicer.per_message, servicer.trickle = 1, 0.002
+
+    async def main() -> tuple:
+        async with dworkers.AsyncClient(address, timeout=5) as client:
+            handles = [await client.submit("k", n) for n in range(200)]
+            await client.flush()
+            in_order = [await h.result(10) for h in handles]
+            kept, forgotten = await client.submit("k", 1), await client.submit("k", 2)
+            await client.flush()
+            servicer.unknown.add(forgotten.id)
+            alone = await kept.result(5)  # asked with the other, refused; then alone
+            with pytest.raises(grpc.RpcError) as refused:
+                await forgotten.result(5)
+            return in_order, alone, refused.value.code()
+
+    in_order, alone, code = asyncio.run(main())
+    assert in_order == ["done"] * 200 and alone == "done" and code == grpc.StatusCode.NOT_FOUND
+    assert len(servicer.waits) == 1 + 3  # the 200 on one stream; the two together, then each alone
