@@ -189,8 +189,7 @@ class AsyncClient:
             if feed is None:
                 if len(self._feeds) >= Feeds.MAX_STREAMS:
                     break
-                self._unresolved.add(handle)  # a handle retried since its first result is there again
-                ids = [i for i in self._unresolved.ids_with(handle) if i not in self._covering]
+                ids = self._unresolved.to_read_ahead(handle, self._covering)
                 if len(ids) == 1:
                     break  # nothing to read ahead
                 feed = self._start_feed(ids)

@@ -21,7 +21,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -178,6 +178,12 @@ class Unresolved:
                     ids.append(work_id)
         return ids
 
+    def to_read_ahead(self, handle, covered: Container[str]) -> list[str]:
+        """What a new stream for `handle` asks for: its id, then those of the
+        oldest other handles still waiting that no running stream covers."""
+        self.add(handle)  # a handle retried since its first result is there again
+        return [work_id for work_id in self.ids_with(handle) if work_id not in covered]
+
     def store(self, results: list[Result], handle=None) -> None:
         """Gives each result to its handle (`handle`, or another one still alive)."""
         for result in results:
@@ -214,8 +220,7 @@ class Feeds:
                 if feed is None:
                     if self._feeds >= self.MAX_STREAMS:
                         break
-                    self._unresolved.add(handle)  # a handle retried since its first result is there again
-                    ids = [i for i in self._unresolved.ids_with(handle) if i not in self._covering]
+                    ids = self._unresolved.to_read_ahead(handle, self._covering)
                     if len(ids) == 1:
                         break  # nothing to read ahead
                     feed = self._start(ids)

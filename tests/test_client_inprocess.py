@@ -60,6 +60,15 @@ def frontend():
     server.stop(0)
 
 
+def answering(frontend, per_message: int, every: float):
+    """The scripted frontend, answering submissions at once and waits with
+    `per_message` results a message, `every` seconds apart."""
+    servicer, address = frontend
+    servicer.release.set()
+    servicer.per_message, servicer.trickle = per_message, every
+    return servicer, address
+
+
 def test_closing_settles_every_handle(frontend):
     servicer, address = frontend
     client = dworkers.Client(address, timeout=5)
@@ -102,9 +111,7 @@ def test_reading_results_in_order_takes_the_finished_ones_of_other_handles_in_th
 def test_results_read_in_order_as_works_finish_one_by_one_come_on_one_stream(frontend):
     """The stream goes on after the first handle's result: the next handles'
     results come on it (a call per result would name every waiting id again)."""
-    servicer, address = frontend
-    servicer.release.set()
-    servicer.per_message, servicer.trickle = 1, 0.002
+    servicer, address = answering(frontend, per_message=1, every=0.002)
     with dworkers.Client(address, timeout=5) as client:
         handles = [client.submit("k", n) for n in range(300)]
         client.flush(10)
@@ -126,9 +133,7 @@ def test_a_work_past_retention_fails_only_its_own_wait(frontend):
 
 
 def test_waiting_threads_share_the_streams_and_each_gets_its_own_result(frontend):
-    servicer, address = frontend
-    servicer.release.set()
-    servicer.per_message, servicer.trickle = 3, 0.001
+    servicer, address = answering(frontend, per_message=3, every=0.001)
     with dworkers.Client(address, timeout=5) as client:
         handles = [client.submit("k", n) for n in range(400)]
         client.flush(10)
@@ -153,9 +158,7 @@ def test_the_async_client_reads_ahead_the_same_way(frontend):
 
 
 def test_the_async_client_reads_results_as_they_come_on_one_stream(frontend):
-    servicer, address = frontend
-    servicer.release.set()
-    servicer.per_message, servicer.trickle = 1, 0.002
+    servicer, address = answering(frontend, per_message=1, every=0.002)
 
     async def main() -> tuple:
         async with dworkers.AsyncClient(address, timeout=5) as client:
