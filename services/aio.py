@@ -28,6 +28,7 @@ from dworkers.client import (
     MAX_QUEUED_WORKS,
     RETRYABLE,
     STREAM_RETRYABLE,
+    Feed,
     Feeds,
     Result,
     SubmitError,
@@ -106,8 +107,9 @@ class AsyncClient:
         self._calls: set[asyncio.Task] = set()
         self._unacked: dict[asyncio.Future, str] = {}  # -> its work id
         self._unresolved = Unresolved()
-        self._covering: dict[str, asyncio.Future] = {}  # id -> resolved when a feed gave results (Feeds)
+        self._covering: dict[str, Feed] = {}  # id -> the running feed that waits for it (see Feeds)
         self._feeds: set[asyncio.Task] = set()
+        self._results_came = asyncio.Condition()
         self._closed = False
         self._sender = asyncio.get_running_loop().create_task(self._send_forever())
 
@@ -184,64 +186,58 @@ class AsyncClient:
     async def _resolve(self, handle: AsyncHandle, deadline: float | None) -> None:
         """As Client._resolve: waits on a stream read ahead by a task (see
         dworkers.client.Feeds), or reads a lone handle's result itself."""
-        while handle._result is None:
-            feed = self._covering.get(handle.id)
-            if feed is None:
-                if len(self._feeds) >= Feeds.MAX_STREAMS:
-                    break
-                ids = self._unresolved.to_read_ahead(handle, self._covering)
-                if len(ids) == 1:
-                    break  # nothing to read ahead
-                feed = self._start_feed(ids)
-            try:
-                await asyncio.wait_for(asyncio.shield(feed), left(deadline))
-            except asyncio.TimeoutError:
-                if handle._result is None:
-                    raise TimeoutError(f"work {handle.id} not finished in time") from None
-            except Exception:  # noqa: BLE001 - perhaps another id made it fail (e.g. past retention): ask alone
-                break
+        async with self._results_came:
+            while handle._result is None:
+                feed = self._covering.get(handle.id)
+                if feed is None:
+                    if len(self._feeds) >= Feeds.MAX_STREAMS:
+                        break
+                    ids = self._unresolved.to_read_ahead(handle, self._covering)
+                    if len(ids) == 1:
+                        break  # nothing to read ahead
+                    feed = self._start_feed(ids)
+                while handle._result is None and not feed.ended:
+                    try:
+                        await asyncio.wait_for(self._results_came.wait(), left(deadline))
+                    except asyncio.TimeoutError:
+                        raise TimeoutError(f"work {handle.id} not finished in time") from None
+                if handle._result is None and feed.error is not None:
+                    break  # perhaps another id made the call fail (e.g. past retention): ask alone
         if handle._result is None:
             async for results in self._wait_responses([handle.id], deadline):
                 self._unresolved.store(results, handle)
 
-    def _start_feed(self, ids: list[str]) -> asyncio.Future:
-        """A task giving the results of `ids` to their handles as they come;
-        it resolves when one of them came (then a new one takes its place
-        for the others), or when the stream ended."""
-        feed = asyncio.get_running_loop().create_future()
+    def _start_feed(self, ids: list[str]) -> Feed:
+        feed = Feed(ids)
         for work_id in ids:
             self._covering[work_id] = feed
-
-        async def read() -> None:
-            current = feed
-            try:
-                async for results in self._wait_responses(ids, None):
-                    self._unresolved.store(results)
-                    for result in results:
-                        if self._covering.get(result.work_id) is current:
-                            del self._covering[result.work_id]
-                    # wake the waiters: those whose results came are done, the others wait on a new future
-                    woken, current = current, asyncio.get_running_loop().create_future()
-                    for work_id, covering in self._covering.items():
-                        if covering is woken:
-                            self._covering[work_id] = current
-                    woken.set_result(None)
-                current.set_result(None)
-            except BaseException as exc:  # raised to whoever waits for these ids (cancelled: the client closed)
-                if not current.done():
-                    current.set_exception(exc if isinstance(exc, Exception) else RuntimeError("the client was closed"))
-                    current.exception()  # retrieved: nobody may wait
-                if not isinstance(exc, Exception):
-                    raise
-            finally:
-                for work_id in ids:
-                    if self._covering.get(work_id) is current:
-                        del self._covering[work_id]
-                self._feeds.discard(task)
-
-        task = asyncio.get_running_loop().create_task(read())
+        task = asyncio.get_running_loop().create_task(self._read_feed(feed))
         self._feeds.add(task)
+        task.add_done_callback(self._feeds.discard)
         return feed
+
+    async def _read_feed(self, feed: Feed) -> None:
+        """Gives the results of the feed's ids to their handles as they come."""
+        try:
+            async for results in self._wait_responses(feed.ids, None):
+                self._unresolved.store(results)
+                async with self._results_came:
+                    for result in results:
+                        if self._covering.get(result.work_id) is feed:
+                            del self._covering[result.work_id]
+                    self._results_came.notify_all()
+        except asyncio.CancelledError:
+            feed.error = RuntimeError("the client was closed")
+            raise
+        except Exception as exc:  # noqa: BLE001 - raised to whoever waits for these ids
+            feed.error = exc
+        finally:
+            feed.ended = True
+            for work_id in feed.ids:
+                if self._covering.get(work_id) is feed:
+                    del self._covering[work_id]
+            async with self._results_came:
+                self._results_came.notify_all()
 
     async def _wait(self, work_ids: list[str], deadline: float | None) -> AsyncIterator[Result]:
         async for results in self._wait_responses(work_ids, deadline):

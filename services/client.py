@@ -210,7 +210,7 @@ class Feeds:
         self._unresolved = unresolved
         self._stream = stream  # the results of ids as they finish (by a deadline), resumed across failovers
         self._cond = threading.Condition()
-        self._covering: dict[str, _Feed] = {}  # id -> the running feed that waits for it
+        self._covering: dict[str, Feed] = {}  # id -> the running feed that waits for it
         self._feeds = 0
 
     def wait(self, handle, deadline: float | None) -> None:
@@ -235,15 +235,15 @@ class Feeds:
             for results in self._stream([handle.id], deadline):
                 self._unresolved.store(results, handle)
 
-    def _start(self, ids: list[str]) -> _Feed:
-        feed = _Feed(ids)
+    def _start(self, ids: list[str]) -> Feed:
+        feed = Feed(ids)
         for work_id in ids:
             self._covering[work_id] = feed
         self._feeds += 1
         threading.Thread(target=self._read, args=(feed,), name="dworkers-results", daemon=True).start()
         return feed
 
-    def _read(self, feed: _Feed) -> None:
+    def _read(self, feed: Feed) -> None:
         try:
             for results in self._stream(feed.ids, None):
                 self._unresolved.store(results)
@@ -263,7 +263,9 @@ class Feeds:
             self._cond.notify_all()
 
 
-class _Feed:
+class Feed:
+    """One stream read ahead: the ids it asked for, and how it ended."""
+
     def __init__(self, ids: list[str]):
         self.ids = ids
         self.ended = False

@@ -672,12 +672,12 @@ class WorkState:
             done_count=self.done_count, failed_count=self.failed_count, cancelled_count=self.cancelled_count,
             unfinished_bytes=self.unfinished_bytes, result_bytes=self.result_bytes,
         )
-        entries = [(e, False, 0, e.attempts, e.failures, e.hand_backs, e.error, e.token, e.owner, e.ready_at)
-                   for e in itertools.chain(self.pending.entries(), self.scheduled.values())]
-        entries += [(e, True, 0, e.attempts, e.failures, e.hand_backs, e.error, e.token, e.owner, e.ready_at)
-                    for e in self.in_progress.values()]
-        entries += [(e, False, s, e.attempts, e.failures, e.hand_backs, e.error, e.token, e.owner, e.ready_at)
-                    for s, e in self.retryable.values()]
+        listed = itertools.chain(((False, 0, e) for e in self.pending.entries()),
+                                 ((False, 0, e) for e in self.scheduled.values()),
+                                 ((True, 0, e) for e in self.in_progress.values()),
+                                 ((False, until, e) for until, e in self.retryable.values()))
+        entries = [(e, in_progress, until, e.attempts, e.failures, e.hand_backs, e.error, e.token, e.owner,
+                    e.ready_at) for in_progress, until, e in listed]
         results = list(self.results.values())  # results never change once made
         return SnapshotCapture(header, entries, results, [self.fingerprints[r.work_id] for r in results])
 

@@ -27,6 +27,7 @@ cluster's ZooKeeper root.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import re
 import threading
@@ -336,17 +337,15 @@ class PostgreSQLJournal(Journal):
         removes (or a snapshot at the same position replaces)."""
         parts = [data[i:i + SNAPSHOT_PART_BYTES] for i in range(0, len(data), SNAPSHOT_PART_BYTES)] or [b""]
 
-        def store(number: int):
-            def write(conn: psycopg.Connection) -> None:
-                with conn.transaction():
-                    self._hold_fence(conn)
-                    if number == 0:  # what an unfinished snapshot at this position left
-                        conn.execute("DELETE FROM dworkers_snapshot WHERE journal = %s AND position = %s",
-                                     (self.name, position))
-                    with conn.cursor(binary=True) as cursor:
-                        cursor.execute("INSERT INTO dworkers_snapshot (journal, position, part, data) "
-                                       "VALUES (%s, %s, %s, %s)", (self.name, position, number, parts[number]))
-            return write
+        def store(conn: psycopg.Connection, number: int) -> None:
+            with conn.transaction():
+                self._hold_fence(conn)
+                if number == 0:  # what an unfinished snapshot at this position left
+                    conn.execute("DELETE FROM dworkers_snapshot WHERE journal = %s AND position = %s",
+                                 (self.name, position))
+                with conn.cursor(binary=True) as cursor:
+                    cursor.execute("INSERT INTO dworkers_snapshot (journal, position, part, data) "
+                                   "VALUES (%s, %s, %s, %s)", (self.name, position, number, parts[number]))
 
         def point(conn: psycopg.Connection) -> None:
             with conn.transaction():
@@ -364,7 +363,7 @@ class PostgreSQLJournal(Journal):
         if self._run("snapshot", pointed):
             return  # the state at a position is one: that snapshot is this one, and complete
         for number in range(len(parts)):
-            self._run("snapshot", store(number))
+            self._run("snapshot", functools.partial(store, number=number))
         self._run("snapshot pointer", point)
 
     def read_snapshot(self) -> tuple[int, bytes] | None:
