@@ -98,7 +98,7 @@ def test_an_ack_of_one_attempt_keeps_the_report_of_another_attempt_of_the_same_w
         slot.assignment = master_pb2.Assignment(worker_id=slot.worker_id, attempt_token=token,
                                                 work=work_pb2.Work(work_id="same", kind="square"))
         worker._finished(slot, Outcome(True, result=b"r"))
-    worker._handle(master_pb2.MasterMessage(ack=master_pb2.Ack(work_ids=["same"], attempt_tokens=[11])))
+    worker._handle(master_pb2.MasterMessage(ack=master_pb2.Ack(work_ids=["same"], attempt_tokens=[11])), 0)
     assert list(worker._unacked) == [22]
 
 

@@ -117,6 +117,13 @@ class NotTheMaster(DworkersError):
         return [master_pb2.ActiveMaster(address=self.address, epoch=self.epoch)]
 
 
+class WrongShard(DworkersError):
+    """The work belongs to another shard (the caller routed with an older
+    shard map): route it again with the current map."""
+
+    status = "ABORTED"
+
+
 class NoMaster(NotServing):
     """No master answered within the caller's deadline."""
 
@@ -137,7 +144,7 @@ class ConfigError(DworkersError):
 # The status table, the other way: a status (from another process) as the
 # error a caller here would have raised.
 BY_STATUS = {cls.status: cls for cls in (InvalidInput, Conflict, NotFound, Forgotten, Overloaded, NotServing,
-                                        TimedOut, WrongState, Unauthenticated, PermissionDenied)}
+                                        TimedOut, WrongState, Unauthenticated, PermissionDenied, WrongShard)}
 
 
 def status_name(code: int) -> str:

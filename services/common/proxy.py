@@ -38,9 +38,11 @@ FINAL_FOR_STREAMS = (grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.NOT_FOUND, gr
 class ZooKeeperLocator:
     """The active master is the lowest election znode; a watch keeps the list fresh."""
 
-    def __init__(self, client, paths: zk.Paths):
+    def __init__(self, client, paths: zk.Paths, owns_client: bool = True):
         self.client = client
+        self.paths = paths
         self.path = paths.election
+        self.owns_client = owns_client  # False: another shard's locator shares it
         self._cond = threading.Condition()
         self._children: list[str] = []
         self._resolved: tuple[str, str] | None = None  # (znode, address)
@@ -104,7 +106,8 @@ class ZooKeeperLocator:
         return False  # ZooKeeper names the master: no other backend would do better
 
     def close(self) -> None:
-        zk.stop(self.client)
+        if self.owns_client:
+            zk.stop(self.client)
 
 
 class StaticLocator:

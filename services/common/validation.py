@@ -277,6 +277,9 @@ def check_worker_message(message, registered: bool) -> None:
     if len(message.request_work.worker_ids) > MAX_SLOTS_PER_CONNECTION:
         raise InvalidWorkerMessage(f"WorkerRequestsWork names {len(message.request_work.worker_ids)} slots; "
                                    f"the limit is {MAX_SLOTS_PER_CONNECTION} per stream")
+    if len(message.withdraw_work.worker_ids) > MAX_SLOTS_PER_CONNECTION:
+        raise InvalidWorkerMessage(f"WorkerWithdrawsWork names {len(message.withdraw_work.worker_ids)} slots; "
+                                   f"the limit is {MAX_SLOTS_PER_CONNECTION} per stream")
     reports = len(message.done.completions) + len(message.failed.failures) + len(message.heartbeats.heartbeats)
     if reports > MAX_REPORTS_PER_MESSAGE:
         raise InvalidWorkerMessage(f"{reports} reports in one message; the limit is {MAX_REPORTS_PER_MESSAGE}")

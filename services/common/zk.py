@@ -25,15 +25,32 @@ DEFAULT_ROOT = "/dworkers"
 
 @dataclass(frozen=True)
 class Paths:
+    """Where things live under a cluster's root. Each shard's master group has
+    its own election and journal (shard 0's at the root itself, as in a
+    cluster of one shard); kinds, the cluster id and the shard map are the
+    whole cluster's."""
+
     root: str = DEFAULT_ROOT
+    shard: int = 0
+
+    @property
+    def shard_root(self) -> str:
+        return self.root if self.shard == 0 else f"{self.root}/shards/{self.shard}"
+
+    def of_shard(self, shard: int) -> Paths:
+        return Paths(self.root, shard)
 
     @property
     def election(self) -> str:
-        return f"{self.root}/election"
+        return f"{self.shard_root}/election"
 
     @property
     def journal(self) -> str:
-        return f"{self.root}/journal"
+        return f"{self.shard_root}/journal"
+
+    @property
+    def shard_map(self) -> str:
+        return f"{self.root}/shardmap"
 
     @property
     def kinds(self) -> str:

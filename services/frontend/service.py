@@ -1,26 +1,36 @@
 """The Frontend: the public, stateless gRPC API. Each call goes to the active
-master through the proxy stub, which follows failovers within the deadline."""
+master of the shard its works belong to (one shard unless the cluster has a
+shard map) through that shard's proxy stub, which follows failovers within
+the deadline; calls about works of several shards are split, sent at once,
+and their answers put back in the caller's order."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2
 
 from dworkers.common import auth, server, tls, validation
 from dworkers.common.auth import AuthSettings
-from dworkers.common.errors import NotServing, Overloaded, TimedOut
+from dworkers.common.errors import DworkersError, NotServing, Overloaded, TimedOut, WrongShard, status_name
 from dworkers.common.lifecycle import Once, StopRequest
 from dworkers.common.memory import freeze_survivors
 from dworkers.common.metrics import FrontendMetrics, ServerMetrics, process_registry, serve_metrics
-from dworkers.common.proxy import MasterProxy, StreamHandle, build_proxy
+from dworkers.common.proxy import StreamHandle, build_proxy
+from dworkers.common.routing import Shards
 from dworkers.common.settings import Contact, Logging, group, setting
+from dworkers.common.shards import decode_cursors, encode_cursors
 from dworkers.common.tls import ServingTlsSettings, TlsFiles
 from dworkers.frontend.batcher import SubmitBatcher
+from dworkers.frontend.merged import MergedStreams
 from dworkers.v1 import frontend_pb2_grpc, work_pb2
 
 log = logging.getLogger(__name__)
@@ -86,12 +96,15 @@ class StallWatch:
 
 
 class FrontendService(frontend_pb2_grpc.FrontendServicer):
-    def __init__(self, proxy: MasterProxy, settings: FrontendSettings, metrics: FrontendMetrics,
+    def __init__(self, shards: Shards, settings: FrontendSettings, metrics: FrontendMetrics,
                  authorizer: auth.Authorizer | None = None):
-        self.proxy = proxy
+        self.shards = shards
+        self.proxy = shards.first
         self.settings = settings
         self.authorizer = authorizer  # the same one that checks each call; None: anyone may call
-        self.batcher = SubmitBatcher(proxy, timeout=settings.call_timeout)
+        self._batchers = {0: SubmitBatcher(self.proxy, timeout=settings.call_timeout)}
+        self._batchers_lock = threading.Lock()
+        self._fan_out = ThreadPoolExecutor(32, thread_name_prefix="shard-call")  # calls to several shards at once
         # Result streams are long-lived: bound them so unary calls keep threads.
         self._watchers = threading.BoundedSemaphore(settings.max_watchers)
         self.metrics = metrics
@@ -104,6 +117,74 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
 
     def _forward(self, method: str, request, context):
         return self.proxy.call(method, request, timeout=self._timeout(context))
+
+    def _batcher(self, shard: int) -> SubmitBatcher:
+        with self._batchers_lock:
+            batcher = self._batchers.get(shard)
+            if batcher is None:
+                batcher = self._batchers[shard] = SubmitBatcher(self.shards.proxy(shard),
+                                                                timeout=self.settings.call_timeout)
+            return batcher
+
+    def _rerouted(self, send, context):
+        """`send(map)`, again with a newer shard map while a master says a
+        work is another shard's (the map here was behind), within the deadline."""
+        deadline = time.monotonic() + self._timeout(context)
+        while True:
+            current = self.shards.map
+            try:
+                return send(current)
+            except (WrongShard, grpc.RpcError) as error:
+                if not _wrong_shard(error) or not self.shards.wait_newer(current.version, deadline - time.monotonic()):
+                    raise
+
+    def _each_shard(self, calls: dict[int, Callable[[], Any]]) -> dict[int, Any]:
+        """Runs `calls` (shard -> function) at once; their results, or the
+        errors they raised, by shard."""
+        futures = {shard: self._fan_out.submit(call) for shard, call in calls.items()}
+        outcomes = {}
+        for shard, future in futures.items():
+            try:
+                outcomes[shard] = future.result()
+            except Exception as error:  # noqa: BLE001 - each caller decides
+                outcomes[shard] = error
+        return outcomes
+
+    def _on_every_shard(self, method: str, request, context) -> dict[int, Any]:
+        timeout = self._timeout(context)
+        return self._each_shard({shard: partial(self.shards.proxy(shard).call, method, request, timeout=timeout)
+                                 for shard in range(self.shards.map.shards)})
+
+    def _by_work(self, method: str, request, context, ids_field: str = "work_ids"):
+        """A call naming works (CancelWork, RetryWork): each shard gets its
+        own works; the answers come back in the request's order. Each shard
+        applies its part all or nothing; when one refuses, the call fails
+        with its error and what other shards did stays done."""
+        work_ids = list(getattr(request, ids_field))
+        groups = self.shards.split(work_ids)
+        if len(groups) == 1:
+            shard = next(iter(groups))
+            return self.shards.proxy(shard).call(method, request, timeout=self._timeout(context))
+        timeout = self._timeout(context)
+
+        def part(shard, positions):
+            sub = type(request)()
+            sub.CopyFrom(request)
+            del getattr(sub, ids_field)[:]
+            getattr(sub, ids_field).extend(work_ids[i] for i in positions)
+            return lambda: self.shards.proxy(shard).call(method, sub, timeout=timeout)
+
+        outcomes = self._each_shard({shard: part(shard, positions) for shard, positions in groups.items()})
+        for outcome in outcomes.values():
+            if isinstance(outcome, Exception):
+                raise outcome
+        answers = [None] * len(work_ids)
+        for shard, positions in groups.items():
+            for i, work in zip(positions, outcomes[shard].works):
+                answers[i] = work
+        response = type(outcomes[next(iter(groups))])()
+        response.works.extend(answers)
+        return response
 
     def _validated(self, request: work_pb2.SubmitWorksRequest) -> work_pb2.SubmitWorksRequest:
         # Ids are fixed here, before any retry, so a retried call stays idempotent.
@@ -122,34 +203,162 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         work = self._validated(work_pb2.SubmitWorksRequest(works=[request])).works[0]
         timeout = self._timeout(context)
         try:
-            return self.batcher.submit(work, timeout=timeout + 1.0)
+            return self._rerouted(lambda current: self._batcher(current.shard_of(work.work_id)).submit(
+                work, timeout=timeout + 1.0), context)
         except TimeoutError:
             raise TimedOut(f"not accepted within {timeout:g} s") from None
 
     def SubmitWorks(self, request, context):
-        return self._forward("SubmitWorks", self._validated(request), context)
+        """Works of several shards: each shard accepts its part. With
+        each_on_its_own every work gets its own answer; otherwise each shard
+        takes its part all or nothing, and if one refuses the call fails with
+        its error while the parts other shards accepted stay accepted
+        (submitting the same batch again is idempotent: their ids are known)."""
+        batch = self._validated(request)
+        timeout = self._timeout(context)
+        answers: list = [None] * len(batch.works)
+        todo = list(range(len(batch.works)))
+        deadline = time.monotonic() + timeout
+        while todo:
+            current = self.shards.map
+            groups: dict[int, list[int]] = {}
+            for i in todo:
+                groups.setdefault(current.shard_of(batch.works[i].work_id), []).append(i)
+
+            def part(shard, positions):
+                sub = work_pb2.SubmitWorksRequest(works=[batch.works[i] for i in positions],
+                                                  each_on_its_own=batch.each_on_its_own)
+                return lambda: self.shards.proxy(shard).call("SubmitWorks", sub,
+                                                             timeout=max(0.001, deadline - time.monotonic()))
+
+            if len(groups) == 1:
+                shard, positions = next(iter(groups.items()))
+                try:
+                    outcomes = {shard: part(shard, positions)()}
+                except grpc.RpcError as error:
+                    if not _wrong_shard(error):
+                        raise
+                    outcomes = {shard: error}
+            else:
+                outcomes = self._each_shard({shard: part(shard, positions) for shard, positions in groups.items()})
+            todo = []
+            for shard, positions in groups.items():
+                outcome = outcomes[shard]
+                if _wrong_shard(outcome):
+                    todo += positions  # routed with an older map: again with the new one
+                    continue
+                if isinstance(outcome, Exception):
+                    if not batch.each_on_its_own or not isinstance(outcome, DworkersError | grpc.RpcError):
+                        raise outcome
+                    code, message = _status(outcome)
+                    for i in positions:
+                        answers[i] = work_pb2.SubmitWorkResponse(work_id=batch.works[i].work_id, code=code,
+                                                                 message=message)
+                    continue
+                for i, answer in zip(positions, outcome.works):
+                    if answer.code == grpc.StatusCode.ABORTED.value[0]:
+                        todo.append(i)
+                    else:
+                        answers[i] = answer
+            if todo and not self.shards.wait_newer(current.version, deadline - time.monotonic()):
+                raise WrongShard(f"{len(todo)} works were refused as another shard's, and no newer "
+                                 "shard map came in time")
+            todo.sort()
+        return work_pb2.SubmitWorksResponse(works=answers)
 
     def GetWork(self, request, context):
-        return self._forward("GetWork", request, context)
+        return self.shards.for_work(request.work_id)[1].call("GetWork", request, timeout=self._timeout(context))
 
     def ClusterInfo(self, request, context):
-        return self._forward("ClusterInfo", request, context)
+        if not self.shards.several:
+            return self._forward("ClusterInfo", request, context)
+        return self._cluster_info(request, context)
 
     def RetryWork(self, request, context):
         validation.check_work_ids(request.work_ids, "retry")
-        return self._forward("RetryWork", request, context)
+        return self._by_work("RetryWork", request, context)
 
     def ListWorks(self, request, context):
         validation.check_list(request)
-        return self._forward("ListWorks", request, context)
+        if not self.shards.several:
+            return self._forward("ListWorks", request, context)
+        return self._list_works(request, context)
 
     def SetRateLimit(self, request, context):
+        """Every shard's master applies it (each starts works of the kind at
+        this rate at most, so the cluster's own rate is at most shards x rate)."""
         validation.check_rate_limit(request)
-        return self._forward("SetRateLimit", request, context)
+        current = self.shards.map
+        if current.shards == 1:
+            return self._forward("SetRateLimit", request, context)
+        outcomes = self._on_every_shard("SetRateLimit", request, context)
+        for outcome in outcomes.values():
+            if isinstance(outcome, Exception):
+                raise outcome
+        return outcomes[0]
 
     def CancelWork(self, request, context):
         validation.check_work_ids(request.work_ids, "cancel")
-        return self._forward("CancelWork", request, context)
+        return self._by_work("CancelWork", request, context)
+
+    def _cluster_info(self, request, context) -> work_pb2.ClusterInfoResponse:
+        """Every shard's figures summed; workers (which serve every shard) and
+        kinds listed once; shard 0's master and standbys; each shard's own
+        line in `shards`. A shard that does not answer is listed with why."""
+        current = self.shards.map
+        outcomes = self._on_every_shard("ClusterInfo", request, context)
+        if isinstance(outcomes[0], Exception):
+            raise outcomes[0]
+        info = work_pb2.ClusterInfoResponse()
+        info.CopyFrom(outcomes[0])
+        info.ClearField("shard")
+        kinds = {k.kind: k for k in info.kinds}
+        workers = {w.worker_id for w in info.workers}
+        for shard in range(current.shards):
+            outcome = outcomes[shard]
+            if isinstance(outcome, Exception):
+                code, message = _status(outcome)
+                info.shards.add(shard=shard, map_version=current.version, slots=current.slot_count(shard),
+                                error=f"{status_name(code)}: {message}"[:500])
+                continue
+            info.shards.append(outcome.shard)
+            if shard == 0:
+                continue
+            for field in ("pending", "in_progress", "done", "failed", "scheduled", "cancelled",
+                          "pending_without_worker", "unfinished_bytes", "retained_result_bytes"):
+                setattr(info, field, getattr(info, field) + getattr(outcome, field))
+            info.oldest_pending_seconds = max(info.oldest_pending_seconds, outcome.oldest_pending_seconds)
+            for kind in outcome.kinds:
+                known = kinds.get(kind.kind)
+                if known is None:
+                    kinds[kind.kind] = info.kinds.add()
+                    kinds[kind.kind].CopyFrom(kind)
+                else:
+                    known.pending += kind.pending
+            for worker in outcome.workers:
+                if worker.worker_id not in workers and len(info.workers) < len(outcome.workers) + 1000:
+                    workers.add(worker.worker_id)
+                    info.workers.append(worker)
+        return info
+
+    def _list_works(self, request, context) -> work_pb2.ListWorksResponse:
+        """Shard after shard: the page token names the shard and its own token."""
+        current = self.shards.map
+        shard, token = 0, request.page_token
+        if token:
+            head, sep, rest = token.partition(":")
+            if not (sep and head.startswith("s") and head[1:].isdigit() and int(head[1:]) < current.shards):
+                raise validation.InvalidWork("page_token: not a token ListWorks gave (pass it back as it came)")
+            shard, token = int(head[1:]), rest
+        sub = work_pb2.ListWorksRequest()
+        sub.CopyFrom(request)
+        sub.page_token = token
+        page = self.shards.proxy(shard).call("ListWorks", sub, timeout=self._timeout(context))
+        if page.next_page_token:
+            page.next_page_token = f"s{shard}:{page.next_page_token}"
+        elif shard + 1 < current.shards:
+            page.next_page_token = f"s{shard + 1}:"
+        return page
 
     def WhoAmI(self, request, context):
         if self.authorizer is None:
@@ -163,14 +372,71 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         self.metrics.result_streams.dec()
 
     def WatchResults(self, request, context):
-        yield from self._stream(context, lambda handle: self.proxy.watch_results(request.after_sequence,
-                                                                                  handle=handle))
+        cursors = decode_cursors(request.resume_token) if request.resume_token else None
+        if cursors is None and not self.shards.several:
+            yield from self._stream(context, lambda handle: self.proxy.watch_results(request.after_sequence,
+                                                                                      handle=handle))
+        else:
+            if cursors is None and request.after_sequence:
+                raise validation.InvalidWork(
+                    f"this cluster has {self.shards.map.shards} shards, each numbering its results: resume "
+                    "with the resume_token of the last response, not after_sequence")
+            yield from self._stream(context, lambda handle: self._merged_results(cursors or {}, handle))
         if context.is_active():  # the master's stream cannot end: say so rather than end with OK
             raise NotServing("the result stream ended; resume after the last sequence")
 
+    def _merged_results(self, cursors: dict[int, int], handle: StreamHandle):
+        """Every shard's results (shards the map gains meanwhile included),
+        each response with the token that resumes after it."""
+        cursors = dict(cursors)
+        merged = MergedStreams()
+        handle.attach(merged)
+        watched: set[int] = set()
+
+        def watch_new_shards(current) -> None:
+            for shard in range(current.shards):
+                if shard not in watched:
+                    watched.add(shard)
+                    merged.add(shard, lambda h, shard=shard: self.shards.proxy(shard).watch_results(
+                        cursors.get(shard, 0), handle=h))
+
+        watch_new_shards(self.shards.map)
+        if self.shards.follower is not None:
+            self.shards.follower.on_change(watch_new_shards)
+        try:
+            for shard, batch in merged:
+                for result in batch.results:
+                    result.shard = shard
+                cursors[shard] = batch.results[-1].sequence
+                batch.resume_token = encode_cursors(cursors)
+                yield batch
+        finally:
+            if self.shards.follower is not None:
+                self.shards.follower.remove_listener(watch_new_shards)
+            merged.close()
+
     def WaitWorks(self, request, context):
         work_ids = validation.check_wait(request)
-        yield from self._stream(context, lambda handle: self.proxy.wait_works(work_ids, handle=handle))
+        groups = self.shards.split(work_ids)
+        if len(groups) == 1:
+            proxy = self.shards.proxy(next(iter(groups)))
+            yield from self._stream(context, lambda handle: proxy.wait_works(work_ids, handle=handle))
+        else:
+            yield from self._stream(context, lambda handle: self._merged_waits(work_ids, groups, handle))
+
+    def _merged_waits(self, work_ids: list[str], groups: dict[int, list[int]], handle: StreamHandle):
+        merged = MergedStreams()
+        handle.attach(merged)
+        for shard, positions in groups.items():
+            ids = [work_ids[i] for i in positions]
+            merged.add(shard, lambda h, shard=shard, ids=ids: self.shards.proxy(shard).wait_works(ids, handle=h))
+        try:
+            for shard, batch in merged:
+                for result in batch.results:
+                    result.shard = shard
+                yield batch
+        finally:
+            merged.close()
 
     def _stream(self, context, open_results):
         """Relays a result stream from the master, within the bound on streams."""
@@ -200,13 +466,28 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             results.close()
 
 
-def serve(proxy: MasterProxy, settings: FrontendSettings, stop: StopRequest, registry,
+def _wrong_shard(error) -> bool:
+    """A master said the work is another shard's: the map here is behind."""
+    return isinstance(error, WrongShard) or (isinstance(error, grpc.RpcError)
+                                             and error.code() == grpc.StatusCode.ABORTED)
+
+
+def _status(error: Exception) -> tuple[int, str]:
+    """The status code number and message a failed call to a shard ends with."""
+    if isinstance(error, grpc.RpcError):
+        return error.code().value[0], error.details() or ""
+    if isinstance(error, DworkersError):
+        return grpc.StatusCode[error.status].value[0], error.message
+    return grpc.StatusCode.UNKNOWN.value[0], repr(error)
+
+
+def serve(shards: Shards, settings: FrontendSettings, stop: StopRequest, registry,
           ready: threading.Event | None = None, tls_files: TlsFiles | None = None) -> None:
     threads = settings.threads + settings.max_watchers
     authorizer = auth.authorizer(settings.auth, auth.FRONTEND_METHODS, limits=auth.IdentityLimits(
         settings.identity_submit_rate, settings.identity_streams))
     grpc_server, health, _port = server.build(
-        [(FrontendService(proxy, settings, FrontendMetrics(registry), authorizer),
+        [(FrontendService(shards, settings, FrontendMetrics(registry), authorizer),
           frontend_pb2_grpc.add_FrontendServicer_to_server, SERVICE_NAME)],
         settings.listen, ServerMetrics(registry), reflection_on=settings.reflection, threads=threads,
         maximum_concurrent_rpcs=threads + settings.queued_calls, tls=tls_files, authorizer=authorizer)
@@ -221,7 +502,7 @@ def serve(proxy: MasterProxy, settings: FrontendSettings, stop: StopRequest, reg
     log.info("frontend shutting down")
     health.enter_graceful_shutdown()
     grpc_server.stop(settings.shutdown_grace).wait()
-    proxy.close()
+    shards.close()
 
 
 def main(settings: FrontendSettings, stop: StopRequest) -> None:
@@ -229,5 +510,5 @@ def main(settings: FrontendSettings, stop: StopRequest) -> None:
     registry = process_registry()
     serve_metrics(settings.metrics_port, registry)
     tls_files = tls.serving_files(settings.tls, "a frontend")
-    serve(build_proxy(settings.contact, timeout=settings.call_timeout, tls=tls_files), settings, stop, registry,
-          tls_files=tls_files)
+    serve(Shards(build_proxy(settings.contact, timeout=settings.call_timeout, tls=tls_files)), settings, stop,
+          registry, tls_files=tls_files)

@@ -19,11 +19,12 @@ from kazoo.protocol.states import KazooState
 
 from dworkers.common import auth, server, tls, validation, zk
 from dworkers.common.auth import AuthSettings
-from dworkers.common.errors import ConfigError
+from dworkers.common.errors import ConfigError, WrongShard
 from dworkers.common.lifecycle import StopRequest
 from dworkers.common.memory import freeze_survivors
 from dworkers.common.metrics import MasterMetrics, ServerMetrics, process_registry, serve_metrics
 from dworkers.common.settings import Cluster, Logging, group, setting
+from dworkers.common.shards import MAX_SHARDS, ShardMapFollower, slot_of
 from dworkers.common.tls import ServingTlsSettings
 from dworkers.common.wire import AddressInUse
 from dworkers.master.domain.master import CoreSettings
@@ -48,6 +49,8 @@ class MasterSettings:
     logging: Logging = group(Logging)
     tls: ServingTlsSettings = group(ServingTlsSettings)
     auth: AuthSettings = group(AuthSettings)
+    shard: int = setting(0, "the shard whose master group this backend joins (see `dworkers shards`)",
+                         low=0, high=MAX_SHARDS - 1)
     listen: str = setting("0.0.0.0:7100", "gRPC address to listen on")
     advertise: str = setting("", "address others use to reach this backend (default: hostname:port)")
     metrics_port: int = setting(9100, "Prometheus /metrics port (0: off)", low=0, high=65535)
@@ -214,7 +217,8 @@ class MasterNode:
     def __init__(self, settings: MasterSettings):
         self.settings = settings
         self._journal_password = settings.journal_password()
-        self.paths = zk.Paths(settings.cluster.root)
+        self.paths = zk.Paths(settings.cluster.root, settings.shard)
+        self.shard_map: ShardMapFollower  # once connected to ZooKeeper
         self.shell: MasterShell | None = None  # while this backend is the active master
         self.authorizer: auth.Authorizer | None = None  # who may call, when an access file is given
         self.view: ElectionView | None = None
@@ -237,6 +241,16 @@ class MasterNode:
     def master_address(self) -> str:
         return self.view.master_address if self.view else ""
 
+    def owns(self, work_id: str) -> bool:
+        """Whether the work's hash slot is this shard's in the current map."""
+        return self.shard_map.current.owns(self.settings.shard, work_id)
+
+    def wrong_shard(self, work_id: str) -> WrongShard:
+        current = self.shard_map.current
+        return WrongShard(f"work {work_id!r} belongs to shard {current.shard_of(work_id)} (slot "
+                          f"{slot_of(work_id)}, shard map version {current.version}), not to shard "
+                          f"{self.settings.shard}")
+
     def master_epoch(self) -> int:
         return self.view.master_epoch if self.view else 0
 
@@ -255,6 +269,12 @@ class MasterNode:
             unfinished_bytes=counts["unfinished_bytes"], retained_result_bytes=counts["result_bytes"],
             oldest_pending_seconds=round(shell.master.oldest_pending_age(time.monotonic()), 3),
         )
+        shard = self.settings.shard
+        current = self.shard_map.current
+        info.shard.CopyFrom(work_pb2.ShardInfo(
+            shard=shard, map_version=current.version, slots=current.slot_count(shard),
+            pending=info.pending, in_progress=info.in_progress, done=info.done, failed=info.failed,
+            last_sequence=info.last_sequence))
         idle = scheduler.idle_per_kind()
         pending, slots = counts["pending_by_kind"], counts["slots_by_kind"]
         for kind in sorted(set(pending) | set(slots)):
@@ -265,6 +285,7 @@ class MasterNode:
             backend = work_pb2.BackendInfo(address=address, epoch=epoch, node=name)
             if i == 0:
                 info.master.CopyFrom(backend)
+                info.shard.master.CopyFrom(backend)
             else:
                 info.standbys.append(backend)
         now = time.monotonic()
@@ -308,6 +329,7 @@ class MasterNode:
         await self.loop.run_in_executor(None, zk.check_access, self.client, s.cluster.root)
         self.client.add_listener(lambda state: self.loop.call_soon_threadsafe(self._on_zk_state, state))
         self.kinds = await self.loop.run_in_executor(None, KindCatalog, self.client, self.paths)
+        self.shard_map = await self.loop.run_in_executor(None, ShardMapFollower, self.client, self.paths.shard_map)
         self.leadership = LeadershipCheck(self.client)
 
         self.authorizer = auth.authorizer(s.auth, auth.MASTER_METHODS, default_role="frontend")
@@ -428,7 +450,7 @@ class MasterNode:
         s = self.settings
         if not s.journal:
             return ZooKeeperJournal(self.client, self.paths.journal, fence_path=node), cluster_id
-        journal = PostgreSQLJournal(s.journal, name=s.cluster.root, holder=node, password=self._journal_password)
+        journal = PostgreSQLJournal(s.journal, name=self.paths.shard_root, holder=node, password=self._journal_password)
         try:
             fence = journal.take_over()
         except Exception:

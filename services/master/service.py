@@ -152,12 +152,35 @@ class MasterService(master_pb2_grpc.MasterServicer):
         else:
             works, answers = validation.to_works(request.works, self.node.kinds.defaults, now), None
             self.node.check_kinds({w.kind for w in works})
+        works, answers = self._owned(works, answers)
         duplicates = await shell.submit(works, request.each_on_its_own, request.ByteSize()) if works else []
         if answers is None:  # all accepted (or the call failed)
             return work_pb2.SubmitWorksResponse(works=[
                 work_pb2.SubmitWorkResponse(work_id=w.work_id, duplicate=d) for w, d in zip(works, duplicates)])
         accepted = iter([_answer(w, d) for w, d in zip(works, duplicates)])
         return work_pb2.SubmitWorksResponse(works=[a if a is not None else next(accepted) for a in answers])
+
+    def _owned(self, works: list, answers: list | None) -> tuple[list, list | None]:
+        """Works of another shard's slots are refused (ABORTED: the caller
+        routes them again with the current shard map): each on its own, or
+        the whole call."""
+        owns = self.node.owns
+        if all(owns(w.work_id) for w in works):
+            return works, answers
+        if answers is None:
+            raise next(self.node.wrong_shard(w.work_id) for w in works if not owns(w.work_id))
+        kept, judged, pending = [], [], iter(works)
+        for answer in answers:
+            if answer is None:
+                work = next(pending)
+                if owns(work.work_id):
+                    kept.append(work)
+                else:
+                    wrong = self.node.wrong_shard(work.work_id)
+                    answer = work_pb2.SubmitWorkResponse(work_id=work.work_id,
+                                                         code=grpc.StatusCode.ABORTED.value[0], message=str(wrong))
+            judged.append(answer)
+        return kept, judged
 
     async def GetWork(self, request, context):
         shell = self._shell(context)
@@ -253,6 +276,8 @@ class MasterService(master_pb2_grpc.MasterServicer):
                     shell.heartbeat(connection, message.heartbeats.heartbeats)
                 if message.HasField("done") or message.HasField("failed"):
                     shell.report(connection, message.done.completions, message.failed.failures)
+                if message.HasField("withdraw_work"):
+                    shell.withdraw_work(connection, message.withdraw_work.worker_ids)
                 if message.HasField("request_work"):
                     shell.request_work(connection, message.request_work.worker_ids)
         except asyncio.CancelledError:

@@ -517,6 +517,9 @@ class MasterShell:
     def request_work(self, connection, worker_ids) -> None:
         self._decide(lambda now: self.master.request_work(connection, worker_ids, now))
 
+    def withdraw_work(self, connection, worker_ids) -> None:
+        self._decide(lambda now: self.master.withdraw_work(connection, worker_ids))
+
     def report(self, connection, completions, failures) -> None:
         self._decide(lambda now: self.master.report(connection, completions, failures, now))
 

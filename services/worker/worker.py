@@ -1,7 +1,14 @@
 """A worker process: N worker slots, each with its own id and executor,
-sharing one stream to the master (which it finds through the proxy's
-locator). It registers periodically, pulls work for slots with room, and
-resends every WorkIsDone/WorkFailed until the master acks it.
+sharing one stream to the master of each shard (which it finds through that
+shard's proxy). It registers periodically, pulls work for slots with room,
+and resends every WorkIsDone/WorkFailed until the master that handed the
+work out acks it.
+
+With several shards, every slot is registered with every shard's master,
+but its credit (its request for work) is lent to one shard at a time: to a
+shard whose master said work is ready, the one lent to least recently
+first, so that no shard starves; an idle slot whose shard gave it nothing
+is moved to a shard with work (WorkerWithdrawsWork, then a request there).
 
 A slot runs one work at a time and holds up to --prefetch more, handed out
 ahead: when a job ends the next one starts at once, before the report
@@ -32,6 +39,7 @@ from dworkers.common.lifecycle import StopRequest
 from dworkers.common.memory import freeze_survivors
 from dworkers.common.metrics import WorkerMetrics, process_registry, serve_metrics
 from dworkers.common.proxy import MasterProxy, build_proxy
+from dworkers.common.routing import Shards
 from dworkers.common.settings import Contact, Logging, group, setting
 from dworkers.common.tls import TlsSettings, files
 from dworkers.common.validation import (
@@ -52,6 +60,8 @@ log = logging.getLogger(__name__)
 OUTBOX_MESSAGES = 10_000
 OUTBOX_BYTES = 64 * 1024 * 1024
 REFUSED_RETRY_SECONDS = 5.0  # between attempts to connect while the master refuses this worker's credentials
+UNUSED_CREDIT_SECONDS = 0.5  # a shard that left a lent slot idle this long has no work for it
+SETTLE_SECONDS = 0.02  # a credit just lent is not moved again before its master could use it
 
 
 @dataclass(frozen=True)
@@ -128,6 +138,8 @@ class Slot:
         self.assignment: master_pb2.Assignment | None = None  # running
         self.queued: deque[master_pb2.Assignment] = deque()
         self.deadline = 0.0  # of the running one, from when it started here
+        self.lent_to: int | None = None  # the shard holding its credit (several shards)
+        self.lent_at = 0.0
 
     @property
     def busy(self) -> bool:
@@ -144,14 +156,26 @@ class Slot:
         return ([self.assignment] if self.assignment is not None else []) + list(self.queued)
 
 
+class Link:
+    """The stream to one shard's master, and what the worker knows of it."""
+
+    def __init__(self, shard: int, proxy: MasterProxy):
+        self.shard = shard
+        self.proxy = proxy
+        self.outbox: Outbox | None = None  # the current stream's, None between streams
+        self.stream = None
+        self.has_work = True  # its master said work is ready, and no credit lent to it sat unused since
+        self.last_lent = 0.0
+
+
 def slot_prefix(host: str, pid: int) -> str:
     """Slot ids are `<host>-<pid>-<n>`, in the characters the master accepts."""
     return re.sub(r"[^A-Za-z0-9._:@-]", "-", host)[:100].lstrip("._:@-") + f"-{pid}"
 
 
 class Worker:
-    def __init__(self, proxy: MasterProxy, settings: WorkerSettings, metrics: WorkerMetrics):
-        self.proxy = proxy
+    def __init__(self, masters: Shards | MasterProxy, settings: WorkerSettings, metrics: WorkerMetrics):
+        self.shards = masters if isinstance(masters, Shards) else Shards(masters)
         self.settings = settings
         self.metrics = metrics
         self.host = socket.gethostname()
@@ -167,22 +191,25 @@ class Worker:
         self._lock = threading.Lock()
         # attempt token -> its done/failed report, resent until acked
         self._unacked: dict[int, master_pb2.WorkerMessage] = {}
-        self._outbox: Outbox | None = None  # the current stream's, None between streams
+        self._token_shard: dict[int, int] = {}  # attempt token -> the shard that handed it out
+        self.links: dict[int, Link] = {}
         self._wake_reader, self._wake_writer = os.pipe()  # interrupts the dispatcher's wait
         self._stopping = threading.Event()
         self._stopped = threading.Event()
-        self._stream = None
         self._cancelling: set[int] = set()  # tokens of running attempts to stop (by the dispatcher)
 
     # --- running jobs --------------------------------------------------------
 
-    def _take(self, assignment: master_pb2.Assignment) -> None:
+    def _take(self, assignment: master_pb2.Assignment, shard: int = 0) -> None:
         """A hand-out: runs it if its slot is idle, else queues it behind."""
         slot = self.slots.get(assignment.worker_id)
         with self._lock:
-            if slot is None or not slot.has_room or slot.holds(assignment.attempt_token):
+            if slot is None or slot.holds(assignment.attempt_token):
                 return  # not ours, or a duplicate
-            if self._stopping.is_set():  # sent before the master knew: straight back
+            self._token_shard[assignment.attempt_token] = shard
+            if self._stopping.is_set() or not slot.has_room:
+                # Sent before the master knew (the worker stops, or the slot's
+                # credit moved to another shard that filled it): straight back.
                 self._returned(slot.worker_id, assignment)
                 return
             if slot.busy:
@@ -256,12 +283,13 @@ class Worker:
                                          details=beat.details)
         if beat.progress is not None:
             heartbeat.progress = beat.progress
-        self._send(master_pb2.WorkerMessage(heartbeats=master_pb2.Heartbeats(heartbeats=[heartbeat])))
+        self._send(master_pb2.WorkerMessage(heartbeats=master_pb2.Heartbeats(heartbeats=[heartbeat])),
+                   self._shard_of(assignment.attempt_token))
 
-    def _cancel(self, tokens) -> None:
+    def _cancel(self, tokens, shard: int) -> None:
         """The master cancelled these attempts' works: those held ahead are
         dropped here; the dispatcher stops the running ones."""
-        wanted = set(tokens)
+        wanted = {t for t in tokens if self._token_shard.get(t) == shard}
         room = []
         with self._lock:
             for slot in self.slots.values():
@@ -269,11 +297,14 @@ class Worker:
                 if len(kept) < len(slot.queued):
                     slot.queued = kept
                     if not self._stopping.is_set():
-                        room.append(slot.worker_id)
+                        room.append(slot)
                 if slot.assignment is not None and slot.assignment.attempt_token in wanted:
                     self._cancelling.add(slot.assignment.attempt_token)
-        if room:  # the master freed their places: fill them
-            self._send(master_pb2.WorkerMessage(request_work=master_pb2.WorkerRequestsWork(worker_ids=room)))
+            for token in wanted:
+                if token not in self._unacked:
+                    self._token_shard.pop(token, None)
+            requests = self._lend(room, shard)
+        self._request(requests)  # the master freed their places: fill them
         os.write(self._wake_writer, b"x")
 
     def _stop_cancelled(self) -> None:
@@ -322,35 +353,121 @@ class Worker:
             if not outcome.cancelled:
                 log.warning("work failed: %s", outcome.error.split("\n", 1)[0],
                             extra={"work_id": work.work_id, "worker_id": slot.worker_id})
-        if not self._stopping.is_set() and slot.has_room:  # the same message asks for the next work
-            message.request_work.worker_ids.append(slot.worker_id)
+        shard = self._shard_of(assignment.attempt_token)
         with self._lock:
+            requests = self._lend([slot], shard) if not self._stopping.is_set() and slot.has_room else {}
+            if shard in requests:  # the same message asks for the next work
+                message.request_work.worker_ids.extend(requests.pop(shard))
             self._unacked[assignment.attempt_token] = message
-        self._send(message)
+        self._send(message, shard)
+        self._request(requests)
 
     # --- the stream -----------------------------------------------------------
 
-    def _send(self, message: master_pb2.WorkerMessage) -> None:
-        outbox = self._outbox
+    def _send(self, message: master_pb2.WorkerMessage, shard: int = 0) -> None:
+        link = self.links.get(shard)
+        outbox = link.outbox if link is not None else None
         if outbox is not None:
             outbox.put(message)  # if the stream is stuck, reports are resent on the next one
 
-    def _register(self) -> master_pb2.WorkerMessage:
+    def _shard_of(self, token: int) -> int:
+        return self._token_shard.get(token, 0)
+
+    def _register(self, shard: int) -> master_pb2.WorkerMessage:
+        """Every slot, and the attempts it holds of this shard's."""
         now = time.monotonic()
         with self._lock:
-            busy = [a.work.work_id for s in self.slots.values() for a in s.held()]
+            mine = self._token_shard
+            busy = [a.work.work_id for s in self.slots.values() for a in s.held()
+                    if mine.get(a.attempt_token, 0) == shard]
             running = [master_pb2.RunningAttempt(worker_id=s.worker_id, work_id=s.assignment.work.work_id,
                                                  attempt_token=s.assignment.attempt_token,
                                                  seconds_left=max(0.0, s.deadline - now))
-                       for s in self.slots.values() if s.assignment is not None]
+                       for s in self.slots.values() if s.assignment is not None
+                       and mine.get(s.assignment.attempt_token, 0) == shard]
         return master_pb2.WorkerMessage(register=master_pb2.RegisterWorker(
             worker_ids=list(self.slots), host=self.host[:255], busy_work_ids=busy, kinds=self.kinds,
             defaults=self.defaults, prefetch=self.settings.prefetch, running=running))
 
-    def _request_idle(self) -> master_pb2.WorkerMessage:
+    # --- lending slots' credit to shards ----------------------------------------
+
+    def _lend(self, slots: list[Slot], preferred: int) -> dict[int, list[str]]:
+        """Lends these slots' credit (they have room): all to the one shard
+        of a cluster of one, else each to a connected shard with work, the
+        one lent to least recently first (`preferred` if none has work).
+        Returns the requests to send, by shard; under the lock."""
+        if len(self.links) <= 1:
+            for slot in slots:
+                slot.lent_to = preferred
+            return {preferred: [s.worker_id for s in slots]} if slots else {}
+        requests: dict[int, list[str]] = {}
+        now = time.monotonic()
+        connected = [link for link in self.links.values() if link.outbox is not None]
+        for slot in slots:
+            with_work = [link for link in connected if link.has_work]
+            chosen = min(with_work, key=lambda candidate: candidate.last_lent) if with_work \
+                else self.links.get(preferred)
+            if chosen is None or chosen.outbox is None:
+                slot.lent_to = None  # lent when a shard connects or says work is ready
+                continue
+            link = chosen
+            link.last_lent = now
+            slot.lent_to, slot.lent_at = link.shard, now
+            requests.setdefault(link.shard, []).append(slot.worker_id)
+        return requests
+
+    def _request(self, requests: dict[int, list[str]]) -> None:
+        for shard, worker_ids in requests.items():
+            self._send(master_pb2.WorkerMessage(request_work=master_pb2.WorkerRequestsWork(worker_ids=worker_ids)),
+                       shard)
+
+    def _rebalance(self, ready: int | None = None) -> None:
+        """Several shards: idle slots whose credit a shard left unused move to
+        shards with work (`ready` just said it has some); slots lent to no
+        shard are lent. A shard that leaves a credit unused has no work."""
+        if len(self.links) <= 1 or self._stopping.is_set():
+            return
+        now = time.monotonic()
+        withdraw: dict[int, list[str]] = {}
         with self._lock:
-            room = [s.worker_id for s in self.slots.values() if s.has_room]
-        return master_pb2.WorkerMessage(request_work=master_pb2.WorkerRequestsWork(worker_ids=room))
+            if ready is not None and ready in self.links:
+                self.links[ready].has_work = True
+            moving = []
+            for slot in self.slots.values():
+                if not slot.has_room:
+                    continue
+                if slot.lent_to is None:
+                    moving.append(slot)
+                    continue
+                lender = self.links.get(slot.lent_to)
+                if slot.busy or lender is None or now - slot.lent_at < SETTLE_SECONDS:
+                    continue
+                unused = now - slot.lent_at >= UNUSED_CREDIT_SECONDS
+                if unused:
+                    lender.has_work = False
+                if (unused or ready is not None and ready != slot.lent_to) and any(
+                        link.has_work and link.shard != slot.lent_to and link.outbox is not None
+                        for link in self.links.values()):
+                    withdraw.setdefault(slot.lent_to, []).append(slot.worker_id)
+                    lender.has_work = False  # its master had nothing for an idle slot with credit
+                    moving.append(slot)
+            requests = self._lend(moving, ready if ready is not None else 0) if moving else {}
+        for shard, worker_ids in withdraw.items():
+            self._send(master_pb2.WorkerMessage(withdraw_work=master_pb2.WorkerWithdrawsWork(
+                worker_ids=worker_ids)), shard)
+        self._request(requests)
+
+    def _request_idle(self, shard: int) -> master_pb2.WorkerMessage:
+        """On a new stream: slots with room lent to this shard (or to none,
+        or all of them with one shard) ask it for work."""
+        now = time.monotonic()
+        with self._lock:
+            room = [s for s in self.slots.values()
+                    if s.has_room and (len(self.links) <= 1 or s.lent_to in (None, shard))]
+            for slot in room:
+                slot.lent_to, slot.lent_at = shard, now
+        return master_pb2.WorkerMessage(request_work=master_pb2.WorkerRequestsWork(
+            worker_ids=[s.worker_id for s in room]))
 
     def _outgoing(self, outbox: Outbox):
         """The request stream: whatever is queued leaves as one message."""
@@ -359,14 +476,16 @@ class Worker:
             if not isinstance(message, master_pb2.WorkerMessage):
                 return
             batch, size, held = [message], message.ByteSize(), None
-            while len(batch) < 1000:
+            # A withdrawal leaves alone: merged, a request for the same slot
+            # queued before it would be read after it (see merge).
+            while len(batch) < 1000 and not message.HasField("withdraw_work"):
                 nxt = outbox.get(block=False)
                 if nxt is False:
                     break
                 if not isinstance(nxt, master_pb2.WorkerMessage):
                     yield merge(batch)
                     return
-                if size + nxt.ByteSize() > MAX_STREAM_MESSAGE_BYTES - 1024:
+                if nxt.HasField("withdraw_work") or size + nxt.ByteSize() > MAX_STREAM_MESSAGE_BYTES - 1024:
                     held = nxt  # it leaves first in the next message
                     break
                 batch.append(nxt)
@@ -375,61 +494,79 @@ class Worker:
             if held is not None:
                 yield held
 
-    def _session(self, address: str) -> None:
+    def _session(self, link: Link, address: str) -> None:
+        shard = link.shard
         with self._lock:  # works queued on the stream before went back to the master's queue with it
             for slot in self.slots.values():
-                slot.queued.clear()
+                dropped = [a.attempt_token for a in slot.queued if self._shard_of(a.attempt_token) == shard]
+                for token in dropped:
+                    self._token_shard.pop(token, None)
+                slot.queued = deque(a for a in slot.queued if a.attempt_token not in dropped)
         outbox = Outbox()
-        outbox.put(self._register())
+        outbox.put(self._register(shard))
         with self._lock:
-            for message in self._unacked.values():
-                outbox.put(message)
+            for token, message in self._unacked.items():
+                if self._shard_of(token) == shard:
+                    outbox.put(message)
+        link.outbox = outbox
         if not self._stopping.is_set():
-            outbox.put(self._request_idle())
-        self._outbox = outbox
-        stream = self.proxy.stub(address).Connect(self._outgoing(outbox))
-        self._stream = stream
-        self.proxy.locator.on_change(stream.cancel)  # the master moved: reconnect at once
-        threading.Thread(target=self._timers, args=(outbox,), daemon=True).start()
+            outbox.put(self._request_idle(shard))
+        stream = link.proxy.stub(address).Connect(self._outgoing(outbox))
+        link.stream = stream
+        link.proxy.locator.on_change(stream.cancel)  # the master moved: reconnect at once
+        threading.Thread(target=self._timers, args=(link, outbox), daemon=True).start()
         try:
             for message in stream:
-                if not self.proxy.observe_epoch(message.epoch, message.cluster_id):
+                if not link.proxy.observe_epoch(message.epoch, message.cluster_id):
                     continue  # a deposed master's late message
-                self._handle(message)
+                self._handle(message, shard)
         finally:
-            self.proxy.locator.remove_listener(stream.cancel)
-            self._outbox = None
+            link.proxy.locator.remove_listener(stream.cancel)
+            link.outbox = None
             outbox.close()
             stream.cancel()
+            with self._lock:  # their credit ended with the stream
+                for slot in self.slots.values():
+                    if slot.lent_to == shard:
+                        slot.lent_to = None
 
-    def _handle(self, message: master_pb2.MasterMessage) -> None:
+    def _handle(self, message: master_pb2.MasterMessage, shard: int) -> None:
         if message.HasField("ack"):
             with self._lock:
                 for token in message.ack.attempt_tokens:
-                    self._unacked.pop(token, None)
+                    if self._unacked.pop(token, None) is not None:
+                        self._token_shard.pop(token, None)
         if message.HasField("works"):
+            if shard in self.links:
+                self.links[shard].has_work = True
             for assignment in message.works.assignments:
-                self._take(assignment)
+                self._take(assignment, shard)
         if message.HasField("cancel"):
-            self._cancel(message.cancel.attempt_tokens)
+            self._cancel(message.cancel.attempt_tokens, shard)
         if message.HasField("work_is_ready") and not self._stopping.is_set():
-            self._send(self._request_idle())
+            if len(self.links) <= 1:
+                self._send(self._request_idle(shard), shard)
+            else:
+                self._rebalance(ready=shard)
 
-    def _timers(self, outbox: Outbox) -> None:
-        """Periodic re-registration and resending of unacked reports."""
+    def _timers(self, link: Link, outbox: Outbox) -> None:
+        """Periodic re-registration and resending of unacked reports; with
+        several shards, credits left unused move to shards with work."""
         next_register = time.monotonic() + self.settings.register_interval
         next_resend = time.monotonic() + self.settings.resend_interval
-        while self._outbox is outbox:
-            time.sleep(0.2)
+        while link.outbox is outbox:
+            time.sleep(0.2 if len(self.links) <= 1 else 0.1)
             now = time.monotonic()
+            if link.shard == min(self.links, default=0):
+                self._rebalance()  # one link's timer does it for all
             if now >= next_register:
-                self._send(self._register())
+                self._send(self._register(link.shard), link.shard)
                 next_register = now + self.settings.register_interval
             if now >= next_resend:
                 with self._lock:
-                    pending = list(self._unacked.values())
+                    pending = [m for token, m in self._unacked.items() if self._shard_of(token) == link.shard]
                 for message in pending:
-                    self._send(message)
+                    self._send(message, link.shard)
                 next_resend = now + self.settings.resend_interval
 
     # --- life -----------------------------------------------------------------
@@ -439,13 +576,31 @@ class Worker:
         for starter in starters:  # spawn the executors together, not one after another
             starter.start()
         threading.Thread(target=self._dispatch_forever, name="dispatcher", daemon=True).start()
+        self._link_shards(self.shards.map)
+        if self.shards.follower is not None:
+            self.shards.follower.on_change(self._link_shards)
+        self._stopped.wait()
+
+    def _link_shards(self, current) -> None:
+        """A stream to every shard of the map (the map may gain shards)."""
+        with self._lock:
+            new = [Link(shard, self.shards.proxy(shard)) for shard in range(current.shards)
+                   if shard not in self.links]
+            for link in new:
+                self.links[link.shard] = link
+        for link in new:
+            threading.Thread(target=self._serve_shard, args=(link,), name=f"shard-{link.shard}",
+                             daemon=True).start()
+
+    def _serve_shard(self, link: Link) -> None:
+        """Keeps a stream open to the shard's active master."""
         delay = 0.05
         while not self._stopped.is_set():
             started = time.monotonic()
             try:
-                address, _ = self.proxy.locator.current(timeout=5.0)
-                log.info("connecting to master at %s", address)
-                self._session(address)
+                address, _ = link.proxy.locator.current(timeout=5.0)
+                log.info("connecting to master at %s", address, extra={"shard": link.shard})
+                self._session(link, address)
             except NoMaster as exc:
                 log.info("waiting for a master: %s", exc)
                 continue
@@ -469,9 +624,9 @@ class Worker:
                 log.info("stream to master ended: %s %s", exc.code().name, exc.details())
                 hint = metadata_value(exc.trailing_metadata(), MASTER_KEY)
                 if hint:
-                    self.proxy.locator.hint(hint)
+                    link.proxy.locator.hint(hint)
                 else:  # it died, or is no master: with contact points, try the next one
-                    self.proxy.locator.invalidate(address)
+                    link.proxy.locator.invalidate(address)
             if self._stopped.wait(delay):
                 break
             delay = min(delay * 2, 1.0)
@@ -493,8 +648,9 @@ class Worker:
                     break
             time.sleep(0.05)
         self._stopped.set()
-        if self._stream is not None:
-            self._stream.cancel()
+        for link in list(self.links.values()):
+            if link.stream is not None:
+                link.stream.cancel()
         for slot in self.slots.values():
             slot.executor.close()
 
@@ -518,7 +674,7 @@ class Worker:
             master_pb2.Failure(worker_id=worker_id, work_id=a.work.work_id, error="worker shut down",
                                returned=True, attempt=a.attempt, attempt_token=a.attempt_token)]))
         self._unacked[a.attempt_token] = message
-        self._send(message)
+        self._send(message, self._shard_of(a.attempt_token))
 
     def _busy(self) -> bool:
         with self._lock:
@@ -564,9 +720,9 @@ def main(settings: WorkerSettings, stop: StopRequest) -> None:
     """Runs a worker process until a stop request, then finishes its work."""
     registry = process_registry()
     serve_metrics(settings.metrics_port, registry)
-    master_proxy = build_proxy(settings.contact, tls=files(settings.tls))
+    shards = Shards(build_proxy(settings.contact, tls=files(settings.tls)))
     try:
-        worker = Worker(master_proxy, settings, WorkerMetrics(registry))
+        worker = Worker(shards, settings, WorkerMetrics(registry))
     except ImportError as exc:
         raise ConfigError(f"cannot load jobs module: {exc}") from None
     log.info("worker with %d slots (prefetch %d) for kinds %s", settings.concurrency, settings.prefetch,
@@ -576,4 +732,4 @@ def main(settings: WorkerSettings, stop: StopRequest) -> None:
     stop.wait()
     log.info("worker stopping: finishing current work")
     worker.stop()
-    master_proxy.close()
+    shards.close()

@@ -271,6 +271,14 @@ class Master:
             scheduler.want(slot)
         self.dispatch(now)
 
+    def withdraw_work(self, connection, worker_ids) -> None:
+        """These slots take their credit back (lent to another shard now)."""
+        scheduler = self.scheduler
+        for worker_id in worker_ids:
+            slot = scheduler.on(connection, worker_id)
+            if slot is not None:
+                scheduler.unwait(slot)
+
     def dispatch(self, now: float) -> None:
         """Hands waiting slots the oldest pending works of the kinds they run,
         one at a time in turn, until each is full or nothing is left; a slot

@@ -1,0 +1,219 @@
+"""Shards: which master group owns a work.
+
+The work-id space is split into SLOTS hash slots (CRC-32 of the id's UTF-8
+bytes, modulo SLOTS: any language computes it the same way). A versioned
+shard map, stored in ZooKeeper at <root>/shardmap, names the shard that owns
+each slot. A cluster without a map has one shard, 0, owning every slot: it
+is laid out and behaves as a cluster before shards existed.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError
+from kazoo.recipe.watchers import DataWatch
+
+from dworkers.common.errors import ConfigError, InvalidInput
+
+SLOTS = 4096
+MAX_SHARDS = 256
+MAX_MAP_BYTES = 64 * 1024  # the JSON of the most fragmented map is ~60 KiB
+
+
+def slot_of(work_id: str) -> int:
+    return zlib.crc32(work_id.encode()) % SLOTS
+
+
+class BadShardMap(ConfigError):
+    """A stored map that cannot be read, or a change that would break one."""
+
+
+@dataclass(frozen=True)
+class ShardMap:
+    version: int
+    shards: int  # shards 0 .. shards-1 exist (some may own no slot)
+    owners: bytes  # owners[slot] = its shard
+
+    @classmethod
+    def single(cls) -> ShardMap:
+        """The map of a cluster that never stored one."""
+        return cls(0, 1, bytes(SLOTS))
+
+    @classmethod
+    def even(cls, shards: int, version: int = 1) -> ShardMap:
+        """`shards` shards owning equal runs of consecutive slots."""
+        _check_count(shards)
+        return cls(version, shards, bytes(slot * shards // SLOTS for slot in range(SLOTS)))
+
+    def shard_of(self, work_id: str) -> int:
+        return self.owners[slot_of(work_id)]
+
+    def owns(self, shard: int, work_id: str) -> bool:
+        return self.owners[slot_of(work_id)] == shard
+
+    def slot_count(self, shard: int) -> int:
+        return self.owners.count(shard)
+
+    def ranges(self) -> list[tuple[int, int, int]]:
+        """(first slot, last slot, shard) of each run of slots one shard owns."""
+        runs: list[tuple[int, int, int]] = []
+        start = 0
+        for slot in range(1, SLOTS + 1):
+            if slot == SLOTS or self.owners[slot] != self.owners[start]:
+                runs.append((start, slot - 1, self.owners[start]))
+                start = slot
+        return runs
+
+    def ranges_of(self, shard: int) -> list[tuple[int, int]]:
+        return [(first, last) for first, last, owner in self.ranges() if owner == shard]
+
+    def with_shard_added(self) -> ShardMap:
+        """One more shard, owning no slot yet (slots are moved to it)."""
+        _check_count(self.shards + 1)
+        return ShardMap(self.version + 1, self.shards + 1, self.owners)
+
+    def with_slots_moved(self, first: int, last: int, to: int) -> ShardMap:
+        if not 0 <= first <= last < SLOTS:
+            raise BadShardMap(f"slots {first}-{last}: slots are 0-{SLOTS - 1}")
+        if not 0 <= to < self.shards:
+            raise BadShardMap(f"no shard {to}: the cluster has shards 0-{self.shards - 1}")
+        owners = bytearray(self.owners)
+        owners[first:last + 1] = bytes([to]) * (last - first + 1)
+        return ShardMap(self.version + 1, self.shards, bytes(owners))
+
+    def encode(self) -> bytes:
+        return json.dumps({"version": self.version, "shards": self.shards,
+                           "slots": [list(run) for run in self.ranges()]}, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> ShardMap:
+        if len(data) > MAX_MAP_BYTES:
+            raise BadShardMap(f"the stored shard map holds {len(data):,} bytes (at most {MAX_MAP_BYTES:,})")
+        try:
+            raw = json.loads(data.decode())
+            version, shards, runs = int(raw["version"]), int(raw["shards"]), raw["slots"]
+            owners = bytearray(SLOTS)
+            covered = 0
+            for first, last, shard in runs:
+                if not (covered == first <= last < SLOTS and 0 <= shard < shards):
+                    raise ValueError(f"run {first}-{last} -> {shard}")
+                owners[first:last + 1] = bytes([shard]) * (last - first + 1)
+                covered = last + 1
+            if covered != SLOTS:
+                raise ValueError(f"slots {covered}-{SLOTS - 1} have no shard")
+            _check_count(shards)
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
+            raise BadShardMap(f"the stored shard map is unreadable: {exc}") from None
+        return cls(version, shards, bytes(owners))
+
+
+def parse_slots(text: str) -> tuple[int, int]:
+    """`A-B` or `A` (a CLI argument) as (first, last)."""
+    first, _, last = text.partition("-")
+    try:
+        lo, hi = int(first), int(last or first)
+    except ValueError:
+        raise BadShardMap(f"--slots {text!r}: expected A-B (slot numbers 0-{SLOTS - 1})") from None
+    if not 0 <= lo <= hi < SLOTS:
+        raise BadShardMap(f"--slots {text!r}: expected A-B with 0 <= A <= B <= {SLOTS - 1}")
+    return lo, hi
+
+
+TOKEN_PREFIX = "r1:"
+
+
+def encode_cursors(cursors: dict[int, int]) -> str:
+    """A result stream's resume token: the last sequence seen per shard."""
+    return TOKEN_PREFIX + ",".join(f"{shard}={seq}" for shard, seq in sorted(cursors.items()))
+
+
+def decode_cursors(token: str) -> dict[int, int]:
+    cursors: dict[int, int] = {}
+    try:
+        if not token.startswith(TOKEN_PREFIX) or len(token) > 32 * MAX_SHARDS:
+            raise ValueError(token)
+        for part in filter(None, token[len(TOKEN_PREFIX):].split(",")):
+            shard, _, seq = part.partition("=")
+            cursors[int(shard)] = int(seq)
+            if not (0 <= int(shard) < MAX_SHARDS and 0 <= int(seq) < 2**64):
+                raise ValueError(part)
+    except ValueError:
+        raise InvalidInput("resume_token: not a token a result stream gave (pass it back as it came)") from None
+    return cursors
+
+
+def _check_count(shards: int) -> None:
+    if not 1 <= shards <= MAX_SHARDS:
+        raise BadShardMap(f"{shards} shards: a cluster has 1 to {MAX_SHARDS}")
+
+
+def load(client, path: str) -> tuple[ShardMap, int]:
+    """The stored map and its znode version (-1: none stored, one shard)."""
+    try:
+        data, stat = client.get(path)
+    except NoNodeError:
+        return ShardMap.single(), -1
+    return ShardMap.decode(data), stat.version
+
+
+def store(client, path: str, new: ShardMap, expected_version: int) -> None:
+    """Writes `new` if the stored map is still the one read (version
+    `expected_version`): two operators changing the map at once cannot
+    both win."""
+    try:
+        if expected_version < 0:
+            client.create(path, new.encode(), makepath=True)
+        else:
+            client.set(path, new.encode(), version=expected_version)
+    except (BadVersionError, NodeExistsError, NoNodeError):
+        raise BadShardMap("the shard map changed meanwhile: read it again and retry") from None
+
+
+class ShardMapFollower:
+    """The current map, kept fresh by a watch; listeners hear of each new one
+    (from ZooKeeper's thread: keep them short)."""
+
+    def __init__(self, client, path: str):
+        self._lock = threading.Lock()
+        self._map = ShardMap.single()
+        self._listeners: list[Callable[[ShardMap], None]] = []
+        self.error: str | None = None  # why the stored map was not taken
+        self._ready = threading.Event()
+        DataWatch(client, path, self._changed)
+        self._ready.wait(10)
+
+    @property
+    def current(self) -> ShardMap:
+        return self._map
+
+    def on_change(self, listener: Callable[[ShardMap], None]) -> None:
+        with self._lock:
+            self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[ShardMap], None]) -> None:
+        with self._lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+    def _changed(self, data, stat) -> None:
+        try:
+            new = ShardMap.single() if stat is None else ShardMap.decode(data)
+            self.error = None
+        except BadShardMap as exc:  # keep routing by the last good map
+            self.error = str(exc)
+            self._ready.set()
+            return
+        with self._lock:
+            if new.version < self._map.version:
+                self._ready.set()
+                return
+            self._map = new
+            listeners = list(self._listeners)
+        self._ready.set()
+        for listener in listeners:
+            listener(new)
