@@ -33,6 +33,7 @@ from dworkers.client import (
     Result,
     SubmitError,
     Unresolved,
+    WatchCursor,
     as_call,
     left,
     split_done,
@@ -320,16 +321,14 @@ class AsyncClient:
         response = await self.stub.CancelWork(work_pb2.CancelWorkRequest(work_ids=ids), timeout=self.timeout)
         return list(response.works)
 
-    async def watch(self, after: int = 0) -> AsyncIterator[Result]:
-        cursor = after
+    async def watch(self, after: int = 0, resume_token: str = "") -> AsyncIterator[Result]:
+        cursor = WatchCursor(after, resume_token)
         while True:
-            stream = self.stub.WatchResults(work_pb2.WatchResultsRequest(after_sequence=cursor))
+            stream = self.stub.WatchResults(cursor.request())
             try:
                 async for response in stream:
-                    for r in response.results:
-                        if r.sequence > cursor:
-                            cursor = r.sequence
-                            yield Result.of(r)
+                    for result in cursor.fresh(response):
+                        yield result
             except grpc.aio.AioRpcError as error:
                 if error.code() not in STREAM_RETRYABLE:
                     raise

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dworkers import access, commands, demo, devcerts, healthcheck
+from dworkers import access, commands, demo, devcerts, healthcheck, shardctl
 from dworkers.common import logs, memory
 from dworkers.common.errors import DworkersError
 from dworkers.common.lifecycle import StopRequest
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     healthcheck.add_parser(sub)
     devcerts.add_parser(sub)
     access.add_parser(sub)
+    shardctl.add_parser(sub)
     return parser
 
 
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
             role.main(settings, stop)
         elif args.command == "demo":
             demo.run(args)
-        elif args.command in ("healthcheck", "dev-certs", "token"):
+        elif args.command in ("healthcheck", "dev-certs", "token", "shards"):
             args.func(args)
         else:
             commands.main(args)

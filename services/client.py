@@ -30,6 +30,7 @@ import grpc
 
 from dworkers import codec, credentials
 from dworkers.common.errors import status_name
+from dworkers.common.shards import decode_cursors, encode_cursors
 from dworkers.common.validation import MAX_BATCH_WORKS, MAX_PAYLOAD_BYTES, new_work_id
 from dworkers.common.wire import MAX_MESSAGE_BYTES
 from dworkers.credentials import Tls
@@ -84,10 +85,12 @@ class Result:
     value: Any
     error: str
     attempts: int
-    sequence: int
+    sequence: int  # within its shard
+    shard: int = 0
+    resume_token: str = ""  # watch(resume_token=...) goes on after this result (a cluster of several shards)
 
     @classmethod
-    def of(cls, r: work_pb2.WorkResult) -> Result:
+    def of(cls, r: work_pb2.WorkResult, resume_token: str = "") -> Result:
         value, error = None, r.error
         if r.state == work_pb2.DONE:
             try:
@@ -95,7 +98,7 @@ class Result:
             except ValueError as exc:  # e.g. a worker in another language sent bad JSON: keep the bytes
                 value, error = r.result, f"result not decodable as {r.content_type}: {exc}"
         return cls(r.work_id, r.kind, STATE_NAMES.get(r.state, str(r.state)), value, error, r.attempts,
-                   r.sequence)
+                   r.sequence, r.shard, resume_token)
 
     def unwrap(self) -> Any:
         if self.state == "CANCELLED":
@@ -103,6 +106,35 @@ class Result:
         if self.state != "DONE":
             raise WorkFailed(self.work_id, self.error, self.attempts, self.kind)
         return self.value
+
+
+class WatchCursor:
+    """Where a result stream is: after a sequence (one shard), or after a
+    sequence per shard (several: their responses carry resume tokens)."""
+
+    def __init__(self, after: int = 0, resume_token: str = ""):
+        self.after = after
+        self.cursors = decode_cursors(resume_token) if resume_token else None
+
+    def request(self) -> work_pb2.WatchResultsRequest:
+        if self.cursors is not None:
+            return work_pb2.WatchResultsRequest(resume_token=encode_cursors(self.cursors))
+        return work_pb2.WatchResultsRequest(after_sequence=self.after)
+
+    def fresh(self, response: work_pb2.WatchResultsResponse) -> list[Result]:
+        """The results not seen yet, each with the token that resumes after it."""
+        if not response.resume_token and self.cursors is None:
+            new = [r for r in response.results if r.sequence > self.after]
+            if new:
+                self.after = new[-1].sequence
+            return [Result.of(r) for r in new]
+        cursors = self.cursors = self.cursors if self.cursors is not None else {}
+        out = []
+        for r in response.results:
+            if r.sequence > cursors.get(r.shard, 0):
+                cursors[r.shard] = r.sequence
+                out.append(Result.of(r, encode_cursors(cursors)))
+        return out
 
 
 class Handle:
@@ -531,18 +563,17 @@ class Client:
         ids = [w.id if isinstance(w, Handle) else w for w in works]
         return list(self.stub.CancelWork(work_pb2.CancelWorkRequest(work_ids=ids), timeout=self.timeout).works)
 
-    def watch(self, after: int = 0) -> Iterator[Result]:
-        """Every finished work in order, from after sequence `after`, for
-        ever; resumes (from the last one seen) when its frontend goes away."""
-        cursor = after
+    def watch(self, after: int = 0, resume_token: str = "") -> Iterator[Result]:
+        """Every finished work in order, from after sequence `after` (or
+        where a result's `resume_token` says: a cluster of several shards
+        numbers results per shard), for ever; resumes (from the last one
+        seen) when its frontend goes away."""
+        cursor = WatchCursor(after, resume_token)
         while True:
-            stream = self.stub.WatchResults(work_pb2.WatchResultsRequest(after_sequence=cursor))
+            stream = self.stub.WatchResults(cursor.request())
             try:
                 for response in stream:
-                    for r in response.results:
-                        if r.sequence > cursor:
-                            cursor = r.sequence
-                            yield Result.of(r)
+                    yield from cursor.fresh(response)
             except grpc.RpcError as error:
                 if error.code() not in STREAM_RETRYABLE:
                     raise

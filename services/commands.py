@@ -12,7 +12,7 @@ import time
 import grpc
 
 from dworkers import credentials
-from dworkers.client import Client, Result, SubmitError
+from dworkers.client import Client, Result, SubmitError, WatchCursor
 from dworkers.codec import decode_result
 from dworkers.common.errors import ConfigError
 from dworkers.common.settings import add, boolean, in_range
@@ -64,6 +64,8 @@ def add_parsers(sub) -> None:
     p = client_parser("watch", "stream results as they finish",
                       "Stream finished works in order; resume with --after.")
     p.add_argument("--after", type=in_range(int, low=0), default=0, help="start after this result sequence number")
+    p.add_argument("--resume-token", default="", help="start after the result that carried this token (--json "
+                                                      "prints it on a cluster of several shards)")
     p.add_argument("--count", type=in_range(int, low=0), default=0, help="stop after this many results (0: never)")
 
     p = client_parser("cancel", "cancel works",
@@ -249,8 +251,9 @@ def _shown(value) -> str | object:
 
 
 def _result_dict(r: Result) -> dict:
+    shards = {"shard": r.shard, "resume_token": r.resume_token} if r.resume_token else {}
     return {"sequence": r.sequence, "work_id": r.work_id, "kind": r.kind, "state": r.state,
-            "result": _shown(r.value), "error": r.error, "attempts": r.attempts}
+            "result": _shown(r.value), "error": r.error, "attempts": r.attempts, **shards}
 
 
 def _print_result(args, r: Result) -> None:
@@ -261,7 +264,8 @@ def _print_result(args, r: Result) -> None:
         # one line per result: an error's traceback is in --json and in `status`
         text = (shown if isinstance(shown, str) else json.dumps(shown)) if r.state == "DONE" \
             else r.error.split("\n", 1)[0]
-        print(f"{r.sequence:>8}  {r.work_id}  {r.state:<6}  {text}", flush=True)
+        where = f"{r.shard}:{r.sequence}" if r.resume_token else str(r.sequence)
+        print(f"{where:>8}  {r.work_id}  {r.state:<6}  {text}", flush=True)
 
 
 def _progress_line(s: work_pb2.WorkStatus) -> str:
@@ -376,12 +380,13 @@ def _print_statuses(args, done: str, statuses) -> None:
 
 
 def watch(stub, args) -> None:
-    stream = stub.WatchResults(work_pb2.WatchResultsRequest(after_sequence=args.after))
+    cursor = WatchCursor(args.after, args.resume_token)
+    stream = stub.WatchResults(cursor.request())
     seen = 0
     try:
         for batch in stream:
-            for result in batch.results:
-                _print_result(args, Result.of(result))
+            for result in cursor.fresh(batch):
+                _print_result(args, result)
                 seen += 1
                 if args.count and seen >= args.count:
                     return
@@ -403,6 +408,9 @@ def cluster(stub, args) -> None:
         "pending_without_worker": info.pending_without_worker, "worker_slots": info.worker_slots,
         "unfinished_bytes": info.unfinished_bytes, "retained_result_bytes": info.retained_result_bytes,
         "scheduled": info.scheduled, "cancelled": info.cancelled,
+        "shards": [{"shard": s.shard, "slots": s.slots, "master": s.master.address, "epoch": s.master.epoch,
+                    "pending": s.pending, "in_progress": s.in_progress, "done": s.done, "failed": s.failed,
+                    "map_version": s.map_version, "error": s.error} for s in info.shards],
     }
     if args.json:
         print(json.dumps(data, indent=2))
@@ -410,6 +418,10 @@ def cluster(stub, args) -> None:
     print(f"master     {info.master.address}  (epoch {info.master.epoch})")
     for s in info.standbys:
         print(f"standby    {s.address}  (epoch {s.epoch})")
+    for s in info.shards:
+        state = s.error or (f"{s.master.address}  (epoch {s.master.epoch})  pending {s.pending}  in progress "
+                            f"{s.in_progress}  done {s.done}  failed {s.failed}")
+        print(f"shard {s.shard:<4} {s.slots:>4} slots  {state}")
     print(f"works      pending {info.pending}  scheduled {info.scheduled}  in progress {info.in_progress}  "
           f"done {info.done}  failed {info.failed}  cancelled {info.cancelled}")
     if info.pending_without_worker:

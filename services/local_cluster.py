@@ -184,6 +184,15 @@ class LocalCluster:
             raise RuntimeError(f"backend {address} did not start:\n{service.log()[-3000:]}")
         return service
 
+    def shards(self, *args: str) -> str:
+        """Runs `dworkers shards ARGS` on this cluster; its output."""
+        done = subprocess.run([sys.executable, "-m", "dworkers.cli", "shards", "--zk", self.zk, "--root", self.root,
+                               *args], env={**self.env, **self.role_env.get("master", {})}, capture_output=True,
+                              text=True, timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(f"dworkers shards {' '.join(args)}: {done.stderr.strip()}")
+        return done.stdout
+
     def start_worker(self, concurrency: int = 2, *args: str, cwd: Path | None = None) -> Service:
         """A worker process; job modules (--jobs) import from `cwd` as well."""
         return self._spawn("worker", ["--concurrency", str(concurrency), "--metrics-port", "0", *args], cwd=cwd)

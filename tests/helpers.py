@@ -37,10 +37,14 @@ def submit_until_acked(stub, kind: str, payload: bytes, work_id: str | None = No
 
 
 class ResultCollector:
-    """Watches WatchResults from the start in a thread, reconnecting as a client would."""
+    """Watches WatchResults from the start in a thread, reconnecting as a
+    client would: after the last sequence, or (`by_token`, a cluster of
+    several shards) with the last response's resume token."""
 
-    def __init__(self, stub):
+    def __init__(self, stub, by_token: bool = False):
         self.stub = stub
+        self.by_token = by_token
+        self.token = ""
         self.results: list[work_pb2.WorkResult] = []
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -49,13 +53,17 @@ class ResultCollector:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            after = self.results[-1].sequence if self.results else 0
-            stream = self.stub.WatchResults(work_pb2.WatchResultsRequest(after_sequence=after))
+            if self.by_token:
+                request = work_pb2.WatchResultsRequest(resume_token=self.token)
+            else:
+                request = work_pb2.WatchResultsRequest(after_sequence=self.results[-1].sequence if self.results else 0)
+            stream = self.stub.WatchResults(request)
             self._stream = stream
             try:
                 for batch in stream:
                     with self._cond:
                         self.results.extend(batch.results)
+                        self.token = batch.resume_token
                         self._cond.notify_all()
             except grpc.RpcError:
                 time.sleep(0.2)

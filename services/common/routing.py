@@ -1,4 +1,4 @@
-"""A proxy per shard, and the shard map that says which one a work goes to.
+"""The shard map in ZooKeeper, and a proxy per shard: which one a work goes to.
 
 Frontends and workers hold one `Shards`: shard 0's proxy is the one they
 always had (a cluster of one shard works exactly as before), the others are
@@ -9,9 +9,80 @@ ZooKeeper (--masters) there is no map: the cluster is one shard.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+
+from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError
+from kazoo.recipe.watchers import DataWatch
 
 from dworkers.common.proxy import MasterProxy, ZooKeeperLocator
-from dworkers.common.shards import ShardMap, ShardMapFollower
+from dworkers.common.shards import BadShardMap, ShardMap
+
+
+def load(client, path: str) -> tuple[ShardMap, int]:
+    """The stored map and its znode version (-1: none stored, one shard)."""
+    try:
+        data, stat = client.get(path)
+    except NoNodeError:
+        return ShardMap.single(), -1
+    return ShardMap.decode(data), stat.version
+
+
+def store(client, path: str, new: ShardMap, expected_version: int) -> None:
+    """Writes `new` if the stored map is still the one read (version
+    `expected_version`): two operators changing the map at once cannot
+    both win."""
+    try:
+        if expected_version < 0:
+            client.create(path, new.encode(), makepath=True)
+        else:
+            client.set(path, new.encode(), version=expected_version)
+    except (BadVersionError, NodeExistsError, NoNodeError):
+        raise BadShardMap("the shard map changed meanwhile: read it again and retry") from None
+
+
+class ShardMapFollower:
+    """The current map, kept fresh by a watch; listeners hear of each new one
+    (from ZooKeeper's thread: keep them short)."""
+
+    def __init__(self, client, path: str):
+        self._lock = threading.Lock()
+        self._map = ShardMap.single()
+        self._listeners: list[Callable[[ShardMap], None]] = []
+        self.error: str | None = None  # why the stored map was not taken
+        self._ready = threading.Event()
+        DataWatch(client, path, self._changed)
+        self._ready.wait(10)
+
+    @property
+    def current(self) -> ShardMap:
+        return self._map
+
+    def on_change(self, listener: Callable[[ShardMap], None]) -> None:
+        with self._lock:
+            self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[ShardMap], None]) -> None:
+        with self._lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+    def _changed(self, data, stat) -> None:
+        try:
+            new = ShardMap.single() if stat is None else ShardMap.decode(data)
+            self.error = None
+        except BadShardMap as exc:  # keep routing by the last good map
+            self.error = str(exc)
+            self._ready.set()
+            return
+        with self._lock:
+            if new.version < self._map.version:
+                self._ready.set()
+                return
+            self._map = new
+            listeners = list(self._listeners)
+        self._ready.set()
+        for listener in listeners:
+            listener(new)
 
 
 class Shards:

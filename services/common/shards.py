@@ -1,4 +1,5 @@
-"""Shards: which master group owns a work.
+"""Shards: which master group owns a work (pure: the map and its slots;
+routing.py keeps it in ZooKeeper).
 
 The work-id space is split into SLOTS hash slots (CRC-32 of the id's UTF-8
 bytes, modulo SLOTS: any language computes it the same way). A versioned
@@ -10,13 +11,8 @@ is laid out and behaves as a cluster before shards existed.
 from __future__ import annotations
 
 import json
-import threading
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
-
-from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError
-from kazoo.recipe.watchers import DataWatch
 
 from dworkers.common.errors import ConfigError, InvalidInput
 
@@ -150,70 +146,3 @@ def decode_cursors(token: str) -> dict[int, int]:
 def _check_count(shards: int) -> None:
     if not 1 <= shards <= MAX_SHARDS:
         raise BadShardMap(f"{shards} shards: a cluster has 1 to {MAX_SHARDS}")
-
-
-def load(client, path: str) -> tuple[ShardMap, int]:
-    """The stored map and its znode version (-1: none stored, one shard)."""
-    try:
-        data, stat = client.get(path)
-    except NoNodeError:
-        return ShardMap.single(), -1
-    return ShardMap.decode(data), stat.version
-
-
-def store(client, path: str, new: ShardMap, expected_version: int) -> None:
-    """Writes `new` if the stored map is still the one read (version
-    `expected_version`): two operators changing the map at once cannot
-    both win."""
-    try:
-        if expected_version < 0:
-            client.create(path, new.encode(), makepath=True)
-        else:
-            client.set(path, new.encode(), version=expected_version)
-    except (BadVersionError, NodeExistsError, NoNodeError):
-        raise BadShardMap("the shard map changed meanwhile: read it again and retry") from None
-
-
-class ShardMapFollower:
-    """The current map, kept fresh by a watch; listeners hear of each new one
-    (from ZooKeeper's thread: keep them short)."""
-
-    def __init__(self, client, path: str):
-        self._lock = threading.Lock()
-        self._map = ShardMap.single()
-        self._listeners: list[Callable[[ShardMap], None]] = []
-        self.error: str | None = None  # why the stored map was not taken
-        self._ready = threading.Event()
-        DataWatch(client, path, self._changed)
-        self._ready.wait(10)
-
-    @property
-    def current(self) -> ShardMap:
-        return self._map
-
-    def on_change(self, listener: Callable[[ShardMap], None]) -> None:
-        with self._lock:
-            self._listeners.append(listener)
-
-    def remove_listener(self, listener: Callable[[ShardMap], None]) -> None:
-        with self._lock:
-            if listener in self._listeners:
-                self._listeners.remove(listener)
-
-    def _changed(self, data, stat) -> None:
-        try:
-            new = ShardMap.single() if stat is None else ShardMap.decode(data)
-            self.error = None
-        except BadShardMap as exc:  # keep routing by the last good map
-            self.error = str(exc)
-            self._ready.set()
-            return
-        with self._lock:
-            if new.version < self._map.version:
-                self._ready.set()
-                return
-            self._map = new
-            listeners = list(self._listeners)
-        self._ready.set()
-        for listener in listeners:
-            listener(new)

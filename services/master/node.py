@@ -23,8 +23,9 @@ from dworkers.common.errors import ConfigError, WrongShard
 from dworkers.common.lifecycle import StopRequest
 from dworkers.common.memory import freeze_survivors
 from dworkers.common.metrics import MasterMetrics, ServerMetrics, process_registry, serve_metrics
+from dworkers.common.routing import ShardMapFollower
 from dworkers.common.settings import Cluster, Logging, group, setting
-from dworkers.common.shards import MAX_SHARDS, ShardMapFollower, slot_of
+from dworkers.common.shards import MAX_SHARDS, slot_of
 from dworkers.common.tls import ServingTlsSettings
 from dworkers.common.wire import AddressInUse
 from dworkers.master.domain.master import CoreSettings

@@ -1,0 +1,196 @@
+"""A cluster of several shards on a real ZooKeeper with real processes:
+works routed by hash slot to each shard's master group, one result stream
+merged from all of them, workers serving every shard."""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from collections import Counter
+from functools import partial
+
+import grpc
+import pytest
+
+import dworkers
+from dworkers.common.shards import ShardMap
+from dworkers.v1 import master_pb2_grpc, work_pb2
+from tests.helpers import ResultCollector, frontend, wait_kind, wait_until
+
+pytestmark = pytest.mark.e2e
+
+SHARDS = 4
+
+
+def start_sharded(cluster, shards: int = SHARDS, standbys: tuple[int, ...] = ()) -> dict[int, list]:
+    """A cluster of `shards` shards: an active master each (a standby for
+    those in `standbys`); returns the masters by shard."""
+    cluster.shards("init", str(shards))
+    masters = {shard: [cluster.start_master(None, "--shard", str(shard), wait=True)] for shard in range(shards)}
+    for shard in standbys:
+        masters[shard].append(cluster.start_master(None, "--shard", str(shard), wait=True))
+    return masters
+
+
+def settled(results: ResultCollector, stub, timeout: float = 30.0) -> None:
+    """Waits until the collector holds every result each shard numbered so far."""
+    info = stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=10)
+    last = {s.shard: s.last_sequence for s in info.shards}
+
+    def caught_up() -> bool:
+        seen: dict[int, int] = {}
+        for r in list(results.results):
+            seen[r.shard] = max(seen.get(r.shard, 0), r.sequence)
+        return all(seq == 0 or seen.get(shard, 0) >= seq for shard, seq in last.items())
+
+    wait_until(caught_up, timeout, f"results up to {last}")
+
+
+def assert_exactly_once(results: ResultCollector, acked: list[str], stub) -> None:
+    assert not results.wait_for(acked, timeout=90), "acked works never finished"
+    settled(results, stub)
+    counts = Counter(results.ids())
+    assert not [i for i in acked if counts[i] != 1], "acked works not finished exactly once"
+    assert set(counts) == set(acked), "results for works that were never acked"
+
+
+def submit_all(stub, ids: list[str], kind: str = "square") -> None:
+    """Half in batches that span shards, half one by one; retried until acked."""
+    half = len(ids) // 2
+    for i in range(0, half, 50):
+        batch = work_pb2.SubmitWorksRequest(works=[work_pb2.SubmitWorkRequest(work_id=w, kind=kind, payload=b"3")
+                                                   for w in ids[i:min(i + 50, half)]])
+        wait_until(partial(_try, partial(stub.SubmitWorks, batch, timeout=10)), 60, "a batch accepted")
+    for work_id in ids[half:]:
+        request = work_pb2.SubmitWorkRequest(work_id=work_id, kind=kind, payload=b"4")
+        wait_until(partial(_try, partial(stub.SubmitWork, request, timeout=10)), 60, f"{work_id} accepted")
+
+
+def _try(call) -> bool:
+    try:
+        call()
+        return True
+    except grpc.RpcError as error:
+        assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED), error
+        return False
+
+
+def test_four_shards_exactly_once_with_one_worker_serving_them_all(cluster):
+    """One worker process of 2 slots serves 4 shards (its credit moves to
+    the shards with work); each result comes once, from the shard its id's
+    slot maps to; ClusterInfo shows every shard; the stream resumes by token."""
+    start_sharded(cluster)
+    cluster.start_worker(2, "--prefetch", "1")
+    cluster_address = cluster.start_frontend().address
+    stub = frontend(cluster_address)
+    wait_kind(stub, "square")
+    results = ResultCollector(stub, by_token=True)
+    ids = [f"w-{uuid.uuid4().hex[:10]}" for _ in range(400)]
+    submit_all(stub, ids)
+    assert_exactly_once(results, ids, stub)
+    layout = ShardMap.even(SHARDS)
+    assert all(r.shard == layout.shard_of(r.work_id) for r in results.results)
+    assert {r.shard for r in results.results} == set(range(SHARDS))
+    assert {r.result for r in results.results} == {b"3 * 3 = 9", b"4 * 4 = 16"}
+
+    info = stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=10)
+    assert [s.shard for s in info.shards] == list(range(SHARDS))
+    assert all(s.master.address and s.slots == 1024 and not s.error for s in info.shards)
+    assert info.done == len(ids) and sum(s.done for s in info.shards) == len(ids)
+    assert len({w.worker_id for w in info.workers}) == 2
+
+    # Resuming from a token in the middle gives exactly what came after it.
+    middle = ResultCollector(stub, by_token=True)
+    wait_until(lambda: len(middle.results) >= 100, 30, "the first results again")
+    token, seen = middle.token, len(middle.results)
+    middle.stop()
+    rest = stub.WatchResults(work_pb2.WatchResultsRequest(resume_token=token), timeout=10)
+    later = []
+    try:
+        for batch in rest:
+            later += [r.work_id for r in batch.results]
+            if seen + len(later) >= len(ids):
+                break
+    except grpc.RpcError as error:
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    rest.cancel()
+    assert sorted(middle.ids()[:seen] + later) == sorted(ids)
+
+    # The SDK resumes the same way, from any result's token.
+    with dworkers.Client(cluster_address) as client:
+        stream = client.watch()
+        first = [next(stream) for _ in range(50)]
+        stream.close()
+        assert all(r.resume_token and r.shard == layout.shard_of(r.work_id) for r in first)
+        stream = client.watch(resume_token=first[-1].resume_token)
+        others = [next(stream).work_id for _ in range(len(ids) - 50)]
+        stream.close()
+    assert sorted([r.work_id for r in first] + others) == sorted(ids)
+    table = cluster.shards()
+    assert "4 shards" in table and all(f"shard {k} " in table for k in range(SHARDS))
+
+    with pytest.raises(grpc.RpcError) as refused:
+        next(iter(stub.WatchResults(work_pb2.WatchResultsRequest(after_sequence=5), timeout=10)))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "resume_token" in refused.value.details()
+    with pytest.raises(grpc.RpcError) as garbage:
+        next(iter(stub.WatchResults(work_pb2.WatchResultsRequest(resume_token="r1:0=x"), timeout=10)))
+    assert garbage.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    results.stop()
+
+
+def test_per_work_calls_reach_the_shard_of_the_work(cluster):
+    """GetWork, WaitWorks, CancelWork and ListWorks across shards; a master
+    asked for another shard's work refuses it (ABORTED), naming the shard."""
+    masters = start_sharded(cluster)
+    stub = frontend(cluster.start_frontend().address)
+    layout = ShardMap.even(SHARDS)
+    ids = [f"c-{n}" for n in range(60)]  # delayed an hour: they wait, then are cancelled
+    cluster.start_worker(1)  # declares the kinds
+    wait_kind(stub, "sleep")
+    wait_until(lambda: _try(lambda: stub.SubmitWorks(work_pb2.SubmitWorksRequest(
+        works=[work_pb2.SubmitWorkRequest(work_id=w, kind="sleep", payload=b"60", delay_seconds=3600)
+               for w in ids]), timeout=10)), 60, "works accepted")
+    assert {layout.shard_of(w) for w in ids} == set(range(SHARDS))
+    for work_id in ids[:8]:
+        assert stub.GetWork(work_pb2.GetWorkRequest(work_id=work_id), timeout=10).state == work_pb2.SCHEDULED
+    listed, token = [], ""
+    while True:
+        page = stub.ListWorks(work_pb2.ListWorksRequest(state=work_pb2.SCHEDULED, page_size=7, page_token=token),
+                              timeout=10)
+        listed += [w.work_id for w in page.works]
+        token = page.next_page_token
+        if not token:
+            break
+    assert sorted(listed) == sorted(ids)
+    cancelled = stub.CancelWork(work_pb2.CancelWorkRequest(work_ids=ids), timeout=10)
+    assert [w.work_id for w in cancelled.works] == ids and {w.state for w in cancelled.works} == {work_pb2.CANCELLED}
+    waited = [r.work_id for batch in stub.WaitWorks(work_pb2.WaitWorksRequest(work_ids=ids), timeout=20)
+              for r in batch.results]
+    assert sorted(waited) == sorted(ids)
+
+    elsewhere = next(w for w in ids if layout.shard_of(w) != 0)
+    master = master_pb2_grpc.MasterStub(grpc.insecure_channel(masters[0][0].address))
+    answer = master.SubmitWorks(work_pb2.SubmitWorksRequest(works=[work_pb2.SubmitWorkRequest(
+        work_id=elsewhere, kind="sleep", payload=b"1")], each_on_its_own=True), timeout=10)
+    assert answer.works[0].code == grpc.StatusCode.ABORTED.value[0]
+    assert f"belongs to shard {layout.shard_of(elsewhere)}" in answer.works[0].message
+
+
+def test_kill_9_of_two_shards_masters_and_of_a_worker_under_load(cluster):
+    """Two shards lose their active master at once, then a worker dies;
+    standbys take over and every acknowledged work finishes exactly once."""
+    masters = start_sharded(cluster, standbys=(0, 1))
+    cluster.start_worker(2)
+    doomed = cluster.start_worker(2)
+    stub = frontend(cluster.start_frontend().address)
+    wait_kind(stub, "square")
+    results = ResultCollector(stub, by_token=True)
+    ids = [f"k-{uuid.uuid4().hex[:10]}" for _ in range(300)]
+    submit_all(stub, ids[:100])
+    for shard in (0, 1):
+        masters[shard][0].signal(signal.SIGKILL)
+    submit_all(stub, ids[100:200])
+    doomed.signal(signal.SIGKILL)
+    submit_all(stub, ids[200:])
+    assert_exactly_once(results, ids, stub)
+    results.stop()
