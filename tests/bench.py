@@ -62,7 +62,8 @@ from tests.bench_support import clients, procstat, profiling
 from tests.bench_support.clients import Submitters, Subscriber, percentile
 from tests.helpers import wait_until
 
-SCENARIOS = ("submit", "sdk", "peers", "e2e", "roundtrip", "postgresql", "failover", "replay", "backlog", "control",
+SCENARIOS = ("submit", "sdk", "peers", "e2e", "shards", "roundtrip", "postgresql", "failover", "replay", "backlog",
+             "control",
              "scale")
 ALIASES = {"memory": "replay", "rtt": "roundtrip", "pg": "postgresql"}
 SESSION_TIMEOUT = 4.0  # the master's default --session-timeout
@@ -95,9 +96,9 @@ def load_peers(directory: str) -> tuple[dict, str]:
 
 
 # Rough seconds each scenario needs (to skip rather than overrun the budget).
-ESTIMATE = {"submit": 25, "sdk": 30, "peers": 170, "e2e": 200, "roundtrip": 20, "postgresql": 60, "failover": 30, "replay": 40,
+ESTIMATE = {"submit": 25, "sdk": 30, "peers": 170, "e2e": 200, "shards": 150, "roundtrip": 20, "postgresql": 60, "failover": 30, "replay": 40,
             "backlog": 240, "control": 150, "scale": 100}
-ESTIMATE_QUICK = {"submit": 15, "sdk": 20, "peers": 40, "e2e": 30, "roundtrip": 15, "postgresql": 30, "failover": 25, "replay": 20,
+ESTIMATE_QUICK = {"submit": 15, "sdk": 20, "peers": 40, "e2e": 30, "shards": 60, "roundtrip": 15, "postgresql": 30, "failover": 25, "replay": 20,
                   "backlog": 60, "control": 50, "scale": 30}
 
 
@@ -363,8 +364,10 @@ class Bench:
             time.sleep(0.2)
         raise TimeoutError(f"only {seen} of {count} worker slots registered within {timeout:.0f} s")
 
-    def last_sequence(self, stub) -> int:
-        return stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=10).last_sequence
+    def last_sequence(self, stub) -> int | dict[int, int]:
+        """Where the result stream is now: a sequence, or one per shard."""
+        info = stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=10)
+        return {s.shard: s.last_sequence for s in info.shards} if info.shards else info.last_sequence
 
     def warm_up(self, stub, count: int, timeout: float = 60.0) -> None:
         """Runs `count` works end to end (starts executors, connections, code paths)."""
@@ -750,6 +753,51 @@ class Bench:
                 result = self.e2e_run(c, stub, count, True, profile_dir)
                 self.details["e2e_profiled_run"] = result
                 self.log(f"e2e: profiled run {result['rate']:,.0f} works/s (py-spy slows the processes)")
+
+    # --- shards ----------------------------------------------------------------
+
+    def scenario_shards(self) -> None:
+        """End to end with 1, 2 and 4 shards (an active master each), batched
+        submits, 2 worker processes: the throughput, and the CPU each process
+        takes per work, to show which one limits the whole."""
+        count = 4_000 if self.quick else 20_000
+        per_process = 4
+        runs = {}
+        for shards in (1, 2, 4):
+            if self.remaining() < 90:
+                self.notes.append(f"shards: {shards} shards skipped (time budget)")
+                continue
+            with self.cluster(f"shards-{shards}") as c:
+                if shards > 1:
+                    c.shards("init", str(shards))
+                masters = [c.start_master(None, "--shard", str(k), *self.master_args, wait=True)
+                           for k in range(shards)]
+                frontend = c.start_frontend()
+                stub = self.frontend_stub(frontend)
+                workers = [c.start_worker(per_process, *self.worker_args) for _ in range(2)]
+                self.wait_workers(stub, 2 * per_process, 60)
+                self.warm_up(stub, 400)
+                self.wait_quiet([w.pid for w in workers], 20, 15)
+                self.log(f"shards: {count:,} works, batched, {shards} shard(s), 2 worker processes x {per_process}")
+                per_master = procstat.CpuMeter({f"master {k}": [m.pid] for k, m in enumerate(masters)}).start()
+                result = self.e2e_run(c, stub, count, True)
+                busiest = max(v for k, v in per_master.stop().items() if k.startswith("master "))
+                result["busiest_master_percent_of_core"] = busiest
+                runs[shards] = result
+                per = result["cpu_ms_per_work"]
+                self.log(f"shards: {shards}: {result['rate']:,.0f} works/s; cpu ms/work {per}; busiest master "
+                         f"{busiest:.0f}% of a core")
+        self.details["shards"] = {str(k): v for k, v in runs.items()}
+        for shards, result in runs.items():
+            per, cpu = result["cpu_ms_per_work"], result["cpu_percent_of_core"]
+            note = (f"CPU ms/work: masters {per.get('master')} frontend {per.get('frontend')} worker "
+                    f"{per.get('worker')} executors {per.get('executors')} zk {per.get('zookeeper')} bench "
+                    f"{per.get('bench')}; busiest master {result['busiest_master_percent_of_core']:.0f}% of a core; "
+                    f"machine {cpu.get('machine')}% of 200%")
+            if not result["complete"]:
+                note += f"; INCOMPLETE: {result['results']}/{result['works']} results"
+            self.row(f"shards.{shards}", f"end to end, {result['works']:,} works, {shards} shard(s)", result["rate"],
+                     "works/s", None, "", note)
 
     # --- 3. round trip ---------------------------------------------------------
 

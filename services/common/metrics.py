@@ -112,6 +112,10 @@ class MasterMetrics:
             "dworkers_journal_events_per_append", "events written in one journal batch", registry=registry,
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000))
         self.active = gauge("dworkers_master_active", "1 while this backend is the active, recovered master")
+        self.shard = gauge("dworkers_master_shard", "1, labelled with the shard whose master group this backend "
+                           "joins (join other series on instance to see them per shard)", ["shard"])
+        self.shard_slots = gauge("dworkers_master_shard_slots", "hash slots its shard owns in the shard map "
+                                 "(of 4,096)")
         self.epoch = gauge("dworkers_master_epoch", "this backend's epoch (election sequence number)")
         self.failovers = Counter("dworkers_failovers", "times this backend took over as the active master from "
                                  "another (a fresh cluster's first master is none)", registry=registry)

@@ -67,9 +67,12 @@ class MergedStreams:
         error of any stream ends all of them and is raised."""
         while True:
             with self._lock:
-                if self._open == 0:
+                if self._open == 0 or self._closed:
                     return
-            shard, item = self._queue.get()
+            try:
+                shard, item = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                continue  # closed meanwhile? (the caller went away, the server stops)
             if item is _DONE:
                 with self._lock:
                     self._open -= 1

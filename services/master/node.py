@@ -380,6 +380,8 @@ class MasterNode:
             active = shell is not None and shell.closed is None and shell.committer is not None
             counts = shell.counts() if shell is not None and active else None
             self.metrics.update(counts, active, self.view.epoch if self.view else 0)
+            self.metrics.shard.labels(shard=str(self.settings.shard)).set(1)
+            self.metrics.shard_slots.set(self.shard_map.current.slot_count(self.settings.shard))
             await asyncio.sleep(1.0)
 
     # --- leadership ------------------------------------------------------

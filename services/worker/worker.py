@@ -62,6 +62,7 @@ OUTBOX_BYTES = 64 * 1024 * 1024
 REFUSED_RETRY_SECONDS = 5.0  # between attempts to connect while the master refuses this worker's credentials
 UNUSED_CREDIT_SECONDS = 0.5  # a shard that left a lent slot idle this long has no work for it
 SETTLE_SECONDS = 0.02  # a credit just lent is not moved again before its master could use it
+STICKY_SECONDS = 0.05  # a slot asks the shard it just served again, unless another waited this much longer
 
 
 @dataclass(frozen=True)
@@ -405,7 +406,11 @@ class Worker:
         connected = [link for link in self.links.values() if link.outbox is not None]
         for slot in slots:
             with_work = [link for link in connected if link.has_work]
-            chosen = min(with_work, key=lambda candidate: candidate.last_lent) if with_work \
+            # The least recently lent to, so that no shard with work waits; but
+            # the preferred one (whose work the slot just reported, in the
+            # same message) unless another has waited STICKY_SECONDS more.
+            chosen = min(with_work, key=lambda candidate: candidate.last_lent - (
+                STICKY_SECONDS if candidate.shard == preferred else 0.0)) if with_work \
                 else self.links.get(preferred)
             if chosen is None or chosen.outbox is None:
                 slot.lent_to = None  # lent when a shard connects or says work is ready

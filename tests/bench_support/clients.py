@@ -11,6 +11,7 @@ import uuid
 import grpc
 
 from dworkers import credentials
+from dworkers.common.shards import encode_cursors
 from dworkers.v1 import frontend_pb2_grpc, work_pb2
 
 RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -145,14 +146,16 @@ class Subscriber:
     """WatchResults through the frontend from `after`, in a thread: counts
     results and records when each arrived (time.monotonic())."""
 
-    def __init__(self, stub, after: int, record_ids: bool = True):
+    def __init__(self, stub, after: int | dict[int, int], record_ids: bool = True):
+        """`after`: a sequence, or (a cluster of several shards) one per shard."""
         self.stub = stub
         self.after = after
+        self.cursors = dict(after) if isinstance(after, dict) else None
         self.record_ids = record_ids
         self.arrived: dict[str, float] = {}
         self.count = 0
         self.done = 0
-        self.last_sequence = after
+        self.last_sequence = after if isinstance(after, int) else 0
         self.error: str | None = None
         self._cond = threading.Condition()
         self._stream = None
@@ -162,15 +165,23 @@ class Subscriber:
 
     def _run(self) -> None:
         while not self._stopped:
-            self._stream = self.stub.WatchResults(work_pb2.WatchResultsRequest(after_sequence=self.last_sequence))
+            cursors = self.cursors
+            self._stream = self.stub.WatchResults(
+                work_pb2.WatchResultsRequest(after_sequence=self.last_sequence) if cursors is None
+                else work_pb2.WatchResultsRequest(resume_token=encode_cursors(cursors)))
             try:
                 for response in self._stream:
                     now = time.monotonic()
                     with self._cond:
                         for r in response.results:
-                            if r.sequence <= self.last_sequence:
-                                continue
-                            self.last_sequence = r.sequence
+                            if cursors is None:
+                                if r.sequence <= self.last_sequence:
+                                    continue
+                                self.last_sequence = r.sequence
+                            else:
+                                if r.sequence <= cursors.get(r.shard, 0):
+                                    continue
+                                cursors[r.shard] = r.sequence
                             self.count += 1
                             if r.state == work_pb2.DONE:
                                 self.done += 1
