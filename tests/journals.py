@@ -21,11 +21,12 @@ both_journals = pytest.mark.parametrize("journal", KINDS, indirect=True)
 
 
 @contextlib.contextmanager
-def journal_reader(cluster) -> Iterator[Journal]:
-    """A cluster's journal, to read as a recovering master does (without
-    taking it over: the live master stays undisturbed)."""
+def journal_reader(cluster, shard: int = 0) -> Iterator[Journal]:
+    """A cluster's journal (a shard's), to read as a recovering master does
+    (without taking it over: the live master stays undisturbed)."""
+    paths = zk.Paths(cluster.root, shard)
     if cluster.journal:
-        journal = PostgreSQLJournal(cluster.journal, cluster.root)
+        journal = PostgreSQLJournal(cluster.journal, paths.shard_root)
         try:
             yield journal
         finally:
@@ -33,7 +34,7 @@ def journal_reader(cluster) -> Iterator[Journal]:
         return
     client = zk.connect(cluster.zk, auth=cluster.zk_auth)
     try:
-        yield ZooKeeperJournal(client, zk.Paths(cluster.root).journal)
+        yield ZooKeeperJournal(client, paths.journal)
     finally:
         client.stop()
         client.close()

@@ -1,6 +1,7 @@
-"""Chaos, on each journal: a load of works while random masters, workers and
-frontends are killed, stopped and paused, ZooKeeper restarts once and, with
-the PostgreSQL journal, PostgreSQL is killed and restarted once. Half the works
+"""Chaos, on each journal, and on a cluster of 3 shards: a load of works
+while random masters, workers and frontends are killed, stopped and paused,
+ZooKeeper restarts once and, with the PostgreSQL journal, PostgreSQL is
+killed and restarted once. Half the works
 carry payloads of 1-200 KiB and come back with results as large; the others
 have priorities, some are delayed, and a client cancels works as they flow.
 Then: the acked works are exactly the finished works in the result stream,
@@ -27,6 +28,7 @@ import pytest
 from kazoo.exceptions import ConnectionLoss
 
 from dworkers.common.pgserver import PostgreSQLServer
+from dworkers.common.shards import encode_cursors
 from dworkers.local_cluster import LocalCluster, wait_serving
 from dworkers.master.shell import recover_state
 from dworkers.v1 import work_pb2
@@ -42,8 +44,9 @@ SESSION_TIMEOUT = 2.0
 class Clients:
     """Producers and a subscriber that move to another frontend when one dies."""
 
-    def __init__(self, cluster: LocalCluster, producers: int = 3):
+    def __init__(self, cluster: LocalCluster, producers: int = 3, sharded: bool = False):
         self.cluster = cluster
+        self.sharded = sharded
         self.acked: list[str] = []
         self.digests: dict[str, bytes] = {}  # of each large work's payload: its result must match
         self.results: list[work_pb2.WorkResult] = []
@@ -111,19 +114,24 @@ class Clients:
                 pass  # finished already, or no master now: either end is fine
 
     def _subscribe(self) -> None:
+        """Resumes after the last result of each shard (the tokens of a
+        cluster of several shards say the same)."""
+        last: dict[int, int] = {}
         while True:
             candidates = self._frontends()
             if not candidates:
                 time.sleep(0.1)
                 continue
-            after = self.results[-1].sequence if self.results else 0
-            stream = frontend(random.choice(candidates).address).WatchResults(
-                work_pb2.WatchResultsRequest(after_sequence=after))
+            request = work_pb2.WatchResultsRequest(resume_token=encode_cursors(last)) if self.sharded \
+                else work_pb2.WatchResultsRequest(after_sequence=last.get(0, 0))
+            stream = frontend(random.choice(candidates).address).WatchResults(request)
             try:
                 for batch in stream:
                     with self.lock:
-                        self.results.extend(r for r in batch.results
-                                            if not self.results or r.sequence > self.results[-1].sequence)
+                        for r in batch.results:
+                            if r.sequence > last.get(r.shard, 0):
+                                last[r.shard] = r.sequence
+                                self.results.append(r)
             except grpc.RpcError:
                 time.sleep(0.1)
 
@@ -155,6 +163,12 @@ class Chaos:
         alive = [s for s in self.cluster.services if s.role == role and s.alive()]
         return self.random.choice(alive) if alive else None
 
+    def _active_master(self):
+        """An active master (of any shard), or the first one found serving."""
+        serving = [s for s in self.cluster.masters()
+                   if wait_serving(s.address, "dworkers.v1.Master", timeout=0.2)]
+        return self.random.choice(serving) if serving else self.cluster.active_master(timeout=30)
+
     def _heal(self) -> None:
         """Replaces dead processes, as a supervisor (or Kubernetes) would."""
         for service in list(self.cluster.services):
@@ -164,7 +178,7 @@ class Chaos:
     def inject(self) -> None:
         fault = self.random.choice(["kill_master", "term_master", "pause_master", "kill_worker", "kill_frontend"])
         role = fault.split("_")[1]
-        victim = self.cluster.active_master(timeout=30) if role == "master" else self._pick(role)
+        victim = self._active_master() if role == "master" else self._pick(role)
         if victim is None:
             return
         if fault.startswith("kill"):
@@ -207,21 +221,24 @@ class Chaos:
 
 
 @pytest.mark.timeout(CHAOS_SECONDS + 420)
-@pytest.mark.parametrize("journal_kind", KINDS)
-def test_chaos(tmp_path, journal_kind):
+@pytest.mark.parametrize(("journal_kind", "shards"), [(kind, 1) for kind in KINDS] + [("zookeeper", 3)])
+def test_chaos(tmp_path, journal_kind, shards):
     database = PostgreSQLServer(tmp_path / "postgresql").start() if journal_kind == "postgresql" else None
     cluster = LocalCluster(workdir=tmp_path, root=f"/chaos-{uuid.uuid4().hex[:6]}", session_timeout=SESSION_TIMEOUT,
                            journal=database.url() if database else "")
     cluster.start_zookeeper()
     try:
-        for _ in range(2):
-            cluster.start_master(wait=True)
+        if shards > 1:
+            cluster.shards("init", str(shards))
+        for shard in range(shards):
+            for _ in range(2):
+                cluster.start_master(None, "--shard", str(shard), wait=True)
         for _ in range(2):
             cluster.start_worker(2, "--jobs", "tests.jobs_for_tests")
         for _ in range(2):
             cluster.start_frontend()
         wait_kind(frontend(cluster.services[-1].address), "echo")
-        clients = Clients(cluster)
+        clients = Clients(cluster, sharded=shards > 1)
         chaos = Chaos(cluster, seed=int(os.environ.get("DWORKERS_CHAOS_SEED", time.time())), database=database)
         chaos.run(CHAOS_SECONDS)
         acked = clients.stop_producing()
@@ -234,14 +251,16 @@ def test_chaos(tmp_path, journal_kind):
         unacked = sorted(set(counts) - set(acked))
         large = sum(1 for i in acked if i in clients.digests)
         states = Counter(work_pb2.State.Name(r.state) for r in streamed)
-        print(f"\nchaos ({journal_kind} journal): works={len(acked)} large={large} {dict(states)} "
+        print(f"\nchaos ({journal_kind} journal, {shards} shard(s)): works={len(acked)} large={large} {dict(states)} "
               f"cancels={len(clients.cancels_tried)} (confirmed {len(clients.cancelled)}) "
               f"faults={sum(chaos.faults.values())} ({dict(chaos.faults)}) "
               f"lost={len(missing)} duplicated={len(duplicated)} seconds={CHAOS_SECONDS:g}")
         assert not missing, f"acked works lost: {sorted(missing)[:10]}"
         assert not duplicated, f"works finished twice: {duplicated[:10]}"
         assert not unacked, f"results for works never acked: {unacked[:10]}"
-        assert [r.sequence for r in streamed] == sorted(r.sequence for r in streamed)
+        for shard in range(shards):
+            sequences = [r.sequence for r in streamed if r.shard == shard]
+            assert sequences == sorted(sequences)
         wrong = [r.work_id for r in streamed if r.work_id in clients.digests and r.state == work_pb2.DONE
                  and hashlib.sha256(r.result).digest() != clients.digests[r.work_id]]
         assert not wrong, f"large works with a wrong result: {wrong[:10]}"
@@ -260,25 +279,27 @@ def test_chaos(tmp_path, journal_kind):
             service.signal(signal.SIGTERM)
         for service in masters:
             service.process.wait(timeout=30)
-        state = _replayed(cluster)
-        replayed = {s: r.work_id for s, r in state.results.items()}
-        assert replayed == {r.sequence: r.work_id for r in streamed if r.sequence in replayed}
-        # Older results may have left the retention window (by bytes, with large results).
-        assert set(replayed) == {r.sequence for r in streamed if r.sequence > state.forgotten_up_to}
-        assert state.last_sequence == streamed[-1].sequence
-        assert not state.pending and not state.in_progress and not state.scheduled
+        for shard in range(shards):
+            state = _replayed(cluster, shard)
+            mine = [r for r in streamed if r.shard == shard]
+            replayed = {s: r.work_id for s, r in state.results.items()}
+            assert replayed == {r.sequence: r.work_id for r in mine if r.sequence in replayed}
+            # Older results may have left the retention window (by bytes, with large results).
+            assert set(replayed) == {r.sequence for r in mine if r.sequence > state.forgotten_up_to}
+            assert state.last_sequence == mine[-1].sequence
+            assert not state.pending and not state.in_progress and not state.scheduled
     finally:
         cluster.stop()
         if database is not None:
             database.remove()
 
 
-def _replayed(cluster):
-    """The state a recovering master would rebuild (read again if ZooKeeper,
-    restarted by the chaos, drops the reading session)."""
+def _replayed(cluster, shard: int):
+    """The state a recovering master of the shard would rebuild (read again
+    if ZooKeeper, restarted by the chaos, drops the reading session)."""
     for attempt in range(3):
         try:
-            with journal_reader(cluster) as journal:
+            with journal_reader(cluster, shard) as journal:
                 state, _, _ = recover_state(journal)
             return state
         except ConnectionLoss:
