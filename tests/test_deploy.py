@@ -56,6 +56,7 @@ METRICS = {
     "dworkers_worker_processes",
     "dworkers_pending_works_without_worker", "dworkers_oldest_pending_seconds",
     "dworkers_master_active", "dworkers_master_epoch", "dworkers_recovery_seconds",
+    "dworkers_master_shard", "dworkers_master_shard_slots",
 }
 HISTOGRAMS = {
     "dworkers_journal_append_seconds", "dworkers_journal_events_per_append",
