@@ -4,7 +4,12 @@ merged from all of them, workers serving every shard."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import random
 import signal
+import socket
 import uuid
 from collections import Counter
 from functools import partial
@@ -194,3 +199,62 @@ def test_kill_9_of_two_shards_masters_and_of_a_worker_under_load(cluster):
     submit_all(stub, ids[200:])
     assert_exactly_once(results, ids, stub)
     results.stop()
+
+
+def free_ports(count: int) -> int:
+    """A base port with `count` free ports from it."""
+    for _ in range(200):
+        base = random.randint(20_000, 60_000)
+        try:
+            with contextlib.ExitStack() as held:
+                for port in range(base, base + count):
+                    held.enter_context(socket.create_server(("127.0.0.1", port)))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no run of free ports")
+
+
+def shard_table(cluster) -> dict[int, dict]:
+    return {row["shard"]: row for row in json.loads(cluster.shards("--json"))["shards"]}
+
+
+def test_backends_for_every_shard(cluster):
+    """Two backends run `--shards all`, a master process per shard each (an
+    active master and a standby per shard): kill -9 of the active master of
+    one shard fails that shard over and its backend starts it again; a shard
+    added to the map gets a master on both backends."""
+    cluster.shards("init", "3")
+    bases = [free_ports(4), free_ports(4)]
+    for base in bases:
+        cluster.start_master(base, "--shards", "all", wait=True)
+    wait_until(lambda: all(r["master"] and r["standbys"] == 1 for r in shard_table(cluster).values()), 60,
+               "an active master and a standby for every shard")
+    cluster.start_worker(2)
+    stub = frontend(cluster.start_frontend().address)
+    wait_kind(stub, "square")
+    results = ResultCollector(stub, by_token=True)
+    ids = [f"g-{uuid.uuid4().hex[:10]}" for _ in range(200)]
+    submit_all(stub, ids[:100])
+
+    victim_address = shard_table(cluster)[1]["master"]
+    victim = next(pid for pid in os.listdir("/proc") if pid.isdigit() and _listens(int(pid), victim_address))
+    os.kill(int(victim), signal.SIGKILL)
+    submit_all(stub, ids[100:])
+    assert_exactly_once(results, ids, stub)
+    wait_until(lambda: shard_table(cluster)[1]["standbys"] == 1, 60, "the killed master started again, a standby")
+    assert shard_table(cluster)[1]["master"] != victim_address
+
+    cluster.shards("add")
+    wait_until(lambda: shard_table(cluster).get(3, {}).get("standbys") == 1, 60, "masters for the added shard")
+    results.stop()
+
+
+def _listens(pid: int, address: str) -> bool:
+    """Whether the process is a shard's master started to listen at `address`."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+    except OSError:
+        return False
+    return b"--listen" in args and args[len(args) - 1 - args[::-1].index(b"--listen") + 1] == address.encode()

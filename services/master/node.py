@@ -52,6 +52,9 @@ class MasterSettings:
     auth: AuthSettings = group(AuthSettings)
     shard: int = setting(0, "the shard whose master group this backend joins (see `dworkers shards`)",
                          low=0, high=MAX_SHARDS - 1)
+    shards: str = setting("", "join several shards' master groups, a process each: 0,2,... or all (every shard "
+                              "of the map, those added later too); shard K listens on --listen's port + K and "
+                              "serves metrics on --metrics-port + K")
     listen: str = setting("0.0.0.0:7100", "gRPC address to listen on")
     advertise: str = setting("", "address others use to reach this backend (default: hostname:port)")
     metrics_port: int = setting(9100, "Prometheus /metrics port (0: off)", low=0, high=65535)
@@ -505,6 +508,11 @@ def main(settings: MasterSettings, stop: StopRequest) -> None:
     """Runs a backend until a stop request."""
     from kazoo.handlers.threading import KazooTimeoutError
 
+    if settings.shards:
+        from dworkers.master import group
+
+        group.main(settings, stop)
+        return
     node = MasterNode(settings)
     stop.on_stop(node.request_stop)
     try:
