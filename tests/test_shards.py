@@ -85,7 +85,7 @@ def test_four_shards_exactly_once_with_one_worker_serving_them_all(cluster):
     the shards with work); each result comes once, from the shard its id's
     slot maps to; ClusterInfo shows every shard; the stream resumes by token."""
     start_sharded(cluster)
-    cluster.start_worker(2, "--prefetch", "1")
+    worker = cluster.start_worker(2, "--prefetch", "1")
     cluster_address = cluster.start_frontend().address
     stub = frontend(cluster_address)
     wait_kind(stub, "square")
@@ -103,6 +103,9 @@ def test_four_shards_exactly_once_with_one_worker_serving_them_all(cluster):
     assert all(s.master.address and s.slots == 1024 and not s.error for s in info.shards)
     assert info.done == len(ids) and sum(s.done for s in info.shards) == len(ids)
     assert len({w.worker_id for w in info.workers}) == 2
+    # Its slots' credit moved between shards without any master handing a
+    # slot more than it holds (such a work would be handed back).
+    assert "handing work back" not in worker.log()
 
     # Resuming from a token in the middle gives exactly what came after it.
     middle = ResultCollector(stub, by_token=True)

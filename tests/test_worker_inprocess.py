@@ -261,6 +261,21 @@ def test_queued_messages_merge_into_one_keeping_every_report_and_each_request_on
     assert list(merged.register.worker_ids) == ["s0", "s1"]
 
 
+def test_a_withdrawal_is_never_lost_in_merging():
+    withdrawal = master_pb2.WorkerMessage(withdraw_work=master_pb2.WorkerWithdrawsWork(worker_ids=["s0", "s1"]))
+    assert list(merge([withdrawal]).withdraw_work.worker_ids) == ["s0", "s1"]
+    outbox = Outbox()
+    def request(slot: str) -> master_pb2.WorkerMessage:
+        return master_pb2.WorkerMessage(request_work=master_pb2.WorkerRequestsWork(worker_ids=[slot]))
+
+    for message in (request("s1"), withdrawal, request("s0")):
+        outbox.put(message)
+    outbox.close()
+    sent = list(Worker._outgoing(None, outbox))  # type: ignore[arg-type]
+    assert [list(m.withdraw_work.worker_ids) for m in sent] == [[], ["s0", "s1"], []]
+    assert [list(m.request_work.worker_ids) for m in sent] == [["s1"], [], ["s0"]]
+
+
 def test_the_outbox_drops_what_exceeds_its_bounds():
     box = Outbox(max_messages=2, max_bytes=1_000)
     small = master_pb2.WorkerMessage(request_work=master_pb2.WorkerRequestsWork(worker_ids=["s0"]))

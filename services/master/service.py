@@ -102,6 +102,8 @@ def _merge(into: master_pb2.MasterMessage, message: master_pb2.MasterMessage) ->
         into.cancel.attempt_tokens.extend(message.cancel.attempt_tokens)
     if message.HasField("work_is_ready"):
         into.work_is_ready.SetInParent()
+    if message.HasField("withdrawn"):
+        into.withdrawn.worker_ids.extend(message.withdrawn.worker_ids)
 
 
 def _answer(work: work_pb2.Work, outcome) -> work_pb2.SubmitWorkResponse:
@@ -272,12 +274,12 @@ class MasterService(master_pb2_grpc.MasterServicer):
                     _check_kinds_allowed(connection, message.register)
                     connection.registered = True
                     shell.register(connection, message.register)
+                if message.HasField("withdraw_work"):  # before reports free room it would fill
+                    shell.withdraw_work(connection, message.withdraw_work.worker_ids)
                 if message.HasField("heartbeats"):
                     shell.heartbeat(connection, message.heartbeats.heartbeats)
                 if message.HasField("done") or message.HasField("failed"):
                     shell.report(connection, message.done.completions, message.failed.failures)
-                if message.HasField("withdraw_work"):
-                    shell.withdraw_work(connection, message.withdraw_work.worker_ids)
                 if message.HasField("request_work"):
                     shell.request_work(connection, message.request_work.worker_ids)
         except asyncio.CancelledError:

@@ -28,7 +28,7 @@ import re
 import socket
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for_connections
 
@@ -61,8 +61,13 @@ OUTBOX_MESSAGES = 10_000
 OUTBOX_BYTES = 64 * 1024 * 1024
 REFUSED_RETRY_SECONDS = 5.0  # between attempts to connect while the master refuses this worker's credentials
 UNUSED_CREDIT_SECONDS = 0.5  # a shard that left a lent slot idle this long has no work for it
-SETTLE_SECONDS = 0.02  # a credit just lent is not moved again before its master could use it
+# A credit unused this long moves to a shard that says it has work: a
+# master dispatches at once to a credit when it has work, so the lender had
+# none; the margin keeps a move from racing the lender's own new work (the
+# lender may hand out before it reads the withdrawal: the work comes back).
+SETTLE_SECONDS = 0.1
 STICKY_SECONDS = 0.05  # a slot asks the shard it just served again, unless another waited this much longer
+ROTATE_SECONDS = 0.2  # a shard with work but no slot gets one drained for it after this long
 
 
 @dataclass(frozen=True)
@@ -140,7 +145,9 @@ class Slot:
         self.queued: deque[master_pb2.Assignment] = deque()
         self.deadline = 0.0  # of the running one, from when it started here
         self.lent_to: int | None = None  # the shard holding its credit (several shards)
-        self.lent_at = 0.0
+        self.lent_at = 0.0  # when its credit was lent, or last used
+        self.withdrawing: int | None = None  # the shard whose confirmation of a withdrawal it awaits
+        self.next_lender: int | None = None  # where its credit goes once that comes
 
     @property
     def busy(self) -> bool:
@@ -208,6 +215,7 @@ class Worker:
             if slot is None or slot.holds(assignment.attempt_token):
                 return  # not ours, or a duplicate
             self._token_shard[assignment.attempt_token] = shard
+            slot.lent_at = time.monotonic()  # its credit is in use
             if self._stopping.is_set() or not slot.has_room:
                 # Sent before the master knew (the worker stops, or the slot's
                 # credit moved to another shard that filled it): straight back.
@@ -304,7 +312,8 @@ class Worker:
             for token in wanted:
                 if token not in self._unacked:
                     self._token_shard.pop(token, None)
-            requests = self._lend(room, shard)
+            requests, withdrawals = self._lend(room, shard)
+        self._withdraw(withdrawals)
         self._request(requests)  # the master freed their places: fill them
         os.write(self._wake_writer, b"x")
 
@@ -356,10 +365,12 @@ class Worker:
                             extra={"work_id": work.work_id, "worker_id": slot.worker_id})
         shard = self._shard_of(assignment.attempt_token)
         with self._lock:
-            requests = self._lend([slot], shard) if not self._stopping.is_set() and slot.has_room else {}
+            requests, withdrawals = self._lend([slot], shard) if not self._stopping.is_set() and slot.has_room \
+                else ({}, {})
             if shard in requests:  # the same message asks for the next work
                 message.request_work.worker_ids.extend(requests.pop(shard))
             self._unacked[assignment.attempt_token] = message
+        self._withdraw(withdrawals)  # before the report: its master must not fill the slot meanwhile
         self._send(message, shard)
         self._request(requests)
 
@@ -392,34 +403,107 @@ class Worker:
 
     # --- lending slots' credit to shards ----------------------------------------
 
-    def _lend(self, slots: list[Slot], preferred: int) -> dict[int, list[str]]:
+    def _lend(self, slots: list[Slot], preferred: int) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
         """Lends these slots' credit (they have room): all to the one shard
-        of a cluster of one, else each to a connected shard with work, the
-        one lent to least recently first (`preferred` if none has work).
-        Returns the requests to send, by shard; under the lock."""
+        of a cluster of one. With several, the slots are spread evenly over
+        the shards with work, and stay: a master fills a slot up to its
+        capacity counting only its own works in it, so a slot holding works
+        asks only their shard for more, unless that shard holds two slots
+        more than another shard with work, or one more than a shard with
+        none that waited ROTATE_SECONDS (then it drains, and is lent once
+        empty); an empty slot goes to the connected shard with work that
+        holds the fewest slots, the one lent to least recently among equals
+        (`preferred`, whose work it just reported, by STICKY_SECONDS); to
+        `preferred` if none has work. A credit lent to another shard before
+        is withdrawn there first, and the slot lent on once that master
+        confirms (what it handed out meanwhile arrives first). Returns the
+        requests and the withdrawals to send, by shard; under the lock."""
         if len(self.links) <= 1:
             for slot in slots:
                 slot.lent_to = preferred
-            return {preferred: [s.worker_id for s in slots]} if slots else {}
+            return ({preferred: [s.worker_id for s in slots]} if slots else {}), {}
         requests: dict[int, list[str]] = {}
+        withdrawals: dict[int, list[str]] = {}
         now = time.monotonic()
         connected = [link for link in self.links.values() if link.outbox is not None]
+        shares = self._shares()
         for slot in slots:
+            if slot.withdrawing is not None:
+                continue  # lent again once its last lender confirms
             with_work = [link for link in connected if link.has_work]
-            # The least recently lent to, so that no shard with work waits; but
-            # the preferred one (whose work the slot just reported, in the
-            # same message) unless another has waited STICKY_SECONDS more.
-            chosen = min(with_work, key=lambda candidate: candidate.last_lent - (
-                STICKY_SECONDS if candidate.shard == preferred else 0.0)) if with_work \
-                else self.links.get(preferred)
-            if chosen is None or chosen.outbox is None:
-                slot.lent_to = None  # lent when a shard connects or says work is ready
+            holder = self._holder(slot)
+            chosen: Link | None
+            if holder is not None:
+                mine = shares[holder]
+                starved = any(link.shard != holder and (
+                    shares[link.shard] + 1 < mine
+                    or shares[link.shard] == 0 and now - link.last_lent > ROTATE_SECONDS)
+                    for link in with_work)
+                chosen = None if starved else self.links.get(holder)
+            elif with_work:
+                chosen = min(with_work, key=lambda candidate: (shares[candidate.shard], candidate.last_lent - (
+                    STICKY_SECONDS if candidate.shard == preferred else 0.0)))
+            else:
+                chosen = self.links.get(preferred)
+            if chosen is not None and chosen.outbox is None:
+                chosen = None
+            if slot.lent_to is not None and (chosen is None or chosen.shard != slot.lent_to):
+                # Lent elsewhere only once the last lender confirms: what it
+                # handed out before reading the withdrawal arrives first.
+                withdrawals.setdefault(slot.lent_to, []).append(slot.worker_id)
+                shares[slot.lent_to] -= 1
+                slot.withdrawing, slot.lent_to = slot.lent_to, None
+                slot.next_lender = chosen.shard if chosen is not None else None
                 continue
-            link = chosen
-            link.last_lent = now
-            slot.lent_to, slot.lent_at = link.shard, now
-            requests.setdefault(link.shard, []).append(slot.worker_id)
-        return requests
+            if chosen is None:
+                slot.lent_to = None  # lent once empty, when a shard connects or says work is ready
+                continue
+            chosen.last_lent = now
+            if slot.lent_to != chosen.shard:
+                shares[chosen.shard] += 1
+            slot.lent_to, slot.lent_at = chosen.shard, now
+            requests.setdefault(chosen.shard, []).append(slot.worker_id)
+        return requests, withdrawals
+
+    def _shares(self) -> Counter:
+        """Slots per shard: lent to it, or holding its works."""
+        shares: Counter = Counter()
+        for slot in self.slots.values():
+            owner = slot.lent_to if slot.lent_to is not None else self._holder(slot)
+            if owner is not None:
+                shares[owner] += 1
+        return shares
+
+    def _withdrawn(self, worker_ids, shard: int) -> None:
+        """The shard confirms these slots' credit is withdrawn: lend it on."""
+        with self._lock:
+            confirmed = []
+            for worker_id in worker_ids:
+                slot = self.slots.get(worker_id)
+                if slot is not None and slot.withdrawing == shard:
+                    slot.withdrawing = None
+                    if slot.has_room and not self._stopping.is_set():
+                        confirmed.append(slot)
+            requests: dict[int, list[str]] = {}
+            withdrawals: dict[int, list[str]] = {}
+            for slot in confirmed:
+                target = slot.next_lender if slot.next_lender is not None else shard
+                more, less = self._lend([slot], target)
+                for group, into in ((more, requests), (less, withdrawals)):
+                    for key, ids in group.items():
+                        into.setdefault(key, []).extend(ids)
+        self._withdraw(withdrawals)
+        self._request(requests)
+
+    def _holder(self, slot: Slot) -> int | None:
+        """The shard whose works the slot holds (None: it holds none)."""
+        held = slot.assignment or (slot.queued[0] if slot.queued else None)
+        return None if held is None else self._shard_of(held.attempt_token)
+
+    def _withdraw(self, withdrawals: dict[int, list[str]]) -> None:
+        for shard, worker_ids in withdrawals.items():
+            self._send(master_pb2.WorkerMessage(withdraw_work=master_pb2.WorkerWithdrawsWork(worker_ids=worker_ids)),
+                       shard)
 
     def _request(self, requests: dict[int, list[str]]) -> None:
         for shard, worker_ids in requests.items():
@@ -433,13 +517,12 @@ class Worker:
         if len(self.links) <= 1 or self._stopping.is_set():
             return
         now = time.monotonic()
-        withdraw: dict[int, list[str]] = {}
         with self._lock:
             if ready is not None and ready in self.links:
                 self.links[ready].has_work = True
             moving = []
             for slot in self.slots.values():
-                if not slot.has_room:
+                if not slot.has_room or slot.withdrawing is not None:
                     continue
                 if slot.lent_to is None:
                     moving.append(slot)
@@ -453,13 +536,10 @@ class Worker:
                 if (unused or ready is not None and ready != slot.lent_to) and any(
                         link.has_work and link.shard != slot.lent_to and link.outbox is not None
                         for link in self.links.values()):
-                    withdraw.setdefault(slot.lent_to, []).append(slot.worker_id)
                     lender.has_work = False  # its master had nothing for an idle slot with credit
-                    moving.append(slot)
-            requests = self._lend(moving, ready if ready is not None else 0) if moving else {}
-        for shard, worker_ids in withdraw.items():
-            self._send(master_pb2.WorkerMessage(withdraw_work=master_pb2.WorkerWithdrawsWork(
-                worker_ids=worker_ids)), shard)
+                    moving.append(slot)  # withdrawn there, lent elsewhere
+            requests, withdrawals = self._lend(moving, ready if ready is not None else 0) if moving else ({}, {})
+        self._withdraw(withdrawals)
         self._request(requests)
 
     def _request_idle(self, shard: int) -> master_pb2.WorkerMessage:
@@ -467,8 +547,8 @@ class Worker:
         or all of them with one shard) ask it for work."""
         now = time.monotonic()
         with self._lock:
-            room = [s for s in self.slots.values()
-                    if s.has_room and (len(self.links) <= 1 or s.lent_to in (None, shard))]
+            room = [s for s in self.slots.values() if s.has_room and (len(self.links) <= 1 or (
+                s.lent_to in (None, shard) and s.withdrawing is None and self._holder(s) in (None, shard)))]
             for slot in room:
                 slot.lent_to, slot.lent_at = shard, now
         return master_pb2.WorkerMessage(request_work=master_pb2.WorkerRequestsWork(
@@ -534,6 +614,8 @@ class Worker:
                 for slot in self.slots.values():
                     if slot.lent_to == shard:
                         slot.lent_to = None
+                    if slot.withdrawing == shard:
+                        slot.withdrawing = None
 
     def _handle(self, message: master_pb2.MasterMessage, shard: int) -> None:
         if message.HasField("ack"):
@@ -546,6 +628,8 @@ class Worker:
                 self.links[shard].has_work = True
             for assignment in message.works.assignments:
                 self._take(assignment, shard)
+        if message.HasField("withdrawn"):
+            self._withdrawn(message.withdrawn.worker_ids, shard)
         if message.HasField("cancel"):
             self._cancel(message.cancel.attempt_tokens, shard)
         if message.HasField("work_is_ready") and not self._stopping.is_set():
@@ -712,6 +796,8 @@ def merge(messages: list[master_pb2.WorkerMessage]) -> master_pb2.WorkerMessage:
             merged.failed.failures.extend(message.failed.failures)
         if message.HasField("request_work"):
             requested.update(dict.fromkeys(message.request_work.worker_ids))
+        if message.HasField("withdraw_work"):  # sent alone (see _outgoing): kept as it is
+            merged.withdraw_work.worker_ids.extend(message.withdraw_work.worker_ids)
         for beat in message.heartbeats.heartbeats:
             beats[beat.attempt_token] = beat
     if beats:

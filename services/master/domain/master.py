@@ -39,6 +39,10 @@ CONNECTION_LOST_ERROR = "worker connection lost"
 SILENT_ERROR = "worker went silent"
 MiB = 1024 * 1024
 READY_PER_TICK = 10_000  # scheduled works queued by one tick at most (the next tick comes at once)
+# WorkIsReady to one worker process at most this often: a worker serving
+# several shards lends some slots' credit elsewhere, so the master would
+# otherwise tell it after every report (the hint stands until it is used).
+READY_INTERVAL = 0.02
 MAX_TICKET_SAMPLES = 4096
 
 
@@ -127,6 +131,7 @@ class Master:
         # catalog; not journaled: a setting), and when each last started.
         self.rate_limits: Mapping[str, float] = rate_limits if rate_limits is not None else {}
         self._last_start: dict[str, float] = {}
+        self._ready_sent: dict[int, float] = {}  # id(connection) -> when it was last told work is ready
         # When queue tickets were issued, sampled at each decision: how long a
         # pending work has waited, without a time per work (since it was
         # queued on this master: recovery queues anew). Parallel lists:
@@ -278,6 +283,9 @@ class Master:
             slot = scheduler.on(connection, worker_id)
             if slot is not None:
                 scheduler.unwait(slot)
+        # Confirmed after the hand-outs decided before it (effects leave in order).
+        self._send(connection, self._message(withdrawn=master_pb2.WorkWithdrawn(worker_ids=worker_ids)),
+                   16 + sum(len(w) + 2 for w in worker_ids))
 
     def dispatch(self, now: float) -> None:
         """Hands waiting slots the oldest pending works of the kinds they run,
@@ -406,6 +414,7 @@ class Master:
     def disconnected(self, connection, now: float) -> None:
         """A worker process's stream ended: its running work goes back to the queue."""
         lost = self.scheduler.forget(connection)
+        self._ready_sent.pop(id(connection), None)
         events = [e for slot in lost for e in self._attempts_lost(slot, CONNECTION_LOST_ERROR, now)]
         if events:
             self._record(events, now)
@@ -436,8 +445,10 @@ class Master:
             return  # every slot with room already holds a request
         kinds_pending = self.state.pending.counts()
         ready = self._message(work_is_ready=master_pb2.WorkIsReady())
+        sent = self._ready_sent
         for connection, kinds in scheduler.idle_connections():
-            if any(kind in kinds_pending for kind in kinds):
+            if any(kind in kinds_pending for kind in kinds) and now - sent.get(id(connection), -1.0) >= READY_INTERVAL:
+                sent[id(connection)] = now
                 self._send(connection, ready, 16)
 
     # --- housekeeping ----------------------------------------------------------
