@@ -28,6 +28,7 @@ class MergedStreams:
         self._lock = threading.Lock()
         self._open = 0
         self._closed = False
+        self._carry: tuple[int, object] | None = None  # taken by ready() but not sent with its message
 
     def add(self, shard: int, opener: Opener) -> None:
         handle = StreamHandle()
@@ -69,10 +70,13 @@ class MergedStreams:
             with self._lock:
                 if self._open == 0 or self._closed:
                     return
-            try:
-                shard, item = self._queue.get(timeout=0.5)
-            except queue.Empty:
-                continue  # closed meanwhile? (the caller went away, the server stops)
+            if self._carry is not None:
+                (shard, item), self._carry = self._carry, None
+            else:
+                try:
+                    shard, item = self._queue.get(timeout=0.5)
+                except queue.Empty:
+                    continue  # closed meanwhile? (the caller went away, the server stops)
             if item is _DONE:
                 with self._lock:
                     self._open -= 1
@@ -80,6 +84,23 @@ class MergedStreams:
             if isinstance(item, BaseException):
                 raise item
             yield shard, item
+
+    def ready(self, max_bytes: int) -> list[tuple[int, work_pb2.WatchResultsResponse]]:
+        """Batches already queued, taken without waiting, of `max_bytes` in
+        all at most: sent with the one just taken, in one message."""
+        taken: list[tuple[int, work_pb2.WatchResultsResponse]] = []
+        size = 0
+        while self._carry is None:
+            try:
+                shard, item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _DONE or isinstance(item, BaseException) or size + item.ByteSize() > max_bytes:
+                self._carry = (shard, item)  # read next by the iteration
+                break
+            taken.append((shard, item))
+            size += item.ByteSize()
+        return taken
 
     def close(self) -> None:
         with self._lock:

@@ -36,6 +36,7 @@ from dworkers.v1 import frontend_pb2_grpc, work_pb2
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "dworkers.v1.Frontend"
+MAX_MERGED_BYTES = 2 * 1024 * 1024 - 64 * 1024  # several shards' result batches in one message (below 2 MiB)
 
 
 @dataclass(frozen=True)
@@ -404,12 +405,17 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         if self.shards.follower is not None:
             self.shards.follower.on_change(watch_new_shards)
         try:
-            for shard, batch in merged:
-                for result in batch.results:
-                    result.shard = shard
-                cursors[shard] = batch.results[-1].sequence
-                batch.resume_token = encode_cursors(cursors)
-                yield batch
+            for first in merged:
+                # With what else came meanwhile: one message, not one per shard.
+                response = work_pb2.WatchResultsResponse()
+                for shard, batch in [first, *merged.ready(MAX_MERGED_BYTES - first[1].ByteSize())]:
+                    for result in batch.results:
+                        result.shard = shard
+                    cursors[shard] = batch.results[-1].sequence
+                    response.results.extend(batch.results)
+                    response.epoch, response.cluster_id = batch.epoch, batch.cluster_id
+                response.resume_token = encode_cursors(cursors)
+                yield response
         finally:
             if self.shards.follower is not None:
                 self.shards.follower.remove_listener(watch_new_shards)
