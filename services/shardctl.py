@@ -59,24 +59,20 @@ def init(client, paths: zk.Paths, count: int) -> None:
     if version >= 0:
         raise ConfigError(f"the cluster already has a shard map (version {current.version}, {current.shards} "
                           "shards): add shards to it instead")
-    if _holds_works(client, paths):
+    if _children(client, paths.journal):
         raise ConfigError("the cluster already holds works: they would route to other shards than theirs; "
                           "init only a new cluster")
+    if _children(client, paths.election):  # it may journal on PostgreSQL, out of sight from here
+        raise ConfigError("masters are running: init the shard map before starting them (a running master may "
+                          "already hold works, which would route to other shards than theirs)")
     routing.store(client, paths.shard_map, shards.ShardMap.even(count), version)
 
 
-def _holds_works(client, paths: zk.Paths) -> bool:
-    """Whether shard 0 ever journaled anything (on ZooKeeper), or a master
-    of it is elected (it may journal on PostgreSQL: ask it nothing, refuse)."""
+def _children(client, path: str) -> list[str]:
     try:
-        if client.get_children(paths.journal):
-            return True
+        return client.get_children(path)
     except NoNodeError:
-        pass
-    try:
-        return bool(client.get_children(paths.election))
-    except NoNodeError:
-        return False
+        return []
 
 
 def show(client, paths: zk.Paths, as_json: bool) -> None:

@@ -261,3 +261,17 @@ def _listens(pid: int, address: str) -> bool:
     except OSError:
         return False
     return b"--listen" in args and args[len(args) - 1 - args[::-1].index(b"--listen") + 1] == address.encode()
+
+
+def test_the_shard_map_is_made_before_the_masters_start(cluster):
+    """Works a running master holds would route elsewhere under a new map:
+    init refuses then, and refuses a second map, in one line each."""
+    cluster.start_master(wait=True)
+    with pytest.raises(RuntimeError, match="masters are running: init the shard map before starting them"):
+        cluster.shards("init", "2")
+    other = cluster.__class__(workdir=cluster.workdir / "other", root=cluster.root + "-other",
+                              zookeeper=cluster.zookeeper)
+    other.shards("init", "2")
+    with pytest.raises(RuntimeError, match="already has a shard map"):
+        other.shards("init", "3")
+    assert "shard map version 2: 3 shards" in other.shards("add")
