@@ -21,6 +21,7 @@ import dworkers
 from dworkers.common.shards import ShardMap
 from dworkers.v1 import master_pb2_grpc, work_pb2
 from tests.helpers import ResultCollector, frontend, wait_kind, wait_until
+from tests.journals import both_journals
 
 pytestmark = pytest.mark.e2e
 
@@ -184,6 +185,7 @@ def test_per_work_calls_reach_the_shard_of_the_work(cluster):
     assert f"belongs to shard {layout.shard_of(elsewhere)}" in answer.works[0].message
 
 
+@both_journals
 def test_kill_9_of_two_shards_masters_and_of_a_worker_under_load(cluster):
     """Two shards lose their active master at once, then a worker dies;
     standbys take over and every acknowledged work finishes exactly once."""
