@@ -128,7 +128,9 @@ class WatchCursor:
             if new:
                 self.after = new[-1].sequence
             return [Result.of(r) for r in new]
-        cursors = self.cursors = self.cursors if self.cursors is not None else {}
+        if self.cursors is None:  # the cluster has several shards now: `after` was shard 0's
+            self.cursors = {0: self.after} if self.after else {}
+        cursors = self.cursors
         out = []
         for r in response.results:
             if r.sequence > cursors.get(r.shard, 0):

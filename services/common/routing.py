@@ -49,6 +49,7 @@ class ShardMapFollower:
         self._map = ShardMap.single()
         self._listeners: list[Callable[[ShardMap], None]] = []
         self.error: str | None = None  # why the stored map was not taken
+        self.loaded = False  # a map was read (or there is none): until then `current` is a guess
         self._ready = threading.Event()
         DataWatch(client, path, self._changed)
         self._ready.wait(10)
@@ -70,6 +71,7 @@ class ShardMapFollower:
         try:
             new = ShardMap.single() if stat is None else ShardMap.decode(data)
             self.error = None
+            self.loaded = True
         except BadShardMap as exc:  # keep routing by the last good map
             self.error = str(exc)
             self._ready.set()

@@ -15,7 +15,7 @@ from collections.abc import Callable, Generator, Iterator
 from dworkers.common.proxy import StreamHandle
 from dworkers.v1 import work_pb2
 
-MAX_QUEUED_BATCHES = 16
+MAX_QUEUED_BATCHES = 4  # each below 2 MiB: what one subscriber holds here, with one per reader
 _DONE = object()
 
 Opener = Callable[[StreamHandle], Generator[work_pb2.WatchResultsResponse, None, None]]

@@ -7,6 +7,7 @@ and their answers put back in the caller's order."""
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -105,7 +106,8 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         self.authorizer = authorizer  # the same one that checks each call; None: anyone may call
         self._batchers = {0: SubmitBatcher(self.proxy, timeout=settings.call_timeout)}
         self._batchers_lock = threading.Lock()
-        self._fan_out = ThreadPoolExecutor(32, thread_name_prefix="shard-call")  # calls to several shards at once
+        # Calls to several shards at once (each bounded by its caller's deadline).
+        self._fan_out = ThreadPoolExecutor(settings.threads, thread_name_prefix="shard-call")
         # Result streams are long-lived: bound them so unary calls keep threads.
         self._watchers = threading.BoundedSemaphore(settings.max_watchers)
         self.metrics = metrics
@@ -152,8 +154,8 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         return outcomes
 
     def _on_every_shard(self, method: str, request, context) -> dict[int, Any]:
-        timeout = self._timeout(context)
-        return self._each_shard({shard: partial(self.shards.proxy(shard).call, method, request, timeout=timeout)
+        deadline = time.monotonic() + self._timeout(context)
+        return self._each_shard({shard: partial(_call_by, self.shards.proxy(shard), method, request, deadline)
                                  for shard in range(self.shards.map.shards)})
 
     def _by_work(self, method: str, request, context, ids_field: str = "work_ids"):
@@ -166,14 +168,14 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         if len(groups) == 1:
             shard = next(iter(groups))
             return self.shards.proxy(shard).call(method, request, timeout=self._timeout(context))
-        timeout = self._timeout(context)
+        deadline = time.monotonic() + self._timeout(context)
 
         def part(shard, positions):
             sub = type(request)()
             sub.CopyFrom(request)
             del getattr(sub, ids_field)[:]
             getattr(sub, ids_field).extend(work_ids[i] for i in positions)
-            return lambda: self.shards.proxy(shard).call(method, sub, timeout=timeout)
+            return partial(_call_by, self.shards.proxy(shard), method, sub, deadline)
 
         outcomes = self._each_shard({shard: part(shard, positions) for shard, positions in groups.items()})
         for outcome in outcomes.values():
@@ -347,10 +349,10 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         current = self.shards.map
         shard, token = 0, request.page_token
         if token:
-            head, sep, rest = token.partition(":")
-            if not (sep and head.startswith("s") and head[1:].isdigit() and int(head[1:]) < current.shards):
+            found = re.fullmatch(r"s(\d{1,3}):(.*)", token, re.ASCII | re.DOTALL)
+            if found is None or int(found[1]) >= current.shards:
                 raise validation.InvalidWork("page_token: not a token ListWorks gave (pass it back as it came)")
-            shard, token = int(head[1:]), rest
+            shard, token = int(found[1]), found[2]
         sub = work_pb2.ListWorksRequest()
         sub.CopyFrom(request)
         sub.page_token = token
@@ -378,11 +380,10 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             yield from self._stream(context, lambda handle: self.proxy.watch_results(request.after_sequence,
                                                                                       handle=handle))
         else:
-            if cursors is None and request.after_sequence:
-                raise validation.InvalidWork(
-                    f"this cluster has {self.shards.map.shards} shards, each numbering its results: resume "
-                    "with the resume_token of the last response, not after_sequence")
-            yield from self._stream(context, lambda handle: self._merged_results(cursors or {}, handle))
+            # after_sequence is shard 0's (the sequences of a cluster before it
+            # grew shards): its subscribers go on, and get the others' too.
+            start = cursors if cursors is not None else {0: request.after_sequence}
+            yield from self._stream(context, lambda handle: self._merged_results(start, handle))
         if context.is_active():  # the master's stream cannot end: say so rather than end with OK
             raise NotServing("the result stream ended; resume after the last sequence")
 
@@ -470,6 +471,14 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             release()
             handle.cancel()
             results.close()
+
+
+def _call_by(proxy, method: str, request, deadline: float):
+    """A call that may wait in the fan-out pool: its timeout counts from the caller's deadline."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimedOut(f"{method}: no time left for this shard")
+    return proxy.call(method, request, timeout=remaining)
 
 
 def _wrong_shard(error) -> bool:

@@ -166,6 +166,9 @@ class MasterService(master_pb2_grpc.MasterServicer):
         """Works of another shard's slots are refused (ABORTED: the caller
         routes them again with the current shard map): each on its own, or
         the whole call."""
+        follower = self.node.shard_map
+        if not follower.loaded:  # a guess of the map would accept works of other shards
+            raise NotServing(f"this backend cannot read the shard map: {follower.error or 'not read yet'}")
         owns = self.node.owns
         if all(owns(w.work_id) for w in works):
             return works, answers

@@ -256,14 +256,15 @@ class MasterShell:
             for message, size in hand_outs(ready, self.epoch, self.cluster_id):
                 effect.connection.send(message, size)
 
-    def _decide(self, decision: Callable[[float], Any]) -> Any:
+    def _decide(self, decision: Callable[[float], Any], records: bool = True) -> Any:
         """Runs one decision of the domain and commits what it recorded;
         returns its answer. Inputs that arrive while the master is closed or
         the journal is backed up are left alone: worker messages are resent,
-        and housekeeping runs again."""
+        and housekeeping runs again (but decisions that record no events,
+        `records=False`, always run)."""
         if self.closed is not None or self.committer is None or self.committer.failed is not None:
             return None
-        if not self.committer.has_room(MAX_EVENTS_PER_INPUT, MAX_STREAM_MESSAGE_BYTES * 8):
+        if records and not self.committer.has_room(MAX_EVENTS_PER_INPUT, MAX_STREAM_MESSAGE_BYTES * 8):
             log.warning("the journal is backed up: an input waits", extra={"epoch": self.epoch})
             return None
         answer = decision(self._now())
@@ -518,7 +519,7 @@ class MasterShell:
         self._decide(lambda now: self.master.request_work(connection, worker_ids, now))
 
     def withdraw_work(self, connection, worker_ids) -> None:
-        self._decide(lambda now: self.master.withdraw_work(connection, worker_ids))
+        self._decide(lambda now: self.master.withdraw_work(connection, worker_ids), records=False)
 
     def report(self, connection, completions, failures) -> None:
         self._decide(lambda now: self.master.report(connection, completions, failures, now))

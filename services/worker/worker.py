@@ -68,6 +68,7 @@ UNUSED_CREDIT_SECONDS = 0.5  # a shard that left a lent slot idle this long has 
 SETTLE_SECONDS = 0.1
 STICKY_SECONDS = 0.05  # a slot asks the shard it just served again, unless another waited this much longer
 ROTATE_SECONDS = 0.2  # a shard with work but no slot gets one drained for it after this long
+RESEND_CREDIT_SECONDS = 1.0  # a withdrawal not confirmed by then is sent again
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,7 @@ class Slot:
         self.lent_to: int | None = None  # the shard holding its credit (several shards)
         self.lent_at = 0.0  # when its credit was lent, or last used
         self.withdrawing: int | None = None  # the shard whose confirmation of a withdrawal it awaits
+        self.withdrawn_at = 0.0  # when that withdrawal was sent (again, if unconfirmed: it may be lost)
         self.next_lender: int | None = None  # where its credit goes once that comes
 
     @property
@@ -304,17 +306,15 @@ class Worker:
             for slot in self.slots.values():
                 kept = deque(a for a in slot.queued if a.attempt_token not in wanted)
                 if len(kept) < len(slot.queued):
+                    for a in slot.queued:
+                        if a.attempt_token in wanted:  # dropped here: no report will name it
+                            self._token_shard.pop(a.attempt_token, None)
                     slot.queued = kept
                     if not self._stopping.is_set():
                         room.append(slot)
                 if slot.assignment is not None and slot.assignment.attempt_token in wanted:
-                    self._cancelling.add(slot.assignment.attempt_token)
-            for token in wanted:
-                if token not in self._unacked:
-                    self._token_shard.pop(token, None)
-            requests, withdrawals = self._lend(room, shard)
-        self._withdraw(withdrawals)
-        self._request(requests)  # the master freed their places: fill them
+                    self._cancelling.add(slot.assignment.attempt_token)  # its report goes to this shard
+            self._send_credit(*self._lend(room, shard))  # the master freed their places: fill them
         os.write(self._wake_writer, b"x")
 
     def _stop_cancelled(self) -> None:
@@ -370,9 +370,12 @@ class Worker:
             if shard in requests:  # the same message asks for the next work
                 message.request_work.worker_ids.extend(requests.pop(shard))
             self._unacked[assignment.attempt_token] = message
-        self._withdraw(withdrawals)  # before the report: its master must not fill the slot meanwhile
-        self._send(message, shard)
-        self._request(requests)
+            # In this order, and under the lock so that no other decision's
+            # messages come between: the withdrawal before the report (its
+            # master must not fill the slot meanwhile), the requests after.
+            self._withdraw(withdrawals)
+            self._send(message, shard)
+            self._request(requests)
 
     # --- the stream -----------------------------------------------------------
 
@@ -492,15 +495,23 @@ class Worker:
                 for group, into in ((more, requests), (less, withdrawals)):
                     for key, ids in group.items():
                         into.setdefault(key, []).extend(ids)
-        self._withdraw(withdrawals)
-        self._request(requests)
+            self._send_credit(requests, withdrawals)
 
     def _holder(self, slot: Slot) -> int | None:
         """The shard whose works the slot holds (None: it holds none)."""
         held = slot.assignment or (slot.queued[0] if slot.queued else None)
         return None if held is None else self._shard_of(held.attempt_token)
 
+    def _send_credit(self, requests: dict[int, list[str]], withdrawals: dict[int, list[str]]) -> None:
+        """Withdrawals first, then requests (under the lock: in the order decided)."""
+        self._withdraw(withdrawals)
+        self._request(requests)
+
     def _withdraw(self, withdrawals: dict[int, list[str]]) -> None:
+        now = time.monotonic()
+        for worker_ids in withdrawals.values():
+            for worker_id in worker_ids:
+                self.slots[worker_id].withdrawn_at = now
         for shard, worker_ids in withdrawals.items():
             self._send(master_pb2.WorkerMessage(withdraw_work=master_pb2.WorkerWithdrawsWork(worker_ids=worker_ids)),
                        shard)
@@ -513,7 +524,10 @@ class Worker:
     def _rebalance(self, ready: int | None = None) -> None:
         """Several shards: idle slots whose credit a shard left unused move to
         shards with work (`ready` just said it has some); slots lent to no
-        shard are lent. A shard that leaves a credit unused has no work."""
+        shard are lent. A shard that leaves a credit unused has no work.
+        Messages a master may have dropped (it drops inputs while its journal
+        is backed up) are sent again: a withdrawal not confirmed within
+        RESEND_CREDIT_SECONDS, and the requests of idle slots lent to `ready`."""
         if len(self.links) <= 1 or self._stopping.is_set():
             return
         now = time.monotonic()
@@ -521,8 +535,14 @@ class Worker:
             if ready is not None and ready in self.links:
                 self.links[ready].has_work = True
             moving = []
+            again: dict[int, list[str]] = {}  # withdrawals not confirmed yet
+            asked: dict[int, list[str]] = {}  # requests of idle slots lent to `ready`
             for slot in self.slots.values():
-                if not slot.has_room or slot.withdrawing is not None:
+                if slot.withdrawing is not None:
+                    if now - slot.withdrawn_at >= RESEND_CREDIT_SECONDS:
+                        again.setdefault(slot.withdrawing, []).append(slot.worker_id)
+                    continue
+                if not slot.has_room:
                     continue
                 if slot.lent_to is None:
                     moving.append(slot)
@@ -530,17 +550,27 @@ class Worker:
                 lender = self.links.get(slot.lent_to)
                 if slot.busy or lender is None or now - slot.lent_at < SETTLE_SECONDS:
                     continue
+                if slot.lent_to == ready:
+                    asked.setdefault(ready, []).append(slot.worker_id)
+                    continue
                 unused = now - slot.lent_at >= UNUSED_CREDIT_SECONDS
                 if unused:
                     lender.has_work = False
-                if (unused or ready is not None and ready != slot.lent_to) and any(
+                if (unused or ready is not None) and any(
                         link.has_work and link.shard != slot.lent_to and link.outbox is not None
                         for link in self.links.values()):
                     lender.has_work = False  # its master had nothing for an idle slot with credit
                     moving.append(slot)  # withdrawn there, lent elsewhere
             requests, withdrawals = self._lend(moving, ready if ready is not None else 0) if moving else ({}, {})
-        self._withdraw(withdrawals)
-        self._request(requests)
+            for shard, worker_ids in asked.items():
+                requests.setdefault(shard, []).extend(worker_ids)
+            for shard, worker_ids in again.items():
+                withdrawals.setdefault(shard, []).extend(worker_ids)
+            self._send_credit(requests, withdrawals)
+
+    def _rebalance_forever(self) -> None:
+        while not self._stopped.wait(0.1):
+            self._rebalance()
 
     def _request_idle(self, shard: int) -> master_pb2.WorkerMessage:
         """On a new stream: slots with room lent to this shard (or to none,
@@ -639,15 +669,12 @@ class Worker:
                 self._rebalance(ready=shard)
 
     def _timers(self, link: Link, outbox: Outbox) -> None:
-        """Periodic re-registration and resending of unacked reports; with
-        several shards, credits left unused move to shards with work."""
+        """Periodic re-registration and resending of unacked reports."""
         next_register = time.monotonic() + self.settings.register_interval
         next_resend = time.monotonic() + self.settings.resend_interval
         while link.outbox is outbox:
-            time.sleep(0.2 if len(self.links) <= 1 else 0.1)
+            time.sleep(0.2)
             now = time.monotonic()
-            if link.shard == min(self.links, default=0):
-                self._rebalance()  # one link's timer does it for all
             if now >= next_register:
                 self._send(self._register(link.shard), link.shard)
                 next_register = now + self.settings.register_interval
@@ -668,6 +695,7 @@ class Worker:
         self._link_shards(self.shards.map)
         if self.shards.follower is not None:
             self.shards.follower.on_change(self._link_shards)
+            threading.Thread(target=self._rebalance_forever, name="credits", daemon=True).start()
         self._stopped.wait()
 
     def _link_shards(self, current) -> None:
