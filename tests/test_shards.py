@@ -91,7 +91,7 @@ def test_four_shards_exactly_once_with_one_worker_serving_them_all(cluster):
     stub = frontend(cluster_address)
     wait_kind(stub, "square")
     results = ResultCollector(stub, by_token=True)
-    ids = [f"w-{uuid.uuid4().hex[:10]}" for _ in range(400)]
+    ids = [f"w-{uuid.uuid4().hex[:10]}" for _ in range(240)]
     submit_all(stub, ids)
     assert_exactly_once(results, ids, stub)
     layout = ShardMap.even(SHARDS)
