@@ -37,6 +37,7 @@ from dworkers.v1 import frontend_pb2_grpc, work_pb2
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "dworkers.v1.Frontend"
+SHARD_RECONNECT_SECONDS = 24 * 3600.0  # in a merged result stream, one shard's outage ends nothing
 MAX_MERGED_BYTES = 2 * 1024 * 1024 - 64 * 1024  # several shards' result batches in one message (below 2 MiB)
 
 
@@ -399,8 +400,10 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             for shard in range(current.shards):
                 if shard not in watched:
                     watched.add(shard)
+                    # A shard without a master (failing over, or added but not
+                    # started yet) is waited for, while the others' results flow.
                     merged.add(shard, lambda h, shard=shard: self.shards.proxy(shard).watch_results(
-                        cursors.get(shard, 0), handle=h))
+                        cursors.get(shard, 0), reconnect_timeout=SHARD_RECONNECT_SECONDS, handle=h))
 
         watch_new_shards(self.shards.map)
         if self.shards.follower is not None:
