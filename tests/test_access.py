@@ -146,6 +146,12 @@ def test_client_certificates_are_identities_too(make_cluster):
     cluster.start_worker(1)  # as the services' certificate, with the services' token
     front = cluster.start_frontend()
     certs = cluster.workdir / "tls"
+
+    def declared() -> bool:  # the worker registered its kinds (submissions of others are refused)
+        info = call(front.address, "ClusterInfo", work_pb2.ClusterInfoRequest(), "", tls=cluster.client_tls)
+        return any(k.kind == "square" and k.slots for k in info.kinds)
+
+    wait_until(declared, 60, "the worker's kinds")
     with dworkers.Client(front.address, tls=cluster.client_tls, token="", timeout=60) as client:  # cert "admin"
         assert client.submit("square", 5).result(timeout=60) == 25
     unnamed = dworkers.Tls(ca=str(certs / "ca.pem"), cert=str(certs / "frontend.pem"),
