@@ -30,10 +30,34 @@ class BadShardMap(ConfigError):
 
 
 @dataclass(frozen=True)
+class Move:
+    """Slots on their way from one shard to another: `source` still owns them
+    (the map's owners say so) but takes no new work for them; its master
+    copies their works to `target`'s and then hands the slots over."""
+
+    first: int
+    last: int
+    source: int
+    target: int
+    since: int  # the map version that started it: with the rest, names the move
+
+    @property
+    def key(self) -> str:
+        return f"{self.since}:{self.first}-{self.last}:{self.source}>{self.target}"
+
+    def covers(self, slot: int) -> bool:
+        return self.first <= slot <= self.last
+
+    def __str__(self) -> str:
+        return f"slots {self.first}-{self.last} from shard {self.source} to shard {self.target}"
+
+
+@dataclass(frozen=True)
 class ShardMap:
     version: int
     shards: int  # shards 0 .. shards-1 exist (some may own no slot)
     owners: bytes  # owners[slot] = its shard
+    moving: Move | None = None  # at most one move at a time
 
     @classmethod
     def single(cls) -> ShardMap:
@@ -51,6 +75,12 @@ class ShardMap:
 
     def owns(self, shard: int, work_id: str) -> bool:
         return self.owners[slot_of(work_id)] == shard
+
+    def takes(self, shard: int, work_id: str) -> bool:
+        """Whether `shard` takes new work (and changes) for this id: it owns
+        its slot, and the slot is not on its way to another shard."""
+        slot = slot_of(work_id)
+        return self.owners[slot] == shard and not (self.moving is not None and self.moving.covers(slot))
 
     def slot_count(self, shard: int) -> int:
         return self.owners.count(shard)
@@ -71,20 +101,50 @@ class ShardMap:
     def with_shard_added(self) -> ShardMap:
         """One more shard, owning no slot yet (slots are moved to it)."""
         _check_count(self.shards + 1)
-        return ShardMap(self.version + 1, self.shards + 1, self.owners)
+        return ShardMap(self.version + 1, self.shards + 1, self.owners, self.moving)
 
     def with_slots_moved(self, first: int, last: int, to: int) -> ShardMap:
+        """The slots owned by `to` at once (a new cluster's layout; a live
+        cluster moves slots with `with_move_started`, which carries their works)."""
+        self._check_slots(first, last, to)
+        owners = bytearray(self.owners)
+        owners[first:last + 1] = bytes([to]) * (last - first + 1)
+        return ShardMap(self.version + 1, self.shards, bytes(owners), self.moving)
+
+    def with_move_started(self, first: int, last: int, to: int) -> ShardMap:
+        """Slots `first`-`last`, all of one shard's, on their way to shard `to`."""
+        self._check_slots(first, last, to)
+        if self.moving is not None:
+            raise BadShardMap(f"{self.moving} are moving already: one move at a time")
+        sources = set(self.owners[first:last + 1])
+        if len(sources) != 1:
+            raise BadShardMap(f"slots {first}-{last} belong to shards {', '.join(map(str, sorted(sources)))}: "
+                              "move the slots of one shard at a time")
+        source = sources.pop()
+        if source == to:
+            raise BadShardMap(f"slots {first}-{last} are shard {to}'s already")
+        return ShardMap(self.version + 1, self.shards, self.owners, Move(first, last, source, to, self.version + 1))
+
+    def with_move_finished(self, move: Move) -> ShardMap:
+        """The moving slots owned by their target: the move is over."""
+        if self.moving != move:
+            raise BadShardMap(f"{move} is not the move under way")
+        owners = bytearray(self.owners)
+        owners[move.first:move.last + 1] = bytes([move.target]) * (move.last - move.first + 1)
+        return ShardMap(self.version + 1, self.shards, bytes(owners))
+
+    def _check_slots(self, first: int, last: int, to: int) -> None:
         if not 0 <= first <= last < SLOTS:
             raise BadShardMap(f"slots {first}-{last}: slots are 0-{SLOTS - 1}")
         if not 0 <= to < self.shards:
             raise BadShardMap(f"no shard {to}: the cluster has shards 0-{self.shards - 1}")
-        owners = bytearray(self.owners)
-        owners[first:last + 1] = bytes([to]) * (last - first + 1)
-        return ShardMap(self.version + 1, self.shards, bytes(owners))
 
     def encode(self) -> bytes:
-        return json.dumps({"version": self.version, "shards": self.shards,
-                           "slots": [list(run) for run in self.ranges()]}, separators=(",", ":")).encode()
+        raw: dict = {"version": self.version, "shards": self.shards, "slots": [list(run) for run in self.ranges()]}
+        if self.moving is not None:
+            m = self.moving
+            raw["moving"] = {"first": m.first, "last": m.last, "from": m.source, "to": m.target, "since": m.since}
+        return json.dumps(raw, separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> ShardMap:
@@ -103,9 +163,17 @@ class ShardMap:
             if covered != SLOTS:
                 raise ValueError(f"slots {covered}-{SLOTS - 1} have no shard")
             _check_count(shards)
-        except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
+            moving = None
+            if raw.get("moving") is not None:
+                m = raw["moving"]
+                moving = Move(int(m["first"]), int(m["last"]), int(m["from"]), int(m["to"]), int(m["since"]))
+                if not (0 <= moving.first <= moving.last < SLOTS and moving.source != moving.target
+                        and 0 <= moving.target < shards
+                        and set(owners[moving.first:moving.last + 1]) == {moving.source}):
+                    raise ValueError(f"moving {moving}")
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError, AttributeError) as exc:
             raise BadShardMap(f"the stored shard map is unreadable: {exc}") from None
-        return cls(version, shards, bytes(owners))
+        return cls(version, shards, bytes(owners), moving)
 
 
 def parse_slots(text: str) -> tuple[int, int]:

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable
 
 from dworkers.common.errors import InvalidInput, ProtocolError
+from dworkers.common.shards import slot_of
 from dworkers.common.limits import (
     MAX_ATTEMPTS_LIMIT,
     MAX_BACKOFF_MULTIPLIER,
@@ -298,3 +299,19 @@ def _check_slots(worker_ids, where: str) -> None:
             raise InvalidWorkerMessage(
                 f"{where}: malformed worker_id {worker_id[:64]!r}: use 1-128 characters from letters, "
                 "digits and . _ : @ -, starting with a letter or digit")
+
+
+def check_import(request: master_pb2.ImportWorksRequest, move) -> None:
+    """A part of a move (ImportWorks): well-formed ids of the moving slots,
+    in the range it names, each result with its fingerprint."""
+    if len(request.entries) + len(request.results) > MAX_BATCH_WORKS:
+        raise InvalidWork(f"{len(request.entries) + len(request.results)} works in one part of a move; "
+                          f"the limit is {MAX_BATCH_WORKS}")
+    if len(request.result_fingerprints) != len(request.results):
+        raise InvalidWork("a part of a move needs one fingerprint per result")
+    if (request.entries or request.results) and not request.after < request.last_id:
+        raise InvalidWork("a part of a move names its works' range: after < last_id")
+    for work_id in [e.work.work_id for e in request.entries] + [r.work_id for r in request.results]:
+        check_work_id(work_id)
+        if not (request.after < work_id <= request.last_id and move.covers(slot_of(work_id))):
+            raise InvalidWork(f"work {work_id!r} is not in this part of {move}")

@@ -427,14 +427,35 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
 
     def WaitWorks(self, request, context):
         work_ids = validation.check_wait(request)
+        yield from self._stream(context, lambda handle: self._waits(work_ids, handle))
+
+    def _waits(self, work_ids: list[str], handle: StreamHandle):
+        """The results of `work_ids` from the shards that hold them; when a
+        shard says some are not its own (they moved), those not seen yet are
+        asked for again with the newer shard map."""
+        remaining = dict.fromkeys(work_ids)
+        while remaining:
+            current = self.shards.map
+            try:
+                for batch in self._merged_waits(list(remaining), handle):
+                    for result in batch.results:
+                        remaining.pop(result.work_id, None)
+                    yield batch
+                return
+            except (WrongShard, grpc.RpcError) as error:
+                if handle.cancelled or not _wrong_shard(error) \
+                        or not self.shards.wait_newer(current.version, self.settings.call_timeout):
+                    raise
+
+    def _merged_waits(self, work_ids: list[str], handle: StreamHandle):
         groups = self.shards.split(work_ids)
         if len(groups) == 1:
-            proxy = self.shards.proxy(next(iter(groups)))
-            yield from self._stream(context, lambda handle: proxy.wait_works(work_ids, handle=handle))
-        else:
-            yield from self._stream(context, lambda handle: self._merged_waits(work_ids, groups, handle))
-
-    def _merged_waits(self, work_ids: list[str], groups: dict[int, list[int]], handle: StreamHandle):
+            shard = next(iter(groups))
+            for batch in self.shards.proxy(shard).wait_works(work_ids, handle=handle):
+                for result in batch.results:
+                    result.shard = shard
+                yield batch
+            return
         merged = MergedStreams()
         handle.attach(merged)
         for shard, positions in groups.items():

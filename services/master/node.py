@@ -17,12 +17,14 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2
 from kazoo.protocol.states import KazooState
 
+from dworkers import credentials
 from dworkers.common import auth, server, tls, validation, zk
 from dworkers.common.auth import AuthSettings
 from dworkers.common.errors import ConfigError, WrongShard
 from dworkers.common.lifecycle import StopRequest
 from dworkers.common.memory import freeze_survivors
 from dworkers.common.metrics import MasterMetrics, ServerMetrics, process_registry, serve_metrics
+from dworkers.common.proxy import MasterProxy, ZooKeeperLocator
 from dworkers.common.routing import ShardMapFollower
 from dworkers.common.settings import Cluster, Logging, group, setting
 from dworkers.common.shards import MAX_SHARDS, slot_of
@@ -35,6 +37,7 @@ from dworkers.master.journal.postgresql import redact
 from dworkers.master.journal.schema import LATEST
 from dworkers.master.leadership import LeadershipCheck
 from dworkers.master.service import MasterService
+from dworkers.master.mover import SlotMover
 from dworkers.master.shell import MasterShell
 from dworkers.v1 import master_pb2, master_pb2_grpc, work_pb2
 
@@ -67,6 +70,8 @@ class MasterSettings:
                            "(postgresql://user@host:port/database; the password in the URL, PGPASSWORD or "
                            "--journal-password-file)")
     journal_password_file: str = setting("", "a file holding the PostgreSQL journal's password")
+    token_file: str = setting("", "a file holding the token presented to other shards' masters when moving slots "
+                                  "to them (an identity with the frontend role, when they check an access file)")
     zk_readers_file: str = setting("", "a file holding user:password of the read-only ZooKeeper user that workers "
                                        "and frontends log in as (their --zk-auth-file): what masters create there "
                                        "is readable by it (with --zk-auth-file)")
@@ -232,6 +237,8 @@ class MasterNode:
         self._recovering: asyncio.Task | None = None
         self._suspend_deadline: asyncio.TimerHandle | None = None
         self._stop = asyncio.Event()
+        self._peers: dict[int, MasterProxy] = {}
+        self._mover: asyncio.Task | None = None
 
     # --- what the service asks -------------------------------------------
 
@@ -249,11 +256,30 @@ class MasterNode:
         """Whether the work's hash slot is this shard's in the current map."""
         return self.shard_map.current.owns(self.settings.shard, work_id)
 
+    def takes(self, work_id: str) -> bool:
+        """Whether this shard takes new work and changes for the id: its slot
+        is this shard's and not moving away."""
+        return self.shard_map.current.takes(self.settings.shard, work_id)
+
     def wrong_shard(self, work_id: str) -> WrongShard:
         current = self.shard_map.current
+        slot = slot_of(work_id)
+        if current.moving is not None and current.moving.covers(slot) and current.moving.source == self.settings.shard:
+            return WrongShard(f"work {work_id!r} is in slot {slot}, moving to shard {current.moving.target}: "
+                              f"asked again when the move ends (shard map version {current.version})")
         return WrongShard(f"work {work_id!r} belongs to shard {current.shard_of(work_id)} (slot "
-                          f"{slot_of(work_id)}, shard map version {current.version}), not to shard "
+                          f"{slot}, shard map version {current.version}), not to shard "
                           f"{self.settings.shard}")
+
+    def _peer(self, shard: int) -> MasterProxy:
+        """A proxy to another shard's master group (moving slots to it)."""
+        proxy = self._peers.get(shard)
+        if proxy is None:
+            s = self.settings
+            token = credentials.read_token(s.token_file) if s.token_file else None
+            locator = ZooKeeperLocator(self.client, zk.Paths(s.cluster.root, shard), owns_client=False)
+            proxy = self._peers[shard] = MasterProxy(locator, timeout=60.0, tls=tls.files(s.tls), token=token)
+        return proxy
 
     def master_epoch(self) -> int:
         return self.view.master_epoch if self.view else 0
@@ -432,6 +458,8 @@ class MasterNode:
             shell.close("lost the election while recovering")
             return
         self.shell = shell
+        mover = SlotMover(shell, self.shard_map, self.settings.shard, self.client, self.paths.shard_map, self._peer)
+        self._mover = asyncio.create_task(mover.run())
         if not self._in_contact():
             shell.pause()  # cut off while recovering: wait to know, as on SUSPENDED
             self._on_zk_state(KazooState.SUSPENDED)

@@ -21,6 +21,7 @@ from dworkers.common.errors import (
     Overloaded,
     PermissionDenied,
     ProtocolError,
+    WrongShard,
 )
 from dworkers.common.validation import MAX_STREAM_MESSAGE_BYTES
 from dworkers.common.wire import CLUSTER_KEY, EPOCH_KEY
@@ -169,7 +170,7 @@ class MasterService(master_pb2_grpc.MasterServicer):
         follower = self.node.shard_map
         if not follower.loaded:  # a guess of the map would accept works of other shards
             raise NotServing(f"this backend cannot read the shard map: {follower.error or 'not read yet'}")
-        owns = self.node.owns
+        owns = self.node.takes
         if all(owns(w.work_id) for w in works):
             return works, answers
         if answers is None:
@@ -187,11 +188,23 @@ class MasterService(master_pb2_grpc.MasterServicer):
             judged.append(answer)
         return kept, judged
 
+    def _taken(self, work_ids) -> None:
+        """Calls that change works (or wait for them) go to the shard that
+        takes them: another shard's, or one moving away, is refused (ABORTED:
+        the caller asks again with the current shard map)."""
+        for work_id in work_ids:
+            if not self.node.takes(work_id):
+                raise self.node.wrong_shard(work_id)
+
     async def GetWork(self, request, context):
         shell = self._shell(context)
         validation.check_work_id(request.work_id)
+        if not self.node.owns(request.work_id):
+            raise self.node.wrong_shard(request.work_id)
         status = await shell.status(request.work_id)
         if status is None:
+            if not self.node.takes(request.work_id):  # moving: the target may hold it already
+                raise self.node.wrong_shard(request.work_id)
             raise NotFound(f"no work {request.work_id!r} (never accepted, or past the retention window)")
         return status
 
@@ -211,6 +224,7 @@ class MasterService(master_pb2_grpc.MasterServicer):
     async def WaitWorks(self, request, context):
         shell = self._shell(context)
         work_ids = validation.check_wait(request)
+        self._taken(work_ids)
         limit = self.node.settings.subscriber_timeout
         async for batch in shell.wait_works(work_ids):
             try:
@@ -222,11 +236,13 @@ class MasterService(master_pb2_grpc.MasterServicer):
     async def CancelWork(self, request, context):
         shell = self._shell(context)
         work_ids = validation.check_work_ids(request.work_ids, "cancel")
+        self._taken(work_ids)
         return work_pb2.CancelWorkResponse(works=await shell.cancel(work_ids))
 
     async def RetryWork(self, request, context):
         shell = self._shell(context)
         work_ids = validation.check_work_ids(request.work_ids, "retry")
+        self._taken(work_ids)
         return work_pb2.RetryWorkResponse(works=await shell.retry(work_ids))
 
     async def ListWorks(self, request, context):
@@ -243,6 +259,18 @@ class MasterService(master_pb2_grpc.MasterServicer):
 
     async def ClusterInfo(self, request, context):
         return await self.node.cluster_info(self._shell(context))
+
+    async def ImportWorks(self, request, context):
+        """A part of a move's works, from the source shard's master."""
+        shell = self._shell(context)
+        current = self.node.shard_map.current
+        move = current.moving
+        if move is None or move.key != request.move_key or move.target != self.node.settings.shard \
+                or move.source != request.source_shard:
+            raise WrongShard(f"no move {request.move_key!r} to shard {self.node.settings.shard} in shard map "
+                             f"version {current.version}")
+        validation.check_import(request, move)
+        return master_pb2.ImportWorksResponse(imported_up_to=await shell.import_works(request))
 
     async def Connect(self, request_iterator, context):
         shell = self._shell(context)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from dworkers.common.errors import Forgotten, NotFound, NotServing, Overloaded, WrongState
+from dworkers.common.errors import Forgotten, NotFound, NotServing, Overloaded, WrongShard, WrongState
 from dworkers.common.memory import freeze_survivors, release_free_memory
 from dworkers.common.validation import MAX_BATCH_WORKS, MAX_REPORTS_PER_MESSAGE, MAX_STREAM_MESSAGE_BYTES
 from dworkers.master.domain.effects import DeclareKinds, Disconnect, HandOut, Send, Step
@@ -37,6 +37,7 @@ TRIM_AFTER_SNAPSHOT_BYTES = 32 * 1024 * 1024  # smaller snapshots leave too litt
 # worker message full of reports, a tick that ends every attempt): the shell
 # takes an input only if the journal's buffer has room for it.
 MAX_EVENTS_PER_INPUT = 2 * MAX_BATCH_WORKS + MAX_REPORTS_PER_MESSAGE
+MOVED = object()  # told to a WaitWorks call whose works went to another shard
 
 
 def recover_state(journal: Journal) -> tuple[WorkState, int, int]:
@@ -483,6 +484,8 @@ class MasterShell:
                 while True:
                     if result is None:
                         raise NotServing(self.closed or "master stopped")
+                    if result is MOVED:
+                        raise WrongShard("works awaited here moved to another shard: ask again with the new shard map")
                     waiting.discard(result.work_id)
                     ready.append(result)
                     if queue.empty():
@@ -509,6 +512,54 @@ class MasterShell:
                 break
             batch.append(result)
         return batch
+
+    # --- moving slots (see domain/moves.py and mover.py) --------------------
+
+    async def _record_durably(self, decision: Callable[[float], Any]) -> Any:
+        """Runs a decision and answers once what it recorded is durable."""
+        self.check_serving()
+        answer = decision(self._now())
+        await self._durable(self._commit(self.master.take()))
+        return answer
+
+    async def start_move(self, move) -> bool:
+        """The source's first step, durably (see Master.start_move)."""
+        return await self._record_durably(lambda now: self.master.start_move(move, now))
+
+    async def import_works(self, request) -> str:
+        """The target takes a part of a move's works, durably; how far it got."""
+        self.check_serving()
+        if not self._journal().has_room(len(request.entries) + len(request.results) + 1, request.ByteSize()):
+            raise Overloaded(f"{self._journal().queued} events are waiting for the journal; retry later")
+        return await self._record_durably(lambda now: self.master.import_works(request, now))
+
+    async def fill_apart(self, request) -> None:
+        """Adds the payloads and results the journal keeps apart to a part of a move."""
+        if not self.state.payloads_apart:
+            return
+        entries = [e for e in request.entries if not e.work.payload]
+        done = [r for r in request.results if r.state == work_pb2.DONE]
+        if entries:
+            try:
+                payloads = await asyncio.get_running_loop().run_in_executor(
+                    None, self.journal.payloads, [e.work.work_id for e in entries])
+            except JournalError as exc:
+                raise NotServing(str(exc)) from None
+            for e in entries:
+                e.work.payload = payloads.get(e.work.work_id, b"")
+        found = await self._result_bytes([r.sequence for r in done])
+        for r in done:
+            r.result = found.get(r.sequence, b"")
+
+    async def release_move(self, work_ids: list[str]) -> None:
+        """The source's last journaled step: the moved works go from here,
+        and calls waiting for them are told to ask the new shard."""
+        state = self.state
+        released = [w for w in work_ids if w in state.held or (w in state.retryable and state.leaves(w))]
+        await self._record_durably(lambda now: self.master.release_move(released, now))
+        for work_id in work_ids:
+            for queue in self._waiting.pop(work_id, ()):
+                queue.put_nowait(MOVED)
 
     # --- the worker protocol ----------------------------------------------
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from dworkers.common.errors import Conflict, NotFound, Overloaded, WrongState
 from dworkers.common.limits import MAX_DELAY_SECONDS
 from dworkers.common.settings import setting
+from dworkers.common.shards import Move
 from dworkers.common.validation import (
     MAX_ERROR_CHARS,
     MAX_HAND_BACKS,
@@ -31,6 +32,7 @@ from dworkers.common.validation import (
 )
 from dworkers.master.domain.effects import DeclareKinds, Disconnect, HandOut, Send, Step
 from dworkers.master.domain.listing import list_works
+from dworkers.master.domain.moves import RELEASED_PER_EVENT
 from dworkers.master.domain.scheduler import Scheduler, Slot, owner_of
 from dworkers.master.domain.state import Entry, WorkState, fingerprint
 from dworkers.v1 import journal_pb2, master_pb2, work_pb2
@@ -638,6 +640,49 @@ class Master:
                        11 * len(tokens) + 64)
         return [state.status(work_id) for work_id in work_ids]
 
+    # --- moving slots (see moves.py) ---------------------------------------------
+
+    def start_move(self, move: Move, now: float) -> bool:
+        """Holds the moving slots' works apart (the source's first step);
+        False if this shard released them already (what is left is the map)."""
+        state = self.state
+        if state.last_released == move.key:
+            return False
+        if state.leaving is None:
+            self._record([journal_pb2.Event(move_started=journal_pb2.MoveStarted(
+                move_key=move.key, first_slot=move.first, last_slot=move.last, target_shard=move.target))], now)
+        return True
+
+    def import_works(self, request: master_pb2.ImportWorksRequest, now: float) -> str:
+        """Takes a part of a move's works (the target's side); returns the
+        last id it holds of the move. A part sent again is taken once."""
+        state = self.state
+        cursor = state.imports.get(request.move_key, "")
+        if request.last_id > cursor:
+            # only what this shard does not hold yet (the journal stores the payloads it is given)
+            imported = journal_pb2.WorksImported(move_key=request.move_key, last_id=request.last_id)
+            for result, print_ in zip(request.results, request.result_fingerprints):
+                if result.work_id > cursor and not state.is_known(result.work_id):
+                    kept = imported.results.add()
+                    kept.CopyFrom(result)
+                    kept.sequence = 0  # numbered here, in this shard's stream
+                    imported.result_fingerprints.append(print_)
+            for entry in request.entries:
+                work_id = entry.work.work_id
+                if work_id > cursor and (entry.retryable_until_forgotten or state.unfinished(work_id) is None):
+                    imported.entries.append(entry)
+            self._record([journal_pb2.Event(works_imported=imported)], now)
+            self.announce(now)
+        return state.imports.get(request.move_key, cursor)
+
+    def release_move(self, work_ids: list[str], now: float) -> None:
+        """The target holds the moving works: they go from here, and the move ends."""
+        key = self.state.leaving.move_key
+        step = RELEASED_PER_EVENT
+        parts = [work_ids[i:i + step] for i in range(0, len(work_ids), step)] or [[]]
+        self._record([journal_pb2.Event(move_released=journal_pb2.MoveReleased(
+            move_key=key, work_ids=part, done=i == len(parts) - 1)) for i, part in enumerate(parts)], now)
+
     # --- questions -------------------------------------------------------------
 
     def list_works(self, which: int, kind: str = "", token: str = "", size: int = 0
@@ -664,7 +709,7 @@ class Master:
         scheduler, pending = self.scheduler, self.state.pending
         waiting = pending.counts()
         return {
-            "pending": len(pending), "in_progress": len(self.state.in_progress),
+            "pending": len(pending), "moving": len(self.state.held), "in_progress": len(self.state.in_progress),
             "scheduled": len(self.state.scheduled), "cancelled": self.state.cancelled_count,
             "done": self.state.done_count, "failed": self.state.failed_count,
             "last_sequence": self.state.last_sequence,

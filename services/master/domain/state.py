@@ -21,6 +21,7 @@ from collections import OrderedDict, deque
 from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass
 
+from dworkers.common.shards import slot_of
 from dworkers.v1 import journal_pb2, work_pb2
 
 TIMED_OUT_ERROR = "attempt timed out"
@@ -418,6 +419,15 @@ class WorkState:
         self.cancelled_count = 0
         self.unfinished_bytes = 0  # held by pending and in-progress works
         self.result_bytes = 0  # held by retained results
+        # Moving slots away (the source of a move): its pending and scheduled
+        # works wait in `held` (not handed out) until the target has them.
+        self.leaving: journal_pb2.MoveStarted | None = None
+        self.held: dict[str, Entry] = {}
+        self.last_released = ""  # the last move away whose works were released
+        # Moving slots here (the target): how far each move's import got (by
+        # work id), and the sequences of imported results (not published again).
+        self.imports: OrderedDict[str, str] = OrderedDict()
+        self.imported: set[int] = set()
         self._handlers = {
             "work_accepted": self._on_work_accepted,
             "work_started": self._on_work_started,
@@ -430,6 +440,9 @@ class WorkState:
             "work_cancelled": self._on_work_cancelled,
             "works_ready": self._on_works_ready,
             "work_retried": self._on_work_retried,
+            "move_started": self._on_move_started,
+            "works_imported": self._on_works_imported,
+            "move_released": self._on_move_released,
         }
 
     # --- queries -----------------------------------------------------------
@@ -440,7 +453,7 @@ class WorkState:
 
     def is_known(self, work_id: str) -> bool:
         return (work_id in self.pending or work_id in self.in_progress or work_id in self.scheduled
-                or work_id in self.finished)
+                or work_id in self.finished or work_id in self.held)
 
     def conflicts(self, work: work_pb2.Work) -> bool:
         """Whether a known id was accepted with a different kind or payload."""
@@ -452,7 +465,26 @@ class WorkState:
 
     def unfinished(self, work_id: str) -> Entry | None:
         """The entry of a pending, scheduled or in-progress work."""
-        return self.pending.get(work_id) or self.in_progress.get(work_id) or self.scheduled.get(work_id)
+        return (self.pending.get(work_id) or self.in_progress.get(work_id) or self.scheduled.get(work_id)
+                or self.held.get(work_id))
+
+    def leaves(self, work_id: str) -> bool:
+        """Whether the work's slot is moving away from this shard."""
+        leaving = self.leaving
+        return leaving is not None and leaving.first_slot <= slot_of(work_id) <= leaving.last_slot
+
+    def _queue(self, entry: Entry, fresh: bool = False) -> None:
+        """Queues a work (a fresh entry: one never queued), or schedules it if
+        it has a time; holds it apart if its slot is moving away."""
+        if self.leaving is not None and self.leaves(entry.work_id):
+            entry.ticket = STALE
+            self.held[entry.work_id] = entry
+        elif entry.ready_at:
+            self.scheduled.add(entry)
+        elif fresh:
+            self.pending.push_new(entry)
+        else:
+            self.pending.push(entry)
 
     def head(self) -> str | None:
         """The id of the oldest pending work."""
@@ -469,8 +501,8 @@ class WorkState:
         entry = self.unfinished(work_id)
         if entry is None:
             return None
-        state = work_pb2.PENDING if work_id in self.pending else \
-            work_pb2.IN_PROGRESS if work_id in self.in_progress else work_pb2.SCHEDULED
+        state = work_pb2.IN_PROGRESS if work_id in self.in_progress else \
+            work_pb2.SCHEDULED if entry.ready_at else work_pb2.PENDING
         return work_pb2.WorkStatus(
             work_id=work_id, kind=entry.kind, state=state, attempts=entry.attempts, error=entry.error,
             priority=entry.priority, not_before=entry.ready_at,
@@ -483,9 +515,10 @@ class WorkState:
         last = min(self.last_sequence, first + limit - 1)
         batch: list[work_pb2.WorkResult] = []
         size = 0
+        imported = self.imported
         for s in range(first, last + 1):
             result = self.results.get(s)
-            if result is None:
+            if result is None or (imported and s in imported):  # an imported one was published by its source
                 continue
             size += result.ByteSize() + 8
             if batch and size > max_bytes:
@@ -512,10 +545,7 @@ class WorkState:
         if self.is_known(work.work_id):
             return self._impossible(f"{work.work_id!r} accepted twice")
         entry = Entry.of(work, not self.payloads_apart, e.fingerprint)
-        if entry.ready_at:
-            self.scheduled.add(entry)
-        else:
-            self.pending.push_new(entry)
+        self._queue(entry, fresh=True)
         self.unfinished_bytes += entry.size
 
     def _on_work_started(self, e: journal_pb2.WorkStarted) -> None:
@@ -561,7 +591,8 @@ class WorkState:
 
     def _on_work_cancelled(self, e: journal_pb2.WorkCancelled) -> work_pb2.WorkResult | None:
         work_id = e.work_id
-        entry = self.pending.pop(work_id) or self.scheduled.pop(work_id) or self.in_progress.pop(work_id, None)
+        entry = (self.pending.pop(work_id) or self.scheduled.pop(work_id) or self.in_progress.pop(work_id, None)
+                 or self.held.pop(work_id, None))
         if entry is None:
             self._impossible(f"{work_id!r} cancelled, but not pending, scheduled or in progress")
             return None
@@ -579,7 +610,7 @@ class WorkState:
         entry.attempts = entry.failures = entry.hand_backs = 0
         entry.error, entry.ready_at = "", 0.0
         entry.token = 0  # no earlier attempt's report counts (0 matches no report: reports carry a token)
-        self.pending.push(entry)
+        self._queue(entry)
 
     def _on_works_ready(self, e: journal_pb2.WorksReady) -> None:
         for work_id in e.work_ids:
@@ -588,7 +619,7 @@ class WorkState:
                 self._impossible(f"{work_id!r} ready, but not scheduled")
                 continue
             entry.ready_at = 0.0
-            self.pending.push(entry)
+            self._queue(entry)
 
     def _on_work_returned(self, e: journal_pb2.WorkReturned) -> None:
         entry = self.in_progress.get(e.work_id)
@@ -596,12 +627,12 @@ class WorkState:
             return self._impossible(f"{e.work_id!r} returned, but not by its running attempt")
         del self.in_progress[e.work_id]
         entry.hand_backs += e.by_worker
-        self.pending.push(entry)
+        self._queue(entry)
 
     def _on_work_in_progress_reset(self, _e: journal_pb2.WorkInProgressReset) -> None:
         # Each keeps its latest attempt's token: that attempt may still report.
         for entry in self.in_progress.values():
-            self.pending.push(entry)
+            self._queue(entry)
         self.in_progress.clear()
 
     def _on_results_forgotten(self, e: journal_pb2.ResultsForgotten) -> None:
@@ -610,6 +641,7 @@ class WorkState:
             if sequence > e.up_to_sequence:
                 break
             del self.results[sequence]
+            self.imported.discard(sequence)
             self.result_bytes -= result.ByteSize()
             work_id = result.work_id
             kept = self.retryable.get(work_id)
@@ -619,9 +651,84 @@ class WorkState:
             current = self.finished.get(work_id)
             if current is None or current.sequence == sequence:  # not a later result of the work, retried
                 self.finished.pop(work_id, None)
-                if work_id not in self.pending and work_id not in self.scheduled and work_id not in self.in_progress:
+                if self.unfinished(work_id) is None:
                     self.fingerprints.pop(work_id, None)
         self.forgotten_up_to = max(self.forgotten_up_to, e.up_to_sequence)
+
+    def _on_move_started(self, e: journal_pb2.MoveStarted) -> None:
+        if self.leaving is not None:
+            if self.leaving.move_key != e.move_key:
+                self._impossible(f"move {e.move_key} started while {self.leaving.move_key} is under way")
+            return
+        self.leaving = journal_pb2.MoveStarted()
+        self.leaving.CopyFrom(e)
+        for entry in [*(p for p in self.pending.entries() if self.leaves(p.work_id)),
+                      *(s for s in self.scheduled.values() if self.leaves(s.work_id))]:
+            (self.pending if entry.work_id in self.pending else self.scheduled).pop(entry.work_id)
+            self._queue(entry)
+
+    def _on_works_imported(self, e: journal_pb2.WorksImported) -> None:
+        """Takes the works of moving slots as their source had them; those up
+        to the move's cursor came before (a part sent again) and are skipped."""
+        cursor = self.imports.get(e.move_key, "")
+        for result, print_ in zip(e.results, e.result_fingerprints):
+            if result.work_id <= cursor or self.is_known(result.work_id):
+                continue
+            if result.sequence and result.sequence != self.next_sequence:
+                self._impossible(f"{result.work_id!r} imported as result {result.sequence}, "
+                                 f"but the next is {self.next_sequence}")
+            result.sequence = self.next_sequence  # the event is journaled with it (and replays the same)
+            self.next_sequence += 1
+            kept = work_pb2.WorkResult()
+            kept.CopyFrom(result)
+            if self.payloads_apart and kept.state == work_pb2.DONE:
+                kept.ClearField("result")  # the journal keeps it, as its own results
+            self.results[kept.sequence] = kept
+            self.finished[kept.work_id] = kept
+            self.fingerprints[kept.work_id] = print_
+            self.imported.add(kept.sequence)
+            self.result_bytes += kept.ByteSize()
+        for e_ in e.entries:
+            work_id = e_.work.work_id
+            if work_id <= cursor or self.unfinished(work_id) is not None:
+                continue
+            entry = _restored(e_, self.payloads_apart)
+            finished = self.finished.get(work_id)
+            if e_.retryable_until_forgotten:
+                if finished is None or work_id in self.retryable:
+                    self._impossible(f"{work_id!r} imported to be retried, without its result")
+                    continue
+                self.retryable[work_id] = (finished.sequence, entry)
+                self.result_bytes += entry.size
+                continue
+            if finished is not None:  # an older result of it, kept here: the work lives again
+                del self.finished[work_id]
+            self.unfinished_bytes += entry.size
+            self._queue(entry, fresh=True)
+        if e.last_id > cursor:
+            self.imports[e.move_key] = e.last_id
+            self.imports.move_to_end(e.move_key)
+            while len(self.imports) > MAX_IMPORT_CURSORS:
+                self.imports.popitem(last=False)
+
+    def _on_move_released(self, e: journal_pb2.MoveReleased) -> None:
+        if self.leaving is None or self.leaving.move_key != e.move_key:
+            return self._impossible(f"works of move {e.move_key} released, but it is not under way")
+        for work_id in e.work_ids:
+            entry = self.held.pop(work_id, None)
+            if entry is not None:
+                self.unfinished_bytes -= entry.size
+                continue
+            kept = self.retryable.get(work_id)
+            if kept is not None and self.leaves(work_id):
+                del self.retryable[work_id]
+                self.result_bytes -= kept[1].size
+        if e.done:
+            self.leaving, self.last_released = None, e.move_key
+            for entry in list(self.held.values()):  # none, unless the source took works after it copied
+                self._impossible(f"{entry.work_id!r} held by a move, but not released")
+                self._queue(entry)
+            self.held.clear()
 
     def _fail_attempt(self, work_id: str, error: str, token: int, retry_at: float = 0.0,
                       permanent: bool = False) -> work_pb2.WorkResult | None:
@@ -635,11 +742,8 @@ class WorkState:
         if permanent or entry.failures >= entry.max_attempts:
             self.failed_count += 1
             return self._finish(entry, work_pb2.FAILED, error=error)
-        if retry_at:
-            entry.ready_at = retry_at
-            self.scheduled.add(entry)
-        else:
-            self.pending.push(entry)
+        entry.ready_at = retry_at
+        self._queue(entry)
         return None
 
     def _finish(self, entry: Entry, state: int, result: bytes = b"", error: str = "",
@@ -671,9 +775,13 @@ class WorkState:
             next_sequence=self.next_sequence, forgotten_up_to=self.forgotten_up_to,
             done_count=self.done_count, failed_count=self.failed_count, cancelled_count=self.cancelled_count,
             unfinished_bytes=self.unfinished_bytes, result_bytes=self.result_bytes,
+            leaving=self.leaving, last_released=self.last_released,
+            imports=[journal_pb2.ImportCursor(move_key=k, last_id=v) for k, v in self.imports.items()],
+            imported_sequences=sorted(self.imported),
         )
         listed = itertools.chain(((False, 0, e) for e in self.pending.entries()),
                                  ((False, 0, e) for e in self.scheduled.values()),
+                                 ((False, 0, e) for e in self.held.values()),
                                  ((True, 0, e) for e in self.in_progress.values()),
                                  ((False, until, e) for until, e in self.retryable.values()))
         entries = [(e, in_progress, until, e.attempts, e.failures, e.hand_backs, e.error, e.token, e.owner,
@@ -689,23 +797,26 @@ class WorkState:
         state.done_count = snapshot.done_count
         state.failed_count = snapshot.failed_count
         state.cancelled_count = snapshot.cancelled_count
+        if snapshot.HasField("leaving"):
+            state.leaving = snapshot.leaving
+        state.last_released = snapshot.last_released
+        state.imports.update((c.move_key, c.last_id) for c in snapshot.imports)
+        state.imported.update(snapshot.imported_sequences)
         pending = []
         for e in snapshot.entries:
-            entry = Entry.of(e.work, not payloads_apart, e.fingerprint)
-            entry.attempts, entry.failures, entry.error, entry.token = e.attempts, e.failures, e.error, e.attempt_token
-            entry.ready_at, entry.hand_backs, entry.owner = e.ready_at, e.hand_backs, sys.intern(e.worker_owner)
+            entry = _restored(e, payloads_apart)
             if e.retryable_until_forgotten:
                 state.retryable[entry.work_id] = (e.retryable_until_forgotten, entry)
             elif e.in_progress:
                 state.in_progress[entry.work_id] = entry
-            elif entry.ready_at:
-                state.scheduled.add(entry)
+            elif entry.ready_at or (state.leaving is not None and state.leaves(entry.work_id)):
+                state._queue(entry)
             else:
                 pending.append(entry)
         state.pending.extend(pending)
         # Snapshots written before byte totals existed carry none: count them.
         state.unfinished_bytes = snapshot.unfinished_bytes or sum(
-            e.size for e in (*pending, *state.in_progress.values(), *state.scheduled.values()))
+            e.size for e in (*pending, *state.in_progress.values(), *state.scheduled.values(), *state.held.values()))
         state.result_bytes = snapshot.result_bytes or sum(r.ByteSize() for r in snapshot.results)
         for result, print_ in zip(snapshot.results, snapshot.fingerprints):
             state.results[result.sequence] = result
@@ -713,6 +824,27 @@ class WorkState:
                 state.finished[result.work_id] = result
             state.fingerprints[result.work_id] = print_
         return state
+
+
+MAX_IMPORT_CURSORS = 64  # moves to this shard whose progress is kept (a part sent again after is skipped)
+
+
+def recorded(entry: Entry, in_progress: bool = False, retryable_until: int = 0) -> journal_pb2.SnapshotEntry:
+    """What a snapshot (or a move) records of an entry."""
+    e = journal_pb2.SnapshotEntry(
+        attempts=entry.attempts, failures=entry.failures, error=entry.error, in_progress=in_progress,
+        attempt_token=entry.token, fingerprint=entry.digest or b"", ready_at=entry.ready_at,
+        retryable_until_forgotten=retryable_until, hand_backs=entry.hand_backs, worker_owner=entry.owner)
+    entry.fill(e.work)
+    return e
+
+
+def _restored(e: journal_pb2.SnapshotEntry, payloads_apart: bool) -> Entry:
+    """The entry a snapshot (or a move) recorded."""
+    entry = Entry.of(e.work, not payloads_apart, e.fingerprint)
+    entry.attempts, entry.failures, entry.error, entry.token = e.attempts, e.failures, e.error, e.attempt_token
+    entry.ready_at, entry.hand_backs, entry.owner = e.ready_at, e.hand_backs, sys.intern(e.worker_owner)
+    return entry
 
 
 def _same_attempt(entry: Entry, token: int) -> bool:

@@ -139,6 +139,18 @@ def take_apart(batch: journal_pb2.JournalBatch, apart: Apart) -> bytes:
             apart.forgotten_up_to = max(apart.forgotten_up_to, forgotten.up_to_sequence)
             for work_id in forgotten.retryable_work_ids:
                 apart.payloads[work_id] = None
+        elif which == "works_imported":  # a move's works: kept apart here as on their source
+            imported = event.works_imported
+            for j, entry in enumerate(imported.entries):
+                apart.payloads[entry.work.work_id] = entry.work.payload
+                stored_event(i).works_imported.entries[j].work.ClearField("payload")
+            for j, result in enumerate(imported.results):
+                if result.sequence and result.result:
+                    apart.results[result.sequence] = (result.work_id, result.result)
+                    stored_event(i).works_imported.results[j].ClearField("result")
+        elif which == "move_released":  # gone to another shard
+            for work_id in event.move_released.work_ids:
+                apart.payloads[work_id] = None
     return (stored or batch).SerializeToString()
 
 

@@ -1,0 +1,139 @@
+"""The source side of a slot move, run by the active master of the shard the
+map says slots move away from (steps in domain/moves.py). It resumes from
+what the journal and the target say: the next master after a crash, or this
+one after a target's failover, goes on where the move stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import os
+import time
+
+from dworkers.common import routing
+from dworkers.common.errors import NotServing
+from dworkers.common.shards import BadShardMap, Move
+from dworkers.master.domain.moves import export_part, ids_to_move, running_in
+from dworkers.v1 import master_pb2
+
+log = logging.getLogger(__name__)
+
+RETRY_SECONDS = 1.0  # after a failed step (the target failing over, its map behind)
+CALL_TIMEOUT = 60.0
+# Seconds to wait after each step: lets fault-injection tests stop a master
+# between two steps. Never set in production.
+STEP_PAUSE = float(os.environ.get("DWORKERS_MOVE_STEP_PAUSE", "0") or 0)
+
+
+class SlotMover:
+    def __init__(self, shell, follower, shard: int, zk_client, map_path: str, proxy_for):
+        self.shell = shell
+        self.follower = follower
+        self.shard = shard
+        self.zk_client = zk_client
+        self.map_path = map_path
+        self.proxy_for = proxy_for  # shard -> MasterProxy of that shard's master group
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+
+        def listener(_new) -> None:
+            loop.call_soon_threadsafe(changed.set)
+
+        self.follower.on_change(listener)
+        try:
+            while self.shell.closed is None:
+                move = self.follower.current.moving
+                if move is not None and move.source == self.shard:
+                    try:
+                        await self._move(move)
+                    except NotServing:
+                        return  # this master stopped acting: the next one resumes
+                    except Exception as exc:  # noqa: BLE001 - a step failed: again, later
+                        log.warning("moving %s: %s; trying again", move, exc)
+                        await asyncio.sleep(RETRY_SECONDS)
+                    continue
+                changed.clear()
+                try:
+                    await asyncio.wait_for(changed.wait(), 5.0)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            self.follower.remove_listener(listener)
+
+    async def _move(self, move: Move) -> None:
+        shell, state = self.shell, self.shell.state
+        started = time.monotonic()
+        if await shell.start_move(move):
+            log.info("moving %s: started; new works for them wait for the move", move)
+            await _pause()
+            waited = False
+            while running_in(state, move.first, move.last):
+                if not waited:
+                    log.info("moving %s: waiting for %d running works to finish", move,
+                             running_in(state, move.first, move.last))
+                    waited = True
+                await asyncio.sleep(0.05)
+                shell.check_serving()
+            ids = ids_to_move(state, move.first, move.last)
+            copied = await self._copy(move, ids)
+            log.info("moving %s: the target holds %d works of them (%d sent); releasing", move, len(ids), copied)
+            await shell.release_move(ids)
+            await _pause()
+        await asyncio.get_running_loop().run_in_executor(None, self._hand_over, move)
+        log.info("moved %s in %.2f s", move, time.monotonic() - started)
+
+    async def _copy(self, move: Move, ids: list[str]) -> int:
+        """Sends the works after what the target holds, part by part; returns how many were sent."""
+        proxy = self.proxy_for(move.target)
+        reply = await self._call(proxy, master_pb2.ImportWorksRequest(move_key=move.key, source_shard=self.shard))
+        start = bisect.bisect_right(ids, reply.imported_up_to) if reply.imported_up_to else 0
+        sent = 0
+        paused = False
+        while start < len(ids):
+            request, after = export_part(self.shell.state, ids, start, move.key, self.shard)
+            await self.shell.fill_apart(request)
+            reply = await self._call(proxy, request)
+            sent += after - start
+            start = max(after, bisect.bisect_right(ids, reply.imported_up_to))
+            if not paused:
+                log.info("moving %s: copied %d of %d works", move, start, len(ids))
+                await _pause()
+                paused = True
+        return sent
+
+    async def _call(self, proxy, request: master_pb2.ImportWorksRequest) -> master_pb2.ImportWorksResponse:
+        loop = asyncio.get_running_loop()
+        while True:
+            self.shell.check_serving()
+            try:
+                return await loop.run_in_executor(
+                    None, lambda: proxy.call("ImportWorks", request, timeout=CALL_TIMEOUT))
+            except Exception as exc:  # noqa: BLE001 - the target fails over, or its map is behind
+                log.warning("move %s: the target did not take a part: %s; trying again", request.move_key, _short(exc))
+                await asyncio.sleep(RETRY_SECONDS)
+
+    def _hand_over(self, move: Move) -> None:
+        """The map's last step: the target owns the slots (compare-and-set: a
+        map changed meanwhile is read again)."""
+        while True:
+            current, version = routing.load(self.zk_client, self.map_path)
+            if current.moving != move:
+                return  # handed over already
+            try:
+                routing.store(self.zk_client, self.map_path, current.with_move_finished(move), version)
+                return
+            except BadShardMap:
+                continue
+
+
+async def _pause() -> None:
+    if STEP_PAUSE:
+        await asyncio.sleep(STEP_PAUSE)
+
+
+def _short(exc: Exception) -> str:
+    details = getattr(exc, "details", None)
+    return (details() if callable(details) else str(exc)) or type(exc).__name__
