@@ -64,7 +64,8 @@ def main(args) -> None:
             print(f"shard {new.shards - 1} added (map version {new.version}); it owns no slot yet: start its "
                   f"masters with --shard {new.shards - 1}")
         elif args.action == "move":
-            start_move(client, paths, *shards.parse_slots(args.slots), args.to, args.wait)
+            first, last = shards.parse_slots(args.slots)
+            start_move(client, paths, first, last, args.to, args.wait)
         show(client, paths, args.json)
     finally:
         zk.stop(client)

@@ -54,6 +54,7 @@ from kazoo.security import make_digest_acl
 from dworkers import credentials
 from dworkers.common import zk as zkpaths
 from dworkers.common.pgserver import PostgreSQLServer
+from dworkers.common.shards import slot_of
 from dworkers.common.zkserver import ZooKeeperServer
 from dworkers.local_cluster import LocalCluster, Service
 from dworkers.v1 import work_pb2
@@ -62,7 +63,7 @@ from tests.bench_support import clients, procstat, profiling
 from tests.bench_support.clients import Submitters, Subscriber, percentile
 from tests.helpers import wait_until
 
-SCENARIOS = ("submit", "sdk", "peers", "e2e", "shards", "roundtrip", "postgresql", "failover", "replay", "backlog",
+SCENARIOS = ("submit", "sdk", "peers", "e2e", "shards", "move", "roundtrip", "postgresql", "failover", "replay", "backlog",
              "control",
              "scale")
 ALIASES = {"memory": "replay", "rtt": "roundtrip", "pg": "postgresql"}
@@ -96,10 +97,10 @@ def load_peers(directory: str) -> tuple[dict, str]:
 
 
 # Rough seconds each scenario needs (to skip rather than overrun the budget).
-ESTIMATE = {"submit": 25, "sdk": 30, "peers": 170, "e2e": 200, "shards": 150, "roundtrip": 20, "postgresql": 60, "failover": 30, "replay": 40,
-            "backlog": 240, "control": 150, "scale": 100}
-ESTIMATE_QUICK = {"submit": 15, "sdk": 20, "peers": 40, "e2e": 30, "shards": 60, "roundtrip": 15, "postgresql": 30, "failover": 25, "replay": 20,
-                  "backlog": 60, "control": 50, "scale": 30}
+ESTIMATE = {"submit": 25, "sdk": 30, "peers": 170, "e2e": 200, "shards": 150, "move": 90, "roundtrip": 20, "postgresql": 60, "failover": 30,
+            "replay": 40, "backlog": 240, "control": 150, "scale": 100}
+ESTIMATE_QUICK = {"submit": 15, "sdk": 20, "peers": 40, "e2e": 30, "shards": 60, "move": 40, "roundtrip": 15, "postgresql": 30, "failover": 25,
+                  "replay": 20, "backlog": 60, "control": 50, "scale": 30}
 
 
 def ms(seconds: float) -> float:
@@ -798,6 +799,43 @@ class Bench:
                 note += f"; INCOMPLETE: {result['results']}/{result['works']} results"
             self.row(f"shards.{shards}", f"end to end, {result['works']:,} works, {shards} shard(s)", result["rate"],
                      "works/s", None, "", note)
+
+    def scenario_move(self) -> None:
+        """Moving 1,000 slots holding 100,000 pending works from one shard to
+        another (no workers: they all wait), on each journal: the time from
+        `dworkers shards move` to the map naming the new owner."""
+        count = 20_000 if self.quick else 100_000
+        first, last = 0, 999
+        ids, n = [], 0
+        while len(ids) < count:
+            work_id = f"m{n}"
+            n += 1
+            if first <= slot_of(work_id) <= last:
+                ids.append(work_id)
+        for journal, url in (("zookeeper", ""), ("postgresql", self.pg_url())):
+            if self.remaining() < 40:
+                self.notes.append(f"move: {journal} skipped (time budget)")
+                continue
+            with self.cluster(f"move-{journal}", url) as c:
+                c.shards("init", "2")
+                for shard in (0, 1):
+                    c.start_master(None, "--shard", str(shard), *self.master_args, wait=True)
+                stub = self.frontend_stub(c.start_frontend())
+                self.warm_up_submit(stub)
+                self.fill(stub, [work_pb2.SubmitWorkRequest(work_id=w, kind="square", payload=b"x" * 100)
+                                 for w in ids], f"move ({journal})")
+                self.log(f"move: {count:,} pending works in slots {first}-{last} of shard 0 -> shard 1 ({journal})")
+                t0 = time.monotonic()
+                c.shards("move", "--slots", f"{first}-{last}", "--to", "1")
+                took = time.monotonic() - t0
+                info = stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=30)
+                moved = info.shards[1].pending
+            self.details[f"move_{journal}"] = {"works": count, "slots": last - first + 1, "seconds": round(took, 2),
+                                               "target_pending_after": moved}
+            self.row(f"move.{journal}", f"move {last - first + 1:,} slots holding {count:,} pending works "
+                     f"({journal} journal)", took, "s", None, "",
+                     f"{count / took:,.0f} works/s; the target holds {moved:,} pending after; submissions for "
+                     "those slots wait meanwhile")
 
     # --- 3. round trip ---------------------------------------------------------
 

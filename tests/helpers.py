@@ -30,10 +30,36 @@ def submit_until_acked(stub, kind: str, payload: bytes, work_id: str | None = No
         try:
             return stub.SubmitWork(request, timeout=10)
         except grpc.RpcError as error:
+            # ABORTED: its slot was moving to another shard for longer than the call's deadline
             if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                    grpc.StatusCode.RESOURCE_EXHAUSTED) or time.monotonic() > end:
+                                    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED) \
+                    or time.monotonic() > end:
                 raise
             time.sleep(0.1)
+
+
+class Producer:
+    """Submits works in a thread until stopped; remembers which were acked."""
+
+    def __init__(self, stub, kind: str = "square", payload: bytes = b"3", prefix: str = "p"):
+        self.stub, self.kind, self.payload, self.prefix = stub, kind, payload, prefix
+        self.acked: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            response = submit_until_acked(self.stub, self.kind, self.payload, f"{self.prefix}-{n}", deadline=90)
+            self.acked.append(response.work_id)
+            time.sleep(0.01)
+
+    def stop(self) -> list[str]:
+        self._stop.set()
+        self._thread.join(timeout=100)
+        return self.acked
 
 
 class ResultCollector:

@@ -16,6 +16,7 @@ from dworkers import credentials
 from dworkers.local_cluster import LocalCluster, wait_serving
 from dworkers.v1 import master_pb2_grpc, work_pb2
 from tests.helpers import (
+    Producer,
     ResultCollector,
     assert_exactly_once,
     frontend,
@@ -29,30 +30,6 @@ from tests.journals import both_journals, read_journal
 # With TLS (mutual), access control and ZooKeeper ACLs on (conftest.py): the
 # rest of the suite runs plaintext.
 pytestmark = [pytest.mark.e2e, pytest.mark.secure]
-
-
-class Producer:
-    """Submits works in a thread until stopped; remembers which were acked."""
-
-    def __init__(self, stub, kind: str = "square", payload: bytes = b"3", prefix: str = "p"):
-        self.stub, self.kind, self.payload, self.prefix = stub, kind, payload, prefix
-        self.acked: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        n = 0
-        while not self._stop.is_set():
-            n += 1
-            response = submit_until_acked(self.stub, self.kind, self.payload, f"{self.prefix}-{n}", deadline=90)
-            self.acked.append(response.work_id)
-            time.sleep(0.01)
-
-    def stop(self) -> list[str]:
-        self._stop.set()
-        self._thread.join(timeout=100)
-        return self.acked
 
 
 @both_journals

@@ -61,11 +61,11 @@ def finish(source: Journaled, work_id: str, ok: bool = True) -> None:
     source.state.start(work_id, token)
     source.events.append(journal_pb2.Event(work_started=journal_pb2.WorkStarted(work_id=work_id, attempt_token=token)))
     if ok:
-        event = journal_pb2.Event(work_completed=journal_pb2.WorkCompleted(work_id=work_id, result=b"r-" + work_id.encode(),
-                                                                          attempt_token=token))
+        event = journal_pb2.Event(work_completed=journal_pb2.WorkCompleted(
+            work_id=work_id, result=b"r-" + work_id.encode(), attempt_token=token))
     else:
-        event = journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(work_id=work_id, error="no", attempt_token=token,
-                                                                        permanent=True))
+        event = journal_pb2.Event(worker_failed=journal_pb2.WorkerFailed(
+            work_id=work_id, error="no", attempt_token=token, permanent=True))
     source.do(lambda m, now: m._record([event], now))
 
 
@@ -94,7 +94,8 @@ def test_a_move_carries_pending_scheduled_retryable_and_finished_works_and_nothi
     assert source.do(lambda m, now: m.start_move(MOVE, now))
     held = set(source.state.held)
     assert held and all(moving(w) for w in held)
-    assert not any(moving(w) for w in source.state.pending) and not any(moving(e.work_id) for e in source.state.scheduled.values())
+    assert not any(moving(w) for w in source.state.pending)
+    assert not any(moving(e.work_id) for e in source.state.scheduled.values())
     assert running_in(source.state, MOVE.first, MOVE.last) == 0
     ids = ids_to_move(source.state, MOVE.first, MOVE.last)
     assert set(ids) == {w for w in IDS if moving(w)}

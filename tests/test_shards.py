@@ -10,6 +10,7 @@ import os
 import random
 import signal
 import socket
+import threading
 import uuid
 from collections import Counter
 from functools import partial
@@ -20,7 +21,7 @@ import pytest
 import dworkers
 from dworkers.common.shards import ShardMap
 from dworkers.v1 import master_pb2_grpc, work_pb2
-from tests.helpers import ResultCollector, frontend, wait_kind, wait_until
+from tests.helpers import Producer, ResultCollector, frontend, wait_kind, wait_until
 from tests.journals import both_journals
 
 pytestmark = pytest.mark.e2e
@@ -286,3 +287,74 @@ def test_the_shard_map_is_made_before_the_masters_start(cluster):
     with pytest.raises(RuntimeError, match="already has a shard map"):
         other.shards("init", "3")
     assert "shard map version 2: 3 shards" in other.shards("add")
+
+
+MOVE_STEPS = ("started", "copied", "released")
+
+
+@both_journals
+def test_slots_move_under_load_through_kill_9_of_the_source_and_the_target_at_each_step(cluster):
+    """Three moves while works flow; in each, the source's and the target's
+    active masters are killed at different steps (every step of both sides
+    once). Every acknowledged work finishes exactly once; moved ids stay
+    deduplicated; works of moved slots are found on their new shard."""
+    cluster.env["DWORKERS_MOVE_STEP_PAUSE"] = "1.5"  # time to kill a master between steps
+    masters = start_sharded(cluster, shards=2, standbys=(0, 1))
+    cluster.start_worker(2)
+    stub = frontend(cluster.start_frontend().address)
+    wait_kind(stub, "square")
+    results = ResultCollector(stub, by_token=True)
+    before = [f"b-{uuid.uuid4().hex[:10]}" for _ in range(400)]
+    submit_all(stub, before)  # results of these are retained: their dedup must move too
+    producer = Producer(stub, payload=b"5", prefix=f"p{uuid.uuid4().hex[:6]}")
+
+    def logs(shard: int) -> str:
+        return "".join(m.log() for m in masters[shard])
+
+    def kill_active(shard: int) -> None:
+        info = stub.ClusterInfo(work_pb2.ClusterInfoRequest(), timeout=10)
+        address = info.shards[shard].master.address
+        victim = next(m for m in masters[shard] if m.address == address and m.alive())
+        victim.signal(signal.SIGKILL)
+        masters[shard].append(cluster.start_master(None, "--shard", str(shard), wait=True))
+
+    plan = [((0, 511), "started", "released"), ((2048, 2559), "copied", "started"), ((512, 1023), "released", "copied")]
+    for (first, last), kill_source_at, kill_target_at in plan:
+        source = ShardMap.even(2).owners[first]
+        target = 1 - source
+        move = f"moving slots {first}-{last} from shard {source} to shard {target}"
+        done = threading.Thread(target=cluster.shards, args=("move", "--slots", f"{first}-{last}", "--to",
+                                                             str(target)))
+        done.start()
+        for step in MOVE_STEPS:
+            line = f"{move}: {step}"
+            wait_until(lambda line=line, source=source: line in logs(source), 60, line)
+            if step == kill_source_at:
+                kill_active(source)
+            if step == kill_target_at:
+                kill_active(target)
+        done.join(120)
+        assert not done.is_alive(), f"{move} did not end"
+        assert "moved slots" in logs(source)
+    acked = producer.stop()
+    assert len(acked) > 50
+    missing = results.wait_for(before + acked, timeout=90)
+    assert not missing, [(w, stub.GetWork(work_pb2.GetWorkRequest(work_id=w), timeout=10)) for w in sorted(missing)[:3]]
+    assert_exactly_once(results, before + acked, stub)
+    # Every id is still known as a duplicate where its slot is now.
+    payload = {w: b"3" if i < len(before) // 2 else b"4" for i, w in enumerate(before)} | dict.fromkeys(acked, b"5")
+    everything = before + acked
+    for i in range(0, len(everything), 500):
+        answer = stub.SubmitWorks(work_pb2.SubmitWorksRequest(works=[
+            work_pb2.SubmitWorkRequest(work_id=w, kind="square", payload=payload[w]) for w in everything[i:i + 500]]),
+            timeout=30)
+        assert all(a.duplicate for a in answer.works)
+    final = ShardMap.even(2)
+    for (first, last), _, _ in plan:
+        final = final.with_slots_moved(first, last, 1 - ShardMap.even(2).owners[first])
+    assert f"slots {final.slot_count(0)} " in cluster.shards().replace("  ", " ")
+    moved = [w for w in before if final.shard_of(w) != ShardMap.even(2).shard_of(w)]
+    assert moved
+    status = stub.GetWork(work_pb2.GetWorkRequest(work_id=moved[0]), timeout=10)
+    assert status.state == work_pb2.DONE
+    results.stop()

@@ -10,7 +10,6 @@ import uuid
 from collections.abc import Callable
 
 from dworkers.common.errors import InvalidInput, ProtocolError
-from dworkers.common.shards import slot_of
 from dworkers.common.limits import (
     MAX_ATTEMPTS_LIMIT,
     MAX_BACKOFF_MULTIPLIER,
@@ -19,6 +18,7 @@ from dworkers.common.limits import (
     MAX_RATE_LIMIT,
     MAX_TIMEOUT_SECONDS,
 )
+from dworkers.common.shards import slot_of
 from dworkers.v1 import master_pb2, work_pb2
 
 MAX_PAYLOAD_BYTES = 256 * 1024  # per work; documented in the README

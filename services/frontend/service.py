@@ -154,6 +154,20 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
                 outcomes[shard] = error
         return outcomes
 
+    def _parts(self, groups: dict[int, list[int]], part) -> dict[int, Any]:
+        """Each shard's part of a call (`part(shard, positions)` makes it),
+        at once when there are several; outcomes by shard, a refusal as
+        another shard's among them (the others' errors too, when several)."""
+        if len(groups) > 1:
+            return self._each_shard({shard: part(shard, positions) for shard, positions in groups.items()})
+        shard, positions = next(iter(groups.items()))
+        try:
+            return {shard: part(shard, positions)()}
+        except (WrongShard, grpc.RpcError) as error:
+            if not _wrong_shard(error):
+                raise
+            return {shard: error}
+
     def _on_every_shard(self, method: str, request, context) -> dict[int, Any]:
         deadline = time.monotonic() + self._timeout(context)
         return self._each_shard({shard: partial(_call_by, self.shards.proxy(shard), method, request, deadline)
@@ -163,13 +177,14 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         """A call naming works (CancelWork, RetryWork): each shard gets its
         own works; the answers come back in the request's order. Each shard
         applies its part all or nothing; when one refuses, the call fails
-        with its error and what other shards did stays done."""
+        with its error and what other shards did stays done. A part a shard
+        refuses as not its own (its map here was behind, or its slots are
+        moving) goes again with the newer map, within the deadline."""
         work_ids = list(getattr(request, ids_field))
-        groups = self.shards.split(work_ids)
-        if len(groups) == 1:
-            shard = next(iter(groups))
-            return self.shards.proxy(shard).call(method, request, timeout=self._timeout(context))
         deadline = time.monotonic() + self._timeout(context)
+        answers: list = [None] * len(work_ids)
+        todo = list(range(len(work_ids)))
+        response: Any = None
 
         def part(shard, positions):
             sub = type(request)()
@@ -178,17 +193,29 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             getattr(sub, ids_field).extend(work_ids[i] for i in positions)
             return partial(_call_by, self.shards.proxy(shard), method, sub, deadline)
 
-        outcomes = self._each_shard({shard: part(shard, positions) for shard, positions in groups.items()})
-        for outcome in outcomes.values():
-            if isinstance(outcome, Exception):
-                raise outcome
-        answers = [None] * len(work_ids)
-        for shard, positions in groups.items():
-            for i, work in zip(positions, outcomes[shard].works):
-                answers[i] = work
-        response = type(outcomes[next(iter(groups))])()
-        response.works.extend(answers)
-        return response
+        while todo:
+            current = self.shards.map
+            groups: dict[int, list[int]] = {}
+            for i in todo:
+                groups.setdefault(current.shard_of(work_ids[i]), []).append(i)
+            outcomes = self._parts(groups, part)
+            todo = []
+            for shard, positions in groups.items():
+                outcome = outcomes[shard]
+                if _wrong_shard(outcome):
+                    todo += positions
+                elif isinstance(outcome, Exception):
+                    raise outcome
+                else:
+                    response = outcome
+                    for i, work in zip(positions, outcome.works):
+                        answers[i] = work
+            if todo and not self.shards.wait_newer(current.version, deadline - time.monotonic()):
+                raise WrongShard(f"{len(todo)} works were refused as another shard's (or moving), and no newer "
+                                 "shard map came in time; retry")
+        merged = type(response)()
+        merged.works.extend(answers)
+        return merged
 
     def _validated(self, request: work_pb2.SubmitWorksRequest) -> work_pb2.SubmitWorksRequest:
         # Ids are fixed here, before any retry, so a retried call stays idempotent.
@@ -235,16 +262,7 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
                 return lambda: self.shards.proxy(shard).call("SubmitWorks", sub,
                                                              timeout=max(0.001, deadline - time.monotonic()))
 
-            if len(groups) == 1:
-                shard, positions = next(iter(groups.items()))
-                try:
-                    outcomes = {shard: part(shard, positions)()}
-                except grpc.RpcError as error:
-                    if not _wrong_shard(error):
-                        raise
-                    outcomes = {shard: error}
-            else:
-                outcomes = self._each_shard({shard: part(shard, positions) for shard, positions in groups.items()})
+            outcomes = self._parts(groups, part)
             todo = []
             for shard, positions in groups.items():
                 outcome = outcomes[shard]
@@ -271,7 +289,9 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         return work_pb2.SubmitWorksResponse(works=answers)
 
     def GetWork(self, request, context):
-        return self.shards.for_work(request.work_id)[1].call("GetWork", request, timeout=self._timeout(context))
+        timeout = self._timeout(context)
+        return self._rerouted(lambda current: self.shards.proxy(current.shard_of(request.work_id)).call(
+            "GetWork", request, timeout=timeout), context)
 
     def ClusterInfo(self, request, context):
         if not self.shards.several:

@@ -79,11 +79,14 @@ class SlotMover:
                 shell.check_serving()
             ids = ids_to_move(state, move.first, move.last)
             copied = await self._copy(move, ids)
-            log.info("moving %s: the target holds %d works of them (%d sent); releasing", move, len(ids), copied)
             await shell.release_move(ids)
+            log.info("moving %s: released %d works, the target holds them (%d sent from here)", move, len(ids),
+                     copied)
             await _pause()
-        await asyncio.get_running_loop().run_in_executor(None, self._hand_over, move)
-        log.info("moved %s in %.2f s", move, time.monotonic() - started)
+        if await asyncio.get_running_loop().run_in_executor(None, self._hand_over, move):
+            log.info("moved %s in %.2f s", move, time.monotonic() - started)
+        while self.follower.current.moving == move:  # until this backend reads the new map
+            await asyncio.sleep(0.05)
 
     async def _copy(self, move: Move, ids: list[str]) -> int:
         """Sends the works after what the target holds, part by part; returns how many were sent."""
@@ -115,16 +118,16 @@ class SlotMover:
                 log.warning("move %s: the target did not take a part: %s; trying again", request.move_key, _short(exc))
                 await asyncio.sleep(RETRY_SECONDS)
 
-    def _hand_over(self, move: Move) -> None:
+    def _hand_over(self, move: Move) -> bool:
         """The map's last step: the target owns the slots (compare-and-set: a
-        map changed meanwhile is read again)."""
+        map changed meanwhile is read again). False if it was done already."""
         while True:
             current, version = routing.load(self.zk_client, self.map_path)
             if current.moving != move:
-                return  # handed over already
+                return False
             try:
                 routing.store(self.zk_client, self.map_path, current.with_move_finished(move), version)
-                return
+                return True
             except BadShardMap:
                 continue
 

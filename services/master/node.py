@@ -36,8 +36,8 @@ from dworkers.master.journal import FencedError, Journal, JournalError, PostgreS
 from dworkers.master.journal.postgresql import redact
 from dworkers.master.journal.schema import LATEST
 from dworkers.master.leadership import LeadershipCheck
-from dworkers.master.service import MasterService
 from dworkers.master.mover import SlotMover
+from dworkers.master.service import MasterService
 from dworkers.master.shell import MasterShell
 from dworkers.v1 import master_pb2, master_pb2_grpc, work_pb2
 
