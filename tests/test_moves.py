@@ -190,3 +190,29 @@ def test_the_postgresql_journal_keeps_a_moves_payloads_and_results_apart():
     source.do(lambda m, now: m.release_move(ids, now))
     take_apart(journal_pb2.JournalBatch(events=source.events[-1:]), released)
     assert released.payloads and all(p is None for p in released.payloads.values())
+
+
+def test_slots_moved_back_carry_the_results_made_meanwhile():
+    """A -> B, a moved work retried and finished again on B, then B -> A:
+    A answers with B's result, not the one it kept from before."""
+    a, b = a_source_with_works(), Journaled()
+    a.do(lambda m, now: m.start_move(MOVE, now))
+    ids = ids_to_move(a.state, MOVE.first, MOVE.last)
+    copy_all(a, b, ids)
+    a.do(lambda m, now: m.release_move(ids, now))
+    failed = next(w for w in ids if b.state.status(w).state == work_pb2.FAILED)
+    b.do(lambda m, now: m.retry([failed], now))
+    token = 77
+    b.state.start(failed, token)
+    b.do(lambda m, now: m._record([journal_pb2.Event(work_completed=journal_pb2.WorkCompleted(
+        work_id=failed, result=b"second", attempt_token=token))], now))
+    back = Move(MOVE.first, MOVE.last, 1, 0, since=9)
+    b.do(lambda m, now: m.start_move(back, now))
+    ids_back = ids_to_move(b.state, back.first, back.last)
+    start = 0
+    while start < len(ids_back):
+        request, start = export_part(b.state, ids_back, start, back.key, 1)
+        a.do(lambda m, now, r=request: m.import_works(r, now))
+    status = a.state.status(failed)
+    assert (status.state, status.result) == (work_pb2.DONE, b"second")
+    assert {w: a.replayed().status(w) for w in IDS} == {w: a.state.status(w) for w in IDS}

@@ -244,3 +244,24 @@ def test_the_payload_cache_is_bounded_in_bytes_and_lets_go_of_what_it_hands_out(
     assert cache.take("w9") == bytes(200) and cache.take("w9") is None
     cache.put("big", bytes(600))  # over a quarter of the bound: not kept
     assert cache.take("big") is None and cache.size == 800
+
+
+def test_the_result_stream_passes_over_results_a_move_imported():
+    """Results imported by a slot move are numbered here but were published
+    by their source: the stream skips them, however many come in a row."""
+    async def main():
+        core, journal, _ = await started_core()
+        imported = master_pb2.ImportWorksRequest(move_key="k", source_shard=1, last_id="m999")
+        for i in range(600):
+            imported.results.add(work_id=f"m{i:03d}", kind="square", state=work_pb2.DONE, result=b"old", sequence=i + 1)
+            imported.result_fingerprints.append(b"f")
+        await durably(journal, core.import_works(imported))
+        connection, assignment = await running(core, journal)
+        core.report(connection, [done("s0", assignment)], [])
+        await durably(journal, core.committer.barrier())
+        stream = core.results(0)
+        batch = await asyncio.wait_for(stream.__anext__(), 5)
+        assert [(r.work_id, r.sequence) for r in batch] == [("a", 601)]
+        await stream.aclose()
+
+    asyncio.run(main())

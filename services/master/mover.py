@@ -109,13 +109,17 @@ class SlotMover:
 
     async def _call(self, proxy, request: master_pb2.ImportWorksRequest) -> master_pb2.ImportWorksResponse:
         loop = asyncio.get_running_loop()
+        logged = 0.0
         while True:
             self.shell.check_serving()
             try:
                 return await loop.run_in_executor(
                     None, lambda: proxy.call("ImportWorks", request, timeout=CALL_TIMEOUT))
             except Exception as exc:  # noqa: BLE001 - the target fails over, or its map is behind
-                log.warning("move %s: the target did not take a part: %s; trying again", request.move_key, _short(exc))
+                if time.monotonic() - logged > 30:
+                    logged = time.monotonic()
+                    log.warning("move %s: the target did not take a part: %s; trying again every %g s",
+                                request.move_key, _short(exc), RETRY_SECONDS)
                 await asyncio.sleep(RETRY_SECONDS)
 
     def _hand_over(self, move: Move) -> bool:

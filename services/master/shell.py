@@ -437,10 +437,12 @@ class MasterShell:
                 first = max(cursor, state.forgotten_up_to)
                 limit = min(self.durable_sequence - first, RESULTS_PER_MESSAGE)
                 if state.payloads_apart:
-                    batch = await self._with_result_bytes(state.results_after(cursor, min(limit, RESULTS_PER_READ)))
+                    limit = min(limit, RESULTS_PER_READ)
+                    batch = await self._with_result_bytes(state.results_after(cursor, limit))
                 else:
                     batch = state.results_after(cursor, limit, MAX_STREAM_MESSAGE_BYTES - 64 * 1024)
-                cursor = batch[-1].sequence if batch else self.durable_sequence
+                # none: every number looked at was imported by a move (not published here)
+                cursor = batch[-1].sequence if batch else first + limit
                 if batch:
                     yield batch
                 continue

@@ -662,7 +662,7 @@ class Master:
             # only what this shard does not hold yet (the journal stores the payloads it is given)
             imported = journal_pb2.WorksImported(move_key=request.move_key, last_id=request.last_id)
             for result, print_ in zip(request.results, request.result_fingerprints):
-                if result.work_id > cursor and not state.is_known(result.work_id):
+                if result.work_id > cursor and state.unfinished(result.work_id) is None:
                     kept = imported.results.add()
                     kept.CopyFrom(result)
                     kept.sequence = 0  # numbered here, in this shard's stream

@@ -672,7 +672,8 @@ class WorkState:
         to the move's cursor came before (a part sent again) and are skipped."""
         cursor = self.imports.get(e.move_key, "")
         for result, print_ in zip(e.results, e.result_fingerprints):
-            if result.work_id <= cursor or self.is_known(result.work_id):
+            # A result kept here from before its slot left is older than the source's: replaced.
+            if result.work_id <= cursor or self.unfinished(result.work_id) is not None:
                 continue
             if result.sequence and result.sequence != self.next_sequence:
                 self._impossible(f"{result.work_id!r} imported as result {result.sequence}, "
