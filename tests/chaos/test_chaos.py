@@ -1,5 +1,6 @@
 """Chaos, on each journal, and on a cluster of 3 shards: a load of works
-while random masters, workers and frontends are killed, stopped and paused,
+while random masters, workers and frontends are killed, stopped and paused
+(and, with shards, slots move between shards all along),
 ZooKeeper restarts once and, with the PostgreSQL journal, PostgreSQL is
 killed and restarted once. Half the works
 carry payloads of 1-200 KiB and come back with results as large; the others
@@ -14,6 +15,7 @@ CI runs a bounded version; `make chaos` sets DWORKERS_CHAOS_SECONDS=300."""
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import random
@@ -153,11 +155,36 @@ class Clients:
 
 
 class Chaos:
-    def __init__(self, cluster: LocalCluster, seed: int, database: PostgreSQLServer | None = None):
+    def __init__(self, cluster: LocalCluster, seed: int, database: PostgreSQLServer | None = None,
+                 shards: int = 1):
         self.cluster = cluster
         self.database = database
+        self.shards = shards
         self.random = random.Random(seed)
         self.faults: Counter = Counter()
+
+    def move_slots(self) -> None:
+        """Starts moving a random run of one shard's slots to another (the
+        masters go on with it through whatever comes next)."""
+        layout = json.loads(self.cluster.shards("--json"))
+        if layout["moving"] is not None:
+            return  # one move at a time
+        ranges = [(int(a), int(b or a), row["shard"]) for row in layout["shards"] for a, _, b in
+                  (r.partition("-") for r in row["ranges"])]
+        first, last, source = self.random.choice(ranges)
+        start = self.random.randint(first, last)
+        end = min(last, start + self.random.randint(16, 512))
+        target = self.random.choice([k for k in range(self.shards) if k != source])
+        self.cluster.shards("move", "--slots", f"{start}-{end}", "--to", str(target), "--wait", "0")
+        self.faults["move_slots"] += 1
+
+    def moves_ended(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if json.loads(self.cluster.shards("--json"))["moving"] is None:
+                return True
+            time.sleep(0.5)
+        return False
 
     def _pick(self, role: str):
         alive = [s for s in self.cluster.services if s.role == role and s.alive()]
@@ -215,6 +242,8 @@ class Chaos:
             time.sleep(self.random.uniform(1.5, 3.5))
             if servers and time.monotonic() >= servers[0][0]:
                 servers.pop(0)[1]()
+            elif self.shards > 1 and self.random.random() < 0.4:
+                self.move_slots()
             else:
                 self.inject()
             self._heal()
@@ -239,8 +268,10 @@ def test_chaos(tmp_path, journal_kind, shards):
             cluster.start_frontend()
         wait_kind(frontend(cluster.services[-1].address), "echo")
         clients = Clients(cluster, sharded=shards > 1)
-        chaos = Chaos(cluster, seed=int(os.environ.get("DWORKERS_CHAOS_SEED", time.time())), database=database)
+        chaos = Chaos(cluster, seed=int(os.environ.get("DWORKERS_CHAOS_SEED", time.time())), database=database,
+                      shards=shards)
         chaos.run(CHAOS_SECONDS)
+        assert chaos.moves_ended(120), "a move of slots did not end"
         acked = clients.stop_producing()
         missing = clients.wait_results(set(acked), timeout=120)
         time.sleep(1.0)
@@ -282,11 +313,12 @@ def test_chaos(tmp_path, journal_kind, shards):
         for shard in range(shards):
             state = _replayed(cluster, shard)
             mine = [r for r in streamed if r.shard == shard]
-            replayed = {s: r.work_id for s, r in state.results.items()}
+            # (results a move brought here are numbered, not published: their source's stream had them)
+            replayed = {s: r.work_id for s, r in state.results.items() if s not in state.imported}
             assert replayed == {r.sequence: r.work_id for r in mine if r.sequence in replayed}
             # Older results may have left the retention window (by bytes, with large results).
             assert set(replayed) == {r.sequence for r in mine if r.sequence > state.forgotten_up_to}
-            assert state.last_sequence == mine[-1].sequence
+            assert max(set(range(state.last_sequence + 1)) - state.imported) == mine[-1].sequence
             assert not state.pending and not state.in_progress and not state.scheduled
     finally:
         cluster.stop()
