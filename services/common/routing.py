@@ -9,6 +9,7 @@ ZooKeeper (--masters) there is no map: the cluster is one shard.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError
@@ -16,6 +17,8 @@ from kazoo.recipe.watchers import DataWatch
 
 from dworkers.common.proxy import MasterProxy, ZooKeeperLocator
 from dworkers.common.shards import BadShardMap, ShardMap
+
+REROUTE_PAUSE = 0.2  # seconds between tries of a call a master refused as another shard's
 
 
 def load(client, path: str) -> tuple[ShardMap, int]:
@@ -129,11 +132,17 @@ class Shards:
             groups.setdefault(current.shard_of(work_id), []).append(i)
         return groups
 
-    def wait_newer(self, version: int, timeout: float) -> bool:
-        """Waits for a map newer than `version`: a master said a work is not
-        its shard's, so the map here is behind."""
+    def wait_newer(self, version: int, deadline: float) -> bool:
+        """A master said a work is not its shard's: waits for a map newer
+        than `version` (the map here was behind), or a moment (the master's
+        was behind, or its slots are moving); False once `deadline` (a
+        time.monotonic()) has passed, when the caller gives up."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
         with self._lock:
-            return self._lock.wait_for(lambda: self.map.version > version, max(0.0, timeout))
+            self._lock.wait_for(lambda: self.map.version > version, min(REROUTE_PAUSE, remaining))
+        return True
 
     def _changed(self, _new: ShardMap) -> None:
         with self._lock:

@@ -139,7 +139,7 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             try:
                 return send(current)
             except (WrongShard, grpc.RpcError) as error:
-                if not _wrong_shard(error) or not self.shards.wait_newer(current.version, deadline - time.monotonic()):
+                if not _wrong_shard(error) or not self.shards.wait_newer(current.version, deadline):
                     raise
 
     def _each_shard(self, calls: dict[int, Callable[[], Any]]) -> dict[int, Any]:
@@ -210,7 +210,7 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
                     response = outcome
                     for i, work in zip(positions, outcome.works):
                         answers[i] = work
-            if todo and not self.shards.wait_newer(current.version, deadline - time.monotonic()):
+            if todo and not self.shards.wait_newer(current.version, deadline):
                 raise WrongShard(f"{len(todo)} works were refused as another shard's (or moving), and no newer "
                                  "shard map came in time; retry")
         merged = type(response)()
@@ -282,7 +282,7 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
                         todo.append(i)
                     else:
                         answers[i] = answer
-            if todo and not self.shards.wait_newer(current.version, deadline - time.monotonic()):
+            if todo and not self.shards.wait_newer(current.version, deadline):
                 raise WrongShard(f"{len(todo)} works were refused as another shard's, and no newer "
                                  "shard map came in time")
             todo.sort()
@@ -464,7 +464,7 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
                 return
             except (WrongShard, grpc.RpcError) as error:
                 if handle.cancelled or not _wrong_shard(error) \
-                        or not self.shards.wait_newer(current.version, self.settings.call_timeout):
+                        or not self.shards.wait_newer(current.version, time.monotonic() + self.settings.call_timeout):
                     raise
 
     def _merged_waits(self, work_ids: list[str], handle: StreamHandle):

@@ -163,6 +163,8 @@ class Master:
                 elif result.state == work_pb2.DONE and self.state.payloads_apart:
                     # the journal stores the result under its number
                     event.work_completed.sequence = result.sequence
+            elif event.HasField("works_imported"):  # kept as long as the results made here now
+                self._finished_at.extend((r.sequence, now) for r in event.works_imported.results if r.sequence)
         step.events += events
 
     def _failed(self, entry: Entry, token: int, error: str, now: float,
