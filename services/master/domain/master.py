@@ -711,7 +711,9 @@ class Master:
         scheduler, pending = self.scheduler, self.state.pending
         waiting = pending.counts()
         return {
-            "pending": len(pending), "moving": len(self.state.held), "in_progress": len(self.state.in_progress),
+            # works of slots moving away count as pending (they are, on their way to another shard)
+            "pending": len(pending) + len(self.state.held), "moving": len(self.state.held),
+            "in_progress": len(self.state.in_progress),
             "scheduled": len(self.state.scheduled), "cancelled": self.state.cancelled_count,
             "done": self.state.done_count, "failed": self.state.failed_count,
             "last_sequence": self.state.last_sequence,
