@@ -20,6 +20,7 @@ import sys
 from collections import OrderedDict, deque
 from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from dworkers.common.shards import slot_of
 from dworkers.v1 import journal_pb2, work_pb2
@@ -56,10 +57,40 @@ def _shared(value, table: dict):
 
 
 @dataclass(slots=True)
+class Extra:
+    """What few works have (a failed attempt's error, a worker identity, a
+    content type, a back-off, a lease): kept apart, so that the many pending
+    works without any pay one slot for all of it."""
+
+    hand_backs: int = 0
+    error: str = ""
+    owner: str = ""
+    content_type: str = ""
+    backoff: tuple[float, float, float] | None = None
+    heartbeat_timeout: float = 0.0
+
+
+def _extra_field(name: str, default: Any) -> Any:
+    """An Extra field read and written as the entry's own."""
+    def get(entry: Entry) -> Any:
+        return default if entry.extra is None else getattr(entry.extra, name)
+
+    def put(entry: Entry, value: Any) -> None:
+        if entry.extra is None:
+            if value == default:
+                return
+            entry.extra = Extra()
+        setattr(entry.extra, name, value)
+
+    return property(get, put)
+
+
+@dataclass(slots=True)
 class Entry:
     """A work that is not finished yet: what scheduling needs, in a few
     hundred bytes. Its payload is here, or (payload None) kept by the journal,
-    which hands it out; then `digest` tells a resubmission from a conflict."""
+    which hands it out; then `digest` tells a resubmission from a conflict.
+    Its rarer fields (Extra's, read and written as its own) live in `extra`."""
 
     work_id: str
     kind: str
@@ -70,16 +101,18 @@ class Entry:
     digest: bytes | None = None  # fingerprint(kind, payload) when the payload is not here
     attempts: int = 0  # times handed to a worker
     failures: int = 0  # failed or timed-out attempts
-    hand_backs: int = 0  # attempts handed back unfinished (a worker leaving)
-    error: str = ""  # the last failed attempt's error
     token: int = 0  # its latest attempt's token: only reports that carry it count
-    owner: str = ""  # the worker identity its latest attempt was handed to ("" when none is checked)
     ticket: int = STALE  # its place in the queue while pending
-    content_type: str = ""  # of the payload
     priority: int = 0  # higher first
     ready_at: float = 0.0  # while scheduled: the Unix time it is queued at
-    backoff: tuple[float, float, float] | None = None  # (initial, multiplier, max) seconds between attempts
-    heartbeat_timeout: float = 0.0  # > 0: its attempts hold a lease renewed by heartbeats, not a timeout
+    extra: Extra | None = None  # made when one of its fields is first set
+
+    hand_backs = _extra_field("hand_backs", 0)  # attempts handed back unfinished (a worker leaving)
+    error = _extra_field("error", "")  # the last failed attempt's error
+    owner = _extra_field("owner", "")  # the worker identity its latest attempt was handed to ("" if unchecked)
+    content_type = _extra_field("content_type", "")  # of the payload
+    backoff = _extra_field("backoff", None)  # (initial, multiplier, max) seconds between attempts
+    heartbeat_timeout = _extra_field("heartbeat_timeout", 0.0)  # > 0: a lease renewed by heartbeats, no timeout
 
     @classmethod
     def of(cls, work: work_pb2.Work, keep_payload: bool = True, digest: bytes = b"") -> Entry:
@@ -91,19 +124,21 @@ class Entry:
         payload = work.payload
         size = work.ByteSize() + ENTRY_OVERHEAD_BYTES - (NOT_BEFORE_FIELD_BYTES if work.not_before else 0)
         timeout = _shared(work.timeout_seconds, _TIMEOUTS) if work.timeout_seconds else 0.0
-        content_type = _shared(work.content_type, _CONTENT_TYPES)
         b = work.backoff
-        backoff = _shared((b.initial_seconds, b.multiplier, b.max_seconds), _BACKOFFS) \
-            if b.initial_seconds else None
-        lease = _shared(work.heartbeat_timeout, _TIMEOUTS) if work.heartbeat_timeout else 0.0
+        extra = None
+        if work.content_type or b.initial_seconds or work.heartbeat_timeout:
+            extra = Extra(content_type=_shared(work.content_type, _CONTENT_TYPES),
+                          backoff=_shared((b.initial_seconds, b.multiplier, b.max_seconds), _BACKOFFS)
+                          if b.initial_seconds else None,
+                          heartbeat_timeout=_shared(work.heartbeat_timeout, _TIMEOUTS) if work.heartbeat_timeout
+                          else 0.0)
+        ready_at = work.not_before or 0.0  # one shared 0.0, not a float per work
         if keep_payload:
             return cls(work.work_id, kind, payload, work.max_attempts, timeout, _shared(size, _SIZES),
-                       content_type=content_type, priority=work.priority, ready_at=work.not_before, backoff=backoff,
-                       heartbeat_timeout=lease)
+                       priority=work.priority, ready_at=ready_at, extra=extra)
         return cls(work.work_id, kind, None, work.max_attempts, timeout,
                    _shared(size - payload_field_bytes(len(payload)), _SIZES), digest or fingerprint(kind, payload),
-                   content_type=content_type, priority=work.priority, ready_at=work.not_before, backoff=backoff,
-                   heartbeat_timeout=lease)
+                   priority=work.priority, ready_at=ready_at, extra=extra)
 
     def work(self) -> work_pb2.Work:
         """The work as submitted (without its payload if the journal keeps it,
