@@ -33,6 +33,11 @@ RESULTS_PER_MESSAGE = 500
 RESULTS_PER_READ = 64  # results read from a journal that keeps them apart, at once (at most 16 MiB)
 RESULT_CACHE_BYTES = 32 * 1024 * 1024
 TRIM_AFTER_SNAPSHOT_BYTES = 32 * 1024 * 1024  # smaller snapshots leave too little to give back to be worth it
+# After this many journaled bytes (payloads pass through the master on their
+# way to the journal) freed memory goes back to the system: at the end of a
+# burst (a tick with nothing appended), or every TRIM_INTERVAL meanwhile.
+TRIM_AFTER_BYTES = 64 * 1024 * 1024
+TRIM_INTERVAL = 30.0
 # The most events one input can record (a full SubmitWorks with its starts, a
 # worker message full of reports, a tick that ends every attempt): the shell
 # takes an input only if the journal's buffer has room for it.
@@ -87,6 +92,7 @@ class MasterShell:
         self._bytes_at_last_complete = 0  # ...and when the last stored one was cut
         self._last_snapshot = time.monotonic()
         self._snapshotting = False
+        self._trim = (0, 0, time.monotonic())  # bytes appended at the last trim, at the last tick; the trim's time
         # With a journal that keeps payloads and results apart: the recent ones.
         self._payloads = RecentBytes()
         self._results = RecentBytes(RESULT_CACHE_BYTES)
@@ -608,6 +614,19 @@ class MasterShell:
                     result = self.state.finished.get(work_id)
                     self.metrics.timed_out(entry.kind if entry else result.kind if result else "")
             self._maybe_snapshot(time.monotonic())
+            self._maybe_trim(time.monotonic())
+
+    def _maybe_trim(self, now: float) -> None:
+        """Gives freed memory back to the system after a burst of journaled
+        bytes (glibc keeps what Python frees, so a master that took a
+        backlog would otherwise stay as large as at its peak)."""
+        appended = self._journal().bytes_appended
+        trimmed, last_tick, when = self._trim
+        if appended - trimmed >= TRIM_AFTER_BYTES and (appended == last_tick or now - when >= TRIM_INTERVAL):
+            self._trim = (appended, appended, now)
+            asyncio.get_running_loop().run_in_executor(None, release_free_memory)  # off the loop: it walks the heap
+        else:
+            self._trim = (trimmed, appended, when)
 
     def _maybe_snapshot(self, now: float) -> None:
         s, committer, state = self.settings, self._journal(), self.state

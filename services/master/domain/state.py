@@ -398,10 +398,11 @@ class SnapshotCapture:
 
     PART_ITEMS = 1_000
 
-    def __init__(self, header: journal_pb2.Snapshot, entries: list[tuple], results: list[work_pb2.WorkResult],
+    def __init__(self, header: journal_pb2.Snapshot, entries: list[Entry | tuple], results: list[work_pb2.WorkResult],
                  fingerprints: list[bytes]):
         self.header = header
-        self.entries = entries  # (entry, in_progress, retryable_until_forgotten, then its changing fields)
+        # (entry, in_progress, retryable_until_forgotten, then its changing fields), or the entry alone
+        self.entries = entries
         self.results = results
         self.fingerprints = fingerprints
 
@@ -411,8 +412,11 @@ class SnapshotCapture:
         for first in range(0, len(self.entries), step):
             part = journal_pb2.Snapshot()
             add = part.entries.add
-            for (entry, in_progress, until, attempts, failures, hand_backs, error, token, owner,
-                 ready_at) in self.entries[first:first + step]:
+            for item in self.entries[first:first + step]:
+                if isinstance(item, Entry):  # its changing fields were at their defaults: they stay so here
+                    item.fill(add(fingerprint=item.digest or b"").work)
+                    continue
+                entry, in_progress, until, attempts, failures, hand_backs, error, token, owner, ready_at = item
                 entry.fill(add(
                     attempts=attempts, failures=failures, error=error, in_progress=in_progress,
                     attempt_token=token, fingerprint=entry.digest or b"", ready_at=ready_at,
@@ -820,8 +824,12 @@ class WorkState:
                                  ((False, 0, e) for e in self.held.values()),
                                  ((True, 0, e) for e in self.in_progress.values()),
                                  ((False, until, e) for until, e in self.retryable.values()))
-        entries = [(e, in_progress, until, e.attempts, e.failures, e.hand_backs, e.error, e.token, e.owner,
-                    e.ready_at) for in_progress, until, e in listed]
+        # An entry whose changing fields are all at their defaults (most of a
+        # backlog) is captured as itself: a list slot, not a tuple of them.
+        entries = [e if not (in_progress or until or e.attempts or e.failures or e.token or e.ready_at
+                             or e.extra is not None)
+                   else (e, in_progress, until, e.attempts, e.failures, e.hand_backs, e.error, e.token, e.owner,
+                         e.ready_at) for in_progress, until, e in listed]
         results = list(self.results.values())  # results never change once made
         return SnapshotCapture(header, entries, results, [self.fingerprints[r.work_id] for r in results])
 
@@ -878,8 +886,10 @@ def recorded(entry: Entry, in_progress: bool = False, retryable_until: int = 0) 
 def _restored(e: journal_pb2.SnapshotEntry, payloads_apart: bool) -> Entry:
     """The entry a snapshot (or a move) recorded."""
     entry = Entry.of(e.work, not payloads_apart, e.fingerprint)
-    entry.attempts, entry.failures, entry.error, entry.token = e.attempts, e.failures, e.error, e.attempt_token
-    entry.ready_at, entry.hand_backs, entry.owner = e.ready_at, e.hand_backs, sys.intern(e.worker_owner)
+    entry.attempts, entry.failures, entry.token = e.attempts, e.failures, e.attempt_token
+    entry.ready_at = e.ready_at or 0.0
+    if e.error or e.hand_backs or e.worker_owner:  # most have none: no Extra made, no property called
+        entry.error, entry.hand_backs, entry.owner = e.error, e.hand_backs, sys.intern(e.worker_owner)
     return entry
 
 
