@@ -7,6 +7,7 @@ import pytest
 
 from dworkers.common.errors import Conflict
 from dworkers.common.shards import Move, slot_of
+from dworkers.master.domain.effects import HandOut, Send
 from dworkers.master.domain.master import CoreSettings, Master
 from dworkers.master.domain.moves import export_part, ids_to_move, running_in
 from dworkers.master.domain.state import WorkState
@@ -31,6 +32,7 @@ class Journaled:
     def __init__(self, payloads_apart: bool = False):
         self.master = Master(WorkState(strict=True, payloads_apart=payloads_apart), SETTINGS)
         self.events: list[journal_pb2.Event] = []
+        self.effects: list = []
 
     @property
     def state(self) -> WorkState:
@@ -38,7 +40,9 @@ class Journaled:
 
     def do(self, decision):
         answer = decision(self.master, 0.0)
-        self.events += self.master.take().events
+        step = self.master.take()
+        self.events += step.events
+        self.effects += step.effects
         return answer
 
     def replayed(self) -> WorkState:
@@ -216,3 +220,51 @@ def test_slots_moved_back_carry_the_results_made_meanwhile():
     status = a.state.status(failed)
     assert (status.state, status.result) == (work_pb2.DONE, b"second")
     assert {w: a.replayed().status(w) for w in IDS} == {w: a.state.status(w) for w in IDS}
+
+
+def test_a_late_report_on_a_held_work_counts_until_the_copy_starts_and_never_after():
+    """A work queued again by a failover while its worker still runs it is
+    held by the move: its report counts (and the move waits for it); once
+    the copy started, the target runs it again and the report is ignored."""
+    source = Journaled()
+    source.do(lambda m, now: m.submit([work(w) for w in IDS], now))
+    stream = object()  # a worker stream, as the domain knows it
+    source.do(lambda m, now: m.register(stream, master_pb2.RegisterWorker(worker_ids=["s0", "s1"], host="h",
+                                                                         kinds=["k"]), now))
+    source.do(lambda m, now: m.request_work(stream, ["s0", "s1"], now))
+    handed = [a for effect in source.effects if isinstance(effect, (HandOut, Send))
+              for a in (effect.assignments if isinstance(effect, HandOut) else effect.message.works.assignments)]
+    assert len(handed) == 2
+    moving_ones = [a for a in handed if moving(a.work.work_id)] or pytest.skip("no hand-out in a moving slot")
+    first = moving_ones[0]
+    source.do(lambda m, now: m._record([journal_pb2.Event(work_in_progress_reset=journal_pb2.WorkInProgressReset())],
+                                       now))
+    source.do(lambda m, now: m.start_move(MOVE, now))
+    assert first.work.work_id in source.state.held
+    scheduler = source.master.scheduler
+    assert running_in(source.state, MOVE.first, MOVE.last, scheduler.running) >= 1  # the move waits for it
+    done = master_pb2.Completion(worker_id=next(s for s in ("s0", "s1") if scheduler.running.get(
+        first.attempt_token) is scheduler.on(stream, s)), work_id=first.work.work_id, result=b"late",
+        attempt_token=first.attempt_token)
+    source.master.exporting = True
+    source.do(lambda m, now: m.report(stream, [done], [], now))
+    assert first.work.work_id in source.state.held  # ignored: the target has it
+    source.master.exporting = False
+    source.do(lambda m, now: m.report(stream, [done], [], now))  # a resend, before the copy: it counts
+    assert source.state.status(first.work.work_id).state == work_pb2.DONE
+    assert first.work.work_id not in source.state.held
+
+
+def test_results_of_released_slots_stay_in_the_stream_but_are_not_answered_for():
+    source, target = a_source_with_works(), Journaled()
+    streamed = [r.work_id for r in source.state.results_after(0, 10_000)]
+    source.do(lambda m, now: m.start_move(MOVE, now))
+    ids = ids_to_move(source.state, MOVE.first, MOVE.last)
+    copy_all(source, target, ids)
+    source.do(lambda m, now: m.release_move(ids, now))
+    assert [r.work_id for r in source.state.results_after(0, 10_000)] == streamed
+    assert all(source.state.status(w) is None for w in ids)
+    assert not any(source.state.is_known(w) for w in ids)
+    for again in (source.replayed(), WorkState.from_snapshot(source.state.to_snapshot())):
+        assert all(again.status(w) is None for w in ids)
+        assert {w: again.status(w) for w in IDS} == {w: source.state.status(w) for w in IDS}

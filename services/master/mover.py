@@ -12,15 +12,15 @@ import os
 import time
 
 from dworkers.common import routing
-from dworkers.common.errors import NotServing
 from dworkers.common.shards import BadShardMap, Move
-from dworkers.master.domain.moves import export_part, ids_to_move, running_in
+from dworkers.master.domain.moves import PART_ITEMS, export_part, ids_to_move, running_in
 from dworkers.v1 import master_pb2
 
 log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 1.0  # after a failed step (the target failing over, its map behind)
 CALL_TIMEOUT = 60.0
+MAX_PART_BYTES = 4 * 1024 * 1024  # a part with its payloads and results (gRPC's limit is 16 MiB)
 # Seconds to wait after each step: lets fault-injection tests stop a master
 # between two steps. Never set in production.
 STEP_PAUSE = float(os.environ.get("DWORKERS_MOVE_STEP_PAUSE", "0") or 0)
@@ -49,9 +49,10 @@ class SlotMover:
                 if move is not None and move.source == self.shard:
                     try:
                         await self._move(move)
-                    except NotServing:
-                        return  # this master stopped acting: the next one resumes
                     except Exception as exc:  # noqa: BLE001 - a step failed: again, later
+                        if self.shell.closed is not None:
+                            return  # this master stopped acting: the next one resumes
+                        # paused (ZooKeeper out of reach for a moment), a read that failed, the map's write...
                         log.warning("moving %s: %s; trying again", move, exc)
                         await asyncio.sleep(RETRY_SECONDS)
                     continue
@@ -70,13 +71,13 @@ class SlotMover:
             log.info("moving %s: started; new works for them wait for the move", move)
             await _pause()
             waited = False
-            while running_in(state, move.first, move.last):
+            while count := running_in(state, move.first, move.last, shell.master.scheduler.running):
                 if not waited:
-                    log.info("moving %s: waiting for %d running works to finish", move,
-                             running_in(state, move.first, move.last))
+                    log.info("moving %s: waiting for %d running works to finish", move, count)
                     waited = True
                 await asyncio.sleep(0.05)
                 shell.check_serving()
+            shell.master.exporting = True  # from here on, late reports about held works do not count
             ids = ids_to_move(state, move.first, move.last)
             copied = await self._copy(move, ids)
             await shell.release_move(ids)
@@ -95,9 +96,17 @@ class SlotMover:
         start = bisect.bisect_right(ids, reply.imported_up_to) if reply.imported_up_to else 0
         sent = 0
         paused = False
+        limit = PART_ITEMS
         while start < len(ids):
-            request, after = export_part(self.shell.state, ids, start, move.key, self.shard)
-            await self.shell.fill_apart(request)
+            while True:  # payloads and results the journal keeps apart are counted once read
+                request, after = export_part(self.shell.state, ids, start, move.key, self.shard, limit)
+                await self.shell.fill_apart(request)
+                size = request.ByteSize()
+                if size <= MAX_PART_BYTES or limit == 1:
+                    break
+                limit = max(1, limit // 4)
+            if size < MAX_PART_BYTES // 4:
+                limit = min(PART_ITEMS, limit * 2)
             reply = await self._call(proxy, request)
             sent += after - start
             start = max(after, bisect.bisect_right(ids, reply.imported_up_to))

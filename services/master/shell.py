@@ -542,22 +542,42 @@ class MasterShell:
         return await self._record_durably(lambda now: self.master.import_works(request, now))
 
     async def fill_apart(self, request) -> None:
-        """Adds the payloads and results the journal keeps apart to a part of a move."""
-        if not self.state.payloads_apart:
+        """Adds the payloads and results the journal keeps apart to a part of
+        a move; leaves out what left the retention window while they were read."""
+        state = self.state
+        if not state.payloads_apart:
             return
-        entries = [e for e in request.entries if not e.work.payload]
-        done = [r for r in request.results if r.state == work_pb2.DONE]
-        if entries:
-            try:
-                payloads = await asyncio.get_running_loop().run_in_executor(
-                    None, self.journal.payloads, [e.work.work_id for e in entries])
-            except JournalError as exc:
-                raise NotServing(str(exc)) from None
-            for e in entries:
-                e.work.payload = payloads.get(e.work.work_id, b"")
-        found = await self._result_bytes([r.sequence for r in done])
-        for r in done:
-            r.result = found.get(r.sequence, b"")
+        ids = [e.work.work_id for e in request.entries]
+        done = [r.sequence for r in request.results if r.state == work_pb2.DONE]
+        try:
+            payloads = await asyncio.get_running_loop().run_in_executor(None, self.journal.payloads, ids) \
+                if ids else {}
+        except JournalError as exc:
+            raise NotServing(str(exc)) from None
+        found = await self._result_bytes(done)
+        entries, results, prints = [], [], []
+        for e in request.entries:
+            if e.retryable_until_forgotten and e.work.work_id not in state.retryable:
+                continue  # forgotten meanwhile, with its result
+            payload = payloads.get(e.work.work_id)
+            if payload is None:
+                raise JournalError(f"the journal holds no payload for work {e.work.work_id!r}")
+            e.work.payload = payload
+            entries.append(e)
+        for r, print_ in zip(request.results, request.result_fingerprints):
+            kept = state.finished.get(r.work_id)
+            if kept is None or kept.sequence != r.sequence:
+                continue  # forgotten meanwhile
+            if r.state == work_pb2.DONE:
+                if r.sequence not in found:
+                    raise JournalError(f"the journal holds no result for work {r.work_id!r}")
+                r.result = found[r.sequence]
+            results.append(r)
+            prints.append(print_)
+        del request.entries[:], request.results[:], request.result_fingerprints[:]
+        request.entries.extend(entries)
+        request.results.extend(results)
+        request.result_fingerprints.extend(prints)
 
     async def release_move(self, work_ids: list[str]) -> None:
         """The source's last journaled step: the moved works go from here,

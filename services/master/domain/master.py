@@ -142,6 +142,10 @@ class Master:
         self._sampled_at: list[float] = []
         self._step = Step()
         self._finished_at: deque[tuple[int, float]] = deque()  # (sequence, when) for retention by age
+        # Works held by a move are being copied to their new shard: late
+        # reports about them no longer count here (not journaled: a new
+        # master waits for the attempts its workers still run before copying).
+        self.exporting = False
 
     def take(self) -> Step:
         """What was decided since the last call: for the shell to journal and perform."""
@@ -365,6 +369,8 @@ class Master:
             entry = state.unfinished(work_id)
             if not token or token in seen or entry is None or entry.token != token:
                 continue
+            if self.exporting and work_id in state.held:
+                continue  # copied to another shard already, which runs it again (its result comes from there)
             seen.add(token)
             running = work_id in state.in_progress
             if isinstance(report, master_pb2.Completion):
@@ -669,10 +675,14 @@ class Master:
                     kept.CopyFrom(result)
                     kept.sequence = 0  # numbered here, in this shard's stream
                     imported.result_fingerprints.append(print_)
+            results = {r.work_id for r in imported.results}
             for entry in request.entries:
                 work_id = entry.work.work_id
-                if work_id > cursor and (entry.retryable_until_forgotten or state.unfinished(work_id) is None):
-                    imported.entries.append(entry)
+                if work_id <= cursor or state.unfinished(work_id) is not None:
+                    continue
+                if entry.retryable_until_forgotten and (work_id not in results or work_id in state.retryable):
+                    continue  # kept to be retried only with its result (and the journal stores its payload)
+                imported.entries.append(entry)
             self._record([journal_pb2.Event(works_imported=imported)], now)
             self.announce(now)
         return state.imports.get(request.move_key, cursor)
@@ -680,6 +690,7 @@ class Master:
     def release_move(self, work_ids: list[str], now: float) -> None:
         """The target holds the moving works: they go from here, and the move ends."""
         key = self.state.leaving.move_key
+        self.exporting = False
         step = RELEASED_PER_EVENT
         parts = [work_ids[i:i + step] for i in range(0, len(work_ids), step)] or [[]]
         self._record([journal_pb2.Event(move_released=journal_pb2.MoveReleased(

@@ -13,6 +13,8 @@ master, or the target's, resumes where it stopped.
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 from dworkers.common.shards import slot_of
 from dworkers.master.domain.state import WorkState, recorded
 from dworkers.v1 import master_pb2
@@ -22,9 +24,12 @@ PART_BYTES = 1024 * 1024  # ...and bytes, beyond the first work (payloads and re
 RELEASED_PER_EVENT = 10_000  # work ids per MoveReleased event
 
 
-def running_in(state: WorkState, first: int, last: int) -> int:
-    """Works of the slots that are running here (a move waits for them)."""
-    return sum(1 for work_id in state.in_progress if first <= slot_of(work_id) <= last)
+def running_in(state: WorkState, first: int, last: int, running: Container[int] = ()) -> int:
+    """Works of the slots that run here (a move waits for them): in progress,
+    or held with an attempt a slot still runs (queued again by a failover
+    while its worker goes on: its report still counts)."""
+    return sum(1 for work_id in state.in_progress if first <= slot_of(work_id) <= last) + \
+        sum(1 for entry in state.held.values() if entry.token and entry.token in running)
 
 
 def ids_to_move(state: WorkState, first: int, last: int) -> list[str]:
@@ -38,14 +43,15 @@ def ids_to_move(state: WorkState, first: int, last: int) -> list[str]:
     return sorted(ids)
 
 
-def export_part(state: WorkState, ids: list[str], start: int, move_key: str,
-                source: int) -> tuple[master_pb2.ImportWorksRequest, int]:
-    """The part of `ids` from `start` on that fits one call, and where the
-    next starts. Ids that left the state meanwhile (forgotten) are skipped."""
+def export_part(state: WorkState, ids: list[str], start: int, move_key: str, source: int,
+                limit: int = PART_ITEMS) -> tuple[master_pb2.ImportWorksRequest, int]:
+    """The part of `ids` from `start` on that fits one call (`limit` works at
+    most), and where the next starts. Ids that left the state meanwhile
+    (forgotten) are skipped."""
     request = master_pb2.ImportWorksRequest(move_key=move_key, source_shard=source,
                                             after=ids[start - 1] if start else "")
     size, i = 0, start
-    while i < len(ids) and (i == start or (i - start < PART_ITEMS and size < PART_BYTES)):
+    while i < len(ids) and (i == start or (i - start < limit and size < PART_BYTES)):
         work_id = ids[i]
         i += 1
         entry = state.held.get(work_id)

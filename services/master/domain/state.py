@@ -467,6 +467,8 @@ class WorkState:
         # work id), and the sequences of imported results (not published again).
         self.imports: OrderedDict[str, str] = OrderedDict()
         self.imported: set[int] = set()
+        # Results of slots moved away: still in the stream, no longer any work's status here.
+        self.disowned: set[int] = set()
         self._handlers = {
             "work_accepted": self._on_work_accepted,
             "work_started": self._on_work_started,
@@ -608,8 +610,9 @@ class WorkState:
         entry = self.in_progress.get(work_id)
         if entry is not None and _same_attempt(entry, token):
             del self.in_progress[work_id]
-        else:  # re-queued, or scheduled to be retried
-            queue = self.pending if work_id in self.pending else self.scheduled
+        else:  # re-queued, or scheduled to be retried (or held by a move: see Master.report)
+            queue: PendingQueue | Schedule | dict[str, Entry] = \
+                self.pending if work_id in self.pending else self.held if work_id in self.held else self.scheduled
             entry = queue.get(work_id)
             if entry is None or not _same_attempt(entry, token):
                 self._impossible(f"{work_id!r} completed, but not by its latest attempt")
@@ -681,6 +684,7 @@ class WorkState:
                 break
             del self.results[sequence]
             self.imported.discard(sequence)
+            self.disowned.discard(sequence)
             self.result_bytes -= result.ByteSize()
             work_id = result.work_id
             kept = self.retryable.get(work_id)
@@ -764,6 +768,9 @@ class WorkState:
                 del self.retryable[work_id]
                 self.result_bytes -= kept[1].size
         if e.done:
+            for work_id in [w for w in self.finished if self.leaves(w)]:
+                self.disowned.add(self.finished.pop(work_id).sequence)
+                self.fingerprints.pop(work_id, None)
             self.leaving, self.last_released = None, e.move_key
             for entry in list(self.held.values()):  # none, unless the source took works after it copied
                 self._impossible(f"{entry.work_id!r} held by a move, but not released")
@@ -817,7 +824,7 @@ class WorkState:
             unfinished_bytes=self.unfinished_bytes, result_bytes=self.result_bytes,
             leaving=self.leaving, last_released=self.last_released,
             imports=[journal_pb2.ImportCursor(move_key=k, last_id=v) for k, v in self.imports.items()],
-            imported_sequences=sorted(self.imported),
+            imported_sequences=sorted(self.imported), disowned_sequences=sorted(self.disowned),
         )
         listed = itertools.chain(((False, 0, e) for e in self.pending.entries()),
                                  ((False, 0, e) for e in self.scheduled.values()),
@@ -831,7 +838,7 @@ class WorkState:
                    else (e, in_progress, until, e.attempts, e.failures, e.hand_backs, e.error, e.token, e.owner,
                          e.ready_at) for in_progress, until, e in listed]
         results = list(self.results.values())  # results never change once made
-        return SnapshotCapture(header, entries, results, [self.fingerprints[r.work_id] for r in results])
+        return SnapshotCapture(header, entries, results, [self.fingerprints.get(r.work_id, b"") for r in results])
 
     @classmethod
     def from_snapshot(cls, snapshot: journal_pb2.Snapshot, payloads_apart: bool = False) -> WorkState:
@@ -846,6 +853,7 @@ class WorkState:
         state.last_released = snapshot.last_released
         state.imports.update((c.move_key, c.last_id) for c in snapshot.imports)
         state.imported.update(snapshot.imported_sequences)
+        state.disowned.update(snapshot.disowned_sequences)
         pending = []
         for e in snapshot.entries:
             entry = _restored(e, payloads_apart)
@@ -864,6 +872,8 @@ class WorkState:
         state.result_bytes = snapshot.result_bytes or sum(r.ByteSize() for r in snapshot.results)
         for result, print_ in zip(snapshot.results, snapshot.fingerprints):
             state.results[result.sequence] = result
+            if result.sequence in state.disowned:
+                continue
             if state.unfinished(result.work_id) is None:  # else retried since: its result is to come
                 state.finished[result.work_id] = result
             state.fingerprints[result.work_id] = print_
