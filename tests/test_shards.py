@@ -5,6 +5,7 @@ merged from all of them, workers serving every shard."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -19,7 +20,7 @@ import grpc
 import pytest
 
 import dworkers
-from dworkers.common.shards import ShardMap
+from dworkers.common.shards import ShardMap, slot_of
 from dworkers.v1 import master_pb2_grpc, work_pb2
 from tests.helpers import Producer, ResultCollector, frontend, wait_kind, wait_until
 from tests.journals import both_journals
@@ -369,4 +370,29 @@ def test_slots_move_under_load_through_kill_9_of_the_source_and_the_target_at_ea
     assert moved
     status = stub.GetWork(work_pb2.GetWorkRequest(work_id=moved[0]), timeout=10)
     assert status.state == work_pb2.DONE
+    results.stop()
+
+
+@pytest.mark.parametrize("journal", ["postgresql"], indirect=True)
+def test_a_move_carries_large_payloads_the_journal_keeps_apart(cluster):
+    """120 pending works of 200 KB (24 MB, kept in PostgreSQL, not in the
+    master) move in parts bounded with their payloads, and each runs on its
+    new shard with its payload whole."""
+    start_sharded(cluster, shards=2)
+    stub = frontend(cluster.start_frontend().address)
+    worker = cluster.start_worker(1, "--jobs", "tests.jobs_for_tests")
+    wait_kind(stub, "digest")
+    worker.kill()
+    ids = [w for w in (f"big-{n}" for n in range(2000)) if ShardMap.even(2).owners[slot_of(w)] == 0][:120]
+    payloads = {w: os.urandom(200_000) for w in ids}
+    for i in range(0, len(ids), 20):
+        stub.SubmitWorks(work_pb2.SubmitWorksRequest(works=[
+            work_pb2.SubmitWorkRequest(work_id=w, kind="digest", payload=payloads[w]) for w in ids[i:i + 20]]),
+            timeout=60)
+    cluster.shards("move", "--slots", "0-2047", "--to", "1")
+    results = ResultCollector(stub)
+    cluster.start_worker(2, "--jobs", "tests.jobs_for_tests")
+    assert not results.wait_for(ids, timeout=120)
+    assert {r.shard for r in results.results} == {1}
+    assert all(r.result.decode() == hashlib.sha256(payloads[r.work_id]).hexdigest() for r in results.results)
     results.stop()
