@@ -410,7 +410,8 @@ def cluster(stub, args) -> None:
         "scheduled": info.scheduled, "cancelled": info.cancelled,
         "shards": [{"shard": s.shard, "slots": s.slots, "master": s.master.address, "epoch": s.master.epoch,
                     "pending": s.pending, "in_progress": s.in_progress, "done": s.done, "failed": s.failed,
-                    "map_version": s.map_version, "error": s.error} for s in info.shards],
+                    "map_version": s.map_version, "error": s.error, "moving": s.moving} for s in info.shards],
+        "move": next((s.move for s in info.shards if s.move), ""),
     }
     if args.json:
         print(json.dumps(data, indent=2))
@@ -421,7 +422,10 @@ def cluster(stub, args) -> None:
     for s in info.shards:
         state = s.error or (f"{s.master.address}  (epoch {s.master.epoch})  pending {s.pending}  in progress "
                             f"{s.in_progress}  done {s.done}  failed {s.failed}")
-        print(f"shard {s.shard:<4} {s.slots:>4} slots  {state}")
+        moving = f"  ({s.moving} moving)" if s.moving else ""
+        print(f"shard {s.shard:<4} {s.slots:>4} slots  {state}{moving}")
+    if data["move"]:
+        print(f"moving     {data['move']}")
     print(f"works      pending {info.pending}  scheduled {info.scheduled}  in progress {info.in_progress}  "
           f"done {info.done}  failed {info.failed}  cancelled {info.cancelled}")
     if info.pending_without_worker:

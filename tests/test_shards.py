@@ -342,6 +342,9 @@ def test_slots_move_under_load_through_kill_9_of_the_source_and_the_target_at_ea
         for step in MOVE_STEPS:
             line = f"{move}: {step}"
             wait_until(lambda line=line, source=source: line in logs(source), 60, line)
+            if step == "started":  # ClusterInfo shows the move under way
+                assert any(s.move == move[len("moving "):] for s in stub.ClusterInfo(
+                    work_pb2.ClusterInfoRequest(), timeout=10).shards)
             if step == kill_source_at:
                 kill_active(source)
             if step == kill_target_at:

@@ -304,7 +304,8 @@ class MasterNode:
         info.shard.CopyFrom(work_pb2.ShardInfo(
             shard=shard, map_version=current.version, slots=current.slot_count(shard),
             pending=info.pending, in_progress=info.in_progress, done=info.done, failed=info.failed,
-            last_sequence=info.last_sequence))
+            last_sequence=info.last_sequence, moving=counts["moving"],
+            move=str(current.moving) if current.moving is not None else ""))
         idle = scheduler.idle_per_kind()
         pending, slots = counts["pending_by_kind"], counts["slots_by_kind"]
         for kind in sorted(set(pending) | set(slots)):
