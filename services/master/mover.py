@@ -86,8 +86,8 @@ class SlotMover:
             await _pause()
         if await asyncio.get_running_loop().run_in_executor(None, self._hand_over, move):
             log.info("moved %s in %.2f s", move, time.monotonic() - started)
-        while self.follower.current.moving == move:  # until this backend reads the new map
-            await asyncio.sleep(0.05)
+        while self.follower.current.moving == move and self.shell.closed is None:  # until this backend reads
+            await asyncio.sleep(0.05)  # the new map (else it would take the same move up again)
 
     async def _copy(self, move: Move, ids: list[str]) -> int:
         """Sends the works after what the target holds, part by part; returns how many were sent."""
