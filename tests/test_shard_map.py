@@ -76,3 +76,29 @@ def test_resume_tokens_round_trip_and_garbage_is_refused():
     for bad in ("", "r2:0=1", "r1:0=x", "r1:999=1", "r1:0=-1", "r1:" + "0=1," * 10_000):
         with pytest.raises(InvalidInput, match="resume_token"):
             decode_cursors(bad)
+
+
+def test_a_move_names_its_slots_source_and_target_survives_storage_and_ends_with_the_target_owning_them():
+    layout = ShardMap.even(3)
+    moving = layout.with_move_started(100, 199, 2)
+    assert moving.moving is not None and (moving.moving.source, moving.moving.target) == (0, 2)
+    assert moving.owners == layout.owners and moving.version == layout.version + 1
+    assert ShardMap.decode(moving.encode()) == moving
+    work = next(f"w{i}" for i in range(10_000) if 100 <= slot_of(f"w{i}") <= 199)
+    assert moving.owns(0, work) and not moving.takes(0, work) and not moving.takes(2, work)
+    assert moving.with_shard_added().moving == moving.moving  # other changes keep the move
+    done = moving.with_move_finished(moving.moving)
+    assert done.moving is None and done.takes(2, work) and done.slot_count(2) == layout.slot_count(2) + 100
+    for args, refusal in (((1300, 1400, 2), "belong to shards 0, 1"), ((0, 99, 0), "are shard 0's already"),
+                          ((0, 99, 7), "no shard 7"), ((99, 4096, 1), "slots are 0-4095")):
+        with pytest.raises(BadShardMap, match=refusal):
+            layout.with_move_started(*args)
+    with pytest.raises(BadShardMap, match="one move at a time"):
+        moving.with_move_started(300, 399, 1)
+    with pytest.raises(BadShardMap, match="not the move under way"):
+        done.with_move_finished(moving.moving)
+    # A stored move that does not fit its map is refused like any broken map.
+    raw = json.loads(moving.encode())
+    raw["moving"]["from"] = 1
+    with pytest.raises(BadShardMap, match="unreadable"):
+        ShardMap.decode(json.dumps(raw).encode())
