@@ -120,10 +120,6 @@ class Shards:
                                                            tls=first.tls, token=first.token)
             return proxy
 
-    def for_work(self, work_id: str) -> tuple[int, MasterProxy]:
-        shard = self.map.shard_of(work_id)
-        return shard, self.proxy(shard)
-
     def split(self, work_ids) -> dict[int, list[int]]:
         """The positions of `work_ids`, by the shard each belongs to."""
         current = self.map

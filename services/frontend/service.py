@@ -7,6 +7,7 @@ and their answers put back in the caller's order."""
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
@@ -173,26 +174,14 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         return self._each_shard({shard: partial(_call_by, self.shards.proxy(shard), method, request, deadline)
                                  for shard in range(self.shards.map.shards)})
 
-    def _by_work(self, method: str, request, context, ids_field: str = "work_ids"):
-        """A call naming works (CancelWork, RetryWork): each shard gets its
-        own works; the answers come back in the request's order. Each shard
-        applies its part all or nothing; when one refuses, the call fails
-        with its error and what other shards did stays done. A part a shard
-        refuses as not its own (its map here was behind, or its slots are
-        moving) goes again with the newer map, within the deadline."""
-        work_ids = list(getattr(request, ids_field))
-        deadline = time.monotonic() + self._timeout(context)
-        answers: list = [None] * len(work_ids)
+    def _route(self, work_ids: list[str], deadline: float, part, take) -> None:
+        """Sends each shard its part of a call naming works, and again, with a
+        newer map, the works a shard refuses as not its own (the map here was
+        behind, or their slots are moving), until none is left or `deadline`
+        (time.monotonic()) passes. `part(shard, positions)` makes a shard's
+        call; `take(positions, outcome)` handles its answer or error and
+        returns the positions it refused one by one."""
         todo = list(range(len(work_ids)))
-        response: Any = None
-
-        def part(shard, positions):
-            sub = type(request)()
-            sub.CopyFrom(request)
-            del getattr(sub, ids_field)[:]
-            getattr(sub, ids_field).extend(work_ids[i] for i in positions)
-            return partial(_call_by, self.shards.proxy(shard), method, sub, deadline)
-
         while todo:
             current = self.shards.map
             groups: dict[int, list[int]] = {}
@@ -202,20 +191,37 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             todo = []
             for shard, positions in groups.items():
                 outcome = outcomes[shard]
-                if _wrong_shard(outcome):
-                    todo += positions
-                elif isinstance(outcome, Exception):
-                    raise outcome
-                else:
-                    response = outcome
-                    for i, work in zip(positions, outcome.works):
-                        answers[i] = work
+                todo += positions if _wrong_shard(outcome) else take(positions, outcome)
             if todo and not self.shards.wait_newer(current.version, deadline):
-                raise WrongShard(f"{len(todo)} works were refused as another shard's (or moving), and no newer "
-                                 "shard map came in time; retry")
-        merged = type(response)()
-        merged.works.extend(answers)
-        return merged
+                raise WrongShard(f"{len(todo)} works were refused as another shard's (or their slots are moving), "
+                                 "and no newer shard map came in time; retry")
+            todo.sort()
+
+    def _by_work(self, method: str, request, context, response_type):
+        """A call naming works (CancelWork, RetryWork): each shard gets its
+        own works; the answers come back in the request's order. Each shard
+        applies its part all or nothing; when one refuses, the call fails
+        with its error and what other shards did stays done."""
+        work_ids = list(request.work_ids)
+        deadline = time.monotonic() + self._timeout(context)
+        answers: list = [None] * len(work_ids)
+
+        def part(shard, positions):
+            sub = type(request)()
+            sub.CopyFrom(request)
+            del sub.work_ids[:]
+            sub.work_ids.extend(work_ids[i] for i in positions)
+            return partial(_call_by, self.shards.proxy(shard), method, sub, deadline)
+
+        def take(positions, outcome) -> list[int]:
+            if isinstance(outcome, Exception):
+                raise outcome
+            for i, work in zip(positions, outcome.works):
+                answers[i] = work
+            return []
+
+        self._route(work_ids, deadline, part, take)
+        return response_type(works=answers)
 
     def _validated(self, request: work_pb2.SubmitWorksRequest) -> work_pb2.SubmitWorksRequest:
         # Ids are fixed here, before any retry, so a retried call stays idempotent.
@@ -246,46 +252,32 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         its error while the parts other shards accepted stay accepted
         (submitting the same batch again is idempotent: their ids are known)."""
         batch = self._validated(request)
-        timeout = self._timeout(context)
+        deadline = time.monotonic() + self._timeout(context)
         answers: list = [None] * len(batch.works)
-        todo = list(range(len(batch.works)))
-        deadline = time.monotonic() + timeout
-        while todo:
-            current = self.shards.map
-            groups: dict[int, list[int]] = {}
-            for i in todo:
-                groups.setdefault(current.shard_of(batch.works[i].work_id), []).append(i)
 
-            def part(shard, positions):
-                sub = work_pb2.SubmitWorksRequest(works=[batch.works[i] for i in positions],
-                                                  each_on_its_own=batch.each_on_its_own)
-                return lambda: self.shards.proxy(shard).call("SubmitWorks", sub,
-                                                             timeout=max(0.001, deadline - time.monotonic()))
+        def part(shard, positions):
+            sub = work_pb2.SubmitWorksRequest(works=[batch.works[i] for i in positions],
+                                              each_on_its_own=batch.each_on_its_own)
+            return partial(_call_by, self.shards.proxy(shard), "SubmitWorks", sub, deadline)
 
-            outcomes = self._parts(groups, part)
-            todo = []
-            for shard, positions in groups.items():
-                outcome = outcomes[shard]
-                if _wrong_shard(outcome):
-                    todo += positions  # routed with an older map: again with the new one
-                    continue
-                if isinstance(outcome, Exception):
-                    if not batch.each_on_its_own or not isinstance(outcome, DworkersError | grpc.RpcError):
-                        raise outcome
-                    code, message = _status(outcome)
-                    for i in positions:
-                        answers[i] = work_pb2.SubmitWorkResponse(work_id=batch.works[i].work_id, code=code,
-                                                                 message=message)
-                    continue
-                for i, answer in zip(positions, outcome.works):
-                    if answer.code == grpc.StatusCode.ABORTED.value[0]:
-                        todo.append(i)
-                    else:
-                        answers[i] = answer
-            if todo and not self.shards.wait_newer(current.version, deadline):
-                raise WrongShard(f"{len(todo)} works were refused as another shard's, and no newer "
-                                 "shard map came in time")
-            todo.sort()
+        def take(positions, outcome) -> list[int]:
+            if isinstance(outcome, Exception):
+                if not batch.each_on_its_own or not isinstance(outcome, DworkersError | grpc.RpcError):
+                    raise outcome
+                code, message = _status(outcome)
+                for i in positions:
+                    answers[i] = work_pb2.SubmitWorkResponse(work_id=batch.works[i].work_id, code=code,
+                                                             message=message)
+                return []
+            again = []
+            for i, answer in zip(positions, outcome.works):
+                if answer.code == grpc.StatusCode.ABORTED.value[0]:
+                    again.append(i)  # refused as another shard's, on its own
+                else:
+                    answers[i] = answer
+            return again
+
+        self._route([w.work_id for w in batch.works], deadline, part, take)
         return work_pb2.SubmitWorksResponse(works=answers)
 
     def GetWork(self, request, context):
@@ -300,7 +292,7 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
 
     def RetryWork(self, request, context):
         validation.check_work_ids(request.work_ids, "retry")
-        return self._by_work("RetryWork", request, context)
+        return self._by_work("RetryWork", request, context, work_pb2.RetryWorkResponse)
 
     def ListWorks(self, request, context):
         validation.check_list(request)
@@ -323,7 +315,7 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
 
     def CancelWork(self, request, context):
         validation.check_work_ids(request.work_ids, "cancel")
-        return self._by_work("CancelWork", request, context)
+        return self._by_work("CancelWork", request, context, work_pb2.CancelWorkResponse)
 
     def _cluster_info(self, request, context) -> work_pb2.ClusterInfoResponse:
         """Every shard's figures summed; workers (which serve every shard) and
@@ -463,8 +455,8 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
                     yield batch
                 return
             except (WrongShard, grpc.RpcError) as error:
-                if handle.cancelled or not _wrong_shard(error) \
-                        or not self.shards.wait_newer(current.version, time.monotonic() + self.settings.call_timeout):
+                # (tried again for as long as the caller waits: a move ends when its running works did)
+                if handle.cancelled or not _wrong_shard(error) or not self.shards.wait_newer(current.version, math.inf):
                     raise
 
     def _merged_waits(self, work_ids: list[str], handle: StreamHandle):

@@ -582,9 +582,7 @@ class MasterShell:
     async def release_move(self, work_ids: list[str]) -> None:
         """The source's last journaled step: the moved works go from here,
         and calls waiting for them are told to ask the new shard."""
-        state = self.state
-        released = [w for w in work_ids if w in state.held or (w in state.retryable and state.leaves(w))]
-        await self._record_durably(lambda now: self.master.release_move(released, now))
+        await self._record_durably(lambda now: self.master.release_move(work_ids, now))
         for work_id in work_ids:
             for queue in self._waiting.pop(work_id, ()):
                 queue.put_nowait(MOVED)

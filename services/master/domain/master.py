@@ -688,8 +688,11 @@ class Master:
         return state.imports.get(request.move_key, cursor)
 
     def release_move(self, work_ids: list[str], now: float) -> None:
-        """The target holds the moving works: they go from here, and the move ends."""
-        key = self.state.leaving.move_key
+        """The target holds the moving works (`work_ids`, as ids_to_move gave
+        them): those held here or kept to be retried go, and the move ends."""
+        state = self.state
+        key = state.leaving.move_key
+        work_ids = [w for w in work_ids if w in state.held or (w in state.retryable and state.leaves(w))]
         self.exporting = False
         step = RELEASED_PER_EVENT
         parts = [work_ids[i:i + step] for i in range(0, len(work_ids), step)] or [[]]
