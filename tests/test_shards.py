@@ -21,7 +21,7 @@ import pytest
 
 import dworkers
 from dworkers.common.shards import ShardMap, slot_of
-from dworkers.v1 import master_pb2_grpc, work_pb2
+from dworkers.v1 import master_pb2, master_pb2_grpc, work_pb2
 from tests.helpers import Producer, ResultCollector, frontend, wait_kind, wait_until
 from tests.journals import both_journals
 
@@ -194,6 +194,11 @@ def test_per_work_calls_reach_the_shard_of_the_work(cluster):
         work_id=elsewhere, kind="sleep", payload=b"1")], each_on_its_own=True), timeout=10)
     assert answer.works[0].code == grpc.StatusCode.ABORTED.value[0]
     assert f"belongs to shard {layout.shard_of(elsewhere)}" in answer.works[0].message
+    # A part of a move that the map does not name is refused, however it looks.
+    with pytest.raises(grpc.RpcError) as refused:
+        master.ImportWorks(master_pb2.ImportWorksRequest(move_key="1:0-9:1>0", source_shard=1, last_id="x"),
+                           timeout=10)
+    assert refused.value.code() == grpc.StatusCode.ABORTED and "no move" in refused.value.details()
 
 
 @both_journals

@@ -9,6 +9,7 @@ import pytest
 
 from dworkers.common import validation
 from dworkers.common.errors import InvalidInput, ProtocolError
+from dworkers.common.shards import Move, slot_of
 from dworkers.v1 import master_pb2, work_pb2
 
 pytestmark = pytest.mark.unit
@@ -117,3 +118,31 @@ def test_job_options_out_of_range_fail_where_they_are_written(options):
 
     with pytest.raises(ValueError, match="@job\\('bad'\\)"):
         job("bad", **options)
+
+
+def test_a_hostile_part_of_a_move_is_refused_with_what_is_wrong():
+    move = Move(0, 99, 0, 1, since=3)
+    inside = sorted(w for w in (f"m{i}" for i in range(5_000)) if slot_of(w) <= 99)[:3]
+    outside = next(w for w in (f"o{i}" for i in range(5_000)) if slot_of(w) > 99)
+
+    def part(ids, after="", last=None, prints=None):
+        request = master_pb2.ImportWorksRequest(move_key=move.key, source_shard=0, after=after,
+                                                last_id=last if last is not None else max(ids))
+        for work_id in ids:
+            request.results.add(work_id=work_id, state=work_pb2.DONE)
+        request.result_fingerprints.extend([b"f"] * (len(ids) if prints is None else prints))
+        return request
+
+    validation.check_import(part(inside), move)  # well formed
+    for request, fragment in ((part([inside[0], outside]), "not in this part"),
+                              (part(inside, after=inside[1]), "not in this part"),
+                              (part(inside, last=""), "after < last_id"),
+                              (part(inside, prints=1), "one fingerprint per result"),
+                              (part(["bad id!"], last="zzz"), "malformed work_id")):
+        with pytest.raises(InvalidInput, match=fragment):
+            validation.check_import(request, move)
+    flood = part(inside)
+    for _ in range(validation.MAX_BATCH_WORKS):
+        flood.entries.add().work.work_id = inside[0]
+    with pytest.raises(InvalidInput, match="works in one part of a move"):
+        validation.check_import(flood, move)
