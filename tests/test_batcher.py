@@ -3,6 +3,7 @@ of many clients leave together, and each client gets its own answer."""
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -59,6 +60,22 @@ def test_one_clients_refused_work_does_not_hold_up_the_others():
         answers = list(pool.map(submit, ids))
     assert answers == ["ALREADY_EXISTS" if i.startswith("bad") else i for i in ids]
     assert len(master.calls) < len(ids) / 2  # merged: no call per work, no retry work by work
+    batcher.close()
+
+
+def test_a_lone_call_leaves_from_its_callers_thread():
+    class Master:
+        threads: list[str] = []
+
+        def call(self, method, request, timeout=None):
+            self.threads.append(threading.current_thread().name)
+            return work_pb2.SubmitWorksResponse(works=[work_pb2.SubmitWorkResponse(work_id=w.work_id)
+                                                       for w in request.works])
+
+    batcher = SubmitBatcher(Master())
+    for n in range(3):
+        assert batcher.submit(work_pb2.SubmitWorkRequest(work_id=f"w{n}", kind="k"), timeout=5).work_id == f"w{n}"
+    assert Master.threads == [threading.current_thread().name] * 3  # no hand-over to the batcher's threads
     batcher.close()
 
 

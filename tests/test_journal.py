@@ -40,6 +40,22 @@ def event(i: int, size: int = 10) -> journal_pb2.Event:
         work=work_pb2.Work(work_id=f"w{i}", kind="square", payload=b"x" * size, max_attempts=3)))
 
 
+def test_an_append_is_settled_on_the_connection_thread_while_callbacks_wait(client, paths):
+    """The journal's completion does not queue behind kazoo's callback
+    thread (a thread switch less per append): it settles even while that
+    thread is held."""
+    journal = ZooKeeperJournal(client, paths.journal)
+    held, release = threading.Event(), threading.Event()
+    client.handler.completion_queue.put(lambda: (held.set(), release.wait(30)))
+    try:
+        assert held.wait(10)
+        batch = journal_pb2.JournalBatch(epoch=1, events=[event(0)])
+        assert journal.append(0, batch).result(timeout=10) == 0
+    finally:
+        release.set()
+    assert [b.events[0].work_accepted.work.work_id for _, b in journal.read()] == ["w0"]
+
+
 def test_group_commit_keeps_order_and_splits_below_the_node_limit(client, paths):
     journal = ZooKeeperJournal(client, paths.journal)
     failures = []

@@ -1,7 +1,9 @@
 """Merges concurrent SubmitWork calls into SubmitWorks calls to the master.
 
-A call is sent at once when nothing is in flight; calls that arrive while
-earlier ones are on their way leave together in the next batch. The master
+A call is sent at once, from its own thread, when nothing is in flight or
+waiting (a lone caller pays no hand-over between threads); calls that
+arrive while earlier ones are on their way leave together in the next
+batch, sent by the batcher's threads. The master
 then pays its per-call cost once per batch, and the journal writes the batch
 in one append. The batch asks the master to judge each work on its own, so
 one caller's bad or conflicting work is refused alone, and no caller waits
@@ -28,6 +30,8 @@ class SubmitBatcher:
         self._waiting: list[tuple[work_pb2.SubmitWorkRequest, Future]] = []
         self._cond = threading.Condition()
         self._closed = False
+        self._senders = senders
+        self._in_flight = 0  # batches on their way to the master
         for i in range(senders):
             threading.Thread(target=self._send_forever, name=f"submit-batcher-{i}", daemon=True).start()
 
@@ -35,8 +39,17 @@ class SubmitBatcher:
         """Sends one work within a batch; raises what the master answered for it."""
         future: Future = Future()
         with self._cond:
-            self._waiting.append((request, future))
-            self._cond.notify()
+            alone = not self._in_flight and not self._waiting and not self._closed
+            if alone:
+                self._in_flight += 1
+            else:
+                self._waiting.append((request, future))
+                self._cond.notify()
+        if alone:
+            try:
+                self._send([(request, future)])
+            finally:
+                self._sent()
         return future.result(timeout=timeout)
 
     def close(self) -> None:
@@ -47,10 +60,11 @@ class SubmitBatcher:
     def _send_forever(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting and not self._closed:
+                while not self._closed and (not self._waiting or self._in_flight >= self._senders):
                     self._cond.wait()
                 if self._closed:
                     return
+                self._in_flight += 1
                 size, count = 0, 0
                 for request, _ in self._waiting[:MAX_BATCH]:
                     size += len(request.payload) + 64
@@ -58,7 +72,16 @@ class SubmitBatcher:
                         break
                     count += 1
                 batch, self._waiting = self._waiting[:count], self._waiting[count:]
-            self._send(batch)
+            try:
+                self._send(batch)
+            finally:
+                self._sent()
+
+    def _sent(self) -> None:
+        with self._cond:
+            self._in_flight -= 1
+            if self._waiting:
+                self._cond.notify()
 
     def _send(self, batch) -> None:
         request = work_pb2.SubmitWorksRequest(works=[r for r, _ in batch], each_on_its_own=True)

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from kazoo.client import KazooClient
 from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError
 
+from dworkers.common import zk
 from dworkers.master.journal.contract import FencedError, Journal, JournalError
 from dworkers.v1 import journal_pb2
 
@@ -114,15 +115,7 @@ class ZooKeeperJournal(Journal):
         except Exception as exc:  # e.g. the client is stopped
             future.set_exception(JournalError(str(exc)))
             return future
-        remaining = [len(results)]
-
-        def settle(_result) -> None:
-            remaining[0] -= 1
-            if remaining[0] == 0:
-                self._settle(future, results[-1], position)
-
-        for result in results:
-            result.rawlink(settle)
+        results[-1].rawlink(zk.immediate(lambda result: self._settle(future, result, position)))
         return future
 
     def _settle(self, future: concurrent.futures.Future, result, position: int) -> None:
