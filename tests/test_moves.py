@@ -8,6 +8,7 @@ import pytest
 from dworkers.common.errors import Conflict
 from dworkers.common.shards import Move, slot_of
 from dworkers.master.domain.effects import HandOut, Send
+from dworkers.master.domain.listing import list_works
 from dworkers.master.domain.master import CoreSettings, Master
 from dworkers.master.domain.moves import export_part, ids_to_move, running_in
 from dworkers.master.domain.state import WorkState
@@ -268,3 +269,29 @@ def test_results_of_released_slots_stay_in_the_stream_but_are_not_answered_for()
     for again in (source.replayed(), WorkState.from_snapshot(source.state.to_snapshot())):
         assert all(again.status(w) is None for w in ids)
         assert {w: again.status(w) for w in IDS} == {w: source.state.status(w) for w in IDS}
+
+
+def test_works_a_move_holds_are_listed_in_their_state_page_by_page():
+    source = a_source_with_works()
+
+    def listed(which: int) -> list[str]:
+        ids, token = [], ""
+        while True:
+            page, token = list_works(source.state, which, token=token, size=7)
+            ids += [s.work_id for s in page]
+            assert all(s.state == which for s in page)
+            if not token:
+                return ids
+
+    before = {which: sorted(listed(which)) for which in (work_pb2.PENDING, work_pb2.SCHEDULED)}
+    source.do(lambda m, now: m.start_move(MOVE, now))
+    assert any(e.ready_at for e in source.state.held.values()) and any(
+        not e.ready_at for e in source.state.held.values())
+    for which, ids in before.items():
+        during = listed(which)
+        assert len(during) == len(set(during)) and sorted(during) == ids  # each once, none missing
+    ids = ids_to_move(source.state, MOVE.first, MOVE.last)
+    copy_all(source, Journaled(), ids)
+    source.do(lambda m, now: m.release_move(ids, now))
+    for which, ids_before in before.items():
+        assert sorted(listed(which)) == [w for w in ids_before if not moving(w)]

@@ -3,7 +3,10 @@ while works come and go (see ListWorksRequest). Pure: reads WorkState.
 
 A page token is `<state number>:<cursor>`; the cursor is the last listed
 work's place: its queue ticket (pending), its time and id (scheduled), its
-id (in progress) or its result sequence (finished)."""
+id (in progress) or its result sequence (finished). Works a move holds
+apart (not handed out while their slots are copied to another shard) are
+listed too: pending ones after the queue, by id (cursor `h<id>`),
+scheduled ones among the others."""
 
 from __future__ import annotations
 
@@ -33,12 +36,13 @@ def list_works(state: WorkState, which: int, kind: str = "", token: str = "", si
     cursor = _cursor(token, which)
     places: Iterator[tuple[str, str]]  # (work id, its cursor)
     if which == work_pb2.PENDING:
-        after = int(cursor or -1)
-        places = ((e.work_id, str(e.ticket)) for e in _of_kind(state.pending.entries(), kind) if e.ticket > after)
+        places = _pending(state, kind, cursor)
     elif which == work_pb2.SCHEDULED:
         at, _, last_id = cursor.partition("/")
         after_key = (float(at or "-inf"), last_id)
-        ordered = sorted((e.ready_at, e.work_id) for e in _of_kind(state.scheduled.values(), kind))
+        held = (e for e in state.held.values() if e.ready_at)
+        ordered = sorted((e.ready_at, e.work_id) for e in _of_kind(itertools.chain(state.scheduled.values(), held),
+                                                                       kind))
         places = ((work_id, f"{ready_at!r}/{work_id}") for ready_at, work_id in ordered
                   if (ready_at, work_id) > after_key)
     elif which == work_pb2.IN_PROGRESS:
@@ -61,6 +65,16 @@ def list_works(state: WorkState, which: int, kind: str = "", token: str = "", si
     return statuses, f"{which}:{page[size - 1][1]}" if len(page) > size else ""
 
 
+def _pending(state: WorkState, kind: str, cursor: str) -> Iterator[tuple[str, str]]:
+    """The queue in order, then the pending works a move holds, by id."""
+    if not cursor.startswith("h"):
+        after = int(cursor or -1)
+        yield from ((e.work_id, str(e.ticket)) for e in _of_kind(state.pending.entries(), kind) if e.ticket > after)
+    last_id = cursor[1:] if cursor.startswith("h") else ""
+    held = sorted(e.work_id for e in _of_kind(state.held.values(), kind) if not e.ready_at and e.work_id > last_id)
+    yield from ((work_id, f"h{work_id}") for work_id in held)
+
+
 def _of_kind(entries: Iterable[Entry], kind: str) -> Iterable[Entry]:
     return entries if not kind else (e for e in entries if e.kind == kind)
 
@@ -72,7 +86,9 @@ def _cursor(token: str, which: int) -> str:
     if state != str(which) or not cursor or len(token) > 300:
         raise InvalidInput("page_token: not one this listing gave (a token only goes with the state it came from)")
     try:  # the cursor must parse as this state's kind of place
-        if which in (work_pb2.PENDING, *FINISHED):
+        if which == work_pb2.PENDING and cursor.startswith("h"):
+            pass  # past the queue: the last held work's id
+        elif which in (work_pb2.PENDING, *FINISHED):
             int(cursor)
         elif which == work_pb2.SCHEDULED and not math.isfinite(float(cursor.partition("/")[0])):
             raise ValueError(cursor)
