@@ -4,6 +4,7 @@ that stop reading."""
 
 from __future__ import annotations
 
+import queue
 import signal
 import subprocess
 import sys
@@ -14,7 +15,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from dworkers.v1 import work_pb2
+from dworkers import credentials
+from dworkers.v1 import master_pb2_grpc, work_pb2
 from tests.helpers import (
     ResultCollector,
     frontend,
@@ -122,3 +124,35 @@ def test_subscribers_that_stop_reading_are_dropped_and_free_their_slots(cluster)
         except grpc.RpcError as error:
             code = error.code()
         assert code == grpc.StatusCode.CANCELLED
+
+
+def test_an_await_stream_answers_each_awaited_work_once_and_refuses_what_it_cannot(cluster):
+    """The master's side of the frontends' shared result stream, spoken to
+    directly: refusals before results, forgotten ids never answered, every
+    awaited work once, and a malformed request ends the stream with a
+    reason."""
+    master = cluster.start_master(wait=True)
+    cluster.start_worker(2)
+    stub = frontend(cluster.start_frontend().address)
+    wait_kind(stub, "sleep")
+    finished = submit_until_acked(stub, "square", b"3").work_id
+    list(stub.WaitWorks(work_pb2.WaitWorksRequest(work_ids=[finished]), timeout=30))
+    running = [submit_until_acked(stub, "sleep", b"1").work_id for _ in range(2)]
+    channel = credentials.channel(master.address)
+    requests: queue.SimpleQueue = queue.SimpleQueue()
+    stream = master_pb2_grpc.MasterStub(channel).AwaitResults(iter(requests.get, None), timeout=60)
+    requests.put(work_pb2.AwaitRequest(work_ids=[finished, "never-accepted", *running]))
+    first = next(stream)
+    assert [(r.work_id, r.code) for r in first.refused] == [("never-accepted", grpc.StatusCode.NOT_FOUND.value[0])]
+    assert not first.results and first.cluster_id
+    assert [r.work_id for r in next(stream).results] == [finished]
+    requests.put(work_pb2.AwaitRequest(forget=[running[0]], work_ids=[finished]))  # answered again: asked again
+    assert [r.work_id for r in next(stream).results] == [finished]
+    late = next(stream)
+    assert [(r.work_id, r.result) for r in late.results] == [(running[1], b"slept 1 s")]
+    requests.put(work_pb2.AwaitRequest(work_ids=["x" * 10_000]))
+    with pytest.raises(grpc.RpcError) as refused:
+        next(stream)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "work_id" in refused.value.details()
+    requests.put(None)
+    channel.close()

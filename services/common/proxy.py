@@ -257,7 +257,7 @@ class MasterProxy:
         """Records an epoch seen on the wire; False if it is older than one seen before."""
         return self.epochs.observe(epoch, cluster_id)
 
-    def _retry_hint(self, error: grpc.RpcError, address: str, cut_off: set[str] | None = None) -> bool:
+    def retry_hint(self, error: grpc.RpcError, address: str, cut_off: set[str] | None = None) -> bool:
         """Whether a failed call may be retried elsewhere (and where). A
         backend cut off from ZooKeeper makes the call fail fast, unless other
         contact points may still be in touch."""
@@ -301,7 +301,7 @@ class MasterProxy:
                 response, call = getattr(self.stub(address), method).with_call(request, timeout=attempt)
             except grpc.RpcError as error:
                 timed_out = error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and attempt < remaining
-                if not timed_out and not self._retry_hint(error, address, cut_off):
+                if not timed_out and not self.retry_hint(error, address, cut_off):
                     raise
                 last = f"{address}: {error.code().name}: {error.details()}"
                 self._pause(min(delay, max(0.0, deadline - time.monotonic())))
@@ -384,7 +384,7 @@ class MasterProxy:
                     return  # the subscriber left
                 if error.code() in FINAL_FOR_STREAMS:
                     raise  # the master's answer for the subscriber (e.g. OUT_OF_RANGE, NOT_FOUND)
-                self._retry_hint(error, address)
+                self.retry_hint(error, address)
                 log.info("result stream from %s ended (%s); %s", address, error.code().name, where())
             finally:
                 self.locator.remove_listener(stream.cancel)

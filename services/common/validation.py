@@ -161,6 +161,18 @@ def check_wait(request: work_pb2.WaitWorksRequest) -> list[str]:
     return check_work_ids(request.work_ids, "wait for")
 
 
+def check_await(request) -> None:
+    """An AwaitRequest: ids to wait for and to forget, each list at most
+    MAX_BATCH_WORKS well-formed ids, not both empty."""
+    if not request.work_ids and not request.forget:
+        raise InvalidWork("the request names no works to wait for or to forget")
+    for ids, verb in ((request.work_ids, "wait for"), (request.forget, "forget")):
+        if len(ids) > MAX_BATCH_WORKS:
+            raise InvalidWork(f"{len(ids)} work ids to {verb} in one request; the limit is {MAX_BATCH_WORKS}")
+        for work_id in ids:
+            check_work_id(work_id)
+
+
 def check_work_ids(work_ids, verb: str) -> list[str]:
     """The ids of a call about given works: 1 to MAX_BATCH_WORKS well-formed ids."""
     if not work_ids:

@@ -31,6 +31,7 @@ from dworkers.common.routing import Shards
 from dworkers.common.settings import Contact, Logging, group, setting
 from dworkers.common.shards import decode_cursors, encode_cursors
 from dworkers.common.tls import ServingTlsSettings, TlsFiles
+from dworkers.frontend.awaits import ShardAwaits
 from dworkers.frontend.batcher import SubmitBatcher
 from dworkers.frontend.merged import MergedStreams
 from dworkers.v1 import frontend_pb2_grpc, work_pb2
@@ -108,6 +109,7 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         self.authorizer = authorizer  # the same one that checks each call; None: anyone may call
         self._batchers = {0: SubmitBatcher(self.proxy, timeout=settings.call_timeout)}
         self._batchers_lock = threading.Lock()
+        self._shard_awaits: dict[int, ShardAwaits] = {}  # WaitWorks calls' results, by shard
         # Calls to several shards at once (each bounded by its caller's deadline).
         self._fan_out = ThreadPoolExecutor(settings.threads, thread_name_prefix="shard-call")
         # Result streams are long-lived: bound them so unary calls keep threads.
@@ -122,6 +124,18 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
 
     def _forward(self, method: str, request, context):
         return self.proxy.call(method, request, timeout=self._timeout(context))
+
+    def close(self) -> None:
+        with self._batchers_lock:
+            for awaits in self._shard_awaits.values():
+                awaits.close()
+
+    def _awaits(self, shard: int) -> ShardAwaits:
+        with self._batchers_lock:
+            awaits = self._shard_awaits.get(shard)
+            if awaits is None:
+                awaits = self._shard_awaits[shard] = ShardAwaits(self.shards.proxy(shard))
+            return awaits
 
     def _batcher(self, shard: int) -> SubmitBatcher:
         with self._batchers_lock:
@@ -463,7 +477,7 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         groups = self.shards.split(work_ids)
         if len(groups) == 1:
             shard = next(iter(groups))
-            for batch in self.shards.proxy(shard).wait_works(work_ids, handle=handle):
+            for batch in self._awaits(shard).wait(work_ids, handle):
                 for result in batch.results:
                     result.shard = shard
                 yield batch
@@ -472,7 +486,7 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         handle.attach(merged)
         for shard, positions in groups.items():
             ids = [work_ids[i] for i in positions]
-            merged.add(shard, lambda h, shard=shard, ids=ids: self.shards.proxy(shard).wait_works(ids, handle=h))
+            merged.add(shard, lambda h, shard=shard, ids=ids: self._awaits(shard).wait(ids, h))
         try:
             for shard, batch in merged:
                 for result in batch.results:
@@ -537,9 +551,9 @@ def serve(shards: Shards, settings: FrontendSettings, stop: StopRequest, registr
     threads = settings.threads + settings.max_watchers
     authorizer = auth.authorizer(settings.auth, auth.FRONTEND_METHODS, limits=auth.IdentityLimits(
         settings.identity_submit_rate, settings.identity_streams))
+    service = FrontendService(shards, settings, FrontendMetrics(registry), authorizer)
     grpc_server, health, _port = server.build(
-        [(FrontendService(shards, settings, FrontendMetrics(registry), authorizer),
-          frontend_pb2_grpc.add_FrontendServicer_to_server, SERVICE_NAME)],
+        [(service, frontend_pb2_grpc.add_FrontendServicer_to_server, SERVICE_NAME)],
         settings.listen, ServerMetrics(registry), reflection_on=settings.reflection, threads=threads,
         maximum_concurrent_rpcs=threads + settings.queued_calls, tls=tls_files, authorizer=authorizer)
     grpc_server.start()
@@ -553,6 +567,7 @@ def serve(shards: Shards, settings: FrontendSettings, stop: StopRequest, registr
     log.info("frontend shutting down")
     health.enter_graceful_shutdown()
     grpc_server.stop(settings.shutdown_grace).wait()
+    service.close()
     shards.close()
 
 

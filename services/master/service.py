@@ -15,6 +15,7 @@ from dworkers.common import validation
 from dworkers.common.errors import (
     Conflict,
     CutOff,
+    InvalidInput,
     NotFound,
     NotServing,
     NotTheMaster,
@@ -25,6 +26,7 @@ from dworkers.common.errors import (
 )
 from dworkers.common.validation import MAX_STREAM_MESSAGE_BYTES
 from dworkers.common.wire import CLUSTER_KEY, EPOCH_KEY
+from dworkers.master.awaits import AwaitStream
 from dworkers.master.shell import MasterShell
 from dworkers.v1 import master_pb2, master_pb2_grpc, work_pb2
 
@@ -232,6 +234,34 @@ class MasterService(master_pb2_grpc.MasterServicer):
                     results=batch, epoch=shell.epoch, cluster_id=shell.cluster_id)), limit)
             except asyncio.TimeoutError:
                 raise Overloaded(f"caller read nothing for {limit:g} s: dropped; call again") from None
+
+    async def AwaitResults(self, request_iterator, context):
+        stream = AwaitStream(self._shell(context), self.node.takes, self.node.wrong_shard)
+        reader = asyncio.create_task(self._read_awaits(stream, request_iterator))
+        limit = self.node.settings.subscriber_timeout
+        try:
+            async for response in stream.responses():
+                try:
+                    await asyncio.wait_for(context.write(response), limit)
+                except asyncio.TimeoutError:
+                    raise Overloaded(f"caller read nothing for {limit:g} s: dropped; call again") from None
+        finally:
+            reader.cancel()
+            stream.close()
+
+    @staticmethod
+    async def _read_awaits(stream: AwaitStream, request_iterator) -> None:
+        try:
+            async for request in request_iterator:
+                stream.request(request)
+        except asyncio.CancelledError:
+            raise
+        except (InvalidInput, NotServing) as exc:
+            stream.end(exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - a broken stream
+            log.info("await stream ended: %r", exc)
+        stream.end()
 
     async def CancelWork(self, request, context):
         shell = self._shell(context)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from dworkers.common.errors import Forgotten, NotFound, NotServing, Overloaded, WrongShard, WrongState
@@ -42,7 +43,10 @@ TRIM_INTERVAL = 30.0
 # worker message full of reports, a tick that ends every attempt): the shell
 # takes an input only if the journal's buffer has room for it.
 MAX_EVENTS_PER_INPUT = 2 * MAX_BATCH_WORKS + MAX_REPORTS_PER_MESSAGE
-MOVED = object()  # told to a WaitWorks call whose works went to another shard
+@dataclass(frozen=True)
+class Moved:
+    """Told to the calls waiting for a work that went to another shard."""
+    work_id: str
 
 
 def recover_state(journal: Journal) -> tuple[WorkState, int, int]:
@@ -459,31 +463,17 @@ class MasterShell:
         (at once for those finished), each fitting one stream message; ends
         when all have come. Ids not known (never accepted, or whose results
         left the retention window) are refused before anything is sent."""
-        self.check_serving()
-        state = self.state
-        ready: list[work_pb2.WorkResult] = []
-        waiting: set[str] = set()
-        unknown = []
-        for work_id in dict.fromkeys(work_ids):
-            result = state.finished.get(work_id)
-            if result is not None and result.sequence <= self.durable_sequence:
-                ready.append(result)
-            elif state.is_known(work_id):
-                waiting.add(work_id)
-            else:
-                unknown.append(work_id)
-        if unknown:
-            shown = ", ".join(repr(w) for w in unknown[:5])
-            if len(unknown) > 5:
-                shown += f" and {len(unknown) - 5} more"
-            raise NotFound(f"no work {shown}: never accepted, or its result left the retention window")
         queue: asyncio.Queue = asyncio.Queue()
-        for work_id in waiting:
-            self._waiting.setdefault(work_id, []).append(queue)
+        ids = list(dict.fromkeys(work_ids))
+        ready, unknown = self.await_works(queue, ids)
+        waiting = set(ids).difference(r.work_id for r in ready).difference(unknown)
+        if unknown:
+            self.forget_waits(queue, waiting)
+            raise NotFound(not_found(unknown))
         try:
             while True:
                 while ready:
-                    batch = await self._stream_batch(ready)
+                    batch = await self.stream_batch(ready)
                     del ready[:len(batch)]
                     yield batch
                 if not waiting:
@@ -492,7 +482,7 @@ class MasterShell:
                 while True:
                     if result is None:
                         raise NotServing(self.closed or "master stopped")
-                    if result is MOVED:
+                    if isinstance(result, Moved):
                         raise WrongShard("works awaited here moved to another shard: ask again with the new shard map")
                     waiting.discard(result.work_id)
                     ready.append(result)
@@ -500,14 +490,37 @@ class MasterShell:
                         break
                     result = queue.get_nowait()
         finally:
-            for work_id in waiting:
-                queues = self._waiting.get(work_id)
-                if queues is not None and queue in queues:
-                    queues.remove(queue)
-                    if not queues:
-                        del self._waiting[work_id]
+            self.forget_waits(queue, waiting)
 
-    async def _stream_batch(self, results: list[work_pb2.WorkResult]) -> list[work_pb2.WorkResult]:
+    def await_works(self, queue: asyncio.Queue, work_ids: Iterable[str]) -> tuple[list[work_pb2.WorkResult], list[str]]:
+        """Returns the durable results of those of `work_ids` finished, and
+        the ids not known here (never accepted, or past retention); the
+        others' results (or Moved) come on `queue`, once each."""
+        self.check_serving()
+        state = self.state
+        ready: list[work_pb2.WorkResult] = []
+        unknown = []
+        for work_id in work_ids:
+            result = state.finished.get(work_id)
+            if result is not None and result.sequence <= self.durable_sequence:
+                ready.append(result)
+            elif state.is_known(work_id):
+                queues = self._waiting.setdefault(work_id, [])
+                if queue not in queues:
+                    queues.append(queue)
+            else:
+                unknown.append(work_id)
+        return ready, unknown
+
+    def forget_waits(self, queue: asyncio.Queue, work_ids: Iterable[str]) -> None:
+        for work_id in work_ids:
+            queues = self._waiting.get(work_id)
+            if queues is not None and queue in queues:
+                queues.remove(queue)
+                if not queues:
+                    del self._waiting[work_id]
+
+    async def stream_batch(self, results: list[work_pb2.WorkResult]) -> list[work_pb2.WorkResult]:
         """The first of `results` (at least one) that fit one stream message,
         with their bytes."""
         if self.state.payloads_apart:
@@ -585,7 +598,7 @@ class MasterShell:
         await self._record_durably(lambda now: self.master.release_move(work_ids, now))
         for work_id in work_ids:
             for queue in self._waiting.pop(work_id, ()):
-                queue.put_nowait(MOVED)
+                queue.put_nowait(Moved(work_id))
 
     # --- the worker protocol ----------------------------------------------
 
@@ -719,3 +732,10 @@ class MasterShell:
         counts = self.master.counts()
         counts["oldest_pending_seconds"] = self.master.oldest_pending_age(time.monotonic())
         return counts
+
+
+def not_found(unknown: list[str]) -> str:
+    shown = ", ".join(repr(w) for w in unknown[:5])
+    if len(unknown) > 5:
+        shown += f" and {len(unknown) - 5} more"
+    return f"no work {shown}: never accepted, or its result left the retention window"

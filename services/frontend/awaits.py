@@ -1,0 +1,267 @@
+"""WaitWorks calls served over one long-lived AwaitResults stream per shard.
+
+Opening a result stream to the master for each WaitWorks call costs the
+frontend and the master more than the results themselves (a submit-then-wait
+caller opens one per work). Here every call registers its ids with its
+shard's stream instead; the master answers each awaited id once, and the
+result goes to every call waiting for it. When the stream breaks (a
+failover, a restart) it is opened again, to the active master, asking for
+every id still awaited: results are durable before they are sent, so the
+new master has them.
+
+A call whose reader falls behind by more than MAX_BUFFERED_BYTES, and every
+call while the master does not offer AwaitResults (an older version),
+waits on a stream of its own (WaitWorks), where gRPC's flow control holds
+the master back instead of this frontend's memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+
+from dworkers.common.errors import NoMaster, NotFound, Overloaded, WrongShard
+from dworkers.common.proxy import MasterProxy, StreamHandle
+from dworkers.common.validation import MAX_BATCH_WORKS
+from dworkers.v1 import work_pb2
+
+log = logging.getLogger(__name__)
+
+MAX_BUFFERED_BYTES = 4 * 1024 * 1024  # results held for one call that reads slowly
+RECONNECT_TIMEOUT = 30.0  # a stream broken this long fails the calls waiting on it
+
+_END = object()  # ends a stream's requests
+_CANCELLED = object()  # the call's client left
+_ON_ITS_OWN = object()  # the call waits on a stream of its own from now on
+_REFUSALS = {grpc.StatusCode.ABORTED.value[0]: WrongShard, grpc.StatusCode.NOT_FOUND.value[0]: NotFound,
+             grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]: Overloaded}
+_FINAL = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT,
+          grpc.StatusCode.UNIMPLEMENTED)
+
+
+class Waiter:
+    """One WaitWorks call's share of a shard's stream."""
+
+    def __init__(self, work_ids: list[str]):
+        self.ids = set(work_ids)  # still awaited
+        self._items: queue.SimpleQueue = queue.SimpleQueue()
+        self.buffered = 0  # bytes of results given to it, not read yet (the stream's lock guards it)
+        self.on_its_own = False
+
+    def put(self, item, size: int = 0) -> None:
+        self.buffered += size
+        self._items.put((item, size))
+
+    def cancel(self) -> None:
+        self._items.put((_CANCELLED, 0))
+
+    def get(self):
+        item, size = self._items.get()
+        return item, size
+
+
+class ShardAwaits:
+    def __init__(self, proxy: MasterProxy):
+        self.proxy = proxy
+        self._lock = threading.Lock()
+        self._waiters: dict[str, list[Waiter]] = {}
+        self._requests: queue.SimpleQueue | None = None  # the open stream's
+        self._started = False
+        self._closed = False
+        self._stream = None
+        self.unsupported = False  # the master has no AwaitResults
+
+    def wait(self, work_ids: list[str], handle: StreamHandle) -> Iterator[work_pb2.WatchResultsResponse]:
+        """The results of `work_ids` as they finish, in batches; raises
+        WrongShard, NotFound or Overloaded as the master refuses some."""
+        if self.unsupported:
+            yield from self.proxy.wait_works(work_ids, handle=handle)
+            return
+        waiter = Waiter(work_ids)
+        handle.attach(waiter)
+        self._add(waiter)
+        try:
+            while waiter.ids:
+                item, size = waiter.get()
+                with self._lock:
+                    waiter.buffered -= size
+                if item is _CANCELLED:
+                    return
+                if item is _ON_ITS_OWN:
+                    yield from self.proxy.wait_works(sorted(waiter.ids), handle=handle)
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                results, refused = item
+                if refused:
+                    raise _refusal(refused)
+                results = [r for r in results if r.work_id in waiter.ids]
+                waiter.ids.difference_update(r.work_id for r in results)
+                if results:
+                    yield work_pb2.WatchResultsResponse(results=results)
+        finally:
+            self._remove(waiter)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            stream = self._stream
+        if stream is not None:
+            stream.cancel()
+
+    # --- the calls' registrations --------------------------------------------
+
+    def _add(self, waiter: Waiter) -> None:
+        with self._lock:
+            new = [w for w in waiter.ids if w not in self._waiters]
+            for work_id in waiter.ids:
+                self._waiters.setdefault(work_id, []).append(waiter)
+            self._send(work_ids=new)
+            if not self._started:
+                self._started = True
+                threading.Thread(target=self._run, name="await-results", daemon=True).start()
+
+    def _remove(self, waiter: Waiter) -> None:
+        with self._lock:
+            if waiter.on_its_own:
+                return
+            forget = []
+            for work_id in waiter.ids:
+                waiters = self._waiters.get(work_id)
+                if waiters is not None and waiter in waiters:
+                    waiters.remove(waiter)
+                    if not waiters:
+                        del self._waiters[work_id]
+                        forget.append(work_id)
+            self._send(forget=forget)
+
+    def _send(self, work_ids: list[str] = (), forget: list[str] = ()) -> None:  # type: ignore[assignment]
+        """Queues requests on the open stream (under the lock); a stream
+        opened later asks for every id awaited then."""
+        if self._requests is None:
+            return
+        for i in range(0, len(work_ids), MAX_BATCH_WORKS):
+            self._requests.put(work_pb2.AwaitRequest(work_ids=work_ids[i:i + MAX_BATCH_WORKS]))
+        for i in range(0, len(forget), MAX_BATCH_WORKS):
+            self._requests.put(work_pb2.AwaitRequest(forget=forget[i:i + MAX_BATCH_WORKS]))
+
+    # --- the stream ------------------------------------------------------------
+
+    def _run(self) -> None:
+        delay, broken_since = 0.02, None
+        while not self._closed:
+            answered = False
+            try:
+                answered = self._serve()
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    self.unsupported = True
+                    self._fail(lambda: _ON_ITS_OWN)
+                    return
+                self._fail(lambda e=error: e)  # refused for good (access, a malformed request)
+                log.warning("await stream refused: %s: %s", error.code().name, error.details())
+            except (NoMaster, TimeoutError) as error:
+                log.info("await stream: %s", error)
+            except Exception:  # noqa: BLE001 - the stream must come back, whatever broke it
+                log.exception("await stream failed")
+            now = time.monotonic()
+            if answered:
+                broken_since, delay = now, 0.02
+            broken_since = broken_since or now
+            if now - broken_since > RECONNECT_TIMEOUT:
+                self._fail(lambda: NoMaster(f"no master served results for {RECONNECT_TIMEOUT:.0f} s"))
+                broken_since = now
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    def _serve(self) -> bool:
+        """One stream, until it breaks: first every id awaited, then what
+        the calls add or forget. Returns whether the master answered on it;
+        raises the errors that are final."""
+        address, _ = self.proxy.locator.current(RECONNECT_TIMEOUT)
+        requests: queue.SimpleQueue = queue.SimpleQueue()
+        with self._lock:
+            self._requests = requests
+            self._send(work_ids=list(self._waiters))
+        stream = self.proxy.stub(address).AwaitResults(iter(requests.get, _END))
+        with self._lock:
+            self._stream = stream
+        self.proxy.locator.on_change(stream.cancel)  # the master moved: ask the new one
+        answered = False
+        try:
+            for response in stream:
+                if not self.proxy.observe_epoch(response.epoch, response.cluster_id):
+                    return answered  # a deposed master's
+                answered = True
+                self._dispatch(response)
+        except grpc.RpcError as error:
+            if error.code() in _FINAL:
+                raise
+            self.proxy.retry_hint(error, address)
+            if error.code() != grpc.StatusCode.CANCELLED:
+                log.info("await stream from %s ended (%s)", address, error.code().name)
+        finally:
+            self.proxy.locator.remove_listener(stream.cancel)
+            with self._lock:
+                self._requests = None
+                self._stream = None
+            requests.put(_END)
+            stream.cancel()
+        return answered
+
+    def _dispatch(self, response: work_pb2.AwaitResponse) -> None:
+        """Gives each waiting call its share of a response."""
+        shares: dict[Waiter, tuple[list, list]] = {}
+        with self._lock:
+            for refusal in response.refused:
+                for waiter in self._waiters.pop(refusal.work_id, ()):
+                    shares.setdefault(waiter, ([], []))[1].append(refusal)
+            for result in response.results:
+                for waiter in self._waiters.pop(result.work_id, ()):
+                    shares.setdefault(waiter, ([], []))[0].append(result)
+            for waiter, (results, refused) in shares.items():
+                size = sum(r.ByteSize() for r in results)
+                waiter.put((results, refused), size)
+                if waiter.buffered > MAX_BUFFERED_BYTES and not waiter.on_its_own:
+                    self._detach(waiter)
+
+    def _detach(self, waiter: Waiter) -> None:
+        """A slow reader goes on on a stream of its own (under the lock)."""
+        waiter.on_its_own = True
+        forget = []
+        for work_id, waiters in list(self._waiters.items()):
+            if waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._waiters[work_id]
+                    forget.append(work_id)
+        self._send(forget=forget)
+        waiter.put(_ON_ITS_OWN)
+
+    def _fail(self, error) -> None:
+        """Ends every call waiting now with `error()`."""
+        with self._lock:
+            waiters = {w for ws in self._waiters.values() for w in ws}
+            self._waiters.clear()
+            for waiter in waiters:
+                item = error()
+                waiter.on_its_own = waiter.on_its_own or item is _ON_ITS_OWN
+                waiter.put(item)
+
+
+def _refusal(refused: list[work_pb2.WorkRefusal]) -> Exception:
+    """The error a WaitWorks call ends with when the master refuses some of its ids."""
+    first = refused[0]
+    kind = _REFUSALS.get(first.code, Overloaded)
+    same = [r for r in refused if r.code == first.code]
+    if kind is NotFound and len(same) > 1:
+        shown = ", ".join(repr(r.work_id) for r in same[:5])
+        more = f" and {len(same) - 5} more" if len(same) > 5 else ""
+        return NotFound(f"no work {shown}{more}: never accepted, or its result left the retention window")
+    return kind(first.message)
+
