@@ -8,7 +8,8 @@
 pipelined (batched into SubmitWorks calls, a few in flight) by a sender
 thread, so one thread submitting in a loop is not held up by each durable
 write. `handle.accepted()` waits for that acknowledgement; `result()` waits
-for it and then for the result (WaitWorks: no polling). Work ids are fixed
+for it and then for the result (over the client's one AwaitResults stream:
+no polling, no call per result). Work ids are fixed
 when submitted, so a batch retried after a failover is idempotent.
 """
 
@@ -29,6 +30,7 @@ from typing import Any
 import grpc
 
 from dworkers import codec, credentials
+from dworkers.awaiting import AwaitStream
 from dworkers.common.errors import status_name
 from dworkers.common.shards import decode_cursors, encode_cursors
 from dworkers.common.validation import MAX_BATCH_WORKS, MAX_PAYLOAD_BYTES, new_work_id
@@ -334,7 +336,9 @@ class Client:
         self._cond = threading.Condition()
         self._closed = False
         self._unresolved = Unresolved()
-        self._feeds = Feeds(self._unresolved, self._wait_responses)
+        self._feeds = Feeds(self._unresolved, self._wait_responses)  # if the frontend has no AwaitResults
+        self._awaits = AwaitStream(self.stub, self._unresolved.to_read_ahead,
+                                   lambda results: self._unresolved.store([Result.of(r) for r in results]))
         self._sender = threading.Thread(target=self._send_forever, name="dworkers-submit", daemon=True)
         self._sender.start()
 
@@ -474,8 +478,9 @@ class Client:
     # --- results -----------------------------------------------------------
 
     def _resolve(self, handle: Handle, deadline: float | None) -> None:
-        """Waits for one handle's result (see Feeds)."""
-        self._feeds.wait(handle, deadline)
+        """Waits for one handle's result (see AwaitStream)."""
+        if not self._awaits.wait(handle, deadline):
+            self._feeds.wait(handle, deadline)
 
     def _wait(self, work_ids: list[str], deadline: float | None) -> Iterator[Result]:
         """Results of `work_ids` as they finish (WaitWorks; the frontend
@@ -600,6 +605,7 @@ class Client:
                 pending.handle._accepted.set_exception(SubmitError(pending.handle.id, "CANCELLED",
                                                                    "the client was closed before sending it"))
             self._sender.join(timeout=5)
+            self._awaits.close()
             self._channel.close()  # ends the feeds' streams too
 
     def __enter__(self) -> Client:

@@ -222,3 +222,86 @@ def test_a_master_without_await_streams_is_waited_on_per_call():
     assert shared.unsupported and proxy.own_streams == [["a"]]
     later = Call(shared, ["b"])
     assert later.done.wait(10) and later.got == ["b"]
+
+
+class Shards:
+    """A shard map the test sets: `owner[id]` (shard 0 if absent)."""
+
+    def __init__(self):
+        self.owner: dict[str, int] = {}
+        self.map = type("Map", (), {"version": 1})()
+
+    def split(self, ids):
+        groups: dict[int, list[int]] = {}
+        for i, work_id in enumerate(ids):
+            groups.setdefault(self.owner.get(work_id, 0), []).append(i)
+        return groups
+
+    def wait_newer(self, version, deadline):
+        return True
+
+
+class Client:
+    """A client's AwaitResults stream through ClientAwaits: its requests, and what came back."""
+
+    def __init__(self, shards: Shards, proxies: dict[int, Proxy]):
+        streams = {shard: ShardAwaits(proxy, shard) for shard, proxy in proxies.items()}
+        self.requests: queue.SimpleQueue = queue.SimpleQueue()
+        self.handle = StreamHandle()
+        self.responses: list[work_pb2.AwaitResponse] = []
+        self.error: Exception | None = None
+        self.done = threading.Event()
+        client = awaits.ClientAwaits(shards, streams.__getitem__)
+        threading.Thread(target=self._run, args=(client,), daemon=True).start()
+
+    def _run(self, client) -> None:
+        try:
+            for response in client.responses(iter(self.requests.get, None), self.handle):
+                self.responses.append(response)
+        except Exception as exc:  # noqa: BLE001 - the test looks at it
+            self.error = exc
+        self.done.set()
+
+    def results(self) -> dict[str, int]:
+        return {r.work_id: r.shard for response in list(self.responses) for r in response.results}
+
+    def refused(self) -> dict[str, int]:
+        return {r.work_id: r.code for response in list(self.responses) for r in response.refused}
+
+
+def test_a_clients_stream_is_served_by_each_shards_stream_and_moved_ids_are_asked_again():
+    shards, proxies = Shards(), {0: Proxy(), 1: Proxy()}
+    shards.owner.update({"b": 1, "m": 0})
+    client = Client(shards, proxies)
+    client.requests.put(work_pb2.AwaitRequest(work_ids=["a", "b", "m", "gone"]))
+    wait_until(lambda: proxies[0].streams and proxies[1].streams and len(proxies[0].streams[0].asked()) == 3
+               and proxies[1].streams[0].asked() == ["b"], 10, "each shard asked for its ids")
+    zero, one = proxies[0].streams[0], proxies[1].streams[0]
+    shards.owner["m"] = 1  # moved: shard 0 refuses it, the newer map names shard 1
+    zero.answer(refused=[
+        work_pb2.WorkRefusal(work_id="gone", code=grpc.StatusCode.NOT_FOUND.value[0], message="past retention"),
+        work_pb2.WorkRefusal(work_id="m", code=grpc.StatusCode.ABORTED.value[0], message="moving")])
+    zero.answer(results=[result("a")])
+    one.answer(results=[result("b")])
+    wait_until(lambda: "m" in one.asked(), 10, "the moved id asked of its new shard")
+    one.answer(results=[result("m")])
+    wait_until(lambda: len(client.results()) == 3, 10, "three results")
+    assert client.results() == {"a": 0, "b": 1, "m": 1}
+    assert client.refused() == {"gone": grpc.StatusCode.NOT_FOUND.value[0]}  # ABORTED stays inside
+    client.requests.put(work_pb2.AwaitRequest(work_ids=["c", "d"], forget=["d"]))
+    wait_until(lambda: "c" in zero.asked(), 10, "the next request's id")
+    assert "d" not in zero.asked()
+    client.handle.cancel()
+    assert client.done.wait(10) and client.error is None
+    wait_until(lambda: "c" in zero.forgotten(), 10, "the client's ids forgotten once it left")
+
+
+def test_a_client_awaiting_too_many_works_at_once_has_the_rest_refused(monkeypatch):
+    monkeypatch.setattr(awaits.ClientAwaits, "MAX_AWAITED", 5)
+    client = Client(Shards(), {0: Proxy()})
+    client.requests.put(work_pb2.AwaitRequest(work_ids=[f"w{i}" for i in range(8)]))
+    wait_until(lambda: len(client.refused()) == 3, 10, "the ids past the bound refused")
+    assert set(client.refused()) == {"w5", "w6", "w7"}
+    assert set(client.refused().values()) == {grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]}
+    client.requests.put(work_pb2.AwaitRequest(work_ids=["x" * 10_000]))  # malformed: the stream ends
+    assert client.done.wait(10) and "work_id" in str(client.error)

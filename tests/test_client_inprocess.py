@@ -176,3 +176,79 @@ def test_the_async_client_reads_results_as_they_come_on_one_stream(frontend):
     in_order, alone, code = asyncio.run(main())
     assert in_order == ["done"] * 200 and alone == "done" and code == grpc.StatusCode.NOT_FOUND
     assert len(servicer.waits) == 1 + 3  # the 200 on one stream; the two together, then each alone
+
+
+class AwaitingFrontend(Frontend):
+    """Also serves AwaitResults: every id asked is "done" at once (those in
+    `unknown` refused NOT_FOUND); with `break_first`, the first stream ends
+    UNAVAILABLE at its first request."""
+
+    def __init__(self):
+        super().__init__()
+        self.streams: list[list[str]] = []  # the ids each AwaitResults stream asked for
+        self.break_first = False
+
+    def AwaitResults(self, request_iterator, context):
+        asked: list[str] = []
+        self.streams.append(asked)
+        first = len(self.streams) == 1
+        for request in request_iterator:
+            asked.extend(request.work_ids)
+            if first and self.break_first:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "going away")
+            ids = list(request.work_ids)
+            refused = [work_pb2.WorkRefusal(work_id=w, code=grpc.StatusCode.NOT_FOUND.value[0], message=f"no {w}")
+                       for w in ids if w in self.unknown]
+            if refused:
+                yield work_pb2.AwaitResponse(refused=refused)
+            yield work_pb2.AwaitResponse(results=[
+                work_pb2.WorkResult(work_id=w, state=work_pb2.DONE, result=b'"done"', content_type="application/json")
+                for w in ids if w not in self.unknown])
+
+
+@pytest.fixture
+def awaiting():
+    servicer = AwaitingFrontend()
+    servicer.release.set()
+    server = grpc.server(futures.ThreadPoolExecutor(8))
+    frontend_pb2_grpc.add_FrontendServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+def test_results_come_over_one_stream_each_id_asked_once(awaiting):
+    servicer, address = awaiting
+    with dworkers.Client(address, timeout=5) as client:
+        handles = [client.submit("k", n) for n in range(300)]
+        client.flush(10)
+        with futures.ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(lambda h: h.result(10), handles)) == ["done"] * 300
+        later = client.submit("k", 1)
+        assert later.result(5) == "done"
+    assert len(servicer.streams) == 1 and not servicer.waits
+    assert sorted(servicer.streams[0]) == sorted([h.id for h in handles] + [later.id])  # read ahead, once each
+
+
+def test_a_refused_work_fails_only_its_own_wait_on_the_stream(awaiting):
+    servicer, address = awaiting
+    with dworkers.Client(address, timeout=5) as client:
+        kept, forgotten = client.submit("k", 1), client.submit("k", 2)
+        client.flush(10)
+        servicer.unknown.add(forgotten.id)
+        assert kept.result(5) == "done"
+        with pytest.raises(grpc.RpcError) as refused:
+            forgotten.result(5)
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND and forgotten.id in refused.value.details()
+
+
+def test_a_broken_stream_is_opened_again_asking_for_every_id_still_awaited(awaiting):
+    servicer, address = awaiting
+    servicer.break_first = True
+    with dworkers.Client(address, timeout=5) as client:
+        handles = [client.submit("k", n) for n in range(20)]
+        client.flush(10)
+        assert [h.result(10) for h in handles] == ["done"] * 20
+    assert len(servicer.streams) == 2
+    assert sorted(servicer.streams[1]) == sorted(h.id for h in handles)

@@ -14,8 +14,9 @@ import pytest
 
 import dworkers
 from dworkers.client import SubmitError
+from dworkers.common.zkserver import free_port
 from dworkers.v1 import work_pb2
-from tests.helpers import frontend, wait_kind
+from tests.helpers import frontend, wait_kind, wait_until
 
 pytestmark = pytest.mark.e2e
 JOBS = ("--jobs", "tests.jobs_sdk")
@@ -152,6 +153,28 @@ def test_results_are_awaited_across_kill_9_of_the_master(cluster):
         waiter.start()
         time.sleep(0.3)  # the waits are open on the master before it dies
         cluster.active_master().kill()
+        waiter.join(timeout=120)
+        assert values == [1.5] * 4
+
+
+def test_results_are_awaited_across_kill_9_of_the_frontend(cluster):
+    """The client's result stream breaks with its frontend; opened again on
+    the frontend that comes back, it asks for every result still due."""
+    cluster.start_master(None, wait=True)
+    port = free_port()
+    front = cluster.start_frontend(port)
+    cluster.start_worker(2, *JOBS)
+    wait_kind(frontend(front.address), "nap")
+    with dworkers.Client(front.address) as client:
+        handles = [client.submit("nap", 1.5) for _ in range(4)]
+        for h in handles:
+            h.accepted(timeout=30)
+        values: list = []
+        waiter = threading.Thread(target=lambda: values.extend(h.result(timeout=90) for h in handles))
+        waiter.start()
+        wait_until(lambda: client._awaits._stream is not None, 30, "the result stream to open")
+        front.kill()
+        cluster.start_frontend(port)
         waiter.join(timeout=120)
         assert values == [1.5] * 4
 

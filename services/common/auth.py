@@ -40,7 +40,8 @@ ROLES = CLIENT_ROLES + SERVICE_ROLES
 IMPLIED = {"admin": {"submit", "read"}}  # an admin may do what the others may
 FRONTEND_METHODS = {
     "SubmitWork": "submit", "SubmitWorks": "submit",
-    "GetWork": "read", "WaitWorks": "read", "WatchResults": "read", "ClusterInfo": "read", "ListWorks": "read",
+    "GetWork": "read", "WaitWorks": "read", "AwaitResults": "read", "WatchResults": "read", "ClusterInfo": "read",
+    "ListWorks": "read",
     "CancelWork": "admin", "RetryWork": "admin", "SetRateLimit": "admin",
 }
 MASTER_METHODS = {"Connect": "worker"}  # every other master call: "frontend"
@@ -170,7 +171,7 @@ class IdentityLimits:
     0: no limit."""
 
     SUBMITS = ("SubmitWork", "SubmitWorks")
-    STREAMS = ("WatchResults", "WaitWorks")
+    STREAMS = ("WatchResults", "WaitWorks", "AwaitResults")
 
     def __init__(self, works_per_second: float = 0.0, streams: int = 0):
         self.rate = works_per_second

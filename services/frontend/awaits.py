@@ -9,10 +9,11 @@ failover, a restart) it is opened again, to the active master, asking for
 every id still awaited: results are durable before they are sent, so the
 new master has them.
 
-A call whose reader falls behind by more than MAX_BUFFERED_BYTES, and every
-call while the master does not offer AwaitResults (an older version),
-waits on a stream of its own (WaitWorks), where gRPC's flow control holds
-the master back instead of this frontend's memory.
+A WaitWorks call whose reader falls behind by more than MAX_BUFFERED_BYTES,
+and every call while the master does not offer AwaitResults (an older
+version), waits on a stream of its own (WaitWorks), where gRPC's flow
+control holds the master back instead of this frontend's memory. The
+clients' own AwaitResults streams register here too, adding ids as they go.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
-from dworkers.common.errors import NoMaster, NotFound, Overloaded, WrongShard
+from dworkers.common import validation
+from dworkers.common.errors import InvalidInput, NoMaster, NotFound, Overloaded, WrongShard
 from dworkers.common.proxy import MasterProxy, StreamHandle
+from dworkers.common.routing import Shards
 from dworkers.common.validation import MAX_BATCH_WORKS
 from dworkers.v1 import work_pb2
 
@@ -38,6 +41,8 @@ RECONNECT_TIMEOUT = 30.0  # a stream broken this long fails the calls waiting on
 _END = object()  # ends a stream's requests
 _CANCELLED = object()  # the call's client left
 _ON_ITS_OWN = object()  # the call waits on a stream of its own from now on
+_ABORTED = grpc.StatusCode.ABORTED.value[0]
+_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 _REFUSALS = {grpc.StatusCode.ABORTED.value[0]: WrongShard, grpc.StatusCode.NOT_FOUND.value[0]: NotFound,
              grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]: Overloaded}
 _FINAL = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT,
@@ -45,29 +50,52 @@ _FINAL = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED, gr
 
 
 class Waiter:
-    """One WaitWorks call's share of a shard's stream."""
+    """One call's share of the shards' streams: a WaitWorks call's, or a
+    client's AwaitResults stream's. Items for it: (results, refusals, shard),
+    an exception, _CANCELLED or _ON_ITS_OWN."""
 
-    def __init__(self, work_ids: list[str]):
-        self.ids = set(work_ids)  # still awaited
+    def __init__(self, work_ids=()):
+        self.ids = set(work_ids)  # still awaited (under its lock)
         self._items: queue.SimpleQueue = queue.SimpleQueue()
-        self.buffered = 0  # bytes of results given to it, not read yet (the stream's lock guards it)
+        self._lock = threading.Lock()
+        self._buffered = 0  # bytes of results given to it, not read yet
         self.on_its_own = False
+        self.closed = False  # no more registrations
+        self.shards: set[ShardAwaits] = set()  # whose streams it is registered with
 
-    def put(self, item, size: int = 0) -> None:
-        self.buffered += size
-        self._items.put((item, size))
+    def put(self, item, size: int = 0) -> int:
+        """Queues an item; returns the bytes it holds unread."""
+        with self._lock:
+            self._buffered += size
+            self._items.put((item, size))
+            return self._buffered
 
     def cancel(self) -> None:
-        self._items.put((_CANCELLED, 0))
+        self.put(_CANCELLED)
 
-    def get(self):
-        item, size = self._items.get()
-        return item, size
+    def get(self, timeout: float | None = None):
+        item, size = self._items.get(timeout=timeout)
+        with self._lock:
+            self._buffered -= size
+        return item
+
+    def done(self, work_ids) -> None:
+        with self._lock:
+            self.ids.difference_update(work_ids)
+
+    def close(self) -> None:
+        """Ends its registrations, on every shard."""
+        with self._lock:
+            self.closed = True
+            shards = list(self.shards)
+        for shard in shards:
+            shard.remove(self)
 
 
 class ShardAwaits:
-    def __init__(self, proxy: MasterProxy):
+    def __init__(self, proxy: MasterProxy, shard: int = 0):
         self.proxy = proxy
+        self.shard = shard
         self._lock = threading.Lock()
         self._waiters: dict[str, list[Waiter]] = {}
         self._requests: queue.SimpleQueue | None = None  # the open stream's
@@ -84,12 +112,10 @@ class ShardAwaits:
             return
         waiter = Waiter(work_ids)
         handle.attach(waiter)
-        self._add(waiter)
+        self.add(waiter, work_ids)
         try:
             while waiter.ids:
-                item, size = waiter.get()
-                with self._lock:
-                    waiter.buffered -= size
+                item = waiter.get()
                 if item is _CANCELLED:
                     return
                 if item is _ON_ITS_OWN:
@@ -97,15 +123,15 @@ class ShardAwaits:
                     return
                 if isinstance(item, Exception):
                     raise item
-                results, refused = item
+                results, refused, _shard = item
                 if refused:
                     raise _refusal(refused)
                 results = [r for r in results if r.work_id in waiter.ids]
-                waiter.ids.difference_update(r.work_id for r in results)
+                waiter.done(r.work_id for r in results)
                 if results:
                     yield work_pb2.WatchResultsResponse(results=results)
         finally:
-            self._remove(waiter)
+            waiter.close()
 
     def close(self) -> None:
         with self._lock:
@@ -116,22 +142,30 @@ class ShardAwaits:
 
     # --- the calls' registrations --------------------------------------------
 
-    def _add(self, waiter: Waiter) -> None:
-        with self._lock:
-            new = [w for w in waiter.ids if w not in self._waiters]
-            for work_id in waiter.ids:
-                self._waiters.setdefault(work_id, []).append(waiter)
+    def add(self, waiter: Waiter, work_ids) -> None:
+        """`waiter` awaits these ids too (none, once it is closed)."""
+        with self._lock, waiter._lock:
+            if waiter.closed or waiter.on_its_own:
+                return
+            waiter.shards.add(self)
+            new = []
+            for work_id in work_ids:
+                waiters = self._waiters.get(work_id)
+                if waiters is None:
+                    self._waiters[work_id] = [waiter]
+                    new.append(work_id)
+                elif waiter not in waiters:
+                    waiters.append(waiter)
             self._send(work_ids=new)
             if not self._started:
                 self._started = True
                 threading.Thread(target=self._run, name="await-results", daemon=True).start()
 
-    def _remove(self, waiter: Waiter) -> None:
+    def forget(self, waiter: Waiter, work_ids) -> None:
+        """`waiter` no longer awaits these ids; ids nobody awaits are forgotten upstream."""
         with self._lock:
-            if waiter.on_its_own:
-                return
             forget = []
-            for work_id in waiter.ids:
+            for work_id in work_ids:
                 waiters = self._waiters.get(work_id)
                 if waiters is not None and waiter in waiters:
                     waiters.remove(waiter)
@@ -139,6 +173,11 @@ class ShardAwaits:
                         del self._waiters[work_id]
                         forget.append(work_id)
             self._send(forget=forget)
+
+    def remove(self, waiter: Waiter) -> None:
+        with waiter._lock:
+            ids = list(waiter.ids)
+        self.forget(waiter, ids)
 
     def _send(self, work_ids: list[str] = (), forget: list[str] = ()) -> None:  # type: ignore[assignment]
         """Queues requests on the open stream (under the lock); a stream
@@ -226,8 +265,7 @@ class ShardAwaits:
                     shares.setdefault(waiter, ([], []))[0].append(result)
             for waiter, (results, refused) in shares.items():
                 size = sum(r.ByteSize() for r in results)
-                waiter.put((results, refused), size)
-                if waiter.buffered > MAX_BUFFERED_BYTES and not waiter.on_its_own:
+                if waiter.put((results, refused, self.shard), size) > MAX_BUFFERED_BYTES and not waiter.on_its_own:
                     self._detach(waiter)
 
     def _detach(self, waiter: Waiter) -> None:
@@ -265,3 +303,83 @@ def _refusal(refused: list[work_pb2.WorkRefusal]) -> Exception:
         return NotFound(f"no work {shown}{more}: never accepted, or its result left the retention window")
     return kind(first.message)
 
+
+
+class ClientAwaits:
+    """A client's own AwaitResults stream, served from the shards' shared
+    streams: the ids it adds are registered with their shards; a shard that
+    says some are not its own (they moved) is asked again with a newer map;
+    the rest of what the masters answer goes back to the client."""
+
+    MAX_AWAITED = 100_000  # ids one client awaits at once
+
+    def __init__(self, shards: Shards, awaits_of: Callable[[int], ShardAwaits]):
+        self.shards = shards
+        self.awaits_of = awaits_of
+
+    def responses(self, requests, handle: StreamHandle) -> Iterator[work_pb2.AwaitResponse]:
+        waiter = Waiter()
+        handle.attach(waiter)
+        threading.Thread(target=self._read, args=(requests, waiter), name="await-requests", daemon=True).start()
+        try:
+            while True:
+                item = waiter.get()
+                if item is _CANCELLED:
+                    return
+                if item is _ON_ITS_OWN:
+                    raise Overloaded("this caller read its results too slowly: open the stream again and send the "
+                                     "ids still awaited")
+                if isinstance(item, Exception):
+                    raise item
+                results, refused, shard = item
+                moved = [r.work_id for r in refused if r.code == _ABORTED]
+                if moved:
+                    threading.Thread(target=self._reroute, args=(waiter, moved), daemon=True).start()
+                refused = [r for r in refused if r.code != _ABORTED]
+                with waiter._lock:
+                    results = [r for r in results if r.work_id in waiter.ids]
+                    waiter.ids.difference_update(r.work_id for r in (*results, *refused))
+                for result in results:
+                    result.shard = shard
+                if refused:
+                    yield work_pb2.AwaitResponse(refused=refused)
+                if results:
+                    yield work_pb2.AwaitResponse(results=results)
+        finally:
+            waiter.close()
+
+    def _read(self, requests, waiter: Waiter) -> None:
+        try:
+            for request in requests:
+                validation.check_await(request)
+                forget = set(request.forget)
+                if forget:
+                    with waiter._lock:
+                        waiter.ids.difference_update(forget)
+                    self._register(forget, lambda awaits, ids: awaits.forget(waiter, ids))
+                with waiter._lock:
+                    room = self.MAX_AWAITED - len(waiter.ids)
+                    new = [w for w in dict.fromkeys(request.work_ids) if w not in forget and w not in waiter.ids]
+                    new, over = new[:max(room, 0)], new[max(room, 0):]
+                    waiter.ids.update(new)
+                if over:
+                    waiter.put(([], [work_pb2.WorkRefusal(work_id=w, code=_EXHAUSTED, message=(
+                        f"this stream already awaits {self.MAX_AWAITED:,} works: wait for fewer at once"))
+                        for w in over], 0))
+                self._register(new, lambda awaits, ids: awaits.add(waiter, ids))
+        except InvalidInput as exc:
+            waiter.put(exc)
+        except Exception:  # noqa: BLE001 - the client went away: its stream ends with it
+            pass
+
+    def _register(self, work_ids, act: Callable[[ShardAwaits, list[str]], None]) -> None:
+        ids = list(work_ids)
+        for shard, positions in self.shards.split(ids).items():
+            act(self.awaits_of(shard), [ids[i] for i in positions])
+
+    def _reroute(self, waiter: Waiter, work_ids: list[str]) -> None:
+        """Ids a shard refused as not its own: again, with a newer shard map."""
+        self.shards.wait_newer(self.shards.map.version, time.monotonic() + 1.0)  # a moment, or a newer map
+        with waiter._lock:
+            still = [w for w in work_ids if w in waiter.ids]
+        self._register(still, lambda awaits, ids: awaits.add(waiter, ids))

@@ -31,7 +31,7 @@ from dworkers.common.routing import Shards
 from dworkers.common.settings import Contact, Logging, group, setting
 from dworkers.common.shards import decode_cursors, encode_cursors
 from dworkers.common.tls import ServingTlsSettings, TlsFiles
-from dworkers.frontend.awaits import ShardAwaits
+from dworkers.frontend.awaits import ClientAwaits, ShardAwaits
 from dworkers.frontend.batcher import SubmitBatcher
 from dworkers.frontend.merged import MergedStreams
 from dworkers.v1 import frontend_pb2_grpc, work_pb2
@@ -134,7 +134,7 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         with self._batchers_lock:
             awaits = self._shard_awaits.get(shard)
             if awaits is None:
-                awaits = self._shard_awaits[shard] = ShardAwaits(self.shards.proxy(shard))
+                awaits = self._shard_awaits[shard] = ShardAwaits(self.shards.proxy(shard), shard)
             return awaits
 
     def _batcher(self, shard: int) -> SubmitBatcher:
@@ -454,6 +454,10 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
     def WaitWorks(self, request, context):
         work_ids = validation.check_wait(request)
         yield from self._stream(context, lambda handle: self._waits(work_ids, handle))
+
+    def AwaitResults(self, request_iterator, context):
+        yield from self._stream(context, lambda handle: ClientAwaits(self.shards, self._awaits).responses(
+            request_iterator, handle))
 
     def _waits(self, work_ids: list[str], handle: StreamHandle):
         """The results of `work_ids` from the shards that hold them; when a
