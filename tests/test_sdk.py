@@ -138,23 +138,34 @@ def test_the_async_client(live):
     asyncio.run(main())
 
 
-def test_results_are_awaited_across_kill_9_of_the_master(cluster):
-    cluster.start_master(None, wait=True)
-    cluster.start_master(None)
-    front = cluster.start_frontend()
-    cluster.start_worker(2, *JOBS)
-    wait_kind(frontend(front.address), "nap")
-    with dworkers.Client(front.address) as client:
+def naps_awaited_through(address: str, trouble) -> None:
+    """Four works of 1.5 s awaited by a thread while `trouble(client)` runs:
+    every result comes."""
+    wait_kind(frontend(address), "nap")
+    with dworkers.Client(address) as client:
         handles = [client.submit("nap", 1.5) for _ in range(4)]
         for h in handles:
             h.accepted(timeout=30)
         values: list = []
         waiter = threading.Thread(target=lambda: values.extend(h.result(timeout=90) for h in handles))
         waiter.start()
-        time.sleep(0.3)  # the waits are open on the master before it dies
-        cluster.active_master().kill()
+        wait_until(lambda: client._awaits._stream is not None, 30, "the result stream to open")
+        trouble(client)
         waiter.join(timeout=120)
         assert values == [1.5] * 4
+
+
+def test_results_are_awaited_across_kill_9_of_the_master(cluster):
+    cluster.start_master(None, wait=True)
+    cluster.start_master(None)
+    front = cluster.start_frontend()
+    cluster.start_worker(2, *JOBS)
+
+    def kill_the_master(_client) -> None:
+        time.sleep(0.3)  # the waits reach the master before it dies
+        cluster.active_master().kill()
+
+    naps_awaited_through(front.address, kill_the_master)
 
 
 def test_results_are_awaited_across_kill_9_of_the_frontend(cluster):
@@ -164,19 +175,12 @@ def test_results_are_awaited_across_kill_9_of_the_frontend(cluster):
     port = free_port()
     front = cluster.start_frontend(port)
     cluster.start_worker(2, *JOBS)
-    wait_kind(frontend(front.address), "nap")
-    with dworkers.Client(front.address) as client:
-        handles = [client.submit("nap", 1.5) for _ in range(4)]
-        for h in handles:
-            h.accepted(timeout=30)
-        values: list = []
-        waiter = threading.Thread(target=lambda: values.extend(h.result(timeout=90) for h in handles))
-        waiter.start()
-        wait_until(lambda: client._awaits._stream is not None, 30, "the result stream to open")
+
+    def restart_the_frontend(_client) -> None:
         front.kill()
         cluster.start_frontend(port)
-        waiter.join(timeout=120)
-        assert values == [1.5] * 4
+
+    naps_awaited_through(front.address, restart_the_frontend)
 
 
 def test_pipelined_submission_through_a_failover_loses_and_doubles_nothing(cluster):
