@@ -27,6 +27,7 @@ from dworkers.v1 import work_pb2
 # A stream that ends so is opened again (the frontend went away, or was busy).
 REOPEN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED,
           grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+MAX_AWAITED = 50_000  # ids asked at once: reading ahead stops here (a frontend refuses beyond 100,000)
 MAX_REFUSALS = 100_000  # refusals kept for handles nobody waits for yet
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _END = object()
@@ -66,13 +67,14 @@ class AwaitStream:
 
     def wait(self, handle, deadline: float | None) -> bool:
         """Waits until the handle has its result; False if the frontend
-        offers no AwaitResults (the caller waits its own way). Raises
-        TimeoutError past `deadline` (time.monotonic()), or Refused."""
+        offers no AwaitResults, or awaits too many works for this client (the
+        caller waits its own way). Raises TimeoutError past `deadline`
+        (time.monotonic()), or Refused."""
         with self._cond:
             if self.unsupported:
                 return False
             if handle._result is None and handle.id not in self._awaited and handle.id not in self._refused:
-                ids = self._read_ahead(handle, self._awaited)
+                ids = self._read_ahead(handle, self._awaited)[:max(1, MAX_AWAITED - len(self._awaited))]
                 self._awaited.update(ids)
                 self._send(ids)
                 if not self._started:
@@ -80,6 +82,8 @@ class AwaitStream:
                     threading.Thread(target=self._run, name="dworkers-results", daemon=True).start()
             while handle._result is None:
                 error = self._refused.pop(handle.id, None)
+                if isinstance(error, Refused) and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    return False  # the frontend holds too many of this client's waits: a call of its own
                 if error is not None:
                     raise error
                 if self.unsupported:
