@@ -8,7 +8,9 @@ have priorities, some are delayed, and a client cancels works as they flow.
 Then: the acked works are exactly the finished works in the result stream,
 none twice, each large result is its work's payload, every confirmed cancel
 ended its work CANCELLED (and nothing else was cancelled), and a fresh
-replay of the journal gives the live master's results.
+replay of the journal gives the live master's results. A client awaits
+every fifth work's result over AwaitResults streams (opened again on any
+frontend when one breaks): each comes, as the result stream has it.
 
 CI runs a bounded version; `make chaos` sets DWORKERS_CHAOS_SECONDS=300."""
 
@@ -59,6 +61,9 @@ class Clients:
         self.threads = [threading.Thread(target=self._produce, args=(i,), daemon=True) for i in range(producers)]
         self.threads.append(threading.Thread(target=self._cancel, daemon=True))
         self.threads.append(threading.Thread(target=self._subscribe, daemon=True))
+        self.awaited: dict[str, work_pb2.WorkResult | None] = {}  # every fifth acked id: its awaited result
+        self.refused: dict[str, int] = {}
+        self.threads.append(threading.Thread(target=self._await, daemon=True))
         for thread in self.threads:
             thread.start()
 
@@ -90,6 +95,8 @@ class Clients:
                     frontend(random.choice(candidates).address).SubmitWork(request, timeout=5)
                     with self.lock:
                         self.acked.append(request.work_id)
+                        if n % 5 == 0:
+                            self.awaited[request.work_id] = None
                     break
                 except grpc.RpcError:
                     time.sleep(0.05)
@@ -137,9 +144,41 @@ class Clients:
             except grpc.RpcError:
                 time.sleep(0.1)
 
+    def _await(self) -> None:
+        """One AwaitResults stream at a time, to a random frontend: every id
+        still awaited is sent when it opens, new ones as they are acked."""
+        while True:
+            candidates = self._frontends()
+            if not candidates:
+                time.sleep(0.1)
+                continue
+            ended = threading.Event()
+            stream = frontend(random.choice(candidates).address).AwaitResults(self._await_requests(ended))
+            try:
+                for response in stream:
+                    with self.lock:
+                        for r in response.results:
+                            self.awaited[r.work_id] = r
+                        for refusal in response.refused:
+                            self.refused[refusal.work_id] = refusal.code
+            except grpc.RpcError:
+                time.sleep(0.1)
+            finally:
+                ended.set()
+
+    def _await_requests(self, ended: threading.Event):
+        sent: set[str] = set()
+        while not ended.is_set():
+            with self.lock:
+                new = [w for w, r in self.awaited.items() if r is None and w not in sent and w not in self.refused]
+            sent.update(new[:10_000])
+            if new:
+                yield work_pb2.AwaitRequest(work_ids=new[:10_000])
+            ended.wait(0.05)
+
     def stop_producing(self) -> list[str]:
         self.stopping.set()
-        for thread in self.threads[:-1]:
+        for thread in self.threads[:-2]:
             thread.join(timeout=150)
         return list(self.acked)
 
@@ -300,6 +339,24 @@ def test_chaos(tmp_path, journal_kind, shards):
         assert not not_cancelled, f"cancels confirmed, works not CANCELLED: {not_cancelled[:10]}"
         strays = [i for i, state in ended.items() if state != work_pb2.DONE and i not in clients.cancels_tried]
         assert not strays, f"works neither DONE nor cancelled by the client: {strays[:10]}"
+        # Every awaited result came, as streamed; an id is refused only once its result left retention.
+        awaited_deadline = time.monotonic() + 60
+        while time.monotonic() < awaited_deadline and any(
+                r is None and w not in clients.refused for w, r in dict(clients.awaited).items()):
+            time.sleep(0.2)
+        with clients.lock:
+            awaited, refused = dict(clients.awaited), dict(clients.refused)
+        unanswered = [w for w, r in awaited.items() if r is None and w not in refused]
+        assert not unanswered, f"awaited results that never came: {unanswered[:10]}"
+        final = {r.work_id: r for r in streamed}
+        # (a result a move copied has its new shard's number: the state and bytes must match)
+        wrongly = [w for w, r in awaited.items() if r is not None
+                   and (r.state, r.result, r.error) != (final[w].state, final[w].result, final[w].error)]
+        assert not wrongly, f"awaited results unlike the streamed ones: {wrongly[:10]}"
+        not_found = grpc.StatusCode.NOT_FOUND.value[0]
+        refused_early = [w for w, code in refused.items() if code != not_found or w not in ended]
+        assert not refused_early, f"awaited ids refused: {[(w, refused[w]) for w in refused_early[:10]]}"
+        print(f"awaited {len(awaited)} results over AwaitResults streams ({len(refused)} past retention)")
 
         # A fresh replay of the journal gives what the live master streamed.
         # The masters stop first: a live one may compact what is being read.
