@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 
 from dworkers import credentials
+from dworkers.awaiting import AsyncAwaitStream
 from dworkers.client import (
     BATCH_BYTES,
     BATCH_WORKS,
@@ -111,6 +112,8 @@ class AsyncClient:
         self._covering: dict[str, Feed] = {}  # id -> the running feed that waits for it (see Feeds)
         self._feeds: set[asyncio.Task] = set()
         self._results_came = asyncio.Condition()
+        self._awaits = AsyncAwaitStream(self.stub, self._unresolved.to_read_ahead,
+                                        lambda results: self._unresolved.store([Result.of(r) for r in results]))
         self._closed = False
         self._sender = asyncio.get_running_loop().create_task(self._send_forever())
 
@@ -185,8 +188,12 @@ class AsyncClient:
             await asyncio.wait(list(self._unacked))
 
     async def _resolve(self, handle: AsyncHandle, deadline: float | None) -> None:
-        """As Client._resolve: waits on a stream read ahead by a task (see
-        dworkers.client.Feeds), or reads a lone handle's result itself."""
+        """As Client._resolve: waits on the client's result stream (see
+        dworkers.awaiting); on a frontend without one, on a stream read ahead
+        by a task (see dworkers.client.Feeds), or reads a lone handle's result
+        itself."""
+        if await self._awaits.wait(handle, deadline):
+            return
         async with self._results_came:
             while handle._result is None:
                 feed = self._covering.get(handle.id)
@@ -343,6 +350,7 @@ class AsyncClient:
             await asyncio.wait_for(self.flush(), self.timeout)
         finally:
             self._sender.cancel()
+            self._awaits.close()
             for call in [*self._calls, *self._feeds]:
                 call.cancel()
             await self._channel.close()

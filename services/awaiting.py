@@ -1,5 +1,5 @@
 """A client's one AwaitResults stream: every result its handles wait for
-comes over it.
+comes over it (AwaitStream for Client, AsyncAwaitStream for AsyncClient).
 
 Waiting for a handle registers its id, and with it the oldest other handles
 still unresolved (read ahead: a producer reading results in order asks once
@@ -7,12 +7,13 @@ per 10,000 works), then waits until the stream has stored the result in the
 handle. A stream per wait costs the client and the frontend more than the
 result itself. When the stream breaks (the frontend went away, or was
 busy) it is opened again, asking for every id still awaited. A frontend
-without AwaitResults (an older version) makes the client wait with WaitWorks
-calls instead.
+without AwaitResults (an older version), or one that already awaits too
+many works for this client, makes the client wait with WaitWorks calls.
 """
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
@@ -31,6 +32,7 @@ MAX_AWAITED = 50_000  # ids asked at once: reading ahead stops here (a frontend 
 MAX_REFUSALS = 100_000  # refusals kept for handles nobody waits for yet
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _END = object()
+ON_ITS_OWN = object()  # the handle is waited for another way
 
 
 class Refused(grpc.RpcError):
@@ -50,49 +52,90 @@ class Refused(grpc.RpcError):
         return self._message
 
 
-class AwaitStream:
-    def __init__(self, stub, read_ahead: Callable[[object, Container[str]], list[str]],
+class Awaited:
+    """What a client's stream waits for: the ids asked, and refusals kept
+    for their waiters. No I/O and no lock: its stream guards it."""
+
+    def __init__(self, read_ahead: Callable[[object, Container[str]], list[str]],
                  store: Callable[[list[work_pb2.WorkResult]], None]):
+        self.read_ahead = read_ahead  # a handle's id and the others' to ask for with it (not those covered)
+        self.store = store  # gives results to their handles
+        self.ids: set[str] = set()
+        self.refused: OrderedDict[str, Exception] = OrderedDict()
+        self.unsupported = False  # the frontend has no AwaitResults
+
+    def to_ask(self, handle) -> list[str]:
+        """The ids to ask for so that `handle` gets its result (none if asked already)."""
+        if handle._result is not None or handle.id in self.ids or handle.id in self.refused:
+            return []
+        ids = self.read_ahead(handle, self.ids)[:max(1, MAX_AWAITED - len(self.ids))]
+        self.ids.update(ids)
+        return ids
+
+    def outcome(self, handle):
+        """None while `handle` waits; else True (it has its result),
+        ON_ITS_OWN (to be waited for another way) or the error to raise."""
+        if handle._result is not None:
+            return True
+        error = self.refused.pop(handle.id, None)
+        if self.unsupported or (isinstance(error, Refused) and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED):
+            return ON_ITS_OWN  # (the frontend holds too many of this client's waits: a call of its own)
+        return error
+
+    def take(self, response: work_pb2.AwaitResponse) -> None:
+        self.store(list(response.results))
+        self.ids.difference_update(r.work_id for r in response.results)
+        self.refuse({r.work_id: Refused(_CODES.get(r.code, grpc.StatusCode.UNKNOWN), r.message)
+                     for r in response.refused})
+
+    def refuse(self, refused: dict[str, Exception]) -> None:
+        for work_id, error in refused.items():
+            self.ids.discard(work_id)
+            self.refused[work_id] = error
+        while len(self.refused) > MAX_REFUSALS:
+            self.refused.popitem(last=False)
+
+    def ended(self, error: grpc.RpcError) -> bool:
+        """The stream ended with `error`: whether to open it again."""
+        if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+            self.unsupported = True
+            return False
+        if error.code() not in REOPEN:  # e.g. PERMISSION_DENIED: each waiter is told
+            self.refuse(dict.fromkeys(self.ids, error))
+        return True
+
+
+def requests_of(work_ids) -> list[work_pb2.AwaitRequest]:
+    ids = list(work_ids)
+    return [work_pb2.AwaitRequest(work_ids=ids[i:i + MAX_BATCH_WORKS]) for i in range(0, len(ids), MAX_BATCH_WORKS)]
+
+
+class AwaitStream:
+    """For Client: the stream read by a thread; waiters wait on a condition."""
+
+    def __init__(self, stub, read_ahead, store):
         self._stub = stub
-        self._read_ahead = read_ahead  # a handle's id and the others' to ask for with it (not those covered)
-        self._store = store  # gives results to their handles
+        self._awaited = Awaited(read_ahead, store)
         self._cond = threading.Condition()
-        self._awaited: set[str] = set()
-        self._refused: OrderedDict[str, Exception] = OrderedDict()
         self._requests: queue.SimpleQueue | None = None  # the open stream's
         self._stream = None
         self._started = False
         self._closed = False
-        self.unsupported = False
 
     def wait(self, handle, deadline: float | None) -> bool:
-        """Waits until the handle has its result; False if the frontend
-        offers no AwaitResults, or awaits too many works for this client (the
-        caller waits its own way). Raises TimeoutError past `deadline`
+        """Waits until the handle has its result; False if it is to be
+        waited for another way. Raises TimeoutError past `deadline`
         (time.monotonic()), or Refused."""
         with self._cond:
-            if self.unsupported:
-                return False
-            if handle._result is None and handle.id not in self._awaited and handle.id not in self._refused:
-                ids = self._read_ahead(handle, self._awaited)[:max(1, MAX_AWAITED - len(self._awaited))]
-                self._awaited.update(ids)
-                self._send(ids)
-                if not self._started:
-                    self._started = True
-                    threading.Thread(target=self._run, name="dworkers-results", daemon=True).start()
-            while handle._result is None:
-                error = self._refused.pop(handle.id, None)
-                if isinstance(error, Refused) and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    return False  # the frontend holds too many of this client's waits: a call of its own
-                if error is not None:
-                    raise error
-                if self.unsupported:
-                    return False
+            self._ask(self._awaited.to_ask(handle))
+            while (outcome := self._awaited.outcome(handle)) is None:
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
                 if remaining == 0:
                     raise TimeoutError(f"work {handle.id} not finished in time")
                 self._cond.wait(remaining)
-        return True
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome is True
 
     def close(self) -> None:
         with self._cond:
@@ -103,14 +146,14 @@ class AwaitStream:
         if stream is not None:
             stream.cancel()
 
-    def _send(self, work_ids) -> None:
-        """Asks for ids on the open stream (under the lock); a stream opened
-        later asks for every id awaited then."""
-        if self._requests is None:
-            return
-        ids = list(work_ids)
-        for i in range(0, len(ids), MAX_BATCH_WORKS):
-            self._requests.put(work_pb2.AwaitRequest(work_ids=ids[i:i + MAX_BATCH_WORKS]))
+    def _ask(self, work_ids: list[str]) -> None:
+        """(Under the lock.) A stream opened later asks for every id awaited then."""
+        if work_ids and not self._started:
+            self._started = True
+            threading.Thread(target=self._run, name="dworkers-results", daemon=True).start()
+        if self._requests is not None:
+            for request in requests_of(work_ids):
+                self._requests.put(request)
 
     def _run(self) -> None:
         delay = 0.05
@@ -120,43 +163,94 @@ class AwaitStream:
                 if self._closed:
                     return
                 self._requests = requests
-                self._send(self._awaited)
+                self._ask(list(self._awaited.ids))
                 self._stream = stream = self._stub.AwaitResults(iter(requests.get, _END))
+            again = True
             try:
                 for response in stream:
                     delay = 0.05
-                    self._take(response)
-            except grpc.RpcError as error:
-                if error.code() == grpc.StatusCode.UNIMPLEMENTED:
                     with self._cond:
-                        self.unsupported = True
+                        self._awaited.take(response)
                         self._cond.notify_all()
-                    return
-                if error.code() not in REOPEN:  # e.g. PERMISSION_DENIED: each waiter is told
-                    with self._cond:
-                        self._refuse({work_id: error for work_id in self._awaited})
+            except grpc.RpcError as error:
+                with self._cond:
+                    again = self._awaited.ended(error)
+                    self._cond.notify_all()
             finally:
                 with self._cond:
                     self._requests = self._stream = None
                 requests.put(_END)
                 stream.cancel()
+            if not again:
+                return
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
 
-    def _take(self, response: work_pb2.AwaitResponse) -> None:
-        self._store(list(response.results))
-        refused: dict[str, Exception] = {r.work_id: Refused(_CODES.get(r.code, grpc.StatusCode.UNKNOWN), r.message)
-                   for r in response.refused}
-        with self._cond:
-            self._awaited.difference_update(r.work_id for r in response.results)
-            self._refuse(refused)
-            self._cond.notify_all()
 
-    def _refuse(self, refused: dict[str, Exception]) -> None:
-        with self._cond:
-            for work_id, error in refused.items():
-                self._awaited.discard(work_id)
-                self._refused[work_id] = error
-            while len(self._refused) > MAX_REFUSALS:
-                self._refused.popitem(last=False)
-            self._cond.notify_all()
+class AsyncAwaitStream:
+    """For AsyncClient: the stream read by a task; waiters wait on a condition."""
+
+    def __init__(self, stub, read_ahead, store):
+        self._stub = stub
+        self._awaited = Awaited(read_ahead, store)
+        self._came = asyncio.Condition()
+        self._requests: asyncio.Queue | None = None  # the open stream's
+        self._task: asyncio.Task | None = None
+        self._closed = False
+
+    async def wait(self, handle, deadline: float | None) -> bool:
+        """As AwaitStream.wait."""
+        async with self._came:
+            self._ask(self._awaited.to_ask(handle))
+            while (outcome := self._awaited.outcome(handle)) is None:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    await asyncio.wait_for(self._came.wait(), remaining)
+                except asyncio.TimeoutError:
+                    raise TimeoutError(f"work {handle.id} not finished in time") from None
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome is True
+
+    def close(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+
+    def _ask(self, work_ids: list[str]) -> None:
+        if work_ids and self._task is None and not self._closed:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        if self._requests is not None:
+            for request in requests_of(work_ids):
+                self._requests.put_nowait(request)
+
+    async def _run(self) -> None:
+        delay = 0.05
+        while not self._closed:
+            requests: asyncio.Queue = asyncio.Queue()
+            self._requests = requests
+            self._ask(list(self._awaited.ids))
+            call = self._stub.AwaitResults(_drained(requests))
+            again = True
+            try:
+                async for response in call:
+                    delay = 0.05
+                    async with self._came:
+                        self._awaited.take(response)
+                        self._came.notify_all()
+            except grpc.aio.AioRpcError as error:
+                async with self._came:
+                    again = self._awaited.ended(error)
+                    self._came.notify_all()
+            finally:
+                self._requests = None
+                call.cancel()
+            if not again:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+async def _drained(requests: asyncio.Queue):
+    while True:
+        yield await requests.get()

@@ -252,3 +252,22 @@ def test_a_broken_stream_is_opened_again_asking_for_every_id_still_awaited(await
         assert [h.result(10) for h in handles] == ["done"] * 20
     assert len(servicer.streams) == 2
     assert sorted(servicer.streams[1]) == sorted(h.id for h in handles)
+
+
+def test_the_async_client_waits_over_one_stream_too(awaiting):
+    servicer, address = awaiting
+
+    async def main() -> tuple[list, object]:
+        async with dworkers.AsyncClient(address, timeout=5) as client:
+            handles = [await client.submit("k", n) for n in range(100)]
+            await client.flush()
+            servicer.unknown.add(handles[-1].id)
+            values = await asyncio.gather(*(h.result(5) for h in handles[:-1]))
+            with pytest.raises(grpc.RpcError) as refused:
+                await handles[-1].result(5)
+            return values, refused.value.code()
+
+    values, code = asyncio.run(main())
+    assert values == ["done"] * 99 and code == grpc.StatusCode.NOT_FOUND
+    assert len(servicer.streams) == 1 and not servicer.waits
+    assert len(servicer.streams[0]) == 100  # read ahead: each id asked once
