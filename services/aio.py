@@ -350,7 +350,7 @@ class AsyncClient:
             await asyncio.wait_for(self.flush(), self.timeout)
         finally:
             self._sender.cancel()
-            self._awaits.close()
+            await self._awaits.close()
             for call in [*self._calls, *self._feeds]:
                 call.cancel()
             await self._channel.close()

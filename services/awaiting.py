@@ -14,6 +14,7 @@ many works for this client, makes the client wait with WaitWorks calls.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -25,6 +26,8 @@ import grpc
 from dworkers.common.validation import MAX_BATCH_WORKS
 from dworkers.v1 import work_pb2
 
+log = logging.getLogger(__name__)
+
 # A stream that ends so is opened again (the frontend went away, or was busy).
 REOPEN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED,
           grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
@@ -33,6 +36,8 @@ MAX_REFUSALS = 100_000  # refusals kept for handles nobody waits for yet
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _END = object()
 ON_ITS_OWN = object()  # the handle is waited for another way
+# Refusals after which a handle is waited for with a call of its own.
+OWN_WAY = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED)
 
 
 class Refused(grpc.RpcError):
@@ -63,10 +68,11 @@ class Awaited:
         self.ids: set[str] = set()
         self.refused: OrderedDict[str, Exception] = OrderedDict()
         self.unsupported = False  # the frontend has no AwaitResults
+        self.closed = False
 
     def to_ask(self, handle) -> list[str]:
         """The ids to ask for so that `handle` gets its result (none if asked already)."""
-        if handle._result is not None or handle.id in self.ids or handle.id in self.refused:
+        if handle._result is not None or handle.id in self.ids or handle.id in self.refused or self.closed:
             return []
         ids = self.read_ahead(handle, self.ids)[:max(1, MAX_AWAITED - len(self.ids))]
         self.ids.update(ids)
@@ -77,9 +83,11 @@ class Awaited:
         ON_ITS_OWN (to be waited for another way) or the error to raise."""
         if handle._result is not None:
             return True
+        if self.closed:
+            return Refused(grpc.StatusCode.CANCELLED, "the client was closed")
         error = self.refused.pop(handle.id, None)
-        if self.unsupported or (isinstance(error, Refused) and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED):
-            return ON_ITS_OWN  # (the frontend holds too many of this client's waits: a call of its own)
+        if self.unsupported or (isinstance(error, Refused) and error.code() in OWN_WAY):
+            return ON_ITS_OWN  # (too many waits, here or upstream; a master without AwaitResults)
         return error
 
     def take(self, response: work_pb2.AwaitResponse) -> None:
@@ -95,12 +103,16 @@ class Awaited:
         while len(self.refused) > MAX_REFUSALS:
             self.refused.popitem(last=False)
 
-    def ended(self, error: grpc.RpcError) -> bool:
-        """The stream ended with `error`: whether to open it again."""
-        if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+    def ended(self, error: grpc.RpcError, answered: bool) -> bool:
+        """The stream ended with `error` (after answering, or not): whether
+        to open it again."""
+        code = error.code()
+        if code == grpc.StatusCode.UNIMPLEMENTED:
             self.unsupported = True
             return False
-        if error.code() not in REOPEN:  # e.g. PERMISSION_DENIED: each waiter is told
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not answered:  # no stream for this client now:
+            self.refuse({w: Refused(code, error.details() or "") for w in self.ids})  # its waits go their own way
+        elif code not in REOPEN:  # e.g. PERMISSION_DENIED: each waiter is told
             self.refuse(dict.fromkeys(self.ids, error))
         return True
 
@@ -127,8 +139,11 @@ class AwaitStream:
         waited for another way. Raises TimeoutError past `deadline`
         (time.monotonic()), or Refused."""
         with self._cond:
-            self._ask(self._awaited.to_ask(handle))
-            while (outcome := self._awaited.outcome(handle)) is None:
+            while True:
+                self._ask(self._awaited.to_ask(handle))  # again: another waiter may have taken a refusal
+                outcome = self._awaited.outcome(handle)
+                if outcome is not None:
+                    break
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
                 if remaining == 0:
                     raise TimeoutError(f"work {handle.id} not finished in time")
@@ -139,7 +154,8 @@ class AwaitStream:
 
     def close(self) -> None:
         with self._cond:
-            self._closed = True
+            self._closed = self._awaited.closed = True
+            self._cond.notify_all()
             stream, requests = self._stream, self._requests
         if requests is not None:
             requests.put(_END)
@@ -147,8 +163,9 @@ class AwaitStream:
             stream.cancel()
 
     def _ask(self, work_ids: list[str]) -> None:
-        """(Under the lock.) A stream opened later asks for every id awaited then."""
-        if work_ids and not self._started:
+        """(Under the lock.) A stream opened later asks for every id awaited
+        then; a stream is open only while some are."""
+        if work_ids and not self._started and not self._closed:
             self._started = True
             threading.Thread(target=self._run, name="dworkers-results", daemon=True).start()
         if self._requests is not None:
@@ -160,31 +177,42 @@ class AwaitStream:
         while True:
             requests: queue.SimpleQueue = queue.SimpleQueue()
             with self._cond:
-                if self._closed:
+                if self._closed or not self._awaited.ids:  # nothing awaited: no stream (a frontend slot less)
+                    self._started = False
                     return
                 self._requests = requests
                 self._ask(list(self._awaited.ids))
-                self._stream = stream = self._stub.AwaitResults(iter(requests.get, _END))
-            again = True
+            again, answered, stream = True, False, None
             try:
+                stream = self._stub.AwaitResults(iter(requests.get, _END))
+                with self._cond:
+                    self._stream = stream
                 for response in stream:
-                    delay = 0.05
+                    delay, answered = 0.05, True
                     with self._cond:
                         self._awaited.take(response)
                         self._cond.notify_all()
+                        if not self._awaited.ids:
+                            break  # all came: the stream ends until more are awaited
             except grpc.RpcError as error:
                 with self._cond:
-                    again = self._awaited.ended(error)
+                    again = self._awaited.ended(error, answered)
                     self._cond.notify_all()
+            except Exception:  # noqa: BLE001 - the stream comes back, whatever broke it
+                log.exception("result stream failed")
             finally:
                 with self._cond:
                     self._requests = self._stream = None
                 requests.put(_END)
-                stream.cancel()
+                if stream is not None:
+                    stream.cancel()
             if not again:
+                with self._cond:
+                    self._started = False
                 return
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            if not answered:
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
 
 class AsyncAwaitStream:
@@ -201,8 +229,11 @@ class AsyncAwaitStream:
     async def wait(self, handle, deadline: float | None) -> bool:
         """As AwaitStream.wait."""
         async with self._came:
-            self._ask(self._awaited.to_ask(handle))
-            while (outcome := self._awaited.outcome(handle)) is None:
+            while True:
+                self._ask(self._awaited.to_ask(handle))  # again: another waiter may have taken a refusal
+                outcome = self._awaited.outcome(handle)
+                if outcome is not None:
+                    break
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:
                     await asyncio.wait_for(self._came.wait(), remaining)
@@ -212,12 +243,15 @@ class AsyncAwaitStream:
             raise outcome
         return outcome is True
 
-    def close(self) -> None:
-        self._closed = True
+    async def close(self) -> None:
+        async with self._came:
+            self._closed = self._awaited.closed = True
+            self._came.notify_all()
         if self._task is not None:
             self._task.cancel()
 
     def _ask(self, work_ids: list[str]) -> None:
+        """A stream is open only while some ids are awaited."""
         if work_ids and self._task is None and not self._closed:
             self._task = asyncio.get_running_loop().create_task(self._run())
         if self._requests is not None:
@@ -226,29 +260,38 @@ class AsyncAwaitStream:
 
     async def _run(self) -> None:
         delay = 0.05
-        while not self._closed:
-            requests: asyncio.Queue = asyncio.Queue()
-            self._requests = requests
-            self._ask(list(self._awaited.ids))
-            call = self._stub.AwaitResults(_drained(requests))
-            again = True
-            try:
-                async for response in call:
-                    delay = 0.05
+        try:
+            while not self._closed and self._awaited.ids:
+                requests: asyncio.Queue = asyncio.Queue()
+                self._requests = requests
+                self._ask(list(self._awaited.ids))
+                again, answered, call = True, False, None
+                try:
+                    call = self._stub.AwaitResults(_drained(requests))
+                    async for response in call:
+                        delay, answered = 0.05, True
+                        async with self._came:
+                            self._awaited.take(response)
+                            self._came.notify_all()
+                        if not self._awaited.ids:
+                            break  # all came: the stream ends until more are awaited
+                except grpc.aio.AioRpcError as error:
                     async with self._came:
-                        self._awaited.take(response)
+                        again = self._awaited.ended(error, answered)
                         self._came.notify_all()
-            except grpc.aio.AioRpcError as error:
-                async with self._came:
-                    again = self._awaited.ended(error)
-                    self._came.notify_all()
-            finally:
-                self._requests = None
-                call.cancel()
-            if not again:
-                return
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+                except Exception:  # noqa: BLE001 - the stream comes back, whatever broke it
+                    log.exception("result stream failed")
+                finally:
+                    self._requests = None
+                    if call is not None:
+                        call.cancel()
+                if not again:
+                    return
+                if not answered:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+        finally:
+            self._task = None
 
 
 async def _drained(requests: asyncio.Queue):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import grpc
 import pytest
@@ -219,7 +220,7 @@ def test_a_master_without_await_streams_is_waited_on_per_call():
     shared = ShardAwaits(proxy)
     call = Call(shared, ["a"])
     assert call.done.wait(10) and call.error is None and call.got == ["a"]
-    assert shared.unsupported and proxy.own_streams == [["a"]]
+    assert shared._unsupported_at is not None and proxy.own_streams == [["a"]]
     later = Call(shared, ["b"])
     assert later.done.wait(10) and later.got == ["b"]
 
@@ -305,3 +306,31 @@ def test_a_client_awaiting_too_many_works_at_once_has_the_rest_refused(monkeypat
     assert set(client.refused().values()) == {grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]}
     client.requests.put(work_pb2.AwaitRequest(work_ids=["x" * 10_000]))  # malformed: the stream ends
     assert client.done.wait(10) and "work_id" in str(client.error)
+
+
+def test_ids_refused_as_too_many_upstream_are_waited_for_on_a_call_of_their_own():
+    proxy = Proxy()
+    shared = ShardAwaits(proxy)
+    call = Call(shared, ["a", "b"])
+    wait_until(lambda: proxy.streams and len(proxy.streams[0].asked()) == 2, 10, "the ids asked")
+    proxy.streams[0].answer(results=[result("a")])
+    proxy.streams[0].answer(refused=[work_pb2.WorkRefusal(
+        work_id="b", code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message="too many")])
+    assert call.done.wait(10) and call.error is None and sorted(call.got) == ["a", "b"]
+    assert proxy.own_streams == [["b"]]
+    shared.close()
+
+
+def test_a_quiet_stream_that_breaks_long_after_it_opened_fails_no_call(monkeypatch):
+    monkeypatch.setattr(awaits, "RECONNECT_TIMEOUT", 0.5)
+    proxy = Proxy()
+    shared = ShardAwaits(proxy)
+    call = Call(shared, ["a"])
+    wait_until(lambda: proxy.streams and proxy.streams[0].asked() == ["a"], 10, "the id asked")
+    proxy.streams[0].answer()  # the master's first message: the stream is open
+    time.sleep(1.0)  # quiet for longer than RECONNECT_TIMEOUT (the work runs long)
+    proxy.streams[0].fail(grpc.StatusCode.UNAVAILABLE)
+    wait_until(lambda: len(proxy.streams) == 2 and proxy.streams[1].asked() == ["a"], 10, "asked again")
+    proxy.streams[1].answer(results=[result("a")])
+    assert call.done.wait(10) and call.error is None and call.got == ["a"]
+    shared.close()

@@ -14,6 +14,7 @@ import pytest
 import dworkers
 from dworkers.client import SubmitError
 from dworkers.v1 import frontend_pb2_grpc, work_pb2
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.unit
 
@@ -187,6 +188,7 @@ class AwaitingFrontend(Frontend):
         super().__init__()
         self.streams: list[list[str]] = []  # the ids each AwaitResults stream asked for
         self.break_first = False
+        self.hold = False  # ids asked from now on get no answer
 
     def AwaitResults(self, request_iterator, context):
         asked: list[str] = []
@@ -197,6 +199,8 @@ class AwaitingFrontend(Frontend):
             if first and self.break_first:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "going away")
             ids = list(request.work_ids)
+            if self.hold:
+                continue  # never answered
             refused = [work_pb2.WorkRefusal(work_id=w, code=grpc.StatusCode.NOT_FOUND.value[0], message=f"no {w}")
                        for w in ids if w in self.unknown]
             if refused:
@@ -227,8 +231,10 @@ def test_results_come_over_one_stream_each_id_asked_once(awaiting):
             assert list(pool.map(lambda h: h.result(10), handles)) == ["done"] * 300
         later = client.submit("k", 1)
         assert later.result(5) == "done"
-    assert len(servicer.streams) == 1 and not servicer.waits
-    assert sorted(servicer.streams[0]) == sorted([h.id for h in handles] + [later.id])  # read ahead, once each
+    # One stream while the 300 were awaited (read ahead: each id once), closed once all came (a
+    # frontend's stream slot is not held by an idle client); another for the later work.
+    assert [sorted(s) for s in servicer.streams] == [sorted(h.id for h in handles), [later.id]]
+    assert not servicer.waits
 
 
 def test_a_refused_work_fails_only_its_own_wait_on_the_stream(awaiting):
@@ -271,3 +277,26 @@ def test_the_async_client_waits_over_one_stream_too(awaiting):
     assert values == ["done"] * 99 and code == grpc.StatusCode.NOT_FOUND
     assert len(servicer.streams) == 1 and not servicer.waits
     assert len(servicer.streams[0]) == 100  # read ahead: each id asked once
+
+
+def test_waits_of_a_closed_client_end_and_a_second_waiter_gets_the_refusal_too(awaiting):
+    servicer, address = awaiting
+    client = dworkers.Client(address, timeout=5)
+    gone = client.submit("k", 1)
+    gone.accepted(5)
+    servicer.unknown.add(gone.id)
+    with futures.ThreadPoolExecutor(2) as pool:  # two waiters on one handle: both are told
+        for outcome in [pool.submit(gone.result, 5) for _ in range(2)]:
+            with pytest.raises(grpc.RpcError) as refused:
+                outcome.result(10)
+            assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    servicer.hold = True
+    waiting = client.submit("k", 2)
+    waiting.accepted(5)
+    with futures.ThreadPoolExecutor(1) as pool:
+        outcome = pool.submit(waiting.result)  # no timeout: only the close ends it
+        wait_until(lambda: waiting.id in servicer.streams[-1], 10, "the wait to be asked for")
+        client.close()
+        with pytest.raises(grpc.RpcError) as closed:
+            outcome.result(10)
+    assert closed.value.code() == grpc.StatusCode.CANCELLED

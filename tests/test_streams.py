@@ -141,10 +141,12 @@ def test_an_await_stream_answers_each_awaited_work_once_and_refuses_what_it_cann
     channel = credentials.channel(master.address)
     requests: queue.SimpleQueue = queue.SimpleQueue()
     stream = master_pb2_grpc.MasterStub(channel).AwaitResults(iter(requests.get, None), timeout=60)
+    opened = next(stream)  # at once, empty: the stream is open (a frontend counts from here)
+    assert not opened.results and not opened.refused and opened.cluster_id
     requests.put(work_pb2.AwaitRequest(work_ids=[finished, "never-accepted", *running]))
     first = next(stream)
     assert [(r.work_id, r.code) for r in first.refused] == [("never-accepted", grpc.StatusCode.NOT_FOUND.value[0])]
-    assert not first.results and first.cluster_id
+    assert not first.results
     assert [r.work_id for r in next(stream).results] == [finished]
     requests.put(work_pb2.AwaitRequest(forget=[running[0]], work_ids=[finished]))  # answered again: asked again
     assert [r.work_id for r in next(stream).results] == [finished]

@@ -37,12 +37,15 @@ log = logging.getLogger(__name__)
 
 MAX_BUFFERED_BYTES = 4 * 1024 * 1024  # results held for one call that reads slowly
 RECONNECT_TIMEOUT = 30.0  # a stream broken this long fails the calls waiting on it
+RETRY_UNSUPPORTED = 60.0  # seconds before asking a master without AwaitResults again (an upgrade may end)
 
 _END = object()  # ends a stream's requests
 _CANCELLED = object()  # the call's client left
 _ON_ITS_OWN = object()  # the call waits on a stream of its own from now on
 _ABORTED = grpc.StatusCode.ABORTED.value[0]
 _EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+_UNIMPLEMENTED = grpc.StatusCode.UNIMPLEMENTED.value[0]
+_OWN_WAY = (_EXHAUSTED, _UNIMPLEMENTED)  # refused so, a WaitWorks call waits on a stream of its own
 _REFUSALS = {grpc.StatusCode.ABORTED.value[0]: WrongShard, grpc.StatusCode.NOT_FOUND.value[0]: NotFound,
              grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]: Overloaded}
 _FINAL = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT,
@@ -73,6 +76,10 @@ class Waiter:
     def cancel(self) -> None:
         self.put(_CANCELLED)
 
+    def unread(self) -> int:
+        with self._lock:
+            return self._buffered
+
     def get(self, timeout: float | None = None):
         item, size = self._items.get(timeout=timeout)
         with self._lock:
@@ -102,17 +109,16 @@ class ShardAwaits:
         self._started = False
         self._closed = False
         self._stream = None
-        self.unsupported = False  # the master has no AwaitResults
+        self._unsupported_at: float | None = None  # when the master said it has no AwaitResults
 
     def wait(self, work_ids: list[str], handle: StreamHandle) -> Iterator[work_pb2.WatchResultsResponse]:
         """The results of `work_ids` as they finish, in batches; raises
-        WrongShard, NotFound or Overloaded as the master refuses some."""
-        if self.unsupported:
-            yield from self.proxy.wait_works(work_ids, handle=handle)
-            return
+        WrongShard or NotFound as the master refuses some."""
         waiter = Waiter(work_ids)
         handle.attach(waiter)
-        self.add(waiter, work_ids)
+        if not self.add(waiter, work_ids):  # the master has no AwaitResults
+            yield from self.proxy.wait_works(work_ids, handle=handle)
+            return
         try:
             while waiter.ids:
                 item = waiter.get()
@@ -124,6 +130,9 @@ class ShardAwaits:
                 if isinstance(item, Exception):
                     raise item
                 results, refused, _shard = item
+                if any(r.code in _OWN_WAY for r in refused):  # too many awaited upstream, or an older master
+                    yield from self.proxy.wait_works(sorted(waiter.ids), handle=handle)
+                    return
                 if refused:
                     raise _refusal(refused)
                 results = [r for r in results if r.work_id in waiter.ids]
@@ -142,14 +151,21 @@ class ShardAwaits:
 
     # --- the calls' registrations --------------------------------------------
 
-    def add(self, waiter: Waiter, work_ids) -> None:
-        """`waiter` awaits these ids too (none, once it is closed)."""
+    def add(self, waiter: Waiter, work_ids) -> bool:
+        """`waiter` awaits these ids (those it still awaits) here too, unless
+        it is closed; False if the master has no AwaitResults."""
         with self._lock, waiter._lock:
+            if self._unsupported_at is not None:
+                if time.monotonic() - self._unsupported_at < RETRY_UNSUPPORTED:
+                    return False
+                self._unsupported_at, self._started = None, False  # ask again: an upgrade may have ended
             if waiter.closed or waiter.on_its_own:
-                return
+                return True
             waiter.shards.add(self)
             new = []
             for work_id in work_ids:
+                if work_id not in waiter.ids:
+                    continue  # forgotten meanwhile
                 waiters = self._waiters.get(work_id)
                 if waiters is None:
                     self._waiters[work_id] = [waiter]
@@ -160,6 +176,7 @@ class ShardAwaits:
             if not self._started:
                 self._started = True
                 threading.Thread(target=self._run, name="await-results", daemon=True).start()
+            return True
 
     def forget(self, waiter: Waiter, work_ids) -> None:
         """`waiter` no longer awaits these ids; ids nobody awaits are forgotten upstream."""
@@ -199,8 +216,7 @@ class ShardAwaits:
                 answered = self._serve()
             except grpc.RpcError as error:
                 if error.code() == grpc.StatusCode.UNIMPLEMENTED:
-                    self.unsupported = True
-                    self._fail(lambda: _ON_ITS_OWN)
+                    self._unsupported()
                     return
                 self._fail(lambda e=error: e)  # refused for good (access, a malformed request)
                 log.warning("await stream refused: %s: %s", error.code().name, error.details())
@@ -233,7 +249,7 @@ class ShardAwaits:
         self.proxy.locator.on_change(stream.cancel)  # the master moved: ask the new one
         answered = False
         try:
-            for response in stream:
+            for response in stream:  # the first, empty, says the stream is open
                 if not self.proxy.observe_epoch(response.epoch, response.cluster_id):
                     return answered  # a deposed master's
                 answered = True
@@ -264,16 +280,21 @@ class ShardAwaits:
                 for waiter in self._waiters.pop(result.work_id, ()):
                     shares.setdefault(waiter, ([], []))[0].append(result)
             for waiter, (results, refused) in shares.items():
-                size = sum(r.ByteSize() for r in results)
-                if waiter.put((results, refused, self.shard), size) > MAX_BUFFERED_BYTES and not waiter.on_its_own:
+                if waiter.on_its_own:
+                    continue  # it reads the rest on a stream of its own
+                size = sum(r.ByteSize() for r in results) + sum(r.ByteSize() for r in refused)
+                if waiter.put((results, refused, self.shard), size) > MAX_BUFFERED_BYTES:
                     self._detach(waiter)
 
     def _detach(self, waiter: Waiter) -> None:
         """A slow reader goes on on a stream of its own (under the lock)."""
         waiter.on_its_own = True
+        with waiter._lock:
+            ids = list(waiter.ids)
         forget = []
-        for work_id, waiters in list(self._waiters.items()):
-            if waiter in waiters:
+        for work_id in ids:
+            waiters = self._waiters.get(work_id)
+            if waiters is not None and waiter in waiters:
                 waiters.remove(waiter)
                 if not waiters:
                     del self._waiters[work_id]
@@ -281,15 +302,27 @@ class ShardAwaits:
         self._send(forget=forget)
         waiter.put(_ON_ITS_OWN)
 
+    def _unsupported(self) -> None:
+        """The master has no AwaitResults: every id awaited here is refused
+        UNIMPLEMENTED (its call then waits on a stream of its own)."""
+        with self._lock:
+            self._unsupported_at = time.monotonic()
+            shares: dict[Waiter, list] = {}
+            for work_id, waiters in self._waiters.items():
+                for waiter in waiters:
+                    shares.setdefault(waiter, []).append(work_pb2.WorkRefusal(
+                        work_id=work_id, code=_UNIMPLEMENTED, message="this master has no AwaitResults"))
+            self._waiters.clear()
+            for waiter, refused in shares.items():
+                waiter.put(([], refused, self.shard))
+
     def _fail(self, error) -> None:
         """Ends every call waiting now with `error()`."""
         with self._lock:
             waiters = {w for ws in self._waiters.values() for w in ws}
             self._waiters.clear()
             for waiter in waiters:
-                item = error()
-                waiter.on_its_own = waiter.on_its_own or item is _ON_ITS_OWN
-                waiter.put(item)
+                waiter.put(error())
 
 
 def _refusal(refused: list[work_pb2.WorkRefusal]) -> Exception:
@@ -322,6 +355,7 @@ class ClientAwaits:
         handle.attach(waiter)
         threading.Thread(target=self._read, args=(requests, waiter), name="await-requests", daemon=True).start()
         try:
+            yield work_pb2.AwaitResponse()  # the stream is open
             while True:
                 item = waiter.get()
                 if item is _CANCELLED:
@@ -351,6 +385,9 @@ class ClientAwaits:
     def _read(self, requests, waiter: Waiter) -> None:
         try:
             for request in requests:
+                if waiter.unread() > MAX_BUFFERED_BYTES:  # it asks and does not read: no more
+                    waiter.put(Overloaded("this caller sends requests and does not read the answers"))
+                    return
                 validation.check_await(request)
                 forget = set(request.forget)
                 if forget:
@@ -363,16 +400,21 @@ class ClientAwaits:
                     new, over = new[:max(room, 0)], new[max(room, 0):]
                     waiter.ids.update(new)
                 if over:
-                    waiter.put(([], [work_pb2.WorkRefusal(work_id=w, code=_EXHAUSTED, message=(
-                        f"this stream already awaits {self.MAX_AWAITED:,} works: wait for fewer at once"))
-                        for w in over], 0))
-                self._register(new, lambda awaits, ids: awaits.add(waiter, ids))
+                    self._refuse(waiter, over, _EXHAUSTED,
+                                 f"this stream already awaits {self.MAX_AWAITED:,} works: wait for fewer at once")
+                self._register(new, lambda awaits, ids: awaits.add(waiter, ids) or self._refuse(
+                    waiter, ids, _UNIMPLEMENTED, "this shard's master has no AwaitResults: use WaitWorks"))
         except InvalidInput as exc:
             waiter.put(exc)
         except Exception:  # noqa: BLE001 - the client went away: its stream ends with it
             pass
 
-    def _register(self, work_ids, act: Callable[[ShardAwaits, list[str]], None]) -> None:
+    @staticmethod
+    def _refuse(waiter: Waiter, work_ids: list[str], code: int, message: str) -> None:
+        refused = [work_pb2.WorkRefusal(work_id=w, code=code, message=message) for w in work_ids]
+        waiter.put(([], refused, 0), sum(r.ByteSize() for r in refused))
+
+    def _register(self, work_ids, act: Callable[[ShardAwaits, list[str]], object]) -> None:
         ids = list(work_ids)
         for shard, positions in self.shards.split(ids).items():
             act(self.awaits_of(shard), [ids[i] for i in positions])

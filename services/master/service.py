@@ -240,6 +240,7 @@ class MasterService(master_pb2_grpc.MasterServicer):
         reader = asyncio.create_task(self._read_awaits(stream, request_iterator))
         limit = self.node.settings.subscriber_timeout
         try:
+            await context.write(work_pb2.AwaitResponse(epoch=stream.shell.epoch, cluster_id=stream.shell.cluster_id))
             async for response in stream.responses():
                 try:
                     await asyncio.wait_for(context.write(response), limit)
