@@ -20,6 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Container
+from typing import Any
 
 import grpc
 
@@ -33,6 +34,7 @@ REOPEN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.
           grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 MAX_AWAITED = 50_000  # ids asked at once: reading ahead stops here (a frontend refuses beyond 100,000)
 MAX_REFUSALS = 100_000  # refusals kept for handles nobody waits for yet
+IDLE_SECONDS = 10.0  # a stream that awaits nothing this long is closed (a frontend slot less)
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _END = object()
 ON_ITS_OWN = object()  # the handle is waited for another way
@@ -130,9 +132,11 @@ class AwaitStream:
         self._awaited = Awaited(read_ahead, store)
         self._cond = threading.Condition()
         self._requests: queue.SimpleQueue | None = None  # the open stream's
-        self._stream = None
+        self._stream: Any = None
         self._started = False
         self._closed = False
+        self._idle_since: float | None = None  # when the open stream last came to await nothing
+        self._idle_check = False  # a timer will look at it
 
     def wait(self, handle, deadline: float | None) -> bool:
         """Waits until the handle has its result; False if it is to be
@@ -172,6 +176,31 @@ class AwaitStream:
             for request in requests_of(work_ids):
                 self._requests.put(request)
 
+    def _idle(self, stream) -> None:
+        """(Under the lock.) The stream awaits nothing now: closed if it
+        still does in IDLE_SECONDS (one timer at a time)."""
+        self._idle_since = time.monotonic()
+        if not self._idle_check:
+            self._idle_check = True
+            self._look_later(stream, IDLE_SECONDS)
+
+    def _look_later(self, stream, seconds: float) -> None:
+        timer = threading.Timer(seconds, self._close_if_idle, (stream,))
+        timer.daemon = True
+        timer.start()
+
+    def _close_if_idle(self, stream) -> None:
+        with self._cond:
+            if self._stream is not stream or self._awaited.ids or self._idle_since is None:
+                self._idle_check = False
+                return
+            left = self._idle_since + IDLE_SECONDS - time.monotonic()
+            if left > 0:
+                self._look_later(stream, left)
+                return
+            self._idle_check = False
+        stream.cancel()  # the reader then finds nothing awaited, and ends
+
     def _run(self) -> None:
         delay = 0.05
         while True:
@@ -193,7 +222,7 @@ class AwaitStream:
                         self._awaited.take(response)
                         self._cond.notify_all()
                         if not self._awaited.ids:
-                            break  # all came: the stream ends until more are awaited
+                            self._idle(stream)
             except grpc.RpcError as error:
                 with self._cond:
                     again = self._awaited.ended(error, answered)
@@ -225,6 +254,9 @@ class AsyncAwaitStream:
         self._requests: asyncio.Queue | None = None  # the open stream's
         self._task: asyncio.Task | None = None
         self._closed = False
+        self._idle_since: float | None = None  # as AwaitStream's
+        self._idle_check = False
+        self._current: Any = None  # the open call
 
     async def wait(self, handle, deadline: float | None) -> bool:
         """As AwaitStream.wait."""
@@ -258,6 +290,24 @@ class AsyncAwaitStream:
             for request in requests_of(work_ids):
                 self._requests.put_nowait(request)
 
+    def _idle(self, call) -> None:
+        """As AwaitStream._idle."""
+        self._idle_since = time.monotonic()
+        if not self._idle_check:
+            self._idle_check = True
+            asyncio.get_running_loop().call_later(IDLE_SECONDS, self._close_if_idle, call)
+
+    def _close_if_idle(self, call) -> None:
+        if self._current is not call or self._awaited.ids or self._idle_since is None:
+            self._idle_check = False
+            return
+        left = self._idle_since + IDLE_SECONDS - time.monotonic()
+        if left > 0:
+            asyncio.get_running_loop().call_later(left, self._close_if_idle, call)
+            return
+        self._idle_check = False
+        call.cancel()
+
     async def _run(self) -> None:
         delay = 0.05
         try:
@@ -267,22 +317,26 @@ class AsyncAwaitStream:
                 self._ask(list(self._awaited.ids))
                 again, answered, call = True, False, None
                 try:
-                    call = self._stub.AwaitResults(_drained(requests))
+                    call = self._current = self._stub.AwaitResults(_drained(requests))
                     async for response in call:
                         delay, answered = 0.05, True
                         async with self._came:
                             self._awaited.take(response)
                             self._came.notify_all()
                         if not self._awaited.ids:
-                            break  # all came: the stream ends until more are awaited
+                            self._idle(call)
                 except grpc.aio.AioRpcError as error:
                     async with self._came:
                         again = self._awaited.ended(error, answered)
                         self._came.notify_all()
+                except asyncio.CancelledError:
+                    if self._closed:
+                        raise
+                    # closed while idle: ends below, unless ids came meanwhile
                 except Exception:  # noqa: BLE001 - the stream comes back, whatever broke it
                     log.exception("result stream failed")
                 finally:
-                    self._requests = None
+                    self._requests = self._current = None
                     if call is not None:
                         call.cancel()
                 if not again:

@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 import dworkers
+from dworkers import awaiting as awaiting_module
 from dworkers.client import SubmitError
 from dworkers.v1 import frontend_pb2_grpc, work_pb2
 from tests.helpers import wait_until
@@ -231,10 +232,19 @@ def test_results_come_over_one_stream_each_id_asked_once(awaiting):
             assert list(pool.map(lambda h: h.result(10), handles)) == ["done"] * 300
         later = client.submit("k", 1)
         assert later.result(5) == "done"
-    # One stream while the 300 were awaited (read ahead: each id once), closed once all came (a
-    # frontend's stream slot is not held by an idle client); another for the later work.
-    assert [sorted(s) for s in servicer.streams] == [sorted(h.id for h in handles), [later.id]]
+    # One stream (read ahead: each id once), kept for the later work.
+    assert [sorted(s) for s in servicer.streams] == [sorted([h.id for h in handles] + [later.id])]
     assert not servicer.waits
+
+
+def test_a_stream_that_awaits_nothing_for_a_while_is_closed_and_opened_again_when_needed(awaiting, monkeypatch):
+    monkeypatch.setattr(awaiting_module, "IDLE_SECONDS", 0.2)
+    servicer, address = awaiting
+    with dworkers.Client(address, timeout=5) as client:
+        assert client.submit("k", 1).result(5) == "done"
+        wait_until(lambda: client._awaits._stream is None, 10, "the idle stream to close")
+        assert client.submit("k", 2).result(5) == "done"
+    assert len(servicer.streams) == 2  # a frontend's stream slot is not held by an idle client
 
 
 def test_a_refused_work_fails_only_its_own_wait_on_the_stream(awaiting):
@@ -300,3 +310,20 @@ def test_waits_of_a_closed_client_end_and_a_second_waiter_gets_the_refusal_too(a
         with pytest.raises(grpc.RpcError) as closed:
             outcome.result(10)
     assert closed.value.code() == grpc.StatusCode.CANCELLED
+
+
+def test_the_async_clients_idle_stream_is_closed_and_opened_again_too(awaiting, monkeypatch):
+    monkeypatch.setattr(awaiting_module, "IDLE_SECONDS", 0.2)
+    servicer, address = awaiting
+
+    async def main() -> list:
+        async with dworkers.AsyncClient(address, timeout=5) as client:
+            first = await (await client.submit("k", 1)).result(5)
+            for _ in range(100):  # until the idle stream is closed (at most 10 s)
+                if client._awaits._current is None:
+                    break
+                await asyncio.sleep(0.1)
+            return [first, await (await client.submit("k", 2)).result(5)]
+
+    assert asyncio.run(main()) == ["done", "done"]
+    assert len(servicer.streams) == 2
