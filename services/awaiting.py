@@ -71,6 +71,8 @@ class Awaited:
         self.refused: OrderedDict[str, Exception] = OrderedDict()
         self.unsupported = False  # the frontend has no AwaitResults
         self.closed = False
+        self._idle_since: float | None = None  # when the open stream last came to await nothing
+        self._idle_check = False  # a look at it is scheduled
 
     def to_ask(self, handle) -> list[str]:
         """The ids to ask for so that `handle` gets its result (none if asked already)."""
@@ -105,6 +107,25 @@ class Awaited:
         while len(self.refused) > MAX_REFUSALS:
             self.refused.popitem(last=False)
 
+    def went_idle(self, now: float) -> bool:
+        """The open stream awaits nothing now: whether to schedule a look
+        at it in IDLE_SECONDS (one at a time)."""
+        self._idle_since = now
+        schedule, self._idle_check = not self._idle_check, True
+        return schedule
+
+    def idle_left(self, now: float, current: bool) -> float | None:
+        """At a look at the stream (`current`: still the open one): None to
+        stop looking, 0 to close it, else seconds until the next look."""
+        if not current or self.ids or self._idle_since is None:
+            self._idle_check = False
+            return None
+        left = self._idle_since + IDLE_SECONDS - now
+        if left <= 0:
+            self._idle_check = False
+            return 0.0
+        return left
+
     def ended(self, error: grpc.RpcError, answered: bool) -> bool:
         """The stream ended with `error` (after answering, or not): whether
         to open it again."""
@@ -135,8 +156,6 @@ class AwaitStream:
         self._stream: Any = None
         self._started = False
         self._closed = False
-        self._idle_since: float | None = None  # when the open stream last came to await nothing
-        self._idle_check = False  # a timer will look at it
 
     def wait(self, handle, deadline: float | None) -> bool:
         """Waits until the handle has its result; False if it is to be
@@ -178,10 +197,8 @@ class AwaitStream:
 
     def _idle(self, stream) -> None:
         """(Under the lock.) The stream awaits nothing now: closed if it
-        still does in IDLE_SECONDS (one timer at a time)."""
-        self._idle_since = time.monotonic()
-        if not self._idle_check:
-            self._idle_check = True
+        still does in IDLE_SECONDS."""
+        if self._awaited.went_idle(time.monotonic()):
             self._look_later(stream, IDLE_SECONDS)
 
     def _look_later(self, stream, seconds: float) -> None:
@@ -191,15 +208,11 @@ class AwaitStream:
 
     def _close_if_idle(self, stream) -> None:
         with self._cond:
-            if self._stream is not stream or self._awaited.ids or self._idle_since is None:
-                self._idle_check = False
-                return
-            left = self._idle_since + IDLE_SECONDS - time.monotonic()
-            if left > 0:
-                self._look_later(stream, left)
-                return
-            self._idle_check = False
-        stream.cancel()  # the reader then finds nothing awaited, and ends
+            left = self._awaited.idle_left(time.monotonic(), self._stream is stream)
+        if left == 0:
+            stream.cancel()  # the reader then finds nothing awaited, and ends
+        elif left is not None:
+            self._look_later(stream, left)
 
     def _run(self) -> None:
         delay = 0.05
@@ -254,8 +267,6 @@ class AsyncAwaitStream:
         self._requests: asyncio.Queue | None = None  # the open stream's
         self._task: asyncio.Task | None = None
         self._closed = False
-        self._idle_since: float | None = None  # as AwaitStream's
-        self._idle_check = False
         self._current: Any = None  # the open call
 
     async def wait(self, handle, deadline: float | None) -> bool:
@@ -292,21 +303,15 @@ class AsyncAwaitStream:
 
     def _idle(self, call) -> None:
         """As AwaitStream._idle."""
-        self._idle_since = time.monotonic()
-        if not self._idle_check:
-            self._idle_check = True
+        if self._awaited.went_idle(time.monotonic()):
             asyncio.get_running_loop().call_later(IDLE_SECONDS, self._close_if_idle, call)
 
     def _close_if_idle(self, call) -> None:
-        if self._current is not call or self._awaited.ids or self._idle_since is None:
-            self._idle_check = False
-            return
-        left = self._idle_since + IDLE_SECONDS - time.monotonic()
-        if left > 0:
+        left = self._awaited.idle_left(time.monotonic(), self._current is call)
+        if left == 0:
+            call.cancel()
+        elif left is not None:
             asyncio.get_running_loop().call_later(left, self._close_if_idle, call)
-            return
-        self._idle_check = False
-        call.cancel()
 
     async def _run(self) -> None:
         delay = 0.05

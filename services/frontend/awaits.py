@@ -22,7 +22,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 
@@ -46,8 +46,7 @@ _ABORTED = grpc.StatusCode.ABORTED.value[0]
 _EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 _UNIMPLEMENTED = grpc.StatusCode.UNIMPLEMENTED.value[0]
 _OWN_WAY = (_EXHAUSTED, _UNIMPLEMENTED)  # refused so, a WaitWorks call waits on a stream of its own
-_REFUSALS = {grpc.StatusCode.ABORTED.value[0]: WrongShard, grpc.StatusCode.NOT_FOUND.value[0]: NotFound,
-             grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]: Overloaded}
+_REFUSALS = {grpc.StatusCode.ABORTED.value[0]: WrongShard, grpc.StatusCode.NOT_FOUND.value[0]: NotFound}
 _FINAL = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT,
           grpc.StatusCode.UNIMPLEMENTED)
 
@@ -80,8 +79,8 @@ class Waiter:
         with self._lock:
             return self._buffered
 
-    def get(self, timeout: float | None = None):
-        item, size = self._items.get(timeout=timeout)
+    def get(self):
+        item, size = self._items.get()
         with self._lock:
             self._buffered -= size
         return item
@@ -181,22 +180,26 @@ class ShardAwaits:
     def forget(self, waiter: Waiter, work_ids) -> None:
         """`waiter` no longer awaits these ids; ids nobody awaits are forgotten upstream."""
         with self._lock:
-            forget = []
-            for work_id in work_ids:
-                waiters = self._waiters.get(work_id)
-                if waiters is not None and waiter in waiters:
-                    waiters.remove(waiter)
-                    if not waiters:
-                        del self._waiters[work_id]
-                        forget.append(work_id)
-            self._send(forget=forget)
+            self._unregister(waiter, work_ids)
+
+    def _unregister(self, waiter: Waiter, work_ids) -> None:
+        """(Under the lock.) Ids nobody awaits any more are forgotten upstream."""
+        forget = []
+        for work_id in work_ids:
+            waiters = self._waiters.get(work_id)
+            if waiters is not None and waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._waiters[work_id]
+                    forget.append(work_id)
+        self._send(forget=forget)
 
     def remove(self, waiter: Waiter) -> None:
         with waiter._lock:
             ids = list(waiter.ids)
         self.forget(waiter, ids)
 
-    def _send(self, work_ids: list[str] = (), forget: list[str] = ()) -> None:  # type: ignore[assignment]
+    def _send(self, work_ids: Sequence[str] = (), forget: Sequence[str] = ()) -> None:
         """Queues requests on the open stream (under the lock); a stream
         opened later asks for every id awaited then."""
         if self._requests is None:
@@ -291,15 +294,7 @@ class ShardAwaits:
         waiter.on_its_own = True
         with waiter._lock:
             ids = list(waiter.ids)
-        forget = []
-        for work_id in ids:
-            waiters = self._waiters.get(work_id)
-            if waiters is not None and waiter in waiters:
-                waiters.remove(waiter)
-                if not waiters:
-                    del self._waiters[work_id]
-                    forget.append(work_id)
-        self._send(forget=forget)
+        self._unregister(waiter, ids)
         waiter.put(_ON_ITS_OWN)
 
     def _unsupported(self) -> None:
