@@ -20,9 +20,9 @@ from dworkers import devcerts
 from dworkers.common import zk
 from dworkers.common.pgserver import PostgreSQLServer
 from dworkers.local_cluster import LocalCluster, wait_serving
-from dworkers.master.journal import PostgreSQLJournal
+from dworkers.master.journal import FencedError, PostgreSQLJournal
 from dworkers.master.journal.schema import LATEST, SchemaTooNew, migrate
-from dworkers.v1 import work_pb2
+from dworkers.v1 import journal_pb2, work_pb2
 from tests.helpers import (
     ResultCollector,
     assert_exactly_once,
@@ -487,3 +487,28 @@ def test_a_snapshot_cut_short_leaves_the_last_complete_one_which_a_later_snapsho
                             (name,)).fetchall()
     assert kept == [(5, 8)]
     journal.close()
+
+
+def test_a_master_frozen_inside_a_transaction_does_not_keep_its_successor_out(postgresql):
+    """A master paused (SIGSTOP, a paused VM) in the middle of a transaction
+    holds the fence's row: the server ends that transaction, the successor
+    takes over, and the frozen master's writes are refused when it wakes."""
+    name = f"/frozen-{uuid.uuid4().hex[:8]}"
+    frozen = PostgreSQLJournal(postgresql.url(), name, holder="frozen")
+    fence = frozen.take_over()
+    stalled = frozen._other  # the connection snapshots use, caught between two statements
+    stalled.execute("BEGIN")
+    frozen._hold_fence(stalled)
+
+    successor = PostgreSQLJournal(postgresql.url(), name, holder="successor")
+    took: list[int] = []
+    taking = threading.Thread(target=lambda: took.append(successor.take_over()), daemon=True)
+    taking.start()
+    taking.join(60)
+    assert took == [fence + 1], "the successor is still waiting for the frozen master's transaction"
+    with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
+        stalled.execute("SELECT 1")  # it wakes up: the server ended its transaction
+    with pytest.raises(FencedError):
+        frozen.append(0, journal_pb2.JournalBatch(epoch=1)).result(10)
+    frozen.close()
+    successor.close()

@@ -44,6 +44,13 @@ from dworkers.v1 import journal_pb2
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5  # seconds
+# A master frozen inside a transaction (SIGSTOP, a paused VM, a partition)
+# holds the fence's row in share mode, and its successor's takeover would
+# wait for it for ever: the server ends a transaction of a connection that
+# holds the fence once it has waited this long for the client. Every such
+# transaction is sent at once or statement after statement, waiting on
+# nothing else, so no live master comes near it.
+STALLED_TRANSACTION_MS = 5000
 READ_ROWS = 64  # batches fetched per round trip while replaying
 MAX_WRITE_BYTES = 32 * 1024 * 1024  # queued appends written in one transaction, at most
 
@@ -75,14 +82,20 @@ def redact(url: str) -> str:
     return QUERY_PASSWORD.sub(r"\1***", URL_PASSWORD.sub(r"\1***@", url))
 
 
-def connect(url: str, password: str | None = None, autocommit: bool = True) -> psycopg.Connection:
-    """A connection that notices a dead server: TCP keepalives, connect timeout."""
+def connect(url: str, password: str | None = None, autocommit: bool = True,
+            holds_fence: bool = False) -> psycopg.Connection:
+    """A connection that notices a dead server: TCP keepalives, connect
+    timeout; one that holds the fence has its stalled transactions ended by
+    the server."""
     extra: dict = {"connect_timeout": CONNECT_TIMEOUT, "keepalives": 1, "keepalives_idle": 5,
                    "keepalives_interval": 2, "keepalives_count": 3, "application_name": "dworkers-master"}
     if password:
         extra["password"] = password
     try:
-        return psycopg.connect(url, autocommit=autocommit, prepare_threshold=None, **extra)
+        conn = psycopg.connect(url, autocommit=autocommit, prepare_threshold=None, **extra)
+        if holds_fence:  # a SET, not the URL's options: those stay the user's
+            conn.execute(f"SET idle_in_transaction_session_timeout = {STALLED_TRANSACTION_MS}")
+        return conn
     except psycopg.Error as exc:
         raise JournalError(f"cannot connect to PostgreSQL at {redact(url)}: {first_line(exc)}") from None
 
@@ -165,7 +178,7 @@ class PostgreSQLJournal(Journal):
     def __init__(self, url: str, name: str, holder: str = "", password: str | None = None):
         self.url, self.name, self.holder, self.password = url, name, holder, password
         self.fence = 0
-        self._other = connect(url, password)  # reads, snapshots, compaction
+        self._other = connect(url, password, holds_fence=True)  # reads, snapshots, compaction
         self._other_lock = threading.Lock()
         self._payload_conn: psycopg.Connection | None = None  # opened on first use
         self._payload_lock = threading.Lock()
@@ -202,7 +215,7 @@ class PostgreSQLJournal(Journal):
                 raise JournalError(f"cannot take over the journal: {first_line(exc)}") from None
         assert row is not None
         self.fence = row[0]
-        writer = connect(self.url, self.password)
+        writer = connect(self.url, self.password, holds_fence=True)
         self._writer = threading.Thread(target=self._write_forever, args=(writer,), name="journal-writer",
                                         daemon=True)
         self._writer.start()
