@@ -82,6 +82,7 @@ def main(argv=None) -> int:
     try:
         role = SERVICES.get(args.command)
         if role is not None:
+            memory.limit_malloc_arenas()  # before any thread starts
             settings = from_args(role.settings, args)
             # First thing: a stop request must work whatever the process waits for.
             stop = StopRequest(grace=settings.shutdown_grace, margin=STOP_MARGIN)

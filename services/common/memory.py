@@ -5,6 +5,13 @@ glibc keeps memory freed by Python in its heaps; after a large transient
 allocation (a snapshot of a million pending works is ~100 MB of protobuf)
 the process would stay that much bigger. `malloc_trim` returns it.
 
+glibc also gives each thread that allocates its own heap (an arena), up to
+eight per core; a service's threads (gRPC's, the journal's, ZooKeeper's)
+then scatter short-lived buffers over many heaps, each keeping its freed
+pages. Two arenas are enough for a process that allocates mostly under
+Python's global lock: a master holding a million pending works measured 443
+bytes per work with glibc's default, 400 with two.
+
 CPython's collector stops the process to walk every object of a generation.
 With its default thresholds a master taking 800 works/s ran a full
 collection about twice a second, 25 ms each (80 ms with 40,000 results
@@ -21,7 +28,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import os
 
+MALLOC_ARENAS = 2  # unless MALLOC_ARENA_MAX says otherwise
+M_ARENA_MAX = -8  # mallopt's parameter number (malloc.h)
 YOUNG_COLLECTION_THRESHOLD = 5_000  # allocations between collections of the youngest generation
 
 _libc = None
@@ -37,6 +47,13 @@ except (OSError, AttributeError):
 def release_free_memory() -> None:
     if _libc is not None:
         _libc.malloc_trim(0)
+
+
+def limit_malloc_arenas() -> None:
+    """Before the process starts threads (see above); a MALLOC_ARENA_MAX in
+    the environment wins."""
+    if _libc is not None and "MALLOC_ARENA_MAX" not in os.environ:
+        _libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
 
 
 def tune_collector() -> None:
