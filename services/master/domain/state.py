@@ -58,10 +58,14 @@ def _shared(value, table: dict):
 
 @dataclass(slots=True)
 class Extra:
-    """What few works have (a failed attempt's error, a worker identity, a
-    content type, a back-off, a lease): kept apart, so that the many pending
-    works without any pay one slot for all of it."""
+    """What a work has once handed out (its attempts, their token, a failed
+    one's error, a worker identity) or what few works have (a content type,
+    a back-off, a lease): kept apart, so that the many pending works that
+    were never handed out pay one slot for all of it."""
 
+    attempts: int = 0
+    failures: int = 0
+    token: int = 0
     hand_backs: int = 0
     error: str = ""
     owner: str = ""
@@ -99,14 +103,14 @@ class Entry:
     timeout_seconds: float
     size: int  # the work's bytes in the journal and in snapshots, and a little more
     digest: bytes | None = None  # fingerprint(kind, payload) when the payload is not here
-    attempts: int = 0  # times handed to a worker
-    failures: int = 0  # failed or timed-out attempts
-    token: int = 0  # its latest attempt's token: only reports that carry it count
     ticket: int = STALE  # its place in the queue while pending
     priority: int = 0  # higher first
     ready_at: float = 0.0  # while scheduled: the Unix time it is queued at
     extra: Extra | None = None  # made when one of its fields is first set
 
+    attempts = _extra_field("attempts", 0)  # times handed to a worker
+    failures = _extra_field("failures", 0)  # failed or timed-out attempts
+    token = _extra_field("token", 0)  # its latest attempt's token: only reports that carry it count
     hand_backs = _extra_field("hand_backs", 0)  # attempts handed back unfinished (a worker leaving)
     error = _extra_field("error", "")  # the last failed attempt's error
     owner = _extra_field("owner", "")  # the worker identity its latest attempt was handed to ("" if unchecked)
@@ -833,8 +837,7 @@ class WorkState:
                                  ((False, until, e) for until, e in self.retryable.values()))
         # An entry whose changing fields are all at their defaults (most of a
         # backlog) is captured as itself: a list slot, not a tuple of them.
-        entries = [e if not (in_progress or until or e.attempts or e.failures or e.token or e.ready_at
-                             or e.extra is not None)
+        entries = [e if not (in_progress or until or e.ready_at or e.extra is not None)
                    else (e, in_progress, until, e.attempts, e.failures, e.hand_backs, e.error, e.token, e.owner,
                          e.ready_at) for in_progress, until, e in listed]
         results = list(self.results.values())  # results never change once made
