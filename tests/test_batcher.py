@@ -88,3 +88,35 @@ def test_a_failed_call_fails_every_caller_in_its_batch():
     with pytest.raises(grpc.RpcError):
         batcher.submit(work_pb2.SubmitWorkRequest(work_id="w", kind="k"), timeout=5)
     batcher.close()
+
+
+def test_callers_that_give_up_while_the_master_is_slow_leave_nothing_behind():
+    release = threading.Event()
+
+    class Stuck:
+        def __init__(self):
+            self.sent: list[str] = []
+
+        def call(self, method, request, timeout=None):
+            self.sent += [w.work_id for w in request.works]
+            release.wait(30)
+            return work_pb2.SubmitWorksResponse(works=[work_pb2.SubmitWorkResponse(work_id=w.work_id)
+                                                       for w in request.works])
+
+    master = Stuck()
+    batcher = SubmitBatcher(master, senders=1)
+    first = threading.Thread(target=lambda: batcher.submit(work_pb2.SubmitWorkRequest(work_id="first", kind="k"),
+                                                            timeout=30))
+    first.start()  # alone: on its way, holding the only sender's turn
+    while master.sent != ["first"]:
+        time.sleep(0.001)
+    for n in range(200):  # each gives up before the master answers
+        with pytest.raises(TimeoutError):
+            batcher.submit(work_pb2.SubmitWorkRequest(work_id=f"late-{n}", kind="k"), timeout=0.001)
+    release.set()
+    first.join(10)
+    kept = batcher.submit(work_pb2.SubmitWorkRequest(work_id="after", kind="k"), timeout=10)
+    assert kept.work_id == "after"
+    assert master.sent == ["first", "after"], "works of callers that gave up were sent"
+    assert not batcher._waiting
+    batcher.close()

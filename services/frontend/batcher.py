@@ -7,7 +7,8 @@ batch, sent by the batcher's threads. The master
 then pays its per-call cost once per batch, and the journal writes the batch
 in one append. The batch asks the master to judge each work on its own, so
 one caller's bad or conflicting work is refused alone, and no caller waits
-behind another's mistake.
+behind another's mistake. What waits is bounded by the server's concurrent
+calls: a caller that gives up takes its work back if it has not left yet.
 """
 
 from __future__ import annotations
@@ -50,7 +51,14 @@ class SubmitBatcher:
                 self._send([(request, future)])
             finally:
                 self._sent()
-        return future.result(timeout=timeout)
+        try:
+            return future.result(timeout=timeout)
+        except TimeoutError:
+            # Its caller gets DEADLINE_EXCEEDED (the work's fate unknown to
+            # it, as for any call cut short): unsent, it stays unsent, so that
+            # callers who give up while the master is slow do not pile up here.
+            future.cancel()
+            raise
 
     def close(self) -> None:
         with self._cond:
@@ -65,6 +73,7 @@ class SubmitBatcher:
                 if self._closed:
                     return
                 self._in_flight += 1
+                self._waiting = [item for item in self._waiting if not item[1].cancelled()]
                 size, count = 0, 0
                 for request, _ in self._waiting[:MAX_BATCH]:
                     size += len(request.payload) + 64
@@ -72,6 +81,9 @@ class SubmitBatcher:
                         break
                     count += 1
                 batch, self._waiting = self._waiting[:count], self._waiting[count:]
+            if not batch:  # every caller waiting gave up
+                self._sent()
+                continue
             try:
                 self._send(batch)
             finally:
