@@ -83,18 +83,23 @@ def redact(url: str) -> str:
 
 
 def connect(url: str, password: str | None = None, autocommit: bool = True,
-            holds_fence: bool = False) -> psycopg.Connection:
+            holds_fence: bool = False, prepared: bool = False) -> psycopg.Connection:
     """A connection that notices a dead server: TCP keepalives, connect
     timeout; one that holds the fence has its stalled transactions ended by
-    the server."""
+    the server. A `prepared` one (the appends' few statements, run thousands
+    of times a second) has its statements parsed once but still planned with
+    their parameters each time: cached generic plans scanned whole tables."""
     extra: dict = {"connect_timeout": CONNECT_TIMEOUT, "keepalives": 1, "keepalives_idle": 5,
                    "keepalives_interval": 2, "keepalives_count": 3, "application_name": "dworkers-master"}
     if password:
         extra["password"] = password
     try:
-        conn = psycopg.connect(url, autocommit=autocommit, prepare_threshold=None, **extra)
-        if holds_fence:  # a SET, not the URL's options: those stay the user's
+        conn = psycopg.connect(url, autocommit=autocommit, prepare_threshold=0 if prepared else None, **extra)
+        # SETs, not the URL's options: those stay the user's
+        if holds_fence:
             conn.execute(f"SET idle_in_transaction_session_timeout = {STALLED_TRANSACTION_MS}")
+        if prepared:
+            conn.execute("SET plan_cache_mode = force_custom_plan")
         return conn
     except psycopg.Error as exc:
         raise JournalError(f"cannot connect to PostgreSQL at {redact(url)}: {first_line(exc)}") from None
@@ -215,7 +220,7 @@ class PostgreSQLJournal(Journal):
                 raise JournalError(f"cannot take over the journal: {first_line(exc)}") from None
         assert row is not None
         self.fence = row[0]
-        writer = connect(self.url, self.password, holds_fence=True)
+        writer = connect(self.url, self.password, holds_fence=True, prepared=True)
         self._writer = threading.Thread(target=self._write_forever, args=(writer,), name="journal-writer",
                                         daemon=True)
         self._writer.start()
