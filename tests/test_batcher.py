@@ -120,3 +120,44 @@ def test_callers_that_give_up_while_the_master_is_slow_leave_nothing_behind():
     assert master.sent == ["first", "after"], "works of callers that gave up were sent"
     assert not batcher._waiting
     batcher.close()
+
+
+def test_callers_that_give_up_once_their_works_left_do_not_break_the_batcher():
+    gates = [threading.Event(), threading.Event()]
+
+    class Slow:
+        calls = 0
+
+        def call(self, method, request, timeout=None):
+            gate = gates[min(self.calls, 1)]
+            self.calls += 1
+            gate.wait(30)
+            return work_pb2.SubmitWorksResponse(works=[work_pb2.SubmitWorkResponse(work_id=w.work_id)
+                                                       for w in request.works])
+
+    master = Slow()
+    batcher = SubmitBatcher(master, senders=1)
+    first = threading.Thread(target=lambda: batcher.submit(work_pb2.SubmitWorkRequest(work_id="first", kind="k"),
+                                                            timeout=30))
+    first.start()
+    while master.calls < 1:
+        time.sleep(0.001)
+
+    def late(n):
+        with pytest.raises(TimeoutError):
+            batcher.submit(work_pb2.SubmitWorkRequest(work_id=f"late-{n}", kind="k"), timeout=1.0)
+
+    callers = [threading.Thread(target=late, args=(n,)) for n in range(5)]
+    for caller in callers:
+        caller.start()
+    while len(batcher._waiting) < 5:
+        time.sleep(0.001)
+    gates[0].set()  # the first returns; the five leave together and wait at the master past their callers' time
+    for caller in callers:
+        caller.join(10)
+    gates[1].set()  # then they are answered: nobody waits for them any more
+    first.join(10)
+    while master.calls < 2 or batcher._in_flight:
+        time.sleep(0.001)
+    assert any(t.name == "submit-batcher-0" for t in threading.enumerate()), "the batcher's sender died"
+    batcher.close()

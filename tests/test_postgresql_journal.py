@@ -6,6 +6,7 @@ migrations; passwords stay out of logs; ZooKeeper holds no journal data."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import socket
 import threading
@@ -20,7 +21,7 @@ from dworkers import devcerts
 from dworkers.common import zk
 from dworkers.common.pgserver import PostgreSQLServer
 from dworkers.local_cluster import LocalCluster, wait_serving
-from dworkers.master.journal import FencedError, PostgreSQLJournal
+from dworkers.master.journal import FencedError, JournalError, PostgreSQLJournal
 from dworkers.master.journal.schema import LATEST, SchemaTooNew, migrate
 from dworkers.v1 import journal_pb2, work_pb2
 from tests.helpers import (
@@ -489,26 +490,47 @@ def test_a_snapshot_cut_short_leaves_the_last_complete_one_which_a_later_snapsho
     journal.close()
 
 
-def test_a_master_frozen_inside_a_transaction_does_not_keep_its_successor_out(postgresql):
+@pytest.mark.parametrize("where", ["append", "snapshot"])
+def test_a_master_frozen_inside_a_transaction_does_not_keep_its_successor_out(postgresql, where):
     """A master paused (SIGSTOP, a paused VM) in the middle of a transaction
-    holds the fence's row: the server ends that transaction, the successor
-    takes over, and the frozen master's writes are refused when it wakes."""
+    holds the fence's row: in an append (pipelined: the server waits for its
+    next statement, not even idle) or between two statements of a snapshot.
+    Its successor ends its connections and takes over; the frozen master's
+    writes fail when it wakes, and it can still use the journal to learn so."""
     name = f"/frozen-{uuid.uuid4().hex[:8]}"
     frozen = PostgreSQLJournal(postgresql.url(), name, holder="frozen")
     fence = frozen.take_over()
-    stalled = frozen._other  # the connection snapshots use, caught between two statements
-    stalled.execute("BEGIN")
-    frozen._hold_fence(stalled)
+    paused, wake = threading.Event(), threading.Event()
+    hold_fence = frozen._hold_fence
+
+    def hold_then_freeze(conn):
+        hold_fence(conn)  # the row is held in share mode from here
+        paused.set()
+        wake.wait(60)
+
+    frozen._hold_fence = hold_then_freeze  # type: ignore[method-assign]
+    if where == "append":
+        write = frozen.append(0, journal_pb2.JournalBatch(epoch=1))
+    else:
+        write = concurrent.futures.ThreadPoolExecutor(1).submit(frozen.write_snapshot, 0, b"state")
+    assert paused.wait(10)
 
     successor = PostgreSQLJournal(postgresql.url(), name, holder="successor")
     took: list[int] = []
     taking = threading.Thread(target=lambda: took.append(successor.take_over()), daemon=True)
     taking.start()
-    taking.join(60)
+    taking.join(30)
     assert took == [fence + 1], "the successor is still waiting for the frozen master's transaction"
-    with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
-        stalled.execute("SELECT 1")  # it wakes up: the server ended its transaction
-    with pytest.raises(FencedError):
-        frozen.append(0, journal_pb2.JournalBatch(epoch=1)).result(10)
+    wake.set()
+    with pytest.raises(FencedError if where == "append" else JournalError):
+        write.result(10)
+    frozen._hold_fence = hold_fence  # type: ignore[method-assign]
+    refusals = []
+    for _ in range(2):  # the first may find its connection ended; the next opens one and is told
+        with pytest.raises(JournalError) as refused:
+            frozen.write_snapshot(1, b"too late")
+        refusals.append(refused.value)
+    assert isinstance(refusals[-1], FencedError)
+    assert successor.read_snapshot() is None
     frozen.close()
     successor.close()

@@ -13,6 +13,7 @@ calls: a caller that gives up takes its work back if it has not left yet.
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 from concurrent.futures import Future
 
@@ -53,11 +54,15 @@ class SubmitBatcher:
                 self._sent()
         try:
             return future.result(timeout=timeout)
-        except TimeoutError:
+        except concurrent.futures.TimeoutError:
             # Its caller gets DEADLINE_EXCEEDED (the work's fate unknown to
             # it, as for any call cut short): unsent, it stays unsent, so that
             # callers who give up while the master is slow do not pile up here.
-            future.cancel()
+            with self._cond:
+                if future.cancel():  # not taken into a batch yet
+                    self._waiting = [item for item in self._waiting if item[1] is not future]
+            if future.done() and not future.cancelled():
+                return future.result()  # answered meanwhile
             raise
 
     def close(self) -> None:
@@ -73,17 +78,14 @@ class SubmitBatcher:
                 if self._closed:
                     return
                 self._in_flight += 1
-                self._waiting = [item for item in self._waiting if not item[1].cancelled()]
                 size, count = 0, 0
-                for request, _ in self._waiting[:MAX_BATCH]:
+                for request, future in self._waiting[:MAX_BATCH]:
                     size += len(request.payload) + 64
                     if count and size > MAX_STREAM_MESSAGE_BYTES:
                         break
+                    future.set_running_or_notify_cancel()  # on its way: its caller can no longer take it back
                     count += 1
                 batch, self._waiting = self._waiting[:count], self._waiting[count:]
-            if not batch:  # every caller waiting gave up
-                self._sent()
-                continue
             try:
                 self._send(batch)
             finally:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import hashlib
 import logging
 import re
 import threading
@@ -44,13 +45,6 @@ from dworkers.v1 import journal_pb2
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5  # seconds
-# A master frozen inside a transaction (SIGSTOP, a paused VM, a partition)
-# holds the fence's row in share mode, and its successor's takeover would
-# wait for it for ever: the server ends a transaction of a connection that
-# holds the fence once it has waited this long for the client. Every such
-# transaction is sent at once or statement after statement, waiting on
-# nothing else, so no live master comes near it.
-STALLED_TRANSACTION_MS = 5000
 READ_ROWS = 64  # batches fetched per round trip while replaying
 MAX_WRITE_BYTES = 32 * 1024 * 1024  # queued appends written in one transaction, at most
 
@@ -82,27 +76,35 @@ def redact(url: str) -> str:
     return QUERY_PASSWORD.sub(r"\1***", URL_PASSWORD.sub(r"\1***@", url))
 
 
-def connect(url: str, password: str | None = None, autocommit: bool = True,
-            holds_fence: bool = False, prepared: bool = False) -> psycopg.Connection:
+def application_name(journal: str) -> str:
+    """What a master's connections to a journal call themselves (at most 63
+    bytes, whatever the journal's name): how a successor finds them."""
+    return f"dworkers-master {hashlib.blake2b(journal.encode(), digest_size=8).hexdigest()}"
+
+
+def connect(url: str, password: str | None = None, autocommit: bool = True, journal: str = "",
+            prepared: bool = False) -> psycopg.Connection:
     """A connection that notices a dead server: TCP keepalives, connect
-    timeout; one that holds the fence has its stalled transactions ended by
-    the server. A `prepared` one (the appends' few statements, run thousands
-    of times a second) has its statements parsed once but still planned with
-    their parameters each time: cached generic plans scanned whole tables."""
+    timeout; named after its `journal`. A `prepared` one (the appends' few
+    statements, run thousands of times a second) has its statements parsed
+    once but still planned with their parameters each time: cached generic
+    plans scanned whole tables."""
     extra: dict = {"connect_timeout": CONNECT_TIMEOUT, "keepalives": 1, "keepalives_idle": 5,
-                   "keepalives_interval": 2, "keepalives_count": 3, "application_name": "dworkers-master"}
+                   "keepalives_interval": 2, "keepalives_count": 3,
+                   "application_name": application_name(journal) if journal else "dworkers-master"}
     if password:
         extra["password"] = password
     try:
         conn = psycopg.connect(url, autocommit=autocommit, prepare_threshold=0 if prepared else None, **extra)
-        # SETs, not the URL's options: those stay the user's
-        if holds_fence:
-            conn.execute(f"SET idle_in_transaction_session_timeout = {STALLED_TRANSACTION_MS}")
-        if prepared:
-            conn.execute("SET plan_cache_mode = force_custom_plan")
-        return conn
     except psycopg.Error as exc:
         raise JournalError(f"cannot connect to PostgreSQL at {redact(url)}: {first_line(exc)}") from None
+    if prepared:
+        try:
+            conn.execute("SET plan_cache_mode = force_custom_plan")  # a SET: the URL's options stay the user's
+        except psycopg.Error as exc:
+            conn.close()
+            raise JournalError(f"cannot set up the journal's connection: {first_line(exc)}") from None
+    return conn
 
 
 def first_line(exc: BaseException) -> str:
@@ -183,7 +185,7 @@ class PostgreSQLJournal(Journal):
     def __init__(self, url: str, name: str, holder: str = "", password: str | None = None):
         self.url, self.name, self.holder, self.password = url, name, holder, password
         self.fence = 0
-        self._other = connect(url, password, holds_fence=True)  # reads, snapshots, compaction
+        self._other = connect(url, password, journal=name)  # reads, snapshots, compaction
         self._other_lock = threading.Lock()
         self._payload_conn: psycopg.Connection | None = None  # opened on first use
         self._payload_lock = threading.Lock()
@@ -209,22 +211,47 @@ class PostgreSQLJournal(Journal):
         """Raises the fence (deposing every earlier writer) and returns it."""
         with self._other_lock:
             try:
-                migrate(self._other)
-                with self._other.transaction():
-                    self._other.execute("INSERT INTO dworkers_journal (name) VALUES (%s) ON CONFLICT DO NOTHING",
-                                        (self.name,))
-                    row = self._other.execute(
+                conn = self._connection()
+                migrate(conn)
+                self._end_earlier_connections(conn)
+                with conn.transaction():
+                    conn.execute("INSERT INTO dworkers_journal (name) VALUES (%s) ON CONFLICT DO NOTHING",
+                                 (self.name,))
+                    row = conn.execute(
                         "UPDATE dworkers_journal SET fence = fence + 1, holder = %s, taken_at = now() "
                         "WHERE name = %s RETURNING fence", (self.holder, self.name)).fetchone()
             except psycopg.Error as exc:
                 raise JournalError(f"cannot take over the journal: {first_line(exc)}") from None
         assert row is not None
         self.fence = row[0]
-        writer = connect(self.url, self.password, holds_fence=True, prepared=True)
+        writer = connect(self.url, self.password, journal=self.name, prepared=True)
         self._writer = threading.Thread(target=self._write_forever, args=(writer,), name="journal-writer",
                                         daemon=True)
         self._writer.start()
         return self.fence
+
+    def _end_earlier_connections(self, conn: psycopg.Connection) -> None:
+        """Ends the connections of earlier masters of this journal. One
+        frozen (SIGSTOP, a paused VM) in the middle of a transaction holds
+        the fence's row, and raising the fence would wait for it for ever:
+        a pipelined transaction waiting for its next statement is not even
+        idle in the server's eyes, so no server timeout ends it."""
+        try:
+            ended = conn.execute(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = %s AND pid <> pg_backend_pid()", (application_name(self.name),)).fetchone()
+        except psycopg.errors.InsufficientPrivilege as exc:  # another role's: raising the fence waits for them
+            log.warning("cannot end an earlier master's connections to the journal: %s", first_line(exc))
+            return
+        if ended and ended[0]:
+            log.info("ended %d connections of an earlier master to the journal", ended[0])
+
+    def _connection(self) -> psycopg.Connection:
+        """The connection for reads, snapshots and compaction (its lock
+        held): opened again if it broke."""
+        if self._other.closed or self._other.broken:
+            self._other = connect(self.url, self.password, journal=self.name)
+        return self._other
 
     def _hold_fence(self, conn: psycopg.Connection) -> None:
         """Inside a transaction: the rest of it happens only while the fence
@@ -306,21 +333,34 @@ class PostgreSQLJournal(Journal):
                     conn.execute(DELETE_RESULTS, {"name": self.name, "up_to": apart.forgotten_up_to})
                 conn.execute("COMMIT")
         except psycopg.Error as exc:
-            raise failure(exc, f"journal append at {taken[0][0]}") from None
+            what = f"journal append at {taken[0][0]}"
+            if conn.broken and self._fence_raised():  # a successor ended the connection (see take_over)
+                raise FencedError(f"{what}: another master took over the journal") from None
+            raise failure(exc, what) from None
+
+    def _fence_raised(self) -> bool:
+        """Whether another master raised the fence since this one took it
+        (asked on a connection of its own; False if that cannot tell)."""
+        try:
+            with connect(self.url, self.password) as conn:
+                row = conn.execute("SELECT fence FROM dworkers_journal WHERE name = %s", (self.name,)).fetchone()
+        except (JournalError, psycopg.Error):
+            return False
+        return row is not None and row[0] != self.fence
 
     # --- reads, snapshots, compaction ------------------------------------------
 
     def _run(self, what: str, action):
         with self._other_lock:
             try:
-                return action(self._other)
+                return action(self._connection())
             except psycopg.Error as exc:
                 raise failure(exc, what) from None
 
     def read(self, after: int = -1) -> Iterator[tuple[int, journal_pb2.JournalBatch]]:
         # A separate connection: replay streams through a server-side cursor
         # (bounded memory) in its own transaction.
-        conn = connect(self.url, self.password, autocommit=False)
+        conn = connect(self.url, self.password, autocommit=False, journal=self.name)
         try:
             with conn.cursor(name="journal_replay", binary=True) as cursor:
                 cursor.itersize = READ_ROWS
@@ -346,7 +386,7 @@ class PostgreSQLJournal(Journal):
         with self._payload_lock:
             try:
                 if self._payload_conn is None or self._payload_conn.closed:
-                    self._payload_conn = connect(self.url, self.password)
+                    self._payload_conn = connect(self.url, self.password, journal=self.name)
                 with self._payload_conn.cursor(binary=True) as cursor:
                     cursor.execute(query, (self.name, keys))
                     return {key: bytes(data) for key, data in cursor}
@@ -431,7 +471,8 @@ class PostgreSQLJournal(Journal):
         threading.Thread(target=self._close_connections, daemon=True).start()
 
     def _close_connections(self) -> None:
-        self._run("closing", lambda conn: conn.close())
+        with self._other_lock:
+            self._other.close()
         with self._payload_lock:
             if self._payload_conn is not None:
                 self._payload_conn.close()
