@@ -534,3 +534,44 @@ def test_a_master_frozen_inside_a_transaction_does_not_keep_its_successor_out(po
     assert successor.read_snapshot() is None
     frozen.close()
     successor.close()
+
+
+def test_a_takeover_ends_no_connection_of_a_journal_of_the_same_name_in_another_database(postgresql):
+    """Staging and production on one server, in two databases, with the same
+    ZooKeeper root: a failover in one leaves the other's master writing."""
+    other_db = f"other_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgresql.url(), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {other_db}")
+    name = f"/same-{uuid.uuid4().hex[:8]}"
+    elsewhere = PostgreSQLJournal(postgresql.url(other_db), name, holder="elsewhere")
+    elsewhere.take_over()
+    here = PostgreSQLJournal(postgresql.url(), name, holder="here")
+    here.take_over()
+    successor = PostgreSQLJournal(postgresql.url(), name, holder="successor")
+    successor.take_over()  # ends `here`'s connections, not `elsewhere`'s
+    assert elsewhere.append(0, journal_pb2.JournalBatch(epoch=1)).result(10) == 0
+    with pytest.raises(FencedError):
+        here.append(0, journal_pb2.JournalBatch(epoch=1)).result(10)
+    for journal in (elsewhere, here, successor):
+        journal.close()
+
+
+def test_a_takeover_blocked_by_a_connection_it_cannot_end_gives_up_with_a_clear_error(postgresql, monkeypatch):
+    """Someone else's session (not a master's: it is not ended) holds the
+    fence's row: the takeover waits a bounded time, then fails, so the
+    election can let another backend try."""
+    from dworkers.master.journal import postgresql as journal_module
+
+    monkeypatch.setattr(journal_module, "TAKEOVER_LOCK_TIMEOUT_MS", 200)
+    monkeypatch.setattr(journal_module, "TAKEOVER_TRIES", 2)
+    name = f"/held-{uuid.uuid4().hex[:8]}"
+    first = PostgreSQLJournal(postgresql.url(), name, holder="first")
+    first.take_over()
+    with psycopg.connect(postgresql.url()) as operator:  # a transaction left open in psql, say
+        operator.execute("SELECT fence FROM dworkers_journal WHERE name = %s FOR SHARE", (name,))
+        blocked = PostgreSQLJournal(postgresql.url(), name, holder="blocked")
+        with pytest.raises(JournalError, match="fence stays held by another connection"):
+            blocked.take_over()
+        blocked.close()
+    assert fence_of(postgresql.url(), name) == 1  # not raised
+    first.close()

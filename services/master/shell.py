@@ -147,6 +147,8 @@ class MasterShell:
             slot.connection.close(reason)
 
     def _journal_failed(self, exc: Exception) -> None:
+        if self.closed is not None:  # it stopped acting already (a later master may be this process's)
+            return
         log.error("journal append failed, stepping down: %s", exc, extra={"epoch": self.epoch})
         self.close(f"journal append failed: {exc}")
         self._on_failure(exc)

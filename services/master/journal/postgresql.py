@@ -45,6 +45,11 @@ from dworkers.v1 import journal_pb2
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5  # seconds
+# Raising the fence waits this long for the row at a time, ending earlier
+# masters' connections before each try, and gives up after a few tries (the
+# election then lets a standby try, or this backend again).
+TAKEOVER_LOCK_TIMEOUT_MS = 2000
+TAKEOVER_TRIES = 5
 READ_ROWS = 64  # batches fetched per round trip while replaying
 MAX_WRITE_BYTES = 32 * 1024 * 1024  # queued appends written in one transaction, at most
 
@@ -213,16 +218,25 @@ class PostgreSQLJournal(Journal):
             try:
                 conn = self._connection()
                 migrate(conn)
-                self._end_earlier_connections(conn)
-                with conn.transaction():
-                    conn.execute("INSERT INTO dworkers_journal (name) VALUES (%s) ON CONFLICT DO NOTHING",
-                                 (self.name,))
-                    row = conn.execute(
-                        "UPDATE dworkers_journal SET fence = fence + 1, holder = %s, taken_at = now() "
-                        "WHERE name = %s RETURNING fence", (self.holder, self.name)).fetchone()
+                row = None
+                for attempt in range(1, TAKEOVER_TRIES + 1):
+                    self._end_earlier_connections(conn)
+                    try:
+                        with conn.transaction():
+                            conn.execute(f"SET LOCAL lock_timeout = {TAKEOVER_LOCK_TIMEOUT_MS}")
+                            conn.execute("INSERT INTO dworkers_journal (name) VALUES (%s) ON CONFLICT DO NOTHING",
+                                         (self.name,))
+                            row = conn.execute(
+                                "UPDATE dworkers_journal SET fence = fence + 1, holder = %s, taken_at = now() "
+                                "WHERE name = %s RETURNING fence", (self.holder, self.name)).fetchone()
+                        break
+                    except psycopg.errors.LockNotAvailable:
+                        log.warning("the journal's fence is held by a connection this master cannot end "
+                                    "(try %d of %d)", attempt, TAKEOVER_TRIES)
+                if row is None:
+                    raise JournalError("cannot take over the journal: its fence stays held by another connection")
             except psycopg.Error as exc:
                 raise JournalError(f"cannot take over the journal: {first_line(exc)}") from None
-        assert row is not None
         self.fence = row[0]
         writer = connect(self.url, self.password, journal=self.name, prepared=True)
         self._writer = threading.Thread(target=self._write_forever, args=(writer,), name="journal-writer",
@@ -239,7 +253,8 @@ class PostgreSQLJournal(Journal):
         try:
             ended = conn.execute(
                 "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE application_name = %s AND pid <> pg_backend_pid()", (application_name(self.name),)).fetchone()
+                "WHERE application_name = %s AND datname = current_database() AND pid <> pg_backend_pid()",
+                (application_name(self.name),)).fetchone()
         except psycopg.errors.InsufficientPrivilege as exc:  # another role's: raising the fence waits for them
             log.warning("cannot end an earlier master's connections to the journal: %s", first_line(exc))
             return
@@ -248,7 +263,9 @@ class PostgreSQLJournal(Journal):
 
     def _connection(self) -> psycopg.Connection:
         """The connection for reads, snapshots and compaction (its lock
-        held): opened again if it broke."""
+        held): opened again if it broke, unless the journal was closed."""
+        if self._closed:
+            raise JournalError("the journal is closed")
         if self._other.closed or self._other.broken:
             self._other = connect(self.url, self.password, journal=self.name)
         return self._other
@@ -340,10 +357,13 @@ class PostgreSQLJournal(Journal):
 
     def _fence_raised(self) -> bool:
         """Whether another master raised the fence since this one took it
-        (asked on a connection of its own; False if that cannot tell)."""
+        (asked on a connection of its own; False if that cannot tell). In
+        share mode: a successor's raise under way is waited for."""
         try:
             with connect(self.url, self.password) as conn:
-                row = conn.execute("SELECT fence FROM dworkers_journal WHERE name = %s", (self.name,)).fetchone()
+                conn.execute(f"SET lock_timeout = {TAKEOVER_LOCK_TIMEOUT_MS}")
+                row = conn.execute("SELECT fence FROM dworkers_journal WHERE name = %s FOR SHARE",
+                                   (self.name,)).fetchone()
         except (JournalError, psycopg.Error):
             return False
         return row is not None and row[0] != self.fence
