@@ -53,24 +53,12 @@ TAKEOVER_TRIES = 5
 READ_ROWS = 64  # batches fetched per round trip while replaying
 MAX_WRITE_BYTES = 32 * 1024 * 1024  # queued appends written in one transaction, at most
 
+# An append is one statement, its own transaction (schema version 6).
 APPEND = """
-INSERT INTO dworkers_batch (journal, position, data)
-SELECT %(name)s, b.position, b.data FROM unnest(%(positions)s::bigint[], %(datas)s::bytea[]) AS b(position, data)
+SELECT dworkers_append(%(name)s, %(fence)s, %(positions)s, %(datas)s, %(ended)s, %(kept_ids)s, %(kept)s,
+                       %(sequences)s, %(result_ids)s, %(results)s, %(forgotten_up_to)s)
 """
 QUERY_PASSWORD = re.compile(r"((?:^|[?&\s])password=)[^&\s]*")
-UPSERT_PAYLOADS = """
-INSERT INTO dworkers_payload (journal, work_id, payload)
-SELECT %(name)s, p.work_id, p.payload FROM unnest(%(ids)s::text[], %(payloads)s::bytea[]) AS p(work_id, payload)
-    ON CONFLICT (journal, work_id) DO UPDATE SET payload = excluded.payload
-"""
-INSERT_RESULTS = """
-INSERT INTO dworkers_result (journal, sequence, work_id, result)
-SELECT %(name)s, r.sequence, r.work_id, r.result
-  FROM unnest(%(sequences)s::bigint[], %(ids)s::text[], %(results)s::bytea[]) AS r(sequence, work_id, result)
-    ON CONFLICT (journal, sequence) DO UPDATE SET work_id = excluded.work_id, result = excluded.result
-"""
-DELETE_RESULTS = "DELETE FROM dworkers_result WHERE journal = %(name)s AND sequence <= %(up_to)s"
-DELETE_PAYLOADS = "DELETE FROM dworkers_payload WHERE journal = %(name)s AND work_id = ANY(%(ids)s)"
 HOLD_FENCE = "SELECT dworkers_hold_fence(%(name)s, %(fence)s)"
 SNAPSHOT_PART_BYTES = 256 * 1024  # written per transaction
 FENCED = "DWF01"  # the SQLSTATE dworkers_hold_fence raises
@@ -327,28 +315,15 @@ class PostgreSQLJournal(Journal):
     def _write(self, conn: psycopg.Connection, taken: list) -> None:
         apart = Apart()
         datas = [take_apart(batch, apart) for _position, batch, _future in taken]
-        params = {"name": self.name, "fence": self.fence, "positions": [t[0] for t in taken], "datas": datas}
         kept = {work_id: payload for work_id, payload in apart.payloads.items() if payload is not None}
-        ended = [work_id for work_id, payload in apart.payloads.items() if payload is None]
         try:
-            # One round trip: everything, COMMIT included, leaves at once; if
-            # the fence check fails, the server skips the rest.
-            with conn.pipeline():
-                conn.execute("BEGIN")
-                self._hold_fence(conn)
-                conn.execute(APPEND, params)
-                if ended:
-                    conn.execute(DELETE_PAYLOADS, {"name": self.name, "ids": ended})
-                if kept:
-                    conn.execute(UPSERT_PAYLOADS, {"name": self.name, "ids": list(kept),
-                                                   "payloads": list(kept.values())})
-                if apart.results:
-                    conn.execute(INSERT_RESULTS, {"name": self.name, "sequences": list(apart.results),
-                                                  "ids": [r[0] for r in apart.results.values()],
-                                                  "results": [r[1] for r in apart.results.values()]})
-                if apart.forgotten_up_to:
-                    conn.execute(DELETE_RESULTS, {"name": self.name, "up_to": apart.forgotten_up_to})
-                conn.execute("COMMIT")
+            # One statement: if the fence check fails, nothing of it lands.
+            conn.execute(APPEND, {
+                "name": self.name, "fence": self.fence, "positions": [t[0] for t in taken], "datas": datas,
+                "ended": [work_id for work_id, payload in apart.payloads.items() if payload is None],
+                "kept_ids": list(kept), "kept": list(kept.values()),
+                "sequences": list(apart.results), "result_ids": [r[0] for r in apart.results.values()],
+                "results": [r[1] for r in apart.results.values()], "forgotten_up_to": apart.forgotten_up_to})
         except psycopg.Error as exc:
             what = f"journal append at {taken[0][0]}"
             if conn.broken and self._fence_raised():  # a successor ended the connection (see take_over)

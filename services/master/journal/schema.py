@@ -82,6 +82,40 @@ ALTER TABLE dworkers_snapshot ADD COLUMN part integer NOT NULL DEFAULT 0;
 ALTER TABLE dworkers_snapshot DROP CONSTRAINT dworkers_snapshot_pkey;
 ALTER TABLE dworkers_snapshot ADD PRIMARY KEY (journal, position, part);
 """),
+    (6, """
+-- An append in one statement (its own transaction on an autocommit
+-- connection): the fence check, the batches and what they change in the
+-- tables beside them. Half the client's work of a pipelined transaction of
+-- five statements, and no transaction left open between two of them.
+CREATE FUNCTION dworkers_append(journal_name text, expected bigint, positions bigint[], datas bytea[],
+                                ended_ids text[], payload_ids text[], payloads bytea[],
+                                result_sequences bigint[], result_ids text[], results bytea[],
+                                forgotten_up_to bigint) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM dworkers_hold_fence(journal_name, expected);
+    INSERT INTO dworkers_batch (journal, position, data)
+    SELECT journal_name, b.position, b.data FROM unnest(positions, datas) AS b(position, data);
+    IF cardinality(ended_ids) > 0 THEN
+        DELETE FROM dworkers_payload WHERE journal = journal_name AND work_id = ANY(ended_ids);
+    END IF;
+    IF cardinality(payload_ids) > 0 THEN
+        INSERT INTO dworkers_payload (journal, work_id, payload)
+        SELECT journal_name, p.work_id, p.payload FROM unnest(payload_ids, payloads) AS p(work_id, payload)
+            ON CONFLICT (journal, work_id) DO UPDATE SET payload = excluded.payload;
+    END IF;
+    IF cardinality(result_sequences) > 0 THEN
+        INSERT INTO dworkers_result (journal, sequence, work_id, result)
+        SELECT journal_name, r.sequence, r.work_id, r.result
+          FROM unnest(result_sequences, result_ids, results) AS r(sequence, work_id, result)
+            ON CONFLICT (journal, sequence) DO UPDATE SET work_id = excluded.work_id, result = excluded.result;
+    END IF;
+    IF forgotten_up_to > 0 THEN
+        DELETE FROM dworkers_result WHERE journal = journal_name AND sequence <= forgotten_up_to;
+    END IF;
+END
+$$;
+"""),
 ]
 LATEST = MIGRATIONS[-1][0]
 
