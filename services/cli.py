@@ -5,6 +5,11 @@ flags come from its settings class, and its bootstrap is its module's
 
 from __future__ import annotations
 
+# ruff: noqa: E402 (gRPC's engine is chosen before anything imports gRPC)
+from dworkers.common import grpc_engine
+
+grpc_engine.choose()
+
 import argparse
 import logging
 import os
