@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 
+from dworkers.common.grpc_engine import POLLING_ENGINE
 from dworkers.common.settings import add_flags, describe, from_args
 from dworkers.frontend.service import FrontendSettings
 from dworkers.master.node import MasterSettings
@@ -57,3 +61,26 @@ def test_out_of_range_values_are_refused(argv, capsys):
         add_flags(parser, WorkerSettings)
         parser.parse_args(argv)
     assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("environment, expected",
+                         [(None, "polling"), ("", ""), ("-event_engine_dns", "-event_engine_dns")])
+def test_the_command_chooses_grpcs_polling_engine_before_grpc_loads_unless_the_environment_says(environment, expected):
+    """gRPC reads GRPC_EXPERIMENTS once, when it is imported: the command
+    must set it before anything imports gRPC, and leave a user's own alone."""
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
+    if environment is not None:
+        env["GRPC_EXPERIMENTS"] = environment
+    probe = ("import builtins, os\n"
+             "real = builtins.__import__\n"
+             "def spy(name, *a, **k):\n"
+             "    if name == 'grpc' or name.startswith('grpc.'):\n"
+             "        print('grpc loads with', repr(os.environ.get('GRPC_EXPERIMENTS')), flush=True)\n"
+             "        builtins.__import__ = real\n"
+             "    return real(name, *a, **k)\n"
+             "builtins.__import__ = spy\n"
+             "import dworkers.cli\n")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    want = POLLING_ENGINE if expected == "polling" else expected
+    assert out.stdout.splitlines()[0] == f"grpc loads with {want!r}"
