@@ -571,3 +571,44 @@ def test_a_takeover_blocked_by_a_connection_it_cannot_end_gives_up_with_a_clear_
         blocked.close()
     assert fence_of(postgresql.url(), name) == 1  # not raised
     first.close()
+
+
+def test_appends_on_an_event_loop_are_written_there_in_order_and_fenced(postgresql):
+    """The master's appends run on its loop: many queued at once all land,
+    each future says its position; once a successor raised the fence the
+    next append fails FencedError and every later one fails too; closing
+    fails what is queued."""
+    import asyncio
+
+    name = f"/loop-{uuid.uuid4().hex[:8]}"
+    journal = PostgreSQLJournal(postgresql.url(), name, holder="first")
+    journal.take_over()
+
+    def batch(i: int) -> journal_pb2.JournalBatch:
+        work = work_pb2.Work(work_id=f"w-{i}", kind="k", payload=b"p" * (i * 1000))
+        return journal_pb2.JournalBatch(epoch=1, events=[journal_pb2.Event(
+            work_accepted=journal_pb2.WorkAccepted(work=work))])
+
+    async def scenario():
+        first = [journal.append(i, batch(i)) for i in range(50)]
+        assert all(isinstance(f, asyncio.Future) for f in first)
+        assert await asyncio.gather(*first) == list(range(50))
+        successor = PostgreSQLJournal(postgresql.url(), name, holder="successor")
+        await asyncio.get_running_loop().run_in_executor(None, successor.take_over)
+        with pytest.raises(FencedError):
+            await journal.append(50, batch(50))
+        with pytest.raises(FencedError):
+            await journal.append(51, batch(51))
+        successor.close()
+        third = PostgreSQLJournal(postgresql.url(), f"{name}-other", holder="third")
+        await asyncio.get_running_loop().run_in_executor(None, third.take_over)
+        queued = [third.append(i, batch(i)) for i in range(3)]
+        third.close()
+        for future in queued:
+            with pytest.raises(JournalError, match="closed"):
+                await future
+
+    asyncio.run(scenario())
+    assert [position for position, _batch in journal.read()] == list(range(50))
+    assert journal.payloads(["w-7"]) == {"w-7": b"p" * 7000}
+    journal.close()

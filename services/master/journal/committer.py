@@ -149,18 +149,21 @@ class GroupCommitter:
         self._in_flight += 1
         self._in_flight_waiters.append(waiters)
         try:
-            cfuture = self.journal.append(position, batch)
+            appended = self.journal.append(position, batch)
         except Exception as exc:
             self._in_flight -= 1
             self._fail(exc, waiters)
+            return
+        if isinstance(appended, asyncio.Future):  # written on this loop
+            appended.add_done_callback(lambda f: self._written(f, len(events), started, waiters))
             return
 
         def done(f: concurrent.futures.Future) -> None:
             self.loop.call_soon_threadsafe(self._written, f, len(events), started, waiters)
 
-        cfuture.add_done_callback(done)
+        appended.add_done_callback(done)
 
-    def _written(self, f: concurrent.futures.Future, count: int, started: float,
+    def _written(self, f: concurrent.futures.Future | asyncio.Future, count: int, started: float,
                  waiters: list[asyncio.Future]) -> None:
         self._in_flight -= 1
         if waiters in self._in_flight_waiters:

@@ -4,6 +4,7 @@ only; `ZooKeeperJournal` and `PostgreSQLJournal` implement it."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -30,9 +31,11 @@ class Journal(ABC):
     appends_in_flight = 2
 
     @abstractmethod
-    def append(self, position: int, batch: journal_pb2.JournalBatch) -> concurrent.futures.Future:
+    def append(self, position: int, batch: journal_pb2.JournalBatch) -> concurrent.futures.Future | asyncio.Future:
         """Writes one batch at `position` (above every position written
-        before), fenced; the future resolves to the position once durable."""
+        before), fenced; the future resolves to the position once durable.
+        A journal may answer a caller on an event loop with an asyncio
+        future of that loop (it writes there, without threads)."""
 
     @abstractmethod
     def read(self, after: int = -1) -> Iterator[tuple[int, journal_pb2.JournalBatch]]:
