@@ -607,6 +607,14 @@ def test_appends_on_an_event_loop_are_written_there_in_order_and_fenced(postgres
         for future in queued:
             with pytest.raises(JournalError, match="closed"):
                 await future
+        fourth = PostgreSQLJournal(postgresql.url(), f"{name}-fourth", holder="fourth")
+        await asyncio.get_running_loop().run_in_executor(None, fourth.take_over)
+        stranded = [fourth.append(i, batch(i)) for i in range(3)]
+        fourth._writer._task.cancel()  # e.g. the loop's tasks cancelled as it ends: nothing is left waiting
+        for future in [*stranded, fourth.append(3, batch(3))]:
+            with pytest.raises(JournalError):
+                await asyncio.wait_for(future, 10)
+        fourth.close()
 
     asyncio.run(scenario())
     assert [position for position, _batch in journal.read()] == list(range(50))

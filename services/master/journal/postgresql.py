@@ -112,6 +112,9 @@ async def connect_for_appends(url: str, password: str | None, journal: str) -> p
     except psycopg.Error as exc:
         await conn.close()
         raise JournalError(f"cannot set up the journal's connection: {first_line(exc)}") from None
+    except BaseException:  # cancelled: the journal was closed meanwhile
+        await conn.close()
+        raise
     return conn
 
 
@@ -287,7 +290,7 @@ class PostgreSQLJournal(Journal):
             done.set_exception(JournalError("the journal is closed" if self._closed else "the journal is not open"))
             return done
         if loop is not None:
-            if self._writer is None:
+            if self._writer is None or self._writer.loop is not loop:
                 self._writer = LoopWriter(self, loop)
             return self._writer.append(position, batch)
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -480,11 +483,13 @@ class LoopWriter:
         self._cursor: psycopg.AsyncCursor | None = None
         self.failed: JournalError | None = None
         self._task = loop.create_task(self._run())
+        # However the task ends (closed, cancelled before it started, a bug), nothing queued is left waiting.
+        self._task.add_done_callback(lambda _task: self._fail_queued(JournalError("the journal's writer stopped")))
 
     def append(self, position: int, batch: journal_pb2.JournalBatch) -> asyncio.Future:
         future = self.loop.create_future()
-        if self.failed is not None:
-            future.set_exception(self.failed)
+        if self.failed is not None or self._task.done():
+            future.set_exception(self.failed or JournalError("the journal's writer stopped"))
         else:
             self._queue.append((position, batch, future))
             self._queued.set()
@@ -501,17 +506,19 @@ class LoopWriter:
         if here:
             self._stop()
         else:
-            self.loop.call_soon_threadsafe(self._stop)
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                self.loop.call_soon_threadsafe(self._stop)
 
     def _stop(self) -> None:
-        """On the loop: the task may not have started, so what is queued is failed here."""
-        closed = JournalError("the journal is closed")
-        self.failed = self.failed or closed
+        self._fail_queued(JournalError("the journal is closed"))
+        self._task.cancel()
+
+    def _fail_queued(self, error: JournalError) -> None:
+        self.failed = self.failed or error
         for _position, _batch, future in self._queue:
             if not future.done():
-                future.set_exception(closed)
+                future.set_exception(self.failed)
         self._queue.clear()
-        self._task.cancel()
 
     def _take(self) -> list[tuple[int, journal_pb2.JournalBatch, asyncio.Future]]:
         taken: list[tuple[int, journal_pb2.JournalBatch, asyncio.Future]] = []
