@@ -6,6 +6,7 @@ migrations; passwords stay out of logs; ZooKeeper holds no journal data."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import hashlib
 import socket
@@ -578,8 +579,6 @@ def test_appends_on_an_event_loop_are_written_there_in_order_and_fenced(postgres
     each future says its position; once a successor raised the fence the
     next append fails FencedError and every later one fails too; closing
     fails what is queued."""
-    import asyncio
-
     name = f"/loop-{uuid.uuid4().hex[:8]}"
     journal = PostgreSQLJournal(postgresql.url(), name, holder="first")
     journal.take_over()

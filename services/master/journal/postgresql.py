@@ -515,18 +515,29 @@ class LoopWriter:
 
     def _fail_queued(self, error: JournalError) -> None:
         self.failed = self.failed or error
-        for _position, _batch, future in self._queue:
-            if not future.done():
-                future.set_exception(self.failed)
+        self._settle(self._queue, self.failed)
         self._queue.clear()
+
+    @staticmethod
+    def _settle(items: list[tuple[int, journal_pb2.JournalBatch, asyncio.Future]],
+                error: JournalError | None) -> None:
+        """Each append's future: its position, or the error."""
+        for position, _batch, future in items:
+            if not future.done():
+                if error is None:
+                    future.set_result(position)
+                else:
+                    future.set_exception(error)
 
     def _take(self) -> list[tuple[int, journal_pb2.JournalBatch, asyncio.Future]]:
         taken: list[tuple[int, journal_pb2.JournalBatch, asyncio.Future]] = []
         size = 0
-        while self._queue and (not taken or size + self._queue[0][1].ByteSize() <= MAX_WRITE_BYTES):
-            item = self._queue.pop(0)
-            taken.append(item)
-            size += item[1].ByteSize()
+        while self._queue:
+            item_size = self._queue[0][1].ByteSize()
+            if taken and size + item_size > MAX_WRITE_BYTES:
+                break
+            taken.append(self._queue.pop(0))
+            size += item_size
         return taken
 
     async def _run(self) -> None:
@@ -540,20 +551,13 @@ class LoopWriter:
                         try:
                             await self._write([(position, batch) for position, batch, _future in taken])
                         except asyncio.CancelledError:  # closed while writing: whether they landed is unknown
-                            for _position, _batch, future in taken:
-                                if not future.done():
-                                    future.set_exception(JournalError("the journal is closed"))
+                            self._settle(taken, JournalError("the journal is closed"))
                             raise
                         except JournalError as exc:
                             self.failed = exc
                         except Exception as exc:  # whatever it is, the master must learn and step down
                             self.failed = JournalError(f"journal append at {taken[0][0]} failed: {exc!r}")
-                    for position, _batch, future in taken:
-                        if not future.done():
-                            if self.failed is None:
-                                future.set_result(position)
-                            else:
-                                future.set_exception(self.failed)
+                    self._settle(taken, self.failed)
         finally:
             if self._conn is not None:
                 with contextlib.suppress(Exception):
