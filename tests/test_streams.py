@@ -158,3 +158,61 @@ def test_an_await_stream_answers_each_awaited_work_once_and_refuses_what_it_cann
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "work_id" in refused.value.details()
     requests.put(None)
     channel.close()
+
+
+def test_a_submit_stream_answers_each_request_in_order_and_ends_at_the_first_it_refuses(cluster):
+    """The master's side of a frontend's stream of submissions, spoken to
+    directly: the epoch comes first; requests sent at once (works of 1 B to
+    256 KiB, a duplicate, a refused work judged on its own) are answered in
+    order, as SubmitWorks answers them; a request SubmitWorks would fail
+    ends the stream with the same status; a standby refuses the stream with
+    the master's address."""
+    master = cluster.start_master(wait=True)
+    cluster.start_worker(2)
+    stub = frontend(cluster.start_frontend().address)
+    wait_kind(stub, "square")
+    channel = credentials.channel(master.address)
+    master_stub = master_pb2_grpc.MasterStub(channel)
+    requests: queue.SimpleQueue = queue.SimpleQueue()
+    stream = master_stub.SubmitStream(iter(requests.get, None), timeout=60)
+    metadata = dict(stream.initial_metadata())
+    _, call = master_stub.ClusterInfo.with_call(work_pb2.ClusterInfoRequest(), timeout=10)
+    trailers = dict(call.trailing_metadata())  # what a unary call says
+    assert metadata["dworkers-epoch"] == trailers["dworkers-epoch"] and metadata["dworkers-cluster"]
+    assert metadata["dworkers-cluster"] == trailers["dworkers-cluster"]
+    sizes = [1, 1024, 64 * 1024, 256 * 1024]
+    batches = [[f"s{i}-{j}" for j in range(1 + i % 3)] for i in range(20)]
+    for i, ids in enumerate(batches):
+        works = [work_pb2.SubmitWorkRequest(work_id=w, kind="square", payload=b"3".ljust(sizes[(i + j) % 4]))
+                 for j, w in enumerate(ids)]
+        if i == 7:
+            works.append(work_pb2.SubmitWorkRequest(work_id="s0-0", kind="square", payload=b"3"))  # again
+            works.append(work_pb2.SubmitWorkRequest(work_id="unknown-kind", kind="no-such-kind", payload=b"3"))
+        requests.put(work_pb2.SubmitWorksRequest(works=works, each_on_its_own=True))
+    answers = [next(stream) for _ in batches]
+    for i, (ids, answer) in enumerate(zip(batches, answers)):
+        extra = ["s0-0", "unknown-kind"] if i == 7 else []
+        assert [w.work_id for w in answer.works] == ids + extra
+        assert all(w.code == 0 and not w.duplicate for w in answer.works[:len(ids)])
+    duplicate, refused = answers[7].works[-2:]
+    assert duplicate.duplicate and duplicate.code == 0
+    assert refused.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "no-such-kind" in refused.message
+    bad = work_pb2.SubmitWorksRequest(works=[work_pb2.SubmitWorkRequest(work_id="whole", kind="no-such-kind")])
+    with pytest.raises(grpc.RpcError) as alone:
+        master_stub.SubmitWorks(bad, timeout=10)
+    requests.put(bad)
+    with pytest.raises(grpc.RpcError) as ended:
+        next(stream)
+    assert (ended.value.code(), ended.value.details()) == (alone.value.code(), alone.value.details())
+    accepted = [w for ids in batches for w in ids]
+    results = {r.work_id: r for batch in stub.WaitWorks(work_pb2.WaitWorksRequest(work_ids=accepted), timeout=60)
+               for r in batch.results}
+    assert sorted(results) == sorted(accepted) and all(r.state == work_pb2.DONE for r in results.values())
+    standby = cluster.start_master(wait=True)
+    refusal = master_pb2_grpc.MasterStub(credentials.channel(standby.address)).SubmitStream(iter(()), timeout=10)
+    with pytest.raises(grpc.RpcError) as standing_by:
+        next(refusal)
+    assert standing_by.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert dict(standing_by.value.trailing_metadata())["dworkers-master"] == master.address
+    requests.put(None)
+    channel.close()

@@ -3,7 +3,8 @@
 A call is sent at once, from its own thread, when nothing is in flight or
 waiting (a lone caller pays no hand-over between threads); calls that
 arrive while earlier ones are on their way leave together in the next
-batch, sent by the batcher's threads. The master
+batch, sent by the batcher's threads, over a stream to the master while
+one is open (services/frontend/submits.py). The master
 then pays its per-call cost once per batch, and the journal writes the batch
 in one append. The batch asks the master to judge each work on its own, so
 one caller's bad or conflicting work is refused alone, and no caller waits
@@ -20,6 +21,7 @@ from concurrent.futures import Future
 from dworkers.common.errors import from_status, status_name
 from dworkers.common.proxy import MasterProxy
 from dworkers.common.validation import MAX_STREAM_MESSAGE_BYTES
+from dworkers.frontend.submits import SubmitStream
 from dworkers.v1 import work_pb2
 
 MAX_BATCH = 500
@@ -28,6 +30,7 @@ MAX_BATCH = 500
 class SubmitBatcher:
     def __init__(self, proxy: MasterProxy, senders: int = 2, timeout: float = 10.0):
         self.proxy = proxy
+        self.stream = SubmitStream(proxy)
         self.timeout = timeout
         self._waiting: list[tuple[work_pb2.SubmitWorkRequest, Future]] = []
         self._cond = threading.Condition()
@@ -69,6 +72,7 @@ class SubmitBatcher:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+        self.stream.close()
 
     def _send_forever(self) -> None:
         while True:
@@ -100,7 +104,7 @@ class SubmitBatcher:
     def _send(self, batch) -> None:
         request = work_pb2.SubmitWorksRequest(works=[r for r, _ in batch], each_on_its_own=True)
         try:
-            response = self.proxy.call("SubmitWorks", request, timeout=self.timeout)
+            response = self.stream.call(request, timeout=self.timeout)
         except Exception as error:
             for _, future in batch:
                 if not future.done():

@@ -34,6 +34,7 @@ from dworkers.common.tls import ServingTlsSettings, TlsFiles
 from dworkers.frontend.awaits import ClientAwaits, ShardAwaits
 from dworkers.frontend.batcher import SubmitBatcher
 from dworkers.frontend.merged import MergedStreams
+from dworkers.frontend.submits import SubmitStream
 from dworkers.v1 import frontend_pb2_grpc, work_pb2
 
 log = logging.getLogger(__name__)
@@ -272,7 +273,7 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         def part(shard, positions):
             sub = work_pb2.SubmitWorksRequest(works=[batch.works[i] for i in positions],
                                               each_on_its_own=batch.each_on_its_own)
-            return partial(_call_by, self.shards.proxy(shard), "SubmitWorks", sub, deadline)
+            return partial(_submit_by, self._batcher(shard).stream, sub, deadline)
 
         def take(positions, outcome) -> list[int]:
             if isinstance(outcome, Exception):
@@ -533,6 +534,14 @@ def _call_by(proxy, method: str, request, deadline: float):
     if remaining <= 0:
         raise TimedOut(f"{method}: no time left for this shard")
     return proxy.call(method, request, timeout=remaining)
+
+
+def _submit_by(stream: SubmitStream, request, deadline: float):
+    """A shard's part of a SubmitWorks call, over its stream of submissions."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimedOut("SubmitWorks: no time left for this shard")
+    return stream.call(request, timeout=remaining)
 
 
 def _wrong_shard(error) -> bool:

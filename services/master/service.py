@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 OUTBOX_MESSAGES = 10_000  # queued for one worker process before it is dropped...
 OUTBOX_BYTES = 256 * 1024 * 1024  # ...or this many bytes (hand-outs of 1,024 slots fit)
+STREAM_SUBMITS = 8  # SubmitStream requests being accepted at once (a frontend sends a few)
 
 
 class WorkerConnection:
@@ -109,6 +110,11 @@ def _merge(into: master_pb2.MasterMessage, message: master_pb2.MasterMessage) ->
         into.withdrawn.worker_ids.extend(message.withdrawn.worker_ids)
 
 
+def _ignore_outcome(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def _answer(work: work_pb2.Work, outcome) -> work_pb2.SubmitWorkResponse:
     if isinstance(outcome, Conflict):
         return work_pb2.SubmitWorkResponse(work_id=work.work_id, code=grpc.StatusCode.ALREADY_EXISTS.value[0],
@@ -164,6 +170,39 @@ class MasterService(master_pb2_grpc.MasterServicer):
                 work_pb2.SubmitWorkResponse(work_id=w.work_id, duplicate=d) for w, d in zip(works, duplicates)])
         accepted = iter([_answer(w, d) for w, d in zip(works, duplicates)])
         return work_pb2.SubmitWorksResponse(works=[a if a is not None else next(accepted) for a in answers])
+
+    async def SubmitStream(self, request_iterator, context):
+        """SubmitWorks over one stream: requests are accepted concurrently,
+        answered in order; the first that fails ends the stream with its
+        error (the interceptor makes it a status)."""
+        shell = self._shell(context)
+        await context.send_initial_metadata(((EPOCH_KEY, str(shell.epoch)), (CLUSTER_KEY, shell.cluster_id)))
+        answers: asyncio.Queue = asyncio.Queue(STREAM_SUBMITS)  # futures of answers, in order; None: the end
+        reader = asyncio.create_task(self._read_submits(request_iterator, context, answers))
+        limit = self.node.settings.subscriber_timeout
+        try:
+            while (answer := await answers.get()) is not None:
+                response = await answer
+                try:
+                    await asyncio.wait_for(context.write(response), limit)
+                except asyncio.TimeoutError:
+                    raise Overloaded(f"caller read nothing for {limit:g} s: dropped") from None
+        finally:
+            reader.cancel()
+            while not answers.empty():  # their outcomes are nobody's now
+                left = answers.get_nowait()
+                if left is not None:
+                    left.add_done_callback(_ignore_outcome)
+
+    async def _read_submits(self, request_iterator, context, answers: asyncio.Queue) -> None:
+        try:
+            async for request in request_iterator:
+                await answers.put(asyncio.ensure_future(self.SubmitWorks(request, context)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a broken stream: what was read is answered
+            log.info("submit stream ended: %r", exc)
+        await answers.put(None)
 
     def _owned(self, works: list, answers: list | None) -> tuple[list, list | None]:
         """Works of another shard's slots are refused (ABORTED: the caller
