@@ -5,9 +5,9 @@
     handle.result(timeout=10)                # 9, or raises WorkFailed / TimeoutError
 
 `submit` does not wait for the work to be durable: submissions are
-pipelined (batched into SubmitWorks calls, a few in flight) by a sender
-thread, so one thread submitting in a loop is not held up by each durable
-write. `handle.accepted()` waits for that acknowledgement; `result()` waits
+pipelined (batched into SubmitWorks calls, a few in flight, sent as messages
+on one SubmitStream) by a sender thread, so one thread submitting in a loop
+is not held up by each durable write. `handle.accepted()` waits for that acknowledgement; `result()` waits
 for it and then for the result (over the client's one AwaitResults stream:
 no polling, no call per result). Work ids are fixed
 when submitted, so a batch retried after a failover is idempotent.
@@ -36,6 +36,7 @@ from dworkers.common.shards import decode_cursors, encode_cursors
 from dworkers.common.validation import MAX_BATCH_WORKS, MAX_PAYLOAD_BYTES, new_work_id
 from dworkers.common.wire import MAX_MESSAGE_BYTES
 from dworkers.credentials import Tls
+from dworkers.submitting import SubmitStream
 from dworkers.v1 import frontend_pb2_grpc, work_pb2
 
 DEFAULT_TARGET = "127.0.0.1:7000"
@@ -329,6 +330,7 @@ class Client:
         self.batch_works = max(1, min(batch_works, MAX_BATCH_WORKS))  # per SubmitWorks call (and BATCH_BYTES)
         self._channel = channel or credentials.channel(self.target, tls, token=token)
         self.stub = frontend_pb2_grpc.FrontendStub(self._channel)
+        self._submits = SubmitStream(self.stub)  # the calls' way to the frontend
         self._queue: deque[_Pending] = deque()
         self._queued_bytes = 0
         self._unacked = 0  # queued or in flight
@@ -426,22 +428,27 @@ class Client:
             self._send(batch, time.monotonic() + self.timeout)
 
     def _send(self, batch: list[_Pending], deadline: float, delay: float = 0.05) -> None:
-        """One SubmitWorks call (counted in _in_flight by the caller); the
-        answer settles each handle, or the batch is sent again."""
+        """One SubmitWorks call (counted in _in_flight by the caller), on the
+        stream of submissions; the answer settles each handle, or the batch
+        is sent again."""
         request = work_pb2.SubmitWorksRequest(works=[p.request for p in batch], each_on_its_own=True)
+        def cancelled(reason: str) -> None:
+            self._settle(batch, lambda p: p.handle._accepted.set_exception(
+                SubmitError(p.handle.id, "CANCELLED", reason)))
+
         try:
             if self._closed:
                 raise RuntimeError("the client was closed")
-            call = self.stub.SubmitWorks.future(request,
-                                                timeout=max(0.1, min(self.timeout, deadline - time.monotonic())))
+            call = self._submits.send(request, timeout=max(0.1, min(self.timeout, deadline - time.monotonic())))
         except Exception as exc:  # e.g. the channel closed under a retry
-            reason = str(exc)
-            self._settle(batch, lambda p: p.handle._accepted.set_exception(
-                SubmitError(p.handle.id, "CANCELLED", reason)))
+            cancelled(str(exc))
             return
 
-        def answered(call: grpc.Future) -> None:
+        def answered(call: concurrent.futures.Future) -> None:
             error = call.exception()
+            if error is not None and not isinstance(error, grpc.RpcError):  # e.g. the channel closed
+                cancelled(str(error))
+                return
             if error is None:
                 for pending, answer in zip(batch, call.result().works):
                     if answer.code:
@@ -605,6 +612,7 @@ class Client:
                 pending.handle._accepted.set_exception(SubmitError(pending.handle.id, "CANCELLED",
                                                                    "the client was closed before sending it"))
             self._sender.join(timeout=5)
+            self._submits.close()
             self._awaits.close()
             self._channel.close()  # ends the feeds' streams too
 

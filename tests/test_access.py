@@ -256,6 +256,10 @@ def test_each_identity_is_held_to_its_submission_rate_and_stream_count(make_clus
     wait_until(lambda: _accepted(front, batch, producer), 60, "a first batch (a full bucket lets it pass)")
     with refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "producer submits above its limit of 50 works per second"):
         call(front, "SubmitWork", work_pb2.SubmitWorkRequest(kind="square", payload=b"3"), producer)
+    with credentials.channel(front, False, token=producer) as channel:  # a stream's calls count alike
+        answers = list(frontend_pb2_grpc.FrontendStub(channel).SubmitStream(iter([batch, batch]), timeout=30))
+        assert [a.code for a in answers][-1] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        assert "producer submits above its limit of 50 works per second" in answers[-1].message
     # another identity has a bucket of its own
     assert call(front, "SubmitWork", work_pb2.SubmitWorkRequest(kind="square", payload=b"3"),
                 cluster.tokens["admin"]).work_id

@@ -68,6 +68,7 @@ def test_clients_that_give_up_at_once_do_not_use_up_the_result_streams(cluster):
     front = cluster.start_frontend(None, "--max-watchers", "2", "--threads", "8")
     stub = frontend(front.address)
     wait_kind(stub, "square")
+    submit_until_acked(stub, "square", b"2")  # its stream of submissions to the master is open
     threads_before = thread_count(front.pid)
 
     def hammer(offset: int) -> None:
@@ -160,13 +161,13 @@ def test_an_await_stream_answers_each_awaited_work_once_and_refuses_what_it_cann
     channel.close()
 
 
-def test_a_submit_stream_answers_each_request_in_order_and_ends_at_the_first_it_refuses(cluster):
+def test_a_masters_submit_stream_answers_each_request_in_order_with_its_answer_or_refusal(cluster):
     """The master's side of a frontend's stream of submissions, spoken to
     directly: the epoch comes first; requests sent at once (works of 1 B to
     256 KiB, a duplicate, a refused work judged on its own) are answered in
-    order, as SubmitWorks answers them; a request SubmitWorks would fail
-    ends the stream with the same status; a standby refuses the stream with
-    the master's address."""
+    order, as SubmitWorks answers them; a request SubmitWorks would fail is
+    answered with that status, and the stream goes on; a standby refuses the
+    stream with the master's address."""
     master = cluster.start_master(wait=True)
     cluster.start_worker(2)
     stub = frontend(cluster.start_frontend().address)
@@ -201,10 +202,12 @@ def test_a_submit_stream_answers_each_request_in_order_and_ends_at_the_first_it_
     with pytest.raises(grpc.RpcError) as alone:
         master_stub.SubmitWorks(bad, timeout=10)
     requests.put(bad)
-    with pytest.raises(grpc.RpcError) as ended:
-        next(stream)
-    assert (ended.value.code(), ended.value.details()) == (alone.value.code(), alone.value.details())
-    accepted = [w for ids in batches for w in ids]
+    requests.put(work_pb2.SubmitWorksRequest(works=[work_pb2.SubmitWorkRequest(work_id="after", kind="square",
+                                                                               payload=b"4")]))
+    refusal = next(stream)
+    assert (refusal.code, refusal.message) == (alone.value.code().value[0], alone.value.details())
+    assert not refusal.works and [w.work_id for w in next(stream).works] == ["after"]
+    accepted = [w for ids in batches for w in ids] + ["after"]
     results = {r.work_id: r for batch in stub.WaitWorks(work_pb2.WaitWorksRequest(work_ids=accepted), timeout=60)
                for r in batch.results}
     assert sorted(results) == sorted(accepted) and all(r.state == work_pb2.DONE for r in results.values())
@@ -216,3 +219,61 @@ def test_a_submit_stream_answers_each_request_in_order_and_ends_at_the_first_it_
     assert dict(standing_by.value.trailing_metadata())["dworkers-master"] == master.address
     requests.put(None)
     channel.close()
+
+
+def test_a_frontends_submit_stream_answers_in_order_each_call_with_its_answer_or_refusal(cluster):
+    """The public SubmitStream: calls sent at once (works of 1 B to 256 KiB,
+    a duplicate, a work refused on its own) are answered in order, as
+    SubmitWorks answers them, and each accepted work runs; a call the
+    frontend refuses is answered with the status SubmitWorks fails with, and
+    the stream goes on; the streams a frontend serves at once are bounded."""
+    cluster.start_master(wait=True)
+    cluster.start_worker(2)
+    front = cluster.start_frontend(None, "--max-submit-streams", "1")
+    stub = frontend(front.address)
+    wait_kind(stub, "square")
+    requests: queue.SimpleQueue = queue.SimpleQueue()
+    stream = stub.SubmitStream(iter(requests.get, None), timeout=60)
+    sizes = [1, 1024, 64 * 1024, 256 * 1024]
+    batches = [[f"f{i}-{j}" for j in range(1 + i % 3)] for i in range(20)]
+    for i, ids in enumerate(batches):
+        works = [work_pb2.SubmitWorkRequest(work_id=w, kind="square", payload=b"3".ljust(sizes[(i + j) % 4]))
+                 for j, w in enumerate(ids)]
+        if i == 5:
+            works.append(work_pb2.SubmitWorkRequest(work_id="f0-0", kind="square", payload=b"3"))
+            works.append(work_pb2.SubmitWorkRequest(work_id="unknown-kind", kind="no-such-kind", payload=b"3"))
+        requests.put(work_pb2.SubmitWorksRequest(works=works, each_on_its_own=True))
+    answers = [next(stream) for _ in batches]
+    for i, (ids, answer) in enumerate(zip(batches, answers)):
+        assert [w.work_id for w in answer.works] == ids + (["f0-0", "unknown-kind"] if i == 5 else [])
+    duplicate, refused = answers[5].works[-2:]
+    assert duplicate.duplicate and refused.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    with pytest.raises(grpc.RpcError) as busy:  # its one stream slot is taken
+        next(stub.SubmitStream(iter(()), timeout=10))
+    assert busy.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    bad = work_pb2.SubmitWorksRequest(works=[work_pb2.SubmitWorkRequest(work_id="x" * 300, kind="square")])
+    with pytest.raises(grpc.RpcError) as alone:
+        stub.SubmitWorks(bad, timeout=10)
+    requests.put(bad)
+    refusal = next(stream)
+    assert (refusal.code, refusal.message) == (alone.value.code().value[0], alone.value.details())
+    requests.put(None)  # the client is done: the stream ends, its slot free
+    assert list(stream) == []
+    accepted = [w for ids in batches for w in ids]
+    seen = [r.work_id for batch in stub.WaitWorks(work_pb2.WaitWorksRequest(work_ids=accepted), timeout=60)
+            for r in batch.results if r.state == work_pb2.DONE]
+    assert sorted(seen) == sorted(accepted)
+    wait_until(lambda: _opens(stub), 30, "the ended stream's slot to be free again")
+
+
+def _opens(stub) -> bool:
+    requests: queue.SimpleQueue = queue.SimpleQueue()
+    stream = stub.SubmitStream(iter(requests.get, None), timeout=10)
+    requests.put(work_pb2.SubmitWorksRequest(works=[work_pb2.SubmitWorkRequest(kind="square", payload=b"2")]))
+    try:
+        return len(next(stream).works) == 1
+    except grpc.RpcError:
+        return False
+    finally:
+        requests.put(None)
+        stream.cancel()

@@ -1,8 +1,9 @@
 """The frontend's stream of submissions to a master, in one process, over a
-master the test plays: calls share one stream and each gets its own answer;
-whatever the stream cannot answer (it broke, the master has no
-SubmitStream, a deposed master's, a master that says nothing) is answered
-by a call of its own, or fails within the caller's deadline."""
+master the test plays: calls share one stream and each gets its own answer
+or refusal; whatever the stream does not answer (it broke, the master has
+no SubmitStream, a deposed master's, a master silent for an attempt's time)
+is answered by a call of its own; a caller whose deadline passes is told so
+without ending the stream for the others."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from dworkers.common.errors import NoMaster
+from dworkers.common.errors import InvalidInput, NoMaster
 from dworkers.common.wire import CLUSTER_KEY, EPOCH_KEY
 from dworkers.frontend import submits
 from dworkers.frontend.submits import SubmitStream
@@ -57,6 +58,10 @@ class Stream:
         self.answers.put(accepted(request))
         return request
 
+    def refuse_next(self, code: grpc.StatusCode, message: str) -> None:
+        self.requests.get(timeout=10)
+        self.answers.put(work_pb2.SubmitWorksResponse(code=code.value[0], message=message))
+
     def fail(self, code: grpc.StatusCode) -> None:
         self.answers.put(code)
 
@@ -94,7 +99,9 @@ class Proxy:
         self.epoch = epoch
         self.unary: list[list[str]] = []  # ids of calls made on their own
         self.hints: list[grpc.StatusCode] = []
+        self.invalidated: list[str] = []
         self.newest_epoch = 1
+        self.attempt_timeout = 3.0
         proxy = self
 
         class Locator:
@@ -109,6 +116,9 @@ class Proxy:
 
             def remove_listener(self, listener):
                 self.listeners.remove(listener)
+
+            def invalidate(self, address):
+                proxy.invalidated.append(address)
 
         class Stub:
             def SubmitStream(self, requests):
@@ -203,16 +213,45 @@ def test_a_deposed_masters_stream_answers_nothing():
     stream = SubmitStream(proxy)
     assert stream.call(request_of("a"), 10).works[0].duplicate
     assert proxy.streams[0].cancelled.is_set() and proxy.unary == [["a"]]
+    assert proxy.invalidated == ["master:1"]  # not asked again until the locator says it leads
 
 
-def test_a_master_that_answers_nothing_fails_the_call_in_its_deadline_and_later_calls_go_on_their_own():
+def test_a_refused_call_is_told_why_and_the_stream_goes_on():
+    proxy = Proxy()
+    stream = SubmitStream(proxy)
+    with ThreadPoolExecutor(2) as pool:
+        refused = pool.submit(stream.call, request_of("a"), 10)
+        wait_until(lambda: proxy.streams, 10, "the stream to open")
+        proxy.streams[0].refuse_next(grpc.StatusCode.INVALID_ARGUMENT, "unknown kind 'k'")
+        with pytest.raises(InvalidInput, match="unknown kind 'k'"):
+            refused.result(10)
+        later = pool.submit(stream.call, request_of("b"), 10)
+        proxy.streams[0].answer_next()
+        assert not later.result(10).works[0].duplicate
+    assert len(proxy.streams) == 1 and not proxy.unary
+
+
+def test_a_caller_whose_deadline_passes_is_told_so_and_the_stream_goes_on():
     proxy = Proxy()
     stream = SubmitStream(proxy)
     with pytest.raises(NoMaster):
         stream.call(request_of("a"), 0.3)
+    assert not proxy.streams[0].cancelled.is_set() and not proxy.unary
+    with ThreadPoolExecutor(1) as pool:
+        later = pool.submit(stream.call, request_of("b"), 10)
+        proxy.streams[0].answer_next()  # the late caller's
+        proxy.streams[0].answer_next()
+        assert [w.work_id for w in later.result(10).works] == ["b"]
+
+
+def test_a_master_silent_for_an_attempts_time_gets_the_call_on_its_own_and_later_ones_too():
+    proxy = Proxy()
+    proxy.attempt_timeout = 0.3
+    stream = SubmitStream(proxy)
+    assert stream.call(request_of("a"), 10).works[0].duplicate  # answered on its own
     assert proxy.streams[0].cancelled.is_set()
     assert stream.call(request_of("b"), 10).works[0].duplicate
-    assert len(proxy.streams) == 1 and proxy.unary == [["b"]]
+    assert len(proxy.streams) == 1 and proxy.unary == [["a"], ["b"]]
 
 
 def test_after_close_calls_go_on_their_own(monkeypatch):

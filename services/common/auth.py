@@ -39,7 +39,7 @@ SERVICE_ROLES = ("worker", "frontend")  # the masters' port
 ROLES = CLIENT_ROLES + SERVICE_ROLES
 IMPLIED = {"admin": {"submit", "read"}}  # an admin may do what the others may
 FRONTEND_METHODS = {
-    "SubmitWork": "submit", "SubmitWorks": "submit",
+    "SubmitWork": "submit", "SubmitWorks": "submit", "SubmitStream": "submit",
     "GetWork": "read", "WaitWorks": "read", "AwaitResults": "read", "WatchResults": "read", "ClusterInfo": "read",
     "ListWorks": "read",
     "CancelWork": "admin", "RetryWork": "admin", "SetRateLimit": "admin",
@@ -171,7 +171,8 @@ class IdentityLimits:
     0: no limit."""
 
     SUBMITS = ("SubmitWork", "SubmitWorks")
-    STREAMS = ("WatchResults", "WaitWorks", "AwaitResults")
+    STREAMS = {"WatchResults": "result", "WaitWorks": "result", "AwaitResults": "result",
+               "SubmitStream": "submit"}  # each sort counted on its own
 
     def __init__(self, works_per_second: float = 0.0, streams: int = 0):
         self.rate = works_per_second
@@ -179,14 +180,19 @@ class IdentityLimits:
         self.streams = streams
         self._lock = threading.Lock()
         self._buckets: dict[str, tuple[float, float]] = {}  # name -> (tokens, monotonic time)
-        self._open: dict[str, int] = {}
+        self._open: dict[tuple[str, str], int] = {}  # (name, sort) -> streams
 
     def admit(self, identity: Identity, method: str, request) -> Callable[[], None] | None:
         if method in self.SUBMITS and self.rate > 0:
             self._take(identity.name, len(request.works) if method == "SubmitWorks" else 1)
         elif method in self.STREAMS and self.streams > 0:
-            return self._open_stream(identity.name)
+            return self._open_stream(identity.name, self.STREAMS[method])
         return None
+
+    def take_submits(self, identity: Identity, count: int) -> None:
+        """A SubmitStream's call: counted like SubmitWorks; raises Overloaded."""
+        if self.rate > 0:
+            self._take(identity.name, count)
 
     def _take(self, name: str, count: int) -> None:
         now = time.monotonic()
@@ -199,20 +205,21 @@ class IdentityLimits:
                                  "retry in a moment")
             self._buckets[name] = (tokens - count, now)
 
-    def _open_stream(self, name: str) -> Callable[[], None]:
+    def _open_stream(self, name: str, sort: str) -> Callable[[], None]:
+        key = (name, sort)
         with self._lock:
-            if self._open.get(name, 0) >= self.streams:
-                raise Overloaded(f"{name} already has {self.streams} result streams open, its limit: "
+            if self._open.get(key, 0) >= self.streams:
+                raise Overloaded(f"{name} already has {self.streams} {sort} streams open, its limit: "
                                  "close one first")
-            self._open[name] = self._open.get(name, 0) + 1
+            self._open[key] = self._open.get(key, 0) + 1
 
         def release() -> None:
             with self._lock:
-                left = self._open[name] - 1
+                left = self._open[key] - 1
                 if left:
-                    self._open[name] = left
+                    self._open[key] = left
                 else:
-                    del self._open[name]
+                    del self._open[key]
         return release
 
 

@@ -172,6 +172,9 @@ class FrontendMetrics:
         self.result_streams = Gauge("dworkers_frontend_result_streams",
                                     "WatchResults streams this frontend serves now (bounded by --max-watchers)",
                                     registry=registry)
+        self.submit_streams = Gauge("dworkers_frontend_submit_streams",
+                                    "SubmitStream streams this frontend serves now (bounded by --max-submit-streams)",
+                                    registry=registry)
         self.dropped_subscribers = Counter("dworkers_frontend_dropped_subscribers",
                                            "result subscribers dropped for reading nothing", registry=registry)
 

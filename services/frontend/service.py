@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import re
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "dworkers.v1.Frontend"
 SHARD_RECONNECT_SECONDS = 24 * 3600.0  # in a merged result stream, one shard's outage ends nothing
 MAX_MERGED_BYTES = 2 * 1024 * 1024 - 64 * 1024  # several shards' result batches in one message (below 2 MiB)
+STREAM_SUBMITS = 8  # a SubmitStream's calls on their way at once (its client sends a few)
 
 
 @dataclass(frozen=True)
@@ -54,15 +56,18 @@ class FrontendSettings:
     metrics_port: int = setting(9102, "Prometheus /metrics port (0: off)", low=0, high=65535)
     call_timeout: float = setting(10.0, "seconds a call may wait for a master", above=0, high=3600)
     threads: int = setting(64, "threads serving unary calls", low=1, high=10_000)
-    max_watchers: int = setting(128, "WatchResults and WaitWorks streams served at once (beyond: "
-                                "RESOURCE_EXHAUSTED); each holds a thread", low=1, high=100_000)
+    max_watchers: int = setting(128, "WatchResults, WaitWorks and AwaitResults streams served at once "
+                                "(beyond: RESOURCE_EXHAUSTED); each holds a thread", low=1, high=100_000)
+    max_submit_streams: int = setting(128, "SubmitStream streams served at once (beyond: RESOURCE_EXHAUSTED: "
+                                           "the SDK then makes calls); each holds two threads", low=1,
+                                      high=100_000)
     queued_calls: int = setting(256, "calls waiting for a thread before RESOURCE_EXHAUSTED", low=0, high=100_000)
     shutdown_grace: float = setting(5.0, "seconds in-flight calls may take to finish on SIGTERM", low=0, high=3600)
     subscriber_timeout: float = setting(30.0, "a result subscriber that reads nothing this long is dropped", above=0)
     reflection: bool = setting(False, "serve gRPC server reflection (lists the API to anyone who asks)")
     identity_submit_rate: float = setting(0.0, "works per second one caller (an identity of --access-file) may "
                                                "submit; beyond: RESOURCE_EXHAUSTED (0: no limit)", low=0)
-    identity_streams: int = setting(0, "WatchResults and WaitWorks streams one caller may hold open at once "
+    identity_streams: int = setting(0, "result streams, and SubmitStream streams, one caller may hold open at once "
                                        "(0: no limit but --max-watchers)", low=0, high=100_000)
 
 
@@ -101,6 +106,28 @@ class StallWatch:
                 context.cancel()
 
 
+class StreamSlots:
+    """A bound on streams of one sort served at once (each holds a thread)."""
+
+    def __init__(self, count: int, gauge, what: str):
+        self.count = count
+        self.gauge = gauge
+        self.what = what
+        self._slots = threading.BoundedSemaphore(count)
+
+    def take(self) -> Once:
+        """A slot, or Overloaded; returns what frees it (once)."""
+        if not self._slots.acquire(blocking=False):
+            raise Overloaded(f"this frontend already serves {self.count} {self.what}; "
+                             "use another frontend or retry later")
+        self.gauge.inc()
+        return Once(self._release)
+
+    def _release(self) -> None:
+        self._slots.release()
+        self.gauge.dec()
+
+
 class FrontendService(frontend_pb2_grpc.FrontendServicer):
     def __init__(self, shards: Shards, settings: FrontendSettings, metrics: FrontendMetrics,
                  authorizer: auth.Authorizer | None = None):
@@ -114,7 +141,10 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         # Calls to several shards at once (each bounded by its caller's deadline).
         self._fan_out = ThreadPoolExecutor(settings.threads, thread_name_prefix="shard-call")
         # Result streams are long-lived: bound them so unary calls keep threads.
-        self._watchers = threading.BoundedSemaphore(settings.max_watchers)
+        self._watchers = StreamSlots(settings.max_watchers, metrics.result_streams, "result streams")
+        self._submitters = StreamSlots(settings.max_submit_streams, metrics.submit_streams, "submit streams")
+        # SubmitStream calls on their way (apart from _fan_out: they wait on its shard calls).
+        self._stream_submits = ThreadPoolExecutor(settings.threads, thread_name_prefix="stream-submit")
         self.metrics = metrics
         self._stalls = StallWatch(settings.subscriber_timeout, metrics.dropped_subscribers.inc)
 
@@ -266,8 +296,59 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         takes its part all or nothing, and if one refuses the call fails with
         its error while the parts other shards accepted stay accepted
         (submitting the same batch again is idempotent: their ids are known)."""
-        batch = self._validated(request)
-        deadline = time.monotonic() + self._timeout(context)
+        return self._submit_works(self._validated(request), self._timeout(context))
+
+    def SubmitStream(self, request_iterator, context):
+        """SubmitWorks calls over one stream, within the bound on streams:
+        each is sent on while earlier ones are on their way (STREAM_SUBMITS
+        at most), answers go back in order, and the first call that fails
+        ends the stream with its status."""
+        identity = self.authorizer.identify(context) if self.authorizer is not None else None
+        yield from self._stream(context, lambda handle: self._submit_answers(request_iterator, identity, handle),
+                                self._submitters)
+
+    def _submit_answers(self, requests, identity: auth.Identity | None, handle: StreamHandle):
+        answers: queue.SimpleQueue = queue.SimpleQueue()  # answers' futures in order; None: the end
+        room = threading.Semaphore(STREAM_SUBMITS)
+        handle.attach(_Ending(answers))  # the client left
+        limits = self.authorizer.limits if self.authorizer is not None and identity is not None else None
+
+        def read() -> None:
+            try:
+                for request in requests:
+                    while not room.acquire(timeout=1.0):
+                        if handle.cancelled:
+                            return
+                    deadline = time.monotonic() + self.settings.call_timeout
+                    try:
+                        if limits is not None:
+                            limits.take_submits(identity, len(request.works))
+                        batch = self._validated(request)
+                    except DworkersError as refused:
+                        answers.put(_answered(_refusal(refused)))
+                        continue
+                    answers.put(self._stream_submits.submit(self._stream_answer, batch, deadline))
+            except Exception:  # noqa: BLE001 - the client went away: its stream ends with it
+                pass
+            answers.put(None)
+
+        threading.Thread(target=read, name="submit-requests", daemon=True).start()
+        while (item := answers.get()) is not None:
+            try:
+                answer = item.result()
+            finally:
+                room.release()
+            yield answer
+
+    def _stream_answer(self, batch: work_pb2.SubmitWorksRequest, deadline: float) -> work_pb2.SubmitWorksResponse:
+        """A SubmitStream call's answer, or its refusal (the status SubmitWorks would fail with)."""
+        try:
+            return self._submit_works(batch, deadline - time.monotonic())
+        except (DworkersError, grpc.RpcError) as refused:
+            return _refusal(refused)
+
+    def _submit_works(self, batch: work_pb2.SubmitWorksRequest, timeout: float) -> work_pb2.SubmitWorksResponse:
+        deadline = time.monotonic() + timeout
         answers: list = [None] * len(batch.works)
 
         def part(shard, positions):
@@ -398,10 +479,6 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         roles = [role for role in auth.CLIENT_ROLES if identity.may(role)]
         return work_pb2.WhoAmIResponse(name=identity.name, roles=roles, access_checked=True)
 
-    def _release_watcher(self) -> None:
-        self._watchers.release()
-        self.metrics.result_streams.dec()
-
     def WatchResults(self, request, context):
         cursors = decode_cursors(request.resume_token) if request.resume_token else None
         if cursors is None and not self.shards.several:
@@ -500,13 +577,9 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         finally:
             merged.close()
 
-    def _stream(self, context, open_results):
-        """Relays a result stream from the master, within the bound on streams."""
-        if not self._watchers.acquire(blocking=False):
-            raise Overloaded(f"this frontend already serves {self.settings.max_watchers} result streams; "
-                             "use another frontend or retry later")
-        self.metrics.result_streams.inc()
-        release = Once(self._release_watcher)
+    def _stream(self, context, open_results, slots: StreamSlots | None = None):
+        """Relays a stream (results from the master, by default), within its bound on streams."""
+        release = (slots or self._watchers).take()
         handle = StreamHandle()
         # The client may have gone already: then no callback will ever run.
         if not (context.add_callback(release) and context.add_callback(handle.cancel)):
@@ -526,6 +599,30 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
             release()
             handle.cancel()
             results.close()
+
+
+def _answered(response) -> Future:
+    done: Future = Future()
+    done.set_result(response)
+    return done
+
+
+def _refusal(error: Exception) -> work_pb2.SubmitWorksResponse:
+    status = server.status_of(error)
+    if status is None:  # a bug: the stream ends with it
+        raise error
+    code, message, _ = status
+    return work_pb2.SubmitWorksResponse(code=code.value[0], message=message)
+
+
+class _Ending:
+    """Ends a stream of answers when its client leaves."""
+
+    def __init__(self, answers: queue.SimpleQueue):
+        self.answers = answers
+
+    def cancel(self) -> None:
+        self.answers.put(None)
 
 
 def _call_by(proxy, method: str, request, deadline: float):
@@ -561,7 +658,7 @@ def _status(error: Exception) -> tuple[int, str]:
 
 def serve(shards: Shards, settings: FrontendSettings, stop: StopRequest, registry,
           ready: threading.Event | None = None, tls_files: TlsFiles | None = None) -> None:
-    threads = settings.threads + settings.max_watchers
+    threads = settings.threads + settings.max_watchers + settings.max_submit_streams
     authorizer = auth.authorizer(settings.auth, auth.FRONTEND_METHODS, limits=auth.IdentityLimits(
         settings.identity_submit_rate, settings.identity_streams))
     service = FrontendService(shards, settings, FrontendMetrics(registry), authorizer)

@@ -2,15 +2,16 @@
 
 On an open stream a call is one message each way; a unary call costs the
 frontend and the master about twice as much (in a submit-then-wait round
-trip it was most of the way in). The stream only speeds calls up: a call it
-cannot answer (the stream broke, the master moved, stepped down or refused
-the request, a master without SubmitStream) is made again on its own
-through the proxy stub, which follows failovers and answers with the
-call's own status. Submissions are idempotent, so a work the master had
-accepted before the stream broke is answered as a duplicate then.
+trip it was most of the way in). The master answers each call in order,
+with its answer or its refusal (raised here as the call would have). The
+stream only speeds calls up: a call it does not answer (the stream broke,
+the master moved or stopped serving, a deposed master's stream, a master
+silent for an attempt's time, one without SubmitStream) is made again on
+its own through the proxy stub, which follows failovers. Submissions are
+idempotent, so a work the master had accepted before the stream broke is
+answered as a duplicate then.
 
-What waits on a stream is bounded by its callers: the batcher sends a few
-calls at once.
+What waits on a stream is bounded by its callers (the frontend's threads).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 import grpc
 
-from dworkers.common.errors import NoMaster
+from dworkers.common.errors import NoMaster, from_status, status_name
 from dworkers.common.proxy import MasterProxy
 from dworkers.common.wire import CLUSTER_KEY, EPOCH_KEY, metadata_value
 from dworkers.v1 import work_pb2
@@ -80,17 +81,25 @@ class SubmitStream:
         self._closed = False
 
     def call(self, request: work_pb2.SubmitWorksRequest, timeout: float) -> work_pb2.SubmitWorksResponse:
-        """SubmitWorks on the active master, within `timeout` seconds."""
+        """SubmitWorks on the active master, within `timeout` seconds;
+        raises the master's refusal as the call would have (DworkersError)."""
         deadline = time.monotonic() + timeout
         future = self._send(request)
         if future is not None:
             try:
-                return future.result(timeout)
+                # A master silent for an attempt's time is paused or gone:
+                # the call is made again on its own, as the proxy does.
+                response = future.result(min(timeout, self.proxy.attempt_timeout))
             except _Broken:
                 pass  # made again on its own
             except FutureTimeout:
-                self._break(future)  # a master that answers nothing for so long: later calls go on their own
-                raise NoMaster("no master answered in time") from None
+                if deadline - time.monotonic() <= 0:
+                    raise NoMaster("no master answered in time") from None
+                self._break(future)
+            else:
+                if response.code:
+                    raise from_status(status_name(response.code), response.message)
+                return response
         return self.proxy.call("SubmitWorks", request, timeout=max(0.001, deadline - time.monotonic()))
 
     def close(self) -> None:
@@ -140,10 +149,12 @@ class SubmitStream:
         try:
             call = self.proxy.stub(opened.address).SubmitStream(iter(opened.requests.get, _END))
             opened.started(call)
-            metadata = call.initial_metadata()  # sent by the master as it takes the stream
-            epoch = int(metadata_value(metadata, EPOCH_KEY) or 0)
-            if not self.proxy.observe_epoch(epoch, metadata_value(metadata, CLUSTER_KEY) or ""):
-                log.info("submit stream to %s: a deposed master's (epoch %d)", opened.address, epoch)
+            metadata = call.initial_metadata()  # the master's epoch, as it takes the stream (a refusal: none)
+            epoch = metadata_value(metadata, EPOCH_KEY)
+            if epoch is not None and not self.proxy.observe_epoch(int(epoch), metadata_value(metadata, CLUSTER_KEY)
+                                                                  or ""):
+                log.info("submit stream to %s: a deposed master's (epoch %s)", opened.address, epoch)
+                self.proxy.locator.invalidate(opened.address)
                 opened.cancel()
             for response in call:
                 with self._lock:

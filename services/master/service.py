@@ -15,6 +15,7 @@ from dworkers.common import validation
 from dworkers.common.errors import (
     Conflict,
     CutOff,
+    DworkersError,
     InvalidInput,
     NotFound,
     NotServing,
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 OUTBOX_MESSAGES = 10_000  # queued for one worker process before it is dropped...
 OUTBOX_BYTES = 256 * 1024 * 1024  # ...or this many bytes (hand-outs of 1,024 slots fit)
-STREAM_SUBMITS = 8  # SubmitStream requests being accepted at once (a frontend sends a few)
+STREAM_SUBMITS = 64  # SubmitStream requests being accepted at once (a frontend's calls in flight)
 
 
 class WorkerConnection:
@@ -173,11 +174,11 @@ class MasterService(master_pb2_grpc.MasterServicer):
 
     async def SubmitStream(self, request_iterator, context):
         """SubmitWorks over one stream: requests are accepted concurrently,
-        answered in order; the first that fails ends the stream with its
-        error (the interceptor makes it a status)."""
+        answered in order, each with its answer or its refusal; a master
+        that stops serving ends the stream (its callers go elsewhere)."""
         shell = self._shell(context)
         await context.send_initial_metadata(((EPOCH_KEY, str(shell.epoch)), (CLUSTER_KEY, shell.cluster_id)))
-        answers: asyncio.Queue = asyncio.Queue(STREAM_SUBMITS)  # futures of answers, in order; None: the end
+        answers: asyncio.Queue = asyncio.Queue(STREAM_SUBMITS)  # answers' tasks, in order; None: the end
         reader = asyncio.create_task(self._read_submits(request_iterator, context, answers))
         limit = self.node.settings.subscriber_timeout
         try:
@@ -189,20 +190,29 @@ class MasterService(master_pb2_grpc.MasterServicer):
                     raise Overloaded(f"caller read nothing for {limit:g} s: dropped") from None
         finally:
             reader.cancel()
-            while not answers.empty():  # their outcomes are nobody's now
-                left = answers.get_nowait()
-                if left is not None:
-                    left.add_done_callback(_ignore_outcome)
 
     async def _read_submits(self, request_iterator, context, answers: asyncio.Queue) -> None:
         try:
             async for request in request_iterator:
-                await answers.put(asyncio.ensure_future(self.SubmitWorks(request, context)))
+                task = asyncio.ensure_future(self._stream_answer(request, context))
+                task.add_done_callback(_ignore_outcome)  # a stream that ended leaves it to nobody
+                await answers.put(task)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a broken stream: what was read is answered
             log.info("submit stream ended: %r", exc)
         await answers.put(None)
+
+    async def _stream_answer(self, request, context) -> work_pb2.SubmitWorksResponse:
+        """SubmitWorks's answer, or its refusal; raises what says this
+        master does not serve (the stream ends with it, hints and all)."""
+        try:
+            return await self.SubmitWorks(request, context)
+        except (NotServing, NotTheMaster, CutOff):
+            raise
+        except DworkersError as refused:
+            return work_pb2.SubmitWorksResponse(code=grpc.StatusCode[refused.status].value[0],
+                                                message=refused.message)
 
     def _owned(self, works: list, answers: list | None) -> tuple[list, list | None]:
         """Works of another shard's slots are refused (ABORTED: the caller
