@@ -65,7 +65,7 @@ def test_clients_that_give_up_at_once_do_not_use_up_the_result_streams(cluster):
     comes back, and the frontend's threads do not grow."""
     cluster.start_master(wait=True)
     cluster.start_worker(1)
-    front = cluster.start_frontend(None, "--max-watchers", "2", "--threads", "8")
+    front = cluster.start_frontend(None, "--max-watchers", "2", "--threads", "8", "--max-submit-streams", "1")
     stub = frontend(front.address)
     wait_kind(stub, "square")
     submit_until_acked(stub, "square", b"2")  # its stream of submissions to the master is open
