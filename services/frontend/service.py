@@ -308,18 +308,27 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
                                 self._submitters)
 
     def _submit_answers(self, requests, identity: auth.Identity | None, handle: StreamHandle):
-        answers: queue.SimpleQueue = queue.SimpleQueue()  # answers' futures in order; None: the end
+        """A call alone on the stream is answered from this (the handler's)
+        thread, a hand-over less; calls sent while others are on their way
+        go to the pool at once."""
+        answers: queue.SimpleQueue = queue.SimpleQueue()  # (batch, deadline) to answer here, answers' futures; None
         room = threading.Semaphore(STREAM_SUBMITS)
         handle.attach(_Ending(answers))  # the client left
         limits = self.authorizer.limits if self.authorizer is not None and identity is not None else None
+        lock = threading.Lock()
+        in_flight = 0  # read and not answered yet
 
         def read() -> None:
+            nonlocal in_flight
             try:
                 for request in requests:
                     while not room.acquire(timeout=1.0):
                         if handle.cancelled:
                             return
                     deadline = time.monotonic() + self.settings.call_timeout
+                    with lock:
+                        alone = not in_flight
+                        in_flight += 1
                     try:
                         if limits is not None:
                             limits.take_submits(identity, len(request.works))
@@ -327,7 +336,10 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
                     except DworkersError as refused:
                         answers.put(_answered(_refusal(refused)))
                         continue
-                    answers.put(self._stream_submits.submit(self._stream_answer, batch, deadline))
+                    if alone:
+                        answers.put((batch, deadline))
+                    else:
+                        answers.put(self._stream_submits.submit(self._stream_answer, batch, deadline))
             except Exception:  # noqa: BLE001 - the client went away: its stream ends with it
                 pass
             answers.put(None)
@@ -335,8 +347,10 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         threading.Thread(target=read, name="submit-requests", daemon=True).start()
         while (item := answers.get()) is not None:
             try:
-                answer = item.result()
+                answer = self._stream_answer(*item) if isinstance(item, tuple) else item.result()
             finally:
+                with lock:
+                    in_flight -= 1
                 room.release()
             yield answer
 
