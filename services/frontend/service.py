@@ -68,7 +68,8 @@ class FrontendSettings:
     identity_submit_rate: float = setting(0.0, "works per second one caller (an identity of --access-file) may "
                                                "submit; beyond: RESOURCE_EXHAUSTED (0: no limit)", low=0)
     identity_streams: int = setting(0, "result streams, and SubmitStream streams, one caller may hold open at once "
-                                       "(0: no limit but --max-watchers)", low=0, high=100_000)
+                                       "(0: no limit but --max-watchers and --max-submit-streams)", low=0,
+                                   high=100_000)
 
 
 class StallWatch:
@@ -299,10 +300,10 @@ class FrontendService(frontend_pb2_grpc.FrontendServicer):
         return self._submit_works(self._validated(request), self._timeout(context))
 
     def SubmitStream(self, request_iterator, context):
-        """SubmitWorks calls over one stream, within the bound on streams:
-        each is sent on while earlier ones are on their way (STREAM_SUBMITS
-        at most), answers go back in order, and the first call that fails
-        ends the stream with its status."""
+        """SubmitWorks calls over one stream, within the bound on submit
+        streams: each is sent on while earlier ones are on their way
+        (STREAM_SUBMITS at most); each gets its answer, or its refusal (the
+        status SubmitWorks would fail with), in order."""
         identity = self.authorizer.identify(context) if self.authorizer is not None else None
         yield from self._stream(context, lambda handle: self._submit_answers(request_iterator, identity, handle),
                                 self._submitters)
