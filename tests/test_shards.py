@@ -201,6 +201,30 @@ def test_per_work_calls_reach_the_shard_of_the_work(cluster):
     assert refused.value.code() == grpc.StatusCode.ABORTED and "no move" in refused.value.details()
 
 
+def test_a_submit_stream_of_calls_spanning_shards_is_answered_with_few_threads(cluster):
+    """Calls on one SubmitStream, each with works of both shards, sent at
+    once to a frontend with two threads per pool: each call's parts go to
+    the shards in parallel on threads of their own (shared with the calls,
+    they would wait behind them for ever), and every call is answered in
+    order."""
+    start_sharded(cluster, 2)
+    stub = frontend(cluster.start_frontend(None, "--threads", "2").address)
+    cluster.start_worker(2)
+    wait_kind(stub, "square")
+    layout = ShardMap.even(2)
+    calls = [[f"x{i}-{j}" for j in range(10)] for i in range(16)]
+    assert all({layout.shard_of(w) for w in ids} == {0, 1} for ids in calls)
+    requests = iter([work_pb2.SubmitWorksRequest(works=[work_pb2.SubmitWorkRequest(work_id=w, kind="square",
+                                                                                 payload=b"5") for w in ids])
+                     for ids in calls])
+    answers = list(stub.SubmitStream(requests, timeout=60))
+    assert [[w.work_id for w in a.works] for a in answers] == calls and not any(a.code for a in answers)
+    ids = [w for ids in calls for w in ids]
+    done = [r.work_id for batch in stub.WaitWorks(work_pb2.WaitWorksRequest(work_ids=ids), timeout=60)
+            for r in batch.results if r.result == b"5 * 5 = 25"]
+    assert sorted(done) == sorted(ids)
+
+
 @both_journals
 def test_kill_9_of_two_shards_masters_and_of_a_worker_under_load(cluster):
     """Two shards lose their active master at once, then a worker dies;
