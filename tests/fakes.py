@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures
 
+import grpc
+
 from dworkers.master.journal import Journal
 
 
@@ -45,3 +47,16 @@ class HeldJournal(Journal):
 
     def compact(self):
         return 0
+
+
+class Failed(grpc.RpcError):
+    """A call's failure, as a scripted peer raises it."""
+
+    def __init__(self, code: grpc.StatusCode):
+        self._code = code
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._code.name

@@ -17,6 +17,7 @@ from dworkers.common.proxy import StreamHandle
 from dworkers.frontend import awaits
 from dworkers.frontend.awaits import ShardAwaits
 from dworkers.v1 import work_pb2
+from tests.fakes import Failed
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.unit
@@ -57,17 +58,6 @@ class Stream:
 
     def cancel(self) -> None:
         self.answers.put(grpc.StatusCode.CANCELLED)
-
-
-class Failed(grpc.RpcError):
-    def __init__(self, code: grpc.StatusCode):
-        self._code = code
-
-    def code(self):
-        return self._code
-
-    def details(self):
-        return self._code.name
 
 
 class Proxy:

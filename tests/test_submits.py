@@ -19,20 +19,10 @@ from dworkers.common.wire import CLUSTER_KEY, EPOCH_KEY
 from dworkers.frontend import submits
 from dworkers.frontend.submits import SubmitStream
 from dworkers.v1 import work_pb2
+from tests.fakes import Failed
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.unit
-
-
-class Failed(grpc.RpcError):
-    def __init__(self, code: grpc.StatusCode):
-        self._code = code
-
-    def code(self):
-        return self._code
-
-    def details(self):
-        return self._code.name
 
 
 class Stream:
