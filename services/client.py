@@ -7,10 +7,10 @@
 `submit` does not wait for the work to be durable: submissions are
 pipelined (batched into SubmitWorks calls, a few in flight, sent as messages
 on one SubmitStream) by a sender thread, so one thread submitting in a loop
-is not held up by each durable write. `handle.accepted()` waits for that acknowledgement; `result()` waits
-for it and then for the result (over the client's one AwaitResults stream:
-no polling, no call per result). Work ids are fixed
-when submitted, so a batch retried after a failover is idempotent.
+is not held up by each durable write. `handle.accepted()` waits for that
+acknowledgement; `result()` waits for it and then for the result (over the
+client's one AwaitResults stream: no polling, no call per result). Work ids
+are fixed when submitted, so a batch retried after a failover is idempotent.
 """
 
 from __future__ import annotations
@@ -432,6 +432,7 @@ class Client:
         stream of submissions; the answer settles each handle, or the batch
         is sent again."""
         request = work_pb2.SubmitWorksRequest(works=[p.request for p in batch], each_on_its_own=True)
+
         def cancelled(reason: str) -> None:
             self._settle(batch, lambda p: p.handle._accepted.set_exception(
                 SubmitError(p.handle.id, "CANCELLED", reason)))

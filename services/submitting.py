@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 
 from dworkers.awaiting import Refused
+from dworkers.common.errors import status_name
 from dworkers.v1 import work_pb2
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 IDLE_SECONDS = 10.0
 RETRY_SECONDS = 5.0  # after a stream that answered nothing, calls go on their own this long...
 ON_THEIR_OWN_SECONDS = {grpc.StatusCode.UNIMPLEMENTED: 60.0}  # ...or this long (an older frontend: an upgrade may end)
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
 _END = object()
 
 
@@ -114,8 +114,7 @@ class SubmitStream:
                         opened.idle_since = time.monotonic()
                         self._watch_later(opened, IDLE_SECONDS)
                 if response.code:  # refused: as the call would have failed
-                    answer.set_exception(Refused(_CODES.get(response.code, grpc.StatusCode.UNKNOWN),
-                                                 response.message))
+                    answer.set_exception(Refused(grpc.StatusCode[status_name(response.code)], response.message))
                 else:
                     answer.set_result(response)
         except grpc.RpcError as caught:

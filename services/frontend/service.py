@@ -642,18 +642,19 @@ class _Ending:
 
 def _call_by(proxy, method: str, request, deadline: float):
     """A call that may wait in the fan-out pool: its timeout counts from the caller's deadline."""
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise TimedOut(f"{method}: no time left for this shard")
-    return proxy.call(method, request, timeout=remaining)
+    return proxy.call(method, request, timeout=_time_left(deadline, method))
 
 
 def _submit_by(stream: SubmitStream, request, deadline: float):
     """A shard's part of a SubmitWorks call, over its stream of submissions."""
+    return stream.call(request, timeout=_time_left(deadline, "SubmitWorks"))
+
+
+def _time_left(deadline: float, method: str) -> float:
     remaining = deadline - time.monotonic()
     if remaining <= 0:
-        raise TimedOut("SubmitWorks: no time left for this shard")
-    return stream.call(request, timeout=remaining)
+        raise TimedOut(f"{method}: no time left for this shard")
+    return remaining
 
 
 def _wrong_shard(error) -> bool:

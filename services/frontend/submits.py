@@ -23,12 +23,11 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
 
 import grpc
 
 from dworkers.common.errors import NoMaster, from_status, status_name
-from dworkers.common.proxy import MasterProxy
+from dworkers.common.proxy import MasterProxy, StreamHandle
 from dworkers.common.wire import CLUSTER_KEY, EPOCH_KEY, metadata_value
 from dworkers.v1 import work_pb2
 
@@ -52,24 +51,11 @@ class _Open:
         self.address = address
         self.requests: queue.SimpleQueue = queue.SimpleQueue()
         self.pending: deque[Future] = deque()
-        self.call: Any = None
+        self.handle = StreamHandle()  # cancels the call, even before it started
         self.answered = False
-        self.cancelled = False
-        self._lock = threading.Lock()
-
-    def started(self, call) -> None:
-        with self._lock:
-            self.call = call
-            cancelled = self.cancelled
-        if cancelled:
-            call.cancel()
 
     def cancel(self) -> None:
-        with self._lock:
-            self.cancelled = True
-            call = self.call
-        if call is not None:
-            call.cancel()
+        self.handle.cancel()
 
 
 class SubmitStream:
@@ -148,7 +134,7 @@ class SubmitStream:
         self.proxy.locator.on_change(opened.cancel)  # the master moved: calls go to the new one
         try:
             call = self.proxy.stub(opened.address).SubmitStream(iter(opened.requests.get, _END))
-            opened.started(call)
+            opened.handle.attach(call)
             metadata = call.initial_metadata()  # the master's epoch, as it takes the stream (a refusal: none)
             epoch = metadata_value(metadata, EPOCH_KEY)
             if epoch is not None and not self.proxy.observe_epoch(int(epoch), metadata_value(metadata, CLUSTER_KEY)

@@ -111,6 +111,16 @@ def _merge(into: master_pb2.MasterMessage, message: master_pb2.MasterMessage) ->
         into.withdrawn.worker_ids.extend(message.withdrawn.worker_ids)
 
 
+async def _write(context, message, limit: float, dropped: str) -> None:
+    """Sends a message the caller must take within `limit` seconds: flow
+    control bounds what a slow reader holds, and one that reads nothing is
+    dropped (Overloaded: `dropped`) rather than kept for ever."""
+    try:
+        await asyncio.wait_for(context.write(message), limit)
+    except asyncio.TimeoutError:
+        raise Overloaded(dropped) from None
+
+
 def _ignore_outcome(future: asyncio.Future) -> None:
     if not future.cancelled():
         future.exception()
@@ -183,11 +193,7 @@ class MasterService(master_pb2_grpc.MasterServicer):
         limit = self.node.settings.subscriber_timeout
         try:
             while (answer := await answers.get()) is not None:
-                response = await answer
-                try:
-                    await asyncio.wait_for(context.write(response), limit)
-                except asyncio.TimeoutError:
-                    raise Overloaded(f"caller read nothing for {limit:g} s: dropped") from None
+                await _write(context, await answer, limit, f"caller read nothing for {limit:g} s: dropped")
         finally:
             reader.cancel()
 
@@ -208,7 +214,7 @@ class MasterService(master_pb2_grpc.MasterServicer):
         master does not serve (the stream ends with it, hints and all)."""
         try:
             return await self.SubmitWorks(request, context)
-        except (NotServing, NotTheMaster, CutOff):
+        except (NotServing, NotTheMaster):
             raise
         except DworkersError as refused:
             return work_pb2.SubmitWorksResponse(code=grpc.StatusCode[refused.status].value[0],
@@ -265,12 +271,10 @@ class MasterService(master_pb2_grpc.MasterServicer):
         async for batch in shell.results(request.after_sequence):
             # Flow control bounds what a slow subscriber holds; one that
             # stops reading is dropped rather than kept for ever.
-            try:
-                await asyncio.wait_for(context.write(work_pb2.WatchResultsResponse(
-                    results=batch, epoch=shell.epoch, cluster_id=shell.cluster_id)), limit)
-            except asyncio.TimeoutError:
-                raise Overloaded(f"result subscriber read nothing for {limit:g} s: dropped; "
-                                 f"resume with after_sequence={batch[0].sequence - 1}") from None
+            await _write(context, work_pb2.WatchResultsResponse(
+                results=batch, epoch=shell.epoch, cluster_id=shell.cluster_id), limit,
+                f"result subscriber read nothing for {limit:g} s: dropped; "
+                f"resume with after_sequence={batch[0].sequence - 1}")
 
     async def WaitWorks(self, request, context):
         shell = self._shell(context)
@@ -278,11 +282,9 @@ class MasterService(master_pb2_grpc.MasterServicer):
         self._taken(work_ids)
         limit = self.node.settings.subscriber_timeout
         async for batch in shell.wait_works(work_ids):
-            try:
-                await asyncio.wait_for(context.write(work_pb2.WatchResultsResponse(
-                    results=batch, epoch=shell.epoch, cluster_id=shell.cluster_id)), limit)
-            except asyncio.TimeoutError:
-                raise Overloaded(f"caller read nothing for {limit:g} s: dropped; call again") from None
+            await _write(context, work_pb2.WatchResultsResponse(
+                results=batch, epoch=shell.epoch, cluster_id=shell.cluster_id), limit,
+                f"caller read nothing for {limit:g} s: dropped; call again")
 
     async def AwaitResults(self, request_iterator, context):
         stream = AwaitStream(self._shell(context), self.node.takes, self.node.wrong_shard)
@@ -291,10 +293,7 @@ class MasterService(master_pb2_grpc.MasterServicer):
         try:
             await context.write(work_pb2.AwaitResponse(epoch=stream.shell.epoch, cluster_id=stream.shell.cluster_id))
             async for response in stream.responses():
-                try:
-                    await asyncio.wait_for(context.write(response), limit)
-                except asyncio.TimeoutError:
-                    raise Overloaded(f"caller read nothing for {limit:g} s: dropped; call again") from None
+                await _write(context, response, limit, f"caller read nothing for {limit:g} s: dropped; call again")
         finally:
             reader.cancel()
             stream.close()
