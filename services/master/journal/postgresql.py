@@ -9,9 +9,10 @@ A deposed master's write, even one that still believes it leads, finds a
 higher fence and fails; the master steps down.
 
 Group commit: the master's appends run on its event loop, on a connection
-of their own (psycopg's asyncio API: no thread to wake and no thread to
-wake the loop again, ~0.1 ms each way); everything queued while one
-statement runs goes into the next (one WAL flush for several batches).
+of their own (no thread to wake and no thread to wake the loop again, ~0.1
+ms each way), as a prepared statement driven straight through libpq
+(onloop.py); everything queued while one statement runs goes into the next
+(one WAL flush for several batches).
 Reads, snapshots and compaction use a second connection, payload reads a
 third; an append from outside an event loop (tools, tests) runs at once on
 the second.
@@ -44,6 +45,17 @@ import psycopg
 
 from dworkers.common.settings import URL_PASSWORD
 from dworkers.master.journal.contract import FencedError, Journal, JournalError
+from dworkers.master.journal.onloop import (
+    BYTEA,
+    BYTEA_ARRAY,
+    INT8,
+    INT8_ARRAY,
+    TEXT,
+    TEXT_ARRAY,
+    LoopStatements,
+    array,
+    int8,
+)
 from dworkers.master.journal.schema import migrate
 from dworkers.v1 import journal_pb2
 
@@ -63,6 +75,11 @@ APPEND = """
 SELECT dworkers_append(%(name)s, %(fence)s, %(positions)s, %(datas)s, %(ended)s, %(kept_ids)s, %(kept)s,
                        %(sequences)s, %(result_ids)s, %(results)s, %(forgotten_up_to)s)
 """
+# The same, prepared on the appends' connection with binary parameters.
+APPEND_NAME = b"dworkers_append"
+APPEND_PREPARED = b"SELECT dworkers_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+APPEND_TYPES = [TEXT, INT8, INT8_ARRAY, BYTEA_ARRAY, TEXT_ARRAY, TEXT_ARRAY, BYTEA_ARRAY, INT8_ARRAY, TEXT_ARRAY,
+                BYTEA_ARRAY, INT8]
 QUERY_PASSWORD = re.compile(r"((?:^|[?&\s])password=)[^&\s]*")
 HOLD_FENCE = "SELECT dworkers_hold_fence(%(name)s, %(fence)s)"
 SNAPSHOT_PART_BYTES = 256 * 1024  # written per transaction
@@ -99,12 +116,11 @@ def connect(url: str, password: str | None = None, autocommit: bool = True, jour
 
 
 async def connect_for_appends(url: str, password: str | None, journal: str) -> psycopg.AsyncConnection:
-    """The appends' connection: its statement is parsed once but still
+    """The appends' connection: its statement is prepared once but still
     planned with its parameters each time (cached generic plans scanned
     whole tables)."""
     try:
-        conn = await psycopg.AsyncConnection.connect(url, autocommit=True, prepare_threshold=0,
-                                                     **connection_options(password, journal))
+        conn = await psycopg.AsyncConnection.connect(url, autocommit=True, **connection_options(password, journal))
     except psycopg.Error as exc:
         raise JournalError(f"cannot connect to PostgreSQL at {redact(url)}: {first_line(exc)}") from None
     try:
@@ -313,6 +329,18 @@ class PostgreSQLJournal(Journal):
                 "sequences": list(apart.results), "result_ids": [r[0] for r in apart.results.values()],
                 "results": [r[1] for r in apart.results.values()], "forgotten_up_to": apart.forgotten_up_to}
 
+    @staticmethod
+    def binary(params: dict, text) -> list[bytes]:
+        """The statement's parameters for APPEND_PREPARED, in binary;
+        `text` encodes a string for the connection."""
+        def same(data: bytes) -> bytes:
+            return data
+        return [text(params["name"]), int8(params["fence"]), array(INT8, params["positions"], int8),
+                array(BYTEA, params["datas"], same), array(TEXT, params["ended"], text),
+                array(TEXT, params["kept_ids"], text), array(BYTEA, params["kept"], same),
+                array(INT8, params["sequences"], int8), array(TEXT, params["result_ids"], text),
+                array(BYTEA, params["results"], same), int8(params["forgotten_up_to"])]
+
     def _write(self, conn: psycopg.Connection, taken: list[tuple[int, journal_pb2.JournalBatch]]) -> None:
         try:
             conn.execute(APPEND, self.statement(taken))  # one statement: if the fence check fails, nothing lands
@@ -480,7 +508,7 @@ class LoopWriter:
         self._queue: list[tuple[int, journal_pb2.JournalBatch, asyncio.Future]] = []
         self._queued = asyncio.Event()
         self._conn: psycopg.AsyncConnection | None = None
-        self._cursor: psycopg.AsyncCursor | None = None
+        self._statements: LoopStatements | None = None
         self.failed: JournalError | None = None
         self._task = loop.create_task(self._run())
         # However the task ends (closed, cancelled before it started, a bug), nothing queued is left waiting.
@@ -559,6 +587,8 @@ class LoopWriter:
                             self.failed = JournalError(f"journal append at {taken[0][0]} failed: {exc!r}")
                     self._settle(taken, self.failed)
         finally:
+            if self._statements is not None:
+                self._statements.close()
             if self._conn is not None:
                 with contextlib.suppress(Exception):
                     await self._conn.close()
@@ -567,11 +597,13 @@ class LoopWriter:
         journal = self.journal
         if self._conn is None:
             self._conn = await connect_for_appends(journal.url, journal.password, journal.name)
-            self._cursor = self._conn.cursor()  # one for every append: making one costs a third of the CPU
-        conn, cursor = self._conn, self._cursor
-        assert cursor is not None
         try:
-            await cursor.execute(APPEND, journal.statement(taken))
+            if self._statements is None:
+                self._statements = LoopStatements(self._conn, self.loop)
+                await self._statements.prepare(APPEND_NAME, APPEND_PREPARED, APPEND_TYPES)
+            statements = self._statements
+            await statements.execute(APPEND_NAME, journal.binary(journal.statement(taken), statements.text))
         except psycopg.Error as exc:
-            fenced = conn.broken and await self.loop.run_in_executor(None, journal._fence_raised)
+            broken = self._statements is None or self._statements.broken is not None
+            fenced = broken and await self.loop.run_in_executor(None, journal._fence_raised)
             raise journal.append_failure(exc, fenced, taken[0][0]) from None
