@@ -265,3 +265,23 @@ def test_the_result_stream_passes_over_results_a_move_imported():
         await stream.aclose()
 
     asyncio.run(main())
+
+
+def test_a_result_reaches_its_waiters_before_the_worker_is_acked():
+    """Once a completion is durable its waiters come first (a caller waits
+    on them); the worker's ack, which nothing waits on, follows."""
+    async def main():
+        core, journal, _ = await started_core()
+        waiting: asyncio.Queue = asyncio.Queue()
+        connection, assignment = await running(core, journal)
+        ready, unknown = core.await_works(waiting, ["a"])
+        assert (ready, unknown) == ([], [])
+        queued_when_acked = []
+        connection.send = lambda message, size=0: queued_when_acked.append(  # type: ignore[method-assign]
+            (list(message.ack.attempt_tokens), waiting.qsize()))
+        core.report(connection, [done("s0", assignment)], [])
+        await durably(journal, core.committer.barrier())
+        assert queued_when_acked == [([assignment.attempt_token], 1)]
+        assert (await waiting.get()).work_id == "a"
+
+    asyncio.run(main())

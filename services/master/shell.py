@@ -204,9 +204,13 @@ class MasterShell:
 
     def _perform(self, step: Step, started_by_kind: dict[str, int] | None = None) -> None:
         hand_outs_apart = []
+        later: list[Send] = []
         for effect in step.effects:
             if isinstance(effect, Send):
-                effect.connection.send(effect.message, effect.size)
+                if effect.after_results:
+                    later.append(effect)
+                else:
+                    effect.connection.send(effect.message, effect.size)
             elif isinstance(effect, HandOut):
                 hand_outs_apart.append(effect)
             elif isinstance(effect, DeclareKinds) and self._on_kinds is not None:
@@ -220,6 +224,8 @@ class MasterShell:
                 self._deliver(self.durable_sequence + 1, step.last_sequence)
             self.durable_sequence = step.last_sequence
             self._wake_results()
+        for effect in later:  # the waiters' streams are woken first
+            effect.connection.send(effect.message, effect.size)
         if self.metrics:
             self.metrics.recorded(step, started_by_kind or {})
 

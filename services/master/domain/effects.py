@@ -25,6 +25,9 @@ class Send:
     connection: Connection
     message: master_pb2.MasterMessage
     size: int  # its size in bytes (an estimate a little above is fine)
+    # Sent after the step's results reach their waiters: nothing but the
+    # worker's memory of its reports waits on it (acks).
+    after_results: bool = False
 
 
 @dataclass(frozen=True, slots=True)

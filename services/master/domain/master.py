@@ -188,8 +188,8 @@ class Master:
             return 0.0
         return now + self.wall_offset + backoff_delay(entry.backoff, retry, self.rng.random())
 
-    def _send(self, connection, message: master_pb2.MasterMessage, size: int) -> None:
-        self._step.effects.append(Send(connection, message, size))
+    def _send(self, connection, message: master_pb2.MasterMessage, size: int, after_results: bool = False) -> None:
+        self._step.effects.append(Send(connection, message, size, after_results))
 
     def _message(self, **parts) -> master_pb2.MasterMessage:
         return master_pb2.MasterMessage(epoch=self.epoch, cluster_id=self.cluster_id, **parts)
@@ -402,7 +402,8 @@ class Master:
                 requeued = True
         self._record(events, now)
         if acks:  # tokens are varints of at most 10 bytes
-            self._send(connection, self._message(ack=master_pb2.Ack(attempt_tokens=acks)), 11 * len(acks) + 64)
+            self._send(connection, self._message(ack=master_pb2.Ack(attempt_tokens=acks)), 11 * len(acks) + 64,
+                       after_results=True)
         if requeued:
             self.announce(now)
 
