@@ -7,6 +7,8 @@ that is cancelled leaves nothing registered with the loop."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 import uuid
 
 import psycopg
@@ -131,3 +133,112 @@ def test_a_cancelled_statement_leaves_the_connection_broken_and_the_loop_clean(p
         await conn.close()  # ends the sleeping backend too
 
     asyncio.run(scenario())
+
+
+class StallingProxy:
+    """Forwards a connection to PostgreSQL; `stall()` stops reading what
+    the client sends (a congested network or a busy server), `end()` then
+    ends the connection towards the client (the server, or a proxy between,
+    going away) while the client still has bytes to send."""
+
+    def __init__(self, target_port: int):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.target_port = target_port
+        self.stalled = threading.Event()
+        self.stopped_reading = threading.Event()
+        self.client: socket.socket | None = None
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        self.client, _ = self.listener.accept()
+        server = socket.create_connection(("127.0.0.1", self.target_port))
+        threading.Thread(target=self._pump, args=(self.client, server, True), daemon=True).start()
+        threading.Thread(target=self._pump, args=(server, self.client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket, from_client: bool) -> None:
+        try:
+            while not (from_client and self.stalled.is_set()):
+                data = source.recv(65536)
+                if not data:
+                    return
+                target.sendall(data)
+        except OSError:
+            return
+        finally:
+            if from_client:
+                self.stopped_reading.set()
+
+    def end(self) -> None:
+        assert self.client is not None
+        self.client.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.listener.close()
+        if self.client is not None:
+            self.client.close()
+
+
+def test_a_connection_lost_while_a_statement_is_still_being_sent_fails_it(postgresql, table):
+    """The statement (16 MiB) waits in libpq's buffer for a socket nobody
+    reads; the connection ends: the statement fails instead of waiting for
+    ever (libpq closed the descriptor the loop still watched for writing)."""
+    port = int(postgresql.url().rsplit(":", 1)[1].split("/")[0])
+    proxy = StallingProxy(port)
+    url = postgresql.url().replace(f":{port}/", f":{proxy.port}/")
+
+    async def scenario():
+        conn, statements = await open_statements(url, table)
+        fd = conn.pgconn.socket
+        proxy.stalled.set()
+        running = asyncio.ensure_future(statements.execute(b"put", row(
+            statements, "big", 1, [1], [b"x" * (1 << 20)] * 16, ["w"])))
+        while not proxy.stopped_reading.is_set() or not statements._flushing:
+            await asyncio.sleep(0.01)
+        proxy.end()
+        with pytest.raises(psycopg.OperationalError):
+            await asyncio.wait_for(running, 20)
+        assert statements.broken is not None
+        assert not registered(asyncio.get_running_loop(), fd)
+        await conn.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        proxy.close()
+
+
+def test_closing_after_a_lost_connection_leaves_the_descriptor_to_its_next_owner(postgresql, table):
+    """libpq closed the lost connection's descriptor and a new connection got
+    its number: closing the old statements must not unwatch the new one."""
+    async def scenario():
+        conn, statements = await open_statements(postgresql.url(), table)
+        fd = conn.pgconn.socket
+        with psycopg.connect(postgresql.url(), autocommit=True) as other:
+            other.execute("SELECT pg_terminate_backend(%s)", (conn.pgconn.backend_pid,))
+        while statements.broken is None:  # an idle connection's end is noticed by its reader
+            await asyncio.sleep(0.01)
+        later, next_statements = await open_statements(postgresql.url(), table)
+        assert later.pgconn.socket == fd, "the descriptor's number was not reused: nothing to check"
+        running = asyncio.ensure_future(next_statements.execute(b"put", row(next_statements, "next", 1, [], [], [])))
+        await asyncio.sleep(0)  # one turn of the loop: the statement is sent
+        statements.close()
+        await asyncio.wait_for(running, 20)
+        next_statements.close()
+        await conn.close()
+        await later.close()
+
+    asyncio.run(scenario())
+
+
+def test_text_goes_as_utf8_on_a_sql_ascii_connection(postgresql, table):
+    """As psycopg sends it: a SQL_ASCII connection takes UTF-8 bytes as they are."""
+    async def scenario():
+        conn, statements = await open_statements(postgresql.url() + "?client_encoding=SQL_ASCII", table)
+        await statements.execute(b"put", row(statements, "/racine-é", 1, [], [], ["漢字"]))
+        statements.close()
+        await conn.close()
+
+    asyncio.run(scenario())
+    with psycopg.connect(postgresql.url(), autocommit=True) as conn:
+        assert conn.execute(f"SELECT ids FROM {table} WHERE id = '/racine-é'").fetchone() == (["漢字"],)

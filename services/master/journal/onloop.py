@@ -11,6 +11,7 @@ TLS and password handling unchanged); only the statements bypass it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 from collections.abc import Callable, Sequence
 
@@ -27,6 +28,7 @@ _INT32 = struct.Struct("!i")
 _INT8 = struct.Struct("!q")
 _ARRAY_HEAD = struct.Struct("!iiIii")  # dimensions, has nulls, element type, length, lower bound
 _EMPTY_ARRAY = struct.Struct("!iiI")
+_SUCCESS = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK)
 
 
 def int8(value: int) -> bytes:
@@ -52,7 +54,8 @@ class LoopStatements:
 
     def __init__(self, conn: psycopg.AsyncConnection, loop: asyncio.AbstractEventLoop):
         self._pgconn = conn.pgconn
-        self._encoding = conn.info.encoding
+        encoding = conn.info.encoding
+        self._encoding = "utf-8" if encoding == "ascii" else encoding  # SQL_ASCII: as psycopg sends text
         self._loop = loop
         self._fd = self._pgconn.socket
         self._waiter: asyncio.Future | None = None
@@ -61,6 +64,7 @@ class LoopStatements:
         self.broken: psycopg.Error | None = None
         self._closed = False
         loop.add_reader(self._fd, self._readable)
+        self._registered = True
 
     def text(self, value: str) -> bytes:
         return value.encode(self._encoding)
@@ -89,6 +93,8 @@ class LoopStatements:
             send()
         except psycopg.Error as exc:
             self._break(exc)
+        except BaseException as exc:  # e.g. a parameter of the wrong type: nothing was sent
+            self._fail(psycopg.InterfaceError(f"the statement was not sent: {exc!r}"))
         else:
             self._flush()
         try:
@@ -101,8 +107,8 @@ class LoopStatements:
         """Sends what libpq holds; the rest when the socket takes it."""
         try:
             pending = self._pgconn.flush()
-        except psycopg.Error as exc:
-            self._break(exc)
+        except Exception as exc:  # noqa: BLE001 - a callback of the loop: the statement must end, whatever it is
+            self._break(exc if isinstance(exc, psycopg.Error) else psycopg.OperationalError(repr(exc)))
             return
         if pending and not self._flushing:
             self._loop.add_writer(self._fd, self._flush)
@@ -120,10 +126,10 @@ class LoopStatements:
                 result = pgconn.get_result()
                 if result is None:
                     self._end()
-                elif result.status == pq.ExecStatus.FATAL_ERROR and self._error is None:
+                elif result.status not in _SUCCESS and self._error is None:
                     self._error = error_from_result(result, self._encoding)
-        except psycopg.Error as exc:
-            self._break(exc)
+        except Exception as exc:  # noqa: BLE001 - a callback of the loop: the statement must end, whatever it is
+            self._break(exc if isinstance(exc, psycopg.Error) else psycopg.OperationalError(repr(exc)))
             return
         if pgconn.status == pq.ConnStatus.BAD:  # closed by the server between statements
             self._break(psycopg.OperationalError("the server closed the connection"))
@@ -138,10 +144,12 @@ class LoopStatements:
                 waiter.set_exception(error)
 
     def _break(self, error: psycopg.Error) -> None:
-        if self.broken is None:
-            self.broken = error
-            self._forget_socket()
-        self._fail(error)
+        try:
+            if self.broken is None:
+                self.broken = error
+                self._forget_socket()
+        finally:
+            self._fail(error)
 
     def _fail(self, error: psycopg.Error) -> None:
         waiter, self._waiter = self._waiter, None
@@ -150,8 +158,13 @@ class LoopStatements:
             waiter.set_exception(error)
 
     def _forget_socket(self) -> None:
-        if not self._loop.is_closed():
-            self._loop.remove_reader(self._fd)
+        """Once only: afterwards the descriptor's number may be another's.
+        libpq may have closed it already (on a lost connection): asyncio then
+        fails to change its epoll entry but forgets it all the same."""
+        if self._registered and not self._loop.is_closed():
             if self._flushing:
-                self._loop.remove_writer(self._fd)
-        self._flushing = False
+                with contextlib.suppress(OSError):
+                    self._loop.remove_writer(self._fd)
+            with contextlib.suppress(OSError):
+                self._loop.remove_reader(self._fd)
+        self._registered = self._flushing = False
