@@ -400,6 +400,8 @@ def test_watches_stopped_with_ctrl_c_do_not_wear_out_the_frontend(live):
                 watcher.communicate(timeout=10)
                 pytest.fail("`dworkers watch` did not stop on Ctrl-C")
             assert watcher.returncode == 130 and "Traceback" not in err, err
+            # let go of: the next watch's stream is then the only one counted
+            wait_until(lambda: "dworkers_frontend_result_streams 0.0" in http_get(metrics), 30, "the stream's end")
         data = json.loads(ok(dworkers("cluster", "--json", "--frontend", spare.address, "--timeout", "5",
                                       timeout=30)).stdout)
         assert data["master"]["address"] == live.master.address
