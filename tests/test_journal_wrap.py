@@ -14,7 +14,7 @@ from dworkers.local_cluster import LocalCluster
 from dworkers.master.domain.state import WorkState
 from dworkers.master.journal import ZooKeeperJournal
 from dworkers.v1 import journal_pb2, work_pb2
-from tests.helpers import ResultCollector, frontend, submit_until_acked, wait_until
+from tests.helpers import ResultCollector, frontend, submit_until_acked, wait_kind, wait_until
 from tests.zookeeper_surgery import set_cversion
 
 pytestmark = pytest.mark.e2e
@@ -48,6 +48,7 @@ def test_a_journal_past_the_32_bit_limit_keeps_every_acked_work_through_failover
         cluster.start_master(None, "--snapshot-interval", "1", wait=True)
         cluster.start_worker(2)
         stub = frontend(cluster.start_frontend().address)
+        wait_kind(stub, "square")  # declared by the worker: until then the master refuses the kind
         results = ResultCollector(stub)
         acked = ["old-1", "old-2"] + [submit_until_acked(stub, "square", str(n).encode(), f"a{n}",
                                                          deadline=20).work_id for n in range(40)]
