@@ -24,13 +24,10 @@ from dworkers.master.journal.onloop import (
     LoopStatements,
     array,
     int8,
+    raw,
 )
 
 pytestmark = pytest.mark.integration
-
-
-def same(data: bytes) -> bytes:
-    return data
 
 
 @pytest.fixture
@@ -50,7 +47,7 @@ async def open_statements(url: str, table: str) -> tuple[psycopg.AsyncConnection
 
 
 def row(statements: LoopStatements, key: str, n: int, ns: list[int], datas: list[bytes], ids: list[str]) -> list:
-    return [statements.text(key), int8(n), array(INT8, ns, int8), array(BYTEA, datas, same),
+    return [statements.text(key), int8(n), array(INT8, ns, int8), array(BYTEA, datas, raw),
             array(TEXT, ids, statements.text)]
 
 

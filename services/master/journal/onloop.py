@@ -35,6 +35,11 @@ def int8(value: int) -> bytes:
     return _INT8.pack(value)
 
 
+def raw(data: bytes) -> bytes:
+    """A bytea's binary form: its bytes."""
+    return data
+
+
 def array(element_type: int, items: Sequence, pack: Callable[[object], bytes]) -> bytes:
     """A one-dimensional array without nulls in PostgreSQL's binary format."""
     if not items:
@@ -108,7 +113,7 @@ class LoopStatements:
         try:
             pending = self._pgconn.flush()
         except Exception as exc:  # noqa: BLE001 - a callback of the loop: the statement must end, whatever it is
-            self._break(exc if isinstance(exc, psycopg.Error) else psycopg.OperationalError(repr(exc)))
+            self._break(exc)
             return
         if pending and not self._flushing:
             self._loop.add_writer(self._fd, self._flush)
@@ -129,7 +134,7 @@ class LoopStatements:
                 elif result.status not in _SUCCESS and self._error is None:
                     self._error = error_from_result(result, self._encoding)
         except Exception as exc:  # noqa: BLE001 - a callback of the loop: the statement must end, whatever it is
-            self._break(exc if isinstance(exc, psycopg.Error) else psycopg.OperationalError(repr(exc)))
+            self._break(exc)
             return
         if pgconn.status == pq.ConnStatus.BAD:  # closed by the server between statements
             self._break(psycopg.OperationalError("the server closed the connection"))
@@ -143,7 +148,9 @@ class LoopStatements:
             else:
                 waiter.set_exception(error)
 
-    def _break(self, error: psycopg.Error) -> None:
+    def _break(self, error: Exception) -> None:
+        if not isinstance(error, psycopg.Error):  # from a callback of the loop: the statement must end all the same
+            error = psycopg.OperationalError(repr(error))
         try:
             if self.broken is None:
                 self.broken = error

@@ -55,6 +55,7 @@ from dworkers.master.journal.onloop import (
     LoopStatements,
     array,
     int8,
+    raw,
 )
 from dworkers.master.journal.schema import migrate
 from dworkers.v1 import journal_pb2
@@ -333,13 +334,11 @@ class PostgreSQLJournal(Journal):
     def binary(params: dict, text) -> list[bytes]:
         """The statement's parameters for APPEND_PREPARED, in binary;
         `text` encodes a string for the connection."""
-        def same(data: bytes) -> bytes:
-            return data
         return [text(params["name"]), int8(params["fence"]), array(INT8, params["positions"], int8),
-                array(BYTEA, params["datas"], same), array(TEXT, params["ended"], text),
-                array(TEXT, params["kept_ids"], text), array(BYTEA, params["kept"], same),
+                array(BYTEA, params["datas"], raw), array(TEXT, params["ended"], text),
+                array(TEXT, params["kept_ids"], text), array(BYTEA, params["kept"], raw),
                 array(INT8, params["sequences"], int8), array(TEXT, params["result_ids"], text),
-                array(BYTEA, params["results"], same), int8(params["forgotten_up_to"])]
+                array(BYTEA, params["results"], raw), int8(params["forgotten_up_to"])]
 
     def _write(self, conn: psycopg.Connection, taken: list[tuple[int, journal_pb2.JournalBatch]]) -> None:
         try:
